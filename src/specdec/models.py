@@ -51,3 +51,21 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     tokenizer.save_pretrained(tmp)
     tmp.rename(out_dir)
     return out_dir
+
+
+def quantized_copy(model, kind: str):
+    """A drafter made from the target itself: `int8` (dynamic quantisation of every
+    nn.Linear, CPU only) or `bf16` (a bfloat16 copy)."""
+    import copy
+
+    import torch
+
+    if kind == "bf16":
+        return copy.deepcopy(model).to(torch.bfloat16)
+    if kind == "int8":
+        if any(p.device.type != "cpu" for p in model.parameters()):
+            raise ValueError("int8 dynamic quantisation runs on the CPU only; use bf16 on a GPU")
+        return torch.ao.quantization.quantize_dynamic(
+            copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8
+        )
+    raise ValueError(f"unknown quantised drafter kind {kind!r} (expected 'int8' or 'bf16')")
