@@ -353,10 +353,10 @@ def _validate_spec(label: str, spec: Any) -> None:
         # The schema forbids a key for a source with the always-failing schema `not: {}`.
         forbidden = error.validator == "not" and error.validator_value == {}
         message = f"not allowed with source {spec['source']!r}" if forbidden else error.message
-        raise DatasetError(f"dataset {label}: config {error.json_path}: {message}")
+        raise DatasetError(f"{label}: {error.json_path}: {message}")
     low, high = spec.get("min_prompt_tokens"), spec.get("max_prompt_tokens")
     if low is not None and high is not None and low > high:
-        raise DatasetError(f"dataset {label}: min_prompt_tokens={low} > max_prompt_tokens={high}")
+        raise DatasetError(f"{label}: min_prompt_tokens={low} > max_prompt_tokens={high}")
 
 
 def _length_filter(name: str, records: list[dict], spec: dict, key: str,
@@ -401,7 +401,7 @@ def prepare_prompts(spec: dict, tokenizer, *, seed: int, name: str | None = None
     `spec` is a dataset config entry (schemas/dataset.schema.json); `name` is the dataset's
     name in the config (record ids are `{name}/{source id}`), by default its source.
     """
-    _validate_spec(repr(name) if name else "config", spec)
+    _validate_spec(f"dataset {name!r}" if name else "dataset config entry", spec)
     name = name or spec["source"]
     problems = _Problems(fail=spec.get("on_malformed", "skip") == "fail")
     records, stats = _load(name, spec, problems)
