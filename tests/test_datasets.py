@@ -340,3 +340,21 @@ def test_read_prompts_names_file_and_line(tmp_path, lines, message):
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(DatasetError, match=message):
         read_prompts(path)
+
+
+def test_a_tokenizer_without_chat_template_is_refused(tokenizer):
+    import copy
+
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    with pytest.raises(DatasetError, match="no chat template"):
+        prepare_prompts({"source": "sample"}, plain, seed=0)
+
+
+def test_byte_order_mark_and_gzip_are_read(tokenizer, tmp_path):
+    source = (FIXTURES / "mtbench_question.jsonl").read_text()
+    path = tmp_path / "question.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as handle:
+        handle.write("\ufeff" + source)
+    prepared = prepare_prompts({"source": "mtbench", "path": str(path)}, tokenizer, seed=0)
+    assert prepared.records == prepare_prompts(mtbench(), tokenizer, seed=0).records

@@ -95,9 +95,9 @@ class _Problems:
 def _read_text(path: Path) -> str:
     try:
         if path.suffix == ".gz":
-            with gzip.open(path, "rt", encoding="utf-8") as handle:
+            with gzip.open(path, "rt", encoding="utf-8-sig") as handle:
                 return handle.read()
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark is not JSON
     except FileNotFoundError:
         raise DatasetError(f"dataset file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as err:
@@ -239,7 +239,8 @@ def _humaneval(value: Any) -> _Conversation:
     record = _expect_object(value)
     task_id = _text(_get(record, "task_id"), "task_id")
     code = _text(_get(record, "prompt"), "prompt")
-    return _Conversation(task_id, "code", None, [HUMANEVAL_INSTRUCTION.format(code=code.rstrip("\n"))])
+    turn = HUMANEVAL_INSTRUCTION.format(code=code.rstrip("\n"))
+    return _Conversation(task_id, "code", None, [turn])
 
 
 # --- sources -------------------------------------------------------------------------------------
@@ -380,6 +381,22 @@ def _check_categories(name: str, records: list[dict], wanted: list[str]) -> None
         )
 
 
+def _measure_and_filter(name: str, records: list[dict], spec: dict,
+                        tokenizer) -> tuple[list[dict], dict[str, int]]:
+    """Records passing the category and token-length filters, and how many each removed."""
+    filtered_out = {}
+    if "categories" in spec:
+        _check_categories(name, records, spec["categories"])
+        kept = [record for record in records if record["category"] in spec["categories"]]
+        filtered_out["categories"] = len(records) - len(kept)
+        records = kept
+    _measure(records, tokenizer)  # after the cheap category filter: tokenizing dominates
+    for key, keep in [("min_prompt_tokens", operator.ge), ("max_prompt_tokens", operator.le)]:
+        if key in spec:
+            records, filtered_out[key] = _length_filter(name, records, spec, key, keep)
+    return records, filtered_out
+
+
 def _sample(name: str, records: list[dict], spec: dict, seed: int) -> list[dict]:
     wanted = spec.get("num_prompts")
     if wanted is None:
@@ -395,7 +412,8 @@ def _sample(name: str, records: list[dict], spec: dict, seed: int) -> list[dict]
     return random.Random(seed).sample(records, wanted)
 
 
-def prepare_prompts(spec: dict, tokenizer, *, seed: int, name: str | None = None) -> PreparedDataset:
+def prepare_prompts(spec: dict, tokenizer, *, seed: int,
+                    name: str | None = None) -> PreparedDataset:
     """Load -> normalise -> measure with the chat template -> filter -> seeded sample.
 
     `spec` is a dataset config entry (schemas/dataset.schema.json); `name` is the dataset's
@@ -414,17 +432,8 @@ def prepare_prompts(spec: dict, tokenizer, *, seed: int, name: str | None = None
             f"dataset {name!r}: no prompts loaded from {stats['files']} "
             f"({len(problems.malformed)} malformed, {stats['no_user_turn']} without a user turn)"
         )
-    filtered_out = {}
     loaded = len(records)
-    if "categories" in spec:
-        _check_categories(name, records, spec["categories"])
-        kept = [record for record in records if record["category"] in spec["categories"]]
-        filtered_out["categories"] = len(records) - len(kept)
-        records = kept
-    _measure(records, tokenizer)
-    for key, keep in [("min_prompt_tokens", operator.ge), ("max_prompt_tokens", operator.le)]:
-        if key in spec:
-            records, filtered_out[key] = _length_filter(name, records, spec, key, keep)
+    records, filtered_out = _measure_and_filter(name, records, spec, tokenizer)
     chosen = _sample(name, records, spec, seed)
     stats.update(dataset=name, source=spec["source"], seed=seed, loaded=loaded,
                  malformed=problems.malformed, filtered_out=filtered_out,
