@@ -29,15 +29,13 @@ def _prepare_model(args) -> int:
 
 
 def _prepare_dataset(args) -> int:
-    from specdec.datasets import prepare_prompts, write_prompts
+    from specdec.datasets import prepare_dataset_file
     from specdec.models import load_tokenizer, model_location
 
     location, kwargs = model_location(args.model, json.loads(args.model_spec), Path(args.models_dir))
     tokenizer = load_tokenizer(location, **kwargs)
-    spec = json.loads(args.spec)
-    prepared = prepare_prompts(spec, tokenizer, seed=args.seed, name=args.name)
-    write_prompts(args.out, prepared.records)
-    print(json.dumps(prepared.stats, indent=2))
+    prepared = prepare_dataset_file(json.loads(args.spec), tokenizer, args.out, seed=args.seed, name=args.name)
+    print(json.dumps(prepared.stats, indent=2, default=str))
     return 0
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import jsonschema
 import yaml
+from referencing import Registry, Resource
 
 METHODS_WITH_MODEL_DRAFTER = {"speculative", "hf_assisted"}
 METHODS_WITH_NGRAM_DRAFTER = {"ngram"}
@@ -31,8 +32,13 @@ def schema_path() -> Path:
 
 
 def _validator_with_defaults(schema: dict) -> jsonschema.protocols.Validator:
-    """A Draft 7 validator that also fills in `default` values, as Snakemake's validate does."""
-    base = jsonschema.Draft7Validator
+    """A validator that also fills in `default` values, as Snakemake's validate does, and
+    resolves relative `$ref`s (the dataset entry schema) beside the config schema."""
+    base = jsonschema.Draft202012Validator
+    folder = schema_path().parent
+
+    def retrieve(uri: str) -> Resource:
+        return Resource.from_contents(yaml.safe_load((folder / uri.rsplit("/", 1)[-1]).read_text()))
 
     def set_defaults(validator, properties, instance, schema):
         if isinstance(instance, dict):
@@ -41,7 +47,8 @@ def _validator_with_defaults(schema: dict) -> jsonschema.protocols.Validator:
                     instance[key] = copy.deepcopy(sub["default"])
         yield from base.VALIDATORS["properties"](validator, properties, instance, schema)
 
-    return jsonschema.validators.extend(base, {"properties": set_defaults})(schema)
+    schema = dict(schema, **{"$id": schema_path().as_uri()})
+    return jsonschema.validators.extend(base, {"properties": set_defaults})(schema, registry=Registry(retrieve=retrieve))
 
 
 def _key_path(error: jsonschema.ValidationError) -> str:

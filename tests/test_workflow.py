@@ -1,0 +1,53 @@
+"""The Snakemake workflow: lint, formatting, dry runs, and a tiny real end-to-end run."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+GPU8 = REPO / "tests" / "fixtures" / "configs" / "gpu8.yaml"
+
+
+def snakemake(*args, cwd=REPO, check=True):
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", HF_HUB_OFFLINE="1")
+    proc = subprocess.run([str(BIN / "snakemake"), *args], cwd=cwd, env=env, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def test_lint_is_clean():
+    proc = snakemake("--lint", check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_snakefmt_is_clean():
+    files = [REPO / "Snakefile", *sorted((REPO / "workflow" / "rules").glob("*.smk"))]
+    proc = subprocess.run([str(BIN / "snakefmt"), "--check", *map(str, files)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_dry_run_default_config():
+    out = snakemake("-n", "--cores", "2", "--quiet", "rules").stdout
+    for rule in ("prepare_model", "prepare_dataset", "benchmark", "aggregate", "figures"):
+        assert rule in out
+
+
+def test_dry_run_gpu8_config_never_oversubscribes():
+    out = snakemake("-n", "--cores", "64", "--resources", "gpu=8", "--configfile", str(GPU8), "--printshellcmds").stdout
+    assert out.count("rule benchmark:") == 2 * 9 * 2 * 3 + 2 * 3 * 2 * 2 * 3
+    assert "resources: " in out and "gpu=2" in out and "gpu=4" in out
+
+
+def test_bad_config_fails_naming_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((REPO / "config.yaml").read_text().replace("target: smollm2", "target: nope"))
+    proc = snakemake("-n", "--cores", "1", "--configfile", str(bad), check=False)
+    assert proc.returncode != 0
+    assert "experiments.default.target" in proc.stdout + proc.stderr
