@@ -221,13 +221,15 @@ def _record(request: Request, row: dict, arrival: int, start: int, t0: int) -> d
 
 
 def _serve(batch: list[tuple[int, Request]], engine: Callable, clock: Callable, closed: bool):
-    """Run one batch; yield (request, row, arrival_ns, start_ns)."""
+    """Run one batch: [(request, row, arrival_ns, start_ns)]; closed loop: arrival = start."""
     start = clock()
     rows = engine([request for _, request in batch])
     if len(rows) != len(batch):
         raise EngineOutputError(f"engine returned {len(rows)} rows for a batch of {len(batch)}")
-    for (arrival, request), row in zip(batch, rows):
-        yield request, row, start if closed else arrival, start
+    return [
+        (request, row, start if closed else arrival, start)
+        for (arrival, request), row in zip(batch, rows)
+    ]
 
 
 def run_load(
