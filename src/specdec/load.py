@@ -1,0 +1,367 @@
+"""Load generation: closed- and open-loop request schedules driven against an engine.
+
+Closed loop: the first `num_prompts` conversations all wait at t0 and are served in batches
+of up to `batch_size`; a request's arrival is its batch start (queueing delay 0).
+Open loop: conversations arrive at seeded random times (Poisson, or gamma inter-arrivals
+with shape = burstiness and mean 1/rate; burstiness 1 is Poisson, below 1 burstier) for a
+count or a duration. Arrived requests queue while the engine is busy and are batched up to
+`batch_size` first come, first served; the wait counts into TTFT and E2E.
+
+Multi-turn conversations: turn k+1 needs the model's answer to turn k, so it arrives when
+turn k finishes (in both modes) and carries the earlier turns' row results in `history`.
+
+Conversations are used in order and cycled when more are needed than given; a repeated
+conversation gets a distinct request id (`prompt@copy#turn`).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import sys
+import time
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence, TextIO
+
+import numpy as np
+
+# Row-result fields copied into the per-request record when the engine reports them.
+_ROW_FIELDS = (
+    "finish_reason",
+    "drafted_tokens",
+    "accepted_tokens",
+    "target_forwards",
+    "drafted_per_position",
+    "accepted_per_position",
+    "tokenize_s",
+    "output_ids",
+)
+
+
+class LoadConfigError(ValueError):
+    """A load setting that cannot be run; the message names the key."""
+
+
+class EngineOutputError(RuntimeError):
+    """The engine returned rows that cannot be turned into request records."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """One turn of one conversation, as handed to the engine."""
+
+    conversation: dict  # prompt record: id, category, system, turns
+    turn: int = 1  # 1-based
+    history: tuple = ()  # the engine's row results for turns 1..turn-1, in order
+    copy: int = 0  # how many times the conversation was used before (cycling)
+    warmup: bool = False
+
+    @property
+    def prompt_id(self) -> str:
+        return self.conversation["id"]
+
+    @property
+    def request_id(self) -> str:
+        base = self.prompt_id if self.copy == 0 else f"{self.prompt_id}@{self.copy}"
+        return f"{'warmup:' if self.warmup else ''}{base}#{self.turn}"
+
+    @property
+    def message(self) -> str:
+        """This turn's user message."""
+        return self.conversation["turns"][self.turn - 1]
+
+    @property
+    def is_last_turn(self) -> bool:
+        return self.turn >= len(self.conversation["turns"])
+
+    def follow_up(self, row: dict) -> "Request":
+        return Request(self.conversation, self.turn + 1, (*self.history, row), self.copy, self.warmup)
+
+
+# ------------------------------------------------------------------ validation
+
+
+def _number(name: str, value, integer: bool = False, minimum: float = 0, strict: bool = True):
+    """Check one setting; `name` is its full key (`load.rate`, `batch_size`)."""
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+        integer and int(value) != value
+    ):
+        raise LoadConfigError(f"{name}: expected {kind}, got {value!r}")
+    if value < minimum or (strict and value == minimum):
+        raise LoadConfigError(f"{name}: must be {'>' if strict else '>='} {minimum}, got {value}")
+    return int(value) if integer else float(value)
+
+
+def _count(name: str, value, minimum: int = 1) -> int:
+    return _number(name, value, integer=True, minimum=minimum, strict=False)
+
+
+def validate_load(load: dict) -> dict:
+    """Check a load setting and return it with defaults filled in."""
+    mode = load.get("mode", "closed")
+    if mode == "closed":
+        count_keys = [k for k in ("num_prompts", "num_requests") if k in load]
+        if len(count_keys) > 1:
+            raise LoadConfigError("load: give num_prompts or num_requests, not both")
+        out = {"mode": "closed"}
+        if count_keys:
+            out["num_prompts"] = _count(f"load.{count_keys[0]}", load[count_keys[0]])
+        return out
+    if mode != "open":
+        raise LoadConfigError(f"load.mode: expected 'closed' or 'open', got {mode!r}")
+    if "rate" not in load:
+        raise LoadConfigError("load.rate: required for open-loop load")
+    out = {"mode": "open", "rate": _number("load.rate", load["rate"])}
+    out["arrival"] = load.get("arrival", "poisson")
+    if out["arrival"] not in ("poisson", "gamma"):
+        raise LoadConfigError(f"load.arrival: expected 'poisson' or 'gamma', got {out['arrival']!r}")
+    out["burstiness"] = _number("load.burstiness", load.get("burstiness", 1.0))
+    if out["arrival"] == "poisson" and out["burstiness"] != 1.0:
+        raise LoadConfigError("load.burstiness: Poisson arrivals have burstiness 1; use arrival: gamma")
+    if ("num_requests" in load) == ("duration_s" in load):
+        raise LoadConfigError("load: open loop needs exactly one of num_requests and duration_s")
+    if "num_requests" in load:
+        out["num_requests"] = _count("load.num_requests", load["num_requests"])
+    else:
+        out["duration_s"] = _number("load.duration_s", load["duration_s"])
+    return out
+
+
+def validate_repeats(repeats: int) -> int:
+    return _count("repeats", repeats)
+
+
+# -------------------------------------------------------------------- schedules
+
+
+def arrival_times(load: dict, seed: int) -> list[float]:
+    """Open-loop arrival times in seconds after t0; the same seed gives the same times."""
+    load = validate_load(load)
+    if load["mode"] != "open":
+        raise LoadConfigError("load.mode: arrival times exist only for open-loop load")
+    rng = np.random.default_rng(seed)
+    shape = load["burstiness"]
+    scale = 1.0 / (load["rate"] * shape)  # mean inter-arrival = shape * scale = 1 / rate
+    times, now = [], 0.0
+    while True:
+        now += float(rng.gamma(shape, scale))
+        if "duration_s" in load and now > load["duration_s"]:
+            return times
+        times.append(now)
+        if len(times) == load.get("num_requests"):
+            return times
+
+
+def _conversations(conversations: Sequence[dict], count: int, warmup: bool = False) -> list[Request]:
+    n = len(conversations)
+    return [Request(conversations[i % n], copy=i // n, warmup=warmup) for i in range(count)]
+
+
+def schedule(conversations: Sequence[dict], load: dict, seed: int) -> list[tuple[float, Request]]:
+    """First turns with their arrival offsets in seconds (closed loop: all at 0)."""
+    if not conversations:
+        raise LoadConfigError("no conversations to send")
+    load = validate_load(load)
+    if load["mode"] == "closed":
+        requests = _conversations(conversations, load.get("num_prompts", len(conversations)))
+        return [(0.0, request) for request in requests]
+    times = arrival_times(load, seed)
+    return list(zip(times, _conversations(conversations, len(times))))
+
+
+def total_requests(planned: Sequence[tuple[float, Request]]) -> int:
+    """Requests a schedule will produce, every turn of every conversation counted."""
+    return sum(len(request.conversation["turns"]) for _, request in planned)
+
+
+# -------------------------------------------------------------------- scheduler
+
+
+def _record(request: Request, row: dict, arrival: int, start: int, t0: int) -> dict:
+    """The per-request record (docs/contracts.md), times in seconds after t0."""
+    emissions = row.get("emissions")
+    if not emissions:
+        raise EngineOutputError(f"request {request.request_id!r}: engine returned no emissions")
+    times = [t for t, _ in emissions]
+    if times[0] < start or any(b < a for a, b in zip(times, times[1:])):
+        raise EngineOutputError(f"request {request.request_id!r}: emission times out of order")
+    if any(n < 1 for _, n in emissions):
+        raise EngineOutputError(f"request {request.request_id!r}: an emission of < 1 token")
+    output_tokens = sum(n for _, n in emissions)
+    if row.get("output_tokens", output_tokens) != output_tokens:
+        raise EngineOutputError(
+            f"request {request.request_id!r}: output_tokens {row['output_tokens']} != "
+            f"{output_tokens} tokens in emissions"
+        )
+    if "prompt_tokens" not in row:
+        raise EngineOutputError(f"request {request.request_id!r}: row has no prompt_tokens")
+
+    def seconds(ns: int) -> float:
+        return (ns - t0) / 1e9
+
+    record = {
+        "request_id": request.request_id,
+        "prompt_id": request.prompt_id,
+        "category": request.conversation.get("category"),
+        "turn": request.turn,
+        "warmup": request.warmup,
+        "prompt_tokens": row["prompt_tokens"],
+        "output_tokens": output_tokens,
+        "arrival_s": seconds(arrival),
+        "start_s": seconds(start),
+        "first_token_s": seconds(times[0]),
+        "finish_s": seconds(times[-1]),
+        "emissions": [[seconds(t), n] for t, n in emissions],
+    }
+    record.update({key: row[key] for key in _ROW_FIELDS if key in row})
+    return record
+
+
+def _serve(batch: list[tuple[int, Request]], engine: Callable, clock: Callable, closed: bool):
+    """Run one batch: [(request, row, arrival_ns, start_ns)]; closed loop: arrival = start."""
+    start = clock()
+    rows = engine([request for _, request in batch])
+    if len(rows) != len(batch):
+        raise EngineOutputError(f"engine returned {len(rows)} rows for a batch of {len(batch)}")
+    return [
+        (request, row, start if closed else arrival, start)
+        for (arrival, request), row in zip(batch, rows)
+    ]
+
+
+def run_load(
+    conversations: Sequence[dict],
+    engine: Callable[[list[Request]], list[dict]],
+    load: dict,
+    batch_size: int,
+    *,
+    seed: int = 0,
+    warmup: int = 1,
+    clock: Callable[[], int] = time.perf_counter_ns,
+    sleep: Callable[[float], None] = time.sleep,
+    on_record: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    """Drive `engine` in real time under `load`; return per-request records, warm-up first.
+
+    `engine(batch)` gets a list of Request and returns one row result per request with
+    `emissions` [(clock ns, tokens)], `prompt_tokens` and optional counts (_ROW_FIELDS);
+    emissions must be taken with the same `clock`. The first `warmup` requests (first turns
+    of the first conversations) run before the measured window, flagged `warmup: true`;
+    their times are negative. `on_record` is called with each measured record as it finishes.
+    """
+    batch_size, warmup = _count("batch_size", batch_size), _count("warmup", warmup, minimum=0)
+    planned = schedule(conversations, load, seed)
+    closed = validate_load(load)["mode"] == "closed"
+
+    warm_rows = []
+    warm = _conversations(conversations, warmup, warmup=True)
+    for i in range(0, warmup, batch_size):
+        batch = [(0, request) for request in warm[i : i + batch_size]]
+        warm_rows.extend(_serve(batch, engine, clock, closed=True))
+
+    t0 = clock()
+    records = [_record(request, row, arrival, start, t0) for request, row, arrival, start in warm_rows]
+    order = itertools.count()
+    pending = [(t0 + round(offset * 1e9), next(order), request) for offset, request in planned]
+    heapq.heapify(pending)
+    queue: deque[tuple[int, Request]] = deque()
+    while pending or queue:
+        now = clock()
+        while pending and pending[0][0] <= now:
+            arrival, _, request = heapq.heappop(pending)
+            queue.append((arrival, request))
+        if not queue:
+            sleep((pending[0][0] - now) / 1e9)
+            continue
+        batch = [queue.popleft() for _ in range(min(batch_size, len(queue)))]
+        for request, row, arrival, start in _serve(batch, engine, clock, closed):
+            record = _record(request, row, arrival, start, t0)
+            records.append(record)
+            if on_record is not None:
+                on_record(record)
+            if not request.is_last_turn:
+                finish = row["emissions"][-1][0]
+                heapq.heappush(pending, (finish, next(order), request.follow_up(row)))
+    return records
+
+
+# --------------------------------------------------------------------- progress
+
+
+class RequestProgress:
+    """Requests done, output tokens/s so far and ETA: a rich bar on a terminal, else log lines."""
+
+    def __init__(
+        self,
+        total: int | None,
+        description: str,
+        stream: TextIO | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        log_every_s: float = 10.0,
+    ):
+        from rich.console import Console
+
+        self.total, self.description = total, description
+        self.done = self.tokens = 0
+        self._clock, self._log_every_s = clock, log_every_s
+        self._started = self._last_line = clock()
+        self._console = Console(file=stream or sys.stderr)
+        self._bar = self._task = None
+        if self._console.is_terminal:
+            from rich import progress as rp
+
+            self._bar = rp.Progress(
+                rp.TextColumn("{task.description}"),
+                rp.BarColumn(),
+                rp.MofNCompleteColumn(),
+                rp.TextColumn("{task.fields[tok_s]:.1f} tok/s"),
+                rp.TimeRemainingColumn(),
+                console=self._console,
+            )
+            self._task = self._bar.add_task(description, total=total, tok_s=0.0)
+            self._bar.start()
+
+    def tokens_per_s(self) -> float:
+        elapsed = self._clock() - self._started
+        return self.tokens / elapsed if elapsed > 0 else 0.0
+
+    def eta_s(self) -> float | None:
+        if not self.total or not self.done:
+            return None
+        return (self._clock() - self._started) / self.done * (self.total - self.done)
+
+    def line(self) -> str:
+        eta = self.eta_s()
+        total = "?" if self.total is None else self.total
+        return (
+            f"{self.description}: {self.done}/{total} requests, {self.tokens_per_s():.1f} tok/s, "
+            f"ETA {'?' if eta is None else f'{eta:.0f} s'}"
+        )
+
+    def update(self, record: dict) -> None:
+        self.done += 1
+        self.tokens += record["output_tokens"]
+        if self._bar is not None:
+            self._bar.update(self._task, advance=1, tok_s=self.tokens_per_s())
+            return
+        now = self._clock()
+        if now - self._last_line >= self._log_every_s or self.done == self.total:
+            self._last_line = now
+            self._console.print(self.line(), markup=False, highlight=False)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+@contextmanager
+def progress(total: int | None, description: str, stream: TextIO | None = None, **options) -> Iterator[RequestProgress]:
+    """`with progress(n, "cell") as bar: run_load(..., on_record=bar.update)`."""
+    bar = RequestProgress(total, description, stream, **options)
+    try:
+        yield bar
+    finally:
+        bar.close()

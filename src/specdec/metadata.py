@@ -1,0 +1,106 @@
+"""Provenance of a run: software versions, hardware, git commit, seed and times.
+
+Records no environment variables (HF_TOKEN and the like never reach a result file), and
+never fails: whatever cannot be determined is null.
+"""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+from datetime import datetime, timezone
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+
+import specdec
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib_metadata.version(package)
+    except importlib_metadata.PackageNotFoundError:
+        return None
+
+
+def _iso(moment: datetime | str | None) -> str:
+    if moment is None:
+        moment = datetime.now(timezone.utc)
+    return moment if isinstance(moment, str) else moment.isoformat()
+
+
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
+    try:
+        lines = cpuinfo.read_text().splitlines()
+    except OSError:
+        return platform.processor() or None
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            return value.strip()
+    return platform.processor() or None
+
+
+def git_commit(repo: Path | None = None) -> str | None:
+    """HEAD of the git repository around `repo` (default: this package); None outside one."""
+    folder = repo or Path(specdec.__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = out.stdout.strip()
+    return commit if out.returncode == 0 and len(commit) == 40 else None
+
+
+def nvidia_driver() -> str | None:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # no library, no driver, no GPU: all mean "unknown"
+        return None
+    try:
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        return driver.decode() if isinstance(driver, bytes) else driver
+    except Exception:
+        return None
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def accelerator() -> tuple[str | None, list[str]]:
+    """(CUDA version, device names); (None, ["cpu"]) without a usable GPU or torch."""
+    try:
+        import torch
+    except ImportError:
+        return None, ["cpu"]
+    if not torch.cuda.is_available():
+        return None, ["cpu"]
+    names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return torch.version.cuda, names
+
+
+def collect_metadata(
+    seed: int | None,
+    started_at: datetime | str,
+    finished_at: datetime | str | None = None,
+    repo: Path | None = None,
+) -> dict:
+    """The `metadata` block of a result; `finished_at` defaults to now (UTC)."""
+    cuda, devices = accelerator()
+    return {
+        "specdec": specdec.__version__,
+        "python": platform.python_version(),
+        "torch": _version("torch"),
+        "transformers": _version("transformers"),
+        "cuda": cuda,
+        "driver": nvidia_driver() if cuda else None,
+        "devices": devices,
+        "cpu": cpu_model(),
+        "host": platform.node(),
+        "git_commit": git_commit(repo),
+        "seed": seed,
+        "started_at": _iso(started_at),
+        "finished_at": _iso(finished_at),
+    }

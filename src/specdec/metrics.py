@@ -1,0 +1,382 @@
+"""Latency, throughput and acceptance metrics, defined once for the whole project.
+
+All times are seconds relative to the start of the measured window (see docs/contracts.md).
+Warm-up requests (`"warmup": true`) never enter any metric.
+
+| Metric | Definition |
+|---|---|
+| TTFT `ttft_s` | `first_token_s - arrival_s`: arrival (open loop) or batch start (closed loop) to the target's first output token on the host (end of prefill; never a draft token). Includes queueing. |
+| ITL `itl_s` | Gaps between successive emissions of one request. A speculative step that emits k tokens at once contributes ONE gap (what a streaming client sees: bursts, not a smoothed rate). |
+| Per-token ITL `itl_token_s` | Each emission after the first charges its gap evenly to its tokens: an emission of k tokens after a gap g contributes k values g/k. Its token-weighted mean is `(last - first emission) / (tokens after the first emission)`, so it is directly comparable between AR (k = 1) and speculative decoding. |
+| TPOT `tpot_s` | `(e2e_s - ttft_s) / (output_tokens - 1)`. Undefined for 1-token outputs: those are excluded; their number is `num_requests - tpot_s.count`. |
+| E2E `e2e_s` | `finish_s - arrival_s` (finish = the request's last emission). Includes queueing. |
+| Queueing delay `queue_s` | `start_s - arrival_s` (0 in closed loop). |
+| Per-request rate `request_tok_s` | `output_tokens / (finish_s - start_s)`: the rate the engine served the request at once admitted (queueing is reported separately). |
+| Window `window_s` | First arrival to last finish over measured (non-warm-up) requests. |
+| Throughput `throughput_tok_s`, `throughput_req_s` | Output tokens (requests) of measured requests divided by `window_s`. |
+| Acceptance rate | `accepted_tokens / drafted_tokens` over measured requests. |
+| Mean accepted length | `output_tokens / target_forwards`: tokens emitted per target forward, prefill forward included (AR: 1; speculative: up to gamma + 1). |
+| Per-position rate | `accepted / drafted` at draft position i (1-based); position i counts as accepted only when positions 1..i all were. |
+
+Distributions (`DIST`) hold mean, p50, p90, p99 (numpy linear-interpolation percentiles) and
+the count of values; the statistics are null when the count is 0.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+PERCENTILES = (50, 90, 99)
+
+
+class MetricsError(ValueError):
+    """Records or parameters that cannot yield a metric; the message names the field."""
+
+
+# ---------------------------------------------------------------- distributions
+
+
+def _as_array(values: Iterable[float], name: str = "values") -> np.ndarray:
+    array = np.asarray(list(values), dtype=float)
+    if array.ndim != 1:
+        raise MetricsError(f"{name}: expected a flat list of numbers")
+    if not np.all(np.isfinite(array)):
+        raise MetricsError(f"{name}: contains NaN or infinite values")
+    return array
+
+
+def percentile(values: Iterable[float], q: float) -> float | None:
+    """The q-th percentile (0 < q < 100, linear interpolation); None for no values."""
+    if not 0 < q < 100:
+        raise MetricsError(f"percentile {q} is outside (0, 100)")
+    array = _as_array(values)
+    return float(np.percentile(array, q)) if array.size else None
+
+
+def distribution(values: Iterable[float], name: str = "values") -> dict:
+    """DIST: {"mean", "p50", "p90", "p99", "count"}; statistics null when empty."""
+    array = _as_array(values, name)
+    dist = {"mean": float(array.mean()) if array.size else None}
+    for q in PERCENTILES:
+        dist[f"p{q}"] = percentile(array, q)
+    dist["count"] = int(array.size)
+    return dist
+
+
+# ------------------------------------------------------------ per-request values
+
+
+def measured(records: Iterable[dict]) -> list[dict]:
+    """The records that count: everything but warm-up requests."""
+    return [record for record in records if not record.get("warmup", False)]
+
+
+def _field(record: dict, key: str):
+    try:
+        return record[key]
+    except KeyError:
+        raise MetricsError(
+            f"request {record.get('request_id', '?')!r}: missing field {key!r}"
+        ) from None
+
+
+def ttft(record: dict) -> float:
+    return _field(record, "first_token_s") - _field(record, "arrival_s")
+
+
+def e2e(record: dict) -> float:
+    return _field(record, "finish_s") - _field(record, "arrival_s")
+
+
+def queueing_delay(record: dict) -> float:
+    return _field(record, "start_s") - _field(record, "arrival_s")
+
+
+def tpot(record: dict) -> float | None:
+    """Time per output token after the first; None for outputs of one token or fewer."""
+    tokens = _field(record, "output_tokens")
+    if tokens < 2:
+        return None
+    return (e2e(record) - ttft(record)) / (tokens - 1)
+
+
+def request_tokens_per_s(record: dict) -> float | None:
+    service = _field(record, "finish_s") - _field(record, "start_s")
+    return _field(record, "output_tokens") / service if service > 0 else None
+
+
+def emission_gaps(record: dict) -> list[float]:
+    """One gap per emission after the first, however many tokens it carried."""
+    times = [time for time, _ in _field(record, "emissions")]
+    return [later - earlier for earlier, later in zip(times, times[1:])]
+
+
+def token_gaps(record: dict) -> list[float]:
+    """Per-token ITL: each emission's gap split evenly over the tokens it carried."""
+    emissions = _field(record, "emissions")
+    gaps = []
+    for (earlier, _), (later, count) in zip(emissions, emissions[1:]):
+        gaps.extend([(later - earlier) / count] * count)
+    return gaps
+
+
+# -------------------------------------------------------------------- summaries
+
+
+def summarize(records: Sequence[dict]) -> dict:
+    """The `metrics` block of a result from per-request records (warm-up excluded)."""
+    rows = measured(records)
+    if not rows:
+        raise MetricsError("no measured (non-warm-up) requests to summarize")
+    window = max(_field(r, "finish_s") for r in rows) - min(_field(r, "arrival_s") for r in rows)
+    if window <= 0:
+        raise MetricsError(f"measured window is {window} s; finish must follow arrival")
+    output_tokens = sum(_field(r, "output_tokens") for r in rows)
+    tpots = [value for value in map(tpot, rows) if value is not None]
+    rates = [value for value in map(request_tokens_per_s, rows) if value is not None]
+    return {
+        "num_requests": len(rows),
+        "output_tokens": output_tokens,
+        "prompt_tokens": sum(_field(r, "prompt_tokens") for r in rows),
+        "window_s": window,
+        "throughput_tok_s": output_tokens / window,
+        "throughput_req_s": len(rows) / window,
+        "ttft_s": distribution(map(ttft, rows), "ttft_s"),
+        "tpot_s": distribution(tpots, "tpot_s"),
+        "itl_s": distribution((g for r in rows for g in emission_gaps(r)), "itl_s"),
+        "itl_token_s": distribution((g for r in rows for g in token_gaps(r)), "itl_token_s"),
+        "e2e_s": distribution(map(e2e, rows), "e2e_s"),
+        "queue_s": distribution(map(queueing_delay, rows), "queue_s"),
+        "request_tok_s": distribution(rates, "request_tok_s"),
+    }
+
+
+def _rate(numerator: float, denominator: float) -> float | None:
+    return numerator / denominator if denominator else None
+
+
+def _per_position(rows: list[dict], gamma: int) -> list[dict]:
+    drafted = np.zeros(gamma, dtype=int)
+    accepted = np.zeros(gamma, dtype=int)
+    for row in rows:
+        for key, total in (("drafted_per_position", drafted), ("accepted_per_position", accepted)):
+            counts = row.get(key)
+            if counts is None:
+                return []  # engines without per-position counts (transformers' assisted generate)
+            if len(counts) != gamma:
+                raise MetricsError(
+                    f"request {row.get('request_id', '?')!r}: {key} has {len(counts)} "
+                    f"entries, expected gamma = {gamma}"
+                )
+            total += counts
+    return [
+        {"position": i + 1, "drafted": int(d), "accepted": int(a), "rate": _rate(int(a), int(d))}
+        for i, (d, a) in enumerate(zip(drafted, accepted))
+    ]
+
+
+def acceptance(records: Sequence[dict], gamma: int | None) -> dict | None:
+    """The `acceptance` block; None for methods that draft nothing (gamma None or 0)."""
+    if not gamma:
+        return None
+    rows = measured(records)
+    drafted = sum(_field(r, "drafted_tokens") for r in rows)
+    accepted = sum(_field(r, "accepted_tokens") for r in rows)
+    forwards = sum(_field(r, "target_forwards") for r in rows)
+    return {
+        "drafted_tokens": drafted,
+        "accepted_tokens": accepted,
+        "target_forwards": forwards,
+        "acceptance_rate": _rate(accepted, drafted),
+        "mean_accepted_length": _rate(sum(_field(r, "output_tokens") for r in rows), forwards),
+        "per_position": _per_position(rows, gamma),
+    }
+
+
+def per_token_alpha(per_position: Sequence[dict]) -> float | None:
+    """Estimate Leviathan's alpha (the i.i.d. per-token acceptance probability).
+
+    `accepted / drafted` is biased low as an alpha: after the first rejection the later
+    drafts have no chance. Position i is tried only when positions 1..i-1 were accepted,
+    so the maximum-likelihood alpha of a truncated geometric is
+    sum(accepted_i) / sum(trials_i) with trials_1 = drafted_1, trials_i = accepted_(i-1).
+    Valid when every step drafts gamma tokens (model drafters).
+    """
+    if not per_position:
+        return None
+    accepted = [p["accepted"] for p in per_position]
+    trials = [per_position[0]["drafted"], *accepted[:-1]]
+    return _rate(sum(accepted), sum(trials))
+
+
+# ----------------------------------------------------------------------- theory
+
+
+def _check_theory_inputs(alpha: float, gamma: int) -> None:
+    if not 0 <= alpha <= 1:
+        raise MetricsError(f"alpha must be in [0, 1], got {alpha}")
+    if int(gamma) != gamma or gamma < 1:
+        raise MetricsError(f"gamma must be a positive integer, got {gamma}")
+
+
+def expected_tokens_per_step(alpha: float, gamma: int) -> float:
+    """E[tokens per verify step] = (1 - alpha^(gamma+1)) / (1 - alpha) = sum of alpha^i, i=0..gamma.
+
+    The sum form is exact at alpha = 1 (gamma + 1) and free of cancellation near it.
+    """
+    _check_theory_inputs(alpha, gamma)
+    return float(sum(alpha**i for i in range(int(gamma) + 1)))
+
+
+def leviathan_speedup(alpha: float, gamma: int, c: float, verify_cost: float = 1.0) -> float:
+    """Expected walltime improvement of speculative decoding (Leviathan et al. 2023, Thm 3.8).
+
+    (1 - alpha^(gamma+1)) / ((1 - alpha) (gamma c + verify_cost)), where c is the drafter's
+    cost per forward relative to the target's and verify_cost the cost of the target's
+    (gamma+1)-token verify forward relative to a one-token forward (1 in the paper).
+    """
+    if c < 0:
+        raise MetricsError(f"cost ratio c must be >= 0, got {c}")
+    if verify_cost <= 0:
+        raise MetricsError(f"verify_cost must be > 0, got {verify_cost}")
+    return expected_tokens_per_step(alpha, gamma) / (gamma * c + verify_cost)
+
+
+def theory(alpha: float, gamma: int, cost_ratio: float, verify_cost_ratio: float = 1.0) -> dict:
+    """The `theory` block: the speedup Leviathan et al. predict from measured inputs."""
+    return {
+        "alpha": alpha,
+        "gamma": gamma,
+        "cost_ratio": cost_ratio,
+        "verify_cost_ratio": verify_cost_ratio,
+        "predicted_speedup": leviathan_speedup(alpha, gamma, cost_ratio, verify_cost_ratio),
+    }
+
+
+# --------------------------------------------------------- confidence intervals
+
+
+def _resampled_statistic(
+    values: np.ndarray, statistic: Callable, n_resamples: int, rng: np.random.Generator
+) -> np.ndarray:
+    indices = rng.integers(0, values.size, size=(n_resamples, values.size))
+    return np.asarray(statistic(values[indices], axis=1), dtype=float)
+
+
+def _check_ci_inputs(confidence: float, n_resamples: int, **samples: np.ndarray) -> None:
+    if not 0 < confidence < 1:
+        raise MetricsError(f"confidence must be in (0, 1), got {confidence}")
+    if n_resamples < 1:
+        raise MetricsError(f"n_resamples must be >= 1, got {n_resamples}")
+    for name, sample in samples.items():
+        if sample.size == 0:
+            raise MetricsError(f"{name}: cannot bootstrap an empty sample")
+
+
+def _percentile_interval(estimates: np.ndarray, confidence: float) -> tuple[float, float]:
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(estimates, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def bootstrap_ci(
+    values: Iterable[float],
+    statistic: Callable = np.median,
+    confidence: float = 0.95,
+    n_resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile-bootstrap confidence interval of `statistic` (which takes `axis=`).
+
+    Deterministic for a seed.
+    """
+    sample = _as_array(values)
+    _check_ci_inputs(confidence, n_resamples, values=sample)
+    rng = np.random.default_rng(seed)
+    return _percentile_interval(_resampled_statistic(sample, statistic, n_resamples, rng), confidence)
+
+
+def ratio_ci(
+    numerators: Iterable[float],
+    denominators: Iterable[float],
+    statistic: Callable = np.median,
+    confidence: float = 0.95,
+    n_resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile-bootstrap CI of statistic(numerators) / statistic(denominators).
+
+    For speedups (e.g. AR time / speculative time): the two samples come from independent
+    runs, so each side is resampled independently.
+    """
+    top, bottom = _as_array(numerators, "numerators"), _as_array(denominators, "denominators")
+    _check_ci_inputs(confidence, n_resamples, numerators=top, denominators=bottom)
+    rng = np.random.default_rng(seed)
+    ratios = _resampled_statistic(top, statistic, n_resamples, rng) / _resampled_statistic(
+        bottom, statistic, n_resamples, rng
+    )
+    return _percentile_interval(ratios, confidence)
+
+
+def coefficient_of_variation(values: Iterable[float]) -> float | None:
+    """Sample standard deviation (ddof=1) over the mean; None for fewer than 2 values."""
+    sample = _as_array(values)
+    if sample.size < 2:
+        return None
+    mean = sample.mean()
+    if mean == 0:
+        raise MetricsError("coefficient of variation is undefined for a zero mean")
+    return float(sample.std(ddof=1) / abs(mean))
+
+
+def repeats_disagree(values: Iterable[float], threshold: float = 0.05) -> bool:
+    """True when repeats of one measurement spread more than `threshold` (a CV)."""
+    cv = coefficient_of_variation(values)
+    return cv is not None and cv > threshold
+
+
+# ---------------------------------------------------------------- console table
+
+_DIST_ROWS = (
+    ("TTFT", "ttft_s", "ms", 1e3),
+    ("TPOT", "tpot_s", "ms", 1e3),
+    ("ITL (per emission)", "itl_s", "ms", 1e3),
+    ("ITL (per token)", "itl_token_s", "ms", 1e3),
+    ("E2E", "e2e_s", "s", 1.0),
+    ("Queueing", "queue_s", "ms", 1e3),
+    ("Request rate", "request_tok_s", "tok/s", 1.0),
+)
+
+
+def _cell(value: float | None, scale: float) -> str:
+    return "-" if value is None else f"{value * scale:.2f}"
+
+
+def summary_table(metrics: dict, title: str = "Summary") -> str:
+    """The end-of-job console summary: totals, then one row per distribution."""
+    from io import StringIO
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("metric", "unit", "mean", "p50", "p90", "p99", "count"):
+        table.add_column(column, justify="left" if column in ("metric", "unit") else "right")
+    for label, key, unit, scale in _DIST_ROWS:
+        dist = metrics.get(key)
+        if dist is None:
+            continue
+        stats = [_cell(dist[k], scale) for k in ("mean", "p50", "p90", "p99")]
+        table.add_row(label, unit, *stats, str(dist["count"]))
+    totals = (
+        f"{metrics['num_requests']} requests, {metrics['output_tokens']} output tokens in "
+        f"{metrics['window_s']:.2f} s: {metrics['throughput_tok_s']:.2f} tok/s, "
+        f"{metrics['throughput_req_s']:.3f} req/s"
+    )
+    buffer = StringIO()
+    console = Console(file=buffer, width=100, color_system=None, force_terminal=False)
+    console.print(table)
+    console.print(totals)
+    return buffer.getvalue()
