@@ -221,11 +221,15 @@ def _record(request: Request, row: dict, arrival: int, start: int, t0: int) -> d
 
 
 def _serve(batch: list[tuple[int, Request]], engine: Callable, clock: Callable, closed: bool):
-    """Run one batch: [(request, row, arrival_ns, start_ns)]; closed loop: arrival = start."""
+    """Run one batch: [(request, row, arrival_ns, start_ns)]; closed loop: arrival = start.
+
+    An engine that tokenises before decoding reports `decode_start_ns` in its rows, so that
+    templating and tokenisation stay outside the timed region."""
     start = clock()
     rows = engine([request for _, request in batch])
     if len(rows) != len(batch):
         raise EngineOutputError(f"engine returned {len(rows)} rows for a batch of {len(batch)}")
+    start = rows[0].get("decode_start_ns", start) if rows else start
     return [
         (request, row, start if closed else arrival, start)
         for (arrival, request), row in zip(batch, rows)
@@ -243,6 +247,8 @@ def run_load(
     clock: Callable[[], int] = time.perf_counter_ns,
     sleep: Callable[[float], None] = time.sleep,
     on_record: Callable[[dict], None] | None = None,
+    on_window_start: Callable[[], None] | None = None,
+    on_window_end: Callable[[], None] | None = None,
 ) -> list[dict]:
     """Drive `engine` in real time under `load`; return per-request records, warm-up first.
 
@@ -250,7 +256,9 @@ def run_load(
     `emissions` [(clock ns, tokens)], `prompt_tokens` and optional counts (_ROW_FIELDS);
     emissions must be taken with the same `clock`. The first `warmup` requests (first turns
     of the first conversations) run before the measured window, flagged `warmup: true`;
-    their times are negative. `on_record` is called with each measured record as it finishes.
+    their times are negative. `on_record` is called with each measured record as it finishes;
+    `on_window_start` / `on_window_end` just before t0 and after the last measured request
+    (the power monitor's window is the throughput window).
     """
     batch_size, warmup = _count("batch_size", batch_size), _count("warmup", warmup, minimum=0)
     planned = schedule(conversations, load, seed)
@@ -262,6 +270,8 @@ def run_load(
         batch = [(0, request) for request in warm[i : i + batch_size]]
         warm_rows.extend(_serve(batch, engine, clock, closed=True))
 
+    if on_window_start is not None:
+        on_window_start()
     t0 = clock()
     records = [_record(request, row, arrival, start, t0) for request, row, arrival, start in warm_rows]
     order = itertools.count()
@@ -285,6 +295,8 @@ def run_load(
             if not request.is_last_turn:
                 finish = row["emissions"][-1][0]
                 heapq.heappush(pending, (finish, next(order), request.follow_up(row)))
+    if on_window_end is not None:
+        on_window_end()
     return records
 
 

@@ -176,14 +176,15 @@ def make_engine(session: Session, generator):
             return_tensors="pt",
             return_dict=True,
         )
-        tokenize_s = time.perf_counter() - began
         input_ids, attention_mask = encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
+        tokenize_s = time.perf_counter() - began
+        decode_start_ns = time.perf_counter_ns()
         for request, ids, mask in zip(batch, input_ids.tolist(), attention_mask.tolist()):
             session.prompt_ids[request.request_id] = [t for t, m in zip(ids, mask) if m]
         rows = []
         for row, prompt_tokens in zip(decode(input_ids, attention_mask), attention_mask.sum(dim=1).tolist()):
             record = asdict(row)
-            record.update(prompt_tokens=prompt_tokens, tokenize_s=tokenize_s / len(batch))
+            record.update(prompt_tokens=prompt_tokens, tokenize_s=tokenize_s / len(batch), decode_start_ns=decode_start_ns)
             record["output_text"] = tokenizer.decode(row.output_ids, skip_special_tokens=True)
             if cell["temperature"] > 0:
                 del record["output_ids"]  # only greedy outputs are comparable token for token

@@ -1,4 +1,4 @@
-"""Validate result files against workflow/schemas/result.schema.json."""
+"""Validate result files against the result schema (also linked as workflow/schemas/result.schema.json)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
 
-RESULT_SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "result.schema.json"
+RESULT_SCHEMA = Path(__file__).resolve().parent / "schemas" / "result.schema.json"
 
 
 class ResultSchemaError(ValueError):
