@@ -348,10 +348,8 @@ class PowerMonitor:
         if not config.enabled:
             return cls(config, reason="power monitoring disabled (power.enabled: false)", **timing)
         if device_kind == "cuda":
-            visible = (os.environ if environ is None else environ).get("CUDA_VISIBLE_DEVICES")
             try:
-                nvml, gpus = open_nvml(nvml, visible, devices)
-                return cls(config, gpus, source="nvml", shutdown=nvml.nvmlShutdown, **timing)
+                return cls.for_gpus(config, devices=devices, nvml=nvml, environ=environ, **timing)
             except SourceUnavailable as exc:
                 why_not_gpu = str(exc)
         elif device_kind == "cpu":
@@ -365,6 +363,14 @@ class PowerMonitor:
         warnings = [] if device_kind == "cpu" else [
             f"GPU energy not measured ({why_not_gpu}); energy is the CPU packages' (RAPL)"]
         return cls(config, zones, source="rapl", warnings=warnings, **timing)
+
+    @classmethod
+    def for_gpus(cls, config: PowerConfig, *, devices: Sequence[int] | None = None, nvml=None,
+                 environ: dict | None = None, clock=None, sleep=None) -> "PowerMonitor":
+        """An NVML monitor of the job's GPUs; SourceUnavailable says why NVML cannot serve."""
+        visible = (os.environ if environ is None else environ).get("CUDA_VISIBLE_DEVICES")
+        nvml, gpus = open_nvml(nvml, visible, devices)
+        return cls(config, gpus, source="nvml", shutdown=nvml.nvmlShutdown, clock=clock, sleep=sleep)
 
     @property
     def available(self) -> bool:
