@@ -375,6 +375,8 @@ def test_power_config_validation_names_the_key():
         parse_power_config({"interval_ms": 0})
     with pytest.raises(PowerConfigError, match="power.enabled"):
         parse_power_config({"enabled": "yes"})
+    with pytest.raises(ValueError, match="device_kind"):
+        PowerMonitor.for_job(CONFIG, "tpu")
 
 
 def test_disabled_monitor_reports_unavailable_and_writes_an_empty_timeline(tmp_path):

@@ -516,7 +516,8 @@ class PowerMonitor:
         }
 
     def write_timeline(self, path: str | os.PathLike) -> None:
-        """Long-format CSV, one row per sample and device; `phase` marks idle and window rows."""
+        """Long-format CSV, one row per sample and device; `t_s` is seconds from the window's
+        start, `phase` marks idle and window rows, unsupported fields are empty."""
         with self._lock:
             ticks = list(self._ticks)
         t0 = ticks[self._window[0]].t if self._window and self.available else (ticks[0].t if ticks else 0.0)
