@@ -61,6 +61,21 @@ SUMMARY_METRICS = {
 RATIOS = {"speedup": "throughput_tok_s", "energy_ratio": "energy_j_per_token"}
 # Repeats are checked for agreement on these metrics.
 STABILITY_METRICS = ("throughput_tok_s", "ttft_s_p50", "e2e_s_p50")
+SUMMARY_COLUMNS = [
+    *CELL_KEYS,
+    "load_mode",
+    "load_rate",
+    "cell",
+    "method_label",
+    "n_repeats",
+    "repeats",
+    *(f"{m}{suffix}" for m in SUMMARY_METRICS for suffix in ("", "_ci_low", "_ci_high")),
+    "baseline",
+    *(f"{m}_cv" for m in STABILITY_METRICS),
+    "unstable",
+    "n_failed",
+    "flags",
+]
 NO_BASELINE = "no AR baseline"
 DASH = "–"
 DEFAULT_SETTINGS = {"cv_threshold": 0.1, "confidence": 0.95, "n_resamples": 10000, "seed": 0}
@@ -261,8 +276,6 @@ def summary_table(runs: pd.DataFrame, **settings: Any) -> pd.DataFrame:
     settings = {**DEFAULT_SETTINGS, **settings}
     runs = runs.assign(_cell=_key(runs, CELL_KEYS), _match=_key(runs, AR_MATCH_KEYS))
     ok = runs[runs["status"] == "ok"]
-    if ok.empty:
-        return pd.DataFrame(columns=["experiment", "cell", "method_label", "n_repeats"])
     failures = runs[runs["status"] != "ok"]["_cell"].value_counts()
     baselines = {match: group for match, group in ok[ok["method"] == "ar"].groupby("_match")}
     rows = []
@@ -273,12 +286,12 @@ def summary_table(runs: pd.DataFrame, **settings: Any) -> pd.DataFrame:
         if row["n_failed"]:
             row["flags"] = "; ".join(filter(None, [row["flags"], f"{row['n_failed']} failed"]))
         rows.append(row)
-    return pd.DataFrame(rows).reset_index(drop=True)
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
 def _summarise_cell(cell: pd.DataFrame, baseline: pd.DataFrame | None, settings: dict) -> dict:
     first = cell.iloc[0]
-    row: dict[str, Any] = {key: first[key] for key in CELL_KEYS}
+    row: dict[str, Any] = {key: first[key] for key in (*CELL_KEYS, "load_mode", "load_rate")}
     row.update(
         cell=first["cell_name"],
         method_label=first["method_label"],
