@@ -85,6 +85,10 @@ class ResultFileError(ValueError):
     """A result file that cannot be read as the contract describes."""
 
 
+class SettingsError(ValueError):
+    """An unknown or ill-typed key in a configuration section (`aggregate:`, `plots:`)."""
+
+
 # --- reading -------------------------------------------------------------------------------
 
 
@@ -206,6 +210,11 @@ def runs_table(paths: Iterable[str | Path]) -> pd.DataFrame:
     return runs.sort_values(["experiment", "cell"], kind="stable").reset_index(drop=True)
 
 
+def results_of_experiment(paths: Iterable[str], experiment: str) -> list[str]:
+    """The paths `results/runs/{experiment}/{cell}/result.json` that belong to `experiment`."""
+    return [p for p in paths if Path(p).parent.parent.name == experiment]
+
+
 def cell_name(cell: str) -> str:
     """The cell's name without its repeat suffix (`...--r0`)."""
     return re.sub(r"--r\d+$", "", cell)
@@ -271,9 +280,22 @@ def _paired_ratios(cell: pd.DataFrame, baseline: pd.DataFrame, column: str) -> n
     return np.asarray(ratios, dtype=float)
 
 
+def merge_settings(given: dict | None, defaults: dict, section: str) -> dict:
+    """`defaults` updated with `given`; an unknown key is an error naming the config section."""
+    given = dict(given or {})
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise SettingsError(f"{section}: unknown key(s) {unknown}; known: {sorted(defaults)}")
+    for key, value in given.items():
+        expected = type(defaults[key])
+        if not isinstance(value, expected) and not (expected is float and isinstance(value, int)):
+            raise SettingsError(f"{section}.{key}: expected {expected.__name__}, got {value!r}")
+    return {**defaults, **given}
+
+
 def summary_table(runs: pd.DataFrame, **settings: Any) -> pd.DataFrame:
     """One row per cell of the successful runs: medians, CIs, ratios to AR, stability flags."""
-    settings = {**DEFAULT_SETTINGS, **settings}
+    settings = merge_settings(settings, DEFAULT_SETTINGS, "aggregate")
     runs = runs.assign(_cell=_key(runs, CELL_KEYS), _match=_key(runs, AR_MATCH_KEYS))
     ok = runs[runs["status"] == "ok"]
     failures = runs[runs["status"] != "ok"]["_cell"].value_counts()
@@ -469,7 +491,7 @@ def aggregate_experiment(
     result_paths: Iterable[str | Path], out_dir: str | Path, experiment: str, **settings: Any
 ) -> dict[str, list[Path]]:
     """Write runs, summary, failed and run-info tables of one experiment under `out_dir`."""
-    settings = {**DEFAULT_SETTINGS, **settings}
+    settings = merge_settings(settings, DEFAULT_SETTINGS, "aggregate")
     out_dir = Path(out_dir)
     runs = runs_table(result_paths)
     foreign = sorted(set(runs["experiment"]) - {experiment})

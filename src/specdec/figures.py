@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from specdec.aggregate import ResultFileError  # noqa: E402
+from specdec.aggregate import ResultFileError, merge_settings  # noqa: E402
 from specdec.io import atomic_open, read_jsonl  # noqa: E402
 
 DEFAULT_OPTIONS = {
@@ -49,25 +49,9 @@ SERIES_SETTINGS = {
 }
 
 
-class PlotOptionError(ValueError):
-    """An unknown or ill-typed key under the `plots:` configuration."""
-
-
 def plot_options(options: dict | None) -> dict:
-    options = dict(options or {})
-    unknown = sorted(set(options) - set(DEFAULT_OPTIONS))
-    if unknown:
-        raise PlotOptionError(
-            f"plots: unknown option(s) {unknown}; known: {sorted(DEFAULT_OPTIONS)}"
-        )
-    for key, value in options.items():
-        if not isinstance(value, type(DEFAULT_OPTIONS[key])) and not (
-            isinstance(DEFAULT_OPTIONS[key], float) and isinstance(value, int)
-        ):
-            raise PlotOptionError(
-                f"plots.{key}: expected {type(DEFAULT_OPTIONS[key]).__name__}, got {value!r}"
-            )
-    return {**DEFAULT_OPTIONS, **options}
+    """The `plots:` configuration over the defaults (unknown keys are an error)."""
+    return merge_settings(options, DEFAULT_OPTIONS, "plots")
 
 
 @dataclass
