@@ -135,11 +135,16 @@ def test_no_ar_baseline_is_said_not_invented(summary, tmp_path):
 
 def test_failed_runs_have_their_own_table_and_stay_out_of_averages(runs, summary):
     failed = failed_table(runs)
-    assert failed.to_dict("records") == [{
-        "experiment": "demo", "cell": "humaneval--ngram--g4-b1-n16-t0-cpu--r1",
-        "status": "failed", "type": "OutOfMemoryError", "message": "CUDA out of memory",
-        "phase": "decode",
-    }]  # fmt: skip
+    assert failed.to_dict("records") == [
+        {
+            "experiment": "demo",
+            "cell": "humaneval--ngram--g4-b1-n16-t0-cpu--r1",
+            "status": "failed",
+            "type": "OutOfMemoryError",
+            "message": "CUDA out of memory",
+            "phase": "decode",
+        }
+    ]
     ngram = cell(summary, "humaneval--ngram--g4-b1-n16-t0-cpu")
     # The failed r1 also claims 11 tokens/s; only r0 counts.
     assert (ngram["n_repeats"], ngram["n_failed"], ngram["repeats"]) == (1, 1, "0")
@@ -161,9 +166,10 @@ def test_repeats_that_disagree_are_flagged(runs):
 def test_written_tables(tmp_path):
     written = aggregate_experiment(RESULTS, tmp_path, "demo", n_resamples=200)
     assert {p.name for paths in written.values() for p in paths} == {
-        f"{stem}.{ext}" for stem in ("runs", "summary", "failed", "run_info")
+        f"{stem}.{ext}"
+        for stem in ("runs", "summary", "failed", "run_info")
         for ext in ("csv", "md", "html")
-    }  # fmt: skip
+    }
     html = (tmp_path / "summary.html").read_text()
     assert "<style>" in html and '<table class="dataframe specdec">' in html
     md = (tmp_path / "summary.md").read_text()
