@@ -22,9 +22,10 @@ from specdec.io import atomic_open
 DIST_METRICS = ("ttft_s", "tpot_s", "itl_s", "e2e_s", "queue_s", "request_tok_s")
 DIST_FIELDS = ("mean", "p50", "p90", "p99", "count")
 LOAD_FIELDS = ("mode", "rate", "arrival", "burstiness", "num_requests", "num_prompts", "duration_s")
-# Everything that makes a cell what it is, except the repeat (and its seed).
-CELL_KEYS = (
+# Configuration keys copied into the tidy table as they are.
+CONFIG_KEYS = (
     "experiment",
+    "cell",
     "dataset",
     "target",
     "method",
@@ -35,6 +36,13 @@ CELL_KEYS = (
     "temperature",
     "top_k",
     "top_p",
+    "repeat",
+    "seed",
+    "warmup",
+)
+# Everything that makes a cell what it is, except the repeat (and its seed).
+CELL_KEYS = (
+    *(k for k in CONFIG_KEYS if k not in ("cell", "repeat", "seed", "warmup")),
     "placement_strategy",
     "load",
 )
@@ -116,23 +124,7 @@ def flatten_result(result: dict, path: str | Path = "") -> dict[str, Any]:
     """One tidy row: config keys, DIST fields as `{metric}_{field}`, acceptance, energy..."""
     config, metrics = result["config"], result.get("metrics") or {}
     row: dict[str, Any] = {"path": str(path), "status": result["status"]}
-    for key in (
-        "experiment",
-        "cell",
-        "dataset",
-        "target",
-        "method",
-        "drafter",
-        "gamma",
-        "batch_size",
-        "max_new_tokens",
-        "temperature",
-        "top_k",
-        "top_p",
-        "repeat",
-        "seed",
-        "warmup",
-    ):
+    for key in CONFIG_KEYS:
         row[key] = config.get(key)
     row["placement_strategy"] = (config.get("placement") or {}).get("strategy")
     load = config.get("load") or {}
