@@ -316,15 +316,15 @@ def _summarise_cell(cell: pd.DataFrame, baseline: pd.DataFrame | None, settings:
         if metric in RATIOS:
             values = _paired_ratios(cell, baseline, RATIOS[metric]) if baseline is not None else []
         else:
-            values = pd.to_numeric(cell.get(metric), errors="coerce").dropna().to_numpy()
+            values = _numeric(cell, metric).dropna().to_numpy()
         ci_settings = {k: settings[k] for k in ("confidence", "n_resamples", "seed")}
         low, high = _bootstrap_ci(values, np.median, **ci_settings)
         row[metric] = float(np.median(values)) if len(values) else math.nan
         row[f"{metric}_ci_low"], row[f"{metric}_ci_high"] = low, high
-    row["baseline"] = cell_name_of(baseline) if baseline is not None else NO_BASELINE
+    row["baseline"] = NO_BASELINE if baseline is None else baseline["cell_name"].iloc[0]
     unstable = []
     for metric in STABILITY_METRICS:
-        cv = coefficient_of_variation(pd.to_numeric(cell.get(metric), errors="coerce"))
+        cv = coefficient_of_variation(_numeric(cell, metric))
         row[f"{metric}_cv"] = cv
         if cv > settings["cv_threshold"]:
             unstable.append(f"{metric} cv={cv:.2f}")
@@ -333,8 +333,11 @@ def _summarise_cell(cell: pd.DataFrame, baseline: pd.DataFrame | None, settings:
     return row
 
 
-def cell_name_of(frame: pd.DataFrame) -> str:
-    return str(frame["cell_name"].iloc[0])
+def _numeric(frame: pd.DataFrame, column: str) -> pd.Series:
+    """A column as floats; all missing when no run reported it."""
+    if column not in frame:
+        return pd.Series(math.nan, index=frame.index)
+    return pd.to_numeric(frame[column], errors="coerce")
 
 
 def failed_table(runs: pd.DataFrame) -> pd.DataFrame:
