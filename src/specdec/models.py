@@ -41,9 +41,7 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
 
         shutil.rmtree(tmp)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-    )
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The weights are already dequantised to fp32; dropping the GGUF quantiser marks the
     # model as a plain one so that save_pretrained writes ordinary safetensors.
     model.hf_quantizer = None
