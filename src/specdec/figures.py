@@ -1,0 +1,539 @@
+"""Figures of one experiment from its aggregated tables and the runs' per-request files.
+
+Every figure in `FIGURES` is always written (PNG and SVG): when its data is absent (no
+open-loop runs, no energy...) it is a placeholder that says why. Whether data exists is only
+known after the benchmarks ran, while Snakemake needs the outputs when it builds the DAG.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from specdec.aggregate import ResultFileError, merge_settings  # noqa: E402
+from specdec.io import atomic_open, read_jsonl  # noqa: E402
+
+DEFAULT_OPTIONS = {
+    "dpi": 150,  # PNG resolution
+    "font_size": 9,
+    "width_in": 6.4,  # one panel; multi-panel figures scale from it
+    "height_in": 4.0,
+    "cdf_log_x": True,  # latency CDFs on a log time axis
+    "max_power_panels": 6,  # power timelines drawn (first repeat of each cell)
+}
+# Okabe-Ito: distinguishable with colour-vision deficiency and in greyscale print.
+PALETTE = ("#000000", "#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7", "#F0E442")
+LINESTYLES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "D", "v", "P")
+# Settings that tell series apart when they vary inside one figure.
+SERIES_SETTINGS = {
+    "target": "",
+    "dataset": "",
+    "batch_size": "b",
+    "load": "",
+    "gamma": "γ",
+    "max_new_tokens": "n",
+    "temperature": "T",
+    "placement_strategy": "",
+}
+
+
+def plot_options(options: dict | None) -> dict:
+    """The `plots:` configuration over the defaults (unknown keys are an error)."""
+    return merge_settings(options, DEFAULT_OPTIONS, "plots")
+
+
+@dataclass
+class PlotData:
+    """The tables of one experiment and lazy access to the files beside each result."""
+
+    runs: pd.DataFrame
+    summary: pd.DataFrame
+    options: dict
+    _requests: dict = field(default_factory=dict)
+
+    @cached_property
+    def ok_runs(self) -> pd.DataFrame:
+        return self.runs[self.runs["status"] == "ok"]
+
+    @cached_property
+    def colors(self) -> dict[str, str]:
+        labels = sorted(self.runs["method_label"].unique(), key=lambda m: (m != "ar", m))
+        return {label: PALETTE[i % len(PALETTE)] for i, label in enumerate(labels)}
+
+    def requests(self, run: pd.Series) -> list[dict]:
+        """Measured (non-warm-up) request records of a run; empty if the file is absent."""
+        path = Path(run["path"]).parent / "requests.jsonl"
+        if path not in self._requests:
+            try:
+                rows = read_jsonl(path) if path.is_file() else []
+            except json.JSONDecodeError as err:
+                raise ResultFileError(f"{path}: not JSON lines: {err}") from err
+            self._requests[path] = [row for row in rows if not row.get("warmup")]
+        return self._requests[path]
+
+    @cached_property
+    def footer(self) -> str:
+        first = self.runs.iloc[0]
+
+        def distinct(column: str) -> str:
+            values = sorted({str(v) for v in self.runs.get(column, pd.Series()).dropna()})
+            return ", ".join(values) or "?"
+
+        return (
+            f"experiment {first['experiment']} · host {distinct('meta_host')} · devices "
+            f"{distinct('meta_devices')} · torch {distinct('meta_torch')} · transformers "
+            f"{distinct('meta_transformers')} · specdec {distinct('meta_specdec')} · git "
+            f"{distinct('meta_git_commit')}"
+        )
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def series_labels(frame: pd.DataFrame, exclude: tuple[str, ...] = ()) -> pd.Series:
+    """Method label plus the settings that vary within `frame` (except `exclude`)."""
+    varying = [
+        c
+        for c in SERIES_SETTINGS
+        if c not in exclude and c in frame and frame[c].astype(str).nunique() > 1
+    ]
+
+    def label(row: pd.Series) -> str:
+        parts = [row["method_label"]]
+        parts += [f"{SERIES_SETTINGS[c]}{_plain(row[c])}" for c in varying if not pd.isna(row[c])]
+        return " · ".join(parts)
+
+    return frame.apply(label, axis=1) if len(frame) else pd.Series(dtype=str)
+
+
+def _plain(value: Any) -> str:
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def _styles(data: PlotData, frame: pd.DataFrame, labels: pd.Series) -> dict[str, dict]:
+    """Colour by method; line style and marker tell apart series of one method."""
+    styles, seen = {}, {}
+    for label, method in zip(labels, frame["method_label"]):
+        if label in styles:
+            continue
+        k = seen[method] = seen.get(method, -1) + 1
+        styles[label] = dict(
+            color=data.colors[method],
+            linestyle=LINESTYLES[k % len(LINESTYLES)],
+            marker=MARKERS[k % len(MARKERS)],
+        )
+    return styles
+
+
+def _errors(frame: pd.DataFrame, metric: str, scale: float = 1.0) -> np.ndarray:
+    low = (frame[metric] - frame[f"{metric}_ci_low"]).clip(lower=0) * scale
+    high = (frame[f"{metric}_ci_high"] - frame[metric]).clip(lower=0) * scale
+    return np.vstack([low.to_numpy(), high.to_numpy()])
+
+
+def _figure(data: PlotData, ncols: int = 1, nrows: int = 1, **kwargs) -> tuple[plt.Figure, Any]:
+    size = (
+        data.options["width_in"] * (1 + 0.55 * (ncols - 1)),
+        data.options["height_in"] * (1 + 0.7 * (nrows - 1)),
+    )
+    return plt.subplots(nrows, ncols, figsize=size, layout="constrained", squeeze=False, **kwargs)
+
+
+def _line_plot(
+    data: PlotData,
+    ax: plt.Axes,
+    frame: pd.DataFrame,
+    x: str,
+    metric: str,
+    exclude: tuple,
+    scale: float = 1.0,
+    with_ci: bool = True,
+    **line_kwargs: Any,
+) -> dict[str, dict]:
+    """One line per series of `frame`: `metric` against `x`, with CI error bars."""
+    labels = series_labels(frame, exclude=(x, *exclude))
+    styles = _styles(data, frame, labels)
+    for label, group in frame.assign(_series=labels).groupby("_series", sort=True):
+        group = group.sort_values(x)
+        style = {"label": label, **styles[label], **line_kwargs}
+        errors = _errors(group, metric, scale) if with_ci else None
+        ax.errorbar(group[x], group[metric] * scale, yerr=errors, capsize=3, **style)
+    return styles
+
+
+# --- figures -------------------------------------------------------------------------------
+# Each returns a Figure, or a string saying why the figure has no data.
+
+
+def speedup_vs_gamma(data: PlotData) -> plt.Figure | str:
+    frame = data.summary[
+        (data.summary["method"] != "ar")
+        & data.summary["speedup"].notna()
+        & data.summary["gamma"].notna()
+        & (data.summary["load"] == "closed")
+    ]
+    if frame.empty:
+        return "no closed-loop speculative cell with a matching AR baseline"
+    fig, axes = _figure(data)
+    ax = axes[0, 0]
+    styles = _line_plot(data, ax, frame, "gamma", "speedup", exclude=())
+    labels = series_labels(frame, exclude=("gamma",))
+    predicted = frame.assign(_series=labels).dropna(subset=["predicted_speedup"])
+    for label, group in predicted.groupby("_series"):
+        group = group.sort_values("gamma")
+        ax.plot(
+            group["gamma"],
+            group["predicted_speedup"],
+            color=styles[label]["color"],
+            linestyle=(0, (1, 1)),
+            linewidth=1.2,
+            marker="x",
+            alpha=0.8,
+        )
+    ax.axhline(1.0, color="0.5", linewidth=0.8)
+    ax.plot(
+        [], [], color="0.3", linestyle=(0, (1, 1)), marker="x", label="Leviathan et al. prediction"
+    )
+    ax.set(
+        xlabel="draft length γ",
+        ylabel="speedup over AR (tokens/s ratio)",
+        title="Speedup vs draft length",
+    )
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend()
+    return fig
+
+
+def acceptance_per_position(data: PlotData) -> plt.Figure | str:
+    rows = []
+    for _, run in data.ok_runs.iterrows():
+        for entry in json.loads(run["acceptance_per_position"] or "[]"):
+            rows.append({**run.to_dict(), **entry})
+    if not rows:
+        return "no run recorded per-position acceptance (no speculative runs)"
+    frame = (
+        pd.DataFrame(rows)
+        .groupby(["cell_name", "position"], as_index=False)
+        .agg(
+            drafted=("drafted", "sum"),
+            accepted=("accepted", "sum"),
+            **{c: (c, "first") for c in ("method_label", *SERIES_SETTINGS)},
+        )
+    )
+    frame["rate"] = frame["accepted"] / frame["drafted"]
+    fig, axes = _figure(data)
+    ax = axes[0, 0]
+    labels = series_labels(frame)
+    styles = _styles(data, frame, labels)
+    for label, group in frame.assign(_series=labels).groupby("_series"):
+        ax.plot(group["position"], group["rate"], label=label, **styles[label])
+    ax.set(
+        xlabel="draft position",
+        ylabel="acceptance rate (accepted / drafted)",
+        ylim=(0, 1.02),
+        title="Acceptance per draft position (repeats pooled)",
+    )
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend()
+    return fig
+
+
+def request_latencies(requests: list[dict]) -> dict[str, list[float]]:
+    """TTFT and E2E from arrival, ITL as the gaps between successive emissions (seconds)."""
+    out: dict[str, list[float]] = {"TTFT": [], "ITL": [], "E2E": []}
+    for row in requests:
+        out["TTFT"].append(row["first_token_s"] - row["arrival_s"])
+        out["E2E"].append(row["finish_s"] - row["arrival_s"])
+        times = [t for t, _ in row.get("emissions") or []]
+        out["ITL"].extend(np.diff(times).tolist())
+    return out
+
+
+def latency_cdf(data: PlotData) -> plt.Figure | str:
+    cells = data.ok_runs.drop_duplicates("cell_name")
+    labels = series_labels(cells)
+    styles = _styles(data, cells, labels)
+    pooled = {}
+    for (_, cell), label in zip(cells.iterrows(), labels):
+        repeats = data.ok_runs[data.ok_runs["cell_name"] == cell["cell_name"]]
+        requests = [r for _, run in repeats.iterrows() for r in data.requests(run)]
+        if requests:
+            pooled[label] = request_latencies(requests)
+    if not pooled:
+        return "no requests.jsonl beside the successful results"
+    fig, axes = _figure(data, ncols=3, sharey=True)
+    for ax, metric in zip(axes[0], ("TTFT", "ITL", "E2E")):
+        for label, latencies in sorted(pooled.items()):
+            values = np.sort(np.asarray(latencies[metric]) * 1000)
+            if values.size:
+                style = {k: v for k, v in styles[label].items() if k != "marker"}
+                ax.step(
+                    values,
+                    np.arange(1, values.size + 1) / values.size,
+                    where="post",
+                    label=label,
+                    **style,
+                )
+        ax.set(xlabel=f"{metric} (ms)", title=metric)
+        if data.options["cdf_log_x"]:
+            ax.set_xscale("log")
+    axes[0, 0].set_ylabel("fraction of requests")
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="outside lower center", ncols=3)
+    fig.suptitle("Latency distributions (repeats pooled)")
+    return fig
+
+
+def throughput_vs_batch(data: PlotData) -> plt.Figure | str:
+    frame = data.summary[data.summary["load"] == "closed"].dropna(subset=["throughput_tok_s"])
+    if frame.empty:
+        return "no successful closed-loop runs"
+    fig, axes = _figure(data)
+    ax = axes[0, 0]
+    _line_plot(data, ax, frame, "batch_size", "throughput_tok_s", exclude=())
+    ax.set(xlabel="batch size", ylabel="output tokens/s", title="Throughput vs batch size")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(
+        sorted(frame["batch_size"].unique()), map(_plain, sorted(frame["batch_size"].unique()))
+    )
+    ax.legend()
+    return fig
+
+
+def latency_vs_rate(data: PlotData) -> plt.Figure | str:
+    frame = data.summary[data.summary["load_mode"] == "open"].dropna(subset=["load_rate"])
+    if frame.empty:
+        return "no open-loop (request-rate) runs in this experiment"
+    fig, axes = _figure(data, ncols=2)
+    for ax, metric in zip(axes[0], ("ttft_s", "e2e_s")):
+        _line_plot(data, ax, frame, "load_rate", f"{metric}_p50", exclude=("load",), scale=1000)
+        _line_plot(
+            data,
+            ax,
+            frame,
+            "load_rate",
+            f"{metric}_p99",
+            exclude=("load",),
+            scale=1000,
+            with_ci=False,
+            linestyle="--",
+            markerfacecolor="white",
+            label="_nolegend_",
+        )
+        name = metric.split("_")[0].upper()
+        ax.set(
+            xlabel="request rate (requests/s)",
+            ylabel=f"{name} (ms)",
+            title=f"{name}: p50 (solid) and p99 (dashed)",
+        )
+    axes[0, 0].legend()
+    fig.suptitle("Latency under open-loop load")
+    return fig
+
+
+def energy_per_token(data: PlotData) -> plt.Figure | str:
+    frame = data.summary.dropna(subset=["energy_j_per_token"])
+    if frame.empty:
+        reasons = sorted(set(data.runs.get("energy_reason", pd.Series()).dropna()))
+        return "energy not measured" + (f": {'; '.join(reasons)}" if reasons else "")
+    frame = frame.assign(_series=series_labels(frame)).sort_values("_series")
+    fig, axes = _figure(data)
+    ax = axes[0, 0]
+    ax.barh(
+        frame["_series"],
+        frame["energy_j_per_token"],
+        xerr=_errors(frame, "energy_j_per_token"),
+        color=[data.colors[m] for m in frame["method_label"]],
+        capsize=3,
+    )
+    ax.invert_yaxis()
+    ax.set(xlabel="energy per output token (J)", title="Energy per token (median over repeats)")
+    return fig
+
+
+def acceptance_by_category(data: PlotData) -> plt.Figure | str:
+    rows = []
+    for _, run in data.ok_runs.iterrows():
+        for request in data.requests(run):
+            if request.get("drafted_tokens"):
+                rows.append(
+                    {
+                        "cell_name": run["cell_name"],
+                        "category": request["category"],
+                        "drafted": request["drafted_tokens"],
+                        "accepted": request["accepted_tokens"],
+                    }
+                )
+    if not rows:
+        return "no request with drafted tokens (no speculative runs with requests.jsonl)"
+    frame = pd.DataFrame(rows).groupby(["cell_name", "category"], as_index=False).sum()
+    frame["rate"] = frame["accepted"] / frame["drafted"]
+    cells = data.ok_runs.drop_duplicates("cell_name").set_index("cell_name")
+    cells = cells.loc[frame["cell_name"].unique()].reset_index()
+    label_of = dict(zip(cells["cell_name"], series_labels(cells)))
+    styles = _styles(data, cells, pd.Series(label_of.values()))
+    table = frame.pivot(index="category", columns="cell_name", values="rate")
+    fig, axes = _figure(data)
+    ax = axes[0, 0]
+    width = 0.8 / len(table.columns)
+    for i, cell in enumerate(table.columns):
+        label = label_of[cell]
+        hatch = {"-": "", "--": "//", ":": "..", "-.": "xx"}[styles[label]["linestyle"]]
+        ax.bar(
+            np.arange(len(table)) + i * width - 0.4 + width / 2,
+            table[cell],
+            width,
+            label=label,
+            color=styles[label]["color"],
+            hatch=hatch,
+            edgecolor="white",
+        )
+    ax.set_xticks(np.arange(len(table)), table.index)
+    ax.set(
+        ylabel="acceptance rate (accepted / drafted)",
+        ylim=(0, 1.02),
+        title="Acceptance by prompt category (repeats pooled)",
+    )
+    ax.legend()
+    return fig
+
+
+def _power_series(power: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Power columns (`power_w`, `power_w_gpu0`...) or one line per `device` in long form."""
+    if "device" in power:
+        return {f"power_w {d}": g for d, g in power.groupby("device")}
+    return {c: power for c in power.columns if c.startswith("power_w")}
+
+
+def power_timeline(data: PlotData) -> plt.Figure | str:
+    runs = data.ok_runs.sort_values("repeat").drop_duplicates("cell_name")
+    files = [(run, Path(run["path"]).parent / "power.csv") for _, run in runs.iterrows()]
+    files = [(run, path) for run, path in files if path.is_file()][
+        : data.options["max_power_panels"]
+    ]
+    if not files:
+        return "no power.csv beside the results (power was not sampled)"
+    fig, axes = _figure(data, nrows=len(files), sharex=False)
+    for ax, (run, path) in zip(axes[:, 0], files):
+        power = pd.read_csv(path)
+        missing = {"t_s", "in_window"} - set(power.columns)
+        if missing:
+            raise ResultFileError(f"{path}: missing column(s) {sorted(missing)}")
+        for i, (name, frame) in enumerate(_power_series(power).items()):
+            column = "power_w" if "device" in power else name
+            ax.plot(frame["t_s"], frame[column], label=name, color=PALETTE[(i + 4) % len(PALETTE)])
+        window = power.loc[power["in_window"].astype(str).str.lower() == "true", "t_s"]
+        if len(window):
+            ax.axvspan(window.min(), window.max(), color="0.85", zorder=0, label="measured window")
+        ax.set(ylabel="power (W)", title=f"{run['cell_name']} (repeat {int(run['repeat'])})")
+        ax.legend(loc="upper right")
+    axes[-1, 0].set_xlabel("time from window start (s)")
+    return fig
+
+
+FIGURES: dict[str, Callable[[PlotData], plt.Figure | str]] = {
+    "speedup_vs_gamma": speedup_vs_gamma,
+    "acceptance_per_position": acceptance_per_position,
+    "latency_cdf": latency_cdf,
+    "throughput_vs_batch": throughput_vs_batch,
+    "latency_vs_rate": latency_vs_rate,
+    "energy_per_token": energy_per_token,
+    "acceptance_by_category": acceptance_by_category,
+    "power_timeline": power_timeline,
+}
+
+
+def placeholder(data: PlotData, name: str, reason: str) -> plt.Figure:
+    fig, axes = _figure(data)
+    ax = axes[0, 0]
+    ax.set_axis_off()
+    ax.text(
+        0.5,
+        0.55,
+        name.replace("_", " "),
+        ha="center",
+        va="center",
+        fontsize="x-large",
+        color="0.4",
+        transform=ax.transAxes,
+    )
+    ax.text(
+        0.5,
+        0.42,
+        f"Not applicable: {reason}.",
+        ha="center",
+        va="center",
+        wrap=True,
+        color="0.3",
+        transform=ax.transAxes,
+    )
+    return fig
+
+
+def _rc(options: dict) -> dict:
+    return {
+        "font.size": options["font_size"],
+        "axes.titlesize": "medium",
+        "axes.spines.top": False,
+        "axes.axisbelow": True,
+        "axes.spines.right": False,
+        "axes.grid": True,
+        "grid.color": "0.9",
+        "grid.linewidth": 0.6,
+        "legend.fontsize": "small",
+        "legend.frameon": False,
+        "lines.linewidth": 1.6,
+        "lines.markersize": 5,
+        "svg.fonttype": "none",
+        "savefig.dpi": options["dpi"],
+    }
+
+
+def _add_footer(fig: plt.Figure, text: str) -> None:
+    """What was run, in small print under everything already drawn (layout included)."""
+    fig.canvas.draw()
+    box = fig.get_tightbbox()
+    fig.text(
+        box.x0 / fig.get_figwidth(),
+        box.y0 / fig.get_figheight() - 0.01,
+        text,
+        fontsize="x-small",
+        color="0.45",
+        va="top",
+    )
+
+
+def make_figures(
+    runs_csv: str | Path, summary_csv: str | Path, out_dir: str | Path, options: dict | None = None
+) -> list[Path]:
+    """Write every figure of `FIGURES` as `out_dir/{name}.png` and `.svg`; return the paths."""
+    options = plot_options(options)
+    runs = pd.read_csv(runs_csv)
+    data = PlotData(runs=runs, summary=pd.read_csv(summary_csv), options=options)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    with plt.rc_context(_rc(options)):
+        for name, build in FIGURES.items():
+            fig = build(data)
+            if isinstance(fig, str):
+                fig = placeholder(data, name, fig)
+            _add_footer(fig, data.footer)
+            for fmt, metadata in (("png", {"Software": None}), ("svg", {"Date": None})):
+                path = out_dir / f"{name}.{fmt}"
+                with atomic_open(path, "wb") as handle:
+                    fig.savefig(handle, format=fmt, bbox_inches="tight", metadata=metadata)
+                written.append(path)
+            plt.close(fig)
+    return written

@@ -1,0 +1,212 @@
+"""Figures and the report rules on the synthetic results in tests/fixtures/results."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from specdec.aggregate import SettingsError, aggregate_experiment
+from specdec.figures import (
+    FIGURES,
+    PlotData,
+    acceptance_by_category,
+    energy_per_token,
+    latency_vs_rate,
+    make_figures,
+    plot_options,
+    power_timeline,
+    request_latencies,
+    speedup_vs_gamma,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures" / "results"
+RESULTS = sorted((FIXTURES / "runs" / "demo").glob("*/result.json"))
+
+
+def tables(results, out_dir: Path) -> PlotData:
+    aggregate_experiment(results, out_dir, "demo", n_resamples=200)
+    return PlotData(
+        runs=pd.read_csv(out_dir / "runs.csv"),
+        summary=pd.read_csv(out_dir / "summary.csv"),
+        options=plot_options({}),
+    )
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return tables(RESULTS, tmp_path_factory.mktemp("tables"))
+
+
+@pytest.fixture(scope="module")
+def closed_no_energy(tmp_path_factory):
+    """Closed-loop runs without energy: open-loop, energy and power figures have no data."""
+    results = [
+        p for p in RESULTS if "rate" not in p.parent.name and not (p.parent / "power.csv").exists()
+    ]
+    return results, tables(results, tmp_path_factory.mktemp("subset"))
+
+
+def lines_of(fig) -> set[tuple]:
+    return {
+        (tuple(line.get_xdata()), tuple(round(y, 6) for y in line.get_ydata()))
+        for ax in fig.axes
+        for line in ax.get_lines()
+    }
+
+
+def test_request_latencies_by_hand():
+    request = {
+        "arrival_s": 0.2,
+        "first_token_s": 0.5,
+        "finish_s": 1.0,
+        "emissions": [[0.5, 1], [0.7, 3], [1.0, 2]],
+    }
+    latencies = request_latencies([request])
+    assert latencies["TTFT"] == pytest.approx([0.3]) and latencies["E2E"] == pytest.approx([0.8])
+    assert latencies["ITL"] == pytest.approx([0.2, 0.3])
+
+
+def test_speedup_figure_has_measured_points_and_leviathan_line(data):
+    fig = speedup_vs_gamma(data)
+    drawn = lines_of(fig)
+    # speculative int8, batch 1: gamma 2 -> 13/10, gamma 4 -> 1.5; predicted 1.4 and 1.6.
+    assert ((2.0, 4.0), (1.3, 1.5)) in drawn
+    assert ((2.0, 4.0), (1.4, 1.6)) in drawn
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert "Leviathan et al. prediction" in labels
+    assert not any("mtbench" in label for label in labels)  # no AR baseline, no speedup
+
+
+def test_acceptance_by_category_pools_requests(data):
+    fig = acceptance_by_category(data)
+    heights = {round(bar.get_height(), 6) for bar in fig.axes[0].patches}
+    # Fixture requests: code accepts 8 of 10 drafts, writing 4 of 10.
+    assert heights == {0.8, 0.4}
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["code", "writing"]
+
+
+def test_figures_without_data_say_why(data, closed_no_energy):
+    _, subset = closed_no_energy
+    assert "open-loop" in latency_vs_rate(subset)
+    assert "NVML: library not found" in energy_per_token(subset)
+    assert "power.csv" in power_timeline(subset)
+    for build in (latency_vs_rate, energy_per_token, power_timeline):
+        assert not isinstance(build(data), str)
+
+
+def test_make_figures_writes_every_figure_as_png_and_svg(closed_no_energy, tmp_path):
+    results, _ = closed_no_energy
+    aggregate_experiment(results, tmp_path / "tables", "demo", n_resamples=200)
+    written = make_figures(
+        tmp_path / "tables/runs.csv",
+        tmp_path / "tables/summary.csv",
+        tmp_path / "figures",
+        {"dpi": 60},
+    )
+    assert sorted(p.name for p in written) == sorted(
+        f"{name}.{ext}" for name in FIGURES for ext in ("png", "svg")
+    )
+    for path in written:
+        head = path.read_bytes()[:200]
+        assert head.startswith(b"\x89PNG") if path.suffix == ".png" else b"<svg" in head
+    placeholder = (tmp_path / "figures/latency_vs_rate.svg").read_text()
+    assert "Not applicable: no open-loop" in placeholder
+    assert "transformers 5.24.0" in (tmp_path / "figures/speedup_vs_gamma.svg").read_text()
+
+
+def test_plot_options_are_checked():
+    assert plot_options({"width_in": 5})["width_in"] == 5
+    with pytest.raises(SettingsError, match=r"plots: unknown key\(s\) \['colour'\]"):
+        plot_options({"colour": "red"})
+    with pytest.raises(SettingsError, match="plots.dpi: expected int"):
+        plot_options({"dpi": "high"})
+
+
+STUB_COMMON = """\
+from pathlib import Path
+
+
+def run_results():
+    return sorted(str(p) for p in Path("results/runs").glob("*/*/result.json"))
+
+
+def experiments():
+    return ["demo"]
+"""
+
+
+def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    command = [sys.executable, "-m", "snakemake", "--cores", "2", *args]
+    return subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True)
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The `Job stats` table (job -> count, without the total) of a Snakemake run."""
+    counts = {}
+    for line in output.split("Job stats:")[1].splitlines()[3:]:
+        name, count = line.split()
+        if name == "total":
+            return counts
+        counts[name] = int(count)
+    raise AssertionError("no total in the Job stats table")
+
+
+def test_report_rules_build_tables_figures_and_report(tmp_path):
+    (tmp_path / "workflow/rules").mkdir(parents=True)
+    for part in ("scripts", "report"):
+        shutil.copytree(REPO / "workflow" / part, tmp_path / "workflow" / part)
+    shutil.copy(REPO / "workflow/rules/report.smk", tmp_path / "workflow/rules")
+    (tmp_path / "workflow/rules/common.smk").write_text(STUB_COMMON)
+    (tmp_path / "envs").mkdir()
+    env_file = REPO / "envs/specdec.yaml"
+    (tmp_path / "envs/specdec.yaml").write_text(
+        env_file.read_text() if env_file.exists() else "dependencies: [python>=3.11]\n"
+    )
+    (tmp_path / "Snakefile").write_text(
+        'include: "workflow/rules/common.smk"\ninclude: "workflow/rules/report.smk"\n'
+    )
+    shutil.copytree(FIXTURES / "runs", tmp_path / "results/runs")
+
+    (tmp_path / "fast.yaml").write_text("aggregate: {n_resamples: 200}\n")
+    (tmp_path / "replot.yaml").write_text("aggregate: {n_resamples: 200}\nplots: {dpi: 72}\n")
+
+    lint = snakemake(tmp_path, "--lint")
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    run = snakemake(tmp_path, "figures", "--configfile", "fast.yaml")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert job_counts(run.stderr) == {"aggregate": 1, "plot": 1, "figures": 1}
+    for name in FIGURES:
+        assert (tmp_path / f"results/figures/demo/{name}.png").stat().st_size > 1000
+    assert "no AR baseline" in (tmp_path / "results/tables/demo/summary.html").read_text()
+
+    report = snakemake(tmp_path, "figures", "--report", "report.html")
+    assert report.returncode == 0, report.stderr[-3000:]
+    html = (tmp_path / "report.html").read_text()
+    for name in (*FIGURES, "summary", "failed", "run_info"):
+        assert f"{name}.png" in html or f"{name}.html" in html, name
+    assert "Leviathan et al. (2023)" in html  # a caption
+
+    # A plotting option changes the `plot` params: only plotting reruns.
+    dry = snakemake(tmp_path, "figures", "-n", "--configfile", "replot.yaml")
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    assert job_counts(dry.stdout + dry.stderr) == {"plot": 1, "figures": 1}
+
+
+def test_report_rules_are_formatted():
+    check = subprocess.run(
+        [
+            shutil.which("snakefmt") or "snakefmt",
+            "--check",
+            str(REPO / "workflow/rules/report.smk"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert check.returncode == 0, check.stderr

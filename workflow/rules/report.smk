@@ -1,0 +1,99 @@
+# Tables, figures and the report, built only from result files: after copying `results/`
+# back from a cluster, `snakemake figures --allowed-rules aggregate plot figures` rebuilds
+# every table and figure without running a model. Plotting options live in `plots:` (a
+# params entry), so changing one reruns only `plot`; `aggregate:` settings likewise.
+from specdec.aggregate import results_of_experiment
+from specdec.figures import FIGURES
+
+# Report category of each figure (subcategory: the experiment).
+FIGURE_CATEGORIES = {
+    "speedup_vs_gamma": "Speedup",
+    "throughput_vs_batch": "Speedup",
+    "acceptance_per_position": "Acceptance",
+    "acceptance_by_category": "Acceptance",
+    "latency_cdf": "Latency",
+    "latency_vs_rate": "Latency",
+    "energy_per_token": "Energy",
+    "power_timeline": "Energy",
+}
+
+
+wildcard_constraints:
+    experiment="[^/]+",
+
+
+rule aggregate:
+    input:
+        results=lambda w: results_of_experiment(run_results(), w.experiment),
+    output:
+        summary=report(
+            "results/tables/{experiment}/summary.html",
+            caption="../report/summary.rst",
+            category="Tables",
+            subcategory="{experiment}",
+        ),
+        summary_csv="results/tables/{experiment}/summary.csv",
+        summary_md="results/tables/{experiment}/summary.md",
+        runs=report(
+            "results/tables/{experiment}/runs.html",
+            caption="../report/runs.rst",
+            category="Tables",
+            subcategory="{experiment}",
+        ),
+        runs_csv="results/tables/{experiment}/runs.csv",
+        runs_md="results/tables/{experiment}/runs.md",
+        failed=report(
+            "results/tables/{experiment}/failed.html",
+            caption="../report/failed.rst",
+            category="Tables",
+            subcategory="{experiment}",
+        ),
+        failed_csv="results/tables/{experiment}/failed.csv",
+        failed_md="results/tables/{experiment}/failed.md",
+        run_info=report(
+            "results/tables/{experiment}/run_info.html",
+            caption="../report/run_info.rst",
+            category="Run info",
+            subcategory="{experiment}",
+        ),
+        run_info_csv="results/tables/{experiment}/run_info.csv",
+        run_info_md="results/tables/{experiment}/run_info.md",
+    log:
+        "logs/report/aggregate_{experiment}.log",
+    conda:
+        "../../envs/specdec.yaml"
+    params:
+        settings=config.get("aggregate", {}),
+    script:
+        "../scripts/aggregate.py"
+
+
+rule plot:
+    input:
+        runs="results/tables/{experiment}/runs.csv",
+        summary="results/tables/{experiment}/summary.csv",
+    output:
+        **{
+            name: report(
+                f"results/figures/{{experiment}}/{name}.png",
+                caption=f"../report/{name}.rst",
+                category=FIGURE_CATEGORIES[name],
+                subcategory="{experiment}",
+            )
+            for name in FIGURES
+        },
+        svg=expand("results/figures/{{experiment}}/{name}.svg", name=FIGURES),
+    log:
+        "logs/report/plot_{experiment}.log",
+    conda:
+        "../../envs/specdec.yaml"
+    params:
+        plots=config.get("plots", {}),
+    script:
+        "../scripts/figures.py"
+
+
+rule figures:
+    input:
+        tables=expand(rules.aggregate.output, experiment=experiments()),
+        figures=expand(rules.plot.output, experiment=experiments()),

@@ -1,0 +1,15 @@
+"""Rule `plot`: the figures of one experiment from its tables."""
+
+import logging
+from pathlib import Path
+
+from specdec.figures import make_figures
+
+logging.basicConfig(filename=snakemake.log[0], level=logging.INFO)
+written = make_figures(
+    snakemake.input.runs,
+    snakemake.input.summary,
+    Path(snakemake.output.svg[0]).parent,
+    snakemake.params.plots,
+)
+logging.info("wrote %s", [str(p) for p in written])
