@@ -11,13 +11,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from specdec.metrics import bootstrap_ci
 from specdec.aggregate import (
     NO_BASELINE,
     ResultFileError,
     SettingsError,
-    _bootstrap_ci,
     aggregate_experiment,
-    coefficient_of_variation,
     failed_table,
     runs_table,
     summary_table,
@@ -44,24 +43,10 @@ def summary(runs):
 
 
 def test_bootstrap_ci_by_hand():
-    # One value: the interval is that value. Two values 1 and 3: resampled medians are 1
-    # (p=1/4), 2 (p=1/2) or 3 (p=1/4), so the 95 % percentile interval is [1, 3].
-    assert _bootstrap_ci([4.2]) == (4.2, 4.2)
-    assert _bootstrap_ci([1.0, 3.0], np.median, 0.95, 2000, 0) == (1.0, 3.0)
-    assert _bootstrap_ci([2.0, 2.0, 2.0]) == (2.0, 2.0)
-    assert all(math.isnan(x) for x in _bootstrap_ci([]))
-    # Deterministic for a seed; a narrower confidence gives a narrower interval.
-    values = [1.0, 2.0, 4.0, 8.0, 9.0]
-    assert _bootstrap_ci(values, seed=7) == _bootstrap_ci(values, seed=7)
-    low50, high50 = _bootstrap_ci(values, np.median, 0.5, 2000, 0)
-    low95, high95 = _bootstrap_ci(values, np.median, 0.95, 2000, 0)
-    assert low95 <= low50 <= np.median(values) <= high50 <= high95
-
-
-def test_coefficient_of_variation_by_hand():
-    # 10 and 12: mean 11, sample standard deviation sqrt(2).
-    assert coefficient_of_variation([10.0, 12.0]) == pytest.approx(math.sqrt(2) / 11)
-    assert math.isnan(coefficient_of_variation([10.0]))
+    # Two values 1 and 3: resampled medians are 1 (p=1/4), 2 (p=1/2) or 3 (p=1/4), so the
+    # 95 % percentile interval is [1, 3]; one value: the interval is that value.
+    assert bootstrap_ci([1.0, 3.0], np.median, 0.95, 2000, 0) == (1.0, 3.0)
+    assert bootstrap_ci([4.2]) == (4.2, 4.2)
 
 
 def test_runs_table_is_one_flat_row_per_run(runs):

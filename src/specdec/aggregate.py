@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from specdec.io import atomic_open
+from specdec.metrics import bootstrap_ci, coefficient_of_variation
 
 DIST_METRICS = ("ttft_s", "tpot_s", "itl_s", "e2e_s", "queue_s", "request_tok_s")
 DIST_FIELDS = ("mean", "p50", "p90", "p99", "count")
@@ -140,7 +141,7 @@ def flatten_result(result: dict, path: str | Path = "") -> dict[str, Any]:
     row["predicted_speedup"] = theory.get("predicted_speedup")
     row["theory_alpha"] = theory.get("alpha")
     row["theory_cost_ratio"] = theory.get("cost_ratio")
-    row.update(_energy_fields(result.get("energy") or {}, metrics.get("output_tokens")))
+    row.update(_energy_fields(result.get("energy") or {}))
     correctness = result.get("correctness") or {}
     row["correctness_identical"] = correctness.get("identical")
     failure = result.get("failure") or {}
@@ -167,11 +168,11 @@ def _acceptance_fields(acceptance: dict | None) -> dict[str, Any]:
     return fields
 
 
-def _energy_fields(energy: dict, output_tokens: int | None) -> dict[str, Any]:
+def _energy_fields(energy: dict) -> dict[str, Any]:
     """Energy stays missing (never 0) unless the run measured it."""
     available = bool(energy.get("available"))
-    total = energy.get("energy_j") if available else None
-    per_token = total / output_tokens if total is not None and output_tokens else None
+    total = energy.get("gross_j") if available else None
+    per_token = energy["per_output_token_j"]["gross"] if available else None
     return {
         "energy_available": available,
         "energy_method": energy.get("method"),
@@ -217,36 +218,6 @@ def method_label(method: str, drafter: Any) -> str:
 
 
 # --- statistics ----------------------------------------------------------------------------
-
-
-def _bootstrap_ci(
-    values: Sequence[float],
-    statistic: Callable = np.median,
-    confidence: float = 0.95,
-    n_resamples: int = 10000,
-    seed: int = 0,
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of `statistic` (called with `axis=`) over `values`."""
-    values = np.asarray(values, dtype=float)
-    if values.size == 0:
-        return math.nan, math.nan
-    if values.size == 1:
-        return float(values[0]), float(values[0])
-    rng = np.random.default_rng(seed)
-    samples = rng.choice(values, size=(n_resamples, values.size), replace=True)
-    estimates = statistic(samples, axis=1)
-    tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(estimates, [tail, 100 - tail])
-    return float(low), float(high)
-
-
-def coefficient_of_variation(values: Sequence[float]) -> float:
-    """Sample standard deviation over mean; NaN with fewer than two values."""
-    values = np.asarray(values, dtype=float)
-    values = values[~np.isnan(values)]
-    if values.size < 2 or values.mean() == 0:
-        return math.nan
-    return float(values.std(ddof=1) / abs(values.mean()))
 
 
 def _key(frame: pd.DataFrame, keys: Sequence[str]) -> pd.Series:
@@ -318,15 +289,15 @@ def _summarise_cell(cell: pd.DataFrame, baseline: pd.DataFrame | None, settings:
         else:
             values = _numeric(cell, metric).dropna().to_numpy()
         ci_settings = {k: settings[k] for k in ("confidence", "n_resamples", "seed")}
-        low, high = _bootstrap_ci(values, np.median, **ci_settings)
+        low, high = bootstrap_ci(values, np.median, **ci_settings) if len(values) else (math.nan, math.nan)
         row[metric] = float(np.median(values)) if len(values) else math.nan
         row[f"{metric}_ci_low"], row[f"{metric}_ci_high"] = low, high
     row["baseline"] = NO_BASELINE if baseline is None else baseline["cell_name"].iloc[0]
     unstable = []
     for metric in STABILITY_METRICS:
-        cv = coefficient_of_variation(_numeric(cell, metric))
-        row[f"{metric}_cv"] = cv
-        if cv > settings["cv_threshold"]:
+        cv = coefficient_of_variation(_numeric(cell, metric).dropna())
+        row[f"{metric}_cv"] = math.nan if cv is None else cv
+        if cv is not None and cv > settings["cv_threshold"]:
             unstable.append(f"{metric} cv={cv:.2f}")
     row["unstable"] = bool(unstable)
     row["flags"] = "; ".join(unstable)

@@ -427,13 +427,13 @@ def power_timeline(data: PlotData) -> plt.Figure | str:
     fig, axes = _figure(data, nrows=len(files), sharex=False)
     for ax, (run, path) in zip(axes[:, 0], files):
         power = pd.read_csv(path)
-        missing = {"t_s", "in_window"} - set(power.columns)
+        missing = {"t_s", "phase"} - set(power.columns)
         if missing:
             raise ResultFileError(f"{path}: missing column(s) {sorted(missing)}")
         for i, (name, frame) in enumerate(_power_series(power).items()):
             column = "power_w" if "device" in power else name
             ax.plot(frame["t_s"], frame[column], label=name, color=PALETTE[(i + 4) % len(PALETTE)])
-        window = power.loc[power["in_window"].astype(str).str.lower() == "true", "t_s"]
+        window = power.loc[power["phase"] == "window", "t_s"]
         if len(window):
             ax.axvspan(window.min(), window.max(), color="0.85", zorder=0, label="measured window")
         ax.set(ylabel="power (W)", title=f"{run['cell_name']} (repeat {int(run['repeat'])})")

@@ -274,14 +274,17 @@ def measure(session: Session, prompts: list[dict], out_dir: Path) -> tuple[list[
     generator = torch.Generator(device=session.placement.target.input_device).manual_seed(cell["seed"])
     torch.manual_seed(cell["seed"])
     engine = make_engine(session, generator)
-    sync = lambda: _synchronize(session.placement.target.input_device)  # noqa: E731
-    monitor = PowerMonitor.for_job(cell["power"], devices=session.devices)
+    def sync() -> None:
+        _synchronize(device)
+
+    device = session.placement.target.input_device
+    monitor = PowerMonitor.for_job(cell["power"], torch.device(device).type, devices=session.devices or None)
     total = total_requests(schedule(prompts, cell["load"], cell["seed"]))
     with monitor, progress(total, cell["cell"]) as bar:
-        monitor.measure_idle()
+        monitor.measure_idle(sync=sync)
         records = run_load(
             prompts, engine, cell["load"], cell["batch_size"], seed=cell["seed"], warmup=cell["warmup"],
-            on_window_start=lambda: monitor.begin_window(sync), on_window_end=lambda: monitor.end_window(sync),
+            on_window_start=lambda: monitor.begin_window(sync=sync), on_window_end=lambda: monitor.end_window(sync=sync),
             on_record=bar.update,
         )
     measured = [r for r in records if not r["warmup"]]
