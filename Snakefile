@@ -18,4 +18,4 @@ include: "workflow/rules/report.smk"
 rule all:
     default_target: True
     input:
-        rules.figures.output,
+        rules.figures.input,

@@ -27,37 +27,37 @@ rule aggregate:
         results=lambda w: results_of_experiment(run_results(), w.experiment),
     output:
         summary=report(
-            "results/tables/{experiment}/summary.html",
+            f"{RESULTS}/tables/{{experiment}}/summary.html",
             caption="../report/summary.rst",
             category="Tables",
             subcategory="{experiment}",
         ),
-        summary_csv="results/tables/{experiment}/summary.csv",
-        summary_md="results/tables/{experiment}/summary.md",
+        summary_csv=f"{RESULTS}/tables/{{experiment}}/summary.csv",
+        summary_md=f"{RESULTS}/tables/{{experiment}}/summary.md",
         runs=report(
-            "results/tables/{experiment}/runs.html",
+            f"{RESULTS}/tables/{{experiment}}/runs.html",
             caption="../report/runs.rst",
             category="Tables",
             subcategory="{experiment}",
         ),
-        runs_csv="results/tables/{experiment}/runs.csv",
-        runs_md="results/tables/{experiment}/runs.md",
+        runs_csv=f"{RESULTS}/tables/{{experiment}}/runs.csv",
+        runs_md=f"{RESULTS}/tables/{{experiment}}/runs.md",
         failed=report(
-            "results/tables/{experiment}/failed.html",
+            f"{RESULTS}/tables/{{experiment}}/failed.html",
             caption="../report/failed.rst",
             category="Tables",
             subcategory="{experiment}",
         ),
-        failed_csv="results/tables/{experiment}/failed.csv",
-        failed_md="results/tables/{experiment}/failed.md",
+        failed_csv=f"{RESULTS}/tables/{{experiment}}/failed.csv",
+        failed_md=f"{RESULTS}/tables/{{experiment}}/failed.md",
         run_info=report(
-            "results/tables/{experiment}/run_info.html",
+            f"{RESULTS}/tables/{{experiment}}/run_info.html",
             caption="../report/run_info.rst",
             category="Run info",
             subcategory="{experiment}",
         ),
-        run_info_csv="results/tables/{experiment}/run_info.csv",
-        run_info_md="results/tables/{experiment}/run_info.md",
+        run_info_csv=f"{RESULTS}/tables/{{experiment}}/run_info.csv",
+        run_info_md=f"{RESULTS}/tables/{{experiment}}/run_info.md",
     log:
         "logs/report/aggregate_{experiment}.log",
     conda:
@@ -70,19 +70,19 @@ rule aggregate:
 
 rule plot:
     input:
-        runs="results/tables/{experiment}/runs.csv",
-        summary="results/tables/{experiment}/summary.csv",
+        runs=f"{RESULTS}/tables/{{experiment}}/runs.csv",
+        summary=f"{RESULTS}/tables/{{experiment}}/summary.csv",
     output:
         **{
             name: report(
-                f"results/figures/{{experiment}}/{name}.png",
+                f"{RESULTS}/figures/{{experiment}}/{name}.png",
                 caption=f"../report/{name}.rst",
                 category=FIGURE_CATEGORIES[name],
                 subcategory="{experiment}",
             )
             for name in FIGURES
         },
-        svg=expand("results/figures/{{experiment}}/{name}.svg", name=FIGURES),
+        svg=expand(f"{RESULTS}/figures/{{{{experiment}}}}/{{name}}.svg", name=FIGURES),
     log:
         "logs/report/plot_{experiment}.log",
     conda:
