@@ -1,5 +1,10 @@
 """Placement planning on fake GPUs; device maps are checked against the real embedded model."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -14,6 +19,7 @@ from specdec.placement import (
 )
 
 GIB = 2**30
+REPO = Path(__file__).resolve().parents[1]
 
 
 def fake_gpus(n: int, memory: int = 80 * GIB) -> list[GpuInfo]:
@@ -162,3 +168,19 @@ def test_auto_lets_accelerate_place_within_a_share_of_each_gpu(target, drafter):
 def test_local_gpus_match_torch(embedded_model):
     assert len(resolve_local_gpus()) == torch.cuda.device_count()
     assert input_device(embedded_model[0]) == "cpu"
+
+
+def test_placement_check_refuses_gpu_strategies_without_gpus():
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "CUDA_VISIBLE_DEVICES": ""}
+    run = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "placement_check.py"), "--strategy", "cpu", "separate"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert run.returncode == 2
+    assert "placement cpu separate: this job needs 2 GPU(s) but CUDA_VISIBLE_DEVICES='' gives 0" in run.stderr
+
+
+def test_model_info_names_an_unknown_hub_id(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PlacementError, match="no model config for 'no-such-org/no-such-model'"):
+        model_info("no-such-org/no-such-model")

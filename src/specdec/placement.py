@@ -260,6 +260,7 @@ def _input_module(meta, device_map: dict) -> str:
 def model_info(config_or_path, dtype=None, name: str | None = None) -> ModelInfo:
     """Parameter bytes and layer count of a model from its config alone (no weights read).
 
+    `config_or_path`: a transformers config, a model folder or a hub id.
     `dtype` (torch.dtype or its name, e.g. "bfloat16") is the dtype the weights will be
     loaded in; default: the config's own dtype, else float32.
     """
@@ -268,11 +269,16 @@ def model_info(config_or_path, dtype=None, name: str | None = None) -> ModelInfo
 
     if isinstance(config_or_path, PretrainedConfig):
         config = config_or_path
-    else:
+    elif Path(config_or_path).exists():
         path = Path(config_or_path)
         if not (path / "config.json").is_file():
             raise PlacementError(f"no model config at {path / 'config.json'}")
         config = AutoConfig.from_pretrained(path)
+    else:  # a hub id, read from the local cache (or the hub where it is reachable)
+        try:
+            config = AutoConfig.from_pretrained(str(config_or_path))
+        except OSError as error:
+            raise PlacementError(f"no model config for {config_or_path!r}: {error}") from error
     if isinstance(dtype, str):
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise PlacementError(f"unknown dtype {dtype!r} for {name or config.name_or_path}")
