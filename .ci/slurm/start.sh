@@ -16,6 +16,9 @@ CONF_DIR=/etc/slurm
 FAKE_GPUS=(/dev/null /dev/zero)   # one harmless device file per fake GPU (slurmd needs distinct File=)
 START_NS=$(date +%s%N)
 
+# A clean start even if an earlier cluster is still up.
+"$(dirname "$0")/stop.sh"
+
 if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null
