@@ -97,8 +97,7 @@ def lease_gpus(
     total, how = (total, "argument") if total is not None else _gpu_count()
     if k > total:
         raise GpuLeaseError(f"this job needs {k} GPU(s) but the machine has {total} ({how})")
-    lock_dir = Path(lock_dir or os.environ.get("SPECDEC_GPU_LOCK_DIR", DEFAULT_LOCK_DIR))
-    lock_dir.mkdir(parents=True, exist_ok=True)
+    lock_dir = _lock_dir(lock_dir)
     if timeout_s is None:
         timeout_s = float(os.environ.get("SPECDEC_GPU_LEASE_TIMEOUT_S", DEFAULT_TIMEOUT_S))
 
@@ -150,7 +149,7 @@ def _try_lock(k: int, total: int, lock_dir: Path, label: str) -> dict | None:
     jobs can never each hold half of what the other needs."""
     held = {}
     for index in range(total):
-        handle = open(lock_dir / f"gpu{index}.lock", "a+")
+        handle = _open_lock(lock_dir, index)
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -168,12 +167,27 @@ def _try_lock(k: int, total: int, lock_dir: Path, label: str) -> dict | None:
     return None
 
 
+def _lock_dir(lock_dir) -> Path:
+    """The lock folder, shared by every user of the machine (sticky and world-writable, as /tmp)."""
+    lock_dir = Path(lock_dir or os.environ.get("SPECDEC_GPU_LOCK_DIR", DEFAULT_LOCK_DIR))
+    if not lock_dir.is_dir():
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        lock_dir.chmod(0o1777)
+    return lock_dir
+
+
+def _open_lock(lock_dir: Path, index: int):
+    fd = os.open(lock_dir / f"gpu{index}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    if os.fstat(fd).st_uid == os.getuid():
+        os.fchmod(fd, 0o666)  # other users' jobs must be able to lock it too
+    return os.fdopen(fd, "r+")
+
+
 def _holders(lock_dir: Path, total: int) -> str:
     """Who holds each GPU, from what holders wrote into the lock files."""
     busy = []
     for index in range(total):
-        path = lock_dir / f"gpu{index}.lock"
-        with open(path, "a+") as handle:
+        with _open_lock(lock_dir, index) as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
