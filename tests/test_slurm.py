@@ -21,6 +21,9 @@ def _cluster_idle() -> bool:
     if shutil.which("sinfo") is None:
         return False
     try:
+        # `scontrol ping` answers at once when no controller runs; sinfo retries for seconds.
+        if subprocess.run(["scontrol", "ping"], capture_output=True, timeout=10).returncode != 0:
+            return False
         states = subprocess.run(
             ["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, timeout=10
         ).stdout.split()
