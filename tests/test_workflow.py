@@ -35,14 +35,24 @@ def test_snakefmt_is_clean():
 
 def test_dry_run_default_config():
     out = snakemake("-n", "--cores", "2", "--quiet", "rules").stdout
-    for rule in ("prepare_model", "prepare_dataset", "benchmark", "aggregate", "figures"):
+    for rule in ("prepare_model", "prepare_dataset", "benchmark", "aggregate", "plot"):
         assert rule in out
 
 
-def test_dry_run_gpu8_config_never_oversubscribes():
-    out = snakemake("-n", "--cores", "64", "--resources", "gpu=8", "--configfile", str(GPU8), "--printshellcmds").stdout
+def study_dir(tmp_path: Path, config: Path) -> Path:
+    """A working directory of its own: `config.yaml` there replaces the default one."""
+    shutil.copy(config, tmp_path / "config.yaml")
+    return tmp_path
+
+
+def test_dry_run_gpu8_config_never_oversubscribes(tmp_path):
+    workdir = study_dir(tmp_path, GPU8)
+    out = snakemake("-n", "--cores", "64", "--resources", "gpu=8", "-s", str(REPO / "Snakefile"), cwd=workdir).stdout
     assert out.count("rule benchmark:") == 2 * 9 * 2 * 3 + 2 * 3 * 2 * 2 * 3
-    assert "resources: " in out and "gpu=2" in out and "gpu=4" in out
+    resources = [line for line in out.splitlines() if line.strip().startswith("resources:")]
+    gpus = [int(line.split(" gpu=")[1].split(",")[0]) for line in resources if " gpu=" in line]
+    # same/auto: 1 (auto with gpus: 2 -> 2), separate: 2 with a drafter, multi_gpu_ratio 3+1
+    assert set(gpus) == {1, 2, 3, 4} and max(gpus) <= 8
 
 
 def test_bad_config_fails_naming_the_key(tmp_path):

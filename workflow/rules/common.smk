@@ -14,6 +14,13 @@ CELLS = {
     for cell in specdec.config.expand_matrix(config)
 }
 
+# Optional SLURM resources of the benchmark rule (the executor plugin reads these names).
+SLURM_PLACEMENT = {
+    resource: config["slurm"][key]
+    for resource, key in (("gpu_model", "gpu_model"), ("slurm_partition", "partition"))
+    if key in config["slurm"]
+}
+
 
 wildcard_constraints:
     experiment="[^/]+",
@@ -22,13 +29,9 @@ wildcard_constraints:
     model="[^/]+",
 
 
-def run_dir(key):
-    return f"{RESULTS}/runs/{key}"
-
-
 def run_results():
     """Every result file of the configured matrix."""
-    return [f"{run_dir(key)}/result.json" for key in CELLS]
+    return [f"{RESULTS}/runs/{key}/result.json" for key in CELLS]
 
 
 def experiments():
@@ -44,12 +47,18 @@ def cell_json(wildcards):
 
 
 def embedded_models():
-    return [name for name, spec in config["models"].items() if spec["source"] == "embedded"]
+    return [
+        name for name, spec in config["models"].items() if spec["source"] == "embedded"
+    ]
 
 
 def model_inputs(wildcards):
     """Prepared folders of the embedded models that a cell uses."""
-    return [f"resources/models/{name}" for name in cell_of(wildcards)["models"] if name in embedded_models()]
+    return [
+        f"resources/models/{name}"
+        for name in cell_of(wildcards)["models"]
+        if name in embedded_models()
+    ]
 
 
 def dataset_tokenizer_model(dataset):
@@ -72,13 +81,17 @@ def reference_requests(wildcards):
     reference = specdec.config.reference_cell(cell_of(wildcards), list(CELLS.values()))
     if reference is None:
         return []
-    return [f"{run_dir(reference['experiment'] + '/' + reference['cell'])}/requests.jsonl"]
+    return [
+        f"{RESULTS}/runs/{reference['experiment']}/{reference['cell']}/requests.jsonl"
+    ]
 
 
 def benchmark_gpus(wildcards):
     cell = cell_of(wildcards)
     return specdec.placement.gpus_required(
-        cell["placement"]["strategy"], cell["placement"], has_drafter=cell["drafter"] is not None
+        cell["placement"]["strategy"],
+        cell["placement"],
+        has_drafter=cell["drafter"] is not None,
     )
 
 

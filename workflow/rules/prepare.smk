@@ -14,6 +14,10 @@ rule prepare_dataset:
         model=dataset_model_input,
     output:
         prompts=f"{RESULTS}/prompts/{{dataset}}.jsonl",
+    log:
+        "logs/prepare_dataset/{dataset}.log",
+    conda:
+        "../../envs/specdec.yaml"
     params:
         spec=lambda wildcards: json.dumps(config["datasets"][wildcards.dataset]),
         model=lambda wildcards: dataset_tokenizer_model(wildcards.dataset),
@@ -21,10 +25,6 @@ rule prepare_dataset:
             config["models"][dataset_tokenizer_model(wildcards.dataset)]
         ),
         seed=config["seed"],
-    log:
-        "logs/prepare_dataset/{dataset}.log",
-    conda:
-        "../../envs/specdec.yaml"
     shell:
         "specdec prepare-dataset --name {wildcards.dataset} --spec {params.spec:q}"
         " --model {params.model} --model-spec {params.model_spec:q} --seed {params.seed}"
