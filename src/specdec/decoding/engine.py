@@ -66,17 +66,28 @@ class RowResult:
     drafted_per_position: list[int] = field(default_factory=list)
     accepted_per_position: list[int] = field(default_factory=list)
 
-    def record(self, tokens: list[int], drafted: int, accepted: int, now_ns: int, settings) -> bool:
-        """Add one step's kept tokens (cut at EOS or the length limit); True once finished."""
-        self.target_forwards += 1
+    @classmethod
+    def empty(cls, gamma: int) -> RowResult:
+        """A row before decoding; per-position counts for `gamma` draft positions (0: AR)."""
+        return cls(drafted_per_position=[0] * gamma, accepted_per_position=[0] * gamma)
+
+    def count_draft(self, drafted: int, accepted: int) -> None:
+        """Count one verification: `drafted` tokens proposed, the first `accepted` kept."""
         self.drafted_tokens += drafted
         self.accepted_tokens += accepted
+        missing = drafted - len(self.drafted_per_position)
+        if missing > 0:
+            self.drafted_per_position += [0] * missing
+            self.accepted_per_position += [0] * missing
         for i in range(drafted):
             self.drafted_per_position[i] += 1
         for i in range(accepted):
             self.accepted_per_position[i] += 1
-        room = settings.max_new_tokens - len(self.output_ids)
-        tokens = tokens[:room]
+
+    def emit(self, tokens: list[int], now_ns: int, settings: GenerationSettings) -> bool:
+        """Add one target forward's tokens (cut at EOS or the length limit); True once finished."""
+        self.target_forwards += 1
+        tokens = tokens[: settings.max_new_tokens - len(self.output_ids)]
         for i, token in enumerate(tokens):
             if token in settings.eos_token_ids:
                 tokens, self.finish_reason = tokens[: i + 1], "eos"
@@ -114,8 +125,7 @@ def generate(
     _check_prompt(input_ids, attention_mask)
     gamma = settings.gamma if drafter is not None else 0
     sampler = settings.sampler(generator)
-    results = [RowResult(drafted_per_position=[0] * gamma, accepted_per_position=[0] * gamma)
-               for _ in range(input_ids.shape[0])]
+    results = [RowResult.empty(gamma) for _ in range(input_ids.shape[0])]
     with torch.inference_mode():
         cache, logits = RaggedCache.prefill(target, input_ids, attention_mask)
         logits = logits[:, None]
@@ -129,10 +139,10 @@ def generate(
             host = torch.cat([accepted[:, None], draft.lengths[:, None], kept], dim=1).tolist()
             now = time.perf_counter_ns()
             outcome = StepOutcome(accepted, [h[0] for h in host], next_tokens, [h[2 : h[0] + 3] for h in host])
-            finished = [
-                results[r].record(new, h[1], h[0], now, settings)
-                for r, h, new in zip(running, host, outcome.new_tokens)
-            ]
+            finished = []
+            for r, h, new in zip(running, host, outcome.new_tokens):
+                results[r].count_draft(h[1], h[0])
+                finished.append(results[r].emit(new, now, settings))
             if all(finished):
                 return results
             if any(finished):
