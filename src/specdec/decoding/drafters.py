@@ -1,0 +1,216 @@
+"""Drafters: they propose up to gamma tokens per row; the engine's one verifier scores them.
+
+A drafter starts one `DraftSession` per `generate()` call. The session proposes a `Draft`
+for the rows still running, learns what the verifier kept (`commit`), and drops finished
+rows (`select`). This is the proposer half of vLLM's proposer/scorer split, or a
+transformers candidate generator.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from .cache import RaggedCache, model_device
+from .sampling import Draft, Sampler
+
+
+@dataclass
+class StepOutcome:
+    """What the verifier kept in one step, for the rows still running.
+
+    accepted: (B,) draft tokens kept per row (device); accepted_host: the same, on the host;
+    next_tokens: (B,) the token chosen after them (device); new_tokens: per row, the kept
+    draft tokens followed by the next token (host).
+    """
+
+    accepted: torch.Tensor
+    accepted_host: list[int]
+    next_tokens: torch.Tensor
+    new_tokens: list[list[int]]
+
+
+class DraftSession(ABC):
+    @abstractmethod
+    def propose(self, last_tokens: torch.Tensor, gamma: int) -> Draft:
+        """Up to `gamma` tokens per row continuing each row's text, whose last token
+        (B,) is `last_tokens` (emitted but not yet in any cache)."""
+
+    @abstractmethod
+    def commit(self, outcome: StepOutcome) -> None:
+        """Record the verifier's decision on the last proposal (or the first token)."""
+
+    @abstractmethod
+    def select(self, rows: list[int]) -> None:
+        """Keep only these batch rows."""
+
+
+class Drafter(ABC):
+    @abstractmethod
+    def start(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampler: Sampler, vocab_size: int
+    ) -> DraftSession:
+        """Begin drafting for a left-padded prompt batch (on the verifier's device)."""
+
+
+class ModelDrafter(Drafter):
+    """A small causal LM sharing the target's tokenizer, on any device and dtype."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def start(self, input_ids, attention_mask, sampler, vocab_size):
+        return _ModelDraftSession(self.model, input_ids, attention_mask, sampler, vocab_size)
+
+
+def _fit_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Trim or -inf-pad drafter logits to the target's vocabulary size (embedding tables of
+    one tokenizer are often padded to different sizes)."""
+    extra = vocab_size - logits.shape[-1]
+    if extra <= 0:
+        return logits[..., :vocab_size]
+    return torch.nn.functional.pad(logits, (0, extra), value=float("-inf"))
+
+
+class _ModelDraftSession(DraftSession):
+    """Drafts autoregressively with its own `RaggedCache`.
+
+    The cache holds every committed token except the last one. A proposal of g tokens feeds
+    [last token, d1 .. d(g-1)] (dg is sampled, never fed); the verifier keeps a prefix, and
+    when it keeps all g drafts, dg is fed in front of the next proposal (a hole for the
+    other rows), so no extra drafter forward is spent on it.
+    """
+
+    def __init__(self, model, input_ids, attention_mask, sampler: Sampler, vocab_size: int):
+        self.device = model_device(model)
+        self.target_device = input_ids.device
+        self.sampler = sampler.on(self.device)
+        self.vocab_size = vocab_size
+        self.cache, _ = RaggedCache.prefill(model, input_ids.to(self.device), attention_mask.to(self.device))
+        self.carry: torch.Tensor | None = None  # (B, 1) last draft to feed first, or None
+        self.carry_valid: torch.Tensor | None = None
+        self.drafts: torch.Tensor | None = None  # (B, g) the last proposal, on this device
+
+    def propose(self, last_tokens, gamma):
+        tokens = last_tokens.to(self.device)[:, None]
+        valid = torch.ones_like(tokens, dtype=torch.bool)
+        if self.carry is not None:
+            tokens = torch.cat([self.carry, tokens], dim=1)
+            valid = torch.cat([self.carry_valid, valid], dim=1)
+        drafts, probs = [], []
+        for _ in range(gamma):
+            logits = _fit_vocab(self.cache.extend(tokens, valid, logits_to_keep=1)[:, -1], self.vocab_size)
+            token, prob = self.sampler.pick(logits)
+            drafts.append(token)
+            probs.append(prob)
+            tokens, valid = token[:, None], torch.ones_like(token[:, None], dtype=torch.bool)
+        self.drafts = torch.stack(drafts, dim=1)
+        lengths = torch.full((self.drafts.shape[0],), gamma, dtype=torch.long, device=self.target_device)
+        stacked = None if self.sampler.greedy else torch.stack(probs, dim=1).to(self.target_device)
+        return Draft(self.drafts.to(self.target_device), lengths, stacked)
+
+    def commit(self, outcome):
+        if self.drafts is None:  # the first token: nothing was proposed
+            return
+        g = self.drafts.shape[1]
+        accepted = outcome.accepted.to(self.device)
+        # The cache ends with the g slots [last token, d1 .. d(g-1)]; keep it and d1 .. d(accepted).
+        self.cache.rollback((accepted + 1).clamp_(max=g), g, min(max(outcome.accepted_host) + 1, g))
+        if max(outcome.accepted_host) == g:
+            self.carry, self.carry_valid = self.drafts[:, -1:], (accepted == g)[:, None]
+        else:
+            self.carry = self.carry_valid = None
+        self.drafts = None
+
+    def select(self, rows):
+        index = torch.tensor(rows, device=self.device)
+        self.cache.select(index)
+        if self.drafts is not None:
+            self.drafts = self.drafts[index]
+        if self.carry is not None:
+            self.carry, self.carry_valid = self.carry[index], self.carry_valid[index]
+
+
+class NgramDrafter(Drafter):
+    """Model-free drafting from an n-gram table (in the spirit of NASD / ANPD).
+
+    Each row's table maps every context of 1 .. n-1 tokens seen so far (prompt, accepted
+    drafts and target tokens) to counts of the token that followed it, keeping the `top_k`
+    most frequent continuations per context (ties go to the most recent). A proposal follows
+    the best continuation of the longest matching context, backing off to shorter contexts,
+    for up to gamma tokens; it stops early when no context matches. Its drafts are a point
+    mass for the verifier.
+    """
+
+    def __init__(self, n: int = 3, top_k: int = 4):
+        if n < 2:
+            raise ValueError(f"NgramDrafter n must be >= 2 (a context of at least one token), got {n}")
+        if top_k < 1:
+            raise ValueError(f"NgramDrafter top_k must be >= 1, got {top_k}")
+        self.n, self.top_k = n, top_k
+
+    def start(self, input_ids, attention_mask, sampler, vocab_size):
+        prompts = [
+            [t for t, m in zip(ids, mask) if m]
+            for ids, mask in zip(input_ids.tolist(), attention_mask.tolist())
+        ]
+        return _NgramSession(self, prompts, input_ids.device)
+
+
+class _NgramTable:
+    def __init__(self, n: int, top_k: int):
+        self.n, self.top_k = n, top_k
+        self.history: list[int] = []
+        self.next: dict[tuple[int, ...], dict[int, int]] = {}
+
+    def extend(self, tokens: list[int]) -> None:
+        for token in tokens:
+            for width in range(1, min(self.n - 1, len(self.history)) + 1):
+                counts = self.next.setdefault(tuple(self.history[-width:]), {})
+                count = counts.pop(token, 0) + 1
+                counts[token] = count  # re-inserted last: the most recent
+                if len(counts) > self.top_k:
+                    del counts[min(counts, key=counts.__getitem__)]
+            self.history.append(token)
+
+    def propose(self, gamma: int) -> list[int]:
+        text, drafts = self.history[-(self.n - 1) :], []
+        while len(drafts) < gamma:
+            for width in range(min(self.n - 1, len(text)), 0, -1):
+                counts = self.next.get(tuple(text[-width:]))
+                if counts:
+                    best = max(reversed(counts.items()), key=lambda item: item[1])[0]
+                    break
+            else:
+                break
+            drafts.append(best)
+            text.append(best)
+        return drafts
+
+
+class _NgramSession(DraftSession):
+    def __init__(self, drafter: NgramDrafter, prompts: list[list[int]], device: torch.device):
+        self.device = device
+        self.tables = []
+        for prompt in prompts:
+            table = _NgramTable(drafter.n, drafter.top_k)
+            table.extend(prompt)
+            self.tables.append(table)
+
+    def propose(self, last_tokens, gamma):
+        # `last_tokens` is already in each table's history (committed on the host).
+        drafts = [table.propose(gamma) for table in self.tables]
+        width = max(map(len, drafts))
+        padded = [d + [0] * (width - len(d)) for d in drafts]
+        tokens = torch.tensor(padded, dtype=torch.long).reshape(len(drafts), width).to(self.device)
+        lengths = torch.tensor([len(d) for d in drafts], dtype=torch.long).to(self.device)
+        return Draft(tokens, lengths)
+
+    def commit(self, outcome):
+        for table, tokens in zip(self.tables, outcome.new_tokens):
+            table.extend(tokens)
+
+    def select(self, rows):
+        self.tables = [self.tables[r] for r in rows]

@@ -1,0 +1,174 @@
+"""One decoding loop for every method: autoregressive (no drafter) and speculative (a drafter
+proposes, the target verifies) over a left-padded batch.
+
+Each step the target scores [last emitted token, drafts ...] in one forward, `verify` keeps a
+prefix of each row's drafts plus one target token, and the kept tokens go to the host in one
+transfer (the only synchronisation of a step), timestamped as they arrive. Finished rows leave
+the batch. Without a drafter a step is a plain AR step, so TTFT is the target's first token
+after prefill for every method.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .cache import RaggedCache
+from .drafters import Drafter, StepOutcome
+from .sampling import Draft, Sampler, verify
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int
+    temperature: float = 0.0  # 0 -> greedy
+    top_k: int = 0  # 0 -> off
+    top_p: float = 1.0
+    gamma: int = 4
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int = 0
+
+    def __post_init__(self):
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 means off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.gamma < 1:
+            raise ValueError(f"gamma (draft tokens per step) must be >= 1, got {self.gamma}")
+        object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
+
+    def sampler(self, generator: torch.Generator | None) -> Sampler:
+        return Sampler(self.temperature, self.top_k, self.top_p, generator)
+
+
+@dataclass
+class RowResult:
+    """One batch row's output and counts.
+
+    emissions: (time.perf_counter_ns() once the tokens were on the host, tokens emitted).
+    drafted_per_position[i] / accepted_per_position[i]: how often draft position i + 1 was
+    proposed / accepted (empty for AR). accepted_tokens counts what the verifier accepted;
+    tokens per target forward is len(output_ids) / target_forwards (the prefill is a forward).
+    """
+
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: str = ""
+    emissions: list[tuple[int, int]] = field(default_factory=list)
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    target_forwards: int = 0
+    drafted_per_position: list[int] = field(default_factory=list)
+    accepted_per_position: list[int] = field(default_factory=list)
+
+    @classmethod
+    def empty(cls, gamma: int) -> RowResult:
+        """A row before decoding; per-position counts for `gamma` draft positions (0: AR)."""
+        return cls(drafted_per_position=[0] * gamma, accepted_per_position=[0] * gamma)
+
+    def count_draft(self, drafted: int, accepted: int) -> None:
+        """Count one verification: `drafted` tokens proposed, the first `accepted` kept."""
+        self.drafted_tokens += drafted
+        self.accepted_tokens += accepted
+        missing = drafted - len(self.drafted_per_position)
+        if missing > 0:
+            self.drafted_per_position += [0] * missing
+            self.accepted_per_position += [0] * missing
+        for i in range(drafted):
+            self.drafted_per_position[i] += 1
+        for i in range(accepted):
+            self.accepted_per_position[i] += 1
+
+    def emit(self, tokens: list[int], now_ns: int, settings: GenerationSettings) -> bool:
+        """Add one target forward's tokens (cut at EOS or the length limit); True once finished."""
+        self.target_forwards += 1
+        tokens = tokens[: settings.max_new_tokens - len(self.output_ids)]
+        for i, token in enumerate(tokens):
+            if token in settings.eos_token_ids:
+                tokens, self.finish_reason = tokens[: i + 1], "eos"
+                break
+        self.output_ids.extend(tokens)
+        self.emissions.append((now_ns, len(tokens)))
+        if not self.finish_reason and len(self.output_ids) >= settings.max_new_tokens:
+            self.finish_reason = "length"
+        return bool(self.finish_reason)
+
+
+def _check_prompt(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+    if input_ids.ndim != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
+        raise ValueError(f"input_ids must be a non-empty (batch, length) tensor, got shape {tuple(input_ids.shape)}")
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids {tuple(input_ids.shape)}"
+        )
+    empty = (attention_mask.sum(1) == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"empty prompt (attention_mask all zero) in batch row(s) {empty}")
+    if not bool(attention_mask[:, -1].all()):
+        raise ValueError("prompts must be left-padded: attention_mask[:, -1] has zeros")
+
+
+def generate(
+    target,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    settings: GenerationSettings,
+    drafter: Drafter | None = None,
+    generator: torch.Generator | None = None,
+) -> list[RowResult]:
+    """Decode a left-padded batch with the target alone (AR) or verifying `drafter`'s drafts."""
+    _check_prompt(input_ids, attention_mask)
+    gamma = settings.gamma if drafter is not None else 0
+    sampler = settings.sampler(generator)
+    results = [RowResult.empty(gamma) for _ in range(input_ids.shape[0])]
+    with torch.inference_mode():
+        cache, logits = RaggedCache.prefill(target, input_ids, attention_mask)
+        logits = logits[:, None]
+        draft = Draft.empty(input_ids.shape[0], input_ids.device)
+        session = None
+        running = list(range(input_ids.shape[0]))  # result index of each batch row
+        while True:
+            accepted, next_tokens = verify(logits, draft, sampler)
+            kept = torch.cat([draft.tokens, next_tokens[:, None]], dim=1)
+            kept.scatter_(1, accepted[:, None], next_tokens[:, None])
+            host = torch.cat([accepted[:, None], draft.lengths[:, None], kept], dim=1).tolist()
+            now = time.perf_counter_ns()
+            outcome = StepOutcome(accepted, [h[0] for h in host], next_tokens, [h[2 : h[0] + 3] for h in host])
+            finished = []
+            for r, h, new in zip(running, host, outcome.new_tokens):
+                results[r].count_draft(h[1], h[0])
+                finished.append(results[r].emit(new, now, settings))
+            if all(finished):
+                return results
+            if any(finished):
+                rows = [i for i, done in enumerate(finished) if not done]
+                index = torch.tensor(rows, device=input_ids.device)
+                cache.select(index)
+                outcome = StepOutcome(
+                    accepted[index], [outcome.accepted_host[i] for i in rows], next_tokens[index],
+                    [outcome.new_tokens[i] for i in rows],
+                )
+                running = [running[i] for i in rows]
+                if session is not None:
+                    session.select(rows)
+            if draft.tokens.shape[1]:
+                # The step fed [last token, drafts]: keep the last token and the accepted drafts.
+                width = draft.tokens.shape[1] + 1
+                cache.rollback(outcome.accepted + 1, width, max(outcome.accepted_host) + 1)
+            if drafter is not None and session is None:
+                # Drafter prefill after the first emission: TTFT is the target's alone.
+                session = drafter.start(input_ids, attention_mask, sampler, logits.shape[-1])
+                session.select(running)
+            if session is not None:
+                session.commit(outcome)
+                left = max(settings.max_new_tokens - len(results[r].output_ids) for r in running)
+                draft = session.propose(outcome.next_tokens, max(1, min(gamma, left - 1)))
+            else:
+                draft = Draft.empty(len(running), input_ids.device)
+            tokens = torch.cat([outcome.next_tokens[:, None], draft.tokens], dim=1)
+            logits = cache.extend(tokens, torch.ones_like(tokens, dtype=torch.bool))

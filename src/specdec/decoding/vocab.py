@@ -1,0 +1,31 @@
+"""Refuse a drafter whose tokens mean something else to the target, before decoding."""
+
+from __future__ import annotations
+
+
+class VocabularyMismatch(ValueError):
+    pass
+
+
+def check_same_vocabulary(target, drafter_model, target_tokenizer=None, drafter_tokenizer=None) -> None:
+    """Raise VocabularyMismatch unless target and drafter share a vocabulary.
+
+    With tokenizers, their token -> id maps must be equal (embedding tables may still be
+    padded to different sizes: the drafter's logits are fitted to the target's). Without,
+    the configs' vocab_size must agree.
+    """
+    if target_tokenizer is not None and drafter_tokenizer is not None:
+        ours, theirs = target_tokenizer.get_vocab(), drafter_tokenizer.get_vocab()
+        if ours != theirs:
+            differing = sorted(set(ours.items()) ^ set(theirs.items()))[:3]
+            raise VocabularyMismatch(
+                f"drafter tokenizer differs from the target's ({len(theirs)} vs {len(ours)} tokens; "
+                f"e.g. {differing}): speculative decoding needs one shared vocabulary"
+            )
+        return
+    ours, theirs = target.config.vocab_size, drafter_model.config.vocab_size
+    if ours != theirs:
+        raise VocabularyMismatch(
+            f"drafter vocab_size {theirs} differs from the target's {ours}: "
+            "speculative decoding needs one shared vocabulary"
+        )

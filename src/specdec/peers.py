@@ -1,0 +1,126 @@
+"""Reference rows from transformers' own `generate()`: plain, assisted (a draft model) and
+prompt lookup, measured the same way as our engine (a streamer timestamps each chunk of tokens
+as it reaches the host) and returned as the same `RowResult`s.
+
+transformers makes each verification's tokens one streamer chunk, so a chunk is one target
+forward and its size minus one is the number of accepted draft tokens (after transformers' own
+cut at EOS or the length limit). Draft lengths are counted by wrapping the candidate
+generator's `get_candidates` for the duration of the call. transformers verifies the first
+draft together with the prompt, so a peer's first emission may hold several tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+from transformers.generation import BaseStreamer
+
+from specdec.decoding import GenerationSettings, RowResult
+
+
+class NotSupported(Exception):
+    """transformers cannot run this configuration (recorded as "not supported", not a failure)."""
+
+
+class _ChunkTimer(BaseStreamer):
+    """Timestamps every chunk of new tokens; `generate()` first puts the prompt, which is skipped."""
+
+    def __init__(self, batch: int):
+        self.batch = batch
+        self.prompt_seen = False
+        self.chunks: list[tuple[int, list[list[int]]]] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        now = time.perf_counter_ns()  # `generate()` moved the tokens to the host before put()
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.chunks.append((now, value.reshape(self.batch, -1).tolist()))
+
+    def end(self) -> None:
+        pass
+
+
+def _count_drafts(model, drafted: list[int]):
+    """Wrap `model`'s candidate generator so each proposal's length is appended to `drafted`;
+    returns a function that removes the wrapper."""
+    original = model._get_candidate_generator
+
+    def counting_generator(*args, **kwargs):
+        generator = original(*args, **kwargs)
+        get_candidates = generator.get_candidates
+
+        def counted(input_ids, *a, **kw):
+            candidates, logits = get_candidates(input_ids, *a, **kw)
+            drafted.append(candidates.shape[1] - input_ids.shape[1])
+            return candidates, logits
+
+        generator.get_candidates = counted
+        return generator
+
+    model._get_candidate_generator = counting_generator
+    return lambda: delattr(model, "_get_candidate_generator")
+
+
+def _row_result(chunks, row: int, drafted: list[int] | None, settings: GenerationSettings) -> RowResult:
+    result = RowResult.empty(settings.gamma if drafted is not None else 0)
+    for step, (now, tokens) in enumerate(chunks):
+        if drafted is not None:
+            result.count_draft(drafted[step], len(tokens[row]) - 1)
+        if result.emit(tokens[row], now, settings):
+            break
+    return result
+
+
+def hf_generate(
+    target,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    settings: GenerationSettings,
+    assistant_model=None,
+    prompt_lookup_num_tokens: int | None = None,
+) -> list[RowResult]:
+    """transformers `generate()` on a left-padded batch: plain (AR), assisted by
+    `assistant_model` (gamma draft tokens every step: schedule "constant", confidence threshold
+    0, as transformers 5 defaults to 20 tokens and an adaptive threshold), or prompt lookup
+    with `prompt_lookup_num_tokens` draft tokens. Seed sampling with `torch.manual_seed`."""
+    batch = input_ids.shape[0]
+    speculative = assistant_model is not None or prompt_lookup_num_tokens is not None
+    if speculative and batch > 1:
+        raise NotSupported(f"transformers assisted generation and prompt lookup support batch size 1 only, got {batch}")
+    sampling = settings.temperature > 0
+    kwargs = dict(
+        attention_mask=attention_mask,
+        max_new_tokens=settings.max_new_tokens,
+        do_sample=sampling,
+        temperature=settings.temperature if sampling else None,
+        top_k=settings.top_k if sampling and settings.top_k > 0 else None,
+        top_p=settings.top_p if sampling else None,
+        pad_token_id=settings.pad_token_id,
+        eos_token_id=list(settings.eos_token_ids) or None,
+    )
+    drafted: list[int] | None = [] if speculative else None
+    saved_config = None
+    if assistant_model is not None:
+        saved_config = assistant_model.generation_config
+        fixed = copy.deepcopy(saved_config)
+        fixed.num_assistant_tokens = settings.gamma
+        fixed.num_assistant_tokens_schedule = "constant"
+        fixed.assistant_confidence_threshold = 0.0
+        assistant_model.generation_config = fixed
+        kwargs["assistant_model"] = assistant_model
+    if prompt_lookup_num_tokens is not None:
+        kwargs["prompt_lookup_num_tokens"] = prompt_lookup_num_tokens
+    timer = _ChunkTimer(batch)
+    unwrap = _count_drafts(target, drafted) if speculative else None
+    try:
+        with torch.inference_mode():
+            target.generate(input_ids, streamer=timer, **kwargs)
+    finally:
+        if unwrap is not None:
+            unwrap()
+        if saved_config is not None:
+            assistant_model.generation_config = saved_config
+    return [_row_result(timer.chunks, row, drafted, settings) for row in range(batch)]

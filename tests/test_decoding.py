@@ -1,0 +1,141 @@
+"""Greedy decoding on the embedded model: AR equals transformers, speculative equals AR,
+batched rows equal the rows decoded alone; counts add up; bad input is refused."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from specdec.decoding import (
+    GenerationSettings, ModelDrafter, NgramDrafter, VocabularyMismatch, check_same_vocabulary, generate,
+)
+from specdec.decoding.cache import RaggedCache
+from specdec.models import quantized_copy
+
+PROMPTS = [
+    ("code", 'from typing import List\n\n\ndef has_close_elements(numbers: List[float], threshold: float) -> bool:\n'
+             '    """ Check if in given list of numbers, are any two numbers closer to each other than\n'
+             '    given threshold.\n    """\n'),
+    ("chat", "Write a Python function that returns the squares of a list of numbers."),
+    ("chat", "What is the capital of France? One word."),  # ends with EOS well before the limit
+]
+NEW_TOKENS = 40
+
+
+@pytest.fixture(scope="module")
+def encoded(embedded_model):
+    _, tokenizer = embedded_model
+    texts = [
+        text if kind == "code" else tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+        for kind, text in PROMPTS
+    ]
+    return [tokenizer(texts, return_tensors="pt", padding=True)] + [tokenizer([t], return_tensors="pt") for t in texts]
+
+
+@pytest.fixture(scope="module")
+def settings(embedded_model):
+    _, tokenizer = embedded_model
+    return GenerationSettings(max_new_tokens=NEW_TOKENS, eos_token_ids=(tokenizer.eos_token_id,),
+                              pad_token_id=tokenizer.pad_token_id, gamma=4)
+
+
+@pytest.fixture(scope="module")
+def alone(embedded_model, encoded, settings):
+    """Greedy AR output of each prompt decoded on its own."""
+    model, _ = embedded_model
+    return [generate(model, e.input_ids, e.attention_mask, settings)[0] for e in encoded[1:]]
+
+
+def test_ar_equals_transformers_generate(embedded_model, encoded, alone, settings):
+    model, tokenizer = embedded_model
+    for e, row in zip(encoded[1:], alone):
+        with torch.inference_mode():
+            out = model.generate(**e, max_new_tokens=NEW_TOKENS, do_sample=False, top_k=None, top_p=None,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        assert row.output_ids == out[0, e.input_ids.shape[1]:].tolist()
+    assert [r.finish_reason for r in alone] == ["length", "length", "eos"]
+    for row in alone:  # one target forward per token, the first right after prefill
+        assert row.target_forwards == len(row.output_ids) == len(row.emissions)
+        assert row.drafted_tokens == row.accepted_tokens == 0 and row.drafted_per_position == []
+
+
+@pytest.mark.parametrize("kind", ["int8", "bf16", "ngram", None])
+def test_batched_greedy_rows_equal_each_row_alone(embedded_model, encoded, alone, settings, kind):
+    model, _ = embedded_model
+    if kind in ("int8", "bf16"):
+        drafter = ModelDrafter(quantized_copy(model, kind))
+    else:
+        drafter = NgramDrafter(n=3) if kind == "ngram" else None
+    batch = encoded[0]
+    rows = generate(model, batch.input_ids, batch.attention_mask, settings, drafter)
+    for row, ref in zip(rows, alone):
+        assert row.output_ids == ref.output_ids
+        assert row.finish_reason == ref.finish_reason
+        assert sum(n for _, n in row.emissions) == len(row.output_ids)
+        assert row.emissions[0][1] == 1  # the target's first token, alone
+        assert [t for t, _ in row.emissions] == sorted(t for t, _ in row.emissions)
+        assert row.target_forwards == len(row.emissions)
+        assert sum(row.drafted_per_position) == row.drafted_tokens
+        assert sum(row.accepted_per_position) == row.accepted_tokens <= row.drafted_tokens
+        # position i + 1 is only accepted after position i was
+        assert row.accepted_per_position == sorted(row.accepted_per_position, reverse=True)
+    if kind in ("int8", "bf16"):
+        assert all(r.drafted_per_position[0] == r.target_forwards - 1 for r in rows)
+        assert all(r.accepted_tokens > 0 for r in rows)
+        assert sum(r.target_forwards for r in rows) < sum(len(r.output_ids) for r in rows)
+
+
+def test_ragged_rollback_matches_a_fresh_prefill():
+    """Rows keep different numbers of the tokens just fed; the next logits of each row equal
+    those of the kept sequence run from scratch (transformers 5 `crop(-k)` semantics)."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    prompt = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10]])
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    fed = torch.tensor([[11, 12, 13, 14], [15, 16, 17, 18]])
+    with torch.no_grad():
+        cache, _ = RaggedCache.prefill(model, prompt, mask)
+        cache.extend(fed, torch.ones_like(fed, dtype=torch.bool))
+        cache.rollback(torch.tensor([1, 3]), window=4, max_keep=3)
+        assert cache.cache.get_seq_length() == 4 + 3 and cache.lengths.tolist() == [3, 7]
+        logits = cache.extend(torch.tensor([[20], [21]]), torch.ones(2, 1, dtype=torch.bool))[:, -1]
+        for row, kept in enumerate([[5, 6, 11, 20], [7, 8, 9, 10, 15, 16, 17, 21]]):
+            fresh = model(torch.tensor([kept])).logits[0, -1]
+            torch.testing.assert_close(logits[row], fresh, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "field, value", [("gamma", 0), ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("max_new_tokens", 0)]
+)
+def test_bad_settings_are_refused_by_name(field, value):
+    with pytest.raises(ValueError, match=field):
+        GenerationSettings(**{"max_new_tokens": 8, field: value})
+
+
+def test_empty_prompt_is_refused(embedded_model, settings):
+    model, _ = embedded_model
+    with pytest.raises(ValueError, match="empty prompt"):
+        generate(model, torch.tensor([[2, 2], [5, 6]]), torch.tensor([[0, 0], [1, 1]]), settings)
+    with pytest.raises(ValueError, match="non-empty"):
+        generate(model, torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, 0, dtype=torch.long), settings)
+
+
+def test_mismatched_vocabulary_is_refused(embedded_model):
+    model, tokenizer = embedded_model
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    with pytest.raises(VocabularyMismatch, match="vocab_size 1000"):
+        check_same_vocabulary(model, other)
+    check_same_vocabulary(model, model, tokenizer, tokenizer)
+
+
+def test_ngram_drafter_follows_the_longest_context_and_backs_off():
+    drafter = NgramDrafter(n=3, top_k=2)
+    session = drafter.start(torch.tensor([[1, 2, 3, 1, 2, 4, 9]]), torch.ones(1, 7, dtype=torch.long), None, 10)
+    # context (9,) unseen; nothing to propose
+    assert session.propose(torch.tensor([9]), 4).lengths.tolist() == [0]
+    from specdec.decoding import StepOutcome
+    session.commit(StepOutcome(torch.tensor([0]), [0], torch.tensor([1]), [[1]]))
+    # (9, 1) unseen -> back off to (1,): seen followed by 2 twice; then (1, 2) -> 4 (most recent), (2, 4) -> 9
+    assert session.propose(torch.tensor([1]), 4).tokens.tolist() == [[2, 4, 9, 1]]

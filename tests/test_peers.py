@@ -1,0 +1,61 @@
+"""transformers' generate() as reference rows: same outputs as ours under greedy decoding,
+counts derived from streamer chunks, batch > 1 refused for the speculative peers."""
+
+import pytest
+import torch
+
+from specdec.decoding import GenerationSettings, generate
+from specdec.models import quantized_copy
+from specdec.peers import NotSupported, hf_generate
+
+NEW_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def setup(embedded_model):
+    model, tokenizer = embedded_model
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": c}], tokenize=False, add_generation_prompt=True)
+        for c in ["Write a Python function that adds two numbers.", "What is the capital of France? One word."]
+    ]
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    settings = GenerationSettings(max_new_tokens=NEW_TOKENS, eos_token_ids=(tokenizer.eos_token_id,),
+                                  pad_token_id=tokenizer.pad_token_id, gamma=4)
+    ours = generate(model, batch.input_ids, batch.attention_mask, settings)
+    return model, batch, settings, ours
+
+
+def test_plain_generate_rows_match_ours_and_stop_at_eos(setup):
+    model, batch, settings, ours = setup
+    rows = hf_generate(model, batch.input_ids, batch.attention_mask, settings)
+    assert [r.output_ids for r in rows] == [r.output_ids for r in ours]
+    assert [r.finish_reason for r in rows] == ["length", "eos"]
+    for row in rows:
+        assert row.target_forwards == len(row.output_ids) == len(row.emissions)
+        assert all(n == 1 for _, n in row.emissions) and row.drafted_per_position == []
+
+
+@pytest.mark.parametrize("peer", ["assisted", "prompt_lookup"])
+def test_speculative_peers_match_ours_with_counts_from_chunks(setup, peer):
+    model, batch, settings, ours = setup
+    kwargs = ({"assistant_model": quantized_copy(model, "int8")} if peer == "assisted"
+              else {"prompt_lookup_num_tokens": settings.gamma})
+    assistant_config = kwargs.get("assistant_model") and kwargs["assistant_model"].generation_config
+    row = hf_generate(model, batch.input_ids[:1], batch.attention_mask[:1], settings, **kwargs)[0]
+    assert row.output_ids == ours[0].output_ids
+    assert len(row.output_ids) == row.target_forwards + row.accepted_tokens
+    assert sum(n for _, n in row.emissions) == len(row.output_ids) and len(row.emissions) == row.target_forwards
+    assert sum(row.drafted_per_position) == row.drafted_tokens >= row.accepted_tokens
+    assert sum(row.accepted_per_position) == row.accepted_tokens
+    if peer == "assisted":  # a fixed gamma every step (the last capped by the length limit)
+        assert row.drafted_per_position[0] == row.target_forwards and row.drafted_per_position[2] >= row.target_forwards - 1
+        assert row.accepted_tokens > 0
+        assert kwargs["assistant_model"].generation_config is assistant_config  # restored
+
+
+@pytest.mark.parametrize("peer", ["assisted", "prompt_lookup"])
+def test_speculative_peers_refuse_batches(setup, peer):
+    model, batch, settings, _ = setup
+    kwargs = {"assistant_model": model} if peer == "assisted" else {"prompt_lookup_num_tokens": 4}
+    with pytest.raises(NotSupported, match="batch size 1"):
+        hf_generate(model, batch.input_ids, batch.attention_mask, settings, **kwargs)
