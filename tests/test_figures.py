@@ -131,6 +131,7 @@ def test_plot_options_are_checked():
 STUB_COMMON = """\
 from pathlib import Path
 
+RESULTS = "results"
 
 def run_results():
     return sorted(str(p) for p in Path("results/runs").glob("*/*/result.json"))

@@ -130,8 +130,11 @@ def load_tokenizer(location: str, **kwargs):
     return tokenizer
 
 
-def load_model(name: str, spec: dict, models_dir: Path, device_map=None, dtype: str | None = None):
-    """Load a configured causal LM and its tokenizer (left padding, as pad == eos here)."""
+def load_model(name: str, spec: dict, models_dir: Path, dtype: str | None = None, **load_kwargs):
+    """Load a configured causal LM and its tokenizer (left padding, as pad == eos here).
+
+    `dtype` overrides the configured one; `load_kwargs` (device_map, max_memory) come from
+    the placement."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -145,5 +148,5 @@ def load_model(name: str, spec: dict, models_dir: Path, device_map=None, dtype: 
         raise ModelError(f"model {name!r} ({location}) is a {config.model_type!r} model, not a causal language model")
     torch_dtype = getattr(torch, dtype or spec.get("dtype", "float32"))
     tokenizer = load_tokenizer(location, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, device_map=device_map, **kwargs).eval()
+    model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **load_kwargs, **kwargs).eval()
     return model, tokenizer
