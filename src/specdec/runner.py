@@ -12,6 +12,7 @@ its outputs, so that Snakemake reruns it, and leaves `interrupted.json` saying w
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import signal
 import statistics
@@ -337,7 +338,7 @@ def run_cell(cell: dict, prompts_path: Path, out_dir: Path, models_dir: Path = P
         strategy = cell["placement"]["strategy"]
         lease = lease_gpus(placement.gpus_required(strategy, cell["placement"], cell["drafter"] is not None), label=cell["cell"])
         session = load_session(cell, Path(models_dir))
-        where = {"lease": lease.describe(), "plan": session.plan.describe()}
+        where = {"lease": lease.describe(), "plan": session.plan.describe(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
         if cell.get("timeout_s"):
             signal.signal(signal.SIGALRM, _raise_timeout)
             signal.setitimer(signal.ITIMER_REAL, cell["timeout_s"])
