@@ -15,6 +15,16 @@ include: "workflow/rules/benchmark.smk"
 include: "workflow/rules/report.smk"
 
 
+# Only benchmark jobs go to a cluster; the rest is cheap and runs where Snakemake runs.
+localrules:
+    all,
+    prepare_model,
+    prepare_dataset,
+    aggregate,
+    plot,
+    figures,
+
+
 rule all:
     default_target: True
     input:

@@ -29,3 +29,53 @@ def embedded_model(embedded_model_dir):
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(embedded_model_dir, dtype=torch.float32).eval()
     return model, tokenizer
+
+
+TINY_CONFIG = {
+    "seed": 3,
+    "models": {"smollm2": {"source": "embedded"}},
+    "drafters": {"int8": {"kind": "quantized", "dtype": "int8"}, "ngram": {"kind": "ngram", "n": 3}},
+    "datasets": {"sample": {"source": "sample", "num_prompts": 2, "turns": "first"}},
+    "experiments": {
+        "tiny": {
+            "target": "smollm2",
+            "datasets": ["sample"],
+            "methods": [
+                {"method": "ar"},
+                {"method": "speculative", "drafter": "int8", "gamma": 3},
+                {"method": "ngram", "drafter": "ngram", "gamma": 3},
+            ],
+            "max_new_tokens": 8,
+            "warmup": 1,
+        }
+    },
+    "power": {"idle_s": 0},
+    "aggregate": {"n_resamples": 200},
+}
+
+
+@pytest.fixture(scope="module")
+def make_study(tmp_path_factory, embedded_model_dir):
+    """make_study(config) -> a working directory with that config.yaml and the embedded model
+    prepared (the test session's conversion stands in for the prepare_model rule)."""
+    import yaml
+
+    def make(config: dict) -> Path:
+        workdir = tmp_path_factory.mktemp("study")
+        (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+        (workdir / "resources" / "models").mkdir(parents=True)
+        (workdir / "resources" / "models" / "smollm2").symlink_to(embedded_model_dir)
+        return workdir
+
+    return make
+
+
+def run_snakemake(workdir: Path, *args: str, timeout: float | None = None):
+    """Snakemake on the project's Snakefile in `workdir`, with this venv's tools on PATH."""
+    import subprocess
+    import sys
+
+    bin_dir = Path(sys.executable).parent
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", HF_HUB_OFFLINE="1")
+    command = [str(bin_dir / "snakemake"), "-s", str(REPO / "Snakefile"), *args]
+    return subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)

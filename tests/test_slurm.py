@@ -4,6 +4,7 @@ Runs only where `sinfo` exists and a cluster answers; CI starts one with .ci/slu
 (one node, two fake GPUs declared as gres).
 """
 
+import json
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import TINY_CONFIG, run_snakemake
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = REPO / "profiles" / "slurm"
@@ -80,3 +82,29 @@ def test_snakemake_submits_gpu_jobs_through_the_profile(tmp_path):
     assert len(one["cvd"].split(",")) == 1  # CUDA_VISIBLE_DEVICES set by SLURM's gres
     assert sorted(two["cvd"].split(",")) == ["0", "1"]
     assert (tmp_path / "summary.txt").read_text().splitlines()[-1] == "local_job=none"
+
+
+def test_tiny_pipeline_runs_benchmarks_as_slurm_jobs(make_study):
+    """The real pipeline through profiles/slurm: benchmark cells are SLURM jobs that SLURM
+    gives CUDA_VISIBLE_DEVICES (each cell asks for one of the fake GPUs; placement stays on
+    the CPU, since no CUDA exists here), while the other rules run locally."""
+    config = dict(TINY_CONFIG, slurm={"cpus_per_gpu": 1, "cpus_per_task": 1, "mem_mb": 2000, "runtime": 10})
+    workdir = make_study(config)
+    profile = yaml.safe_load((PROFILE / "config.yaml").read_text())
+    profile.update({"slurm-init-seconds-before-status-checks": 2, "latency-wait": 5, "jobs": 3})
+    (workdir / "profile").mkdir()
+    (workdir / "profile" / "config.yaml").write_text(yaml.safe_dump(profile))
+    run = run_snakemake(
+        workdir, "--workflow-profile", str(workdir / "profile"), "--set-resources", "benchmark:gpu=1", timeout=900
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    results = sorted((workdir / "results/runs/tiny").glob("*/result.json"))
+    assert len(results) == 3
+    jobs = set()
+    for path in results:
+        where = json.loads(path.read_text())["metadata"]["placement"]
+        assert where["slurm_job_id"], path
+        assert where["lease"]["source"] == "environment" and where["lease"]["cuda_visible_devices"] in ("0", "1")
+        jobs.add(where["slurm_job_id"])
+    assert len(jobs) == 3
+    assert (workdir / "results/tables/tiny/summary.csv").is_file()

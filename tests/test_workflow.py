@@ -1,13 +1,11 @@
 """The Snakemake workflow: lint, formatting, dry runs, and a tiny real end-to-end run."""
 
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pandas as pd
-import pytest
+from conftest import run_snakemake
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -15,8 +13,7 @@ GPU8 = REPO / "tests" / "fixtures" / "configs" / "gpu8.yaml"
 
 
 def snakemake(*args, cwd=REPO, check=True):
-    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", HF_HUB_OFFLINE="1")
-    proc = subprocess.run([str(BIN / "snakemake"), *args], cwd=cwd, env=env, capture_output=True, text=True)
+    proc = run_snakemake(cwd, *args)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -47,7 +44,7 @@ def study_dir(tmp_path: Path, config: Path) -> Path:
 
 def test_dry_run_gpu8_config_never_oversubscribes(tmp_path):
     workdir = study_dir(tmp_path, GPU8)
-    out = snakemake("-n", "--cores", "64", "--resources", "gpu=8", "-s", str(REPO / "Snakefile"), cwd=workdir).stdout
+    out = snakemake("-n", "--cores", "64", "--resources", "gpu=8", cwd=workdir).stdout
     assert out.count("rule benchmark:") == 2 * 9 * 2 * 3 + 2 * 3 * 2 * 2 * 3
     resources = [line for line in out.splitlines() if line.strip().startswith("resources:")]
     gpus = [int(line.split(" gpu=")[1].split(",")[0]) for line in resources if " gpu=" in line]

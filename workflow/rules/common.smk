@@ -96,5 +96,8 @@ def benchmark_gpus(wildcards):
 
 
 def benchmark_threads(wildcards):
-    # CPU cells own every core so that no two timed CPU jobs overlap.
-    return workflow.cores if benchmark_gpus(wildcards) == 0 else 1
+    """A CPU cell takes every local core, so that no two timed CPU jobs overlap; on a
+    cluster (no local core count) it asks for `slurm.cpus_per_task`."""
+    if benchmark_gpus(wildcards):
+        return 1
+    return workflow.resource_settings.cores or config["slurm"]["cpus_per_task"]
