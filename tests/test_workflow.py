@@ -58,3 +58,15 @@ def test_bad_config_fails_naming_the_key(tmp_path):
     proc = snakemake("-n", "--cores", "1", "--configfile", str(bad), check=False)
     assert proc.returncode != 0
     assert "experiments.default.target" in proc.stdout + proc.stderr
+
+
+def test_slurm_profile_resolves_sbatch_resources_for_gpu8(tmp_path):
+    workdir = study_dir(tmp_path, GPU8)
+    out = snakemake("-n", "--workflow-profile", str(REPO / "profiles" / "slurm"), cwd=workdir).stdout
+    resources = [line for line in out.splitlines() if line.strip().startswith("resources:") and " gpu=" in line]
+    assert len(resources) == 2 * 9 * 2 * 3 + 2 * 3 * 2 * 2 * 3
+    for line in resources:
+        fields = dict(part.split("=", 1) for part in line.split(":", 1)[1].replace(" ", "").split(","))
+        assert fields["gpu_model"] == "h100" and fields["cpus_per_gpu"] == "8"
+        assert fields["mem_mb"] == "64000" and fields["runtime"] == "120"
+        assert 1 <= int(fields["gpu"]) <= 4
