@@ -249,12 +249,17 @@ def measure(session: Session, prompts: list[dict], out_dir: Path) -> tuple[list[
 
     monitor = PowerMonitor.for_job(cell["power"], torch.device(session.device).type, devices=list(session.plan.gpus) or None)
     total = total_requests(schedule(prompts, cell["load"], cell["seed"]))
+
+    def begin_window() -> None:
+        log.info("warm-up done; measuring %d requests", total)
+        monitor.begin_window(sync=sync)
+
     with monitor, progress(total, cell["cell"]) as bar:
         monitor.measure_idle(sync=sync)
         records = run_load(
             prompts, engine, cell["load"], cell["batch_size"], seed=cell["seed"], warmup=cell["warmup"],
             on_record=bar.update,
-            on_window_start=lambda: monitor.begin_window(sync=sync),
+            on_window_start=begin_window,
             on_window_end=lambda: monitor.end_window(sync=sync),
         )
     measured = [r for r in records if not r["warmup"]]
