@@ -65,7 +65,8 @@ def _run(args) -> int:
         reference=Path(args.reference) if args.reference else None,
         threads=args.threads,
     )
-    return 0 if result["status"] != "interrupted" else 130
+    # A failed cell is a result (exit 0); an interrupted one exits as a shell reports the signal.
+    return 128 + result["signal"] if result["status"] == "interrupted" else 0
 
 
 def _cells(args) -> int:

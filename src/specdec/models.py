@@ -130,6 +130,18 @@ def load_tokenizer(location: str, **kwargs):
     return tokenizer
 
 
+def _is_causal_lm(config, trust_remote_code: bool) -> bool:
+    """transformers maps encoders such as BERT to a causal LM head too, which is one only when
+    the config says `is_decoder`; a model of remote code counts only when it is trusted."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPING
+
+    if "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}):
+        return trust_remote_code
+    if type(config) in MODEL_FOR_MASKED_LM_MAPPING:
+        return bool(getattr(config, "is_decoder", False))
+    return type(config) in MODEL_FOR_CAUSAL_LM_MAPPING
+
+
 def load_model(name: str, spec: dict, models_dir: Path, dtype: str | None = None, **load_kwargs):
     """Load a configured causal LM and its tokenizer (left padding, as pad == eos here).
 
@@ -143,10 +155,12 @@ def load_model(name: str, spec: dict, models_dir: Path, dtype: str | None = None
         config = AutoConfig.from_pretrained(location, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelError(f"model {name!r} ({location}) cannot be loaded: {exc}") from None
-    remote = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
-    if type(config) not in AutoModelForCausalLM._model_mapping and not (remote and kwargs["trust_remote_code"]):
+    if not _is_causal_lm(config, kwargs["trust_remote_code"]):
         raise ModelError(f"model {name!r} ({location}) is a {config.model_type!r} model, not a causal language model")
     torch_dtype = getattr(torch, dtype or spec.get("dtype", "float32"))
-    tokenizer = load_tokenizer(location, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **load_kwargs, **kwargs).eval()
+    try:
+        tokenizer = load_tokenizer(location, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **load_kwargs, **kwargs).eval()
+    except OSError as exc:  # missing tokenizer or weight files
+        raise ModelError(f"model {name!r} ({location}) cannot be loaded: {exc}") from None
     return model, tokenizer

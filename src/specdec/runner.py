@@ -24,20 +24,31 @@ from pathlib import Path
 import torch
 
 from specdec import metrics, models, placement
-from specdec.config import METHODS_WITH_GAMMA
+from specdec.config import METHODS_WITH_GAMMA, ConfigError
 from specdec.io import read_jsonl, write_json, write_jsonl
 
 log = logging.getLogger("specdec.run")
 
 SCHEMA_VERSION = 1
+METHODS = ("ar", *sorted(METHODS_WITH_GAMMA))
+OUTPUTS = ("result.json", "requests.jsonl")
 
 
-class Interrupted(Exception):
-    """SIGTERM or SIGINT arrived."""
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT arrived. A BaseException, like KeyboardInterrupt, so that no
+    `except Exception` (ours or a library's) records it as a failure."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 class CellTimeout(Exception):
     """The cell ran past its configured `timeout_s`."""
+
+
+class ContextTooLong(ValueError):
+    """A conversation and its new tokens do not fit a model's context window."""
 
 
 def now_iso() -> str:
@@ -145,6 +156,36 @@ def chat_messages(request) -> list[dict]:
     return messages
 
 
+def check_context(session: Session, prompts: list[dict]) -> None:
+    """Every conversation must fit the models' context: its templated turns plus
+    max_new_tokens for each answer. Known before decoding, so it is bad input."""
+    from specdec.load import Request
+
+    limits = [getattr(m.config, "max_position_embeddings", None) for m in (session.target, session.drafter_model) if m is not None]
+    limits = [limit for limit in limits if limit]
+    if not limits:
+        return
+    limit, new_tokens = min(limits), session.cell["max_new_tokens"]
+    for conversation in prompts:
+        turns = len(conversation["turns"])
+        # The last turn's context, its earlier answers left empty: they add at most new_tokens each.
+        last = Request(conversation, turn=turns, history=({"output_text": ""},) * (turns - 1))
+        prompt = len(session.tokenizer.apply_chat_template(chat_messages(last), add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+        if prompt + turns * new_tokens > limit:
+            raise ContextTooLong(
+                f"request {last.request_id}: {prompt} prompt tokens + {turns} x max_new_tokens {new_tokens} = "
+                f"{prompt + turns * new_tokens} tokens exceed the models' context of {limit} (max_position_embeddings)"
+            )
+
+
+def check_cell(cell: dict) -> None:
+    """The method (which the config schema checks, but a cell may come as JSON) and the
+    generation settings, before any model loads."""
+    if cell["method"] not in METHODS:
+        raise ConfigError(f"cell key 'method': unknown method {cell['method']!r} (expected one of {', '.join(METHODS)})")
+    generation_settings(cell)
+
+
 def make_engine(session: Session, generator: torch.Generator):
     """engine(batch of load.Request) -> row dicts: template and tokenise (outside the timed
     region, reported as `decode_start_ns`), decode with the cell's method, detokenise."""
@@ -208,12 +249,17 @@ def measure(session: Session, prompts: list[dict], out_dir: Path) -> tuple[list[
 
     monitor = PowerMonitor.for_job(cell["power"], torch.device(session.device).type, devices=list(session.plan.gpus) or None)
     total = total_requests(schedule(prompts, cell["load"], cell["seed"]))
+
+    def begin_window() -> None:
+        log.info("warm-up done; measuring %d requests", total)
+        monitor.begin_window(sync=sync)
+
     with monitor, progress(total, cell["cell"]) as bar:
         monitor.measure_idle(sync=sync)
         records = run_load(
             prompts, engine, cell["load"], cell["batch_size"], seed=cell["seed"], warmup=cell["warmup"],
             on_record=bar.update,
-            on_window_start=lambda: monitor.begin_window(sync=sync),
+            on_window_start=begin_window,
             on_window_end=lambda: monitor.end_window(sync=sync),
         )
     measured = [r for r in records if not r["warmup"]]
@@ -312,7 +358,7 @@ def failure_record(exc: BaseException, phase: str) -> dict:
 
 
 def _raise_interrupted(signum, frame):
-    raise Interrupted(signal.Signals(signum).name)
+    raise Interrupted(signum)
 
 
 def _raise_timeout(signum, frame):
@@ -321,11 +367,12 @@ def _raise_timeout(signum, frame):
 
 def run_cell(cell: dict, prompts_path: Path, out_dir: Path, models_dir: Path = Path("resources/models"),
              reference: Path | None = None, threads: int | None = None) -> dict:
-    """Run one cell; returns the result written (or `{"status": "interrupted"}`)."""
+    """Run one cell; returns the result written, or `{"status": "interrupted", "signal": N}`.
+
+    Bad input raises (a ValueError) before anything is written. SIGTERM/SIGINT at any moment,
+    the writing of the outputs included, leaves neither output file."""
     from specdec.datasets import read_prompts
     from specdec.gpus import lease_gpus
-    from specdec.metadata import collect_metadata
-    from specdec.schema import validate_result
 
     out_dir, started = Path(out_dir), now_iso()
     if threads:
@@ -333,51 +380,60 @@ def run_cell(cell: dict, prompts_path: Path, out_dir: Path, models_dir: Path = P
     phase = "setup"
     handlers = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        generation_settings(cell)  # bad settings fail here, before any model loads
+        check_cell(cell)
         prompts = read_prompts(prompts_path)
         strategy = cell["placement"]["strategy"]
         lease = lease_gpus(placement.gpus_required(strategy, cell["placement"], cell["drafter"] is not None), label=cell["cell"])
         session = load_session(cell, Path(models_dir))
+        check_context(session, prompts)
         where = {"lease": lease.describe(), "plan": session.plan.describe(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
-        if cell.get("timeout_s"):
-            signal.signal(signal.SIGALRM, _raise_timeout)
-            signal.setitimer(signal.ITIMER_REAL, cell["timeout_s"])
         phase = "measure"
         result, records = _measure_and_analyse(session, prompts, out_dir, reference)
+        phase = "write"
+        _write_outputs(cell, result, records, where, started, out_dir)
     except Interrupted as exc:
+        for name in OUTPUTS:  # one may be in place already if the signal came between the two renames
+            (out_dir / name).unlink(missing_ok=True)
         write_json(out_dir / "interrupted.json", {"cell_id": f"{cell['experiment']}/{cell['cell']}", "signal": str(exc), "phase": phase, "at": now_iso()})
         log.error("interrupted by %s during %s; no result written, so the cell reruns", exc, phase)
-        return {"status": "interrupted"}
+        return {"status": "interrupted", "signal": exc.signum}
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+    log.info("\n%s", metrics.summary_table(result["metrics"], cell["cell"]) if result["metrics"] else result["failure"])
+    return result
+
+
+def _write_outputs(cell: dict, result: dict, records: list[dict], where: dict, started: str, out_dir: Path) -> None:
+    """Complete, validate and write the result; result.json goes last, as the mark of a finished cell."""
+    from specdec.metadata import collect_metadata
+    from specdec.schema import validate_result
+
     result.update(schema_version=SCHEMA_VERSION, cell_id=f"{cell['experiment']}/{cell['cell']}", config=cell)
     result["metadata"] = collect_metadata(seed=cell["seed"], started_at=started, finished_at=now_iso()) | {"placement": where}
     validate_result(result)
     write_jsonl(out_dir / "requests.jsonl", records)
     write_json(out_dir / "result.json", result)
     (out_dir / "interrupted.json").unlink(missing_ok=True)
-    log.info("\n%s", metrics.summary_table(result["metrics"], cell["cell"]) if result["metrics"] else result["failure"])
-    return result
 
 
 def _measure_and_analyse(session: Session, prompts: list[dict], out_dir: Path, reference: Path | None) -> tuple[dict, list[dict]]:
-    """The result body and the request records; a failure here is recorded, not raised, so
-    that the rest of the matrix goes on (Interrupted still propagates)."""
+    """The result body and the request records; a failure here (the cell's `timeout_s`
+    included) is recorded, not raised, so that the rest of the matrix goes on."""
     from specdec.peers import NotSupported
 
     result = {"status": "ok", "failure": None, "metrics": None, "acceptance": None, "theory": None,
               "energy": {"available": False, "reason": "the cell did not reach its measured window"},
               "correctness": {"checked": False, "reason": "the cell did not finish"}}
     phase = "measure"
+    if session.cell.get("timeout_s"):
+        signal.signal(signal.SIGALRM, _raise_timeout)
+        signal.setitimer(signal.ITIMER_REAL, session.cell["timeout_s"])
     try:
         records, result["energy"] = measure(session, prompts, out_dir)
         phase = "analyse"
         result.update(analyse(session, records, reference))
         return result, records
-    except Interrupted:
-        raise
     except Exception as exc:
         log.exception("cell failed during %s", phase)
         status = "not_supported" if isinstance(exc, NotSupported) else "failed"
@@ -386,3 +442,5 @@ def _measure_and_analyse(session: Session, prompts: list[dict], out_dir: Path, r
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return result, []
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)

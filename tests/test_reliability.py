@@ -1,0 +1,398 @@
+"""Reliability: bad input fails clearly and writes nothing; a failing cell is recorded and the
+matrix goes on; an interrupted job leaves nothing that looks finished; runs are repeatable;
+no remote code, escaping path or secret gets through."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from specdec import cli, runner
+from specdec.aggregate import failed_table, runs_table
+from specdec.config import ConfigError, expand_matrix, validate
+from specdec.datasets import prepare_dataset_file
+from specdec.io import read_jsonl
+from specdec.load import arrival_times
+from specdec.models import ModelError, load_model, load_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+OUTPUTS = ("result.json", "requests.jsonl")
+SECRET = "hf_secret_test_value"
+
+CONFIG = {
+    "seed": 5,
+    "models": {"smollm2": {"source": "embedded"}},
+    "drafters": {"int8": {"kind": "quantized", "dtype": "int8"}},
+    "datasets": {"sample": {"source": "sample", "num_prompts": 2, "turns": "first"}},
+    "experiments": {
+        "rel": {
+            "target": "smollm2",
+            "datasets": ["sample"],
+            "methods": [{"method": "ar"}, {"method": "speculative", "drafter": "int8", "gamma": 3}],
+            "max_new_tokens": 8,
+            "warmup": 1,
+        }
+    },
+    "power": {"idle_s": 0},
+    "aggregate": {"n_resamples": 100},
+}
+DATASET_ARGS = ["--model", "smollm2", "--model-spec", '{"source": "embedded"}', "--seed", "5"]
+
+
+def fresh_config() -> dict:
+    return json.loads(json.dumps(CONFIG))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, embedded_model_dir):
+    """A work dir with the embedded model under models/, the prompts file and the two cells."""
+    work = tmp_path_factory.mktemp("reliability")
+    (work / "models").mkdir()
+    (work / "models" / "smollm2").symlink_to(embedded_model_dir)
+    prompts = work / "prompts.jsonl"
+    prepare_dataset_file(CONFIG["datasets"]["sample"], load_tokenizer(str(embedded_model_dir)), prompts, seed=5)
+    cells = {cell["method"]: cell for cell in expand_matrix(validate(fresh_config()))}
+    return {"work": work, "models": work / "models", "prompts": prompts, "cells": cells}
+
+
+@pytest.fixture(scope="module")
+def ar_run(tiny):
+    """The AR cell run once in-process: its out dir."""
+    out = tiny["work"] / "ar"
+    result = runner.run_cell(tiny["cells"]["ar"], tiny["prompts"], out, models_dir=tiny["models"])
+    assert result["status"] == "ok", result["failure"]
+    return out
+
+
+def cell_with(cell: dict, **changes) -> dict:
+    return json.loads(json.dumps(cell)) | changes
+
+
+def specdec_error(capsys, *argv: str) -> str:
+    """Run `specdec ARGV` in-process; it must exit 2 with one error line and no traceback."""
+    code = cli.main(list(argv))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith(f"specdec {argv[0]}: error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def run_error(capsys, tiny, tmp_path, cell: dict, prompts: Path | None = None) -> str:
+    """`specdec run` of a bad cell: the error line; nothing written to the out dir."""
+    out = tmp_path / "out"
+    line = specdec_error(capsys, "run", "--cell-json", json.dumps(cell), "--prompts", str(prompts or tiny["prompts"]),
+                         "--out-dir", str(out), "--models-dir", str(tiny["models"]))
+    assert not any((out / name).exists() for name in OUTPUTS)
+    return line
+
+
+def assert_no_outputs(out: Path) -> None:
+    """Neither output, and no temp file Snakemake or aggregation could take for one."""
+    names = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    assert not [n for n in names if n in OUTPUTS or n.endswith(".tmp")], names
+
+
+# --- 1. bad input ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key, value, bad", [
+    ("batch_size", "four", "four"),
+    ("methods", [{"method": "beam"}], "beam"),
+    ("placement", "sideways", "sideways"),
+], ids=["schema", "method", "strategy"])
+def test_config_error_names_the_key(capsys, tmp_path, key, value, bad):
+    config = fresh_config()
+    config["experiments"]["rel"][key] = value
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
+    line = specdec_error(capsys, "run", "--config", str(tmp_path / "bad.yaml"), "--cell-id", "rel/x",
+                         "--prompts", "p.jsonl", "--out-dir", str(tmp_path / "out"))
+    assert f"config key 'experiments.rel.{key}" in line and repr(bad) in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"method": "beam"}, "cell key 'method': unknown method 'beam'"),
+    ({"placement": {"strategy": "sideways"}}, "unknown placement strategy 'sideways'"),
+], ids=["method", "strategy"])
+def test_cell_json_with_unknown_method_or_strategy_fails_before_loading(capsys, tiny, tmp_path, change, message):
+    assert message in run_error(capsys, tiny, tmp_path, cell_with(tiny["cells"]["ar"], **change))
+
+
+@pytest.mark.parametrize("name, content, spec, message", [
+    ("missing.jsonl", None, {}, "dataset file not found: {path}"),
+    ("broken.json", '[{"question_id": 1,', {}, "{path}: not valid JSON (line 1)"),
+    ("object.json", '{\n "question_id": 1,\n "turns": ["hi"]\n}\n', {}, "{path}: one JSON object spanning the file"),
+    ("lines.jsonl", '{"question_id": 1, "category": "c", "turns": ["hi"]}\n{oops\n', {"on_malformed": "fail"},
+     "{path}:2: not valid JSON"),
+    ("short.jsonl", '{"question_id": 1, "category": "c", "turns": ["a long question " ]}\n', {"max_prompt_tokens": 1},
+     "max_prompt_tokens"),
+], ids=["missing", "not-json", "other-shape", "malformed-line", "empty-after-filter"])
+def test_bad_dataset_file_fails_naming_it(capsys, tiny, tmp_path, name, content, spec, message):
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content)
+    out = tmp_path / "prompts.jsonl"
+    spec = {"source": "mtbench", "path": str(path)} | spec
+    line = specdec_error(capsys, "prepare-dataset", "--name", "bad", "--spec", json.dumps(spec), *DATASET_ARGS,
+                         "--models-dir", str(tiny["models"]), "--out", str(out))
+    assert message.format(path=path) in line
+    assert not out.exists() and not list(tmp_path.glob(".prompts.jsonl.*"))
+
+
+def local_target(tiny, path: Path) -> dict:
+    cell = cell_with(tiny["cells"]["ar"])
+    cell["models"]["smollm2"] = {"source": "local", "path": str(path), "dtype": "float32", "trust_remote_code": False}
+    return cell
+
+
+def test_missing_model_path_names_the_key(capsys, tiny, tmp_path):
+    line = run_error(capsys, tiny, tmp_path, local_target(tiny, tmp_path / "nowhere"))
+    assert f"config key 'models.smollm2.path': {tmp_path / 'nowhere'} does not exist" in line
+
+
+def test_encoder_model_is_not_a_causal_lm(capsys, tiny, tmp_path):
+    from transformers import BertConfig
+
+    BertConfig().save_pretrained(tmp_path / "bert")
+    line = run_error(capsys, tiny, tmp_path, local_target(tiny, tmp_path / "bert"))
+    assert "model 'smollm2'" in line and "'bert' model, not a causal language model" in line
+
+
+def tiny_llama_with_own_vocabulary(folder: Path) -> None:
+    """A one-layer Llama with a 3-word tokenizer: a drafter whose vocabulary is not the target's."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    config = LlamaConfig(vocab_size=3, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    words = Tokenizer(WordLevel({"<unk>": 0, "</s>": 1, "hello": 2}, unk_token="<unk>"))
+    words.pre_tokenizer = Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", eos_token="</s>").save_pretrained(folder)
+
+
+def test_drafter_with_another_vocabulary_fails_before_decoding(capsys, tiny, tmp_path):
+    tiny_llama_with_own_vocabulary(tmp_path / "tiny")
+    cell = cell_with(tiny["cells"]["speculative"], drafter="tiny", drafters={"tiny": {"kind": "model", "model": "tiny"}})
+    cell["models"]["tiny"] = {"source": "local", "path": str(tmp_path / "tiny"), "dtype": "float32", "trust_remote_code": False}
+    line = run_error(capsys, tiny, tmp_path, cell)
+    assert "drafter tokenizer differs from the target's (3 vs 49152 tokens" in line
+
+
+def test_prompt_longer_than_the_context_names_request_and_limit(capsys, tiny, tmp_path):
+    long = {"id": "long/1", "dataset": "long", "category": "c", "system": None, "turns": ["word " * 9000], "prompt_tokens": 9000}
+    prompts = tmp_path / "long.jsonl"
+    prompts.write_text(json.dumps(long) + "\n")
+    line = run_error(capsys, tiny, tmp_path, tiny["cells"]["ar"], prompts)
+    assert "request long/1#1:" in line and "max_new_tokens 8" in line
+    assert "exceed the models' context of 8192 (max_position_embeddings)" in line
+
+
+# --- 2. failure isolation --------------------------------------------------------------------
+
+
+def failed_row(out: Path) -> dict:
+    rows = failed_table(runs_table([out / "result.json"]))
+    assert len(rows) == 1
+    return rows.iloc[0].to_dict()
+
+
+@pytest.mark.parametrize("error", [RuntimeError("engine broke"), torch.OutOfMemoryError("CUDA out of memory (simulated)")],
+                         ids=["RuntimeError", "OutOfMemoryError"])
+def test_decoding_failure_is_a_failed_result(monkeypatch, tiny, tmp_path, error):
+    def broken(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr("specdec.decoding.generate", broken)
+    result = runner.run_cell(tiny["cells"]["ar"], tiny["prompts"], tmp_path, models_dir=tiny["models"])
+    written = json.loads((tmp_path / "result.json").read_text())
+    assert written == result and result["status"] == "failed" and result["metrics"] is None
+    assert result["failure"]["type"] == type(error).__name__ and result["failure"]["phase"] == "measure"
+    assert result["failure"]["message"] == str(error) and result["failure"]["memory_mb"] > 0
+    assert read_jsonl(tmp_path / "requests.jsonl") == []
+    row = failed_row(tmp_path)
+    assert (row["status"], row["type"], row["phase"]) == ("failed", type(error).__name__, "measure")
+
+
+def test_cell_past_its_timeout_is_failed_and_the_cli_exits_0(capsys, tiny, tmp_path):
+    cell = cell_with(tiny["cells"]["speculative"], timeout_s=0.5)
+    code = cli.main(["run", "--cell-json", json.dumps(cell), "--prompts", str(tiny["prompts"]),
+                     "--out-dir", str(tmp_path), "--models-dir", str(tiny["models"])])
+    assert code == 0
+    row = failed_row(tmp_path)
+    assert (row["type"], row["phase"]) == ("CellTimeout", "measure")
+    assert "timeout_s" in row["message"]
+
+
+# --- 3. interruption -------------------------------------------------------------------------
+
+
+def start_long_run(tiny, out: Path) -> tuple[subprocess.Popen, Path]:
+    """`specdec run` of the AR cell over 60 requests, logging to a file; returns once it has
+    decoded in its measured window for a second."""
+    cell = cell_with(tiny["cells"]["ar"], load={"mode": "closed", "num_prompts": 60})
+    log = out.parent / f"{out.name}.log"
+    command = [str(BIN / "specdec"), "run", "--cell-json", json.dumps(cell), "--prompts", str(tiny["prompts"]),
+               "--out-dir", str(out), "--models-dir", str(tiny["models"]), "--threads", "1"]
+    environment = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=environment)
+    deadline = time.monotonic() + 120
+    while "measuring 60 requests" not in log.read_text():
+        assert process.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+    time.sleep(1)
+    assert process.poll() is None, log.read_text()[-3000:]
+    return process, log
+
+
+def test_sigkill_leaves_nothing_that_looks_finished(tiny, tmp_path):
+    process, _ = start_long_run(tiny, tmp_path / "out")
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=30) == -signal.SIGKILL
+    assert_no_outputs(tmp_path / "out")
+
+
+def test_sigterm_exits_143_and_records_where_it_stopped(tiny, tmp_path):
+    process, log = start_long_run(tiny, tmp_path / "out")
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 128 + signal.SIGTERM, log.read_text()[-3000:]
+    assert_no_outputs(tmp_path / "out")
+    interrupted = json.loads((tmp_path / "out" / "interrupted.json").read_text())
+    assert interrupted["signal"] == "SIGTERM" and interrupted["phase"] == "measure"
+    assert interrupted["cell_id"] == f"rel/{tiny['cells']['ar']['cell']}"
+
+
+def snakemake_command(*args: str) -> list[str]:
+    return [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "--cores", "2", *args]
+
+
+def test_snakemake_killed_mid_matrix_reruns_only_unfinished_jobs(tiny, tmp_path, embedded_model_dir):
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(fresh_config()))
+    (tmp_path / "resources" / "models").mkdir(parents=True)
+    (tmp_path / "resources" / "models" / "smollm2").symlink_to(embedded_model_dir)
+    # Prompts prepared beforehand (newer than the model, so kept): the matrix alone runs.
+    (tmp_path / "results" / "prompts").mkdir(parents=True)
+    shutil.copy(tiny["prompts"], tmp_path / "results" / "prompts" / "sample.jsonl")
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO / "src"))
+    ar, spec = (cell["cell"] for cell in expand_matrix(validate(fresh_config())))
+    spec_log = tmp_path / "logs" / "benchmark" / "rel" / f"{spec}.log"
+    process = subprocess.Popen(snakemake_command(), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 150
+    # The speculative cell starts once the AR cell (its reference) has finished; its log
+    # appears as its job starts, seconds before it could finish.
+    while not spec_log.exists():
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    time.sleep(1)  # the killed group's files are closed
+    runs = tmp_path / "results" / "runs" / "rel"
+    assert (runs / ar / "result.json").is_file()
+    assert_no_outputs(runs / spec)
+
+    plan = subprocess.run(snakemake_command("-n"), cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    text = plan.stdout + plan.stderr
+    assert "profiles/default" in text  # the workflow profile (rerun-incomplete) is in force
+    assert set(re.findall(r"output: \S*runs/rel/([^/]+)/result\.json", text)) == {spec}, text[-3000:]
+    assert set(re.findall(r"^(?:local)?rule (\w+):", text, re.M)) == {"benchmark", "aggregate", "plot", "all"}
+
+
+# --- 4. determinism --------------------------------------------------------------------------
+
+
+def test_same_seed_same_prompts_and_arrivals(tiny, tmp_path, embedded_model_dir):
+    tokenizer = load_tokenizer(str(embedded_model_dir))
+    spec = {"source": "sample", "num_prompts": 5}
+    for name in ("a.jsonl", "b.jsonl"):
+        prepare_dataset_file(spec, tokenizer, tmp_path / name, seed=11)
+    assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
+    prepare_dataset_file(spec, tokenizer, tmp_path / "c.jsonl", seed=12)
+    assert (tmp_path / "a.jsonl").read_bytes() != (tmp_path / "c.jsonl").read_bytes()
+    load = {"mode": "open", "rate": 3.0, "arrival": "gamma", "burstiness": 0.5, "num_requests": 20}
+    assert arrival_times(load, 7) == arrival_times(load, 7) != arrival_times(load, 8)
+
+
+def test_result_config_reruns_the_cell_alone_identically_without_leaking_secrets(tiny, ar_run, tmp_path):
+    """Also the secrets check: the rerun has HF_TOKEN set; it appears in no output or log."""
+    result = json.loads((ar_run / "result.json").read_text())
+    (tmp_path / "cell.json").write_text(json.dumps(result["config"]))
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), HF_TOKEN=SECRET)
+    rerun = subprocess.run(
+        [str(BIN / "specdec"), "run", "--cell", str(tmp_path / "cell.json"), "--prompts", str(tiny["prompts"]),
+         "--out-dir", str(tmp_path / "out"), "--models-dir", str(tiny["models"])],
+        env=env, capture_output=True, text=True,
+    )
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    first, second = read_jsonl(ar_run / "requests.jsonl"), read_jsonl(tmp_path / "out" / "requests.jsonl")
+    assert [r["request_id"] for r in first] == [r["request_id"] for r in second]
+    assert [r["output_ids"] for r in first] == [r["output_ids"] for r in second]
+    assert all(len(r["output_ids"]) > 0 for r in second)
+    written = [(tmp_path / "out" / name).read_text() for name in OUTPUTS]
+    assert not [text for text in (*written, rerun.stdout, rerun.stderr) if SECRET in text]
+
+
+# --- 5. security -----------------------------------------------------------------------------
+
+
+def test_results_dir_cannot_escape_the_working_directory():
+    for results_dir in ("../x", "/abs/results", "results/../../x"):
+        config = fresh_config() | {"results_dir": results_dir}
+        with pytest.raises(ConfigError, match="config key 'results_dir'"):
+            validate(config)
+
+
+def test_remote_code_is_never_run_unless_trusted(tmp_path):
+    """A model folder whose config maps to its own Python module: loading it without
+    trust_remote_code is a ModelError, and the module is never imported."""
+    folder = tmp_path / "custom"
+    folder.mkdir()
+    marker = tmp_path / "remote_code_ran"
+    (folder / "configuration_evil.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).touch()\n"
+        "from transformers import PretrainedConfig\n\nclass EvilConfig(PretrainedConfig):\n    model_type = 'evil'\n"
+    )
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "evil",
+        "auto_map": {"AutoConfig": "configuration_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.EvilModel"},
+    }))
+    spec = {"source": "local", "path": str(folder), "dtype": "float32", "trust_remote_code": False}
+    with pytest.raises(ModelError, match="model 'custom'.*cannot be loaded"):
+        load_model("custom", spec, tmp_path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+def test_trust_remote_code_is_passed_only_when_configured(monkeypatch, embedded_model_dir, trusted):
+    import transformers
+
+    seen = []
+    for name in ("AutoConfig", "AutoTokenizer", "AutoModelForCausalLM"):
+        auto = getattr(transformers, name)
+        real = auto.from_pretrained
+
+        def recording(*args, _real=real, _name=name, **kwargs):
+            seen.append((_name, kwargs.get("trust_remote_code")))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(auto, "from_pretrained", recording)
+    spec = {"source": "local", "path": str(embedded_model_dir), "dtype": "float32"}
+    load_model("smollm2", spec | ({"trust_remote_code": True} if trusted else {}), Path("unused"))
+    assert {name for name, _ in seen} == {"AutoConfig", "AutoTokenizer", "AutoModelForCausalLM"}
+    assert {flag for _, flag in seen} == {trusted}
