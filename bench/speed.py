@@ -87,7 +87,8 @@ def main() -> None:
         ("spec bf16", ours(ModelDrafter(drafters["bf16"])), "HF assisted bf16", theirs(assistant_model=drafters["bf16"])),
         ("ngram", ours(NgramDrafter(n=3)), "HF prompt lookup", theirs(prompt_lookup_num_tokens=settings.gamma)),
     ]
-    totals = defaultdict(lambda: [0, 0.0, 0.0])  # method -> [tokens, seconds, forward seconds]
+    totals = defaultdict(lambda: [0, 0.0, 0.0, 0, 0, 0])
+    # method -> [tokens, seconds, forward seconds, drafted, accepted, target forwards]
     outputs = defaultdict(list)
 
     def timed(name, run, inputs):
@@ -96,10 +97,15 @@ def main() -> None:
         totals[name][0] += sum(len(r.output_ids) for r in rows)
         totals[name][1] += time.perf_counter() - t0
         totals[name][2] += clock.seconds - forward0
+        totals[name][3] += sum(r.drafted_tokens for r in rows)
+        totals[name][4] += sum(r.accepted_tokens for r in rows)
+        totals[name][5] += sum(r.target_forwards for r in rows)
         outputs[name].extend(r.output_ids for r in rows)
 
     with torch.inference_mode():
-        timed("warm-up", ours(), singles[0])
+        for a, run_a, b, run_b in pairs:
+            timed("warm-up", run_a, singles[0])
+            timed("warm-up", run_b, singles[0])
         for _ in range(rounds):
             for e in singles:
                 for a, run_a, b, run_b in pairs:
@@ -113,10 +119,12 @@ def main() -> None:
 
     print(f"{count} prompts x {rounds} rounds, {new_tokens} new tokens, greedy, gamma {settings.gamma}, "
           f"torch threads {torch.get_num_threads()}")
-    print(f"{'method':<20}{'tokens':>8}{'tok/s':>9}{'outside forwards':>18}")
-    for name, (tokens, seconds, forward) in totals.items():
+    print(f"{'method':<20}{'tokens':>8}{'tok/s':>9}{'outside forwards':>18}{'accepted':>10}{'tok/forward':>13}")
+    for name, (tokens, seconds, forward, drafted, accepted, forwards) in totals.items():
         if name != "warm-up":
-            print(f"{name:<20}{tokens:>8}{tokens / seconds:>9.1f}{(seconds - forward) / seconds:>17.1%}")
+            rate = f"{accepted / drafted:.0%}" if drafted else "-"
+            print(f"{name:<20}{tokens:>8}{tokens / seconds:>9.1f}{(seconds - forward) / seconds:>17.1%}"
+                  f"{rate:>10}{tokens / forwards:>13.2f}")
 
     def rate(name):
         return totals[name][0] / totals[name][1]
