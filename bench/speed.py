@@ -7,6 +7,7 @@ forwards (forward time is taken by hooks on the target and drafter models).
 
     python bench/speed.py            # 4 prompts, 64 new tokens, 2 rounds
     python bench/speed.py --quick    # 2 prompts, 32 new tokens, 1 round
+    python bench/speed.py --prompts 2 --new-tokens 64 --rounds 1
 """
 
 from __future__ import annotations
@@ -61,8 +62,11 @@ def prompts(tokenizer, count: int) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="2 prompts, 32 new tokens, 1 round")
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    count, new_tokens, rounds = (2, 32, 1) if args.quick else (4, 64, 2)
+    count, new_tokens, rounds = (2, 32, 1) if args.quick else (args.prompts, args.new_tokens, args.rounds)
 
     tokenizer = AutoTokenizer.from_pretrained(MODEL)
     tokenizer.padding_side = "left"
