@@ -59,3 +59,15 @@ def test_speculative_peers_refuse_batches(setup, peer):
     kwargs = {"assistant_model": model} if peer == "assisted" else {"prompt_lookup_num_tokens": 4}
     with pytest.raises(NotSupported, match="batch size 1"):
         hf_generate(model, batch.input_ids, batch.attention_mask, settings, **kwargs)
+
+
+def test_sampling_settings_reach_generate(setup):
+    """Sampling settings are passed explicitly (top_k 0 included, which transformers must
+    read as "off", not fall back to its default of 50): with top_p near 0 only the argmax
+    survives, so sampling reproduces the greedy output."""
+    model, batch, _, ours = setup
+    settings = GenerationSettings(max_new_tokens=8, temperature=1.0, top_k=0, top_p=1e-6,
+                                  eos_token_ids=(2,), pad_token_id=2)
+    torch.manual_seed(0)
+    row = hf_generate(model, batch.input_ids[:1], batch.attention_mask[:1], settings)[0]
+    assert row.output_ids == ours[0].output_ids[:8]

@@ -90,17 +90,16 @@ def hf_generate(
     speculative = assistant_model is not None or prompt_lookup_num_tokens is not None
     if speculative and batch > 1:
         raise NotSupported(f"transformers assisted generation and prompt lookup support batch size 1 only, got {batch}")
-    sampling = settings.temperature > 0
     kwargs = dict(
         attention_mask=attention_mask,
         max_new_tokens=settings.max_new_tokens,
-        do_sample=sampling,
-        temperature=settings.temperature if sampling else None,
-        top_k=settings.top_k if sampling and settings.top_k > 0 else None,
-        top_p=settings.top_p if sampling else None,
+        do_sample=settings.temperature > 0,
         pad_token_id=settings.pad_token_id,
         eos_token_id=list(settings.eos_token_ids) or None,
     )
+    if settings.temperature > 0:
+        # Explicit values: an unset top_k falls back to transformers' global default of 50.
+        kwargs.update(temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p)
     drafted: list[int] | None = [] if speculative else None
     saved_config = None
     if assistant_model is not None:

@@ -22,16 +22,16 @@ class RaggedCache:
     `crop(-k)` removes k slots), so the cache grows by the longest accepted run, not by gamma.
     """
 
-    def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    def __init__(self, model, batch: int, device: torch.device):
         self.model = model
         self.cache = DynamicCache(config=model.config)
-        self.mask = torch.zeros(input_ids.shape[0], 0, dtype=torch.bool, device=input_ids.device)
-        self.lengths = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+        self.mask = torch.zeros(batch, 0, dtype=torch.bool, device=device)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
 
     @classmethod
     def prefill(cls, model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         """Cache a left-padded prompt batch; returns (cache, logits of the last position (B, V))."""
-        cache = cls(model, input_ids, attention_mask)
+        cache = cls(model, input_ids.shape[0], input_ids.device)
         return cache, cache.extend(input_ids, attention_mask.bool(), logits_to_keep=1)[:, -1]
 
     def extend(self, tokens: torch.Tensor, valid: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:

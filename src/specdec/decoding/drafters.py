@@ -31,6 +31,13 @@ class StepOutcome:
     next_tokens: torch.Tensor
     new_tokens: list[list[int]]
 
+    def select(self, rows: list[int], index: torch.Tensor) -> StepOutcome:
+        """The outcome of the given rows only (`index`: the same rows as a device tensor)."""
+        return StepOutcome(
+            self.accepted[index], [self.accepted_host[i] for i in rows], self.next_tokens[index],
+            [self.new_tokens[i] for i in rows],
+        )
+
 
 class DraftSession(ABC):
     @abstractmethod

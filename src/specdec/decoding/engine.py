@@ -3,9 +3,12 @@ proposes, the target verifies) over a left-padded batch.
 
 Each step the target scores [last emitted token, drafts ...] in one forward, `verify` keeps a
 prefix of each row's drafts plus one target token, and the kept tokens go to the host in one
-transfer (the only synchronisation of a step), timestamped as they arrive. Finished rows leave
-the batch. Without a drafter a step is a plain AR step, so TTFT is the target's first token
-after prefill for every method.
+transfer (the only synchronisation of a step), timestamped as they arrive. Rows advance by what
+they kept (1 .. gamma + 1 tokens), never by a fixed gamma: `RaggedCache` explains how both
+models' caches follow rows that accept different counts. Finished rows (EOS or length) leave
+the batch. Near the length limit drafts are capped to the tokens still wanted. Without a
+drafter a step is a plain AR step, so TTFT is the target's first token after prefill for
+every method.
 """
 
 from __future__ import annotations
@@ -121,7 +124,11 @@ def generate(
     drafter: Drafter | None = None,
     generator: torch.Generator | None = None,
 ) -> list[RowResult]:
-    """Decode a left-padded batch with the target alone (AR) or verifying `drafter`'s drafts."""
+    """Decode a left-padded batch with the target alone (AR) or verifying `drafter`'s drafts.
+
+    `generator` (on the target's device) seeds sampling; a drafter elsewhere gets its own,
+    seeded from it. Returns one RowResult per batch row, in order.
+    """
     _check_prompt(input_ids, attention_mask)
     gamma = settings.gamma if drafter is not None else 0
     sampler = settings.sampler(generator)
@@ -149,10 +156,7 @@ def generate(
                 rows = [i for i, done in enumerate(finished) if not done]
                 index = torch.tensor(rows, device=input_ids.device)
                 cache.select(index)
-                outcome = StepOutcome(
-                    accepted[index], [outcome.accepted_host[i] for i in rows], next_tokens[index],
-                    [outcome.new_tokens[i] for i in rows],
-                )
+                outcome = outcome.select(rows, index)
                 running = [running[i] for i in rows]
                 if session is not None:
                     session.select(rows)
@@ -163,7 +167,8 @@ def generate(
             if drafter is not None and session is None:
                 # Drafter prefill after the first emission: TTFT is the target's alone.
                 session = drafter.start(input_ids, attention_mask, sampler, logits.shape[-1])
-                session.select(running)
+                if len(running) < input_ids.shape[0]:
+                    session.select(running)
             if session is not None:
                 session.commit(outcome)
                 left = max(settings.max_new_tokens - len(results[r].output_ids) for r in running)

