@@ -15,12 +15,12 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
 from specdec.gpus import GpuLeaseError, lease_gpus
+from specdec.models import EMBEDDED_DIR, prepare_embedded
 from specdec.placement import STRATEGIES, PlacementError, gpus_required, input_device, model_info, plan_placement, resolve_local_gpus
 
-EMBEDDED = Path(__file__).resolve().parents[1] / "resources" / "models" / "smollm2-135m-instruct"
+EMBEDDED = EMBEDDED_DIR
 PROMPT = "Write a Python function that returns the n-th Fibonacci number."
 
 
@@ -120,10 +120,8 @@ def summarise(device_map: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.target == str(EMBEDDED) and not (EMBEDDED / "config.json").is_file():
-        from specdec.models import convert_gguf, embedded_gguf_path
-
-        convert_gguf(embedded_gguf_path(), EMBEDDED)
+    if args.target == str(EMBEDDED):
+        prepare_embedded(EMBEDDED)
     try:
         needed = max(gpus_required(s, settings_for(s, args), args.drafter != "none") for s in args.strategy)
         lease = lease_gpus(needed, label="placement_check")

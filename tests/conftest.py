@@ -10,13 +10,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def embedded_model_dir() -> Path:
     """The embedded SmolLM2-135M-Instruct as a transformers folder (converted once)."""
-    from specdec.models import convert_gguf, embedded_gguf_path
+    from specdec.models import prepare_embedded
 
-    out = REPO / "resources" / "models" / "smollm2-135m-instruct"
-    if not (out / "config.json").is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        convert_gguf(embedded_gguf_path(), out)
-    return out
+    return prepare_embedded()
 
 
 @pytest.fixture(scope="session")

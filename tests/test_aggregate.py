@@ -4,7 +4,6 @@ Expected numbers are worked out by hand from the fixture's values.
 """
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np

@@ -1,6 +1,5 @@
 """Figures and the report rules on the synthetic results in tests/fixtures/results."""
 
-import json
 import os
 import shutil
 import subprocess

