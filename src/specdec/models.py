@@ -106,7 +106,7 @@ def quantized_copy(model, kind: str):
         if any(p.device.type != "cpu" for p in model.parameters()):
             raise ValueError("int8 dynamic quantisation runs on the CPU only; use bf16 on a GPU")
         return torch.ao.quantization.quantize_dynamic(
-            copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8
+            copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8, inplace=True
         )
     raise ValueError(f"unknown quantised drafter kind {kind!r} (expected 'int8' or 'bf16')")
 
