@@ -99,8 +99,8 @@ def check_references(config: dict) -> None:
                 raise ConfigError(f"config key '{where}.datasets': dataset {dataset!r} is not defined under datasets")
         for i, entry in enumerate(exp["methods"]):
             _check_method(entry, drafters, f"{where}.methods.{i}")
-        for placement in _as_list(exp["placement"]):
-            if _placement_dict(placement)["strategy"] == "multi_gpu_ratio" and "ratio" not in _placement_dict(placement):
+        for placement in map(_placement_dict, _as_list(exp["placement"])):
+            if placement["strategy"] == "multi_gpu_ratio" and "ratio" not in placement:
                 raise ConfigError(f"config key '{where}.placement': multi_gpu_ratio needs a ratio [target GPUs, drafter GPUs]")
         for load in _as_list(exp["load"]):
             if load["mode"] == "open" and not ("num_requests" in load or "duration_s" in load):
@@ -220,12 +220,12 @@ def expand_matrix(config: dict) -> list[dict]:
 
 
 def _check_unique(cells: list[dict]) -> None:
-    seen: dict[str, int] = {}
+    seen: set[str] = set()
     for cell in cells:
         key = f"{cell['experiment']}/{cell['cell']}"
         if key in seen:
             raise ConfigError(f"config key 'experiments.{cell['experiment']}': two cells resolve to the same id {key!r}")
-        seen[key] = 1
+        seen.add(key)
 
 
 def reference_cell(cell: dict, cells: list[dict]) -> dict | None:
