@@ -16,9 +16,18 @@ import os
 import sys
 import time
 
+from specdec.decoding.cache import RaggedCache
 from specdec.gpus import GpuLeaseError, lease_gpus
 from specdec.models import EMBEDDED_DIR, prepare_embedded
-from specdec.placement import STRATEGIES, PlacementError, gpus_required, input_device, model_info, plan_placement, resolve_local_gpus
+from specdec.placement import (
+    STRATEGIES,
+    PlacementError,
+    gpus_required,
+    input_device,
+    model_info,
+    plan_placement,
+    resolve_local_gpus,
+)
 
 EMBEDDED = EMBEDDED_DIR
 PROMPT = "Write a Python function that returns the n-th Fibonacci number."
@@ -62,14 +71,14 @@ def decode_steps(model, tokenizer, steps: int) -> tuple[list[int], float]:
         [{"role": "user", "content": PROMPT}], add_generation_prompt=True, return_tensors="pt", return_dict=True
     )
     ids = encoded["input_ids"].to(input_device(model))
-    cache, tokens = None, []
+    tokens = []
     start = time.perf_counter()
     with torch.inference_mode():
+        cache, logits = RaggedCache.prefill(model, ids, torch.ones_like(ids, dtype=torch.bool))
         for _ in range(steps):
-            out = model(input_ids=ids, cache=cache, use_cache=True)
-            cache = out.cache
-            ids = out.logits[:, -1:].argmax(-1)
+            ids = logits.argmax(-1)[:, None]
             tokens.append(int(ids))
+            logits = cache.extend(ids, torch.ones_like(ids, dtype=torch.bool))[:, -1]
     return tokens, time.perf_counter() - start
 
 
@@ -123,19 +132,33 @@ def main(argv=None) -> int:
     if args.target == str(EMBEDDED):
         prepare_embedded(EMBEDDED)
     try:
-        needed = max(gpus_required(s, settings_for(s, args), args.drafter != "none") for s in args.strategy)
-        lease = lease_gpus(needed, label="placement_check")
-    except (PlacementError, GpuLeaseError) as error:
+        needs = {s: gpus_required(s, settings_for(s, args), args.drafter != "none") for s in args.strategy}
+    except PlacementError as error:
         print(f"error: placement {' '.join(args.strategy)}: {error}", file=sys.stderr)
         return 2
+    # Lease for the most demanding strategy the machine can hold; the others are reported, not run.
+    lease, errors = None, []
+    for count in sorted(set(needs.values()), reverse=True):
+        try:
+            lease = lease_gpus(count, label="placement_check")
+            break
+        except GpuLeaseError as error:
+            errors.append(str(error))
+    if lease is None:
+        print(f"error: placement {' '.join(args.strategy)}: {'; '.join(errors)}", file=sys.stderr)
+        return 2
     print(f"GPUs: {lease.describe()}")
+    failed = False
+    for strategy, count in needs.items():
+        if count > len(lease.gpus):
+            print(f"== {strategy}: FAILED: needs {count} GPU(s); {errors[0]}", file=sys.stderr)
+            failed = True
 
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.target)
     gpus = resolve_local_gpus()
-    failed = False
-    for strategy in args.strategy:
+    for strategy in (s for s, count in needs.items() if count <= len(lease.gpus)):
         try:
             check(strategy, args, gpus, tokenizer)
         except PlacementError as error:

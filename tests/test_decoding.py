@@ -131,7 +131,7 @@ def test_mismatched_vocabulary_is_refused(embedded_model):
 
 
 def test_ngram_drafter_follows_the_longest_context_and_backs_off():
-    drafter = NgramDrafter(n=3, top_k=2)
+    drafter = NgramDrafter(n=3, top_k=2, min_context=1)
     session = drafter.start(torch.tensor([[1, 2, 3, 1, 2, 4, 9]]), torch.ones(1, 7, dtype=torch.long), None, 10)
     # context (9,) unseen; nothing to propose
     assert session.propose(torch.tensor([9]), 4).lengths.tolist() == [0]
@@ -139,3 +139,20 @@ def test_ngram_drafter_follows_the_longest_context_and_backs_off():
     session.commit(StepOutcome(torch.tensor([0]), [0], torch.tensor([1]), [[1]]))
     # (9, 1) unseen -> back off to (1,): seen followed by 2 twice; then (1, 2) -> 4 (most recent), (2, 4) -> 9
     assert session.propose(torch.tensor([1]), 4).tokens.tolist() == [[2, 4, 9, 1]]
+
+
+def test_ngram_drafter_needs_min_context_tokens_of_match():
+    from specdec.decoding import StepOutcome
+
+    session = NgramDrafter(n=4, min_context=2).start(torch.tensor([[5, 1, 2, 3, 7, 1]]), torch.ones(1, 6, dtype=torch.long), None, 10)
+    # only (1,) matches: a one-token match is not enough
+    assert session.propose(torch.tensor([1]), 4).lengths.tolist() == [0]
+    session.commit(StepOutcome(torch.tensor([0]), [0], torch.tensor([2]), [[2]]))
+    # (1, 2) matches: continue 3, then (1, 2, 3) -> 7, (2, 3, 7) -> 1, (3, 7, 1) -> 2
+    assert session.propose(torch.tensor([2]), 4).tokens.tolist() == [[3, 7, 1, 2]]
+
+
+@pytest.mark.parametrize("kwargs", [{"n": 1}, {"top_k": 0}, {"n": 3, "min_context": 3}, {"min_context": 0}])
+def test_ngram_drafter_rejects_bad_settings(kwargs):
+    with pytest.raises(ValueError, match="NgramDrafter"):
+        NgramDrafter(**kwargs)

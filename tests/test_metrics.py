@@ -9,10 +9,12 @@ from specdec.metrics import (
     bootstrap_ci,
     coefficient_of_variation,
     distribution,
+    draft_length_shares,
     expected_tokens_per_step,
     leviathan_speedup,
     per_token_alpha,
     percentile,
+    predicted_speedup,
     ratio_ci,
     repeats_disagree,
     summarize,
@@ -220,3 +222,29 @@ def test_summary_table_renders_values(records):
     text = summary_table(summarize(records), title="cell")
     assert "TTFT" in text and "600.00" in text  # mean TTFT in ms
     assert "3 requests, 9 output tokens in 2.00 s: 4.50 tok/s, 1.500 req/s" in text
+
+
+def test_draft_length_shares_from_per_position_counts():
+    # 10 steps: 4 drafted nothing, 2 drafted one token, 4 drafted two
+    per_position = [{"drafted": 6, "accepted": 5}, {"drafted": 4, "accepted": 2}]
+    assert draft_length_shares(per_position, steps=10) == pytest.approx([0.4, 0.2, 0.4])
+    with pytest.raises(MetricsError, match="do not fit"):
+        draft_length_shares(per_position, steps=5)
+
+
+def test_prediction_over_draft_lengths():
+    # every step drafting gamma tokens is Leviathan's formula
+    assert predicted_speedup(0.7, 4, 0.2, 1.6, [0, 0, 0, 0, 1]) == pytest.approx(leviathan_speedup(0.7, 4, 0.2, 1.6))
+    # by hand: half the steps draft nothing (1 token, cost 1), half draft 2 of gamma 4
+    # (1 + 0.5 + 0.25 tokens, cost 2 * 0.1 + 1 + 0.6 * 2 / 4)
+    expected = (0.5 * 1 + 0.5 * 1.75) / (0.5 * 1 + 0.5 * 1.5)
+    assert predicted_speedup(0.5, 4, 0.1, 1.6, [0.5, 0, 0.5, 0, 0]) == pytest.approx(expected)
+    block = theory(alpha=0.5, gamma=4, cost_ratio=0.1, verify_cost_ratio=1.6, shares=[0.5, 0, 0.5, 0, 0])
+    assert block["predicted_speedup"] == pytest.approx(expected) and block["draft_length_shares"] == [0.5, 0, 0.5, 0, 0]
+
+
+def test_alpha_of_variable_length_drafts_counts_only_positions_drafted():
+    # 4 steps drafted one token (3 accepted), 2 steps drafted two (both accepted twice):
+    # position 2 was tried in 2 steps, not in the 5 that accepted position 1
+    per_position = [{"drafted": 6, "accepted": 5}, {"drafted": 2, "accepted": 2}]
+    assert per_token_alpha(per_position) == pytest.approx(7 / 8)

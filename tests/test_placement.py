@@ -170,14 +170,16 @@ def test_local_gpus_match_torch(embedded_model):
     assert input_device(embedded_model[0]) == "cpu"
 
 
-def test_placement_check_refuses_gpu_strategies_without_gpus():
+def test_placement_check_reports_gpu_strategies_without_gpus_and_runs_the_rest():
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "CUDA_VISIBLE_DEVICES": ""}
     run = subprocess.run(
         [sys.executable, str(REPO / "bench" / "placement_check.py"), "--strategy", "cpu", "separate"],
         env=env, capture_output=True, text=True, timeout=120,
     )
-    assert run.returncode == 2
-    assert "placement cpu separate: this job needs 2 GPU(s) but CUDA_VISIBLE_DEVICES='' gives 0" in run.stderr
+    # separate is reported as failed, naming why; cpu still runs
+    assert run.returncode == 1
+    assert "== separate: FAILED: needs 2 GPU(s); this job needs 2 GPU(s) but CUDA_VISIBLE_DEVICES='' gives 0" in run.stderr
+    assert "== cpu: GPUs none" in run.stdout and "drafter tokens moved to cpu: 4/4" in run.stdout
 
 
 def test_model_info_names_an_unknown_hub_id(monkeypatch):

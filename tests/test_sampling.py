@@ -72,7 +72,7 @@ def sampled_tokens(target, settings, drafter, draws: int, seed: int, length: int
 )
 def test_speculative_sampling_keeps_the_target_distribution(target, drafter_model, drafter_kind, warp):
     settings = GenerationSettings(max_new_tokens=3, gamma=3, **{"temperature": 1.0, **warp})
-    drafter = {"model": ModelDrafter(drafter_model), "ngram": NgramDrafter(n=2), None: None}[drafter_kind]
+    drafter = {"model": ModelDrafter(drafter_model), "ngram": NgramDrafter(n=2, min_context=1), None: None}[drafter_kind]
     draws = 6000
     tokens = sampled_tokens(target, settings, drafter, draws, seed=11, length=3)
     # Tokens 2 and 3 come from the first speculative step (token 1 is the target's, after prefill).

@@ -122,7 +122,7 @@ def load_result(path: str | Path) -> dict:
 
 
 def flatten_result(result: dict, path: str | Path = "") -> dict[str, Any]:
-    """One tidy row: config keys, DIST fields as `{metric}_{field}`, acceptance, energy..."""
+    """One tidy row: config keys, DIST fields as `{metric}_{field}`, acceptance, energy, memory..."""
     config, metrics = result["config"], result.get("metrics") or {}
     row: dict[str, Any] = {"path": str(path), "status": result["status"]}
     for key in CONFIG_KEYS:
@@ -142,6 +142,8 @@ def flatten_result(result: dict, path: str | Path = "") -> dict[str, Any]:
     row["theory_alpha"] = theory.get("alpha")
     row["theory_cost_ratio"] = theory.get("cost_ratio")
     row.update(_energy_fields(result.get("energy") or {}))
+    memory = result.get("memory") or {}
+    row.update({f"memory_{key}": memory.get(key) for key in ("device", "weights_mb", "peak_mb", "peak_over_needed", "growth_over_needed")})
     correctness = result.get("correctness") or {}
     row["correctness_identical"] = correctness.get("identical")
     failure = result.get("failure") or {}

@@ -202,12 +202,14 @@ def per_token_alpha(per_position: Sequence[dict]) -> float | None:
     drafts have no chance. Position i is tried only when positions 1..i-1 were accepted,
     so the maximum-likelihood alpha of a truncated geometric is
     sum(accepted_i) / sum(trials_i) with trials_1 = drafted_1, trials_i = accepted_(i-1).
-    Valid when every step drafts gamma tokens (model drafters).
+    Exact when every step drafts gamma tokens (model drafters); when draft lengths vary
+    (n-gram), trials_i = min(accepted_(i-1), drafted_i), which counts a step whose shorter
+    draft was wholly accepted as a trial of the next position only when the counts force it.
     """
     if not per_position:
         return None
     accepted = [p["accepted"] for p in per_position]
-    trials = [per_position[0]["drafted"], *accepted[:-1]]
+    trials = [per_position[0]["drafted"], *(min(a, p["drafted"]) for a, p in zip(accepted, per_position[1:]))]
     return _rate(sum(accepted), sum(trials))
 
 
@@ -244,15 +246,36 @@ def leviathan_speedup(alpha: float, gamma: int, c: float, verify_cost: float = 1
     return expected_tokens_per_step(alpha, gamma) / (gamma * c + verify_cost)
 
 
-def theory(alpha: float, gamma: int, cost_ratio: float, verify_cost_ratio: float = 1.0) -> dict:
-    """The `theory` block: the speedup Leviathan et al. predict from measured inputs."""
-    return {
-        "alpha": alpha,
-        "gamma": gamma,
-        "cost_ratio": cost_ratio,
-        "verify_cost_ratio": verify_cost_ratio,
-        "predicted_speedup": leviathan_speedup(alpha, gamma, cost_ratio, verify_cost_ratio),
-    }
+def draft_length_shares(per_position: Sequence[dict], steps: int) -> list[float]:
+    """Share of decode steps that drafted 0, 1, .., gamma tokens, from the per-position
+    counts (position i is drafted in every step that drafts at least i tokens)."""
+    at_least = [steps, *(p["drafted"] for p in per_position), 0]
+    if steps <= 0 or any(a < b for a, b in zip(at_least, at_least[1:])):
+        raise MetricsError(f"per-position drafted counts {at_least[1:-1]} do not fit {steps} decode steps")
+    return [(a - b) / steps for a, b in zip(at_least, at_least[1:])]
+
+
+def predicted_speedup(alpha: float, gamma: int, c: float, verify_cost: float, shares: Sequence[float]) -> float:
+    """Leviathan's prediction for a drafter whose draft length varies (the n-gram drafter
+    drafts nothing without a match): expected tokens over expected cost, each averaged over
+    the measured shares of steps drafting k = 0 .. gamma tokens, with a k-draft verification
+    costing 1 + (verify_cost - 1) k / gamma target forwards. With every step drafting gamma
+    tokens it is `leviathan_speedup`."""
+    _check_theory_inputs(alpha, gamma)
+    tokens = sum(share * expected_tokens_per_step(alpha, k) if k else share for k, share in enumerate(shares))
+    cost = sum(share * (k * c + 1 + (verify_cost - 1) * k / gamma) for k, share in enumerate(shares))
+    return tokens / cost
+
+
+def theory(alpha: float, gamma: int, cost_ratio: float, verify_cost_ratio: float = 1.0,
+           shares: Sequence[float] | None = None) -> dict:
+    """The `theory` block: the speedup Leviathan et al. predict from measured inputs, over
+    the measured draft lengths when `shares` (see draft_length_shares) is given."""
+    block = {"alpha": alpha, "gamma": gamma, "cost_ratio": cost_ratio, "verify_cost_ratio": verify_cost_ratio}
+    if shares is None:
+        return block | {"predicted_speedup": leviathan_speedup(alpha, gamma, cost_ratio, verify_cost_ratio)}
+    prediction = predicted_speedup(alpha, gamma, cost_ratio, verify_cost_ratio, shares)
+    return block | {"predicted_speedup": prediction, "draft_length_shares": list(shares)}
 
 
 # --------------------------------------------------------- confidence intervals

@@ -95,20 +95,61 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
 
 def quantized_copy(model, kind: str):
     """A drafter made from the target itself: `int8` (dynamic quantisation of every
-    nn.Linear, CPU only) or `bf16` (a bfloat16 copy)."""
+    nn.Linear, CPU only) or `bf16` (a bfloat16 copy).
+
+    The module tree is copied, the weights are not: the int8 copy shares every tensor that
+    quantisation leaves alone (embeddings, norms) with the target and builds its int8
+    layers from the target's weights, the bf16 copy converts one tensor at a time. Neither
+    ever holds a second float32 copy of the model (peak memory stays target + drafter)."""
     import copy
 
     import torch
 
+    if kind not in ("int8", "bf16"):
+        raise ValueError(f"unknown quantised drafter kind {kind!r} (expected 'int8' or 'bf16')")
+    if kind == "int8" and any(p.device.type != "cpu" for p in model.parameters()):
+        raise ValueError("int8 dynamic quantisation runs on the CPU only; use bf16 on a GPU")
+
+    def convert(tensor):
+        if kind == "bf16" and tensor.is_floating_point():
+            return tensor.detach().to(torch.bfloat16)
+        return tensor.detach()
+
+    # deepcopy takes memo entries as already-copied objects: tied weights stay tied.
+    memo = {id(p): torch.nn.Parameter(convert(p), requires_grad=False) for p in model.parameters()}
+    memo |= {id(b): convert(b) for b in model.buffers()}
+    twin = copy.deepcopy(model, memo)
     if kind == "bf16":
-        return copy.deepcopy(model).to(torch.bfloat16)
-    if kind == "int8":
-        if any(p.device.type != "cpu" for p in model.parameters()):
-            raise ValueError("int8 dynamic quantisation runs on the CPU only; use bf16 on a GPU")
-        return torch.ao.quantization.quantize_dynamic(
-            copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8, inplace=True
-        )
-    raise ValueError(f"unknown quantised drafter kind {kind!r} (expected 'int8' or 'bf16')")
+        return twin
+    return torch.ao.quantization.quantize_dynamic(twin, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+
+
+def weight_bytes(*models) -> int:
+    """Bytes of the models' parameters and buffers (int8 packed weights included), counting
+    a tensor shared between models once."""
+    import torch
+
+    seen, total = set(), 0
+    for model in filter(None, models):
+        for module in model.modules():
+            for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+                if (tensor.device, tensor.data_ptr()) not in seen:
+                    seen.add((tensor.device, tensor.data_ptr()))
+                    total += tensor.numel() * tensor.element_size()
+            if isinstance(module, torch.ao.nn.quantized.dynamic.Linear):  # packed, never shared
+                total += sum(t.numel() * t.element_size() for t in module._packed_params._weight_bias() if t is not None)
+    return total
+
+
+def kv_cache_bytes(model, batch: int, tokens: int) -> int:
+    """Bytes of a full KV cache of `tokens` positions for `batch` rows, from the config."""
+    import torch
+
+    config = model.config.get_text_config()
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    element = torch.finfo(model.dtype).bits // 8  # int8 copies keep float activations
+    return 2 * config.num_hidden_layers * heads * head_dim * tokens * batch * element
 
 
 def model_location(name: str, spec: dict, models_dir: Path) -> tuple[str, dict]:
@@ -146,7 +187,10 @@ def load_tokenizer(location: str, **kwargs):
 def _is_causal_lm(config, trust_remote_code: bool) -> bool:
     """transformers maps encoders such as BERT to a causal LM head too, which is one only when
     the config says `is_decoder`; a model of remote code counts only when it is trusted."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPING
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING,
+        MODEL_FOR_MASKED_LM_MAPPING,
+    )
 
     if "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}):
         return trust_remote_code

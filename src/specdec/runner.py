@@ -132,7 +132,7 @@ def load_session(cell: dict, models_dir: Path) -> Session:
         drafter = ModelDrafter(drafter_model)
     elif cell["method"] == "ngram":
         spec = cell["drafters"][cell["drafter"]]
-        drafter = NgramDrafter(n=spec["n"], top_k=spec["top_k"])
+        drafter = NgramDrafter(n=spec["n"], top_k=spec["top_k"], min_context=spec["min_context"])
     else:
         drafter = drafter_model
     return Session(cell, target, tokenizer, drafter, drafter_model, plan, settings)
@@ -270,28 +270,34 @@ def measure(session: Session, prompts: list[dict], out_dir: Path) -> tuple[list[
 
 
 def forward_costs(session: Session, prompt_ids: list[int], repeats: int = 5) -> dict:
-    """Median seconds of one cached forward: the target with 1 and with gamma + 1 new tokens,
-    the drafter with 1. They are c and the verification cost of the Leviathan prediction."""
+    """Median seconds of one cached forward as the engine runs it: the target with 1 and with
+    gamma + 1 new tokens, the drafter with 1. They are c and the verification cost of the
+    Leviathan prediction."""
+    from specdec.decoding.cache import RaggedCache
+    from specdec.decoding.kernels import decode_kernels
+
     new_tokens = (session.cell["gamma"] or 1) + 1
 
     def timed(model, width: int) -> float:
         device = placement.input_device(model)
         ids = torch.tensor([prompt_ids], device=device)
         with torch.inference_mode():
-            cache = model(ids, use_cache=True).past_key_values
+            cache, _ = RaggedCache.prefill(model, ids, torch.ones_like(ids, dtype=torch.bool))
             step = ids[:, -1:].repeat(1, width)
+            valid, dropped = torch.ones_like(step, dtype=torch.bool), torch.zeros(1, dtype=torch.long, device=device)
             times = []
             for _ in range(repeats):
                 _synchronize(device)
                 began = time.perf_counter()
-                model(step, cache=cache, use_cache=True)
+                cache.extend(step, valid, logits_to_keep=width)
                 _synchronize(device)
                 times.append(time.perf_counter() - began)
-                cache.crop(-width)
+                cache.rollback(dropped, width, 0)
         return statistics.median(times)
 
-    costs = {"target_forward_s": timed(session.target, 1), "verify_forward_s": timed(session.target, new_tokens)}
-    costs["drafter_forward_s"] = timed(session.drafter_model, 1) if session.drafter_model is not None else 0.0
+    with decode_kernels(session.target, session.drafter_model):  # as the engine runs them
+        costs = {"target_forward_s": timed(session.target, 1), "verify_forward_s": timed(session.target, new_tokens)}
+        costs["drafter_forward_s"] = timed(session.drafter_model, 1) if session.drafter_model is not None else 0.0
     return costs
 
 
@@ -345,8 +351,38 @@ def analyse(session: Session, records: list[dict], reference: Path | None) -> di
                 gamma=cell["gamma"],
                 cost_ratio=costs["drafter_forward_s"] / costs["target_forward_s"],
                 verify_cost_ratio=costs["verify_forward_s"] / costs["target_forward_s"],
+                # a step is a target forward after a request's prefill
+                shares=metrics.draft_length_shares(acceptance["per_position"], acceptance["target_forwards"] - len(metrics.measured(records))),
             ) | costs
     return summary
+
+
+def _rss_bytes() -> int | None:
+    """Resident memory of this process now (Linux), or None where /proc is absent."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return None
+
+
+def memory_report(session: Session, baseline_rss: int | None) -> dict:
+    """Peak memory against what the models need: their weights plus full KV caches for the
+    longest prompt of the cell. On a GPU the peak is CUDA's allocator's; on the CPU it is
+    the process's peak RSS, given both whole and less the RSS before loading (`baseline`:
+    the Python interpreter, torch and transformers, about 250 MB, which no engine avoids)."""
+    cell, mb = session.cell, 2**20
+    tokens = max(map(len, session.prompt_ids.values()), default=0) + cell["max_new_tokens"] + (cell["gamma"] or 0) + 1
+    caches = sum(models.kv_cache_bytes(m, cell["batch_size"], tokens) for m in (session.target, session.drafter_model) if m is not None)
+    needed = models.weight_bytes(session.target, session.drafter_model) + caches
+    report = {"weights_mb": (needed - caches) / mb, "kv_cache_mb": caches / mb}
+    if any(p.device.type == "cuda" for p in session.target.parameters()):
+        peak = sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count()))
+        return report | {"device": "cuda", "peak_mb": peak / mb, "peak_over_needed": peak / needed}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    report |= {"device": "cpu", "peak_mb": peak / mb, "peak_over_needed": peak / needed}
+    if baseline_rss is not None:
+        report |= {"baseline_rss_mb": baseline_rss / mb, "growth_over_needed": (peak - baseline_rss) / needed}
+    return report
 
 
 def failure_record(exc: BaseException, phase: str) -> dict:
@@ -384,11 +420,12 @@ def run_cell(cell: dict, prompts_path: Path, out_dir: Path, models_dir: Path = P
         prompts = read_prompts(prompts_path)
         strategy = cell["placement"]["strategy"]
         lease = lease_gpus(placement.gpus_required(strategy, cell["placement"], cell["drafter"] is not None), label=cell["cell"])
+        baseline_rss = _rss_bytes()
         session = load_session(cell, Path(models_dir))
         check_context(session, prompts)
         where = {"lease": lease.describe(), "plan": session.plan.describe(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
         phase = "measure"
-        result, records = _measure_and_analyse(session, prompts, out_dir, reference)
+        result, records = _measure_and_analyse(session, prompts, out_dir, reference, baseline_rss)
         phase = "write"
         _write_outputs(cell, result, records, where, started, out_dir)
     except Interrupted as exc:
@@ -417,7 +454,8 @@ def _write_outputs(cell: dict, result: dict, records: list[dict], where: dict, s
     (out_dir / "interrupted.json").unlink(missing_ok=True)
 
 
-def _measure_and_analyse(session: Session, prompts: list[dict], out_dir: Path, reference: Path | None) -> tuple[dict, list[dict]]:
+def _measure_and_analyse(session: Session, prompts: list[dict], out_dir: Path, reference: Path | None,
+                         baseline_rss: int | None) -> tuple[dict, list[dict]]:
     """The result body and the request records; a failure here (the cell's `timeout_s`
     included) is recorded, not raised, so that the rest of the matrix goes on."""
     from specdec.peers import NotSupported
@@ -433,6 +471,7 @@ def _measure_and_analyse(session: Session, prompts: list[dict], out_dir: Path, r
         records, result["energy"] = measure(session, prompts, out_dir)
         phase = "analyse"
         result.update(analyse(session, records, reference))
+        result["memory"] = memory_report(session, baseline_rss)
         return result, records
     except Exception as exc:
         log.exception("cell failed during %s", phase)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import DynamicCache
 
@@ -24,6 +26,9 @@ class RaggedCache:
 
     def __init__(self, model, batch: int, device: torch.device):
         self.model = model
+        # transformers 5.23 renamed the forward's `past_key_values` to `cache`; an unknown
+        # keyword would be swallowed by **kwargs and the model would run uncached.
+        self.cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.cache = DynamicCache(config=model.config)
         self.mask = torch.zeros(batch, 0, dtype=torch.bool, device=device)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
@@ -44,8 +49,8 @@ class RaggedCache:
             input_ids=tokens,
             attention_mask=self.mask,
             position_ids=positions,
-            cache=self.cache,
             use_cache=True,
+            **{self.cache_kwarg: self.cache},
             logits_to_keep=logits_to_keep,
         )
         return out.logits

@@ -55,6 +55,8 @@ class DraftSession(ABC):
 
 
 class Drafter(ABC):
+    model = None  # the draft model, for drafters that run one
+
     @abstractmethod
     def start(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampler: Sampler, vocab_size: int
@@ -146,17 +148,23 @@ class NgramDrafter(Drafter):
     Each row's table maps every context of 1 .. n-1 tokens seen so far (prompt, accepted
     drafts and target tokens) to counts of the token that followed it, keeping the `top_k`
     most frequent continuations per context (ties go to the most recent). A proposal follows
-    the best continuation of the longest matching context, backing off to shorter contexts,
-    for up to gamma tokens; it stops early when no context matches. Its drafts are a point
-    mass for the verifier.
+    the best continuation of the longest matching context, backing off to shorter contexts
+    down to `min_context` tokens, for up to gamma tokens; it stops early, or proposes
+    nothing, when no such context matches. Every drafted token widens the verification
+    forward (on the CPU a five-token forward costs 1.6x a one-token one), so a guess from a
+    single matching token, right about one time in ten, costs more than it saves:
+    `min_context=2` drafts only after a two-token match. Its drafts are a point mass for
+    the verifier.
     """
 
-    def __init__(self, n: int = 3, top_k: int = 4):
+    def __init__(self, n: int = 5, top_k: int = 4, min_context: int = 2):
         if n < 2:
             raise ValueError(f"NgramDrafter n must be >= 2 (a context of at least one token), got {n}")
         if top_k < 1:
             raise ValueError(f"NgramDrafter top_k must be >= 1, got {top_k}")
-        self.n, self.top_k = n, top_k
+        if not 1 <= min_context <= n - 1:
+            raise ValueError(f"NgramDrafter min_context must be in 1 .. n - 1 = {n - 1}, got {min_context}")
+        self.n, self.top_k, self.min_context = n, top_k, min_context
 
     def start(self, input_ids, attention_mask, sampler, vocab_size):
         prompts = [
@@ -167,8 +175,8 @@ class NgramDrafter(Drafter):
 
 
 class _NgramTable:
-    def __init__(self, n: int, top_k: int):
-        self.n, self.top_k = n, top_k
+    def __init__(self, n: int, top_k: int, min_context: int):
+        self.n, self.top_k, self.min_context = n, top_k, min_context
         self.history: list[int] = []
         self.next: dict[tuple[int, ...], dict[int, int]] = {}
 
@@ -185,7 +193,7 @@ class _NgramTable:
     def propose(self, gamma: int) -> list[int]:
         text, drafts = self.history[-(self.n - 1) :], []
         while len(drafts) < gamma:
-            for width in range(min(self.n - 1, len(text)), 0, -1):
+            for width in range(min(self.n - 1, len(text)), self.min_context - 1, -1):
                 counts = self.next.get(tuple(text[-width:]))
                 if counts:
                     best = max(reversed(counts.items()), key=lambda item: item[1])[0]
@@ -202,7 +210,7 @@ class _NgramSession(DraftSession):
         self.device = device
         self.tables = []
         for prompt in prompts:
-            table = _NgramTable(drafter.n, drafter.top_k)
+            table = _NgramTable(drafter.n, drafter.top_k, drafter.min_context)
             table.extend(prompt)
             self.tables.append(table)
 

@@ -8,7 +8,8 @@ they kept (1 .. gamma + 1 tokens), never by a fixed gamma: `RaggedCache` explain
 models' caches follow rows that accept different counts. Finished rows (EOS or length) leave
 the batch. Near the length limit drafts are capped to the tokens still wanted. Without a
 drafter a step is a plain AR step, so TTFT is the target's first token after prefill for
-every method.
+every method. Float32 CPU linear layers run in the BLAS call order that is faster for
+decoding's few rows (kernels.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 
 from .cache import RaggedCache
 from .drafters import Drafter, StepOutcome
+from .kernels import decode_kernels
 from .sampling import Draft, Sampler, verify
 
 
@@ -133,7 +135,7 @@ def generate(
     gamma = settings.gamma if drafter is not None else 0
     sampler = settings.sampler(generator)
     results = [RowResult.empty(gamma) for _ in range(input_ids.shape[0])]
-    with torch.inference_mode():
+    with torch.inference_mode(), decode_kernels(target, drafter.model if drafter is not None else None):
         cache, logits = RaggedCache.prefill(target, input_ids, attention_mask)
         logits = logits[:, None]
         draft = Draft.empty(input_ids.shape[0], input_ids.device)

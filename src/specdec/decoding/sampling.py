@@ -72,8 +72,14 @@ class Sampler:
         return torch.softmax(flat, dim=-1).reshape(logits.shape)
 
     def sample(self, weights: torch.Tensor) -> torch.Tensor:
-        """One token per row of (B, V) non-negative weights (need not be normalised)."""
-        return torch.multinomial(weights, 1, generator=self.generator).squeeze(-1)
+        """One token per row of (B, V) non-negative weights (need not be normalised).
+
+        Inverse CDF with one uniform per row: the first token whose cumulative weight exceeds
+        u * total (a zero-weight token never does). torch.multinomial draws an exponential
+        per vocabulary entry instead, about 1 ms per row for 49k entries on a CPU core."""
+        cdf = weights.cumsum(-1)
+        u = torch.rand(cdf.shape[:-1] + (1,), generator=self.generator, device=cdf.device, dtype=cdf.dtype)
+        return torch.searchsorted(cdf, u * cdf[..., -1:], right=True).squeeze(-1).clamp_(max=weights.shape[-1] - 1)
 
     def pick(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(tokens (B,), probs (B, V) or None under greedy) from (B, V) logits."""

@@ -1,0 +1,69 @@
+"""The engine's CPU linear kernels: the same numbers as F.linear, scoped to the engine."""
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from specdec.decoding import GenerationSettings, generate, kernels
+from specdec.decoding.cache import RaggedCache
+
+
+@pytest.fixture
+def always_weight_major(monkeypatch):
+    """Pretend every model was timed faster with W @ x.T, so the tuned path certainly runs."""
+    monkeypatch.setattr(kernels, "weight_major_is_faster", lambda model, layers: True)
+
+
+def tiny_llama(dtype=torch.float32):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, kernels.MAX_ROWS + 1])
+@pytest.mark.parametrize("bias", [False, True])
+def test_weight_major_linear_equals_f_linear(rows, bias):
+    layer = nn.Linear(24, 40, bias=bias)
+    x = torch.randn(1, rows, 24)
+    assert torch.allclose(kernels._weight_major(layer, x), F.linear(x, layer.weight, layer.bias), atol=1e-5)
+
+
+def test_decode_kernels_tune_only_float32_cpu_linears_and_leave_the_model_unchanged(always_weight_major):
+    model, bf16 = tiny_llama(), tiny_llama(torch.bfloat16)
+    linears = [m for m in model.modules() if type(m) is nn.Linear]
+    with kernels.decode_kernels(model, bf16, None) as tuned:
+        assert tuned == len(linears) == 2 * 7 + 1  # q k v o gate up down per layer, lm_head
+        assert all("forward" in m.__dict__ for m in linears)
+        assert not any("forward" in m.__dict__ for m in bf16.modules())
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_decode_kernels_are_removed_after_an_error(always_weight_major):
+    model = tiny_llama()
+    with pytest.raises(RuntimeError, match="boom"), kernels.decode_kernels(model):
+        raise RuntimeError("boom")
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_generation_is_the_same_under_the_tuned_kernels(always_weight_major, monkeypatch):
+    model = tiny_llama()
+    ids = torch.randint(3, 64, (2, 9))
+    mask = torch.ones_like(ids)
+    settings = GenerationSettings(max_new_tokens=12)
+    tuned = generate(model, ids, mask, settings)
+    monkeypatch.setattr(kernels, "weight_major_is_faster", lambda model, layers: False)
+    library = generate(model, ids, mask, settings)
+    assert [r.output_ids for r in tuned] == [r.output_ids for r in library]
+
+
+def test_ragged_cache_passes_the_cache_under_the_forwards_own_keyword():
+    """transformers 5.23 renamed past_key_values to cache; either way the model must run cached."""
+    model = tiny_llama()
+    cache = RaggedCache(model, 1, torch.device("cpu"))
+    assert cache.cache_kwarg in ("cache", "past_key_values")
+    ids = torch.randint(3, 64, (1, 6))
+    cache.extend(ids, torch.ones_like(ids, dtype=torch.bool))
+    assert cache.cache.get_seq_length() == 6

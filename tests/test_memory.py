@@ -1,0 +1,40 @@
+"""Drafter copies that never double the target in memory, and the memory report's sizes."""
+
+import copy
+
+import pytest
+import torch
+
+from specdec.models import kv_cache_bytes, quantized_copy, weight_bytes
+
+
+@pytest.fixture(scope="module")
+def target(embedded_model):
+    return embedded_model[0]
+
+
+def test_int8_copy_shares_the_unquantised_tensors(target):
+    int8 = quantized_copy(target, "int8")
+    assert int8.model.embed_tokens.weight.data_ptr() == target.model.embed_tokens.weight.data_ptr()
+    assert int8.model.norm.weight.data_ptr() == target.model.norm.weight.data_ptr()
+    assert type(target.model.layers[0].mlp.up_proj) is torch.nn.Linear  # the target keeps its layers
+    linear_params = sum(m.weight.numel() for m in target.modules() if type(m) is torch.nn.Linear)
+    # together: the target once, plus one byte per quantised weight (and per-layer scales and biases)
+    extra = weight_bytes(target, int8) - weight_bytes(target)
+    assert linear_params <= extra < linear_params * 1.01
+
+
+def test_bf16_copy_is_a_bf16_twin_with_tied_weights(target):
+    bf16 = quantized_copy(target, "bf16")
+    assert bf16.lm_head.weight is bf16.model.embed_tokens.weight
+    assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
+    assert weight_bytes(bf16) * 2 == pytest.approx(weight_bytes(target), rel=0.001)
+    ids = torch.randint(3, 1000, (1, 12))
+    with torch.inference_mode():  # the same numbers as converting a whole copy
+        assert torch.equal(bf16(ids).logits, copy.deepcopy(target).to(torch.bfloat16)(ids).logits)
+
+
+def test_kv_cache_bytes_from_the_config(target):
+    c = target.config  # 30 layers x 3 KV heads x 64 dims, fp32
+    assert kv_cache_bytes(target, batch=2, tokens=100) == 2 * 30 * 3 * 64 * 100 * 2 * 4
+    assert c.num_key_value_heads == 3 and c.head_dim == 64
