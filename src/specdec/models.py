@@ -199,11 +199,12 @@ def _is_causal_lm(config, trust_remote_code: bool) -> bool:
     return type(config) in MODEL_FOR_CAUSAL_LM_MAPPING
 
 
-def load_model(name: str, spec: dict, models_dir: Path, dtype: str | None = None, **load_kwargs):
+def load_model(name: str, spec: dict, models_dir: Path, dtype: str | None = None, before_weights=None, **load_kwargs):
     """Load a configured causal LM and its tokenizer (left padding, as pad == eos here).
 
     `dtype` overrides the configured one; `load_kwargs` (device_map, max_memory) come from
-    the placement."""
+    the placement. `before_weights()`, if given, is called once the tokenizer is loaded and
+    before any weight is (the runner takes its memory baseline there)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -217,6 +218,8 @@ def load_model(name: str, spec: dict, models_dir: Path, dtype: str | None = None
     torch_dtype = getattr(torch, dtype or spec.get("dtype", "float32"))
     try:
         tokenizer = load_tokenizer(location, **kwargs)
+        if before_weights is not None:
+            before_weights()
         model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **load_kwargs, **kwargs).eval()
     except OSError as exc:  # missing tokenizer or weight files
         raise ModelError(f"model {name!r} ({location}) cannot be loaded: {exc}") from None

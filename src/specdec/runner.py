@@ -80,6 +80,7 @@ class Session:
     drafter_model: object | None
     plan: placement.Placement
     settings: object
+    rss_before_weights: int | None = None  # bytes: interpreter, libraries and tokenizer
     prompt_ids: dict = field(default_factory=dict)  # request id -> unpadded prompt token ids
 
     @property
@@ -119,7 +120,9 @@ def load_session(cell: dict, models_dir: Path) -> Session:
         info(*source) if source else None,
         cell["placement"],
     )
-    target, tokenizer = models.load_model(target_name, target_spec, models_dir, **plan.target.load_kwargs())
+    baseline = {}
+    target, tokenizer = models.load_model(target_name, target_spec, models_dir, **plan.target.load_kwargs(),
+                                          before_weights=lambda: baseline.setdefault("rss", _rss_bytes()))
     drafter_model = None
     if int8:
         drafter_model = models.quantized_copy(target, "int8")
@@ -135,7 +138,7 @@ def load_session(cell: dict, models_dir: Path) -> Session:
         drafter = NgramDrafter(n=spec["n"], top_k=spec["top_k"], min_context=spec["min_context"])
     else:
         drafter = drafter_model
-    return Session(cell, target, tokenizer, drafter, drafter_model, plan, settings)
+    return Session(cell, target, tokenizer, drafter, drafter_model, plan, settings, rss_before_weights=baseline.get("rss"))
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -365,11 +368,12 @@ def _rss_bytes() -> int | None:
         return None
 
 
-def memory_report(session: Session, baseline_rss: int | None) -> dict:
+def memory_report(session: Session) -> dict:
     """Peak memory against what the models need: their weights plus full KV caches for the
     longest prompt of the cell. On a GPU the peak is CUDA's allocator's; on the CPU it is
-    the process's peak RSS, given both whole and less the RSS before loading (`baseline`:
-    the Python interpreter, torch and transformers, about 250 MB, which no engine avoids)."""
+    the process's peak RSS, given both whole and less the RSS just before the first weights
+    were loaded (`baseline`: the interpreter, torch, transformers and the tokenizer, about
+    350 MB, which no engine avoids)."""
     cell, mb = session.cell, 2**20
     tokens = max(map(len, session.prompt_ids.values()), default=0) + cell["max_new_tokens"] + (cell["gamma"] or 0) + 1
     caches = sum(models.kv_cache_bytes(m, cell["batch_size"], tokens) for m in (session.target, session.drafter_model) if m is not None)
@@ -380,8 +384,9 @@ def memory_report(session: Session, baseline_rss: int | None) -> dict:
         return report | {"device": "cuda", "peak_mb": peak / mb, "peak_over_needed": peak / needed}
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     report |= {"device": "cpu", "peak_mb": peak / mb, "peak_over_needed": peak / needed}
-    if baseline_rss is not None:
-        report |= {"baseline_rss_mb": baseline_rss / mb, "growth_over_needed": (peak - baseline_rss) / needed}
+    if session.rss_before_weights is not None:
+        baseline = session.rss_before_weights
+        report |= {"baseline_rss_mb": baseline / mb, "growth_over_needed": (peak - baseline) / needed}
     return report
 
 
@@ -420,12 +425,11 @@ def run_cell(cell: dict, prompts_path: Path, out_dir: Path, models_dir: Path = P
         prompts = read_prompts(prompts_path)
         strategy = cell["placement"]["strategy"]
         lease = lease_gpus(placement.gpus_required(strategy, cell["placement"], cell["drafter"] is not None), label=cell["cell"])
-        baseline_rss = _rss_bytes()
         session = load_session(cell, Path(models_dir))
         check_context(session, prompts)
         where = {"lease": lease.describe(), "plan": session.plan.describe(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
         phase = "measure"
-        result, records = _measure_and_analyse(session, prompts, out_dir, reference, baseline_rss)
+        result, records = _measure_and_analyse(session, prompts, out_dir, reference)
         phase = "write"
         _write_outputs(cell, result, records, where, started, out_dir)
     except Interrupted as exc:
@@ -454,8 +458,7 @@ def _write_outputs(cell: dict, result: dict, records: list[dict], where: dict, s
     (out_dir / "interrupted.json").unlink(missing_ok=True)
 
 
-def _measure_and_analyse(session: Session, prompts: list[dict], out_dir: Path, reference: Path | None,
-                         baseline_rss: int | None) -> tuple[dict, list[dict]]:
+def _measure_and_analyse(session: Session, prompts: list[dict], out_dir: Path, reference: Path | None) -> tuple[dict, list[dict]]:
     """The result body and the request records; a failure here (the cell's `timeout_s`
     included) is recorded, not raised, so that the rest of the matrix goes on."""
     from specdec.peers import NotSupported
@@ -471,7 +474,7 @@ def _measure_and_analyse(session: Session, prompts: list[dict], out_dir: Path, r
         records, result["energy"] = measure(session, prompts, out_dir)
         phase = "analyse"
         result.update(analyse(session, records, reference))
-        result["memory"] = memory_report(session, baseline_rss)
+        result["memory"] = memory_report(session)
         return result, records
     except Exception as exc:
         log.exception("cell failed during %s", phase)
