@@ -25,6 +25,7 @@ def test_summary_table_compares_every_method_with_ar(study):
     spec = summary[summary["method"] != "ar"]
     assert (spec["speedup"] > 0).all() and (spec["acceptance_rate"].between(0, 1)).all()
     assert (spec["mean_accepted_length"] >= 1).all()
+    assert (spec["predicted_speedup"] > 0).all()
 
 
 def test_greedy_speculative_outputs_equal_ar(study):

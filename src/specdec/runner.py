@@ -272,36 +272,35 @@ def measure(session: Session, prompts: list[dict], out_dir: Path) -> tuple[list[
     return records, energy
 
 
-def forward_costs(session: Session, prompt_ids: list[int], repeats: int = 5) -> dict:
+def forward_costs(session: Session, prompt_ids: list[int], repeats: int = 9) -> dict:
     """Median seconds of one cached forward as the engine runs it: the target with 1 and with
     gamma + 1 new tokens, the drafter with 1. They are c and the verification cost of the
-    Leviathan prediction."""
+    Leviathan prediction. The three are timed in turn, round after round, so that a machine
+    slowing down or speeding up meanwhile moves all three alike."""
     from specdec.decoding.cache import RaggedCache
     from specdec.decoding.kernels import decode_kernels
 
-    new_tokens = (session.cell["gamma"] or 1) + 1
-
-    def timed(model, width: int) -> float:
-        device = placement.input_device(model)
-        ids = torch.tensor([prompt_ids], device=device)
-        with torch.inference_mode():
-            cache, _ = RaggedCache.prefill(model, ids, torch.ones_like(ids, dtype=torch.bool))
-            step = ids[:, -1:].repeat(1, width)
-            valid, dropped = torch.ones_like(step, dtype=torch.bool), torch.zeros(1, dtype=torch.long, device=device)
-            times = []
-            for _ in range(repeats):
+    forwards = {"target_forward_s": (session.target, 1), "verify_forward_s": (session.target, (session.cell["gamma"] or 1) + 1)}
+    if session.drafter_model is not None:
+        forwards["drafter_forward_s"] = (session.drafter_model, 1)
+    times = {name: [] for name in forwards}
+    with torch.inference_mode(), decode_kernels(session.target, session.drafter_model):  # as the engine runs them
+        caches = {}
+        for model, _ in forwards.values():
+            if model not in caches:
+                ids = torch.tensor([prompt_ids], device=placement.input_device(model))
+                caches[model] = RaggedCache.prefill(model, ids, torch.ones_like(ids, dtype=torch.bool))[0]
+        for _ in range(repeats):
+            for name, (model, width) in forwards.items():
+                device = placement.input_device(model)
+                step = torch.full((1, width), prompt_ids[-1], device=device)
                 _synchronize(device)
                 began = time.perf_counter()
-                cache.extend(step, valid, logits_to_keep=width)
+                caches[model].extend(step, torch.ones_like(step, dtype=torch.bool), logits_to_keep=width)
                 _synchronize(device)
-                times.append(time.perf_counter() - began)
-                cache.rollback(dropped, width, 0)
-        return statistics.median(times)
-
-    with decode_kernels(session.target, session.drafter_model):  # as the engine runs them
-        costs = {"target_forward_s": timed(session.target, 1), "verify_forward_s": timed(session.target, new_tokens)}
-        costs["drafter_forward_s"] = timed(session.drafter_model, 1) if session.drafter_model is not None else 0.0
-    return costs
+                times[name].append(time.perf_counter() - began)
+                caches[model].rollback(torch.zeros(1, dtype=torch.long, device=device), width, 0)
+    return {"drafter_forward_s": 0.0} | {name: statistics.median(values) for name, values in times.items()}
 
 
 def compare_with_reference(session: Session, records: list[dict], reference: Path) -> dict:
