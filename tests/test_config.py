@@ -31,6 +31,13 @@ def test_defaults_are_filled(default_config):
     assert config["results_dir"] == "results"
 
 
+def test_ngram_defaults_fill_only_ngram_drafters(default_config):
+    default_config["drafters"]["ngram"] = {"kind": "ngram"}
+    drafters = validate(default_config)["drafters"]
+    assert drafters["ngram"] == {"kind": "ngram", "n": 5, "min_context": 2, "top_k": 1}
+    assert drafters["int8"] == {"kind": "quantized", "dtype": "int8"}
+
+
 @pytest.mark.parametrize(
     "mutate, key",
     [
