@@ -102,6 +102,7 @@ def _drafter_model_source(cell: dict) -> tuple[str, dict, str] | None:
 def load_session(cell: dict, models_dir: Path) -> Session:
     """Place and load the target and the drafter named by the cell."""
     from specdec.decoding import ModelDrafter, NgramDrafter, check_same_vocabulary
+    from specdec.decoding.kernels import tuned_linears
 
     target_name, target_spec = cell["target"], cell["models"][cell["target"]]
     source = _drafter_model_source(cell)
@@ -130,6 +131,9 @@ def load_session(cell: dict, models_dir: Path) -> Session:
         name, spec, dtype = source
         drafter_model, drafter_tokenizer = models.load_model(name, spec, models_dir, dtype=dtype, **plan.drafter.load_kwargs())
         check_same_vocabulary(target, drafter_model, tokenizer, drafter_tokenizer)
+    # The engine's CPU kernel choice times a dozen forwards: made here, never inside a measured request.
+    tuned = len(tuned_linears(target)) + len(tuned_linears(drafter_model))
+    log.info("CPU linear layers computed as W @ x.T (decoding kernels): %d", tuned)
     settings = generation_settings(cell, _eos_ids(target, tokenizer), tokenizer.pad_token_id)
     if cell["method"] == "speculative":
         drafter = ModelDrafter(drafter_model)

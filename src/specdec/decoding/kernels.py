@@ -9,11 +9,14 @@ weights and the same arithmetic, only another BLAS call order. Whether it is fas
 measured once per model on a whole one-token forward (a small weight timed alone sits in
 the cache and misleads), so a CPU where the library's choice is better keeps it. Prompt
 prefills (more than `MAX_ROWS` rows) always use `F.linear`. transformers' own
-`generate()` (the peer rows) never runs under this context.
+`generate()` (the peer rows) never runs under this context. The runner makes the choice
+when it loads a cell's models (`tuned_linears`), so the timing never falls inside a
+measured request.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 import weakref
 from contextlib import contextmanager
@@ -22,6 +25,8 @@ from functools import partial
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from .cache import model_device
 
 MAX_ROWS = 64  # up to here (measured) W @ x.T is never slower than F.linear
 
@@ -66,14 +71,14 @@ def _median_seconds(fn, repeats: int = 5) -> float:
         began = time.perf_counter()
         fn()
         times.append(time.perf_counter() - began)
-    return sorted(times)[repeats // 2]
+    return statistics.median(times)
 
 
 def weight_major_is_faster(model, layers: list[nn.Linear]) -> bool:
     """Whether a one-token forward of `model` is at least 10 % faster with `layers` computing
     `W @ x.T` (timed once per model; about a dozen forwards)."""
     if model not in _weight_major_is_faster:
-        ids = torch.zeros(1, 1, dtype=torch.long)
+        ids = torch.zeros(1, 1, dtype=torch.long, device=model_device(model))  # CPU layers, inputs anywhere
         with torch.inference_mode():
             library = _median_seconds(lambda: model(input_ids=ids))
             with _weight_major_forwards(layers):
