@@ -75,10 +75,11 @@ def decode_steps(model, tokenizer, steps: int) -> tuple[list[int], float]:
     start = time.perf_counter()
     with torch.inference_mode():
         cache, logits = RaggedCache.prefill(model, ids, torch.ones_like(ids, dtype=torch.bool))
-        for _ in range(steps):
+        for step in range(steps):
+            if step:  # the prefill gave the first token's logits
+                logits = cache.extend(ids, torch.ones_like(ids, dtype=torch.bool))[:, -1]
             ids = logits.argmax(-1)[:, None]
             tokens.append(int(ids))
-            logits = cache.extend(ids, torch.ones_like(ids, dtype=torch.bool))[:, -1]
     return tokens, time.perf_counter() - start
 
 
