@@ -90,6 +90,8 @@ def check_references(config: dict) -> None:
     for name, drafter in drafters.items():
         if drafter["kind"] == "model" and drafter["model"] not in models:
             raise ConfigError(f"config key 'drafters.{name}.model': model {drafter['model']!r} is not defined under models")
+        if drafter["kind"] == "ngram" and drafter["min_context"] > drafter["n"] - 1:
+            raise ConfigError(f"config key 'drafters.{name}.min_context': {drafter['min_context']} exceeds n - 1 = {drafter['n'] - 1}, the longest context")
     for exp_name, exp in config["experiments"].items():
         where = f"experiments.{exp_name}"
         if exp["target"] not in models:
