@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+from specdec.decoding import kernels
 from specdec.models import kv_cache_bytes, quantized_copy, weight_bytes
 
 
@@ -24,11 +25,15 @@ def test_int8_copy_shares_the_unquantised_tensors(target):
     assert linear_params <= extra < linear_params * 1.01
 
 
-def test_bf16_copy_is_a_bf16_twin_with_tied_weights(target):
+def test_bf16_copy_is_a_bf16_twin_its_linears_prepacked_on_this_cpu(target):
     bf16 = quantized_copy(target, "bf16")
-    assert bf16.lm_head.weight is bf16.model.embed_tokens.weight
     assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
-    assert weight_bytes(bf16) * 2 == pytest.approx(weight_bytes(target), rel=0.001)
+    packed = isinstance(bf16.lm_head, kernels.PrepackedLinear)
+    assert packed == (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    # Prepacked, the tied lm_head holds a packed copy of its own; plain, it stays tied.
+    assert packed or bf16.lm_head.weight is bf16.model.embed_tokens.weight
+    head = bf16.model.embed_tokens.weight.nbytes if packed else 0
+    assert weight_bytes(bf16) == pytest.approx(weight_bytes(target) / 2 + head, rel=0.001)
     ids = torch.randint(3, 1000, (1, 12))
     with torch.inference_mode():  # the same numbers as converting a whole copy
         assert torch.equal(bf16(ids).logits, copy.deepcopy(target).to(torch.bfloat16)(ids).logits)

@@ -95,7 +95,8 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
 
 def quantized_copy(model, kind: str):
     """A drafter made from the target itself: `int8` (dynamic quantisation of every
-    nn.Linear, CPU only) or `bf16` (a bfloat16 copy).
+    nn.Linear, CPU only) or `bf16` (a bfloat16 copy; on the CPU its linear layers are
+    prepacked for oneDNN, see `decoding.kernels.prepack_bfloat16_linears`).
 
     The module tree is copied, the weights are not: the int8 copy shares every tensor that
     quantisation leaves alone (embeddings, norms) with the target and builds its int8
@@ -104,6 +105,8 @@ def quantized_copy(model, kind: str):
     import copy
 
     import torch
+
+    from specdec.decoding.kernels import prepack_bfloat16_linears
 
     if kind not in ("int8", "bf16"):
         raise ValueError(f"unknown quantised drafter kind {kind!r} (expected 'int8' or 'bf16')")
@@ -119,13 +122,15 @@ def quantized_copy(model, kind: str):
     memo = {id(p): torch.nn.Parameter(convert(p), requires_grad=False) for p in model.parameters()}
     memo |= {id(b): convert(b) for b in model.buffers()}
     twin = copy.deepcopy(model, memo)
+    del memo  # so that packing frees each plain bf16 weight as it goes
     if kind == "bf16":
+        prepack_bfloat16_linears(twin)
         return twin
     return torch.ao.quantization.quantize_dynamic(twin, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
 
 
 def weight_bytes(*models) -> int:
-    """Bytes of the models' parameters and buffers (int8 packed weights included), counting
+    """Bytes of the models' parameters and buffers (int8 and oneDNN packed weights included), counting
     a tensor shared between models once."""
     import torch
 
@@ -133,7 +138,9 @@ def weight_bytes(*models) -> int:
     for model in filter(None, models):
         for module in model.modules():
             for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
-                if (tensor.device, tensor.data_ptr()) not in seen:
+                if tensor.is_mkldnn:  # oneDNN prepacked: no data pointer, never shared
+                    total += tensor.nbytes
+                elif (tensor.device, tensor.data_ptr()) not in seen:
                     seen.add((tensor.device, tensor.data_ptr()))
                     total += tensor.numel() * tensor.element_size()
             if isinstance(module, torch.ao.nn.quantized.dynamic.Linear):  # packed, never shared
@@ -208,6 +215,8 @@ def load_model(name: str, spec: dict, models_dir: Path, dtype: str | None = None
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from specdec.decoding.kernels import prepack_bfloat16_linears
+
     location, kwargs = model_location(name, spec, models_dir)
     try:
         config = AutoConfig.from_pretrained(location, **kwargs)
@@ -223,4 +232,5 @@ def load_model(name: str, spec: dict, models_dir: Path, dtype: str | None = None
         model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **load_kwargs, **kwargs).eval()
     except OSError as exc:  # missing tokenizer or weight files
         raise ModelError(f"model {name!r} ({location}) cannot be loaded: {exc}") from None
+    prepack_bfloat16_linears(model)
     return model, tokenizer
