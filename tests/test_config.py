@@ -55,6 +55,7 @@ def test_ngram_defaults_fill_only_ngram_drafters(default_config):
         (lambda c: c["experiments"]["default"].update(load={"mode": "open", "rate": 1}), "experiments.default.load"),
         (lambda c: c["models"]["smollm2"].update(source="local"), "models.smollm2"),
         (lambda c: c["drafters"]["ngram"].update(n=3, min_context=3), "drafters.ngram.min_context"),
+        (lambda c: c["models"]["smollm2"].update(dtype="bfloat16"), "experiments.default.methods.1.drafter"),  # int8 of a bf16 target
         (lambda c: c.update(results_dir="../elsewhere"), "results_dir"),
         (lambda c: c.update(results_dir="/tmp/elsewhere"), "results_dir"),
     ],

@@ -25,6 +25,11 @@ def test_int8_copy_shares_the_unquantised_tensors(target):
     assert linear_params <= extra < linear_params * 1.01
 
 
+def test_int8_copy_refuses_a_model_that_is_not_float32(target):
+    with pytest.raises(ValueError, match="starts from a float32 model, got torch.bfloat16"):
+        quantized_copy(quantized_copy(target, "bf16"), "int8")
+
+
 def test_bf16_copy_is_a_bf16_twin_its_linears_prepacked_on_this_cpu(target):
     bf16 = quantized_copy(target, "bf16")
     assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())

@@ -99,8 +99,13 @@ def check_references(config: dict) -> None:
         for dataset in exp["datasets"]:
             if dataset not in datasets:
                 raise ConfigError(f"config key '{where}.datasets': dataset {dataset!r} is not defined under datasets")
+        target_dtype = models[exp["target"]].get("dtype", "float32")
         for i, entry in enumerate(exp["methods"]):
             _check_method(entry, drafters, f"{where}.methods.{i}")
+            for name in _as_list(entry.get("drafter", [])):
+                if drafters[name].get("dtype") == "int8" and target_dtype != "float32":
+                    raise ConfigError(f"config key '{where}.methods.{i}.drafter': drafter {name!r} quantises the target to int8, which starts from float32 weights; "
+                                      f"models.{exp['target']}.dtype is {target_dtype!r} (use a bf16 drafter, or a float32 target)")
         for placement in map(_placement_dict, _as_list(exp["placement"])):
             if placement["strategy"] == "multi_gpu_ratio" and "ratio" not in placement:
                 raise ConfigError(f"config key '{where}.placement': multi_gpu_ratio needs a ratio [target GPUs, drafter GPUs]")

@@ -112,6 +112,8 @@ def quantized_copy(model, kind: str):
         raise ValueError(f"unknown quantised drafter kind {kind!r} (expected 'int8' or 'bf16')")
     if kind == "int8" and any(p.device.type != "cpu" for p in model.parameters()):
         raise ValueError("int8 dynamic quantisation runs on the CPU only; use bf16 on a GPU")
+    if kind == "int8" and model.dtype != torch.float32:
+        raise ValueError(f"int8 dynamic quantisation starts from a float32 model, got {model.dtype}; use a bf16 drafter")
 
     def convert(tensor):
         if kind == "bf16" and tensor.is_floating_point():
