@@ -71,3 +71,35 @@ def test_sampling_settings_reach_generate(setup):
     torch.manual_seed(0)
     row = hf_generate(model, batch.input_ids[:1], batch.attention_mask[:1], settings)[0]
     assert row.output_ids == ours[0].output_ids[:8]
+
+
+@pytest.mark.parametrize("method, drafter", [("hf_assisted", "int8"), ("hf_prompt_lookup", None)])
+def test_peer_cells_run_through_the_runner_with_a_prediction(tmp_path, embedded_model_dir, method, drafter):
+    """transformers verifies a draft in every target forward, its prefill included: the
+    prediction's draft-length shares must count that forward as a step."""
+    from specdec import runner
+    from specdec.config import expand_matrix, validate
+    from specdec.datasets import prepare_dataset_file
+    from specdec.models import load_tokenizer
+
+    entry = {"method": method, "gamma": 4} | ({"drafter": drafter} if drafter else {})
+    config = validate({
+        "seed": 1, "models": {"smollm2": {"source": "embedded"}},
+        "drafters": {"int8": {"kind": "quantized", "dtype": "int8"}},
+        "datasets": {"sample": {"source": "sample", "num_prompts": 2, "turns": "first"}},
+        "experiments": {"peer": {"target": "smollm2", "datasets": ["sample"], "methods": [entry],
+                                 "max_new_tokens": 12, "temperature": 0.8, "warmup": 0}},
+        "power": {"enabled": False},
+    })
+    (cell,) = expand_matrix(config)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "smollm2").symlink_to(embedded_model_dir)
+    prompts = tmp_path / "prompts.jsonl"
+    prepare_dataset_file(config["datasets"]["sample"], load_tokenizer(str(embedded_model_dir)), prompts, seed=1)
+    result = runner.run_cell(cell, prompts, tmp_path / "out", models_dir=tmp_path / "models")
+    assert result["status"] == "ok", result.get("failure")
+    theory = result["theory"]
+    assert sum(theory["draft_length_shares"]) == pytest.approx(1.0)
+    if method == "hf_assisted":  # gamma drafts in every forward but a length-capped last one
+        assert theory["draft_length_shares"][4] >= 0.5
+    assert theory["predicted_speedup"] > 0

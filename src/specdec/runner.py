@@ -31,6 +31,7 @@ log = logging.getLogger("specdec.run")
 
 SCHEMA_VERSION = 1
 METHODS = ("ar", *sorted(METHODS_WITH_GAMMA))
+PEER_METHODS = ("hf_assisted", "hf_prompt_lookup")  # transformers' generate()
 OUTPUTS = ("result.json", "requests.jsonl")
 
 
@@ -350,6 +351,9 @@ def analyse(session: Session, records: list[dict], reference: Path | None) -> di
         acceptance = metrics.acceptance(records, cell["gamma"])
         costs = forward_costs(session, session.prompt_ids[records[-1]["request_id"]])
         alpha = metrics.per_token_alpha(acceptance["per_position"])
+        # A decode step is a target forward that could verify drafts: our engine's prefill
+        # cannot (TTFT is the target's alone), transformers' verifies its first draft.
+        undrafted = 0 if cell["method"] in PEER_METHODS else len(metrics.measured(records))
         summary["acceptance"] = acceptance
         if alpha is not None:
             summary["theory"] = metrics.theory(
@@ -357,8 +361,7 @@ def analyse(session: Session, records: list[dict], reference: Path | None) -> di
                 gamma=cell["gamma"],
                 cost_ratio=costs["drafter_forward_s"] / costs["target_forward_s"],
                 verify_cost_ratio=costs["verify_forward_s"] / costs["target_forward_s"],
-                # a step is a target forward after a request's prefill
-                shares=metrics.draft_length_shares(acceptance["per_position"], acceptance["target_forwards"] - len(metrics.measured(records))),
+                shares=metrics.draft_length_shares(acceptance["per_position"], acceptance["target_forwards"] - undrafted),
             ) | costs
     return summary
 
