@@ -66,6 +66,19 @@ def make_study(tmp_path_factory, embedded_model_dir):
     return make
 
 
+def cell_inputs(work: Path, embedded_model_dir: Path, dataset: dict, seed: int) -> tuple[Path, Path]:
+    """What `runner.run_cell` reads, under `work`: a models folder holding the embedded model
+    and a prompts file prepared from the `dataset` spec. Returns (models dir, prompts file)."""
+    from specdec.datasets import prepare_dataset_file
+    from specdec.models import load_tokenizer
+
+    (work / "models").mkdir()
+    (work / "models" / "smollm2").symlink_to(embedded_model_dir)
+    prompts = work / "prompts.jsonl"
+    prepare_dataset_file(dataset, load_tokenizer(str(embedded_model_dir)), prompts, seed=seed)
+    return work / "models", prompts
+
+
 def run_snakemake(workdir: Path, *args: str, timeout: float | None = None):
     """Snakemake on the project's Snakefile in `workdir`, with this venv's tools on PATH."""
     import subprocess

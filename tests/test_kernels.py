@@ -69,10 +69,6 @@ def test_ragged_cache_passes_the_cache_under_the_forwards_own_keyword():
     assert cache.cache.get_seq_length() == 6
 
 
-def bf16_prepacking_available() -> bool:
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
 @pytest.mark.parametrize("tied", [False, True])
 def test_prepacked_bfloat16_linears_compute_the_same_logits(tied):
     import copy
@@ -83,14 +79,14 @@ def test_prepacked_bfloat16_linears_compute_the_same_logits(tied):
     if tied:
         plain.lm_head.weight = plain.model.embed_tokens.weight
     packed = copy.deepcopy(plain)
-    assert kernels.prepack_bfloat16_linears(packed) == (2 * 7 + 1 if bf16_prepacking_available() else 0)
+    assert kernels.prepack_bfloat16_linears(packed) == (2 * 7 + 1 if kernels.bf16_prepacking_supported() else 0)
     ids = torch.randint(3, 64, (2, 7))
     with torch.inference_mode():
         for keep in (0, 1):  # every position, and transformers' last-position slice
             assert torch.allclose(packed(input_ids=ids, logits_to_keep=keep).logits,
                                   plain(input_ids=ids, logits_to_keep=keep).logits, rtol=1e-2, atol=1e-2)
     head = plain.lm_head.weight.nbytes
-    extra = head if tied and bf16_prepacking_available() else 0  # a tied head gets a packed copy
+    extra = head if tied and kernels.bf16_prepacking_supported() else 0  # a tied head gets a packed copy
     assert weight_bytes(packed) >= weight_bytes(plain) + extra  # packed weights are counted
 
 
@@ -106,7 +102,7 @@ def test_a_prepacked_bf16_drafter_keeps_speculative_decoding_lossless():
 
     target = tiny_llama()
     drafter = quantized_copy(target, "bf16")
-    assert any(type(m) is kernels.PrepackedLinear for m in drafter.modules()) == bf16_prepacking_available()
+    assert any(type(m) is kernels.PrepackedLinear for m in drafter.modules()) == kernels.bf16_prepacking_supported()
     ids = torch.randint(3, 64, (2, 9))
     mask = torch.ones_like(ids)
     settings = GenerationSettings(max_new_tokens=12, gamma=4)

@@ -34,7 +34,7 @@ def test_bf16_copy_is_a_bf16_twin_its_linears_prepacked_on_this_cpu(target):
     bf16 = quantized_copy(target, "bf16")
     assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
     packed = isinstance(bf16.lm_head, kernels.PrepackedLinear)
-    assert packed == (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert packed == kernels.bf16_prepacking_supported()
     # Prepacked, the tied lm_head holds a packed copy of its own; plain, it stays tied.
     assert packed or bf16.lm_head.weight is bf16.model.embed_tokens.weight
     head = bf16.model.embed_tokens.weight.nbytes if packed else 0

@@ -3,6 +3,7 @@ counts derived from streamer chunks, batch > 1 refused for the speculative peers
 
 import pytest
 import torch
+from conftest import cell_inputs
 
 from specdec.decoding import GenerationSettings, generate
 from specdec.models import quantized_copy
@@ -79,8 +80,6 @@ def test_peer_cells_run_through_the_runner_with_a_prediction(tmp_path, embedded_
     prediction's draft-length shares must count that forward as a step."""
     from specdec import runner
     from specdec.config import expand_matrix, validate
-    from specdec.datasets import prepare_dataset_file
-    from specdec.models import load_tokenizer
 
     entry = {"method": method, "gamma": 4} | ({"drafter": drafter} if drafter else {})
     config = validate({
@@ -92,11 +91,8 @@ def test_peer_cells_run_through_the_runner_with_a_prediction(tmp_path, embedded_
         "power": {"enabled": False},
     })
     (cell,) = expand_matrix(config)
-    (tmp_path / "models").mkdir()
-    (tmp_path / "models" / "smollm2").symlink_to(embedded_model_dir)
-    prompts = tmp_path / "prompts.jsonl"
-    prepare_dataset_file(config["datasets"]["sample"], load_tokenizer(str(embedded_model_dir)), prompts, seed=1)
-    result = runner.run_cell(cell, prompts, tmp_path / "out", models_dir=tmp_path / "models")
+    models_dir, prompts = cell_inputs(tmp_path, embedded_model_dir, config["datasets"]["sample"], seed=1)
+    result = runner.run_cell(cell, prompts, tmp_path / "out", models_dir=models_dir)
     assert result["status"] == "ok", result.get("failure")
     theory = result["theory"]
     assert sum(theory["draft_length_shares"]) == pytest.approx(1.0)

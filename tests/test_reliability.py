@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import cell_inputs
 
 from specdec import cli, runner
 from specdec.aggregate import failed_table, runs_table
@@ -57,12 +58,9 @@ def fresh_config() -> dict:
 def tiny(tmp_path_factory, embedded_model_dir):
     """A work dir with the embedded model under models/, the prompts file and the two cells."""
     work = tmp_path_factory.mktemp("reliability")
-    (work / "models").mkdir()
-    (work / "models" / "smollm2").symlink_to(embedded_model_dir)
-    prompts = work / "prompts.jsonl"
-    prepare_dataset_file(CONFIG["datasets"]["sample"], load_tokenizer(str(embedded_model_dir)), prompts, seed=5)
+    models_dir, prompts = cell_inputs(work, embedded_model_dir, CONFIG["datasets"]["sample"], seed=5)
     cells = {cell["method"]: cell for cell in expand_matrix(validate(fresh_config()))}
-    return {"work": work, "models": work / "models", "prompts": prompts, "cells": cells}
+    return {"work": work, "models": models_dir, "prompts": prompts, "cells": cells}
 
 
 @pytest.fixture(scope="module")

@@ -379,7 +379,7 @@ def memory_report(session: Session) -> dict:
     longest prompt of the cell. On a GPU the peak is CUDA's allocator's; on the CPU it is
     the process's peak RSS, given both whole and less the RSS just before the first weights
     were loaded (`baseline`: the interpreter, torch, transformers and the tokenizer, about
-    350 MB, which no engine avoids)."""
+    400 MB, which no engine avoids)."""
     cell, mb = session.cell, 2**20
     tokens = max(map(len, session.prompt_ids.values()), default=0) + cell["max_new_tokens"] + (cell["gamma"] or 0) + 1
     caches = sum(models.kv_cache_bytes(m, cell["batch_size"], tokens) for m in (session.target, session.drafter_model) if m is not None)

@@ -70,6 +70,11 @@ class PrepackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, oneDNN prepacked"
 
 
+def bf16_prepacking_supported() -> bool:
+    """Whether this CPU runs oneDNN bfloat16 matmuls (where prepacking applies)."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def prepack_bfloat16_linears(model) -> int:
     """Replace the bfloat16 `nn.Linear` layers of a model held wholly on the CPU by
     `PrepackedLinear`s, where this CPU runs oneDNN bfloat16 (a model spread over devices is
@@ -79,8 +84,7 @@ def prepack_bfloat16_linears(model) -> int:
     counted by `models.weight_bytes`): left plain, transformers' last-position slice of a
     multi-token forward sends it through a batched matmul that copies the whole weight,
     measured at 42 ms of a 74 ms two-token drafter forward."""
-    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-            and all(p.device.type == "cpu" for p in model.parameters())):
+    if not (bf16_prepacking_supported() and all(p.device.type == "cpu" for p in model.parameters())):
         return 0
     replaced = 0
     # Parents only: a list holding the old layers would keep every plain weight alive to the end.
