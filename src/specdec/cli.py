@@ -33,15 +33,13 @@ def _prepare_dataset(args) -> int:
     return 0
 
 
-def _cell_from_args(args) -> dict:
+def _cell_from_args(args):
     from specdec.config import expand_matrix, load_config
+    from specdec.records import read_cell
 
-    if args.cell_json:
-        return json.loads(args.cell_json)
     if args.cell:
-        return json.loads(Path(args.cell).read_text())
-    config = load_config(args.config)
-    cells = {f"{c['experiment']}/{c['cell']}": c for c in expand_matrix(config)}
+        return read_cell(args.cell)
+    cells = {c.id: c for c in expand_matrix(load_config(args.config))}
     if args.cell_id not in cells:
         raise ConfigError(f"no cell {args.cell_id!r} in {args.config}; run `specdec cells --config {args.config}` to list them")
     return cells[args.cell_id]
@@ -67,7 +65,15 @@ def _cells(args) -> int:
     from specdec.config import expand_matrix, load_config
 
     for cell in expand_matrix(load_config(args.config)):
-        print(f"{cell['experiment']}/{cell['cell']}")
+        print(cell.id)
+    return 0
+
+
+def _check_config(args) -> int:
+    from specdec.config import expand_matrix, load_config
+
+    cells = expand_matrix(load_config(args.config))
+    print(f"{args.config}: valid, {len(cells)} cells in {len({c.experiment for c in cells})} experiment(s)")
     return 0
 
 
@@ -91,8 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run one benchmark cell")
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--cell-json", help="the resolved cell as JSON")
-    which.add_argument("--cell", help="a JSON file holding the resolved cell")
+    which.add_argument("--cell", help="a cell file (cell.json, written by the workflow's cell rule)")
     which.add_argument("--cell-id", help="EXPERIMENT/CELL from --config (see `specdec cells`)")
     p.add_argument("--config", default="config.yaml")
     p.add_argument("--prompts", required=True, help="prompts JSONL from prepare-dataset")
@@ -105,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cells", help="list the cells of a config")
     p.add_argument("--config", default="config.yaml")
     p.set_defaults(func=_cells)
+
+    p = sub.add_parser("check-config", help="validate a config file (errors name the file, line and key)")
+    p.add_argument("--config", default="config.yaml")
+    p.set_defaults(func=_check_config)
     return parser
 
 

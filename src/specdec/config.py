@@ -1,39 +1,56 @@
-"""Benchmark configuration: schema validation, cross-references, and the experiment matrix.
+"""The configuration gate: the one place a config is validated, and the matrix it expands to.
 
-An experiment is a matrix (dataset x method x drafter x gamma x batch size x max new tokens x
-temperature x placement x load x repeat). Every cell becomes one benchmark job with a short,
-stable id that is also its path under `results/runs/{experiment}/{cell}/`.
+`validate` is the only validation: the schema (`schemas/config.schema.yaml`, with `if`/`then`
+where keys depend on each other, numbers finite) plus `check_references`, the checks a schema
+cannot express. `expand_matrix` then builds every experiment's cells (`cells.Cell`) once
+(dataset x method x drafter x gamma x batch size x max new tokens x temperature x placement
+x load x repeat); nothing below re-validates them.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
+import math
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import jsonschema
 import yaml
 from referencing import Registry, Resource
 
-METHODS_WITH_MODEL_DRAFTER = {"speculative", "hf_assisted"}
-METHODS_WITH_NGRAM_DRAFTER = {"ngram"}
-METHODS_WITH_GAMMA = {"speculative", "ngram", "hf_assisted", "hf_prompt_lookup"}
-DEFAULT_GAMMA = 4
+from specdec.cells import (
+    DEFAULT_GAMMA,
+    DRAFTING_METHODS,
+    MODEL_DRAFTER_METHODS,
+    NGRAM_DRAFTER_METHODS,
+    Cell,
+    DrafterSpec,
+    Generation,
+    Load,
+    ModelSpec,
+    Placement,
+    Power,
+)
 
 
 class ConfigError(ValueError):
-    """The configuration is invalid; the message names the offending key."""
+    """The configuration is invalid; the message names the offending key (or file and line)."""
 
 
 def schema_path() -> Path:
     return Path(str(resources.files("specdec") / "schemas" / "config.schema.yaml"))
 
 
+def _is_finite_number(checker, instance) -> bool:
+    return jsonschema.Draft202012Validator.TYPE_CHECKER.is_type(instance, "number") and math.isfinite(instance)
+
+
 def _validator_with_defaults(schema: dict) -> jsonschema.protocols.Validator:
-    """A validator that also fills in `default` values, as Snakemake's validate does, and
-    resolves relative `$ref`s (the dataset entry schema) beside the config schema."""
+    """A validator that fills in `default` values, as Snakemake's validate does, resolves
+    relative `$ref`s (the dataset entry schema) beside the config schema, and counts only
+    finite values as numbers (YAML's `.nan` and `.inf` are floats)."""
     base = jsonschema.Draft202012Validator
     folder = schema_path().parent
 
@@ -48,7 +65,10 @@ def _validator_with_defaults(schema: dict) -> jsonschema.protocols.Validator:
         yield from base.VALIDATORS["properties"](validator, properties, instance, schema)
 
     schema = dict(schema, **{"$id": schema_path().as_uri()})
-    return jsonschema.validators.extend(base, {"properties": set_defaults})(schema, registry=Registry(retrieve=retrieve))
+    validator = jsonschema.validators.extend(
+        base, {"properties": set_defaults}, type_checker=base.TYPE_CHECKER.redefine("number", _is_finite_number)
+    )
+    return validator(schema, registry=Registry(retrieve=retrieve))
 
 
 def _key_path(error: jsonschema.ValidationError) -> str:
@@ -67,14 +87,42 @@ def validate(config: dict) -> dict:
     return config
 
 
-def load_config(path: str | Path) -> dict:
+class _StrictLoader(yaml.SafeLoader):
+    """Safe YAML whose mappings refuse a key given twice (PyYAML keeps the last silently)."""
+
+
+def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, yaml.Mark] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} appears twice (first on line {seen[key].line + 1})", key_node.start_mark
+            )
+        seen[key] = key_node.start_mark
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file as data; an error names the file, line and column."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        config = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        return yaml.load(path.read_text(), Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: {exc.problem}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+
+
+def load_config(path: str | Path) -> dict:
+    config = read_yaml(path)
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     return validate(config)
@@ -84,8 +132,23 @@ def _as_list(value: Any) -> list:
     return list(value) if isinstance(value, list) else [value]
 
 
+def _non_finite(value: Any, path: str = "") -> Iterator[str]:
+    if isinstance(value, float) and not math.isfinite(value):
+        yield path or "<top level>"
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _non_finite(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _non_finite(item, f"{path}.{i}")
+
+
 def check_references(config: dict) -> None:
-    """Every model, drafter and dataset an experiment names must be defined, and fit its method."""
+    """What the schema cannot say: every model, drafter and dataset an experiment names is
+    defined and fits its method, and no number anywhere is NaN or infinite (Snakemake's own
+    schema validation counts them as numbers)."""
+    for key in _non_finite(config):
+        raise ConfigError(f"config key '{key}': must be a finite number")
     models, drafters, datasets = config["models"], config.get("drafters", {}), config["datasets"]
     for name, drafter in drafters.items():
         if drafter["kind"] == "model" and drafter["model"] not in models:
@@ -106,30 +169,29 @@ def check_references(config: dict) -> None:
                 if drafters[name].get("dtype") == "int8" and target_dtype != "float32":
                     raise ConfigError(f"config key '{where}.methods.{i}.drafter': drafter {name!r} quantises the target to int8, which starts from float32 weights; "
                                       f"models.{exp['target']}.dtype is {target_dtype!r} (use a bf16 drafter, or a float32 target)")
+                if drafters[name].get("dtype") == "int8" and any(_placement_dict(p)["strategy"] != "cpu" for p in _as_list(exp["placement"])):
+                    raise ConfigError(f"config key '{where}.placement': drafter {name!r} is an int8 dynamic quantisation, which runs on the CPU only; use placement cpu or a bf16 drafter")
         for placement in map(_placement_dict, _as_list(exp["placement"])):
             if placement["strategy"] == "multi_gpu_ratio" and "ratio" not in placement:
                 raise ConfigError(f"config key '{where}.placement': multi_gpu_ratio needs a ratio [target GPUs, drafter GPUs]")
-        for load in _as_list(exp["load"]):
-            if load["mode"] == "open" and not ("num_requests" in load or "duration_s" in load):
-                raise ConfigError(f"config key '{where}.load': open-loop load needs num_requests or duration_s")
 
 
 def _check_method(entry: dict, drafters: dict, where: str) -> None:
     method = entry["method"]
     names = _as_list(entry.get("drafter", []))
-    if method in METHODS_WITH_MODEL_DRAFTER | METHODS_WITH_NGRAM_DRAFTER and not names:
+    if method in MODEL_DRAFTER_METHODS | NGRAM_DRAFTER_METHODS and not names:
         raise ConfigError(f"config key '{where}.drafter': method {method!r} needs a drafter")
-    if method not in METHODS_WITH_MODEL_DRAFTER | METHODS_WITH_NGRAM_DRAFTER and names:
+    if method not in MODEL_DRAFTER_METHODS | NGRAM_DRAFTER_METHODS and names:
         raise ConfigError(f"config key '{where}.drafter': method {method!r} takes no drafter")
-    if method not in METHODS_WITH_GAMMA and "gamma" in entry:
+    if method not in DRAFTING_METHODS and "gamma" in entry:
         raise ConfigError(f"config key '{where}.gamma': method {method!r} takes no gamma")
     for name in names:
         if name not in drafters:
             raise ConfigError(f"config key '{where}.drafter': drafter {name!r} is not defined under drafters")
         kind = drafters[name]["kind"]
-        if method in METHODS_WITH_NGRAM_DRAFTER and kind != "ngram":
+        if method in NGRAM_DRAFTER_METHODS and kind != "ngram":
             raise ConfigError(f"config key '{where}.drafter': method 'ngram' needs an ngram drafter, {name!r} is {kind!r}")
-        if method in METHODS_WITH_MODEL_DRAFTER and kind == "ngram":
+        if method in MODEL_DRAFTER_METHODS and kind == "ngram":
             raise ConfigError(f"config key '{where}.drafter': method {method!r} needs a model drafter, {name!r} is an ngram drafter")
 
 
@@ -137,110 +199,81 @@ def _placement_dict(placement: str | dict) -> dict:
     return {"strategy": placement} if isinstance(placement, str) else dict(placement)
 
 
-def _number_tag(value: float) -> str:
-    return f"{value:g}"
+# ----------------------------------------------------------------------- matrix
 
 
-def _placement_tag(placement: dict) -> str:
-    tag = placement["strategy"]
-    if "ratio" in placement:
-        tag += "{}x{}".format(*placement["ratio"])
-    if "gpus" in placement:
-        tag += f"{placement['gpus']}gpu"
-    return tag
+def _model(name: str, spec: dict) -> ModelSpec:
+    return ModelSpec(name=name, **spec)
 
 
-def _load_tag(load: dict) -> str:
-    if load["mode"] == "closed":
-        return ""
-    size = f"n{load['num_requests']}" if "num_requests" in load else f"d{_number_tag(load['duration_s'])}"
-    return f"-rate{_number_tag(load['rate'])}-{load.get('arrival', 'poisson')}{size}"
+def _drafter(name: str, spec: dict, models: dict) -> DrafterSpec:
+    fields = dict(spec)
+    if spec["kind"] == "model":
+        fields["model"] = _model(spec["model"], models[spec["model"]])
+    return DrafterSpec(name=name, **fields)
 
 
-def cell_name(cell: dict) -> str:
-    """Short, stable and readable: `{dataset}--{method}[-{drafter}][-g{gamma}]--{settings}--r{repeat}`."""
-    method = cell["method"]
-    if cell["drafter"]:
-        method += f"-{cell['drafter']}"
-    if cell["gamma"] is not None:
-        method += f"-g{cell['gamma']}"
-    settings = f"b{cell['batch_size']}-n{cell['max_new_tokens']}-t{_number_tag(cell['temperature'])}"
-    if cell["top_k"]:
-        settings += f"-k{cell['top_k']}"
-    if cell["top_p"] < 1.0:
-        settings += f"-p{_number_tag(cell['top_p'])}"
-    settings += f"-{_placement_tag(cell['placement'])}{_load_tag(cell['load'])}"
-    return f"{cell['dataset']}--{method}--{settings}--r{cell['repeat']}"
+def _placement(entry: str | dict) -> Placement:
+    fields = _placement_dict(entry)
+    if "ratio" in fields:
+        fields["ratio"] = tuple(fields["ratio"])
+    return Placement(**fields)
 
 
-def _method_variants(entry: dict) -> list[tuple[str, str | None, int | None]]:
+def _method_variants(entry: dict) -> list[tuple[str, str | None, int]]:
     method = entry["method"]
     drafters = _as_list(entry.get("drafter", [None]))
-    gammas = _as_list(entry.get("gamma", DEFAULT_GAMMA)) if method in METHODS_WITH_GAMMA else [None]
+    gammas = _as_list(entry.get("gamma", DEFAULT_GAMMA)) if method in DRAFTING_METHODS else [0]
     return [(method, d, g) for d in drafters for g in gammas]
 
 
-def expand_matrix(config: dict) -> list[dict]:
-    """All benchmark cells of all experiments, each a self-contained resolved config."""
+def expand_matrix(config: dict) -> list[Cell]:
+    """All benchmark cells of all experiments of a validated config."""
+    models = config["models"]
+    drafters = {name: _drafter(name, spec, models) for name, spec in config.get("drafters", {}).items()}
+    power = Power(**config["power"])
     cells = []
     for exp_name, exp in config["experiments"].items():
+        target = _model(exp["target"], models[exp["target"]])
         axes = itertools.product(
             exp["datasets"],
             [v for entry in exp["methods"] for v in _method_variants(entry)],
             _as_list(exp["batch_size"]),
             _as_list(exp["max_new_tokens"]),
             _as_list(exp["temperature"]),
-            [_placement_dict(p) for p in _as_list(exp["placement"])],
-            _as_list(exp["load"]),
+            [_placement(p) for p in _as_list(exp["placement"])],
+            [Load(**load) for load in _as_list(exp["load"])],
             range(exp["repeats"]),
         )
         for dataset, (method, drafter, gamma), batch, max_new, temp, placement, load, repeat in axes:
-            cell = {
-                "experiment": exp_name,
-                "dataset": dataset,
-                "target": exp["target"],
-                "method": method,
-                "drafter": drafter,
-                "gamma": gamma,
-                "batch_size": batch,
-                "max_new_tokens": max_new,
-                "temperature": float(temp),
-                "top_k": exp["top_k"],
-                "top_p": float(exp["top_p"]),
-                "placement": placement,
-                "load": load,
-                "repeat": repeat,
-                "seed": config["seed"] + repeat,
-                "warmup": exp["warmup"],
-                "timeout_s": exp.get("timeout_s"),
-                "models": {exp["target"]: config["models"][exp["target"]]},
-                "drafters": {drafter: config["drafters"][drafter]} if drafter else {},
-                "power": config["power"],
-            }
-            if drafter and config["drafters"][drafter]["kind"] == "model":
-                model = config["drafters"][drafter]["model"]
-                cell["models"][model] = config["models"][model]
-            cell["cell"] = cell_name(cell)
-            cells.append(cell)
+            generation = Generation(max_new_tokens=max_new, temperature=float(temp), top_k=exp["top_k"], top_p=float(exp["top_p"]))
+            cells.append(Cell(
+                experiment=exp_name, dataset=dataset, target=target, method=method,
+                drafter=drafters[drafter] if drafter else None, gamma=gamma, batch_size=batch,
+                generation=generation, placement=placement, load=load, repeat=repeat,
+                seed=config["seed"] + repeat, warmup=exp["warmup"], timeout_s=exp.get("timeout_s"), power=power,
+            ))
     _check_unique(cells)
     return cells
 
 
-def _check_unique(cells: list[dict]) -> None:
+def _check_unique(cells: list[Cell]) -> None:
     seen: set[str] = set()
     for cell in cells:
-        key = f"{cell['experiment']}/{cell['cell']}"
-        if key in seen:
-            raise ConfigError(f"config key 'experiments.{cell['experiment']}': two cells resolve to the same id {key!r}")
-        seen.add(key)
+        if cell.id in seen:
+            raise ConfigError(f"config key 'experiments.{cell.experiment}': two cells resolve to the same id {cell.id!r}")
+        seen.add(cell.id)
 
 
-def reference_cell(cell: dict, cells: list[dict]) -> dict | None:
-    """The AR cell whose greedy outputs a greedy speculative cell must reproduce exactly."""
-    if cell["method"] == "ar" or cell["temperature"] > 0:
+def reference_cell(cell: Cell, cells: list[Cell]) -> Cell | None:
+    """The AR cell whose greedy outputs a greedy drafting cell must reproduce exactly: same
+    experiment, dataset, target, generation and repeat; preferably the same batch shape,
+    placement and load too, so that the numerics match."""
+    if not cell.drafts or not cell.greedy:
         return None
-    same = ("experiment", "dataset", "target", "max_new_tokens", "temperature", "top_k", "top_p", "repeat")
-    candidates = [c for c in cells if c["method"] == "ar" and all(c[k] == cell[k] for k in same)]
-    # Prefer the AR run whose batch shape and placement match, so numerics match too.
-    candidates.sort(key=lambda c: (c["batch_size"] != cell["batch_size"], c["placement"] != cell["placement"], c["load"] != cell["load"]))
+    candidates = [
+        c for c in cells
+        if c.method == "ar" and (c.experiment, c.dataset, c.target, c.generation, c.repeat) == (cell.experiment, cell.dataset, cell.target, cell.generation, cell.repeat)
+    ]
+    candidates.sort(key=lambda c: (c.batch_size != cell.batch_size, c.placement != cell.placement, c.load != cell.load))
     return candidates[0] if candidates else None

@@ -39,11 +39,6 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
             handle.write(json.dumps(row, allow_nan=False) + "\n")
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    with open(path) as handle:
-        return json.load(handle)
-
-
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     with open(path) as handle:
         return [json.loads(line) for line in handle if line.strip()]

@@ -1,6 +1,6 @@
 """Load generation: closed- and open-loop request schedules driven against an engine.
 
-Closed loop: the first `num_prompts` conversations all wait at t0 and are served in batches
+Closed loop: the first `num_requests` conversations (default: one per prompt) all wait at t0 and are served in batches
 of up to `batch_size`; a request's arrival is its batch start (queueing delay 0).
 Open loop: conversations arrive at seeded random times (Poisson, or gamma inter-arrivals
 with shape = burstiness and mean 1/rate; burstiness 1 is Poisson, below 1 burstier) for a
@@ -27,6 +27,8 @@ from typing import Callable, Iterator, Sequence, TextIO
 
 import numpy as np
 
+from specdec.cells import Load
+
 # Row-result fields copied into the per-request record when the engine reports them.
 _ROW_FIELDS = (
     "finish_reason",
@@ -38,10 +40,6 @@ _ROW_FIELDS = (
     "tokenize_s",
     "output_ids",
 )
-
-
-class LoadConfigError(ValueError):
-    """A load setting that cannot be run; the message names the key."""
 
 
 class EngineOutputError(RuntimeError):
@@ -80,78 +78,21 @@ class Request:
         return Request(self.conversation, self.turn + 1, (*self.history, row), self.copy, self.warmup)
 
 
-# ------------------------------------------------------------------ validation
-
-
-def _number(name: str, value, integer: bool = False, minimum: float = 0, strict: bool = True):
-    """Check one setting; `name` is its full key (`load.rate`, `batch_size`)."""
-    kind = "an integer" if integer else "a number"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-        integer and int(value) != value
-    ):
-        raise LoadConfigError(f"{name}: expected {kind}, got {value!r}")
-    if value < minimum or (strict and value == minimum):
-        raise LoadConfigError(f"{name}: must be {'>' if strict else '>='} {minimum}, got {value}")
-    return int(value) if integer else float(value)
-
-
-def _count(name: str, value, minimum: int = 1) -> int:
-    return _number(name, value, integer=True, minimum=minimum, strict=False)
-
-
-def validate_load(load: dict) -> dict:
-    """Check a load setting and return it with defaults filled in."""
-    mode = load.get("mode", "closed")
-    if mode == "closed":
-        count_keys = [k for k in ("num_prompts", "num_requests") if k in load]
-        if len(count_keys) > 1:
-            raise LoadConfigError("load: give num_prompts or num_requests, not both")
-        out = {"mode": "closed"}
-        if count_keys:
-            out["num_prompts"] = _count(f"load.{count_keys[0]}", load[count_keys[0]])
-        return out
-    if mode != "open":
-        raise LoadConfigError(f"load.mode: expected 'closed' or 'open', got {mode!r}")
-    if "rate" not in load:
-        raise LoadConfigError("load.rate: required for open-loop load")
-    out = {"mode": "open", "rate": _number("load.rate", load["rate"])}
-    out["arrival"] = load.get("arrival", "poisson")
-    if out["arrival"] not in ("poisson", "gamma"):
-        raise LoadConfigError(f"load.arrival: expected 'poisson' or 'gamma', got {out['arrival']!r}")
-    out["burstiness"] = _number("load.burstiness", load.get("burstiness", 1.0))
-    if out["arrival"] == "poisson" and out["burstiness"] != 1.0:
-        raise LoadConfigError("load.burstiness: Poisson arrivals have burstiness 1; use arrival: gamma")
-    if ("num_requests" in load) == ("duration_s" in load):
-        raise LoadConfigError("load: open loop needs exactly one of num_requests and duration_s")
-    if "num_requests" in load:
-        out["num_requests"] = _count("load.num_requests", load["num_requests"])
-    else:
-        out["duration_s"] = _number("load.duration_s", load["duration_s"])
-    return out
-
-
-def validate_repeats(repeats: int) -> int:
-    return _count("repeats", repeats)
-
-
 # -------------------------------------------------------------------- schedules
 
 
-def arrival_times(load: dict, seed: int) -> list[float]:
+def arrival_times(load: Load, seed: int) -> list[float]:
     """Open-loop arrival times in seconds after t0; the same seed gives the same times."""
-    load = validate_load(load)
-    if load["mode"] != "open":
-        raise LoadConfigError("load.mode: arrival times exist only for open-loop load")
     rng = np.random.default_rng(seed)
-    shape = load["burstiness"]
-    scale = 1.0 / (load["rate"] * shape)  # mean inter-arrival = shape * scale = 1 / rate
+    shape = load.burstiness
+    scale = 1.0 / (load.rate * shape)  # mean inter-arrival = shape * scale = 1 / rate
     times, now = [], 0.0
     while True:
         now += float(rng.gamma(shape, scale))
-        if "duration_s" in load and now > load["duration_s"]:
+        if load.duration_s is not None and now > load.duration_s:
             return times
         times.append(now)
-        if len(times) == load.get("num_requests"):
+        if len(times) == load.num_requests:
             return times
 
 
@@ -160,13 +101,10 @@ def _conversations(conversations: Sequence[dict], count: int, warmup: bool = Fal
     return [Request(conversations[i % n], copy=i // n, warmup=warmup) for i in range(count)]
 
 
-def schedule(conversations: Sequence[dict], load: dict, seed: int) -> list[tuple[float, Request]]:
+def schedule(conversations: Sequence[dict], load: Load, seed: int) -> list[tuple[float, Request]]:
     """First turns with their arrival offsets in seconds (closed loop: all at 0)."""
-    if not conversations:
-        raise LoadConfigError("no conversations to send")
-    load = validate_load(load)
-    if load["mode"] == "closed":
-        requests = _conversations(conversations, load.get("num_prompts", len(conversations)))
+    if not load.is_open:
+        requests = _conversations(conversations, load.num_requests or len(conversations))
         return [(0.0, request) for request in requests]
     times = arrival_times(load, seed)
     return list(zip(times, _conversations(conversations, len(times))))
@@ -239,7 +177,7 @@ def _serve(batch: list[tuple[int, Request]], engine: Callable, clock: Callable, 
 def run_load(
     conversations: Sequence[dict],
     engine: Callable[[list[Request]], list[dict]],
-    load: dict,
+    load: Load,
     batch_size: int,
     *,
     seed: int = 0,
@@ -260,9 +198,8 @@ def run_load(
     `on_window_start` / `on_window_end` just before t0 and after the last measured request
     (the power monitor's window is the throughput window).
     """
-    batch_size, warmup = _count("batch_size", batch_size), _count("warmup", warmup, minimum=0)
     planned = schedule(conversations, load, seed)
-    closed = validate_load(load)["mode"] == "closed"
+    closed = not load.is_open
 
     warm_rows = []
     warm = _conversations(conversations, warmup, warmup=True)

@@ -232,50 +232,46 @@ def expected_tokens_per_step(alpha: float, gamma: int) -> float:
     return float(sum(alpha**i for i in range(int(gamma) + 1)))
 
 
-def leviathan_speedup(alpha: float, gamma: int, c: float, verify_cost: float = 1.0) -> float:
-    """Expected walltime improvement of speculative decoding (Leviathan et al. 2023, Thm 3.8).
-
-    (1 - alpha^(gamma+1)) / ((1 - alpha) (gamma c + verify_cost)), where c is the drafter's
-    cost per forward relative to the target's and verify_cost the cost of the target's
-    (gamma+1)-token verify forward relative to a one-token forward (1 in the paper).
-    """
-    if c < 0:
-        raise MetricsError(f"cost ratio c must be >= 0, got {c}")
-    if verify_cost <= 0:
-        raise MetricsError(f"verify_cost must be > 0, got {verify_cost}")
-    return expected_tokens_per_step(alpha, gamma) / (gamma * c + verify_cost)
-
-
 def draft_length_shares(per_position: Sequence[dict], steps: int) -> list[float]:
-    """Share of decode steps that drafted 0, 1, .., gamma tokens, from the per-position
-    counts (position i is drafted in every step that drafts at least i tokens)."""
-    at_least = [steps, *(p["drafted"] for p in per_position), 0]
+    """Share of decode steps that drafted 0, 1, .., k tokens, k the longest draft any step
+    proposed, from the per-position counts (position i is drafted in every step that drafts
+    at least i tokens)."""
+    drafted = [p["drafted"] for p in per_position]
+    while drafted and not drafted[-1]:
+        drafted.pop()
+    at_least = [steps, *drafted, 0]
     if steps <= 0 or any(a < b for a, b in zip(at_least, at_least[1:])):
-        raise MetricsError(f"per-position drafted counts {at_least[1:-1]} do not fit {steps} decode steps")
+        raise MetricsError(f"per-position drafted counts {drafted} do not fit {steps} decode steps")
     return [(a - b) / steps for a, b in zip(at_least, at_least[1:])]
 
 
-def predicted_speedup(alpha: float, gamma: int, c: float, verify_cost: float, shares: Sequence[float]) -> float:
-    """Leviathan's prediction for a drafter whose draft length varies (the n-gram drafter
-    drafts nothing without a match): expected tokens over expected cost, each averaged over
-    the measured shares of steps drafting k = 0 .. gamma tokens, with a k-draft verification
-    costing 1 + (verify_cost - 1) k / gamma target forwards. With every step drafting gamma
-    tokens it is `leviathan_speedup`."""
-    _check_theory_inputs(alpha, gamma)
+def predicted_speedup(alpha: float, c: float, verify_cost: float, shares: Sequence[float]) -> float:
+    """Leviathan et al.'s prediction (2023, Thm 3.8) over the draft lengths that happened.
+
+    A step drafting k tokens yields (1 - alpha^(k+1)) / (1 - alpha) tokens on average and
+    costs k c + 1 + (verify_cost - 1) k / K target forwards, K = len(shares) - 1 the longest
+    draft proposed and verify_cost the measured cost of a (K+1)-token verification forward
+    (linear in between). Expected tokens over expected cost, each weighted by the measured
+    shares of steps drafting k = 0 .. K tokens. With every step drafting K tokens it is the
+    paper's (1 - alpha^(K+1)) / ((1 - alpha) (K c + verify_cost))."""
+    longest = len(shares) - 1
+    _check_theory_inputs(alpha, max(longest, 1))
+    if c < 0 or verify_cost <= 0:
+        raise MetricsError(f"costs must be c >= 0 and verify_cost > 0, got {c} and {verify_cost}")
     tokens = sum(share * expected_tokens_per_step(alpha, k) if k else share for k, share in enumerate(shares))
-    cost = sum(share * (k * c + 1 + (verify_cost - 1) * k / gamma) for k, share in enumerate(shares))
+    cost = sum(share * (k * c + 1 + ((verify_cost - 1) * k / longest if longest else 0)) for k, share in enumerate(shares))
     return tokens / cost
 
 
-def theory(alpha: float, gamma: int, cost_ratio: float, verify_cost_ratio: float = 1.0,
-           shares: Sequence[float] | None = None) -> dict:
-    """The `theory` block: the speedup Leviathan et al. predict from measured inputs, over
-    the measured draft lengths when `shares` (see draft_length_shares) is given."""
-    block = {"alpha": alpha, "gamma": gamma, "cost_ratio": cost_ratio, "verify_cost_ratio": verify_cost_ratio}
-    if shares is None:
-        return block | {"predicted_speedup": leviathan_speedup(alpha, gamma, cost_ratio, verify_cost_ratio)}
-    prediction = predicted_speedup(alpha, gamma, cost_ratio, verify_cost_ratio, shares)
-    return block | {"predicted_speedup": prediction, "draft_length_shares": list(shares)}
+def theory(alpha: float, gamma: int, cost_ratio: float, verify_cost_ratio: float, shares: Sequence[float]) -> dict:
+    """The `theory` block: the speedup Leviathan et al. predict from measured inputs and the
+    measured draft lengths (`shares`, see draft_length_shares); `gamma` is the nominal one."""
+    return {
+        "alpha": alpha, "gamma": gamma, "longest_draft": len(shares) - 1,
+        "cost_ratio": cost_ratio, "verify_cost_ratio": verify_cost_ratio,
+        "predicted_speedup": predicted_speedup(alpha, cost_ratio, verify_cost_ratio, shares),
+        "draft_length_shares": list(shares),
+    }
 
 
 # --------------------------------------------------------- confidence intervals
@@ -321,28 +317,6 @@ def bootstrap_ci(
     return _percentile_interval(_resampled_statistic(sample, statistic, n_resamples, rng), confidence)
 
 
-def ratio_ci(
-    numerators: Iterable[float],
-    denominators: Iterable[float],
-    statistic: Callable = np.median,
-    confidence: float = 0.95,
-    n_resamples: int = 2000,
-    seed: int = 0,
-) -> tuple[float, float]:
-    """Percentile-bootstrap CI of statistic(numerators) / statistic(denominators).
-
-    For speedups (e.g. AR time / speculative time): the two samples come from independent
-    runs, so each side is resampled independently.
-    """
-    top, bottom = _as_array(numerators, "numerators"), _as_array(denominators, "denominators")
-    _check_ci_inputs(confidence, n_resamples, numerators=top, denominators=bottom)
-    rng = np.random.default_rng(seed)
-    ratios = _resampled_statistic(top, statistic, n_resamples, rng) / _resampled_statistic(
-        bottom, statistic, n_resamples, rng
-    )
-    return _percentile_interval(ratios, confidence)
-
-
 def coefficient_of_variation(values: Iterable[float]) -> float | None:
     """Sample standard deviation (ddof=1) over the mean; None for fewer than 2 values."""
     sample = _as_array(values)
@@ -352,12 +326,6 @@ def coefficient_of_variation(values: Iterable[float]) -> float | None:
     if mean == 0:
         raise MetricsError("coefficient of variation is undefined for a zero mean")
     return float(sample.std(ddof=1) / abs(mean))
-
-
-def repeats_disagree(values: Iterable[float], threshold: float = 0.05) -> bool:
-    """True when repeats of one measurement spread more than `threshold` (a CV)."""
-    cv = coefficient_of_variation(values)
-    return cv is not None and cv > threshold
 
 
 # ---------------------------------------------------------------- console table

@@ -5,7 +5,7 @@
 model's inputs go to. It loads no weights and needs no GPU: layer spreads are computed by
 accelerate on a meta-device copy of the model built from its config.
 
-Strategies (settings are the cell's `placement` dict):
+Strategies (settings are the cell's `cells.Placement`, validated by the config gate):
   cpu              both models on the CPU
   same             both models on the same GPU (`gpus: k` spreads both over the same k GPUs)
   separate         target on one GPU, drafter on another
@@ -17,20 +17,15 @@ is left for the KV cache and activations.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from specdec.cells import Placement
+
 STRATEGIES = ("cpu", "same", "separate", "multi_gpu_ratio", "auto")
 DEFAULT_MEMORY_FRACTION = 0.9
-# Settings each strategy understands, besides `strategy` itself.
-_SETTINGS = {
-    "cpu": set(),
-    "same": {"gpus", "max_memory_fraction"},
-    "separate": {"max_memory_fraction"},
-    "multi_gpu_ratio": {"ratio", "max_memory_fraction"},
-    "auto": {"gpus", "max_memory_fraction"},
-}
 
 
 class PlacementError(ValueError):
@@ -75,7 +70,7 @@ class ModelPlacement:
 
 
 @dataclass(frozen=True)
-class Placement:
+class PlacementPlan:
     strategy: str
     target: ModelPlacement
     drafter: ModelPlacement | None
@@ -99,74 +94,49 @@ class Placement:
         }
 
 
-def _check_settings(strategy: str, settings: dict | None) -> dict:
-    if strategy not in STRATEGIES:
-        raise PlacementError(f"unknown placement strategy {strategy!r} (expected one of {', '.join(STRATEGIES)})")
-    settings = dict(settings or {})
-    named = settings.pop("strategy", strategy)
-    if named != strategy:
-        raise PlacementError(f"placement settings name strategy {named!r}, not {strategy!r}")
-    unknown = set(settings) - _SETTINGS[strategy]
-    if unknown:
-        allowed = ", ".join(sorted(_SETTINGS[strategy])) or "none"
-        raise PlacementError(f"placement {strategy!r}: unknown setting(s) {', '.join(sorted(unknown))} (allowed: {allowed})")
-    if strategy == "multi_gpu_ratio":
-        ratio = settings.get("ratio")
-        if not (isinstance(ratio, (list, tuple)) and len(ratio) == 2 and all(isinstance(n, int) and n >= 1 for n in ratio)):
-            raise PlacementError(f"placement 'multi_gpu_ratio' needs ratio: [target GPUs, drafter GPUs], both >= 1; got {ratio!r}")
-    if "gpus" in settings and not (isinstance(settings["gpus"], int) and settings["gpus"] >= 1):
-        raise PlacementError(f"placement {strategy!r}: gpus must be an integer >= 1, got {settings['gpus']!r}")
-    fraction = settings.get("max_memory_fraction", DEFAULT_MEMORY_FRACTION)
-    if not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
-        raise PlacementError(f"placement {strategy!r}: max_memory_fraction must be in (0, 1], got {fraction!r}")
-    return settings
-
-
-def gpus_required(strategy: str, settings: dict | None, has_drafter: bool) -> int:
+def gpus_required(placement: Placement, has_drafter: bool) -> int:
     """How many GPUs a job with this placement needs (Snakemake's `resources: gpu=`)."""
-    settings = _check_settings(strategy, settings)
-    if strategy == "cpu":
+    if placement.strategy == "cpu":
         return 0
-    if strategy == "separate":
+    if placement.strategy == "separate":
         return 2 if has_drafter else 1
-    if strategy == "multi_gpu_ratio":
-        target_gpus, drafter_gpus = settings["ratio"]
+    if placement.strategy == "multi_gpu_ratio":
+        target_gpus, drafter_gpus = placement.ratio
         return target_gpus + (drafter_gpus if has_drafter else 0)
-    return settings.get("gpus", 1)
+    return placement.gpus or 1
 
 
 def plan_placement(
-    strategy: str,
+    placement: Placement,
     gpus: list[GpuInfo],
     target: ModelInfo,
     drafter: ModelInfo | None,
-    settings: dict | None = None,
-) -> Placement:
+) -> PlacementPlan:
     """Place target and drafter on `gpus` (this job's visible GPUs) or raise PlacementError."""
-    settings = _check_settings(strategy, settings)
+    strategy = placement.strategy
     if strategy == "cpu":
         on_cpu = ModelPlacement("cpu", "cpu", ())
-        return Placement(strategy, on_cpu, on_cpu if drafter else None)
+        return PlacementPlan(strategy, on_cpu, on_cpu if drafter else None)
 
-    needed = gpus_required(strategy, settings, drafter is not None)
+    needed = gpus_required(placement, drafter is not None)
     if len(gpus) < needed:
         seen = ", ".join(f"{g.index}:{g.name}" for g in gpus) or "none"
         raise PlacementError(
-            f"placement {strategy!r} {_settings_text(settings)}needs {needed} GPU(s) "
+            f"placement {_settings_text(placement)} needs {needed} GPU(s) "
             f"{'for target and drafter ' if drafter else ''}but this job sees {len(gpus)} (GPUs seen: {seen})"
         )
-    fraction = settings.get("max_memory_fraction", DEFAULT_MEMORY_FRACTION)
+    fraction = placement.max_memory_fraction or DEFAULT_MEMORY_FRACTION
     budget = {g.index: int(g.total_memory * fraction) for g in gpus}
 
     if strategy == "separate":
-        return Placement(
+        return PlacementPlan(
             strategy,
             _spread(target, [gpus[0].index], budget, strategy),
             _spread(drafter, [gpus[1].index], budget, strategy) if drafter else None,
         )
     if strategy == "multi_gpu_ratio":
-        target_count = settings["ratio"][0]
-        return Placement(
+        target_count = placement.ratio[0]
+        return PlacementPlan(
             strategy,
             _spread(target, [g.index for g in gpus[:target_count]], budget, strategy),
             _spread(drafter, [g.index for g in gpus[target_count:needed]], budget, strategy) if drafter else None,
@@ -181,15 +151,16 @@ def plan_placement(
         return {i: budget[i] * model.param_bytes // total_bytes for i in shared}
 
     place = _auto if strategy == "auto" else _spread
-    return Placement(
+    return PlacementPlan(
         strategy,
         place(target, shared, share(target), strategy),
         place(drafter, shared, share(drafter), strategy) if drafter else None,
     )
 
 
-def _settings_text(settings: dict) -> str:
-    return f"{settings} " if settings else ""
+def _settings_text(placement: Placement) -> str:
+    settings = {k: v for k, v in dataclasses.asdict(placement).items() if v is not None and k != "strategy"}
+    return f"{placement.strategy!r}" + (f" {settings}" if settings else "")
 
 
 def _spread(model: ModelInfo, indices: list[int], budget: dict[int, int], strategy: str) -> ModelPlacement:

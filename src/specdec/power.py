@@ -2,7 +2,7 @@
 
 Usage (the runner)::
 
-    monitor = PowerMonitor.for_job(cell["power"], "cuda", devices=[0])  # or "cpu"
+    monitor = PowerMonitor.for_job(cell.power, "cuda", devices=[0])  # or "cpu"
     with monitor:                                    # background sampler thread
         monitor.measure_idle(sync=torch.cuda.synchronize)    # models loaded, nothing running
         monitor.begin_window(sync=torch.cuda.synchronize)
@@ -11,7 +11,7 @@ Usage (the runner)::
     result["energy"] = monitor.energy(output_tokens=512, num_requests=8)
     monitor.write_timeline(run_dir / "power.csv")
 
-`power` config: ``{"enabled": true, "interval_ms": 100, "idle_s": 2}``.
+`power` settings: a `cells.Power` (config ``{"enabled": true, "interval_ms": 100, "idle_s": 2}``).
 
 Sources, chosen once per job:
 
@@ -45,6 +45,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from specdec.cells import Power
 from specdec.io import atomic_open
 
 RAPL_ROOT = Path("/sys/class/powercap")
@@ -57,13 +58,8 @@ COUNTER_UPDATE_S = 0.1
 SHORT_WINDOW_S = 1.0
 TIMELINE_FIELDS = ("power_w", "gpu_util_pct", "mem_util_pct", "mem_used_mib", "temp_c",
                    "sm_clock_mhz", "throttle_reasons")
-CONFIG_DEFAULTS = {"enabled": True, "interval_ms": 100, "idle_s": 2}
 
 Sync = Callable[[], Any] | None
-
-
-class PowerConfigError(ValueError):
-    """The `power` config block is malformed."""
 
 
 class GpuResolutionError(ValueError):
@@ -76,33 +72,6 @@ class PowerStateError(RuntimeError):
 
 class SourceUnavailable(Exception):
     """A power source cannot be used here; the message says why."""
-
-
-@dataclass(frozen=True)
-class PowerConfig:
-    enabled: bool
-    interval_s: float
-    idle_s: float
-
-
-def parse_power_config(block: dict | None) -> PowerConfig:
-    """Validate the `power` block (missing keys take CONFIG_DEFAULTS)."""
-    block = {} if block is None else block
-    if not isinstance(block, dict):
-        raise PowerConfigError(f"power: expected a mapping, got {type(block).__name__}")
-    unknown = sorted(set(block) - set(CONFIG_DEFAULTS))
-    if unknown:
-        raise PowerConfigError(f"power.{unknown[0]}: unknown key (known: {sorted(CONFIG_DEFAULTS)})")
-    merged = {**CONFIG_DEFAULTS, **block}
-    if not isinstance(merged["enabled"], bool):
-        raise PowerConfigError(f"power.enabled: expected true/false, got {merged['enabled']!r}")
-    for key, low_ok in (("interval_ms", False), ("idle_s", True)):
-        value = merged[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
-                value == 0 and not low_ok):
-            raise PowerConfigError(f"power.{key}: expected a {'non-negative' if low_ok else 'positive'} "
-                                   f"number, got {value!r}")
-    return PowerConfig(merged["enabled"], merged["interval_ms"] / 1000.0, float(merged["idle_s"]))
 
 
 # --------------------------------------------------------------------------- meters
@@ -321,7 +290,7 @@ class _Tick:
 class PowerMonitor:
     """Samples power in a background thread; measures an idle baseline and one window."""
 
-    def __init__(self, config: PowerConfig, meters: Sequence[NvmlGpu | RaplZone] = (), *,
+    def __init__(self, config: Power, meters: Sequence[NvmlGpu | RaplZone] = (), *,
                  source: str | None = None, reason: str | None = None, warnings: Sequence[str] = (),
                  clock: Callable[[], float] | None = None, sleep: Callable[[float], Any] | None = None,
                  shutdown: Callable[[], Any] | None = None):
@@ -339,11 +308,10 @@ class PowerMonitor:
         self._window: list[int] = []
 
     @classmethod
-    def for_job(cls, power_config: dict | None, device_kind: str, *, devices: Sequence[int] | None = None,
+    def for_job(cls, config: Power, device_kind: str, *, devices: Sequence[int] | None = None,
                 nvml=None, clock=None, sleep=None, rapl_root: Path = RAPL_ROOT,
                 environ: dict | None = None) -> "PowerMonitor":
         """The monitor for a job on `device_kind` ("cuda"|"cpu") using torch ordinals `devices`."""
-        config = parse_power_config(power_config)
         timing = {"clock": clock, "sleep": sleep}
         if not config.enabled:
             return cls(config, reason="power monitoring disabled (power.enabled: false)", **timing)
@@ -365,7 +333,7 @@ class PowerMonitor:
         return cls(config, zones, source="rapl", warnings=warnings, **timing)
 
     @classmethod
-    def for_gpus(cls, config: PowerConfig, *, devices: Sequence[int] | None = None, nvml=None,
+    def for_gpus(cls, config: Power, *, devices: Sequence[int] | None = None, nvml=None,
                  environ: dict | None = None, clock=None, sleep=None) -> "PowerMonitor":
         """An NVML monitor of the job's GPUs; SourceUnavailable says why NVML cannot serve."""
         visible = (os.environ if environ is None else environ).get("CUDA_VISIBLE_DEVICES")

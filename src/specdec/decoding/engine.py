@@ -31,7 +31,7 @@ class GenerationSettings:
     temperature: float = 0.0  # 0 -> greedy
     top_k: int = 0  # 0 -> off
     top_p: float = 1.0
-    gamma: int = 4
+    gamma: int = 4  # draft tokens per step; 0 with no drafter (AR)
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int = 0
 
@@ -44,8 +44,8 @@ class GenerationSettings:
             raise ValueError(f"top_k must be >= 0 (0 means off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.gamma < 1:
-            raise ValueError(f"gamma (draft tokens per step) must be >= 1, got {self.gamma}")
+        if self.gamma < 0:
+            raise ValueError(f"gamma (draft tokens per step) must be >= 0, got {self.gamma}")
         object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
 
     def sampler(self, generator: torch.Generator | None) -> Sampler:
@@ -132,6 +132,8 @@ def generate(
     seeded from it. Returns one RowResult per batch row, in order.
     """
     _check_prompt(input_ids, attention_mask)
+    if drafter is not None and settings.gamma < 1:
+        raise ValueError("a drafter needs gamma >= 1 draft tokens per step")
     gamma = settings.gamma if drafter is not None else 0
     sampler = settings.sampler(generator)
     results = [RowResult.empty(gamma) for _ in range(input_ids.shape[0])]

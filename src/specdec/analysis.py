@@ -1,0 +1,137 @@
+"""What a measured cell's records say: metrics, acceptance and the theory's prediction, the
+greedy correctness check against the AR cell, memory against need, and the forward costs
+the prediction uses."""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from specdec import metrics, models, placement
+from specdec.measure import synchronize
+from specdec.records import read_requests
+from specdec.session import Session
+
+
+def forward_costs(session: Session, prompt_ids: list[int], verify_width: int, repeats: int = 9) -> dict:
+    """Median seconds of one cached forward as the engine runs it: the target with 1 and
+    with `verify_width` new tokens (the longest draft proposed, plus one), the drafter with
+    1. They are c and the verification cost of the prediction. The three are timed in turn,
+    round after round, so that a machine slowing down or speeding up meanwhile moves all
+    three alike."""
+    from specdec.decoding.cache import RaggedCache
+    from specdec.decoding.kernels import decode_kernels
+
+    forwards = {"target_forward_s": (session.target, 1), "verify_forward_s": (session.target, verify_width)}
+    if session.drafter_model is not None:
+        forwards["drafter_forward_s"] = (session.drafter_model, 1)
+    times = {name: [] for name in forwards}
+    with torch.inference_mode(), decode_kernels(session.target, session.drafter_model):  # as the engine runs them
+        caches = {}
+        for model, _ in forwards.values():
+            if model not in caches:
+                ids = torch.tensor([prompt_ids], device=placement.input_device(model))
+                caches[model] = RaggedCache.prefill(model, ids, torch.ones_like(ids, dtype=torch.bool))[0]
+        for _ in range(repeats):
+            for name, (model, width) in forwards.items():
+                device = placement.input_device(model)
+                step = torch.full((1, width), prompt_ids[-1], device=device)
+                synchronize(device)
+                began = time.perf_counter()
+                caches[model].extend(step, torch.ones_like(step, dtype=torch.bool), logits_to_keep=width)
+                synchronize(device)
+                times[name].append(time.perf_counter() - began)
+                caches[model].rollback(torch.zeros(1, dtype=torch.long, device=device), width, 0)
+    return {"drafter_forward_s": 0.0} | {name: statistics.median(values) for name, values in times.items()}
+
+
+def compare_with_reference(session: Session, records: list[dict], reference: Path) -> dict:
+    """Greedy outputs must equal the AR cell's token for token. A divergence is reported with
+    its position and the target's top-2 logit gap there: a near-tie is floating point, not a bug."""
+    ours = {r["request_id"]: r for r in records if not r["warmup"]}
+    theirs = {r["request_id"]: r for r in read_requests(reference) if not r["warmup"]}
+    shared = sorted(set(ours) & set(theirs))
+    divergences = []
+    for request_id in shared:
+        a, b = ours[request_id]["output_ids"], theirs[request_id]["output_ids"]
+        if a == b:
+            continue
+        position = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        divergences.append({
+            "request_id": request_id, "position": position,
+            "ours": a[position:position + 1], "reference": b[position:position + 1],
+            "target_top2_gap": _top2_gap(session, session.prompt_ids[request_id] + a[:position]),
+        })
+    return {"checked": True, "reference": str(reference), "identical": not divergences and len(shared) == len(ours),
+            "requests_compared": len(shared), "divergences": divergences}
+
+
+def _top2_gap(session: Session, ids: list[int]) -> float:
+    with torch.inference_mode():
+        logits = session.target(torch.tensor([ids], device=session.device)).logits[0, -1].float()
+    top = torch.topk(logits, 2).values
+    return float(top[0] - top[1])
+
+
+def _correctness(session: Session, records: list[dict], reference: Path | None) -> dict:
+    cell = session.cell
+    if not cell.drafts:
+        return {"checked": False, "reason": "AR is the reference"}
+    if not cell.greedy:
+        return {"checked": False, "reason": "sampling: losslessness is a property of the output distribution, tested statistically"}
+    if reference is None:
+        return {"checked": False, "reason": "no greedy AR cell with the same settings in the matrix"}
+    return compare_with_reference(session, records, reference)
+
+
+def analyse(session: Session, records: list[dict], reference: Path | None) -> dict:
+    """The result's metrics, acceptance, theory and correctness blocks."""
+    cell = session.cell
+    summary = {"metrics": metrics.summarize(records), "acceptance": None, "theory": None,
+               "correctness": _correctness(session, records, reference)}
+    if not cell.drafts:
+        return summary
+    acceptance = metrics.acceptance(records, cell.gamma)
+    summary["acceptance"] = acceptance
+    alpha = metrics.per_token_alpha(acceptance["per_position"])
+    if alpha is None:
+        return summary
+    # A decode step is a target forward that could verify drafts: our engine's prefill
+    # cannot (TTFT is the target's alone), transformers' verifies its first draft.
+    undrafted = 0 if cell.peer else len(metrics.measured(records))
+    shares = metrics.draft_length_shares(acceptance["per_position"], acceptance["target_forwards"] - undrafted)
+    costs = forward_costs(session, session.prompt_ids[records[-1]["request_id"]], verify_width=len(shares))
+    summary["theory"] = metrics.theory(
+        alpha=alpha,
+        gamma=cell.gamma,
+        cost_ratio=costs["drafter_forward_s"] / costs["target_forward_s"],
+        verify_cost_ratio=costs["verify_forward_s"] / costs["target_forward_s"],
+        shares=shares,
+    ) | costs
+    return summary
+
+
+def memory_report(session: Session) -> dict:
+    """Peak memory against what the models need: their weights plus full KV caches for the
+    longest prompt of the cell. On a GPU the peak is CUDA's allocator's; on the CPU it is
+    the process's peak RSS, given both whole and less the RSS just before the first weights
+    were loaded (`baseline`: the interpreter, torch, transformers and the tokenizer, about
+    400 MB, which no engine avoids)."""
+    cell, mb = session.cell, 2**20
+    tokens = max(map(len, session.prompt_ids.values()), default=0) + cell.generation.max_new_tokens + cell.gamma + 1
+    caches = sum(models.kv_cache_bytes(m, cell.batch_size, tokens) for m in (session.target, session.drafter_model) if m is not None)
+    needed = models.weight_bytes(session.target, session.drafter_model) + caches
+    report = {"weights_mb": (needed - caches) / mb, "kv_cache_mb": caches / mb}
+    if any(p.device.type == "cuda" for p in session.target.parameters()):
+        peak = sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count()))
+        return report | {"device": "cuda", "peak_mb": peak / mb, "peak_over_needed": peak / needed}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    report |= {"device": "cpu", "peak_mb": peak / mb, "peak_over_needed": peak / needed}
+    if session.rss_before_weights is not None:
+        baseline = session.rss_before_weights
+        report |= {"baseline_rss_mb": baseline / mb, "growth_over_needed": (peak - baseline) / needed}
+    return report

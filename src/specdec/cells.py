@@ -1,0 +1,237 @@
+"""The typed benchmark cell: one job's complete, validated settings.
+
+`config.expand_matrix` builds these once, from a configuration that passed the gate
+(`config.validate`); every layer below takes them as they are. A cell's JSON form
+(`to_dict` / `from_dict`, schema `schemas/cell.schema.json`) is what travels to the job and
+what `result.json` records under `config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+# The longest draft a config may ask for: beyond it the per-position tables and the
+# verification forward only grow, and no drafter in the field accepts that far.
+GAMMA_MAX = 32
+METHODS = ("ar", "speculative", "ngram", "hf_assisted", "hf_prompt_lookup")
+MODEL_DRAFTER_METHODS = frozenset({"speculative", "hf_assisted"})
+NGRAM_DRAFTER_METHODS = frozenset({"ngram"})
+DRAFTING_METHODS = frozenset({"speculative", "ngram", "hf_assisted", "hf_prompt_lookup"})
+# Methods that run transformers' generate() rather than our engine.
+PEER_METHODS = frozenset({"hf_assisted", "hf_prompt_lookup"})
+DEFAULT_GAMMA = 4
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model entry of the config (`models.NAME`)."""
+
+    name: str
+    source: str  # embedded | local | hub
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+    path: str | None = None
+    id: str | None = None
+    revision: str | None = None
+
+
+@dataclass(frozen=True)
+class DrafterSpec:
+    """A drafter entry of the config (`drafters.NAME`): a model of its own, a quantised copy
+    of the target, or the model-free n-gram table."""
+
+    name: str
+    kind: str  # model | quantized | ngram
+    model: ModelSpec | None = None  # kind model
+    dtype: str | None = None  # kind quantized: int8 | bf16
+    n: int | None = None  # kind ngram
+    min_context: int | None = None
+    top_k: int | None = None
+
+
+@dataclass(frozen=True)
+class Generation:
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the models go (the plan itself is `placement.plan_placement`'s)."""
+
+    strategy: str  # cpu | same | separate | multi_gpu_ratio | auto
+    ratio: tuple[int, int] | None = None  # multi_gpu_ratio: [target GPUs, drafter GPUs]
+    gpus: int | None = None  # auto, same
+    max_memory_fraction: float | None = None
+
+
+@dataclass(frozen=True)
+class Load:
+    """Closed loop (every first turn at once, `num_requests` of them or one per prompt) or
+    open loop (`rate` per second, Poisson or gamma arrivals, for `num_requests` or
+    `duration_s`)."""
+
+    mode: str = "closed"
+    rate: float | None = None
+    arrival: str = "poisson"
+    burstiness: float = 1.0
+    num_requests: int | None = None
+    duration_s: float | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return self.mode == "open"
+
+
+@dataclass(frozen=True)
+class Power:
+    """The power monitor's settings: sampling period and the idle baseline before the window."""
+
+    enabled: bool = True
+    interval_ms: float = 100.0
+    idle_s: float = 2.0
+
+    @property
+    def interval_s(self) -> float:
+        return self.interval_ms / 1000.0
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One benchmark job. `gamma` is 0 for AR (nothing drafted)."""
+
+    experiment: str
+    dataset: str
+    target: ModelSpec
+    method: str
+    drafter: DrafterSpec | None
+    gamma: int
+    batch_size: int
+    generation: Generation
+    placement: Placement
+    load: Load
+    repeat: int
+    seed: int
+    warmup: int = 1
+    timeout_s: float | None = None
+    power: Power = Power()
+
+    @property
+    def greedy(self) -> bool:
+        return self.generation.greedy
+
+    @property
+    def drafts(self) -> bool:
+        return self.gamma > 0
+
+    @property
+    def peer(self) -> bool:
+        """transformers' generate() runs the cell, not our engine."""
+        return self.method in PEER_METHODS
+
+    @property
+    def drafter_model(self) -> ModelSpec | None:
+        """The model a model drafter loads: its own, or the target for a quantised copy."""
+        if self.drafter is None or self.drafter.kind == "ngram":
+            return None
+        return self.drafter.model if self.drafter.kind == "model" else self.target
+
+    @property
+    def group(self) -> str:
+        """The name without the repeat: every setting that makes the cell what it is."""
+        method = self.method + (f"-{self.drafter.name}" if self.drafter else "")
+        if self.drafts:
+            method += f"-g{self.gamma}"
+        g = self.generation
+        settings = f"b{self.batch_size}-n{g.max_new_tokens}-t{_tag(g.temperature)}"
+        if g.top_k:
+            settings += f"-k{g.top_k}"
+        if g.top_p < 1.0:
+            settings += f"-p{_tag(g.top_p)}"
+        settings += f"-{_placement_tag(self.placement)}{_load_tag(self.load)}"
+        return f"{self.dataset}--{method}--{settings}"
+
+    @property
+    def name(self) -> str:
+        """Short, stable and readable: `{dataset}--{method}[-{drafter}][-g{gamma}]--{settings}--r{repeat}`;
+        also the cell's folder under `runs/{experiment}/`."""
+        return f"{self.group}--r{self.repeat}"
+
+    @property
+    def id(self) -> str:
+        return f"{self.experiment}/{self.name}"
+
+    @property
+    def group_id(self) -> str:
+        """The id without the repeat: repeats of one setting share it."""
+        return f"{self.experiment}/{self.group}"
+
+    def ar_counterpart(self) -> Cell:
+        """The AR cell that differs from this one only in the decoding method."""
+        return dataclasses.replace(self, method="ar", drafter=None, gamma=0)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (schema `cell.schema.json`), with the derived `cell` name beside it."""
+        return _plain(dataclasses.asdict(self)) | {"cell": self.name}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Cell:
+        """The inverse of `to_dict`, for data that passed `cell.schema.json` (`records`)."""
+        fields = {k: v for k, v in data.items() if k != "cell"}
+        drafter = fields["drafter"]
+        if drafter is not None:
+            model = drafter.get("model")
+            drafter = DrafterSpec(**(drafter | {"model": ModelSpec(**model) if model else None}))
+        placement = fields["placement"]
+        if placement.get("ratio") is not None:
+            placement = placement | {"ratio": tuple(placement["ratio"])}
+        return cls(
+            **fields
+            | {
+                "target": ModelSpec(**fields["target"]),
+                "drafter": drafter,
+                "generation": Generation(**fields["generation"]),
+                "placement": Placement(**placement),
+                "load": Load(**fields["load"]),
+                "power": Power(**fields["power"]),
+            }
+        )
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _tag(value: float) -> str:
+    return f"{value:g}"
+
+
+def _placement_tag(placement: Placement) -> str:
+    tag = placement.strategy
+    if placement.ratio:
+        tag += "{}x{}".format(*placement.ratio)
+    if placement.gpus:
+        tag += f"{placement.gpus}gpu"
+    if placement.max_memory_fraction is not None:
+        tag += f"-mem{_tag(placement.max_memory_fraction)}"
+    return tag
+
+
+def _load_tag(load: Load) -> str:
+    if not load.is_open:
+        return f"-req{load.num_requests}" if load.num_requests else ""
+    size = f"n{load.num_requests}" if load.num_requests else f"d{_tag(load.duration_s)}"
+    shape = f"-cv{_tag(load.burstiness)}" if load.arrival == "gamma" else ""
+    return f"-rate{_tag(load.rate)}-{load.arrival}{shape}{size}"

@@ -1,0 +1,98 @@
+"""Measure a loaded cell: the engine callable the load generator drives, and the measured
+window (warm-up, then every request under the cell's load beside the power monitor)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from specdec.session import Session, chat_messages
+
+log = logging.getLogger("specdec.run")
+
+
+def synchronize(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_engine(session: Session, generator: torch.Generator):
+    """engine(batch of load.Request) -> row dicts: template and tokenise (outside the timed
+    region, reported as `decode_start_ns`), decode with the cell's method, detokenise."""
+    from specdec.decoding import generate
+    from specdec.peers import hf_generate
+
+    tokenizer, target, cell, settings = session.tokenizer, session.target, session.cell, session.settings
+
+    def decode(input_ids, attention_mask):
+        if cell.method == "hf_assisted":
+            return hf_generate(target, input_ids, attention_mask, settings, assistant_model=session.drafter)
+        if cell.method == "hf_prompt_lookup":
+            return hf_generate(target, input_ids, attention_mask, settings, prompt_lookup_num_tokens=cell.gamma)
+        return generate(target, input_ids, attention_mask, settings, drafter=session.drafter, generator=generator)
+
+    def engine(batch) -> list[dict]:
+        began = time.perf_counter()
+        encoded = tokenizer.apply_chat_template(
+            [chat_messages(request) for request in batch],
+            add_generation_prompt=True, padding=True, return_tensors="pt", return_dict=True,
+        )
+        input_ids, attention_mask = encoded["input_ids"].to(session.device), encoded["attention_mask"].to(session.device)
+        for request, ids, mask in zip(batch, encoded["input_ids"].tolist(), encoded["attention_mask"].tolist()):
+            session.prompt_ids[request.request_id] = [t for t, m in zip(ids, mask) if m]
+        tokenize_s = (time.perf_counter() - began) / len(batch)
+        decode_start_ns = time.perf_counter_ns()
+        rows = []
+        for request, row in zip(batch, decode(input_ids, attention_mask)):
+            record = asdict(row)
+            record.update(
+                prompt_tokens=len(session.prompt_ids[request.request_id]),
+                tokenize_s=tokenize_s,
+                decode_start_ns=decode_start_ns,
+                output_text=tokenizer.decode(row.output_ids, skip_special_tokens=True),
+            )
+            if not cell.greedy:
+                del record["output_ids"]  # only greedy outputs are compared token for token
+            rows.append(record)
+        return rows
+
+    return engine
+
+
+def measure(session: Session, prompts: list[dict], out_dir: Path) -> tuple[list[dict], dict]:
+    """Warm up, then decode every prompt under the cell's load inside one power window."""
+    from specdec.load import progress, run_load, schedule, total_requests
+    from specdec.power import PowerMonitor
+
+    cell = session.cell
+    torch.manual_seed(cell.seed)
+    generator = torch.Generator(device=session.device).manual_seed(cell.seed)
+    engine = make_engine(session, generator)
+
+    def sync() -> None:
+        synchronize(session.device)
+
+    monitor = PowerMonitor.for_job(cell.power, torch.device(session.device).type, devices=list(session.plan.gpus) or None)
+    total = total_requests(schedule(prompts, cell.load, cell.seed))
+
+    def begin_window() -> None:
+        log.info("warm-up done; measuring %d requests", total)
+        monitor.begin_window(sync=sync)
+
+    with monitor, progress(total, cell.name) as bar:
+        monitor.measure_idle(sync=sync)
+        records = run_load(
+            prompts, engine, cell.load, cell.batch_size, seed=cell.seed, warmup=cell.warmup,
+            on_record=bar.update,
+            on_window_start=begin_window,
+            on_window_end=lambda: monitor.end_window(sync=sync),
+        )
+    measured = [r for r in records if not r["warmup"]]
+    energy = monitor.energy(output_tokens=sum(r["output_tokens"] for r in measured), num_requests=len(measured))
+    if energy["available"]:
+        monitor.write_timeline(out_dir / "power.csv")
+    return records, energy

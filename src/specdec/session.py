@@ -1,0 +1,143 @@
+"""Place and load what a cell decodes with: the placement plan, the target, the drafter, the
+generation settings; and the check that every conversation fits the models' context."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from specdec import models, placement
+from specdec.cells import Cell, ModelSpec
+
+log = logging.getLogger("specdec.run")
+
+
+class ContextTooLong(ValueError):
+    """A conversation and its new tokens do not fit a model's context window."""
+
+
+@dataclass
+class Session:
+    """Everything a cell decodes with, loaded once."""
+
+    cell: Cell
+    target: object
+    tokenizer: object
+    drafter: object | None  # a decoding Drafter, or the assistant model of hf_assisted
+    drafter_model: object | None
+    plan: placement.PlacementPlan
+    settings: object  # decoding.GenerationSettings
+    rss_before_weights: int | None = None  # bytes: interpreter, libraries and tokenizer
+    prompt_ids: dict = field(default_factory=dict)  # request id -> unpadded prompt token ids
+
+    @property
+    def device(self) -> str:
+        return self.plan.target.input_device
+
+
+def generation_settings(cell: Cell, eos_token_ids=(), pad_token_id: int = 0):
+    from specdec.decoding import GenerationSettings
+
+    g = cell.generation
+    return GenerationSettings(
+        max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
+        gamma=cell.gamma, eos_token_ids=tuple(eos_token_ids), pad_token_id=pad_token_id,
+    )
+
+
+def rss_bytes() -> int | None:
+    """Resident memory of this process now (Linux), or None where /proc is absent."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return None
+
+
+def _drafter_dtype(cell: Cell) -> str:
+    """The dtype the drafter's model loads in (an int8 copy is quantised after loading)."""
+    drafter = cell.drafter
+    if drafter.kind == "model":
+        return drafter.model.dtype
+    return {"bf16": "bfloat16", "int8": "float32"}[drafter.dtype]
+
+
+def load_session(cell: Cell, models_dir: Path) -> Session:
+    """Place and load the target and the drafter named by the cell."""
+    from specdec.decoding import ModelDrafter, NgramDrafter, check_same_vocabulary
+    from specdec.decoding.kernels import tuned_linears
+
+    drafter_spec = cell.drafter_model
+    int8 = cell.drafter is not None and cell.drafter.dtype == "int8"
+
+    def info(spec: ModelSpec, dtype: str) -> placement.ModelInfo:
+        return placement.model_info(models.model_location(spec, models_dir)[0], dtype, spec.name)
+
+    plan = placement.plan_placement(
+        cell.placement,
+        placement.resolve_local_gpus(),
+        info(cell.target, cell.target.dtype),
+        info(drafter_spec, _drafter_dtype(cell)) if drafter_spec else None,
+    )
+    baseline = {}
+    target, tokenizer = models.load_model(cell.target, models_dir, **plan.target.load_kwargs(),
+                                          before_weights=lambda: baseline.setdefault("rss", rss_bytes()))
+    drafter_model = None
+    if int8:
+        drafter_model = models.quantized_copy(target, "int8")
+    elif drafter_spec:
+        drafter_model, drafter_tokenizer = models.load_model(drafter_spec, models_dir, dtype=_drafter_dtype(cell), **plan.drafter.load_kwargs())
+        check_same_vocabulary(target, drafter_model, tokenizer, drafter_tokenizer)
+    # The engine's CPU kernel choice times a dozen forwards: made here, never inside a measured request.
+    tuned = len(tuned_linears(target)) + len(tuned_linears(drafter_model))
+    log.info("CPU linear layers computed as W @ x.T (decoding kernels): %d", tuned)
+    settings = generation_settings(cell, _eos_ids(target, tokenizer), tokenizer.pad_token_id)
+    if cell.method == "speculative":
+        drafter = ModelDrafter(drafter_model)
+    elif cell.method == "ngram":
+        spec = cell.drafter
+        drafter = NgramDrafter(n=spec.n, top_k=spec.top_k, min_context=spec.min_context)
+    else:
+        drafter = drafter_model
+    return Session(cell, target, tokenizer, drafter, drafter_model, plan, settings, rss_before_weights=baseline.get("rss"))
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def chat_messages(request) -> list[dict]:
+    """The chat context of one turn: earlier turns carry the model's own answers."""
+    conversation = request.conversation
+    messages = [{"role": "system", "content": conversation["system"]}] if conversation.get("system") else []
+    for user, answer in zip(conversation["turns"], request.history):
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer["output_text"]}]
+    messages.append({"role": "user", "content": request.message})
+    return messages
+
+
+def check_context(session: Session, prompts: list[dict]) -> None:
+    """Every conversation must fit the models' context: its templated turns plus
+    max_new_tokens for each answer. Known before decoding, so it is bad input."""
+    from specdec.load import Request
+
+    limits = [getattr(m.config, "max_position_embeddings", None) for m in (session.target, session.drafter_model) if m is not None]
+    limits = [limit for limit in limits if limit]
+    if not limits:
+        return
+    limit, new_tokens = min(limits), session.cell.generation.max_new_tokens
+    for conversation in prompts:
+        turns = len(conversation["turns"])
+        # The last turn's context, its earlier answers left empty: they add at most new_tokens each.
+        last = Request(conversation, turn=turns, history=({"output_text": ""},) * (turns - 1))
+        prompt = len(session.tokenizer.apply_chat_template(chat_messages(last), add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+        if prompt + turns * new_tokens > limit:
+            raise ContextTooLong(
+                f"request {last.request_id}: {prompt} prompt tokens + {turns} x max_new_tokens {new_tokens} = "
+                f"{prompt + turns * new_tokens} tokens exceed the models' context of {limit} (max_position_embeddings)"
+            )
