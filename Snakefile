@@ -18,6 +18,7 @@ include: "workflow/rules/report.smk"
 # Only benchmark jobs go to a cluster; the rest is cheap and runs where Snakemake runs.
 localrules:
     all,
+    cell,
     prepare_model,
     prepare_dataset,
     aggregate,

@@ -17,7 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from specdec.power import PowerMonitor, SourceUnavailable, parse_power_config  # noqa: E402
+from specdec.cells import Power  # noqa: E402
+from specdec.power import PowerMonitor, SourceUnavailable  # noqa: E402
 
 
 def matmul_load(device: str, seconds: float, size: int = 8192):
@@ -85,7 +86,7 @@ def main(argv=None, nvml=None) -> None:
     args = parser.parse_args(argv)
     if args.seconds + args.idle_s > 270:
         parser.error("--seconds plus --idle-s must stay under 270 (the check runs under 5 minutes)")
-    config = parse_power_config({"interval_ms": args.interval_ms, "idle_s": args.idle_s})
+    config = Power(interval_ms=args.interval_ms, idle_s=args.idle_s)
     try:
         monitor = PowerMonitor.for_gpus(config, devices=[args.device], nvml=nvml)
     except SourceUnavailable as exc:

@@ -16,6 +16,7 @@ import os
 import sys
 import time
 
+from specdec.cells import Placement
 from specdec.decoding.cache import RaggedCache
 from specdec.gpus import GpuLeaseError, lease_gpus
 from specdec.models import EMBEDDED_DIR, prepare_embedded
@@ -45,12 +46,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def settings_for(strategy: str, args) -> dict:
+def placement_for(strategy: str, args) -> Placement:
     if strategy == "multi_gpu_ratio":
-        return {"ratio": args.ratio}
+        return Placement(strategy, ratio=tuple(args.ratio))
     if strategy in ("same", "auto") and args.gpus:
-        return {"gpus": args.gpus}
-    return {}
+        return Placement(strategy, gpus=args.gpus)
+    return Placement(strategy)
 
 
 def drafter_source(args) -> tuple[str, str] | None:
@@ -90,7 +91,7 @@ def check(strategy: str, args, gpus, tokenizer) -> None:
     drafter_at = drafter_source(args)
     target = model_info(args.target, dtype=args.dtype, name="target")
     drafter = model_info(drafter_at[0], dtype=drafter_at[1], name="drafter") if drafter_at else None
-    placement = plan_placement(strategy, gpus, target, drafter, settings_for(strategy, args))
+    placement = plan_placement(placement_for(strategy, args), gpus, target, drafter)
     print(f"== {strategy}: GPUs {list(placement.gpus) or 'none'}")
     loaded = {}
     for role, info, plan in (("target", target, placement.target), ("drafter", drafter, placement.drafter)):
@@ -132,11 +133,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.target == str(EMBEDDED):
         prepare_embedded(EMBEDDED)
-    try:
-        needs = {s: gpus_required(s, settings_for(s, args), args.drafter != "none") for s in args.strategy}
-    except PlacementError as error:
-        print(f"error: placement {' '.join(args.strategy)}: {error}", file=sys.stderr)
-        return 2
+    needs = {s: gpus_required(placement_for(s, args), args.drafter != "none") for s in args.strategy}
     # Lease for the most demanding strategy the machine can hold; the others are reported, not run.
     lease, errors = None, []
     for count in sorted(set(needs.values()), reverse=True):

@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from specdec.models import prepare_embedded  # noqa: E402
-from specdec.power import PowerMonitor, SourceUnavailable, parse_power_config  # noqa: E402
+from specdec.cells import Power  # noqa: E402
+from specdec.power import PowerMonitor, SourceUnavailable  # noqa: E402
 
 MODEL_DIR = prepare_embedded()
 PROMPT = "Write a Python function that checks whether a number is prime."
@@ -68,7 +69,7 @@ def main(argv=None) -> None:
     model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32).to(device).eval()
     inputs = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
                                            return_tensors="pt", return_dict=True).to(device)
-    config = parse_power_config({"interval_ms": args.interval_ms, "idle_s": 0})
+    config = Power(interval_ms=args.interval_ms, idle_s=0)
     make_monitor, what = monitor_factory(config)
 
     def decode_tok_s() -> float:

@@ -1,10 +1,11 @@
-import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
 
-from specdec.config import ConfigError, expand_matrix, load_config, reference_cell, validate
+from specdec.cells import Cell, Load
+from specdec.config import ConfigError, expand_matrix, load_config, read_yaml, reference_cell, validate
 
 REPO = Path(__file__).resolve().parents[1]
 GPU8 = REPO / "tests" / "fixtures" / "configs" / "gpu8.yaml"
@@ -17,11 +18,21 @@ def default_config():
 
 def test_default_config_expands_to_named_cells():
     cells = expand_matrix(load_config(REPO / "config.yaml"))
-    names = [c["cell"] for c in cells]
+    names = [c.name for c in cells]
     assert "humaneval--ar--b1-n64-t0-cpu--r0" in names
     assert "sample--speculative-int8-g4--b1-n64-t0-cpu--r0" in names
     assert "sample--ngram-ngram-g4--b1-n64-t0-cpu--r0" in names
     assert len(names) == len(set(names)) == 8
+    ar = next(c for c in cells if c.method == "ar")
+    assert ar.gamma == 0 and ar.drafter is None and not ar.drafts and ar.greedy
+    assert ar.id == f"default/{ar.name}" and ar.group_id == "default/humaneval--ar--b1-n64-t0-cpu"
+
+
+def test_cells_are_frozen_and_round_trip_through_json():
+    for cell in expand_matrix(load_config(GPU8)):
+        assert Cell.from_dict(cell.to_dict()) == cell
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cell.gamma = 3
 
 
 def test_defaults_are_filled(default_config):
@@ -38,26 +49,52 @@ def test_ngram_defaults_fill_only_ngram_drafters(default_config):
     assert drafters["int8"] == {"kind": "quantized", "dtype": "int8"}
 
 
+def _method(i, **changes):
+    return lambda c: c["experiments"]["default"]["methods"][i].update(changes)
+
+
+def _experiment(**changes):
+    return lambda c: c["experiments"]["default"].update(changes)
+
+
 @pytest.mark.parametrize(
     "mutate, key",
     [
         (lambda c: c.update(unknown=1), "<top level>"),
-        (lambda c: c["experiments"]["default"].update(batch_size="four"), "experiments.default.batch_size"),
-        (lambda c: c["experiments"]["default"].update(target="nope"), "experiments.default.target"),
+        (_experiment(batch_size="four"), "experiments.default.batch_size"),
+        (_experiment(target="nope"), "experiments.default.target"),
         (lambda c: c["experiments"]["default"]["datasets"].append("nope"), "experiments.default.datasets"),
-        (lambda c: c["experiments"]["default"]["methods"][1].update(drafter="nope"), "experiments.default.methods.1.drafter"),
-        (lambda c: c["experiments"]["default"]["methods"][0].update(gamma=4), "experiments.default.methods.0.gamma"),
-        (lambda c: c["experiments"]["default"]["methods"][1].update(gamma=0), "experiments.default.methods.1.gamma"),
-        (lambda c: c["experiments"]["default"].update(temperature=-1), "experiments.default.temperature"),
-        (lambda c: c["experiments"]["default"].update(repeats=0), "experiments.default.repeats"),
-        (lambda c: c["experiments"]["default"].update(placement="everywhere"), "experiments.default.placement"),
-        (lambda c: c["experiments"]["default"].update(load={"mode": "open", "rate": 0, "num_requests": 3}), "experiments.default.load"),
-        (lambda c: c["experiments"]["default"].update(load={"mode": "open", "rate": 1}), "experiments.default.load"),
+        (_method(1, drafter="nope"), "experiments.default.methods.1.drafter"),
+        (_method(0, gamma=4), "experiments.default.methods.0.gamma"),
+        (_method(1, gamma=0), "experiments.default.methods.1.gamma"),
+        # gamma is bounded: at most cells.GAMMA_MAX draft tokens per step
+        (_method(1, gamma=1000), "experiments.default.methods.1.gamma"),
+        (_experiment(temperature=-1), "experiments.default.temperature"),
+        (_experiment(temperature=float("nan")), "experiments.default.temperature"),
+        (_experiment(temperature=float("inf")), "experiments.default.temperature"),
+        (_experiment(top_p=float("nan")), "experiments.default.top_p"),
+        (_experiment(repeats=0), "experiments.default.repeats"),
+        (_experiment(placement="everywhere"), "experiments.default.placement"),
+        (_experiment(load={"mode": "open", "rate": 0, "num_requests": 3}), "experiments.default.load"),
+        (_experiment(load={"mode": "open", "rate": 1}), "experiments.default.load"),
+        (_experiment(load={"mode": "open", "rate": 1, "num_requests": 3, "duration_s": 5}), "experiments.default.load"),
+        (_experiment(load={"mode": "open", "rate": 1, "num_requests": 3, "burstiness": 0.5}), "experiments.default.load"),
+        (_experiment(load={"mode": "closed", "rate": 1}), "experiments.default.load"),
         (lambda c: c["models"]["smollm2"].update(source="local"), "models.smollm2"),
         (lambda c: c["drafters"]["ngram"].update(n=3, min_context=3), "drafters.ngram.min_context"),
         (lambda c: c["models"]["smollm2"].update(dtype="bfloat16"), "experiments.default.methods.1.drafter"),  # int8 of a bf16 target
+        (_experiment(placement="same"), "experiments.default.placement"),  # int8 runs on the CPU only
         (lambda c: c.update(results_dir="../elsewhere"), "results_dir"),
         (lambda c: c.update(results_dir="/tmp/elsewhere"), "results_dir"),
+        (lambda c: c.update(results_dir=""), "results_dir"),
+        (lambda c: c.update(results_dir="~/x"), "results_dir"),
+        (lambda c: c.update(results_dir="a/../../b"), "results_dir"),
+        (lambda c: c["datasets"].update({"a/b": {"source": "sample"}}), "datasets"),
+        (lambda c: c["datasets"].update({"..": {"source": "sample"}}), "datasets"),
+        (lambda c: c["datasets"].update({"x$(touch PWNED)y": {"source": "sample"}}), "datasets"),
+        (lambda c: c["drafters"].update({"my drafter": {"kind": "ngram"}}), "drafters"),
+        (lambda c: c["models"].update({"m;rm": {"source": "embedded"}}), "models"),
+        (lambda c: c["experiments"].update({"e/x": c["experiments"]["default"]}), "experiments"),
     ],
 )
 def test_bad_config_names_the_key(default_config, mutate, key):
@@ -65,6 +102,7 @@ def test_bad_config_names_the_key(default_config, mutate, key):
     with pytest.raises(ConfigError) as info:
         validate(default_config)
     assert f"'{key}" in str(info.value)
+    assert "\n" not in str(info.value)
 
 
 def test_ngram_method_needs_an_ngram_drafter(default_config):
@@ -73,29 +111,100 @@ def test_ngram_method_needs_an_ngram_drafter(default_config):
         validate(default_config)
 
 
+def test_a_key_given_twice_is_an_error_naming_its_line(tmp_path):
+    path = tmp_path / "config.yaml"
+    text = (REPO / "config.yaml").read_text()
+    path.write_text(text + "\nexperiments:\n  other: {}\n")
+    line = text.count("\n") + 2
+    with pytest.raises(ConfigError, match=rf"config.yaml:{line}:1: key 'experiments' appears twice \(first on line \d+\)"):
+        load_config(path)
+
+
+def test_yaml_syntax_error_names_line_and_column(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("seed: 1\nmodels: {a: [\n")
+    with pytest.raises(ConfigError, match=r"config.yaml:3:1: "):
+        read_yaml(path)
+
+
+def test_open_loop_cells_differing_only_in_size_or_shape_get_distinct_ids(default_config):
+    default_config["experiments"]["default"]["load"] = [
+        {"mode": "open", "rate": 2, "num_requests": 8},
+        {"mode": "open", "rate": 2, "num_requests": 16},
+        {"mode": "open", "rate": 2, "duration_s": 30},
+        {"mode": "open", "rate": 2, "arrival": "gamma", "burstiness": 0.5, "num_requests": 8},
+        {"mode": "open", "rate": 2, "arrival": "gamma", "burstiness": 2, "num_requests": 8},
+        {"mode": "closed", "num_requests": 3},
+    ]
+    cells = expand_matrix(validate(default_config))
+    ar = [c for c in cells if c.method == "ar" and c.dataset == "sample"]
+    assert len({c.group_id for c in ar}) == 6
+    assert {c.load for c in ar} >= {Load("open", 2, num_requests=8), Load("closed", num_requests=3)}
+
+
 def test_gpu8_example_matrix():
     cells = expand_matrix(load_config(GPU8))
-    sweep = [c for c in cells if c["experiment"] == "gamma_sweep"]
+    sweep = [c for c in cells if c.experiment == "gamma_sweep"]
     # 2 datasets x (1 ar + 4 spec + 2 ngram + 1 assisted + 1 lookup) x 2 placements x 3 repeats
     assert len(sweep) == 2 * 9 * 2 * 3
-    load = [c for c in cells if c["experiment"] == "batch_and_load"]
+    load = [c for c in cells if c.experiment == "batch_and_load"]
     assert len(load) == 2 * 3 * 2 * 2 * 3
-    names = {c["cell"] for c in load}
-    assert "mtbench--speculative-llama1b-g4--b16-n64-t0.8-p0.95-multi_gpu_ratio3x1-rate4-gamman64--r0" in names
-    assert all(c["seed"] == 7 + c["repeat"] for c in cells)
+    names = {c.name for c in load}
+    assert "mtbench--speculative-llama1b-g4--b16-n64-t0.8-p0.95-multi_gpu_ratio3x1-rate4-gamma0.5n64--r0" in names
+    assert all(c.seed == 7 + c.repeat for c in cells)
+    assert {c.gamma for c in cells if c.method == "ar"} == {0}
+    lookup = next(c for c in sweep if c.method == "hf_prompt_lookup")
+    assert lookup.drafter is None and lookup.gamma == 4 and lookup.peer
 
 
 def test_reference_cell_matches_greedy_settings():
     cells = expand_matrix(load_config(GPU8))
-    spec = next(c for c in cells if c["method"] == "speculative" and c["batch_size"] == 4 and c["temperature"] == 0
-                and c["experiment"] == "batch_and_load" and c["load"]["mode"] == "closed" and c["placement"]["strategy"] == "auto")
+    spec = next(c for c in cells if c.method == "speculative" and c.batch_size == 4 and c.greedy
+                and c.experiment == "batch_and_load" and not c.load.is_open and c.placement.strategy == "auto")
     ref = reference_cell(spec, cells)
-    assert ref["method"] == "ar" and ref["batch_size"] == 4 and ref["placement"] == spec["placement"]
-    assert ref["dataset"] == spec["dataset"] and ref["repeat"] == spec["repeat"]
-    sampled = dict(copy.deepcopy(spec), temperature=0.8)
+    assert ref.method == "ar" and ref.batch_size == 4 and ref.placement == spec.placement
+    assert ref.dataset == spec.dataset and ref.repeat == spec.repeat
+    assert ref.group_id == spec.ar_counterpart().group_id
+    sampled = dataclasses.replace(spec, generation=dataclasses.replace(spec.generation, temperature=0.8))
     assert reference_cell(sampled, cells) is None
 
 
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("load", [
+    {"mode": "open", "rate": 0, "num_requests": 3},
+    {"mode": "open", "rate": -1, "num_requests": 3},
+    {"mode": "open", "rate": 1, "duration_s": 0},
+    {"mode": "open", "rate": 1, "num_requests": 0},
+    {"mode": "open", "rate": 1, "num_requests": 2.5},
+    {"mode": "open", "rate": 1, "num_requests": 2, "arrival": "gamma", "burstiness": 0},
+    {"mode": "open", "rate": 1, "num_requests": 2, "burstiness": 2.0},
+    {"mode": "open", "num_requests": 2},
+    {"mode": "open", "rate": 1, "num_requests": 2, "arrival": "uniform"},
+    {"mode": "closed", "num_requests": 0},
+    {"mode": "batch"},
+])
+def test_a_load_that_cannot_run_fails_at_the_gate(default_config, load):
+    default_config["experiments"]["default"]["load"] = [{"mode": "closed"}, load]
+    with pytest.raises(ConfigError, match=r"'experiments\.default\.load"):
+        validate(default_config)
+
+
+@pytest.mark.parametrize("placement", [
+    "tensor_parallel",
+    {"strategy": "separate", "gpus": 3},
+    {"strategy": "multi_gpu_ratio", "ratio": [3]},
+    {"strategy": "multi_gpu_ratio"},
+    {"strategy": "same", "ratio": [1, 1]},
+    {"strategy": "same", "max_memory_fraction": 1.5},
+    {"strategy": "cpu", "max_memory_fraction": 0.5},
+])
+def test_a_placement_setting_its_strategy_does_not_take_fails_at_the_gate(default_config, placement):
+    default_config["drafters"] = {"ngram": default_config["drafters"]["ngram"]}
+    default_config["experiments"]["default"]["methods"] = [{"method": "ar"}]
+    default_config["experiments"]["default"]["placement"] = placement
+    with pytest.raises(ConfigError, match=r"'experiments\.default\.placement"):
+        validate(default_config)

@@ -4,16 +4,14 @@ import numpy as np
 import pytest
 
 import specdec.load as load_module
+from specdec.cells import Load
 from specdec.load import (
     EngineOutputError,
-    LoadConfigError,
     arrival_times,
     progress,
     run_load,
     schedule,
     total_requests,
-    validate_load,
-    validate_repeats,
 )
 from specdec.metrics import summarize
 
@@ -77,7 +75,7 @@ def arrivals(monkeypatch):
     return use
 
 
-OPEN = {"mode": "open", "rate": 10.0, "num_requests": 4}
+OPEN = Load(mode="open", rate=10.0, num_requests=4)
 
 
 def test_open_loop_queues_and_batches(arrivals):
@@ -100,7 +98,7 @@ def test_open_loop_queues_and_batches(arrivals):
 
 
 def test_closed_loop_arrival_is_batch_start():
-    records, engine = drive([conv("a"), conv("b"), conv("c")], {"mode": "closed"}, 2, warmup=0)
+    records, engine = drive([conv("a"), conv("b"), conv("c")], Load(mode="closed"), 2, warmup=0)
     assert engine.batches == [["a#1", "b#1"], ["c#1"]]
     for r in records:
         assert r["arrival_s"] == r["start_s"]
@@ -109,7 +107,7 @@ def test_closed_loop_arrival_is_batch_start():
 
 
 def test_closed_loop_cycles_conversations_with_distinct_ids():
-    records, _ = drive([conv("a"), conv("b")], {"mode": "closed", "num_prompts": 3}, 4, warmup=0)
+    records, _ = drive([conv("a"), conv("b")], Load(mode="closed", num_requests=3), 4, warmup=0)
     assert [r["request_id"] for r in records] == ["a#1", "b#1", "a@1#1"]
     assert [r["prompt_id"] for r in records] == ["a", "b", "a"]
 
@@ -117,7 +115,7 @@ def test_closed_loop_cycles_conversations_with_distinct_ids():
 def test_second_turn_arrives_when_first_finishes(arrivals):
     arrivals([0.0, 0.0])
     records, engine = drive([conv("x", turns=2), conv("y")],
-                            {"mode": "open", "rate": 1.0, "num_requests": 2}, 1, warmup=0)
+                            Load(mode="open", rate=1.0, num_requests=2), 1, warmup=0)
     assert engine.batches == [["x#1"], ["y#1"], ["x#2"]]
     by_id = {r["request_id"]: r for r in records}
     assert by_id["x#2"]["arrival_s"] == pytest.approx(by_id["x#1"]["finish_s"])
@@ -129,7 +127,7 @@ def test_second_turn_arrives_when_first_finishes(arrivals):
 
 def test_warmup_runs_first_and_is_excluded():
     seen = []
-    records, engine = drive([conv("a"), conv("b"), conv("c")], {"mode": "closed"}, 2, warmup=2,
+    records, engine = drive([conv("a"), conv("b"), conv("c")], Load(mode="closed"), 2, warmup=2,
                             on_record=seen.append)
     assert engine.batches[0] == ["warmup:a#1", "warmup:b#1"]
     assert [r["warmup"] for r in records] == [True, True, False, False, False]
@@ -142,7 +140,7 @@ def test_engine_row_count_mismatch_is_an_error():
     clock = FakeClock()
     with pytest.raises(EngineOutputError, match="1 rows for a batch of 2"):
         run_load([conv("a"), conv("b")], lambda batch: FakeEngine(clock)(batch)[:1],
-                 {"mode": "closed"}, 2, warmup=0, clock=clock, sleep=clock.sleep)
+                 Load(mode="closed"), 2, warmup=0, clock=clock, sleep=clock.sleep)
 
 
 def test_engine_token_count_must_match_emissions():
@@ -154,21 +152,20 @@ def test_engine_token_count_must_match_emissions():
         return rows
 
     with pytest.raises(EngineOutputError, match=r"'a#1'.*output_tokens 5"):
-        run_load([conv("a")], engine, {"mode": "closed"}, 1, warmup=0, clock=clock,
+        run_load([conv("a")], engine, Load(mode="closed"), 1, warmup=0, clock=clock,
                  sleep=clock.sleep)
 
 
 def test_arrival_times_seeded():
-    load = {"mode": "open", "rate": 4.0, "num_requests": 50}
+    load = Load(mode="open", rate=4.0, num_requests=50)
     assert arrival_times(load, seed=1) == arrival_times(load, seed=1)
     assert arrival_times(load, seed=1) != arrival_times(load, seed=2)
     assert len(arrival_times(load, seed=1)) == 50
 
 
 def test_arrival_rate_and_burstiness():
-    poisson = np.diff(arrival_times({"mode": "open", "rate": 4.0, "num_requests": 4000}, 0))
-    bursty = np.diff(arrival_times({"mode": "open", "rate": 4.0, "num_requests": 4000,
-                                    "arrival": "gamma", "burstiness": 0.25}, 0))
+    poisson = np.diff(arrival_times(Load(mode="open", rate=4.0, num_requests=4000), 0))
+    bursty = np.diff(arrival_times(Load(mode="open", rate=4.0, num_requests=4000, arrival="gamma", burstiness=0.25), 0))
     assert poisson.mean() == pytest.approx(0.25, rel=0.05)
     assert bursty.mean() == pytest.approx(0.25, rel=0.1)
     # coefficient of variation of gamma gaps is 1/sqrt(shape): 1 for Poisson, 2 for shape 0.25
@@ -177,42 +174,11 @@ def test_arrival_rate_and_burstiness():
 
 
 def test_duration_bounds_arrivals_and_schedule_counts_turns():
-    times = arrival_times({"mode": "open", "rate": 5.0, "duration_s": 10}, seed=3)
+    times = arrival_times(Load(mode="open", rate=5.0, duration_s=10), seed=3)
     assert 0 < times[0] and times[-1] <= 10 and 30 < len(times) < 80
-    planned = schedule([conv("x", turns=2)], {"mode": "open", "rate": 5.0, "duration_s": 10}, 3)
+    planned = schedule([conv("x", turns=2)], Load(mode="open", rate=5.0, duration_s=10), 3)
     assert [t for t, _ in planned] == times
     assert total_requests(planned) == 2 * len(times)
-
-
-@pytest.mark.parametrize("load, key", [
-    ({"mode": "open", "rate": 0, "num_requests": 3}, "load.rate"),
-    ({"mode": "open", "rate": -1, "num_requests": 3}, "load.rate"),
-    ({"mode": "open", "rate": 1, "duration_s": 0}, "load.duration_s"),
-    ({"mode": "open", "rate": 1, "num_requests": 0}, "load.num_requests"),
-    ({"mode": "open", "rate": 1, "num_requests": 2.5}, "load.num_requests"),
-    ({"mode": "open", "rate": 1, "num_requests": 2, "arrival": "gamma", "burstiness": 0},
-     "load.burstiness"),
-    ({"mode": "open", "rate": 1, "num_requests": 2, "burstiness": 2.0}, "load.burstiness"),
-    ({"mode": "open", "num_requests": 2}, "load.rate"),
-    ({"mode": "open", "rate": 1}, "num_requests and duration_s"),
-    ({"mode": "open", "rate": 1, "num_requests": 2, "arrival": "uniform"}, "load.arrival"),
-    ({"mode": "closed", "num_prompts": 0}, "load.num_prompts"),
-    ({"mode": "batch"}, "load.mode"),
-])
-def test_invalid_load_names_the_key(load, key):
-    with pytest.raises(LoadConfigError, match=key):
-        validate_load(load)
-
-
-def test_invalid_counts_name_the_key():
-    with pytest.raises(LoadConfigError, match="repeats"):
-        validate_repeats(0)
-    with pytest.raises(LoadConfigError, match="batch_size"):
-        run_load([conv("a")], None, {"mode": "closed"}, 0)
-    with pytest.raises(LoadConfigError, match="warmup"):
-        run_load([conv("a")], None, {"mode": "closed"}, 1, warmup=-1)
-    with pytest.raises(LoadConfigError, match="no conversations"):
-        run_load([], None, {"mode": "closed"}, 1)
 
 
 def test_progress_logs_plain_lines_off_a_terminal():

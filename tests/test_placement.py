@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from specdec.cells import Placement
 from specdec.placement import (
     GpuInfo,
     PlacementError,
@@ -37,35 +38,20 @@ def drafter(embedded_model_dir):
 
 
 @pytest.mark.parametrize(
-    "strategy, settings, has_drafter, expected",
+    "placement, has_drafter, expected",
     [
-        ("cpu", {}, True, 0),
-        ("same", {}, True, 1),
-        ("same", {"gpus": 2}, True, 2),
-        ("auto", {"strategy": "auto", "gpus": 4}, True, 4),
-        ("separate", {}, True, 2),
-        ("separate", {}, False, 1),
-        ("multi_gpu_ratio", {"ratio": [3, 1]}, True, 4),
-        ("multi_gpu_ratio", {"ratio": [3, 1]}, False, 3),
+        (Placement("cpu"), True, 0),
+        (Placement("same"), True, 1),
+        (Placement("same", gpus=2), True, 2),
+        (Placement("auto", gpus=4), True, 4),
+        (Placement("separate"), True, 2),
+        (Placement("separate"), False, 1),
+        (Placement("multi_gpu_ratio", ratio=(3, 1)), True, 4),
+        (Placement("multi_gpu_ratio", ratio=(3, 1)), False, 3),
     ],
 )
-def test_gpus_required(strategy, settings, has_drafter, expected):
-    assert gpus_required(strategy, settings, has_drafter) == expected
-
-
-@pytest.mark.parametrize(
-    "strategy, settings, message",
-    [
-        ("tensor_parallel", {}, "unknown placement strategy 'tensor_parallel'"),
-        ("separate", {"gpus": 3}, "'separate': unknown setting.*gpus.*allowed: max_memory_fraction"),
-        ("multi_gpu_ratio", {"ratio": [3]}, r"needs ratio: \[target GPUs, drafter GPUs\].*\[3\]"),
-        ("same", {"max_memory_fraction": 1.5}, r"max_memory_fraction must be in \(0, 1\]"),
-        ("same", {"strategy": "auto"}, "settings name strategy 'auto', not 'same'"),
-    ],
-)
-def test_bad_settings_are_refused(strategy, settings, message):
-    with pytest.raises(PlacementError, match=message):
-        gpus_required(strategy, settings, True)
+def test_gpus_required(placement, has_drafter, expected):
+    assert gpus_required(placement, has_drafter) == expected
 
 
 def test_model_info_reads_size_and_layers_without_weights(target, drafter, embedded_model):
@@ -81,52 +67,52 @@ def test_model_info_names_a_missing_config(tmp_path):
 
 
 def test_cpu_places_both_models_on_the_cpu(target, drafter):
-    placement = plan_placement("cpu", [], target, drafter, {"strategy": "cpu"})
+    placement = plan_placement(Placement("cpu"), [], target, drafter)
     assert placement.target.load_kwargs() == {"device_map": "cpu"}
     assert placement.drafter.input_device == "cpu" and placement.gpus == ()
 
 
 def test_same_puts_both_models_on_one_gpu(target, drafter):
-    placement = plan_placement("same", fake_gpus(2), target, drafter, {})
+    placement = plan_placement(Placement("same"), fake_gpus(2), target, drafter)
     assert placement.target.device_map == placement.drafter.device_map == "cuda:0"
     assert placement.gpus == (0,)
 
 
 def test_separate_puts_the_drafter_on_the_second_gpu(target, drafter):
-    placement = plan_placement("separate", fake_gpus(2), target, drafter, {})
+    placement = plan_placement(Placement("separate"), fake_gpus(2), target, drafter)
     assert (placement.target.input_device, placement.drafter.input_device) == ("cuda:0", "cuda:1")
     assert placement.describe()["gpus"] == [0, 1]
 
 
 def test_separate_without_a_drafter_needs_one_gpu(target):
-    placement = plan_placement("separate", fake_gpus(1), target, None, {})
+    placement = plan_placement(Placement("separate"), fake_gpus(1), target, None)
     assert placement.drafter is None and placement.gpus == (0,)
 
 
 def test_separate_on_one_gpu_names_what_it_saw(target, drafter):
     with pytest.raises(PlacementError, match=r"'separate' needs 2 GPU\(s\) for target and drafter but this job sees 1 \(GPUs seen: 0:H100\)"):
-        plan_placement("separate", fake_gpus(1), target, drafter, {})
+        plan_placement(Placement("separate"), fake_gpus(1), target, drafter)
 
 
 def test_ratio_larger_than_the_gpus_fails(target, drafter):
     with pytest.raises(PlacementError, match=r"'multi_gpu_ratio' .*'ratio': \[3, 1\].* needs 4 GPU\(s\).*sees 2"):
-        plan_placement("multi_gpu_ratio", fake_gpus(2), target, drafter, {"ratio": [3, 1]})
+        plan_placement(Placement("multi_gpu_ratio", ratio=(3, 1)), fake_gpus(2), target, drafter)
 
 
 def test_no_gpus_for_a_gpu_strategy_fails(target):
     with pytest.raises(PlacementError, match=r"'auto' needs 1 GPU\(s\) but this job sees 0 \(GPUs seen: none\)"):
-        plan_placement("auto", [], target, None, {})
+        plan_placement(Placement("auto"), [], target, None)
 
 
 def test_a_model_larger_than_its_gpus_fails(target, drafter):
     small = fake_gpus(2, memory=400 * 2**20)
     with pytest.raises(PlacementError, match=r"'same': smollm2 needs 0.50 GiB of weights but GPU\(s\) 0 allow"):
-        plan_placement("same", small, target, drafter, {})
+        plan_placement(Placement("same"), small, target, drafter)
 
 
 def test_multi_gpu_ratio_spreads_layers_over_each_models_gpus(target, drafter, embedded_model_dir, tmp_path):
     # 1 GiB GPUs at 40 %: the 0.5 GiB target must spread over its two GPUs.
-    placement = plan_placement("multi_gpu_ratio", fake_gpus(4, GIB), target, drafter, {"ratio": [2, 1], "max_memory_fraction": 0.4})
+    placement = plan_placement(Placement("multi_gpu_ratio", ratio=(2, 1), max_memory_fraction=0.4), fake_gpus(4, GIB), target, drafter)
     target_map = placement.target.device_map
     assert set(target_map.values()) == {0, 1}
     assert [target_map[f"model.layers.{i}"] for i in (0, 29)] == [0, 1]
@@ -148,16 +134,16 @@ def test_multi_gpu_ratio_refuses_layers_that_would_spill(target, drafter):
     # Enough bytes in total, but not once accelerate keeps room for a layer on each GPU.
     gpus = fake_gpus(3, memory=int(target.param_bytes / 2 / 0.9) + 2**20)
     with pytest.raises(PlacementError, match=r"smollm2's layers do not fit on GPU\(s\) 0,1 \(accelerate would put some on"):
-        plan_placement("multi_gpu_ratio", gpus, target, drafter, {"ratio": [2, 1]})
+        plan_placement(Placement("multi_gpu_ratio", ratio=(2, 1)), gpus, target, drafter)
 
 
 def test_same_over_several_gpus_shares_each_gpu_by_model_size(target, drafter):
-    placement = plan_placement("same", fake_gpus(2, GIB), target, drafter, {"gpus": 2, "max_memory_fraction": 0.6})
+    placement = plan_placement(Placement("same", gpus=2, max_memory_fraction=0.6), fake_gpus(2, GIB), target, drafter)
     assert set(placement.target.device_map.values()) == set(placement.drafter.device_map.values()) == {0, 1}
 
 
 def test_auto_lets_accelerate_place_within_a_share_of_each_gpu(target, drafter):
-    placement = plan_placement("auto", fake_gpus(4), target, drafter, {"gpus": 2})
+    placement = plan_placement(Placement("auto", gpus=2), fake_gpus(4), target, drafter)
     assert placement.target.device_map == "auto" and placement.gpus == (0, 1)
     per_gpu = {i: placement.target.max_memory[i] + placement.drafter.max_memory[i] for i in (0, 1)}
     assert all(total <= 0.9 * 80 * GIB for total in per_gpu.values())

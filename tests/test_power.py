@@ -11,16 +11,16 @@ import pytest
 
 from specdec.power import (
     GpuResolutionError,
-    PowerConfigError,
     PowerMonitor,
     PowerStateError,
-    parse_power_config,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import gpu_check  # noqa: E402
 
-CONFIG = {"enabled": True, "interval_ms": 100, "idle_s": 2}
+from specdec.cells import Power  # noqa: E402
+
+CONFIG = Power(enabled=True, interval_ms=100, idle_s=2)
 
 
 class FakeClock:
@@ -248,7 +248,7 @@ def test_short_window_and_non_positive_net_are_flagged():
 
 def test_idle_disabled_reports_unknown_net():
     clock = FakeClock()
-    monitor, _ = make_monitor([FakeGpu("GPU-aaa", STEPS)], clock, config={"idle_s": 0})
+    monitor, _ = make_monitor([FakeGpu("GPU-aaa", STEPS)], clock, config=Power(idle_s=0))
     run_job(monitor, clock)
     e = monitor.energy(output_tokens=100, num_requests=4)
     assert e["gross_j"] == pytest.approx(1500.0)
@@ -311,7 +311,7 @@ def test_older_bindings_use_the_throttle_reasons_call():
 
 def test_background_thread_samples_until_stopped():
     gpu = FakeGpu("GPU-aaa", [(0.0, 100.0)])
-    monitor, nvml = make_monitor([gpu], time.perf_counter, config={"interval_ms": 5, "idle_s": 0})
+    monitor, nvml = make_monitor([gpu], time.perf_counter, config=Power(interval_ms=5, idle_s=0))
     with monitor:
         deadline = time.monotonic() + 10
         while len(monitor._ticks) < 4 and time.monotonic() < deadline:
@@ -367,21 +367,15 @@ def test_bad_visible_devices_raise_clear_errors(visible, devices, message):
 # ---- configuration and unavailable paths
 
 
-def test_power_config_validation_names_the_key():
-    assert parse_power_config(None).interval_s == pytest.approx(0.1)
-    with pytest.raises(PowerConfigError, match="power.interval_s"):
-        parse_power_config({"interval_s": 1})
-    with pytest.raises(PowerConfigError, match="power.interval_ms"):
-        parse_power_config({"interval_ms": 0})
-    with pytest.raises(PowerConfigError, match="power.enabled"):
-        parse_power_config({"enabled": "yes"})
+def test_unknown_device_kind_is_refused():
+    assert CONFIG.interval_s == pytest.approx(0.1)
     with pytest.raises(ValueError, match="device_kind"):
         PowerMonitor.for_job(CONFIG, "tpu")
 
 
 def test_disabled_monitor_reports_unavailable_and_writes_an_empty_timeline(tmp_path):
     nvml = FakeNVML(FakeClock(), [FakeGpu("GPU-aaa", STEPS)])
-    monitor = PowerMonitor.for_job({"enabled": False}, "cuda", nvml=nvml)
+    monitor = PowerMonitor.for_job(Power(enabled=False), "cuda", nvml=nvml)
     with monitor:
         monitor.measure_idle()
         monitor.begin_window()

@@ -233,5 +233,5 @@ def _load_tag(load: Load) -> str:
     if not load.is_open:
         return f"-req{load.num_requests}" if load.num_requests else ""
     size = f"n{load.num_requests}" if load.num_requests else f"d{_tag(load.duration_s)}"
-    shape = f"-cv{_tag(load.burstiness)}" if load.arrival == "gamma" else ""
+    shape = _tag(load.burstiness) if load.arrival == "gamma" else ""
     return f"-rate{_tag(load.rate)}-{load.arrival}{shape}{size}"

@@ -171,9 +171,6 @@ def check_references(config: dict) -> None:
                                       f"models.{exp['target']}.dtype is {target_dtype!r} (use a bf16 drafter, or a float32 target)")
                 if drafters[name].get("dtype") == "int8" and any(_placement_dict(p)["strategy"] != "cpu" for p in _as_list(exp["placement"])):
                     raise ConfigError(f"config key '{where}.placement': drafter {name!r} is an int8 dynamic quantisation, which runs on the CPU only; use placement cpu or a bf16 drafter")
-        for placement in map(_placement_dict, _as_list(exp["placement"])):
-            if placement["strategy"] == "multi_gpu_ratio" and "ratio" not in placement:
-                raise ConfigError(f"config key '{where}.placement': multi_gpu_ratio needs a ratio [target GPUs, drafter GPUs]")
 
 
 def _check_method(entry: dict, drafters: dict, where: str) -> None:

@@ -159,7 +159,7 @@ def plan_placement(
 
 
 def _settings_text(placement: Placement) -> str:
-    settings = {k: v for k, v in dataclasses.asdict(placement).items() if v is not None and k != "strategy"}
+    settings = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(placement).items() if v is not None and k != "strategy"}
     return f"{placement.strategy!r}" + (f" {settings}" if settings else "")
 
 

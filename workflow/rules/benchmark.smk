@@ -1,6 +1,20 @@
+# The cell's typed settings travel to its job as a file (records.write_cell), not as a string
+# the job parses again; a changed setting rewrites the file, and so reruns the cell.
+rule cell:
+    output:
+        cell=f"{RESULTS}/runs/{{experiment}}/{{cell}}/cell.json",
+    log:
+        "logs/cell/{experiment}/{cell}.log",
+    params:
+        cell=cell_of,
+    run:
+        specdec.records.write_cell(params.cell, output.cell)
+
+
 rule benchmark:
     input:
-        prompts=lambda wildcards: f"{RESULTS}/prompts/{cell_of(wildcards)['dataset']}.jsonl",
+        cell=rules.cell.output.cell,
+        prompts=cell_prompts,
         models=model_inputs,
         reference=reference_requests,
     output:
@@ -18,11 +32,9 @@ rule benchmark:
         runtime=config["slurm"]["runtime"],
         cpus_per_gpu=config["slurm"]["cpus_per_gpu"],
     params:
-        cell=cell_json,
-        reference=lambda wildcards, input: (
-            f"--reference {input.reference}" if input.reference else ""
-        ),
+        out_dir=lambda wildcards: f"{RESULTS}/runs/{wildcards.experiment}/{wildcards.cell}",
+        reference=reference_option,
     shell:
-        "specdec run --cell-json {params.cell:q} --prompts {input.prompts}"
-        " --out-dir $(dirname {output.result}) --threads {threads} {params.reference}"
-        " > {log} 2>&1"
+        "specdec run --cell {input.cell:q} --prompts {input.prompts:q}"
+        " --out-dir {params.out_dir:q} --threads {threads} {params.reference}"
+        " > {log:q} 2>&1"

@@ -1,18 +1,20 @@
-import json
+import shlex
 
 from snakemake.utils import validate
 
 import specdec.config
 import specdec.placement
+import specdec.records
 
+# The gate: the schema (Snakemake's validate fills the defaults), then what a schema cannot
+# say; each config file is read once more by a loader that names the line of a key given twice.
+for configfile_path in workflow.configfiles:
+    specdec.config.read_yaml(configfile_path)
 validate(config, schema="../schemas/config.schema.yaml")
 specdec.config.check_references(config)
 
 RESULTS = config["results_dir"]
-CELLS = {
-    f"{cell['experiment']}/{cell['cell']}": cell
-    for cell in specdec.config.expand_matrix(config)
-}
+CELLS = {cell.id: cell for cell in specdec.config.expand_matrix(config)}
 
 # Optional SLURM resources of the benchmark rule (the executor plugin reads these names).
 SLURM_PLACEMENT = {
@@ -23,15 +25,24 @@ SLURM_PLACEMENT = {
 
 
 wildcard_constraints:
-    experiment="[^/]+",
-    cell="[^/]+",
-    dataset="[^/]+",
-    model="[^/]+",
+    experiment="[A-Za-z0-9_-]+",
+    cell="[A-Za-z0-9_.-]+",
+    dataset="[A-Za-z0-9_-]+",
+    model="[A-Za-z0-9_-]+",
 
 
 def run_results():
     """Every result file of the configured matrix."""
-    return [f"{RESULTS}/runs/{key}/result.json" for key in CELLS]
+    return [f"{RESULTS}/runs/{cell_id}/result.json" for cell_id in CELLS]
+
+
+def experiment_results(wildcards):
+    """The result files of one experiment: the tables depend on every one of them."""
+    return [
+        f"{RESULTS}/runs/{cell.id}/result.json"
+        for cell in CELLS.values()
+        if cell.experiment == wildcards.experiment
+    ]
 
 
 def experiments():
@@ -42,8 +53,8 @@ def cell_of(wildcards):
     return CELLS[f"{wildcards.experiment}/{wildcards.cell}"]
 
 
-def cell_json(wildcards):
-    return json.dumps(cell_of(wildcards), sort_keys=True)
+def cell_prompts(wildcards):
+    return f"{RESULTS}/prompts/{cell_of(wildcards).dataset}.jsonl"
 
 
 def embedded_models():
@@ -54,10 +65,12 @@ def embedded_models():
 
 def model_inputs(wildcards):
     """Prepared folders of the embedded models that a cell uses."""
+    cell = cell_of(wildcards)
+    used = [cell.target, cell.drafter_model]
     return [
-        f"resources/models/{name}"
-        for name in cell_of(wildcards)["models"]
-        if name in embedded_models()
+        f"resources/models/{spec.name}"
+        for spec in used
+        if spec is not None and spec.source == "embedded"
     ]
 
 
@@ -75,23 +88,23 @@ def dataset_model_input(wildcards):
 
 
 def reference_requests(wildcards):
-    """Greedy speculative cells are checked token for token against their AR cell."""
+    """Greedy drafting cells are checked token for token against their AR cell."""
     if not config["correctness"]["check_greedy"]:
         return []
     reference = specdec.config.reference_cell(cell_of(wildcards), list(CELLS.values()))
     if reference is None:
         return []
-    return [
-        f"{RESULTS}/runs/{reference['experiment']}/{reference['cell']}/requests.jsonl"
-    ]
+    return [f"{RESULTS}/runs/{reference.id}/requests.jsonl"]
+
+
+def reference_option(wildcards, input):
+    return f"--reference {shlex.quote(input.reference)}" if input.reference else ""
 
 
 def benchmark_gpus(wildcards):
     cell = cell_of(wildcards)
     return specdec.placement.gpus_required(
-        cell["placement"]["strategy"],
-        cell["placement"],
-        has_drafter=cell["drafter"] is not None,
+        cell.placement, has_drafter=cell.drafter is not None
     )
 
 
