@@ -113,7 +113,8 @@ def load_session(cell: dict, models_dir: Path) -> Session:
         raise placement.PlacementError(f"drafter {cell['drafter']!r}: int8 dynamic quantisation runs on the CPU only, not with placement {strategy!r}; use a bf16 drafter on GPUs")
 
     def info(name: str, spec: dict, dtype: str) -> placement.ModelInfo:
-        return placement.model_info(models.model_location(name, spec, models_dir)[0], dtype, name)
+        location, load_kwargs = models.model_location(name, spec, models_dir)
+        return placement.model_info(location, dtype, name, **load_kwargs)
 
     plan = placement.plan_placement(
         strategy,
