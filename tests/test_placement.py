@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from specdec.cells import Placement
+from specdec.models import ModelError
 from specdec.placement import (
     GpuInfo,
     PlacementError,
@@ -170,5 +171,5 @@ def test_placement_check_reports_gpu_strategies_without_gpus_and_runs_the_rest()
 
 def test_model_info_names_an_unknown_hub_id(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(PlacementError, match="no model config for 'no-such-org/no-such-model'"):
+    with pytest.raises(ModelError, match="model 'no-such-org/no-such-model': cannot load its config from no-such-org/no-such-model: "):
         model_info("no-such-org/no-such-model")

@@ -356,26 +356,6 @@ def test_results_dir_cannot_escape_the_working_directory():
             validate(config)
 
 
-def test_remote_code_is_never_run_unless_trusted(tmp_path):
-    """A model folder whose config maps to its own Python module: loading it without
-    trust_remote_code is a ModelError, and the module is never imported."""
-    folder = tmp_path / "custom"
-    folder.mkdir()
-    marker = tmp_path / "remote_code_ran"
-    (folder / "configuration_evil.py").write_text(
-        f"from pathlib import Path\nPath({str(marker)!r}).touch()\n"
-        "from transformers import PretrainedConfig\n\nclass EvilConfig(PretrainedConfig):\n    model_type = 'evil'\n"
-    )
-    (folder / "config.json").write_text(json.dumps({
-        "model_type": "evil",
-        "auto_map": {"AutoConfig": "configuration_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.EvilModel"},
-    }))
-    spec = {"source": "local", "path": str(folder), "dtype": "float32", "trust_remote_code": False}
-    with pytest.raises(ModelError, match="model 'custom'.*cannot be loaded"):
-        load_model("custom", spec, tmp_path)
-    assert not marker.exists()
-
-
 @pytest.mark.parametrize("trusted", [False, True])
 def test_trust_remote_code_is_passed_only_when_configured(monkeypatch, embedded_model_dir, trusted):
     import transformers

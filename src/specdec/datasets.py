@@ -496,9 +496,9 @@ def prepare_dataset_file(spec: dict, tokenizer, out_path: str | os.PathLike, *, 
     `tokenizer` is a loaded tokenizer or the path of a model/tokenizer folder.
     """
     if isinstance(tokenizer, (str, os.PathLike)):
-        from transformers import AutoTokenizer
+        from specdec.models import load_tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        tokenizer = load_tokenizer(str(tokenizer))  # a bare path trusts no code
     prepared = prepare_prompts(spec, tokenizer, seed=seed, name=name)
     write_prompts(out_path, prepared.records)
     if stats_path is not None:

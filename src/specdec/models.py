@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -182,27 +183,88 @@ def model_location(name: str, spec: dict, models_dir: Path) -> tuple[str, dict]:
     return spec["id"], kwargs
 
 
-def load_tokenizer(location: str, **kwargs):
+def untrusted_code(name: str, location: str) -> ModelError:
+    """The refusal of a model that ships its own Python: running it needs the user's consent."""
+    return ModelError(f"model {name!r} ({location}) ships its own Python code and needs trust_remote_code: true (models.{name})")
+
+
+def _broken_file(location: str, error: Exception) -> str:
+    """The file of a local folder that a parse error came from (transformers' and safetensors'
+    messages do not name it), else the location itself."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(location)
+    if isinstance(error, json.JSONDecodeError):
+        for path in sorted(folder.glob("*.json")):
+            try:
+                json.loads(path.read_bytes())
+            except ValueError:  # JSONDecodeError and UnicodeDecodeError
+                return str(path)
+    if isinstance(error, SafetensorError):
+        for path in sorted(folder.glob("*.safetensors")):
+            try:
+                with safe_open(path, framework="pt"):
+                    pass
+            except SafetensorError:
+                return str(path)
+    return location
+
+
+def from_pretrained(loader, location: str, name: str, part: str, *, trust_remote_code: bool, **kwargs):
+    """`loader(location, ...)`, a transformers `from_pretrained` of one part of a model (config,
+    tokenizer, weights), always told whether the model's own code may run: left unset,
+    transformers asks on stdin, so any `y` there would import a folder's Python. Broken or
+    missing files become one ModelError line naming the file."""
+    from safetensors import SafetensorError
+
+    try:
+        return loader(location, trust_remote_code=trust_remote_code, **kwargs)
+    except ValueError as error:
+        # transformers refuses code it may not run with an error that names the flag.
+        if not trust_remote_code and "trust_remote_code" in str(error):
+            raise untrusted_code(name, location) from None
+        raise ModelError(f"model {name!r}: cannot load its {part} from {_broken_file(location, error)}: {_one_line(error)}") from None
+    except (OSError, SafetensorError) as error:
+        raise ModelError(f"model {name!r}: cannot load its {part} from {_broken_file(location, error)}: {_one_line(error)}") from None
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
+def read_config(location: str, name: str, *, trust_remote_code: bool, **kwargs):
+    """A causal LM's config, read without weights; the model's own code only if trusted."""
+    from transformers import AutoConfig
+
+    config = from_pretrained(AutoConfig.from_pretrained, location, name, "config", trust_remote_code=trust_remote_code, **kwargs)
+    if "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}):
+        if not trust_remote_code:  # a known model_type with its own modelling code
+            raise untrusted_code(name, location)
+    elif not _is_causal_lm(config):
+        raise ModelError(f"model {name!r} ({location}) is a {config.model_type!r} model, not a causal language model")
+    return config
+
+
+def load_tokenizer(location: str, name: str | None = None, *, trust_remote_code: bool = False, **kwargs):
     """A tokenizer that pads on the left (pad == eos for many chat models)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+    tokenizer = from_pretrained(AutoTokenizer.from_pretrained, location, name or location, "tokenizer",
+                                trust_remote_code=trust_remote_code, **kwargs)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def _is_causal_lm(config, trust_remote_code: bool) -> bool:
+def _is_causal_lm(config) -> bool:
     """transformers maps encoders such as BERT to a causal LM head too, which is one only when
-    the config says `is_decoder`; a model of remote code counts only when it is trusted."""
+    the config says `is_decoder`."""
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING,
         MODEL_FOR_MASKED_LM_MAPPING,
     )
 
-    if "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}):
-        return trust_remote_code
     if type(config) in MODEL_FOR_MASKED_LM_MAPPING:
         return bool(getattr(config, "is_decoder", False))
     return type(config) in MODEL_FOR_CAUSAL_LM_MAPPING
@@ -215,24 +277,16 @@ def load_model(name: str, spec: dict, models_dir: Path, dtype: str | None = None
     the placement. `before_weights()`, if given, is called once the tokenizer is loaded and
     before any weight is (the runner takes its memory baseline there)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from specdec.decoding.kernels import prepack_bfloat16_linears
 
     location, kwargs = model_location(name, spec, models_dir)
-    try:
-        config = AutoConfig.from_pretrained(location, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"model {name!r} ({location}) cannot be loaded: {exc}") from None
-    if not _is_causal_lm(config, kwargs["trust_remote_code"]):
-        raise ModelError(f"model {name!r} ({location}) is a {config.model_type!r} model, not a causal language model")
+    read_config(location, name, **kwargs)
     torch_dtype = getattr(torch, dtype or spec.get("dtype", "float32"))
-    try:
-        tokenizer = load_tokenizer(location, **kwargs)
-        if before_weights is not None:
-            before_weights()
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **load_kwargs, **kwargs).eval()
-    except OSError as exc:  # missing tokenizer or weight files
-        raise ModelError(f"model {name!r} ({location}) cannot be loaded: {exc}") from None
+    tokenizer = load_tokenizer(location, name, **kwargs)
+    if before_weights is not None:
+        before_weights()
+    model = from_pretrained(AutoModelForCausalLM.from_pretrained, location, name, "weights", dtype=torch_dtype, **load_kwargs, **kwargs).eval()
     prepack_bfloat16_linears(model)
     return model, tokenizer

@@ -51,6 +51,7 @@ class ModelInfo:
     dtype: Any  # torch.dtype of the loaded weights
     param_bytes: int
     num_layers: int
+    trust_remote_code: bool = False  # the config's own modelling code may run (from_config)
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,7 @@ def _spread(model: ModelInfo, indices: list[int], budget: dict[int, int], strate
     if len(indices) == 1:
         device = f"cuda:{indices[0]}"
         return ModelPlacement(device, device, tuple(indices))
-    meta = _meta_model(model.config, model.dtype)
+    meta = _meta_model(model.config, model.dtype, model.trust_remote_code)
     device_map = _balanced_device_map(meta, memory, model.dtype)
     spilled = sorted({str(d) for d in device_map.values() if d not in memory})
     if spilled:
@@ -199,13 +200,13 @@ def _memory_for(model: ModelInfo, indices: list[int], budget: dict[int, int], st
     return memory
 
 
-def _meta_model(config, dtype):
+def _meta_model(config, dtype, trust_remote_code: bool):
     """The model's modules on the meta device: shapes and dtypes, no memory."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights():
-        meta = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        meta = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     meta.tie_weights()  # tied embeddings count once and stay on one device
     return meta
 
@@ -228,34 +229,33 @@ def _input_module(meta, device_map: dict) -> str:
     return max(keys, key=len)
 
 
-def model_info(config_or_path, dtype=None, name: str | None = None) -> ModelInfo:
+def model_info(config_or_path, dtype=None, name: str | None = None, *, trust_remote_code: bool = False, **load_kwargs) -> ModelInfo:
     """Parameter bytes and layer count of a model from its config alone (no weights read).
 
     `config_or_path`: a transformers config, a model folder or a hub id.
     `dtype` (torch.dtype or its name, e.g. "bfloat16") is the dtype the weights will be
     loaded in; default: the config's own dtype, else float32.
+    `trust_remote_code` and `load_kwargs` (a hub revision) are what `models.model_location`
+    gives: the model's own code runs only when trusted.
     """
     import torch
-    from transformers import AutoConfig, PretrainedConfig
+    from transformers import PretrainedConfig
+
+    from specdec.models import read_config
 
     if isinstance(config_or_path, PretrainedConfig):
         config = config_or_path
-    elif Path(config_or_path).exists():
+    else:  # a folder, or a hub id read from the local cache (or the hub where it is reachable)
         path = Path(config_or_path)
-        if not (path / "config.json").is_file():
+        if path.exists() and not (path / "config.json").is_file():
             raise PlacementError(f"no model config at {path / 'config.json'}")
-        config = AutoConfig.from_pretrained(path)
-    else:  # a hub id, read from the local cache (or the hub where it is reachable)
-        try:
-            config = AutoConfig.from_pretrained(str(config_or_path))
-        except OSError as error:
-            raise PlacementError(f"no model config for {config_or_path!r}: {error}") from error
+        config = read_config(str(config_or_path), name or str(config_or_path), trust_remote_code=trust_remote_code, **load_kwargs)
     if isinstance(dtype, str):
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise PlacementError(f"unknown dtype {dtype!r} for {name or config.name_or_path}")
         dtype = getattr(torch, dtype)
     dtype = dtype or getattr(config, "dtype", None) or torch.float32
-    meta = _meta_model(config, dtype)
+    meta = _meta_model(config, dtype, trust_remote_code)
     text_config = config.get_text_config()
     return ModelInfo(
         name=name or config.name_or_path or config.model_type,
@@ -263,6 +263,7 @@ def model_info(config_or_path, dtype=None, name: str | None = None) -> ModelInfo
         dtype=dtype,
         param_bytes=sum(p.numel() * p.element_size() for p in meta.parameters()),
         num_layers=text_config.num_hidden_layers,
+        trust_remote_code=trust_remote_code,
     )
 
 

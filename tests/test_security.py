@@ -1,0 +1,92 @@
+"""Security: a model folder's own Python runs only when its model says trust_remote_code: true,
+whatever stdin answers to transformers' question."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import cell_inputs
+
+from specdec.config import expand_matrix, validate
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SAMPLE = {"source": "sample", "num_prompts": 1, "turns": "first"}
+
+CONFIGURATION = """\
+from pathlib import Path
+
+from transformers import LlamaConfig
+
+Path({marker!r}).touch()
+
+
+class CustomConfig(LlamaConfig):
+    model_type = "tinycustom"
+"""
+MODELING = """\
+from transformers import LlamaForCausalLM
+
+from .configuration_custom import CustomConfig
+
+
+class CustomForCausalLM(LlamaForCausalLM):
+    config_class = CustomConfig
+"""
+
+
+def custom_code_model(folder: Path, marker: Path, embedded_model_dir: Path) -> None:
+    """A tiny random Llama whose config and model classes are the folder's own Python (an
+    unknown model_type, so transformers cannot load it without that code); importing it
+    touches `marker`. The embedded model's tokenizer, so that it can decode the sample."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    settings = json.loads((folder / "config.json").read_text())
+    settings |= {"model_type": "tinycustom", "architectures": ["CustomForCausalLM"], "auto_map": {
+        "AutoConfig": "configuration_custom.CustomConfig", "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}}
+    (folder / "config.json").write_text(json.dumps(settings))
+    (folder / "configuration_custom.py").write_text(CONFIGURATION.format(marker=str(marker)))
+    (folder / "modeling_custom.py").write_text(MODELING)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(embedded_model_dir / name, folder / name)
+
+
+@pytest.mark.parametrize("trusted, stdin", [(False, "y\n" * 10), (True, "")], ids=["untrusted-stdin-y", "trusted-no-stdin"])
+def test_model_code_runs_only_when_trusted_whatever_stdin_says(tmp_path, embedded_model_dir, trusted, stdin):
+    """Untrusted, a `y` on stdin must not run the code; trusted, it runs with nobody to ask
+    (as under Snakemake or SLURM)."""
+    marker = tmp_path / "model_code_ran"
+    custom_code_model(tmp_path / "custom", marker, embedded_model_dir)
+    _, prompts = cell_inputs(tmp_path, embedded_model_dir, SAMPLE, seed=1)
+    config = validate({
+        "seed": 1,
+        "models": {"custom": {"source": "local", "path": str(tmp_path / "custom"), "trust_remote_code": trusted}},
+        "datasets": {"sample": SAMPLE},
+        "experiments": {"sec": {"target": "custom", "datasets": ["sample"], "methods": [{"method": "ar"}],
+                                "max_new_tokens": 2, "warmup": 0}},
+        "power": {"idle_s": 0},
+    })
+    [cell] = expand_matrix(config)
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), HF_MODULES_CACHE=str(tmp_path / "modules"))
+    run = subprocess.run(
+        [str(BIN / "specdec"), "run", "--cell-json", json.dumps(cell), "--prompts", str(prompts),
+         "--out-dir", str(tmp_path / "out"), "--models-dir", str(tmp_path / "models")],
+        input=stdin, env=env, capture_output=True, text=True, timeout=300,
+    )
+    if trusted:
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert json.loads((tmp_path / "out" / "result.json").read_text())["status"] == "ok"
+        assert marker.exists()
+    else:
+        assert not marker.exists() and not (tmp_path / "out").exists()
+        assert run.returncode == 2, run.stderr[-3000:]
+        assert "Traceback" not in run.stderr and "[y/N]" not in run.stdout + run.stderr
+        errors = [line for line in run.stderr.splitlines() if line.startswith("specdec run: error: ")]
+        assert len(errors) == 1 and errors[0].endswith("needs trust_remote_code: true (models.custom)"), run.stderr
