@@ -5,7 +5,7 @@ from datetime import datetime, timezone
 from specdec import metadata
 from specdec.metadata import accelerator, collect_metadata, cpu_model, git_commit
 
-KEYS = {"specdec", "python", "torch", "transformers", "cuda", "driver", "devices", "cpu", "host",
+KEYS = {"specdec", "python", "torch", "transformers", "packages", "cuda", "driver", "devices", "cpu", "host",
         "git_commit", "seed", "started_at", "finished_at"}
 
 
@@ -19,6 +19,18 @@ def test_collect_metadata_fields(monkeypatch):
     assert meta["finished_at"] == "2026-01-02T03:05:00+00:00"
     assert meta["torch"] and meta["transformers"] and meta["specdec"] == "0.1.0"
     assert "hf_secret_value_123" not in json.dumps(meta)
+
+
+def test_reported_versions_are_the_locked_ones():
+    """What result.json reports is what requirements.lock pins (and so what CI tested)."""
+    from pathlib import Path
+
+    lock = Path(__file__).resolve().parents[1] / "requirements.lock"
+    pins = dict(line.split("==") for line in lock.read_text().splitlines() if "==" in line and not line.startswith("#"))
+    pins = {name.lower(): version for name, version in pins.items()}
+    meta = collect_metadata(1, "2026-01-02T03:04:05+00:00")
+    assert meta["transformers"] == pins["transformers"]
+    assert meta["packages"] == {name: pins[name] for name in metadata.PACKAGES}
 
 
 def test_git_commit_inside_and_outside_a_repository(tmp_path):

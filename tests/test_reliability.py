@@ -2,6 +2,7 @@
 matrix goes on; an interrupted job leaves nothing that looks finished; runs are repeatable;
 no remote code, escaping path or secret gets through."""
 
+import dataclasses
 import json
 import os
 import re
@@ -19,11 +20,12 @@ from conftest import cell_inputs
 
 from specdec import cli, runner
 from specdec.aggregate import failed_table, runs_table
+from specdec.cells import DrafterSpec, Load, ModelSpec
 from specdec.config import ConfigError, expand_matrix, validate
 from specdec.datasets import prepare_dataset_file
-from specdec.io import read_jsonl
 from specdec.load import arrival_times
 from specdec.models import ModelError, load_model, load_tokenizer
+from specdec.records import read_requests, write_cell
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -59,7 +61,7 @@ def tiny(tmp_path_factory, embedded_model_dir):
     """A work dir with the embedded model under models/, the prompts file and the two cells."""
     work = tmp_path_factory.mktemp("reliability")
     models_dir, prompts = cell_inputs(work, embedded_model_dir, CONFIG["datasets"]["sample"], seed=5)
-    cells = {cell["method"]: cell for cell in expand_matrix(validate(fresh_config()))}
+    cells = {cell.method: cell for cell in expand_matrix(validate(fresh_config()))}
     return {"work": work, "models": models_dir, "prompts": prompts, "cells": cells}
 
 
@@ -72,8 +74,13 @@ def ar_run(tiny):
     return out
 
 
-def cell_with(cell: dict, **changes) -> dict:
-    return json.loads(json.dumps(cell)) | changes
+def cell_file(path: Path, cell) -> Path:
+    """A cell file as the workflow's cell rule writes it, or raw JSON (`cell` a dict)."""
+    if isinstance(cell, dict):
+        path.write_text(json.dumps(cell))
+    else:
+        write_cell(cell, path)
+    return path
 
 
 def specdec_error(capsys, *argv: str) -> str:
@@ -87,10 +94,10 @@ def specdec_error(capsys, *argv: str) -> str:
     return lines[0]
 
 
-def run_error(capsys, tiny, tmp_path, cell: dict, prompts: Path | None = None) -> str:
+def run_error(capsys, tiny, tmp_path, cell, prompts: Path | None = None) -> str:
     """`specdec run` of a bad cell: the error line; nothing written to the out dir."""
     out = tmp_path / "out"
-    line = specdec_error(capsys, "run", "--cell-json", json.dumps(cell), "--prompts", str(prompts or tiny["prompts"]),
+    line = specdec_error(capsys, "run", "--cell", str(cell_file(tmp_path / "cell.json", cell)), "--prompts", str(prompts or tiny["prompts"]),
                          "--out-dir", str(out), "--models-dir", str(tiny["models"]))
     assert not any((out / name).exists() for name in OUTPUTS)
     return line
@@ -121,11 +128,20 @@ def test_config_error_names_the_key(capsys, tmp_path, key, value, bad):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"method": "beam"}, "cell key 'method': unknown method 'beam'"),
-    ({"placement": {"strategy": "sideways"}}, "unknown placement strategy 'sideways'"),
-], ids=["method", "strategy"])
-def test_cell_json_with_unknown_method_or_strategy_fails_before_loading(capsys, tiny, tmp_path, change, message):
-    assert message in run_error(capsys, tiny, tmp_path, cell_with(tiny["cells"]["ar"], **change))
+    ({"method": "beam"}, r"cell.json: $.method: 'beam' is not one of"),
+    ({"placement": {"strategy": "sideways"}}, "cell.json: $.placement"),
+    ({"gamma": 1000}, "cell.json: $.gamma: 1000 is greater than the maximum of 32"),
+    ("{}", "cell.json: $: 'experiment' is a required property"),
+], ids=["method", "strategy", "gamma", "empty"])
+def test_a_bad_cell_file_fails_before_loading_naming_the_key(capsys, tiny, tmp_path, change, message):
+    cell = {} if change == "{}" else tiny["cells"]["ar"].to_dict() | change
+    assert message in run_error(capsys, tiny, tmp_path, cell)
+
+
+def test_a_missing_cell_file_is_one_line(capsys, tiny, tmp_path):
+    line = specdec_error(capsys, "run", "--cell", str(tmp_path / "nope.json"), "--prompts", str(tiny["prompts"]),
+                         "--out-dir", str(tmp_path / "out"))
+    assert f"{tmp_path / 'nope.json'}: cannot read JSON" in line
 
 
 @pytest.mark.parametrize("name, content, spec, message", [
@@ -149,10 +165,8 @@ def test_bad_dataset_file_fails_naming_it(capsys, tiny, tmp_path, name, content,
     assert not out.exists() and not list(tmp_path.glob(".prompts.jsonl.*"))
 
 
-def local_target(tiny, path: Path) -> dict:
-    cell = cell_with(tiny["cells"]["ar"])
-    cell["models"]["smollm2"] = {"source": "local", "path": str(path), "dtype": "float32", "trust_remote_code": False}
-    return cell
+def local_target(tiny, path: Path):
+    return dataclasses.replace(tiny["cells"]["ar"], target=ModelSpec("smollm2", "local", path=str(path)))
 
 
 def test_missing_model_path_names_the_key(capsys, tiny, tmp_path):
@@ -185,9 +199,8 @@ def tiny_llama_with_own_vocabulary(folder: Path) -> None:
 
 def test_drafter_with_another_vocabulary_fails_before_decoding(capsys, tiny, tmp_path):
     tiny_llama_with_own_vocabulary(tmp_path / "tiny")
-    cell = cell_with(tiny["cells"]["speculative"], drafter="tiny", drafters={"tiny": {"kind": "model", "model": "tiny"}})
-    cell["models"]["tiny"] = {"source": "local", "path": str(tmp_path / "tiny"), "dtype": "float32", "trust_remote_code": False}
-    line = run_error(capsys, tiny, tmp_path, cell)
+    drafter = DrafterSpec("tiny", "model", model=ModelSpec("tiny", "local", path=str(tmp_path / "tiny")))
+    line = run_error(capsys, tiny, tmp_path, dataclasses.replace(tiny["cells"]["speculative"], drafter=drafter))
     assert "drafter tokenizer differs from the target's (3 vs 49152 tokens" in line
 
 
@@ -221,14 +234,14 @@ def test_decoding_failure_is_a_failed_result(monkeypatch, tiny, tmp_path, error)
     assert written == result and result["status"] == "failed" and result["metrics"] is None
     assert result["failure"]["type"] == type(error).__name__ and result["failure"]["phase"] == "measure"
     assert result["failure"]["message"] == str(error) and result["failure"]["memory_mb"] > 0
-    assert read_jsonl(tmp_path / "requests.jsonl") == []
+    assert read_requests(tmp_path / "requests.jsonl") == []
     row = failed_row(tmp_path)
     assert (row["status"], row["type"], row["phase"]) == ("failed", type(error).__name__, "measure")
 
 
 def test_cell_past_its_timeout_is_failed_and_the_cli_exits_0(capsys, tiny, tmp_path):
-    cell = cell_with(tiny["cells"]["speculative"], timeout_s=0.5)
-    code = cli.main(["run", "--cell-json", json.dumps(cell), "--prompts", str(tiny["prompts"]),
+    cell = dataclasses.replace(tiny["cells"]["speculative"], timeout_s=0.5)
+    code = cli.main(["run", "--cell", str(cell_file(tmp_path / "cell.json", cell)), "--prompts", str(tiny["prompts"]),
                      "--out-dir", str(tmp_path), "--models-dir", str(tiny["models"])])
     assert code == 0
     row = failed_row(tmp_path)
@@ -239,12 +252,17 @@ def test_cell_past_its_timeout_is_failed_and_the_cli_exits_0(capsys, tiny, tmp_p
 # --- 3. interruption -------------------------------------------------------------------------
 
 
+def long_cell(tiny):
+    """The AR cell over 60 requests."""
+    return dataclasses.replace(tiny["cells"]["ar"], load=Load(num_requests=60))
+
+
 def start_long_run(tiny, out: Path) -> tuple[subprocess.Popen, Path]:
     """`specdec run` of the AR cell over 60 requests, logging to a file; returns once it has
     decoded in its measured window for a second."""
-    cell = cell_with(tiny["cells"]["ar"], load={"mode": "closed", "num_prompts": 60})
+    cell = long_cell(tiny)
     log = out.parent / f"{out.name}.log"
-    command = [str(BIN / "specdec"), "run", "--cell-json", json.dumps(cell), "--prompts", str(tiny["prompts"]),
+    command = [str(BIN / "specdec"), "run", "--cell", str(cell_file(out.parent / f"{out.name}.cell.json", cell)), "--prompts", str(tiny["prompts"]),
                "--out-dir", str(out), "--models-dir", str(tiny["models"]), "--threads", "1"]
     environment = dict(os.environ, PYTHONPATH=str(REPO / "src"))
     process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=environment)
@@ -272,7 +290,7 @@ def test_sigterm_exits_143_and_records_where_it_stopped(tiny, tmp_path):
     assert_no_outputs(tmp_path / "out")
     interrupted = json.loads((tmp_path / "out" / "interrupted.json").read_text())
     assert interrupted["signal"] == "SIGTERM" and interrupted["phase"] == "measure"
-    assert interrupted["cell_id"] == f"rel/{tiny['cells']['ar']['cell']}"
+    assert interrupted["cell_id"] == long_cell(tiny).id and interrupted["status"] == "interrupted"
 
 
 def snakemake_command(*args: str) -> list[str]:
@@ -287,7 +305,7 @@ def test_snakemake_killed_mid_matrix_reruns_only_unfinished_jobs(tiny, tmp_path,
     (tmp_path / "results" / "prompts").mkdir(parents=True)
     shutil.copy(tiny["prompts"], tmp_path / "results" / "prompts" / "sample.jsonl")
     env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO / "src"))
-    ar, spec = (cell["cell"] for cell in expand_matrix(validate(fresh_config())))
+    ar, spec = (cell.name for cell in expand_matrix(validate(fresh_config())))
     spec_log = tmp_path / "logs" / "benchmark" / "rel" / f"{spec}.log"
     process = subprocess.Popen(snakemake_command(), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
@@ -323,7 +341,7 @@ def test_same_seed_same_prompts_and_arrivals(tiny, tmp_path, embedded_model_dir)
     assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
     prepare_dataset_file(spec, tokenizer, tmp_path / "c.jsonl", seed=12)
     assert (tmp_path / "a.jsonl").read_bytes() != (tmp_path / "c.jsonl").read_bytes()
-    load = {"mode": "open", "rate": 3.0, "arrival": "gamma", "burstiness": 0.5, "num_requests": 20}
+    load = Load("open", rate=3.0, arrival="gamma", burstiness=0.5, num_requests=20)
     assert arrival_times(load, 7) == arrival_times(load, 7) != arrival_times(load, 8)
 
 
@@ -338,7 +356,7 @@ def test_result_config_reruns_the_cell_alone_identically_without_leaking_secrets
         env=env, capture_output=True, text=True,
     )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    first, second = read_jsonl(ar_run / "requests.jsonl"), read_jsonl(tmp_path / "out" / "requests.jsonl")
+    first, second = read_requests(ar_run / "requests.jsonl"), read_requests(tmp_path / "out" / "requests.jsonl")
     assert [r["request_id"] for r in first] == [r["request_id"] for r in second]
     assert [r["output_ids"] for r in first] == [r["output_ids"] for r in second]
     assert all(len(r["output_ids"]) > 0 for r in second)
@@ -370,7 +388,6 @@ def test_trust_remote_code_is_passed_only_when_configured(monkeypatch, embedded_
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(auto, "from_pretrained", recording)
-    spec = {"source": "local", "path": str(embedded_model_dir), "dtype": "float32"}
-    load_model("smollm2", spec | ({"trust_remote_code": True} if trusted else {}), Path("unused"))
+    load_model(ModelSpec("smollm2", "local", path=str(embedded_model_dir), trust_remote_code=trusted), Path("unused"))
     assert {name for name, _ in seen} == {"AutoConfig", "AutoTokenizer", "AutoModelForCausalLM"}
     assert {flag for _, flag in seen} == {trusted}

@@ -12,6 +12,7 @@ import pytest
 from conftest import cell_inputs
 
 from specdec.config import expand_matrix, validate
+from specdec.records import write_cell
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -74,9 +75,11 @@ def test_model_code_runs_only_when_trusted_whatever_stdin_says(tmp_path, embedde
         "power": {"idle_s": 0},
     })
     [cell] = expand_matrix(config)
+    cell_file = tmp_path / "cell.json"
+    write_cell(cell, cell_file)
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"), HF_MODULES_CACHE=str(tmp_path / "modules"))
     run = subprocess.run(
-        [str(BIN / "specdec"), "run", "--cell-json", json.dumps(cell), "--prompts", str(prompts),
+        [str(BIN / "specdec"), "run", "--cell", str(cell_file), "--prompts", str(prompts),
          "--out-dir", str(tmp_path / "out"), "--models-dir", str(tmp_path / "models")],
         input=stdin, env=env, capture_output=True, text=True, timeout=300,
     )

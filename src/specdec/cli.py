@@ -26,8 +26,11 @@ def _prepare_dataset(args) -> int:
     from specdec.datasets import prepare_dataset_file
     from specdec.models import load_tokenizer, model_location
 
-    location, kwargs = model_location(args.model, json.loads(args.model_spec), Path(args.models_dir))
-    tokenizer = load_tokenizer(location, **kwargs)
+    from specdec.cells import ModelSpec
+
+    spec = ModelSpec(name=args.model, **json.loads(args.model_spec))
+    location, kwargs = model_location(spec, Path(args.models_dir))
+    tokenizer = load_tokenizer(location, spec.name, **kwargs)
     prepared = prepare_dataset_file(json.loads(args.spec), tokenizer, args.out, seed=args.seed, name=args.name)
     print(json.dumps(prepared.stats, indent=2, default=str))
     return 0

@@ -81,6 +81,11 @@ def accelerator() -> tuple[str | None, list[str]]:
     return torch.version.cuda, names
 
 
+# Besides torch and transformers: the libraries whose version can move a measurement or a
+# table. requirements.lock pins them all (a test checks these against it).
+PACKAGES = ("accelerate", "numpy", "pandas", "safetensors", "tokenizers", "snakemake", "jsonschema", "nvidia-ml-py")
+
+
 def collect_metadata(
     seed: int | None,
     started_at: datetime | str,
@@ -94,6 +99,7 @@ def collect_metadata(
         "python": platform.python_version(),
         "torch": _version("torch"),
         "transformers": _version("transformers"),
+        "packages": {name: _version(name) for name in PACKAGES},
         "cuda": cuda,
         "driver": nvidia_driver() if cuda else None,
         "devices": devices,

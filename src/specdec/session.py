@@ -72,7 +72,8 @@ def load_session(cell: Cell, models_dir: Path) -> Session:
     int8 = cell.drafter is not None and cell.drafter.dtype == "int8"
 
     def info(spec: ModelSpec, dtype: str) -> placement.ModelInfo:
-        return placement.model_info(models.model_location(spec, models_dir)[0], dtype, spec.name)
+        location, load_kwargs = models.model_location(spec, models_dir)
+        return placement.model_info(location, dtype, spec.name, **load_kwargs)
 
     plan = placement.plan_placement(
         cell.placement,

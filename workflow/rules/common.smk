@@ -1,3 +1,4 @@
+import json
 import shlex
 
 from snakemake.utils import validate
@@ -98,7 +99,8 @@ def reference_requests(wildcards):
 
 
 def reference_option(wildcards, input):
-    return f"--reference {shlex.quote(input.reference)}" if input.reference else ""
+    """`--reference PATH`, quoted: it goes into the benchmark's shell command as it is."""
+    return " ".join(f"--reference {shlex.quote(path)}" for path in input.reference)
 
 
 def benchmark_gpus(wildcards):
