@@ -18,12 +18,12 @@ import yaml
 from conftest import cell_inputs
 
 from specdec import cli, runner
-from specdec.aggregate import failed_table, runs_table
+from specdec.aggregate import failed_table, read_runs, runs_table
 from specdec.config import ConfigError, expand_matrix, validate
 from specdec.datasets import prepare_dataset_file
-from specdec.io import read_jsonl
 from specdec.load import arrival_times
 from specdec.models import ModelError, load_model, load_tokenizer
+from specdec.records import read_requests
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -204,7 +204,7 @@ def test_prompt_longer_than_the_context_names_request_and_limit(capsys, tiny, tm
 
 
 def failed_row(out: Path) -> dict:
-    rows = failed_table(runs_table([out / "result.json"]))
+    rows = failed_table(runs_table(read_runs([out / "result.json"])))
     assert len(rows) == 1
     return rows.iloc[0].to_dict()
 
@@ -221,7 +221,7 @@ def test_decoding_failure_is_a_failed_result(monkeypatch, tiny, tmp_path, error)
     assert written == result and result["status"] == "failed" and result["metrics"] is None
     assert result["failure"]["type"] == type(error).__name__ and result["failure"]["phase"] == "measure"
     assert result["failure"]["message"] == str(error) and result["failure"]["memory_mb"] > 0
-    assert read_jsonl(tmp_path / "requests.jsonl") == []
+    assert read_requests(tmp_path / "requests.jsonl") == []
     row = failed_row(tmp_path)
     assert (row["status"], row["type"], row["phase"]) == ("failed", type(error).__name__, "measure")
 
@@ -338,7 +338,7 @@ def test_result_config_reruns_the_cell_alone_identically_without_leaking_secrets
         env=env, capture_output=True, text=True,
     )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    first, second = read_jsonl(ar_run / "requests.jsonl"), read_jsonl(tmp_path / "out" / "requests.jsonl")
+    first, second = read_requests(ar_run / "requests.jsonl"), read_requests(tmp_path / "out" / "requests.jsonl")
     assert [r["request_id"] for r in first] == [r["request_id"] for r in second]
     assert [r["output_ids"] for r in first] == [r["output_ids"] for r in second]
     assert all(len(r["output_ids"]) > 0 for r in second)
