@@ -3,6 +3,7 @@
 Expected numbers are worked out by hand from the fixture's values.
 """
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,19 +11,23 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from specdec.metrics import bootstrap_ci
 from specdec.aggregate import (
-    NO_BASELINE,
-    ResultFileError,
-    SettingsError,
+    ExperimentError,
     aggregate_experiment,
     failed_table,
+    not_supported_table,
+    read_runs,
+    request_tables,
     runs_table,
-    summary_table,
 )
+from specdec.metrics import bootstrap_ci
+from specdec.records import RecordError, read_result, write_requests, write_result
+from specdec.summary import NO_BASELINE, SettingsError, summary_table
 
 FIXTURES = Path(__file__).parent / "fixtures" / "results"
 RESULTS = sorted((FIXTURES / "runs" / "demo").glob("*/result.json"))
+SPEC = "humaneval--speculative-int8-g4--b1-n16-t0-cpu"
+AR = "humaneval--ar--b1-n16-t0-cpu"
 
 
 def cell(summary: pd.DataFrame, name: str) -> pd.Series:
@@ -33,7 +38,7 @@ def cell(summary: pd.DataFrame, name: str) -> pd.Series:
 
 @pytest.fixture(scope="module")
 def runs():
-    return runs_table(RESULTS)
+    return runs_table(read_runs(RESULTS))
 
 
 @pytest.fixture(scope="module")
@@ -48,23 +53,34 @@ def test_bootstrap_ci_by_hand():
     assert bootstrap_ci([4.2]) == (4.2, 4.2)
 
 
+def test_every_fixture_validates_through_the_contract():
+    assert len(RESULTS) == 16
+    for path in RESULTS:
+        result, parsed = read_result(path)
+        assert (parsed.id, parsed.group_id) == (result["cell_id"], result["group_id"])
+        assert path.parent.name == parsed.name
+
+
 def test_runs_table_is_one_flat_row_per_run(runs):
-    assert len(runs) == len(RESULTS) == 14
-    row = runs[runs["cell"] == "humaneval--speculative-int8--g4-b1-n16-t0-cpu--r1"].iloc[0]
+    assert len(runs) == len(RESULTS) == 16
+    row = runs[runs["cell"] == f"{SPEC}--r1"].iloc[0]
     assert row["throughput_tok_s"] == 18.0
     assert row["ttft_s_p50"] == pytest.approx(0.1) and row["e2e_s_p99"] == pytest.approx(20 / 18)
     assert row["acceptance_rate"] == 0.7 and row["predicted_speedup"] == 1.6
     assert row["energy_j_per_token"] == 80.0 / 64
     assert row["meta_torch"] == "2.13.0" and row["placement_strategy"] == "cpu"
-    assert json.loads(row["acceptance_per_position"])[0]["position"] == 1
+    assert (row["cell_name"], row["group_id"], row["ar_group_id"]) == (SPEC, f"demo/{SPEC}", f"demo/{AR}")
+    assert (row["drafter"], row["gamma"], row["load"], row["method_label"]) == ("int8", 4, "closed", "speculative (int8)")
+    ar = runs[runs["cell"] == f"{AR}--r0"].iloc[0]
+    assert ar["gamma"] == 0 and pd.isna(ar["drafter"])
     # Energy not measured stays missing, never 0.
     ngram = runs[runs["method"] == "ngram"].iloc[0]
     assert not ngram["energy_available"] and pd.isna(ngram["energy_j_per_token"])
-    assert set(runs["status"]) == {"ok", "failed"}
+    assert set(runs["status"]) == {"ok", "failed", "not_supported"}
 
 
 def test_speedup_and_energy_ratio_against_matching_ar(summary):
-    spec = cell(summary, "humaneval--speculative-int8--g4-b1-n16-t0-cpu")
+    spec = cell(summary, SPEC)
     assert spec["n_repeats"] == 2
     # tokens/s 15 and 18: median 16.5, interval [15, 18].
     assert (spec["throughput_tok_s"], spec["throughput_tok_s_ci_low"]) == (16.5, 15.0)
@@ -79,36 +95,46 @@ def test_speedup_and_energy_ratio_against_matching_ar(summary):
     assert (spec["energy_ratio_ci_low"], spec["energy_ratio_ci_high"]) == pytest.approx(
         (0.625, 0.75)
     )
-    assert spec["baseline"] == "humaneval--ar--b1-n16-t0-cpu"
+    assert spec["baseline"] == AR
 
 
 def test_matching_respects_batch_size_load_and_repeat(summary):
     # Batch 4 is matched with AR batch 4 (30 tokens/s), not batch 1.
-    assert cell(summary, "humaneval--speculative-int8--g4-b4-n16-t0-cpu")["speedup"] == 1.2
-    # Open loop at 2/s is matched with AR at 2/s.
-    rate2 = cell(summary, "humaneval--speculative-int8--g4-b1-n16-t0-cpu-rate2")
-    assert rate2["baseline"] == "humaneval--ar--b1-n16-t0-cpu-rate2"
+    assert cell(summary, "humaneval--speculative-int8-g4--b4-n16-t0-cpu")["speedup"] == 1.2
+    # Open loop at 2/s is matched with AR at 2/s; at 1/s with the AR cell of as many requests.
+    rate2 = cell(summary, f"{SPEC}-rate2-poissonn4")
+    assert rate2["baseline"] == f"{AR}-rate2-poissonn4"
+    rate1 = cell(summary, f"{SPEC}-rate1-poissonn4")
+    assert (rate1["baseline"], rate1["speedup"]) == (f"{AR}-rate1-poissonn4", 1.5)
     # One repeat (r0): paired with AR r0 -> 13/10, interval is the value itself.
-    g2 = cell(summary, "humaneval--speculative-int8--g2-b1-n16-t0-cpu")
+    g2 = cell(summary, "humaneval--speculative-int8-g2--b1-n16-t0-cpu")
     assert (g2["n_repeats"], g2["speedup"], g2["speedup_ci_low"]) == (1, 1.3, 1.3)
+
+
+def test_open_loop_cells_that_differ_only_in_size_are_separate_rows(summary):
+    # Same rate and arrival, 4 and 8 requests: two cells, not two repeats of one.
+    n4, n8 = cell(summary, f"{AR}-rate1-poissonn4"), cell(summary, f"{AR}-rate1-poissonn8")
+    assert (n4["n_repeats"], n4["throughput_tok_s"]) == (1, 10.0)
+    assert (n8["n_repeats"], n8["throughput_tok_s"]) == (1, 11.0)
+    assert n4["load"] == n8["load"] == "open 1.0/s poisson"
 
 
 def test_unpaired_repeat_uses_ar_median(tmp_path):
     # AR 10, 12 (median 11); spec repeats 15, 18 and an extra r2 at 22 -> 1.5, 1.5, 2.0.
-    source = FIXTURES / "runs/demo/humaneval--speculative-int8--g4-b1-n16-t0-cpu--r0/result.json"
-    extra = json.loads(source.read_text())
-    extra["config"].update(repeat=2, cell=extra["config"]["cell"].replace("--r0", "--r2"))
+    extra, spec = read_result(FIXTURES / f"runs/demo/{SPEC}--r0/result.json")
+    spec = dataclasses.replace(spec, repeat=2)
+    extra.update(cell_id=spec.id, config=spec.to_dict())
     extra["metrics"]["throughput_tok_s"] = 22.0
     path = tmp_path / "result.json"
-    path.write_text(json.dumps(extra))
-    summary = summary_table(runs_table([*RESULTS, path]), n_resamples=500)
-    spec = cell(summary, "humaneval--speculative-int8--g4-b1-n16-t0-cpu")
+    write_result(path, extra)
+    summary = summary_table(runs_table(read_runs([*RESULTS, path])), n_resamples=500)
+    spec = cell(summary, SPEC)
     assert spec["n_repeats"] == 3 and spec["speedup"] == pytest.approx(1.5)
     assert spec["speedup_ci_high"] == pytest.approx(2.0)
 
 
 def test_no_ar_baseline_is_said_not_invented(summary, tmp_path):
-    mtbench = cell(summary, "mtbench--speculative-int8--g4-b1-n16-t0-cpu")
+    mtbench = cell(summary, "mtbench--speculative-int8-g4--b1-n16-t0-cpu")
     assert mtbench["baseline"] == NO_BASELINE
     assert pd.isna(mtbench["speedup"]) and pd.isna(mtbench["energy_ratio"])
     aggregate_experiment(RESULTS, tmp_path, "demo", n_resamples=200)
@@ -122,27 +148,33 @@ def test_failed_runs_have_their_own_table_and_stay_out_of_averages(runs, summary
     assert failed.to_dict("records") == [
         {
             "experiment": "demo",
-            "cell": "humaneval--ngram--g4-b1-n16-t0-cpu--r1",
+            "cell": "humaneval--ngram-ngram-g4--b1-n16-t0-cpu--r1",
             "status": "failed",
             "type": "OutOfMemoryError",
             "message": "CUDA out of memory",
             "phase": "decode",
         }
     ]
-    ngram = cell(summary, "humaneval--ngram--g4-b1-n16-t0-cpu")
+    ngram = cell(summary, "humaneval--ngram-ngram-g4--b1-n16-t0-cpu")
     # The failed r1 also claims 11 tokens/s; only r0 counts.
     assert (ngram["n_repeats"], ngram["n_failed"], ngram["repeats"]) == (1, 1, "0")
     assert "1 failed" in ngram["flags"]
 
 
+def test_not_supported_cells_have_their_own_table(runs, summary):
+    rows = not_supported_table(runs).to_dict("records")
+    assert [(r["cell"], r["status"], r["type"]) for r in rows] == [
+        ("humaneval--hf_assisted-int8-g4--b4-n16-t0-cpu--r0", "not_supported", "NotSupported")
+    ]
+    assert "batch size 1 only" in rows[0]["message"]
+    assert not summary["method"].eq("hf_assisted").any()
+    assert summary["n_failed"].sum() == 1  # the n-gram repeat only
+
+
 def test_repeats_that_disagree_are_flagged(runs):
     # AR 10 and 12 tokens/s: coefficient of variation 0.129.
-    strict = cell(
-        summary_table(runs, cv_threshold=0.1, n_resamples=100), "humaneval--ar--b1-n16-t0-cpu"
-    )
-    loose = cell(
-        summary_table(runs, cv_threshold=0.2, n_resamples=100), "humaneval--ar--b1-n16-t0-cpu"
-    )
+    strict = cell(summary_table(runs, cv_threshold=0.1, n_resamples=100), AR)
+    loose = cell(summary_table(runs, cv_threshold=0.2, n_resamples=100), AR)
     assert strict["unstable"] and "throughput_tok_s cv=0.13" in strict["flags"]
     assert not loose["unstable"]
 
@@ -151,24 +183,69 @@ def test_written_tables(tmp_path):
     written = aggregate_experiment(RESULTS, tmp_path, "demo", n_resamples=200)
     assert {p.name for paths in written.values() for p in paths} == {
         f"{stem}.{ext}"
-        for stem in ("runs", "summary", "failed", "run_info")
+        for stem in ("runs", "summary", "failed", "not_supported", "run_info")
         for ext in ("csv", "md", "html")
-    }
+    } | {f"{stem}.csv" for stem in ("requests", "itl", "positions", "power")}
     html = (tmp_path / "summary.html").read_text()
     assert "<style>" in html and '<table class="dataframe specdec">' in html
     md = (tmp_path / "summary.md").read_text()
-    spec = next(
-        r
-        for r in md.splitlines()
-        if r.startswith("| humaneval--speculative-int8--g4-b1-n16-t0-cpu ")
-    )
+    spec = next(r for r in md.splitlines() if r.startswith(f"| {SPEC} "))
     assert "16.5 [15, 18]" in spec and "0.688 [0.625, 0.75]" in spec
+    ar = next(r for r in md.splitlines() if r.startswith(f"| {AR} "))
+    assert ar.split("|")[3].strip() == "–"  # gamma of AR: a dash
     ngram = next(r for r in md.splitlines() if r.startswith("| humaneval--ngram"))
     assert "1.1 (n=1)" in ngram and "| –" in ngram  # energy: a dash, not 0
     csv = pd.read_csv(tmp_path / "summary.csv")
     assert csv["energy_j_per_token"].isna().sum() == len(csv) - 2  # AR b1 and spec g4 b1
     info = pd.read_csv(tmp_path / "run_info.csv").set_index("field")["value"]
-    assert info["runs"] == "14 (13 ok)" and info["transformers"] == "5.24.0"
+    assert info["runs"] == "16 (14 ok)" and info["transformers"] == "5.24.0"
+    assert "acceptance_per_position" not in pd.read_csv(tmp_path / "runs.csv")
+    assert "batch size 1 only" in (tmp_path / "not_supported.html").read_text()
+
+
+def test_tables_for_the_figures(tmp_path):
+    aggregate_experiment(RESULTS, tmp_path, "demo", n_resamples=100)
+    requests = pd.read_csv(tmp_path / "requests.csv")
+    # Four measured requests (warm-up left out) per ok run, none for failed ones.
+    assert len(requests) == 4 * 14 and "w#1" not in set(requests["request_id"])
+    spec = requests[requests["cell"] == f"{SPEC}--r0"]
+    assert list(spec["category"]) == ["code", "code", "writing", "writing"]
+    assert list(spec["accepted_tokens"]) == [8, 8, 4, 4] and set(spec["drafted_tokens"]) == {10}
+    assert spec["ttft_s"].tolist() == pytest.approx([0.1] * 4)
+    itl = pd.read_csv(tmp_path / "itl.csv")
+    assert len(itl) == 4 * 14 * 15  # 16 emissions per request
+    assert itl.loc[itl["cell"] == f"{SPEC}--r0", "itl_s"].tolist() == pytest.approx([1 / 15] * 60, abs=1e-5)
+    positions = pd.read_csv(tmp_path / "positions.csv")
+    g2 = positions[positions["cell_name"] == "humaneval--speculative-int8-g2--b1-n16-t0-cpu"]
+    assert g2[["position", "drafted", "accepted"]].values.tolist() == [[1, 10, 10], [2, 10, 6]]
+    assert positions["cell"].str.startswith("humaneval--ar").sum() == 0
+    power = pd.read_csv(tmp_path / "power.csv")
+    assert set(power["cell"]) == {f"{AR}--r0", f"{AR}--r1", f"{SPEC}--r0", f"{SPEC}--r1"}
+    assert list(power.columns) == ["cell", "cell_name", "repeat", "t_s", "phase", "device", "power_w"]
+
+
+def test_request_latencies_by_hand(tmp_path):
+    write_result(tmp_path / "result.json", read_result(FIXTURES / f"runs/demo/{AR}--r0/result.json")[0])
+    request = {
+        "request_id": "a#1",
+        "prompt_id": "a",
+        "category": None,
+        "turn": 1,
+        "warmup": False,
+        "prompt_tokens": 5,
+        "output_tokens": 6,
+        "arrival_s": 0.2,
+        "start_s": 0.2,
+        "first_token_s": 0.5,
+        "finish_s": 1.0,
+        "emissions": [[0.5, 1], [0.7, 3], [1.0, 2]],
+    }
+    write_requests(tmp_path / "requests.jsonl", [request])
+    requests, itl = request_tables(read_runs([tmp_path / "result.json"]))
+    row = requests.iloc[0]
+    assert row["ttft_s"] == pytest.approx(0.3) and row["e2e_s"] == pytest.approx(0.8)
+    assert row["tpot_s"] == pytest.approx(0.1) and pd.isna(row["drafted_tokens"])
+    assert itl["itl_s"].tolist() == pytest.approx([0.2, 0.3])
 
 
 def test_only_failed_runs_give_an_empty_summary(tmp_path):
@@ -177,6 +254,10 @@ def test_only_failed_runs_give_an_empty_summary(tmp_path):
     assert pd.read_csv(tmp_path / "summary.csv").empty
     assert "No successful runs" in (tmp_path / "summary.html").read_text()
     assert len(pd.read_csv(tmp_path / "failed.csv")) == 1
+    assert len(pd.read_csv(tmp_path / "not_supported.csv")) == 1
+    for stem in ("requests", "itl", "positions", "power"):
+        table = pd.read_csv(tmp_path / f"{stem}.csv")
+        assert table.empty and "cell" in table.columns
 
 
 def test_bad_input_names_the_file_and_key(tmp_path):
@@ -184,14 +265,22 @@ def test_bad_input_names_the_file_and_key(tmp_path):
     del broken["config"]["method"]
     path = tmp_path / "result.json"
     path.write_text(json.dumps(broken))
-    with pytest.raises(ResultFileError, match=r"result\.json: missing key 'config\.method'"):
-        runs_table([path])
+    with pytest.raises(RecordError, match=r"result\.json: \$\.config: 'method' is a required property"):
+        read_runs([path])
     path.write_text("{not json")
-    with pytest.raises(ResultFileError, match="cannot read result JSON"):
-        runs_table([path])
-    with pytest.raises(ResultFileError, match="no result files"):
-        runs_table([])
+    with pytest.raises(RecordError, match="result.json: cannot read JSON"):
+        read_runs([path])
+    with pytest.raises(ExperimentError, match="no result files"):
+        read_runs([])
     with pytest.raises(SettingsError, match=r"aggregate: unknown key\(s\) \['cv'\]"):
-        summary_table(runs_table(RESULTS[:1]), cv=0.2)
-    with pytest.raises(ResultFileError, match="include \\['demo'\\]"):
+        summary_table(runs_table(read_runs(RESULTS[:1])), cv=0.2)
+    with pytest.raises(ExperimentError, match=r"result\.json: not a result of experiment 'other'"):
         aggregate_experiment(RESULTS[:1], tmp_path, "other")
+
+
+def test_unreadable_power_samples_name_the_file(tmp_path):
+    source = FIXTURES / f"runs/demo/{AR}--r0"
+    write_result(tmp_path / "result.json", read_result(source / "result.json")[0])
+    (tmp_path / "power.csv").write_text("t_s,power_w\n0,1\n")
+    with pytest.raises(RecordError, match=r"power\.csv: missing column\(s\) \['device', 'phase'\]"):
+        aggregate_experiment([tmp_path / "result.json"], tmp_path / "tables", "demo", n_resamples=10)

@@ -6,35 +6,37 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
-from specdec.aggregate import SettingsError, aggregate_experiment
+from specdec.aggregate import aggregate_experiment
 from specdec.figures import (
     FIGURES,
+    TABLES,
     PlotData,
     acceptance_by_category,
+    acceptance_per_position,
     energy_per_token,
+    latency_cdf,
     latency_vs_rate,
     make_figures,
     plot_options,
     power_timeline,
-    request_latencies,
     speedup_vs_gamma,
 )
+from specdec.summary import SettingsError
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "results"
 RESULTS = sorted((FIXTURES / "runs" / "demo").glob("*/result.json"))
 
 
+def table_paths(out_dir: Path) -> dict[str, Path]:
+    return {name: out_dir / f"{name}.csv" for name in TABLES}
+
+
 def tables(results, out_dir: Path) -> PlotData:
     aggregate_experiment(results, out_dir, "demo", n_resamples=200)
-    return PlotData(
-        runs=pd.read_csv(out_dir / "runs.csv"),
-        summary=pd.read_csv(out_dir / "summary.csv"),
-        options=plot_options({}),
-    )
+    return PlotData.read(table_paths(out_dir))
 
 
 @pytest.fixture(scope="module")
@@ -59,18 +61,6 @@ def lines_of(fig) -> set[tuple]:
     }
 
 
-def test_request_latencies_by_hand():
-    request = {
-        "arrival_s": 0.2,
-        "first_token_s": 0.5,
-        "finish_s": 1.0,
-        "emissions": [[0.5, 1], [0.7, 3], [1.0, 2]],
-    }
-    latencies = request_latencies([request])
-    assert latencies["TTFT"] == pytest.approx([0.3]) and latencies["E2E"] == pytest.approx([0.8])
-    assert latencies["ITL"] == pytest.approx([0.2, 0.3])
-
-
 def test_speedup_figure_has_measured_points_and_leviathan_line(data):
     fig = speedup_vs_gamma(data)
     drawn = lines_of(fig)
@@ -90,6 +80,24 @@ def test_acceptance_by_category_pools_requests(data):
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["code", "writing"]
 
 
+def test_acceptance_per_position_pools_repeats(data):
+    drawn = lines_of(acceptance_per_position(data))
+    # gamma 2 (one repeat, rate 0.65): positions 1 and 2 accept 10 and 6 of 10 drafts.
+    assert ((1, 2), (1.0, 0.6)) in drawn
+
+
+def test_latency_cdf_pools_requests_and_gaps(data):
+    fig = latency_cdf(data)
+    ttft, itl, _ = fig.axes[:3]
+
+    def line(ax):
+        return next(ln for ln in ax.get_lines() if ln.get_label() == "ar · humaneval · b1 · closed")
+
+    # AR batch 1: two repeats of four requests, TTFT 0.1 s each, 15 emission gaps each.
+    assert line(ttft).get_xdata().tolist() == pytest.approx([100.0] * 8)
+    assert len(line(itl).get_xdata()) == 8 * 15
+
+
 def test_figures_without_data_say_why(data, closed_no_energy):
     _, subset = closed_no_energy
     assert "open-loop" in latency_vs_rate(subset)
@@ -102,12 +110,7 @@ def test_figures_without_data_say_why(data, closed_no_energy):
 def test_make_figures_writes_every_figure_as_png_and_svg(closed_no_energy, tmp_path):
     results, _ = closed_no_energy
     aggregate_experiment(results, tmp_path / "tables", "demo", n_resamples=200)
-    written = make_figures(
-        tmp_path / "tables/runs.csv",
-        tmp_path / "tables/summary.csv",
-        tmp_path / "figures",
-        {"dpi": 60},
-    )
+    written = make_figures(table_paths(tmp_path / "tables"), tmp_path / "figures", {"dpi": 60})
     assert sorted(p.name for p in written) == sorted(
         f"{name}.{ext}" for name in FIGURES for ext in ("png", "svg")
     )
@@ -130,10 +133,13 @@ def test_plot_options_are_checked():
 STUB_COMMON = """\
 from pathlib import Path
 
-RESULTS = "results"
+from specdec.records import read_result
 
-def run_results():
-    return sorted(str(p) for p in Path("results/runs").glob("*/*/result.json"))
+RESULTS = "results"
+CELLS = {
+    cell.id: cell
+    for cell in (read_result(p)[1] for p in Path("results/runs").glob("*/*/result.json"))
+}
 
 
 def experiments():
@@ -189,7 +195,7 @@ def test_report_rules_build_tables_figures_and_report(tmp_path):
     report = snakemake(tmp_path, "figures", "--report", "report.html")
     assert report.returncode == 0, report.stderr[-3000:]
     html = (tmp_path / "report.html").read_text()
-    for name in (*FIGURES, "summary", "failed", "run_info"):
+    for name in (*FIGURES, "summary", "failed", "not_supported", "run_info"):
         assert f"{name}.png" in html or f"{name}.html" in html, name
     assert "Leviathan et al. (2023)" in html  # a caption
 

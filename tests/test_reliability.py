@@ -19,7 +19,7 @@ import yaml
 from conftest import cell_inputs
 
 from specdec import cli, runner
-from specdec.aggregate import failed_table, runs_table
+from specdec.aggregate import failed_table, read_runs, runs_table
 from specdec.cells import DrafterSpec, Load, ModelSpec
 from specdec.config import ConfigError, expand_matrix, validate
 from specdec.datasets import prepare_dataset_file
@@ -217,7 +217,7 @@ def test_prompt_longer_than_the_context_names_request_and_limit(capsys, tiny, tm
 
 
 def failed_row(out: Path) -> dict:
-    rows = failed_table(runs_table([out / "result.json"]))
+    rows = failed_table(runs_table(read_runs([out / "result.json"])))
     assert len(rows) == 1
     return rows.iloc[0].to_dict()
 

@@ -3,9 +3,25 @@ import json
 
 import pytest
 
+from specdec.cells import Cell, DrafterSpec, Generation, Load, ModelSpec, Placement
 from specdec.metadata import collect_metadata
-from specdec.metrics import acceptance, summarize, theory
-from specdec.schema import ResultSchemaError, validate_result
+from specdec.metrics import acceptance, draft_length_shares, summarize, theory
+from specdec.records import RESULT_SCHEMA_VERSION, RecordError, validate
+
+CELL = Cell(
+    experiment="default",
+    dataset="humaneval",
+    target=ModelSpec(name="smollm2", source="embedded"),
+    method="speculative",
+    drafter=DrafterSpec(name="int8", kind="quantized", dtype="int8"),
+    gamma=2,
+    batch_size=1,
+    generation=Generation(max_new_tokens=64),
+    placement=Placement(strategy="cpu"),
+    load=Load(),
+    repeat=0,
+    seed=1234,
+)
 
 
 def request(rid, emissions, warmup=False):
@@ -22,16 +38,18 @@ def valid():
     records = [request("a#1", [[0.1, 1], [0.2, 3], [0.3, 1]]), request("b#1", [[0.2, 1]]),
                request("warmup:a#1", [[-0.5, 2]], warmup=True)]
     block = acceptance(records, gamma=2)
+    shares = draft_length_shares(block["per_position"], steps=block["target_forwards"])
     return {
-        "schema_version": 1,
-        "cell_id": "default/humaneval--spec-int8-g2--b1-n64-t0-cpu--r0",
+        "schema_version": RESULT_SCHEMA_VERSION,
+        "cell_id": CELL.id,
+        "group_id": CELL.group_id,
         "status": "ok",
-        "config": {"method": "speculative", "gamma": 2},
+        "config": CELL.to_dict(),
         "metrics": summarize(records),
         "acceptance": block,
-        "theory": theory(block["acceptance_rate"], 2, 0.3, 1.3),
+        "theory": theory(block["acceptance_rate"], 2, 0.3, 1.3, shares),
         "energy": {"available": False, "reason": "NVML: library not found"},
-        "correctness": {"checked": True, "reference": "default/humaneval--ar--b1-n64-t0-cpu--r0",
+        "correctness": {"checked": True, "reference": CELL.ar_counterpart().id,
                         "identical": True, "requests_compared": 2, "divergences": []},
         "failure": None,
         "metadata": collect_metadata(1234, "2026-01-02T03:04:05+00:00"),
@@ -46,25 +64,25 @@ def broken(valid, change):
 
 def test_valid_result_passes(valid):
     json.dumps(valid, allow_nan=False)
-    validate_result(valid)
+    validate("result", valid, "result.json")
 
 
 def test_wrong_type_names_the_path(valid):
     result = broken(valid, lambda r: r["metrics"]["ttft_s"].update(p50="fast"))
-    with pytest.raises(ResultSchemaError, match=r"\$\.metrics\.ttft_s\.p50"):
-        validate_result(result)
+    with pytest.raises(RecordError, match=r"\$\.metrics\.ttft_s\.p50"):
+        validate("result", result, "result.json")
 
 
 def test_missing_key_names_the_path(valid):
     result = broken(valid, lambda r: r["metrics"].pop("e2e_s"))
-    with pytest.raises(ResultSchemaError, match=r"\$\.metrics: 'e2e_s' is a required property"):
-        validate_result(result)
+    with pytest.raises(RecordError, match=r"\$\.metrics: 'e2e_s' is a required property"):
+        validate("result", result, "result.json")
 
 
 def test_unknown_metric_is_rejected(valid):
     result = broken(valid, lambda r: r["acceptance"]["per_position"][0].update(ratio=1))
-    with pytest.raises(ResultSchemaError, match=r"\$\.acceptance\.per_position\[0\]"):
-        validate_result(result, source="result.json")
+    with pytest.raises(RecordError, match=r"\$\.acceptance\.per_position\[0\]"):
+        validate("result", result, "result.json")
 
 
 def test_failed_result_with_null_metrics_passes(valid):
@@ -73,30 +91,40 @@ def test_failed_result_with_null_metrics_passes(valid):
                  failure={"type": "OutOfMemoryError", "message": "CUDA out of memory",
                           "phase": "decode", "memory_mb": 80000})
 
-    validate_result(broken(valid, fail))
+    validate("result", broken(valid, fail), "result.json")
+
+
+def test_not_supported_result_passes(valid):
+    def unsupported(r):
+        r.update(status="not_supported", metrics=None, acceptance=None, theory=None, correctness=None,
+                 failure={"type": "NotSupported", "message": "batch size 1 only", "phase": "measure"})
+
+    validate("result", broken(valid, unsupported), "result.json")
+    with pytest.raises(RecordError, match=r"\$\.status"):
+        validate("result", broken(valid, lambda r: r.update(status="interrupted")), "result.json")
 
 
 def test_failed_status_needs_a_failure(valid):
     result = broken(valid, lambda r: r.update(status="failed", metrics=None))
-    with pytest.raises(ResultSchemaError, match=r"\$\.failure"):
-        validate_result(result)
+    with pytest.raises(RecordError, match=r"\$\.failure"):
+        validate("result", result, "result.json")
 
 
 def test_ok_status_needs_metrics(valid):
-    with pytest.raises(ResultSchemaError, match=r"\$\.metrics"):
-        validate_result(broken(valid, lambda r: r.update(metrics=None)))
+    with pytest.raises(RecordError, match=r"\$\.metrics"):
+        validate("result", broken(valid, lambda r: r.update(metrics=None)), "result.json")
 
 
 def test_energy_branches(valid):
     measured = {"available": True, "method": "nvml_energy_counter", "energy_j": 12.5}
-    validate_result(broken(valid, lambda r: r.update(energy=measured)))
-    with pytest.raises(ResultSchemaError, match=r"\$\.energy: 'method' is a required"):
-        validate_result(broken(valid, lambda r: r.update(energy={"available": True})))
-    with pytest.raises(ResultSchemaError, match=r"\$\.energy: 'reason' is a required"):
-        validate_result(broken(valid, lambda r: r.update(energy={"available": False})))
+    validate("result", broken(valid, lambda r: r.update(energy=measured)), "result.json")
+    with pytest.raises(RecordError, match=r"\$\.energy: 'method' is a required"):
+        validate("result", broken(valid, lambda r: r.update(energy={"available": True})), "result.json")
+    with pytest.raises(RecordError, match=r"\$\.energy: 'reason' is a required"):
+        validate("result", broken(valid, lambda r: r.update(energy={"available": False})), "result.json")
 
 
 def test_bad_metadata_commit_is_rejected(valid):
     result = broken(valid, lambda r: r["metadata"].update(git_commit="not-a-sha"))
-    with pytest.raises(ResultSchemaError, match=r"\$\.metadata\.git_commit"):
-        validate_result(result)
+    with pytest.raises(RecordError, match=r"\$\.metadata\.git_commit"):
+        validate("result", result, "result.json")

@@ -1,329 +1,188 @@
-"""Tables from benchmark result files: one tidy row per run, per-cell summaries, failures.
+"""Reads one experiment's result files through the record contract into tidy tables and
+writes all of them (`aggregate_experiment`); never loads a model.
 
-Reads only `result.json` files (docs/contracts.md); never loads a model. A *cell* is a
-configuration without its repeat index; its repeats are summarised by the median with a
-bootstrap confidence interval, and speculative cells are compared with the AR cell that
-shares every setting except the decoding method.
+Every `result.json` is read with `records.read_result` (the writer's schema) and its typed
+cell is flattened into columns. Beside the runs table, the per-request, per-emission-gap,
+per-draft-position and power tables hold what the figures draw, so that `specdec.figures`
+reads only declared tables. Statistics are `specdec.summary`'s, rendering `specdec.tables`'.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import re
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-import numpy as np
 import pandas as pd
 
-from specdec.io import atomic_open
-from specdec.metrics import bootstrap_ci, coefficient_of_variation
+from specdec.cells import Cell, Load
+from specdec.metrics import e2e, emission_gaps, measured, queueing_delay, request_tokens_per_s, tpot, ttft
+from specdec.records import RecordError, Status, read_requests, read_result
+from specdec.summary import DEFAULT_SETTINGS, merge_settings, summary_table
+from specdec.tables import DASH, display_summary, write_csv, write_table
 
-DIST_METRICS = ("ttft_s", "tpot_s", "itl_s", "e2e_s", "queue_s", "request_tok_s")
+DIST_METRICS = ("ttft_s", "tpot_s", "itl_s", "itl_token_s", "e2e_s", "queue_s", "request_tok_s")
 DIST_FIELDS = ("mean", "p50", "p90", "p99", "count")
-LOAD_FIELDS = ("mode", "rate", "arrival", "burstiness", "num_requests", "num_prompts", "duration_s")
-# Configuration keys copied into the tidy table as they are.
-CONFIG_KEYS = (
-    "experiment",
-    "cell",
-    "dataset",
-    "target",
-    "method",
-    "drafter",
-    "gamma",
-    "batch_size",
-    "max_new_tokens",
-    "temperature",
-    "top_k",
-    "top_p",
-    "repeat",
-    "seed",
-    "warmup",
+# A run in the per-run tables below; `cell` joins them with the runs table.
+RUN_KEYS = ("cell", "cell_name", "repeat")
+REQUEST_COUNTS = ("drafted_tokens", "accepted_tokens", "target_forwards")
+REQUEST_FIELDS = ("request_id", "prompt_id", "category", "turn", "prompt_tokens", "output_tokens")
+REQUEST_COLUMNS = (
+    *RUN_KEYS,
+    *REQUEST_FIELDS,
+    "ttft_s",
+    "tpot_s",
+    "e2e_s",
+    "queue_s",
+    "request_tok_s",
+    *REQUEST_COUNTS,
 )
-# Everything that makes a cell what it is, except the repeat (and its seed).
-CELL_KEYS = (
-    *(k for k in CONFIG_KEYS if k not in ("cell", "repeat", "seed", "warmup")),
-    "placement_strategy",
-    "load",
-)
-# The AR baseline of a cell differs from it only in the decoding method.
-AR_MATCH_KEYS = tuple(k for k in CELL_KEYS if k not in ("method", "drafter", "gamma"))
-# Per-cell statistics: tidy column -> display heading (latencies shown in ms).
-SUMMARY_METRICS = {
-    "throughput_tok_s": "tokens/s",
-    "speedup": "speedup",
-    "predicted_speedup": "predicted speedup",
-    "ttft_s_p50": "TTFT p50 (ms)",
-    "ttft_s_p99": "TTFT p99 (ms)",
-    "tpot_s_p50": "TPOT p50 (ms)",
-    "tpot_s_p99": "TPOT p99 (ms)",
-    "itl_s_p50": "ITL p50 (ms)",
-    "itl_s_p99": "ITL p99 (ms)",
-    "e2e_s_p50": "E2E p50 (ms)",
-    "e2e_s_p99": "E2E p99 (ms)",
-    "acceptance_rate": "acceptance",
-    "mean_accepted_length": "mean accepted length",
-    "energy_j_per_token": "energy (J/token)",
-    "energy_ratio": "energy ratio",
-}
-RATIOS = {"speedup": "throughput_tok_s", "energy_ratio": "energy_j_per_token"}
-# Repeats are checked for agreement on these metrics.
-STABILITY_METRICS = ("throughput_tok_s", "ttft_s_p50", "e2e_s_p50")
-SUMMARY_COLUMNS = [
-    *CELL_KEYS,
-    "load_mode",
-    "load_rate",
-    "cell",
-    "method_label",
-    "n_repeats",
-    "repeats",
-    *(f"{m}{suffix}" for m in SUMMARY_METRICS for suffix in ("", "_ci_low", "_ci_high")),
-    "baseline",
-    *(f"{m}_cv" for m in STABILITY_METRICS),
-    "unstable",
-    "n_failed",
-    "flags",
-]
-NO_BASELINE = "no AR baseline"
-DASH = "–"
-DEFAULT_SETTINGS = {"cv_threshold": 0.1, "confidence": 0.95, "n_resamples": 10000, "seed": 0}
+ITL_COLUMNS = (*RUN_KEYS, "request_id", "itl_s")
+POSITION_COLUMNS = (*RUN_KEYS, "position", "drafted", "accepted", "rate")
+POWER_SAMPLE_COLUMNS = ("t_s", "phase", "device", "power_w")  # of power.PowerMonitor.write_timeline
+POWER_COLUMNS = (*RUN_KEYS, *POWER_SAMPLE_COLUMNS)
+STATUS_COLUMNS = ("experiment", "cell", "status", "failure_type", "failure_message", "failure_phase")
 
 
-class ResultFileError(ValueError):
-    """A result file that cannot be read as the contract describes."""
+class ExperimentError(ValueError):
+    """Result files that do not make one experiment's tables: none, or another experiment's."""
 
 
-class SettingsError(ValueError):
-    """An unknown or ill-typed key in a configuration section (`aggregate:`, `plots:`)."""
+@dataclass(frozen=True)
+class Run:
+    """One validated result file and its cell."""
+
+    path: Path
+    result: dict
+    cell: Cell
+
+    @property
+    def ok(self) -> bool:
+        return self.result["status"] == Status.OK.value
+
+    @property
+    def keys(self) -> dict[str, Any]:
+        return {"cell": self.cell.name, "cell_name": self.cell.group, "repeat": self.cell.repeat}
+
+    def beside(self, name: str) -> Path:
+        return self.path.parent / name
 
 
-# --- reading -------------------------------------------------------------------------------
+def read_runs(paths: Iterable[str | Path]) -> list[Run]:
+    runs = [Run(Path(path), *read_result(path)) for path in paths]
+    if not runs:
+        raise ExperimentError("no result files given to aggregate")
+    return runs
 
 
-def load_result(path: str | Path) -> dict:
-    """One result.json, checked for the keys aggregation relies on."""
-    path = Path(path)
-    try:
-        result = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ResultFileError(f"{path}: cannot read result JSON: {err}") from err
-    if not isinstance(result, dict):
-        raise ResultFileError(f"{path}: a result must be a JSON object")
-    for key in ("status", "config", "metrics"):
-        if key not in result:
-            raise ResultFileError(f"{path}: missing key {key!r}")
-    for key in ("experiment", "cell", "method", "repeat"):
-        if key not in result["config"]:
-            raise ResultFileError(f"{path}: missing key 'config.{key}'")
-    if result["status"] not in ("ok", "failed", "interrupted"):
-        raise ResultFileError(f"{path}: unknown status {result['status']!r}")
-    return result
+# --- the runs table ------------------------------------------------------------------------
 
 
-def flatten_result(result: dict, path: str | Path = "") -> dict[str, Any]:
-    """One tidy row: config keys, DIST fields as `{metric}_{field}`, acceptance, energy, memory..."""
-    config, metrics = result["config"], result.get("metrics") or {}
-    row: dict[str, Any] = {"path": str(path), "status": result["status"]}
-    for key in CONFIG_KEYS:
-        row[key] = config.get(key)
-    row["placement_strategy"] = (config.get("placement") or {}).get("strategy")
-    load = config.get("load") or {}
-    row["load"] = load_label(load)
-    row.update({f"load_{key}": load.get(key) for key in LOAD_FIELDS})
-    for key, value in metrics.items():
+def load_label(load: Load) -> str:
+    """A short name for a load setting, e.g. `closed` or `open 2.0/s poisson`; the cell's
+    name tells apart loads that differ in size (`num_requests`, `duration_s`)."""
+    if not load.is_open:
+        return "closed"
+    parts = [f"open {load.rate}/s", load.arrival]
+    if load.arrival == "gamma":
+        parts.append(f"cv{load.burstiness}")
+    return " ".join(parts)
+
+
+def method_label(cell: Cell) -> str:
+    return f"{cell.method} ({cell.drafter.name})" if cell.drafter else cell.method
+
+
+def cell_columns(cell: Cell) -> dict[str, Any]:
+    """The typed cell as flat columns; `gamma` is 0 for AR, `drafter` its name or None."""
+    placement = cell.placement
+    return {
+        "experiment": cell.experiment,
+        "cell": cell.name,
+        "cell_name": cell.group,
+        "cell_id": cell.id,
+        "group_id": cell.group_id,
+        "ar_group_id": cell.ar_counterpart().group_id,
+        "dataset": cell.dataset,
+        "target": cell.target.name,
+        "method": cell.method,
+        "method_label": method_label(cell),
+        "drafter": cell.drafter.name if cell.drafter else None,
+        "gamma": cell.gamma,
+        "batch_size": cell.batch_size,
+        **asdict(cell.generation),
+        "repeat": cell.repeat,
+        "seed": cell.seed,
+        "warmup": cell.warmup,
+        "placement_strategy": placement.strategy,
+        # GPUs of the target x the drafter
+        "placement_ratio": "{}x{}".format(*placement.ratio) if placement.ratio else None,
+        "placement_gpus": placement.gpus,
+        "placement_max_memory_fraction": placement.max_memory_fraction,
+        "load": load_label(cell.load),
+        **{f"load_{key}": value for key, value in asdict(cell.load).items()},
+    }
+
+
+def flatten_result(run: Run) -> dict[str, Any]:
+    """One tidy row: the cell's columns, DIST fields as `{metric}_{field}`, acceptance,
+    theory, energy, memory, correctness, failure and `meta_*`."""
+    result = run.result
+    row: dict[str, Any] = {"path": str(run.path), "status": result["status"], **cell_columns(run.cell)}
+    for key, value in (result["metrics"] or {}).items():
         if key in DIST_METRICS:
-            row.update({f"{key}_{field}": (value or {}).get(field) for field in DIST_FIELDS})
+            row.update({f"{key}_{field}": value[field] for field in DIST_FIELDS})
         else:
             row[key] = value
-    row.update(_acceptance_fields(result.get("acceptance")))
-    theory = result.get("theory") or {}
+    acceptance = result["acceptance"] or {}
+    row.update({key: acceptance.get(key) for key in (*REQUEST_COUNTS, "acceptance_rate", "mean_accepted_length")})
+    theory = result["theory"] or {}
     row["predicted_speedup"] = theory.get("predicted_speedup")
-    row["theory_alpha"] = theory.get("alpha")
-    row["theory_cost_ratio"] = theory.get("cost_ratio")
-    row.update(_energy_fields(result.get("energy") or {}))
+    row.update({f"theory_{key}": theory.get(key) for key in ("alpha", "cost_ratio", "longest_draft")})
+    row.update(_energy_fields(result["energy"]))
     memory = result.get("memory") or {}
     row.update({f"memory_{key}": memory.get(key) for key in ("device", "weights_mb", "peak_mb", "peak_over_needed", "growth_over_needed")})
-    correctness = result.get("correctness") or {}
-    row["correctness_identical"] = correctness.get("identical")
-    failure = result.get("failure") or {}
+    row["correctness_identical"] = (result["correctness"] or {}).get("identical")
+    failure = result["failure"] or {}
     row.update({f"failure_{key}": failure.get(key) for key in ("type", "message", "phase")})
-    for key, value in (result.get("metadata") or {}).items():
-        row[f"meta_{key}"] = ", ".join(map(str, value)) if isinstance(value, list) else value
+    for key, value in result["metadata"].items():
+        # The GPU lease and device maps (`placement`) are nested; they stay in result.json.
+        if not isinstance(value, dict):
+            row[f"meta_{key}"] = ", ".join(map(str, value)) if isinstance(value, list) else value
     return row
-
-
-def _acceptance_fields(acceptance: dict | None) -> dict[str, Any]:
-    acceptance = acceptance or {}
-    fields = {
-        key: acceptance.get(key)
-        for key in (
-            "drafted_tokens",
-            "accepted_tokens",
-            "target_forwards",
-            "acceptance_rate",
-            "mean_accepted_length",
-        )
-    }
-    # Kept as JSON text so that the tidy table stays flat and round-trips through CSV.
-    fields["acceptance_per_position"] = json.dumps(acceptance.get("per_position") or [])
-    return fields
 
 
 def _energy_fields(energy: dict) -> dict[str, Any]:
     """Energy stays missing (never 0) unless the run measured it."""
-    available = bool(energy.get("available"))
-    total = energy.get("gross_j") if available else None
-    per_token = energy["per_output_token_j"]["gross"] if available else None
+    available = energy["available"]
     return {
         "energy_available": available,
         "energy_method": energy.get("method"),
         "energy_reason": energy.get("reason"),
-        "energy_j": total,
-        "energy_j_per_token": per_token,
+        "energy_j": energy.get("gross_j") if available else None,
+        "energy_j_per_token": energy["per_output_token_j"]["gross"] if available else None,
     }
 
 
-def load_label(load: dict) -> str:
-    """A short, stable name for a load setting, e.g. `closed` or `open 2/s poisson`."""
-    if not load or load.get("mode", "closed") == "closed":
-        return "closed"
-    parts = [f"open {load.get('rate')}/s", str(load.get("arrival", "poisson"))]
-    if load.get("arrival") == "gamma":
-        parts.append(f"cv{load.get('burstiness')}")
-    return " ".join(parts)
-
-
-def runs_table(paths: Iterable[str | Path]) -> pd.DataFrame:
+def runs_table(runs: Sequence[Run]) -> pd.DataFrame:
     """One row per result file (every status)."""
-    rows = [flatten_result(load_result(path), path) for path in paths]
-    if not rows:
-        raise ResultFileError("no result files given to aggregate")
-    runs = pd.DataFrame(rows)
-    runs["cell_name"] = runs["cell"].map(cell_name)
-    runs["method_label"] = [method_label(m, d) for m, d in zip(runs["method"], runs["drafter"])]
-    return runs.sort_values(["experiment", "cell"], kind="stable").reset_index(drop=True)
+    table = pd.DataFrame([flatten_result(run) for run in runs])
+    return table.sort_values(["experiment", "cell"], kind="stable").reset_index(drop=True)
 
 
-def results_of_experiment(paths: Iterable[str], experiment: str) -> list[str]:
-    """The paths `results/runs/{experiment}/{cell}/result.json` that belong to `experiment`."""
-    return [p for p in paths if Path(p).parent.parent.name == experiment]
-
-
-def cell_name(cell: str) -> str:
-    """The cell's name without its repeat suffix (`...--r0`)."""
-    return re.sub(r"--r\d+$", "", cell)
-
-
-def method_label(method: str, drafter: Any) -> str:
-    return f"{method} ({drafter})" if isinstance(drafter, str) and drafter else method
-
-
-# --- statistics ----------------------------------------------------------------------------
-
-
-def _key(frame: pd.DataFrame, keys: Sequence[str]) -> pd.Series:
-    """A hashable key per row that treats missing values (AR's gamma, drafter) as equal."""
-    return (
-        frame[list(keys)]
-        .astype(object)
-        .where(frame[list(keys)].notna(), None)
-        .apply(lambda row: json.dumps(list(row), default=str), axis=1)
-    )
-
-
-def _paired_ratios(cell: pd.DataFrame, baseline: pd.DataFrame, column: str) -> np.ndarray:
-    """Per-repeat ratios cell/baseline; a repeat without a partner uses the baseline median."""
-    base = baseline.dropna(subset=[column]).set_index("repeat")[column]
-    if base.empty:
-        return np.array([])
-    ratios = [
-        value / base.get(repeat, base.median())
-        for repeat, value in zip(cell["repeat"], cell[column])
-        if not pd.isna(value)
-    ]
-    return np.asarray(ratios, dtype=float)
-
-
-def merge_settings(given: dict | None, defaults: dict, section: str) -> dict:
-    """`defaults` updated with `given`; an unknown key is an error naming the config section."""
-    given = dict(given or {})
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        raise SettingsError(f"{section}: unknown key(s) {unknown}; known: {sorted(defaults)}")
-    for key, value in given.items():
-        expected = type(defaults[key])
-        if not isinstance(value, expected) and not (expected is float and isinstance(value, int)):
-            raise SettingsError(f"{section}.{key}: expected {expected.__name__}, got {value!r}")
-    return {**defaults, **given}
-
-
-def summary_table(runs: pd.DataFrame, **settings: Any) -> pd.DataFrame:
-    """One row per cell of the successful runs: medians, CIs, ratios to AR, stability flags."""
-    settings = merge_settings(settings, DEFAULT_SETTINGS, "aggregate")
-    runs = runs.assign(_cell=_key(runs, CELL_KEYS), _match=_key(runs, AR_MATCH_KEYS))
-    ok = runs[runs["status"] == "ok"]
-    failures = runs[runs["status"] != "ok"]["_cell"].value_counts()
-    baselines = {match: group for match, group in ok[ok["method"] == "ar"].groupby("_match")}
-    rows = []
-    for _, cell in ok.groupby("_cell", sort=False):
-        baseline = baselines.get(cell["_match"].iloc[0])
-        row = _summarise_cell(cell, baseline, settings)
-        row["n_failed"] = int(failures.get(cell["_cell"].iloc[0], 0))
-        if row["n_failed"]:
-            row["flags"] = "; ".join(filter(None, [row["flags"], f"{row['n_failed']} failed"]))
-        rows.append(row)
-    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
-
-
-def _summarise_cell(cell: pd.DataFrame, baseline: pd.DataFrame | None, settings: dict) -> dict:
-    first = cell.iloc[0]
-    row: dict[str, Any] = {key: first[key] for key in (*CELL_KEYS, "load_mode", "load_rate")}
-    row.update(
-        cell=first["cell_name"],
-        method_label=first["method_label"],
-        n_repeats=len(cell),
-        repeats=", ".join(map(str, sorted(cell["repeat"]))),
-    )
-    for metric in SUMMARY_METRICS:
-        if metric in RATIOS:
-            values = _paired_ratios(cell, baseline, RATIOS[metric]) if baseline is not None else []
-        else:
-            values = _numeric(cell, metric).dropna().to_numpy()
-        ci_settings = {k: settings[k] for k in ("confidence", "n_resamples", "seed")}
-        low, high = bootstrap_ci(values, np.median, **ci_settings) if len(values) else (math.nan, math.nan)
-        row[metric] = float(np.median(values)) if len(values) else math.nan
-        row[f"{metric}_ci_low"], row[f"{metric}_ci_high"] = low, high
-    row["baseline"] = NO_BASELINE if baseline is None else baseline["cell_name"].iloc[0]
-    unstable = []
-    for metric in STABILITY_METRICS:
-        cv = coefficient_of_variation(_numeric(cell, metric).dropna())
-        row[f"{metric}_cv"] = math.nan if cv is None else cv
-        if cv is not None and cv > settings["cv_threshold"]:
-            unstable.append(f"{metric} cv={cv:.2f}")
-    row["unstable"] = bool(unstable)
-    row["flags"] = "; ".join(unstable)
-    return row
-
-
-def _numeric(frame: pd.DataFrame, column: str) -> pd.Series:
-    """A column as floats; all missing when no run reported it."""
-    if column not in frame:
-        return pd.Series(math.nan, index=frame.index)
-    return pd.to_numeric(frame[column], errors="coerce")
+def _status_table(runs: pd.DataFrame, status: Status) -> pd.DataFrame:
+    """Runs of one status with the failure the runner recorded."""
+    rows = runs.loc[runs["status"] == status.value, list(STATUS_COLUMNS)]
+    return rows.rename(columns=lambda c: c.removeprefix("failure_")).reset_index(drop=True)
 
 
 def failed_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Runs whose status is not ok, with the failure the runner recorded."""
-    failed = runs[runs["status"] != "ok"]
-    columns = ["experiment", "cell", "status", "failure_type", "failure_message", "failure_phase"]
-    return (
-        failed[columns]
-        .rename(
-            columns={"failure_type": "type", "failure_message": "message", "failure_phase": "phase"}
-        )
-        .reset_index(drop=True)
-    )
+    return _status_table(runs, Status.FAILED)
+
+
+def not_supported_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Cells the engine cannot run (e.g. transformers' assisted generation above batch 1)."""
+    return _status_table(runs, Status.NOT_SUPPORTED)
 
 
 RUN_INFO_FIELDS = {
@@ -363,115 +222,88 @@ def run_info_table(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["field", "value"])
 
 
-# --- presentation --------------------------------------------------------------------------
+# --- per-run tables for the figures --------------------------------------------------------
 
 
-def display_summary(summary: pd.DataFrame) -> pd.DataFrame:
-    """The summary as text for people: `median [low, high]`, ms for latencies, dashes."""
-    shown = pd.DataFrame(
-        {
-            "cell": summary["cell"],
-            "method": summary["method_label"],
-            "gamma": summary["gamma"].map(_format_int),
-            "dataset": summary["dataset"],
-            "batch": summary["batch_size"].map(_format_int),
-            "load": summary["load"],
-            "n": summary["n_repeats"],
-        }
-    )
-    for metric, heading in SUMMARY_METRICS.items():
-        scale = 1000.0 if heading.endswith("(ms)") else 1.0
-        shown[heading] = [
-            _format_estimate(row, metric, scale, no_baseline=metric in RATIOS)
-            for _, row in summary.iterrows()
-        ]
-    shown["flags"] = summary["flags"].replace("", DASH)
-    return shown
+def request_tables(runs: Sequence[Run]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Every measured request of the ok runs (latencies as `specdec.metrics` defines them)
+    and every gap between successive emissions of one (ITL)."""
+    requests, gaps = [], []
+    for run in runs:
+        path = run.beside("requests.jsonl")
+        # Only ok runs measured requests; one copied back without its requests.jsonl adds none.
+        records = measured(read_requests(path)) if run.ok and path.is_file() else []
+        for record in records:
+            requests.append(
+                {
+                    **run.keys,
+                    **{key: record[key] for key in REQUEST_FIELDS},
+                    "ttft_s": ttft(record),
+                    "tpot_s": tpot(record),
+                    "e2e_s": e2e(record),
+                    "queue_s": queueing_delay(record),
+                    "request_tok_s": request_tokens_per_s(record),
+                    **{key: record.get(key) for key in REQUEST_COUNTS},
+                }
+            )
+            gaps += [{**run.keys, "request_id": record["request_id"], "itl_s": gap} for gap in emission_gaps(record)]
+    return pd.DataFrame(requests, columns=REQUEST_COLUMNS), pd.DataFrame(gaps, columns=ITL_COLUMNS)
 
 
-def _format_int(value: Any) -> str:
-    return DASH if pd.isna(value) else str(int(value))
+def positions_table(runs: Sequence[Run]) -> pd.DataFrame:
+    """Drafted and accepted tokens per draft position of each ok run (`acceptance.per_position`)."""
+    rows = [
+        {**run.keys, **entry}
+        for run in runs
+        if run.ok
+        for entry in (run.result["acceptance"] or {}).get("per_position", [])
+    ]
+    return pd.DataFrame(rows, columns=POSITION_COLUMNS)
 
 
-def _format_estimate(row: pd.Series, metric: str, scale: float, no_baseline: bool) -> str:
-    if no_baseline and row["baseline"] == NO_BASELINE:
-        return NO_BASELINE
-    value = row[metric]
-    if pd.isna(value):
-        return DASH
-    if row["n_repeats"] == 1:
-        return f"{_number(value * scale)} (n=1)"
-    low, high = row[f"{metric}_ci_low"] * scale, row[f"{metric}_ci_high"] * scale
-    return f"{_number(value * scale)} [{_number(low)}, {_number(high)}]"
+def _power_samples(path: Path) -> pd.DataFrame:
+    try:
+        samples = pd.read_csv(path)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise RecordError(f"{path}: cannot read power samples: {err}") from None
+    missing = sorted(set(POWER_SAMPLE_COLUMNS) - set(samples.columns))
+    if missing:
+        raise RecordError(f"{path}: missing column(s) {missing}")
+    return samples[list(POWER_SAMPLE_COLUMNS)]
 
 
-def _number(value: float) -> str:
-    """Three significant digits without scientific notation for large values."""
-    return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.3g}"
+def power_table(runs: Sequence[Run]) -> pd.DataFrame:
+    """The power samples (`power.csv`) of each ok run that has them; headers only when none."""
+    frames = [
+        _power_samples(path).assign(**run.keys)
+        for run in runs
+        if run.ok and (path := run.beside("power.csv")).is_file()
+    ]
+    return pd.concat(frames, ignore_index=True)[list(POWER_COLUMNS)] if frames else pd.DataFrame(columns=POWER_COLUMNS)
 
 
-CSS = """
-body { font-family: system-ui, sans-serif; font-size: 13px; color: #222; margin: 1em; }
-h1 { font-size: 16px; }
-table.specdec { border-collapse: collapse; }
-table.specdec th, table.specdec td { padding: 3px 8px; border-bottom: 1px solid #ddd;
-  text-align: right; white-space: nowrap; }
-table.specdec th { background: #f3f3f3; position: sticky; top: 0; }
-table.specdec td:first-child, table.specdec th:first-child { text-align: left; }
-table.specdec tr:hover td { background: #fafae0; }
-p.note { color: #555; }
-"""
-
-
-def write_table(
-    table: pd.DataFrame,
-    stem: str | Path,
-    title: str,
-    shown: pd.DataFrame | None = None,
-    note: str = "",
-    empty: str = "No rows.",
-) -> list[Path]:
-    """`stem`.csv holds `table`; `stem`.md and `stem`.html hold `shown` (default: `table`)."""
-    stem = Path(stem)
-    shown = table if shown is None else shown
-    paths = [stem.with_suffix(ext) for ext in (".csv", ".md", ".html")]
-    with atomic_open(paths[0]) as handle:
-        table.to_csv(handle, index=False)
-    body_md = shown.to_markdown(index=False) if len(shown) else f"_{empty}_"
-    with atomic_open(paths[1]) as handle:
-        handle.write(f"# {title}\n\n{note + chr(10) + chr(10) if note else ''}{body_md}\n")
-    body_html = (
-        shown.to_html(index=False, classes="specdec", border=0, na_rep=DASH)
-        if len(shown)
-        else f"<p>{empty}</p>"
-    )
-    note_html = f'<p class="note">{note}</p>' if note else ""
-    with atomic_open(paths[2]) as handle:
-        handle.write(
-            f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{title}</title>"
-            f"<style>{CSS}</style></head><body><h1>{title}</h1>{note_html}{body_html}"
-            "</body></html>\n"
-        )
-    return paths
+# --- one experiment ------------------------------------------------------------------------
 
 
 def aggregate_experiment(
     result_paths: Iterable[str | Path], out_dir: str | Path, experiment: str, **settings: Any
 ) -> dict[str, list[Path]]:
-    """Write runs, summary, failed and run-info tables of one experiment under `out_dir`."""
+    """Write every table of one experiment under `out_dir`: runs, summary, failed,
+    not_supported and run_info (CSV, Markdown, HTML); requests, itl, positions and power (CSV)."""
     settings = merge_settings(settings, DEFAULT_SETTINGS, "aggregate")
     out_dir = Path(out_dir)
-    runs = runs_table(result_paths)
-    foreign = sorted(set(runs["experiment"]) - {experiment})
+    results = read_runs(result_paths)
+    foreign = [run.path for run in results if run.cell.experiment != experiment]
     if foreign:
-        raise ResultFileError(f"results of experiment {experiment!r} include {foreign}")
+        raise ExperimentError(f"{foreign[0]}: not a result of experiment {experiment!r}")
+    runs = runs_table(results)
     summary = summary_table(runs, **settings)
-    failed = failed_table(runs)
     note = (
         f"Median over repeats with {settings['confidence']:.0%} bootstrap interval "
         f"[low, high]; ratios against the matching AR cell; flags: repeats with coefficient "
         f"of variation above {settings['cv_threshold']}."
     )
+    requests, itl = request_tables(results)
     return {
         "runs": write_table(runs, out_dir / "runs", f"{experiment}: all runs"),
         "summary": write_table(
@@ -483,12 +315,20 @@ def aggregate_experiment(
             empty="No successful runs.",
         ),
         "failed": write_table(
-            failed,
+            failed_table(runs),
             out_dir / "failed",
             f"{experiment}: failed runs",
-            empty=f"All {len(runs)} runs succeeded.",
+            empty=f"No run of the {len(runs)} failed.",
         ),
-        "run_info": write_table(
-            run_info_table(runs), out_dir / "run_info", f"{experiment}: what was run"
+        "not_supported": write_table(
+            not_supported_table(runs),
+            out_dir / "not_supported",
+            f"{experiment}: cells the engine does not support",
+            empty="Every cell is supported.",
         ),
+        "run_info": write_table(run_info_table(runs), out_dir / "run_info", f"{experiment}: what was run"),
+        "requests": [write_csv(requests, out_dir / "requests.csv")],
+        "itl": [write_csv(itl, out_dir / "itl.csv")],
+        "positions": [write_csv(positions_table(results), out_dir / "positions.csv")],
+        "power": [write_csv(power_table(results), out_dir / "power.csv")],
     }

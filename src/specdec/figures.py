@@ -1,4 +1,5 @@
-"""Figures of one experiment from its aggregated tables and the runs' per-request files.
+"""Figures of one experiment, drawn from its declared tables only (`TABLES`, written by
+`specdec.aggregate`); never opens a run's own files.
 
 Every figure in `FIGURES` is always written (PNG and SVG): when its data is absent (no
 open-loop runs, no energy...) it is a placeholder that says why. Whether data exists is only
@@ -7,11 +8,10 @@ known after the benchmarks ran, while Snakemake needs the outputs when it builds
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import matplotlib
 
@@ -21,8 +21,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from specdec.aggregate import ResultFileError, merge_settings  # noqa: E402
-from specdec.io import atomic_open, read_jsonl  # noqa: E402
+from specdec.io import atomic_open  # noqa: E402
+from specdec.summary import merge_settings  # noqa: E402
+
+# The tables of `tables/{experiment}/` that the figures read (`{name}.csv`).
+TABLES = ("runs", "summary", "requests", "itl", "positions", "power")
 
 DEFAULT_OPTIONS = {
     "dpi": 150,  # PNG resolution
@@ -42,6 +45,8 @@ SERIES_SETTINGS = {
     "dataset": "",
     "batch_size": "b",
     "load": "",
+    "load_num_requests": "req",
+    "load_duration_s": "d",
     "gamma": "γ",
     "max_new_tokens": "n",
     "temperature": "T",
@@ -56,32 +61,34 @@ def plot_options(options: dict | None) -> dict:
 
 @dataclass
 class PlotData:
-    """The tables of one experiment and lazy access to the files beside each result."""
+    """The tables of one experiment (`TABLES`) and the plot options."""
 
     runs: pd.DataFrame
     summary: pd.DataFrame
+    requests: pd.DataFrame
+    itl: pd.DataFrame
+    positions: pd.DataFrame
+    power: pd.DataFrame
     options: dict
-    _requests: dict = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, tables: Mapping[str, str | Path], options: dict | None = None) -> PlotData:
+        """From the CSV file of each name in `TABLES`."""
+        return cls(**{name: pd.read_csv(tables[name]) for name in TABLES}, options=plot_options(options))
 
     @cached_property
     def ok_runs(self) -> pd.DataFrame:
         return self.runs[self.runs["status"] == "ok"]
 
+    def with_settings(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """`frame` (with a `cell_name` column) beside each cell's method label and settings."""
+        cells = self.ok_runs.drop_duplicates("cell_name")
+        return frame.merge(cells[["cell_name", "method_label", *SERIES_SETTINGS]], on="cell_name")
+
     @cached_property
     def colors(self) -> dict[str, str]:
         labels = sorted(self.runs["method_label"].unique(), key=lambda m: (m != "ar", m))
         return {label: PALETTE[i % len(PALETTE)] for i, label in enumerate(labels)}
-
-    def requests(self, run: pd.Series) -> list[dict]:
-        """Measured (non-warm-up) request records of a run; empty if the file is absent."""
-        path = Path(run["path"]).parent / "requests.jsonl"
-        if path not in self._requests:
-            try:
-                rows = read_jsonl(path) if path.is_file() else []
-            except json.JSONDecodeError as err:
-                raise ResultFileError(f"{path}: not JSON lines: {err}") from err
-            self._requests[path] = [row for row in rows if not row.get("warmup")]
-        return self._requests[path]
 
     @cached_property
     def footer(self) -> str:
@@ -112,7 +119,13 @@ def series_labels(frame: pd.DataFrame, exclude: tuple[str, ...] = ()) -> pd.Seri
 
     def label(row: pd.Series) -> str:
         parts = [row["method_label"]]
-        parts += [f"{SERIES_SETTINGS[c]}{_plain(row[c])}" for c in varying if not pd.isna(row[c])]
+        # Settings that do not apply are left out: missing ones (a closed loop's rate) and
+        # AR's gamma 0.
+        parts += [
+            f"{SERIES_SETTINGS[c]}{_plain(row[c])}"
+            for c in varying
+            if not pd.isna(row[c]) and not (c == "gamma" and row[c] == 0)
+        ]
         return " · ".join(parts)
 
     return frame.apply(label, axis=1) if len(frame) else pd.Series(dtype=str)
@@ -179,9 +192,8 @@ def _line_plot(
 
 def speedup_vs_gamma(data: PlotData) -> plt.Figure | str:
     frame = data.summary[
-        (data.summary["method"] != "ar")
+        (data.summary["gamma"] > 0)
         & data.summary["speedup"].notna()
-        & data.summary["gamma"].notna()
         & (data.summary["load"] == "closed")
     ]
     if frame.empty:
@@ -217,22 +229,10 @@ def speedup_vs_gamma(data: PlotData) -> plt.Figure | str:
 
 
 def acceptance_per_position(data: PlotData) -> plt.Figure | str:
-    rows = []
-    for _, run in data.ok_runs.iterrows():
-        for entry in json.loads(run["acceptance_per_position"] or "[]"):
-            rows.append({**run.to_dict(), **entry})
-    if not rows:
+    if data.positions.empty:
         return "no run recorded per-position acceptance (no speculative runs)"
-    frame = (
-        pd.DataFrame(rows)
-        .groupby(["cell_name", "position"], as_index=False)
-        .agg(
-            drafted=("drafted", "sum"),
-            accepted=("accepted", "sum"),
-            **{c: (c, "first") for c in ("method_label", *SERIES_SETTINGS)},
-        )
-    )
-    frame["rate"] = frame["accepted"] / frame["drafted"]
+    pooled = data.positions.groupby(["cell_name", "position"], as_index=False)[["drafted", "accepted"]].sum()
+    frame = data.with_settings(pooled.assign(rate=pooled["accepted"] / pooled["drafted"]))
     fig, axes = _figure(data)
     ax = axes[0, 0]
     labels = series_labels(frame)
@@ -250,29 +250,22 @@ def acceptance_per_position(data: PlotData) -> plt.Figure | str:
     return fig
 
 
-def request_latencies(requests: list[dict]) -> dict[str, list[float]]:
-    """TTFT and E2E from arrival, ITL as the gaps between successive emissions (seconds)."""
-    out: dict[str, list[float]] = {"TTFT": [], "ITL": [], "E2E": []}
-    for row in requests:
-        out["TTFT"].append(row["first_token_s"] - row["arrival_s"])
-        out["E2E"].append(row["finish_s"] - row["arrival_s"])
-        times = [t for t, _ in row.get("emissions") or []]
-        out["ITL"].extend(np.diff(times).tolist())
-    return out
-
-
 def latency_cdf(data: PlotData) -> plt.Figure | str:
     cells = data.ok_runs.drop_duplicates("cell_name")
     labels = series_labels(cells)
     styles = _styles(data, cells, labels)
-    pooled = {}
-    for (_, cell), label in zip(cells.iterrows(), labels):
-        repeats = data.ok_runs[data.ok_runs["cell_name"] == cell["cell_name"]]
-        requests = [r for _, run in repeats.iterrows() for r in data.requests(run)]
-        if requests:
-            pooled[label] = request_latencies(requests)
+    # Latencies per request (TTFT, E2E) and per emission gap (ITL), repeats pooled.
+    pooled = {
+        label: {
+            "TTFT": data.requests.loc[data.requests["cell_name"] == name, "ttft_s"],
+            "ITL": data.itl.loc[data.itl["cell_name"] == name, "itl_s"],
+            "E2E": data.requests.loc[data.requests["cell_name"] == name, "e2e_s"],
+        }
+        for name, label in zip(cells["cell_name"], labels)
+        if (data.requests["cell_name"] == name).any()
+    }
     if not pooled:
-        return "no requests.jsonl beside the successful results"
+        return "no measured requests of a successful run in requests.csv"
     fig, axes = _figure(data, ncols=3, sharey=True)
     for ax, metric in zip(axes[0], ("TTFT", "ITL", "E2E")):
         for label, latencies in sorted(pooled.items()):
@@ -363,24 +356,12 @@ def energy_per_token(data: PlotData) -> plt.Figure | str:
 
 
 def acceptance_by_category(data: PlotData) -> plt.Figure | str:
-    rows = []
-    for _, run in data.ok_runs.iterrows():
-        for request in data.requests(run):
-            if request.get("drafted_tokens"):
-                rows.append(
-                    {
-                        "cell_name": run["cell_name"],
-                        "category": request["category"],
-                        "drafted": request["drafted_tokens"],
-                        "accepted": request["accepted_tokens"],
-                    }
-                )
-    if not rows:
-        return "no request with drafted tokens (no speculative runs with requests.jsonl)"
-    frame = pd.DataFrame(rows).groupby(["cell_name", "category"], as_index=False).sum()
-    frame["rate"] = frame["accepted"] / frame["drafted"]
-    cells = data.ok_runs.drop_duplicates("cell_name").set_index("cell_name")
-    cells = cells.loc[frame["cell_name"].unique()].reset_index()
+    drafting = data.requests[data.requests["drafted_tokens"] > 0]
+    if drafting.empty:
+        return "no request with drafted tokens (no speculative runs in requests.csv)"
+    frame = drafting.groupby(["cell_name", "category"], as_index=False)[["drafted_tokens", "accepted_tokens"]].sum()
+    frame["rate"] = frame["accepted_tokens"] / frame["drafted_tokens"]
+    cells = data.with_settings(frame[["cell_name"]].drop_duplicates())
     label_of = dict(zip(cells["cell_name"], series_labels(cells)))
     styles = _styles(data, cells, pd.Series(label_of.values()))
     table = frame.pivot(index="category", columns="cell_name", values="rate")
@@ -409,34 +390,21 @@ def acceptance_by_category(data: PlotData) -> plt.Figure | str:
     return fig
 
 
-def _power_series(power: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Power columns (`power_w`, `power_w_gpu0`...) or one line per `device` in long form."""
-    if "device" in power:
-        return {f"power_w {d}": g for d, g in power.groupby("device")}
-    return {c: power for c in power.columns if c.startswith("power_w")}
-
-
 def power_timeline(data: PlotData) -> plt.Figure | str:
-    runs = data.ok_runs.sort_values("repeat").drop_duplicates("cell_name")
-    files = [(run, Path(run["path"]).parent / "power.csv") for _, run in runs.iterrows()]
-    files = [(run, path) for run, path in files if path.is_file()][
-        : data.options["max_power_panels"]
-    ]
-    if not files:
-        return "no power.csv beside the results (power was not sampled)"
-    fig, axes = _figure(data, nrows=len(files), sharex=False)
-    for ax, (run, path) in zip(axes[:, 0], files):
-        power = pd.read_csv(path)
-        missing = {"t_s", "phase"} - set(power.columns)
-        if missing:
-            raise ResultFileError(f"{path}: missing column(s) {sorted(missing)}")
-        for i, (name, frame) in enumerate(_power_series(power).items()):
-            column = "power_w" if "device" in power else name
-            ax.plot(frame["t_s"], frame[column], label=name, color=PALETTE[(i + 4) % len(PALETTE)])
+    # The first repeat of each cell that sampled power.
+    runs = data.power.sort_values("repeat", kind="stable").drop_duplicates("cell_name")
+    runs = runs.head(data.options["max_power_panels"])
+    if runs.empty:
+        return "no power samples in power.csv (power was not sampled)"
+    fig, axes = _figure(data, nrows=len(runs), sharex=False)
+    for ax, run in zip(axes[:, 0], runs.itertuples()):
+        power = data.power[data.power["cell"] == run.cell]
+        for i, (device, frame) in enumerate(power.groupby("device")):
+            ax.plot(frame["t_s"], frame["power_w"], label=f"power_w {device}", color=PALETTE[(i + 4) % len(PALETTE)])
         window = power.loc[power["phase"] == "window", "t_s"]
         if len(window):
             ax.axvspan(window.min(), window.max(), color="0.85", zorder=0, label="measured window")
-        ax.set(ylabel="power (W)", title=f"{run['cell_name']} (repeat {int(run['repeat'])})")
+        ax.set(ylabel="power (W)", title=f"{run.cell_name} (repeat {run.repeat})")
         ax.legend(loc="upper right")
     axes[-1, 0].set_xlabel("time from window start (s)")
     return fig
@@ -515,16 +483,15 @@ def _add_footer(fig: plt.Figure, text: str) -> None:
 
 
 def make_figures(
-    runs_csv: str | Path, summary_csv: str | Path, out_dir: str | Path, options: dict | None = None
+    tables: Mapping[str, str | Path], out_dir: str | Path, options: dict | None = None
 ) -> list[Path]:
-    """Write every figure of `FIGURES` as `out_dir/{name}.png` and `.svg`; return the paths."""
-    options = plot_options(options)
-    runs = pd.read_csv(runs_csv)
-    data = PlotData(runs=runs, summary=pd.read_csv(summary_csv), options=options)
+    """Write every figure of `FIGURES` as `out_dir/{name}.png` and `.svg` from the CSV file
+    of each name in `TABLES`; return the paths."""
+    data = PlotData.read(tables, options)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    with plt.rc_context(_rc(options)):
+    with plt.rc_context(_rc(data.options)):
         for name, build in FIGURES.items():
             fig = build(data)
             if isinstance(fig, str):

@@ -37,8 +37,3 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
     with atomic_open(path) as handle:
         for row in rows:
             handle.write(json.dumps(row, allow_nan=False) + "\n")
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    with open(path) as handle:
-        return [json.loads(line) for line in handle if line.strip()]

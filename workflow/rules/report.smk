@@ -2,8 +2,7 @@
 # back from a cluster, `snakemake figures --allowed-rules aggregate plot figures` rebuilds
 # every table and figure without running a model. Plotting options live in `plots:` (a
 # params entry), so changing one reruns only `plot`; `aggregate:` settings likewise.
-from specdec.aggregate import results_of_experiment
-from specdec.figures import FIGURES
+from specdec.figures import FIGURES, TABLES
 
 # Report category of each figure (subcategory: the experiment).
 FIGURE_CATEGORIES = {
@@ -24,7 +23,11 @@ wildcard_constraints:
 
 rule aggregate:
     input:
-        results=lambda w: results_of_experiment(run_results(), w.experiment),
+        results=lambda w: [
+            f"{RESULTS}/runs/{cell.id}/result.json"
+            for cell in CELLS.values()
+            if cell.experiment == w.experiment
+        ],
     output:
         summary=report(
             f"{RESULTS}/tables/{{experiment}}/summary.html",
@@ -50,6 +53,14 @@ rule aggregate:
         ),
         failed_csv=f"{RESULTS}/tables/{{experiment}}/failed.csv",
         failed_md=f"{RESULTS}/tables/{{experiment}}/failed.md",
+        not_supported=report(
+            f"{RESULTS}/tables/{{experiment}}/not_supported.html",
+            caption="../report/not_supported.rst",
+            category="Tables",
+            subcategory="{experiment}",
+        ),
+        not_supported_csv=f"{RESULTS}/tables/{{experiment}}/not_supported.csv",
+        not_supported_md=f"{RESULTS}/tables/{{experiment}}/not_supported.md",
         run_info=report(
             f"{RESULTS}/tables/{{experiment}}/run_info.html",
             caption="../report/run_info.rst",
@@ -58,6 +69,11 @@ rule aggregate:
         ),
         run_info_csv=f"{RESULTS}/tables/{{experiment}}/run_info.csv",
         run_info_md=f"{RESULTS}/tables/{{experiment}}/run_info.md",
+        # What the figures draw besides runs and summary.
+        requests=f"{RESULTS}/tables/{{experiment}}/requests.csv",
+        itl=f"{RESULTS}/tables/{{experiment}}/itl.csv",
+        positions=f"{RESULTS}/tables/{{experiment}}/positions.csv",
+        power=f"{RESULTS}/tables/{{experiment}}/power.csv",
     log:
         "logs/report/aggregate_{experiment}.log",
     conda:
@@ -70,8 +86,7 @@ rule aggregate:
 
 rule plot:
     input:
-        runs=f"{RESULTS}/tables/{{experiment}}/runs.csv",
-        summary=f"{RESULTS}/tables/{{experiment}}/summary.csv",
+        **{name: f"{RESULTS}/tables/{{experiment}}/{name}.csv" for name in TABLES},
     output:
         **{
             name: report(

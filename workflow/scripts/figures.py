@@ -3,12 +3,11 @@
 import logging
 from pathlib import Path
 
-from specdec.figures import make_figures
+from specdec.figures import TABLES, make_figures
 
 logging.basicConfig(filename=snakemake.log[0], level=logging.INFO)
 written = make_figures(
-    snakemake.input.runs,
-    snakemake.input.summary,
+    {name: snakemake.input[name] for name in TABLES},
     Path(snakemake.output.svg[0]).parent,
     snakemake.params.plots,
 )
