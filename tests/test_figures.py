@@ -144,6 +144,10 @@ CELLS = {
 
 def experiments():
     return ["demo"]
+
+
+def experiment_results(wildcards):
+    return [f"{RESULTS}/runs/{cell.id}/result.json" for cell in CELLS.values() if cell.experiment == wildcards.experiment]
 """
 
 

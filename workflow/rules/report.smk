@@ -17,17 +17,9 @@ FIGURE_CATEGORIES = {
 }
 
 
-wildcard_constraints:
-    experiment="[^/]+",
-
-
 rule aggregate:
     input:
-        results=lambda w: [
-            f"{RESULTS}/runs/{cell.id}/result.json"
-            for cell in CELLS.values()
-            if cell.experiment == w.experiment
-        ],
+        results=experiment_results,
     output:
         summary=report(
             f"{RESULTS}/tables/{{experiment}}/summary.html",
