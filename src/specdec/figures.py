@@ -119,7 +119,7 @@ def series_labels(frame: pd.DataFrame, exclude: tuple[str, ...] = ()) -> pd.Seri
 
     def label(row: pd.Series) -> str:
         parts = [row["method_label"]]
-        # Settings that do not apply are left out: missing ones (a closed loop's rate) and
+        # Settings that do not apply are left out: missing ones (a closed loop's size) and
         # AR's gamma 0.
         parts += [
             f"{SERIES_SETTINGS[c]}{_plain(row[c])}"
