@@ -65,3 +65,19 @@ def test_second_run_does_nothing(study):
     again = run_snakemake(study, "--cores", "2", "-n")
     assert again.returncode == 0
     assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_a_deleted_cell_is_rebuilt_and_the_tables_follow(study):
+    """No table outlives its inputs: the tables depend on every cell's result."""
+    import shutil
+
+    cell = next((study / "results/runs/tiny").glob("*--ngram-*"))
+    summary = study / "results/tables/tiny/summary.csv"
+    before = summary.stat().st_mtime_ns
+    shutil.rmtree(cell)
+    plan = run_snakemake(study, "--cores", "2", "-n")
+    assert "Nothing to be done" not in plan.stdout + plan.stderr
+    rerun = run_snakemake(study, "--cores", "2")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert (cell / "result.json").is_file() and (cell / "cell.json").is_file()
+    assert summary.stat().st_mtime_ns > before

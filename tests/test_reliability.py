@@ -213,6 +213,32 @@ def test_prompt_longer_than_the_context_names_request_and_limit(capsys, tiny, tm
     assert "exceed the models' context of 8192 (max_position_embeddings)" in line
 
 
+def test_an_output_folder_that_cannot_be_written_fails_before_any_model_loads(capsys, monkeypatch, tiny, tmp_path):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(runner, "load_session", no_loading)
+    (tmp_path / "a file").write_text("")
+    out = tmp_path / "a file" / "out"
+    line = specdec_error(capsys, "run", "--cell", str(cell_file(tmp_path / "cell.json", tiny["cells"]["ar"])),
+                         "--prompts", str(tiny["prompts"]), "--out-dir", str(out), "--models-dir", str(tiny["models"]))
+    assert f"output folder {out} cannot be written" in line
+
+
+def test_a_disk_that_fills_up_during_the_decode_is_one_line_and_no_result(capsys, monkeypatch, tiny, tmp_path):
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(runner, "write_requests", full)
+    out = tmp_path / "out"
+    line = specdec_error(capsys, "run", "--cell", str(cell_file(tmp_path / "cell.json", tiny["cells"]["ar"])),
+                         "--prompts", str(tiny["prompts"]), "--out-dir", str(out), "--models-dir", str(tiny["models"]))
+    assert f"output folder {out} cannot be written: No space left on device" in line
+    assert_no_outputs(out)
+
+
 # --- 2. failure isolation --------------------------------------------------------------------
 
 

@@ -71,3 +71,25 @@ def test_slurm_profile_resolves_sbatch_resources_for_gpu8(tmp_path):
         assert fields["gpu_model"] == "h100" and fields["cpus_per_gpu"] == "8"
         assert fields["mem_mb"] == "64000" and fields["runtime"] == "120"
         assert 1 <= int(fields["gpu"]) <= 4
+
+
+def test_shell_metacharacters_in_config_strings_run_nothing(make_study, tmp_path, embedded_model_dir):
+    """Every config string that reaches a shell command is quoted there: a dataset file and a
+    model folder named like command substitutions are read as paths, and nothing runs.
+    (Names cannot carry metacharacters at all: the gate refuses them, see test_config.)"""
+    import json
+
+    model = tmp_path / "m $(touch PWNED4); touch PWNED5"
+    model.symlink_to(embedded_model_dir)
+    questions = tmp_path / "q $(touch PWNED) `touch PWNED2`; touch PWNED3 'x\".jsonl"
+    questions.write_text(json.dumps({"question_id": 1, "category": "c", "turns": ["Say hi."]}) + "\n")
+    workdir = make_study({
+        "models": {"smollm2": {"source": "local", "path": str(model)}},
+        "datasets": {"mt": {"source": "mtbench", "path": str(questions)}},
+        "experiments": {"sec": {"target": "smollm2", "datasets": ["mt"], "methods": [{"method": "ar"}],
+                                "max_new_tokens": 2}},
+    })
+    run = snakemake("--cores", "1", "results/prompts/mt.jsonl", cwd=workdir, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (workdir / "results/prompts/mt.jsonl").is_file()
+    assert not [p for p in (workdir, tmp_path, Path.cwd()) for name in ("PWNED", "PWNED2", "PWNED3", "PWNED4", "PWNED5") if (p / name).exists()]

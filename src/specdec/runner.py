@@ -56,8 +56,10 @@ def now_iso() -> str:
 
 
 def check_writable(out_dir: Path) -> None:
-    """Create the output folder and write a probe file in it, so that a read-only or full
-    disk shows before the decode, not after it."""
+    """Write a probe file in the output folder, so that a read-only or full disk shows
+    before the decode, not after it. A folder made for the probe goes again: bad input
+    found later must leave nothing behind."""
+    made = [p for p in (out_dir, *out_dir.parents) if not p.exists()]
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".probe.") as probe:
@@ -66,6 +68,10 @@ def check_writable(out_dir: Path) -> None:
             os.fsync(probe.fileno())
     except OSError as exc:
         raise OutputNotWritable(f"output folder {out_dir} cannot be written: {exc.strerror or exc}") from None
+    finally:
+        for folder in made:  # deepest first
+            if folder.exists():
+                folder.rmdir()
 
 
 def failure_record(exc: BaseException, phase: str) -> dict:
