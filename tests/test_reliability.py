@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import cell_inputs
+from conftest import cell_inputs, tiny_llama
 
 from specdec import cli, runner
 from specdec.aggregate import failed_table, runs_table
@@ -173,11 +173,9 @@ def tiny_llama_with_own_vocabulary(folder: Path) -> None:
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import Whitespace
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    config = LlamaConfig(vocab_size=3, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
-    LlamaForCausalLM(config).save_pretrained(folder)
+    tiny_llama(folder, 3)
     words = Tokenizer(WordLevel({"<unk>": 0, "</s>": 1, "hello": 2}, unk_token="<unk>"))
     words.pre_tokenizer = Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", eos_token="</s>").save_pretrained(folder)
@@ -189,6 +187,16 @@ def test_drafter_with_another_vocabulary_fails_before_decoding(capsys, tiny, tmp
     cell["models"]["tiny"] = {"source": "local", "path": str(tmp_path / "tiny"), "dtype": "float32", "trust_remote_code": False}
     line = run_error(capsys, tiny, tmp_path, cell)
     assert "drafter tokenizer differs from the target's (3 vs 49152 tokens" in line
+
+
+def test_drafter_smaller_than_its_tokenizer_fails_before_decoding(capsys, tiny, tmp_path, embedded_model_dir):
+    """The target's tokenizer, but an embedding table of 100 rows: the first token id past it
+    would raise IndexError mid-decode."""
+    tiny_llama(tmp_path / "tiny", 100, tokenizer_of=embedded_model_dir)
+    cell = cell_with(tiny["cells"]["speculative"], drafter="tiny", drafters={"tiny": {"kind": "model", "model": "tiny"}})
+    cell["models"]["tiny"] = {"source": "local", "path": str(tmp_path / "tiny"), "dtype": "float32", "trust_remote_code": False}
+    line = run_error(capsys, tiny, tmp_path, cell)
+    assert "drafter vocab_size 100" in line and "49152 tokens of the shared tokenizer" in line
 
 
 def test_prompt_longer_than_the_context_names_request_and_limit(capsys, tiny, tmp_path):
