@@ -134,9 +134,12 @@ def test_cell_json_with_unknown_method_or_strategy_fails_before_loading(capsys, 
     ("object.json", '{\n "question_id": 1,\n "turns": ["hi"]\n}\n', {}, "{path}: one JSON object spanning the file"),
     ("lines.jsonl", '{"question_id": 1, "category": "c", "turns": ["hi"]}\n{oops\n', {"on_malformed": "fail"},
      "{path}:2: not valid JSON"),
+    ("deep.json", "[" * 100_000 + "]" * 100_000, {}, "{path}: not valid JSON (line 1): nested too deeply"),
+    ("deep.jsonl", '{"a": ' * 100_000 + "1" + "}" * 100_000 + "\n", {"on_malformed": "fail"},
+     "{path}:1: not valid JSON: nested too deeply"),
     ("short.jsonl", '{"question_id": 1, "category": "c", "turns": ["a long question " ]}\n', {"max_prompt_tokens": 1},
      "max_prompt_tokens"),
-], ids=["missing", "not-json", "other-shape", "malformed-line", "empty-after-filter"])
+], ids=["missing", "not-json", "other-shape", "malformed-line", "nested-array", "nested-line", "empty-after-filter"])
 def test_bad_dataset_file_fails_naming_it(capsys, tiny, tmp_path, name, content, spec, message):
     path = tmp_path / name
     if content is not None:
@@ -166,6 +169,32 @@ def test_encoder_model_is_not_a_causal_lm(capsys, tiny, tmp_path):
     BertConfig().save_pretrained(tmp_path / "bert")
     line = run_error(capsys, tiny, tmp_path, local_target(tiny, tmp_path / "bert"))
     assert "model 'smollm2'" in line and "'bert' model, not a causal language model" in line
+
+
+def truncated(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("file, part", [
+    ("config.json", "config"),
+    ("tokenizer.json", "tokenizer"),
+    ("model.safetensors", "weights"),
+])
+def test_truncated_model_file_is_one_line_naming_it(capsys, tiny, tmp_path, embedded_model_dir, file, part):
+    tiny_llama(tmp_path / "model", 49152, tokenizer_of=embedded_model_dir)
+    truncated(tmp_path / "model" / file)
+    line = run_error(capsys, tiny, tmp_path, local_target(tiny, tmp_path / "model"))
+    assert f"model 'smollm2': cannot load its {part} from " in line and str(tmp_path / "model" / file) in line
+
+
+def test_known_model_type_with_its_own_model_code_needs_trust(capsys, tiny, tmp_path, embedded_model_dir):
+    """A llama config whose auto_map names its own modelling code: not 'not a causal LM'."""
+    tiny_llama(tmp_path / "model", 49152, tokenizer_of=embedded_model_dir)
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_own.OwnForCausalLM"}
+    (tmp_path / "model" / "config.json").write_text(json.dumps(config))
+    line = run_error(capsys, tiny, tmp_path, local_target(tiny, tmp_path / "model"))
+    assert line.endswith("ships its own Python code and needs trust_remote_code: true (models.smollm2)")
 
 
 def tiny_llama_with_own_vocabulary(folder: Path) -> None:

@@ -104,6 +104,14 @@ def _read_text(path: Path) -> str:
         raise DatasetError(f"{path}: cannot be read as UTF-8 text: {err}") from None
 
 
+def _parse(text: str) -> Any:
+    """json.loads, a document nested past Python's recursion limit being invalid JSON too."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", text, 0) from None
+
+
 def _json_items(path: Path, problems: _Problems) -> Iterator[tuple[int, Any]]:
     """(line, value) for each item of a JSON-array file or each line of a JSON-lines file."""
     text = _read_text(path)
@@ -117,7 +125,7 @@ def _json_items(path: Path, problems: _Problems) -> Iterator[tuple[int, Any]]:
 
 def _array_items(path: Path, text: str) -> Iterator[tuple[int, Any]]:
     try:
-        values = json.loads(text)
+        values = _parse(text)
     except json.JSONDecodeError as err:
         raise DatasetError(f"{path}: not valid JSON (line {err.lineno}): {err.msg}") from None
     # The file is valid JSON, so each item can be found again to tell the line it starts on.
@@ -137,7 +145,7 @@ def _jsonl_items(path: Path, text: str, problems: _Problems) -> Iterator[tuple[i
         if not raw.strip():
             continue
         try:
-            value = json.loads(raw)
+            value = _parse(raw)
         except json.JSONDecodeError as err:
             if not seen_value:
                 _reject_single_document(path, text)
@@ -150,7 +158,7 @@ def _jsonl_items(path: Path, text: str, problems: _Problems) -> Iterator[tuple[i
 def _reject_single_document(path: Path, text: str) -> None:
     """A file whose first line is not JSON may be one multi-line document of the wrong shape."""
     try:
-        document = json.loads(text)
+        document = _parse(text)
     except json.JSONDecodeError:
         return
     raise DatasetError(
@@ -478,7 +486,7 @@ def read_prompts(path: str | os.PathLike) -> list[dict]:
         for line, raw in enumerate(text.split("\n"), start=1):
             if raw.strip():
                 try:
-                    yield f"{path}:{line}", json.loads(raw)
+                    yield f"{path}:{line}", _parse(raw)
                 except json.JSONDecodeError as err:
                     raise DatasetError(f"{path}:{line}: not valid JSON: {err.msg}") from None
 
