@@ -2,6 +2,7 @@
 matrix goes on; an interrupted job leaves nothing that looks finished; runs are repeatable;
 no remote code, escaping path or secret gets through."""
 
+import csv
 import json
 import os
 import re
@@ -150,6 +151,24 @@ def test_bad_dataset_file_fails_naming_it(capsys, tiny, tmp_path, name, content,
                          "--models-dir", str(tiny["models"]), "--out", str(out))
     assert message.format(path=path) in line
     assert not out.exists() and not list(tmp_path.glob(".prompts.jsonl.*"))
+
+
+def test_prepare_dataset_writes_every_skipped_record_with_file_and_line(tiny, tmp_path):
+    """Malformed and prompt-less records alike, as CSV and as an HTML table for the report."""
+    path = tmp_path / "sg.jsonl"
+    path.write_text('{"id": "a", "conversations": [{"from": "human", "value": "Hello?"}]}\n'
+                    '{"id": "b", "conversations": [{"from": "gpt", "value": "Nobody asked."}]}\n'
+                    '{"id": "c", "conversations": "none"}\n')
+    spec = {"source": "sharegpt", "paths": [str(path)]}
+    out, skipped = tmp_path / "sg.prompts.jsonl", tmp_path / "sg.skipped.csv"
+    code = cli.main(["prepare-dataset", "--name", "sg", "--spec", json.dumps(spec), *DATASET_ARGS, "--models-dir",
+                     str(tiny["models"]), "--out", str(out), "--skipped", str(skipped),
+                     "--skipped-html", str(tmp_path / "sg.skipped.html")])
+    assert code == 0 and [r["id"] for r in read_jsonl(out)] == ["sg/a"]
+    assert list(csv.reader(skipped.open())) == [["file", "line", "reason"], [str(path), "2", "no human turn to prompt with"],
+                                                [str(path), "3", "key 'conversations' must be array, got string"]]
+    html = (tmp_path / "sg.skipped.html").read_text()
+    assert f"<td>{path}</td><td>2</td><td>no human turn to prompt with</td>" in html
 
 
 def local_target(tiny, path: Path) -> dict:
