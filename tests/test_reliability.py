@@ -24,7 +24,7 @@ from specdec.config import ConfigError, expand_matrix, validate
 from specdec.datasets import prepare_dataset_file
 from specdec.io import read_jsonl
 from specdec.load import arrival_times
-from specdec.models import ModelError, load_model, load_tokenizer
+from specdec.models import load_model, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -505,7 +505,7 @@ def write_skipped(skipped: list[Malformed], csv_path: str | os.PathLike,
         "<tr>" + "".join(f"<td>{html.escape(str(value))}</td>" for value in record) + "</tr>"
         for record in skipped
     )
-    head = "".join(f"<th>{field}</th>" for field in Malformed._fields)
+    head = "".join(f"<th>{column}</th>" for column in Malformed._fields)
     body = f"<table><tr>{head}</tr>{cells}</table>" if skipped else "<p>No record was skipped.</p>"
     with atomic_open(html_path) as handle:
         handle.write(f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
