@@ -79,6 +79,20 @@ def cell_inputs(work: Path, embedded_model_dir: Path, dataset: dict, seed: int) 
     return work / "models", prompts
 
 
+def tiny_llama(folder: Path, vocab_size: int, tokenizer_of: Path | None = None) -> None:
+    """A one-layer random Llama in `folder` (saved and loaded in a blink), with the tokenizer
+    files of the model folder `tokenizer_of` when given."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja") if tokenizer_of else ():
+        shutil.copy(Path(tokenizer_of) / name, Path(folder) / name)
+
+
 def run_snakemake(workdir: Path, *args: str, timeout: float | None = None):
     """Snakemake on the project's Snakefile in `workdir`, with this venv's tools on PATH."""
     import subprocess

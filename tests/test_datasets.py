@@ -81,7 +81,8 @@ def test_sharegpt_array_turns_all_keeps_human_turns_and_system(tokenizer):
     assert records["sg/conv-a"]["turns"] == ["Name three primary colours.", "Which of them is warmest?"]
     assert records["sg/conv-b"]["turns"] == ["Tell me a fact about octopuses."]
     assert {r["category"] for r in records.values()} == {"chat"}
-    assert prepared.stats["no_user_turn"] == 1
+    assert prepared.stats["malformed"] == [
+        Malformed(str(FIXTURES / "sharegpt_array.json"), 18, "no human turn to prompt with")]
     assert prepared.stats["loaded"] == 3
 
 
@@ -231,6 +232,7 @@ def test_malformed_lines_are_skipped_and_reported(tokenizer):
     (sharegpt("sharegpt_malformed_array.json"),
      r"sharegpt_malformed_array\.json:3: key 'conversations' must be array, got string"),
     (mtbench("mtbench_malformed.jsonl"), r"mtbench_malformed\.jsonl:2: missing key 'turns'"),
+    (sharegpt("sharegpt_array.json"), r"sharegpt_array\.json:18: no human turn to prompt with"),
 ])
 def test_on_malformed_fail_raises_at_the_first(tokenizer, spec, message):
     with pytest.raises(DatasetError, match=message):
@@ -270,7 +272,7 @@ def test_a_json_object_instead_of_records_is_a_shape_error(tokenizer):
 def test_nothing_loadable_is_an_error_not_an_empty_dataset(tokenizer, tmp_path):
     only_bad = tmp_path / "bad.jsonl"
     only_bad.write_text('{"id": 1, "messages": []}\n{"id": 2, "conversations": [{"from": "gpt", "value": "x"}]}\n')
-    with pytest.raises(DatasetError, match=r"dataset 'bad': no prompts loaded .*1 malformed, 1 without a user turn"):
+    with pytest.raises(DatasetError, match=r"dataset 'bad': no prompts loaded .*\(2 records skipped\)"):
         prepare_prompts({"source": "sharegpt", "paths": [str(only_bad)]}, tokenizer, seed=0, name="bad")
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")

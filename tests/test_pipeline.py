@@ -58,7 +58,9 @@ def test_figures_and_report(study):
     assert (study / "results/figures/tiny/speedup_vs_gamma.png").stat().st_size > 1000
     report = run_snakemake(study, "--cores", "2", "--report", "report.html")
     assert report.returncode == 0, report.stderr[-3000:]
-    assert "speedup_vs_gamma" in (study / "report.html").read_text()
+    text = (study / "report.html").read_text()
+    assert "speedup_vs_gamma" in text and "sample.skipped.html" in text
+    assert (study / "results/prompts/sample.skipped.csv").read_text() == "file,line,reason\n"
 
 
 def test_second_run_does_nothing(study):

@@ -2,6 +2,7 @@
 matrix goes on; an interrupted job leaves nothing that looks finished; runs are repeatable;
 no remote code, escaping path or secret gets through."""
 
+import csv
 import dataclasses
 import json
 import os
@@ -16,15 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import cell_inputs
+from conftest import cell_inputs, tiny_llama
 
 from specdec import cli, runner
 from specdec.aggregate import failed_table, read_runs, runs_table
 from specdec.cells import DrafterSpec, Load, ModelSpec
 from specdec.config import ConfigError, expand_matrix, validate
-from specdec.datasets import prepare_dataset_file
+from specdec.datasets import prepare_dataset_file, read_prompts
 from specdec.load import arrival_times
-from specdec.models import ModelError, load_model, load_tokenizer
+from specdec.models import load_model, load_tokenizer
 from specdec.records import read_requests, write_cell
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,9 +151,12 @@ def test_a_missing_cell_file_is_one_line(capsys, tiny, tmp_path):
     ("object.json", '{\n "question_id": 1,\n "turns": ["hi"]\n}\n', {}, "{path}: one JSON object spanning the file"),
     ("lines.jsonl", '{"question_id": 1, "category": "c", "turns": ["hi"]}\n{oops\n', {"on_malformed": "fail"},
      "{path}:2: not valid JSON"),
+    ("deep.json", "[" * 100_000 + "]" * 100_000, {}, "{path}: not valid JSON (line 1): nested too deeply"),
+    ("deep.jsonl", '{"a": ' * 100_000 + "1" + "}" * 100_000 + "\n", {"on_malformed": "fail"},
+     "{path}:1: not valid JSON: nested too deeply"),
     ("short.jsonl", '{"question_id": 1, "category": "c", "turns": ["a long question " ]}\n', {"max_prompt_tokens": 1},
      "max_prompt_tokens"),
-], ids=["missing", "not-json", "other-shape", "malformed-line", "empty-after-filter"])
+], ids=["missing", "not-json", "other-shape", "malformed-line", "nested-array", "nested-line", "empty-after-filter"])
 def test_bad_dataset_file_fails_naming_it(capsys, tiny, tmp_path, name, content, spec, message):
     path = tmp_path / name
     if content is not None:
@@ -163,6 +167,24 @@ def test_bad_dataset_file_fails_naming_it(capsys, tiny, tmp_path, name, content,
                          "--models-dir", str(tiny["models"]), "--out", str(out))
     assert message.format(path=path) in line
     assert not out.exists() and not list(tmp_path.glob(".prompts.jsonl.*"))
+
+
+def test_prepare_dataset_writes_every_skipped_record_with_file_and_line(tiny, tmp_path):
+    """Malformed and prompt-less records alike, as CSV and as an HTML table for the report."""
+    path = tmp_path / "sg.jsonl"
+    path.write_text('{"id": "a", "conversations": [{"from": "human", "value": "Hello?"}]}\n'
+                    '{"id": "b", "conversations": [{"from": "gpt", "value": "Nobody asked."}]}\n'
+                    '{"id": "c", "conversations": "none"}\n')
+    spec = {"source": "sharegpt", "paths": [str(path)]}
+    out, skipped = tmp_path / "sg.prompts.jsonl", tmp_path / "sg.skipped.csv"
+    code = cli.main(["prepare-dataset", "--name", "sg", "--spec", json.dumps(spec), *DATASET_ARGS, "--models-dir",
+                     str(tiny["models"]), "--out", str(out), "--skipped", str(skipped),
+                     "--skipped-html", str(tmp_path / "sg.skipped.html")])
+    assert code == 0 and [r["id"] for r in read_prompts(out)] == ["sg/a"]
+    assert list(csv.reader(skipped.open())) == [["file", "line", "reason"], [str(path), "2", "no human turn to prompt with"],
+                                                [str(path), "3", "key 'conversations' must be array, got string"]]
+    html = (tmp_path / "sg.skipped.html").read_text()
+    assert f"<td>{path}</td><td>2</td><td>no human turn to prompt with</td>" in html
 
 
 def local_target(tiny, path: Path):
@@ -182,16 +204,40 @@ def test_encoder_model_is_not_a_causal_lm(capsys, tiny, tmp_path):
     assert "model 'smollm2'" in line and "'bert' model, not a causal language model" in line
 
 
+def truncated(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("file, part", [
+    ("config.json", "config"),
+    ("tokenizer.json", "tokenizer"),
+    ("model.safetensors", "weights"),
+])
+def test_truncated_model_file_is_one_line_naming_it(capsys, tiny, tmp_path, embedded_model_dir, file, part):
+    tiny_llama(tmp_path / "model", 49152, tokenizer_of=embedded_model_dir)
+    truncated(tmp_path / "model" / file)
+    line = run_error(capsys, tiny, tmp_path, local_target(tiny, tmp_path / "model"))
+    assert f"model 'smollm2': cannot load its {part} from " in line and str(tmp_path / "model" / file) in line
+
+
+def test_known_model_type_with_its_own_model_code_needs_trust(capsys, tiny, tmp_path, embedded_model_dir):
+    """A llama config whose auto_map names its own modelling code: not 'not a causal LM'."""
+    tiny_llama(tmp_path / "model", 49152, tokenizer_of=embedded_model_dir)
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_own.OwnForCausalLM"}
+    (tmp_path / "model" / "config.json").write_text(json.dumps(config))
+    line = run_error(capsys, tiny, tmp_path, local_target(tiny, tmp_path / "model"))
+    assert line.endswith("ships its own Python code and needs trust_remote_code: true (models.smollm2)")
+
+
 def tiny_llama_with_own_vocabulary(folder: Path) -> None:
     """A one-layer Llama with a 3-word tokenizer: a drafter whose vocabulary is not the target's."""
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import Whitespace
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    config = LlamaConfig(vocab_size=3, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
-    LlamaForCausalLM(config).save_pretrained(folder)
+    tiny_llama(folder, 3)
     words = Tokenizer(WordLevel({"<unk>": 0, "</s>": 1, "hello": 2}, unk_token="<unk>"))
     words.pre_tokenizer = Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", eos_token="</s>").save_pretrained(folder)
@@ -202,6 +248,15 @@ def test_drafter_with_another_vocabulary_fails_before_decoding(capsys, tiny, tmp
     drafter = DrafterSpec("tiny", "model", model=ModelSpec("tiny", "local", path=str(tmp_path / "tiny")))
     line = run_error(capsys, tiny, tmp_path, dataclasses.replace(tiny["cells"]["speculative"], drafter=drafter))
     assert "drafter tokenizer differs from the target's (3 vs 49152 tokens" in line
+
+
+def test_drafter_smaller_than_its_tokenizer_fails_before_decoding(capsys, tiny, tmp_path, embedded_model_dir):
+    """The target's tokenizer, but an embedding table of 100 rows: the first token id past it
+    would raise IndexError mid-decode."""
+    tiny_llama(tmp_path / "tiny", 100, tokenizer_of=embedded_model_dir)
+    drafter = DrafterSpec("tiny", "model", model=ModelSpec("tiny", "local", path=str(tmp_path / "tiny")))
+    line = run_error(capsys, tiny, tmp_path, dataclasses.replace(tiny["cells"]["speculative"], drafter=drafter))
+    assert "drafter vocab_size 100" in line and "49152 tokens of the shared tokenizer" in line
 
 
 def test_prompt_longer_than_the_context_names_request_and_limit(capsys, tiny, tmp_path):

@@ -3,13 +3,12 @@ whatever stdin answers to transformers' question."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import cell_inputs
+from conftest import cell_inputs, tiny_llama
 
 from specdec.config import expand_matrix, validate
 from specdec.records import write_cell
@@ -44,19 +43,13 @@ def custom_code_model(folder: Path, marker: Path, embedded_model_dir: Path) -> N
     """A tiny random Llama whose config and model classes are the folder's own Python (an
     unknown model_type, so transformers cannot load it without that code); importing it
     touches `marker`. The embedded model's tokenizer, so that it can decode the sample."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=49152, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512)
-    LlamaForCausalLM(config).save_pretrained(folder)
+    tiny_llama(folder, 49152, tokenizer_of=embedded_model_dir)
     settings = json.loads((folder / "config.json").read_text())
     settings |= {"model_type": "tinycustom", "architectures": ["CustomForCausalLM"], "auto_map": {
         "AutoConfig": "configuration_custom.CustomConfig", "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}}
     (folder / "config.json").write_text(json.dumps(settings))
     (folder / "configuration_custom.py").write_text(CONFIGURATION.format(marker=str(marker)))
     (folder / "modeling_custom.py").write_text(MODELING)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        shutil.copy(embedded_model_dir / name, folder / name)
 
 
 @pytest.mark.parametrize("trusted, stdin", [(False, "y\n" * 10), (True, "")], ids=["untrusted-stdin-y", "trusted-no-stdin"])

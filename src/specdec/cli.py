@@ -31,7 +31,8 @@ def _prepare_dataset(args) -> int:
     spec = ModelSpec(name=args.model, **json.loads(args.model_spec))
     location, kwargs = model_location(spec, Path(args.models_dir))
     tokenizer = load_tokenizer(location, spec.name, **kwargs)
-    prepared = prepare_dataset_file(json.loads(args.spec), tokenizer, args.out, seed=args.seed, name=args.name)
+    prepared = prepare_dataset_file(json.loads(args.spec), tokenizer, args.out, seed=args.seed, name=args.name,
+                                    skipped_path=args.skipped, skipped_html_path=args.skipped_html)
     print(json.dumps(prepared.stats, indent=2, default=str))
     return 0
 
@@ -96,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models-dir", default="resources/models", help="where embedded models are prepared")
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--skipped", help="CSV of the records skipped (file, line, reason)")
+    p.add_argument("--skipped-html", help="the same as an HTML table (needs --skipped)")
     p.set_defaults(func=_prepare_dataset)
 
     p = sub.add_parser("run", help="run one benchmark cell")

@@ -4,8 +4,10 @@ filtered by length and category, and sampled with a seed."""
 
 from __future__ import annotations
 
+import csv
 import glob
 import gzip
+import html
 import importlib.resources
 import importlib.util
 import json
@@ -20,7 +22,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import jsonschema
 
-from specdec.io import write_json, write_jsonl
+from specdec.io import atomic_open, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,8 @@ class DatasetError(ValueError):
 
 
 class Malformed(NamedTuple):
-    """A record that was skipped: where it is and what is wrong with it."""
+    """A record that was skipped (malformed, a duplicate or no prompt in it): where it is and
+    why."""
 
     file: str
     line: int
@@ -89,6 +92,7 @@ class _Problems:
     def add(self, file: Path, line: int, reason: str) -> None:
         if self.fail:
             raise DatasetError(f"{file}:{line}: {reason}")
+        log.warning("%s:%d: %s; record skipped", file, line, reason)
         self.malformed.append(Malformed(str(file), line, reason))
 
 
@@ -104,6 +108,14 @@ def _read_text(path: Path) -> str:
         raise DatasetError(f"{path}: cannot be read as UTF-8 text: {err}") from None
 
 
+def _parse(text: str) -> Any:
+    """json.loads, a document nested past Python's recursion limit being invalid JSON too."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", text, 0) from None
+
+
 def _json_items(path: Path, problems: _Problems) -> Iterator[tuple[int, Any]]:
     """(line, value) for each item of a JSON-array file or each line of a JSON-lines file."""
     text = _read_text(path)
@@ -117,7 +129,7 @@ def _json_items(path: Path, problems: _Problems) -> Iterator[tuple[int, Any]]:
 
 def _array_items(path: Path, text: str) -> Iterator[tuple[int, Any]]:
     try:
-        values = json.loads(text)
+        values = _parse(text)
     except json.JSONDecodeError as err:
         raise DatasetError(f"{path}: not valid JSON (line {err.lineno}): {err.msg}") from None
     # The file is valid JSON, so each item can be found again to tell the line it starts on.
@@ -137,7 +149,7 @@ def _jsonl_items(path: Path, text: str, problems: _Problems) -> Iterator[tuple[i
         if not raw.strip():
             continue
         try:
-            value = json.loads(raw)
+            value = _parse(raw)
         except json.JSONDecodeError as err:
             if not seen_value:
                 _reject_single_document(path, text)
@@ -150,7 +162,7 @@ def _jsonl_items(path: Path, text: str, problems: _Problems) -> Iterator[tuple[i
 def _reject_single_document(path: Path, text: str) -> None:
     """A file whose first line is not JSON may be one multi-line document of the wrong shape."""
     try:
-        document = json.loads(text)
+        document = _parse(text)
     except json.JSONDecodeError:
         return
     raise DatasetError(
@@ -202,7 +214,7 @@ def _expect_object(value: Any) -> dict:
     return value
 
 
-def _sharegpt(value: Any) -> _Conversation | None:
+def _sharegpt(value: Any) -> _Conversation:
     record = _expect_object(value)
     source_id = _typed(_get(record, "id"), (str, int), "id")
     messages = _typed(_get(record, "conversations"), (list,), "conversations")
@@ -219,7 +231,7 @@ def _sharegpt(value: Any) -> _Conversation | None:
                 f"key '{where}.from' is {speaker!r}; expected 'human', 'gpt' or a leading 'system'"
             )
     if not turns:
-        return None
+        raise _BadRecord("no human turn to prompt with")
     return _Conversation(str(source_id), "chat", system, turns)
 
 
@@ -277,7 +289,7 @@ def _sample_file() -> Path:
 
 @dataclass(frozen=True)
 class _Source:
-    parse: Callable[[Any], _Conversation | None]
+    parse: Callable[[Any], _Conversation]
     files: Callable[[dict], list[Path]]
     default_turns: str = "all"
 
@@ -299,16 +311,12 @@ def _load(name: str, spec: dict, problems: _Problems) -> tuple[list[dict], dict]
     files = source.files(spec)
     records: list[dict] = []
     first_seen: dict[str, str] = {}
-    no_user_turn = 0
     for path in files:
         for line, value in _json_items(path, problems):
             try:
                 conversation = source.parse(value)
             except _BadRecord as err:
                 problems.add(path, line, str(err))
-                continue
-            if conversation is None:
-                no_user_turn += 1
                 continue
             record_id = f"{name}/{conversation.source_id}"
             if record_id in first_seen:
@@ -321,7 +329,7 @@ def _load(name: str, spec: dict, problems: _Problems) -> tuple[list[dict], dict]
                 "system": conversation.system,
                 "turns": conversation.turns[:1] if first_only else conversation.turns,
             })
-    return records, {"files": [str(path) for path in files], "no_user_turn": no_user_turn}
+    return records, {"files": [str(path) for path in files]}
 
 
 # --- preparation -------------------------------------------------------------------------------
@@ -423,14 +431,10 @@ def prepare_prompts(spec: dict, tokenizer, *, seed: int,
     name = name or spec["source"]
     problems = _Problems(fail=spec.get("on_malformed", "skip") == "fail")
     records, stats = _load(name, spec, problems)
-    if problems.malformed:
-        first = problems.malformed[0]
-        log.warning("dataset %s: skipped %d malformed records; first: %s:%d: %s",
-                    name, len(problems.malformed), *first)
     if not records:
         raise DatasetError(
             f"dataset {name!r}: no prompts loaded from {stats['files']} "
-            f"({len(problems.malformed)} malformed, {stats['no_user_turn']} without a user turn)"
+            f"({len(problems.malformed)} records skipped)"
         )
     loaded = len(records)
     records, filtered_out = _measure_and_filter(name, records, spec, tokenizer)
@@ -438,9 +442,8 @@ def prepare_prompts(spec: dict, tokenizer, *, seed: int,
     stats.update(dataset=name, source=spec["source"], seed=seed, loaded=loaded,
                  malformed=problems.malformed, filtered_out=filtered_out,
                  available=len(records), sampled=len(chosen))
-    log.info("dataset %s: %d loaded, %d malformed, %d without a user turn, %s filtered out, "
-             "%d sampled", name, loaded, len(problems.malformed), stats["no_user_turn"],
-             filtered_out or "none", len(chosen))
+    log.info("dataset %s: %d loaded, %d skipped, %s filtered out, %d sampled", name, loaded,
+             len(problems.malformed), filtered_out or "none", len(chosen))
     return PreparedDataset(chosen, stats)
 
 
@@ -478,7 +481,7 @@ def read_prompts(path: str | os.PathLike) -> list[dict]:
         for line, raw in enumerate(text.split("\n"), start=1):
             if raw.strip():
                 try:
-                    yield f"{path}:{line}", json.loads(raw)
+                    yield f"{path}:{line}", _parse(raw)
                 except json.JSONDecodeError as err:
                     raise DatasetError(f"{path}:{line}: not valid JSON: {err.msg}") from None
 
@@ -488,10 +491,34 @@ def read_prompts(path: str | os.PathLike) -> list[dict]:
     return records
 
 
+def write_skipped(skipped: list[Malformed], csv_path: str | os.PathLike,
+                  html_path: str | os.PathLike | None = None, title: str = "Skipped records") -> None:
+    """The skipped records (file, line, reason) as CSV and, for the Snakemake report (which
+    shows HTML but offers CSV only as a download), as an HTML table; atomically."""
+    with atomic_open(csv_path) as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(Malformed._fields)
+        writer.writerows(skipped)
+    if html_path is None:
+        return
+    cells = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(value))}</td>" for value in record) + "</tr>"
+        for record in skipped
+    )
+    head = "".join(f"<th>{column}</th>" for column in Malformed._fields)
+    body = f"<table><tr>{head}</tr>{cells}</table>" if skipped else "<p>No record was skipped.</p>"
+    with atomic_open(html_path) as handle:
+        handle.write(f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+                     f"</head><body><h1>{html.escape(title)}</h1>{body}</body></html>\n")
+
+
 def prepare_dataset_file(spec: dict, tokenizer, out_path: str | os.PathLike, *, seed: int,
                          name: str | None = None,
-                         stats_path: str | os.PathLike | None = None) -> PreparedDataset:
-    """Prepare a dataset and write its prompt file (and stats JSON); for Snakemake and the CLI.
+                         stats_path: str | os.PathLike | None = None,
+                         skipped_path: str | os.PathLike | None = None,
+                         skipped_html_path: str | os.PathLike | None = None) -> PreparedDataset:
+    """Prepare a dataset and write its prompt file (and stats JSON, and the skipped records
+    as by `write_skipped`); for Snakemake and the CLI.
 
     `tokenizer` is a loaded tokenizer or the path of a model/tokenizer folder.
     """
@@ -503,4 +530,7 @@ def prepare_dataset_file(spec: dict, tokenizer, out_path: str | os.PathLike, *, 
     write_prompts(out_path, prepared.records)
     if stats_path is not None:
         write_json(stats_path, prepared.stats)
+    if skipped_path is not None:
+        write_skipped(prepared.stats["malformed"], skipped_path, skipped_html_path,
+                      f"Records skipped from dataset {prepared.stats['dataset']}")
     return prepared

@@ -82,8 +82,9 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
         import shutil
 
         shutil.rmtree(tmp)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF holds no code; saying so keeps transformers from ever asking on stdin.
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32, trust_remote_code=False)
     # The weights are already dequantised to fp32; dropping the GGUF quantiser marks the
     # model as a plain one so that save_pretrained writes ordinary safetensors.
     model.hf_quantizer = None
@@ -184,7 +185,7 @@ def model_location(spec: ModelSpec, models_dir: Path) -> tuple[str, dict]:
     return spec.id, kwargs
 
 
-def untrusted_code(name: str, location: str) -> ModelError:
+def _untrusted_code(name: str, location: str) -> ModelError:
     """The refusal of a model that ships its own Python: running it needs the user's consent."""
     return ModelError(f"model {name!r} ({location}) ships its own Python code and needs trust_remote_code: true (models.{name})")
 
@@ -211,7 +212,7 @@ def _broken_file(location: str, error: Exception) -> str:
     return location
 
 
-def from_pretrained(loader, location: str, name: str, part: str, *, trust_remote_code: bool, **kwargs):
+def _from_pretrained(loader, location: str, name: str, part: str, *, trust_remote_code: bool, **kwargs):
     """`loader(location, ...)`, a transformers `from_pretrained` of one part of a model (config,
     tokenizer, weights), always told whether the model's own code may run: left unset,
     transformers asks on stdin, so any `y` there would import a folder's Python. Broken or
@@ -220,12 +221,10 @@ def from_pretrained(loader, location: str, name: str, part: str, *, trust_remote
 
     try:
         return loader(location, trust_remote_code=trust_remote_code, **kwargs)
-    except ValueError as error:
-        # transformers refuses code it may not run with an error that names the flag.
+    except (OSError, ValueError, SafetensorError) as error:
+        # transformers refuses code it may not run with a ValueError that names the flag.
         if not trust_remote_code and "trust_remote_code" in str(error):
-            raise untrusted_code(name, location) from None
-        raise ModelError(f"model {name!r}: cannot load its {part} from {_broken_file(location, error)}: {_one_line(error)}") from None
-    except (OSError, SafetensorError) as error:
+            raise _untrusted_code(name, location) from None
         raise ModelError(f"model {name!r}: cannot load its {part} from {_broken_file(location, error)}: {_one_line(error)}") from None
 
 
@@ -237,10 +236,10 @@ def read_config(location: str, name: str, *, trust_remote_code: bool, **kwargs):
     """A causal LM's config, read without weights; the model's own code only if trusted."""
     from transformers import AutoConfig
 
-    config = from_pretrained(AutoConfig.from_pretrained, location, name, "config", trust_remote_code=trust_remote_code, **kwargs)
+    config = _from_pretrained(AutoConfig.from_pretrained, location, name, "config", trust_remote_code=trust_remote_code, **kwargs)
     if "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}):
         if not trust_remote_code:  # a known model_type with its own modelling code
-            raise untrusted_code(name, location)
+            raise _untrusted_code(name, location)
     elif not _is_causal_lm(config):
         raise ModelError(f"model {name!r} ({location}) is a {config.model_type!r} model, not a causal language model")
     return config
@@ -250,7 +249,7 @@ def load_tokenizer(location: str, name: str | None = None, *, trust_remote_code:
     """A tokenizer that pads on the left (pad == eos for many chat models)."""
     from transformers import AutoTokenizer
 
-    tokenizer = from_pretrained(AutoTokenizer.from_pretrained, location, name or location, "tokenizer",
+    tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, location, name or location, "tokenizer",
                                 trust_remote_code=trust_remote_code, **kwargs)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
@@ -288,6 +287,6 @@ def load_model(spec: ModelSpec, models_dir: Path, dtype: str | None = None, befo
     tokenizer = load_tokenizer(location, spec.name, **kwargs)
     if before_weights is not None:
         before_weights()
-    model = from_pretrained(AutoModelForCausalLM.from_pretrained, location, spec.name, "weights", dtype=torch_dtype, **load_kwargs, **kwargs).eval()
+    model = _from_pretrained(AutoModelForCausalLM.from_pretrained, location, spec.name, "weights", dtype=torch_dtype, **load_kwargs, **kwargs).eval()
     prepack_bfloat16_linears(model)
     return model, tokenizer

@@ -6,7 +6,7 @@ rule prepare_model:
     conda:
         "../../envs/specdec.yaml"
     shell:
-        "specdec prepare-model --out {output.model} > {log} 2>&1"
+        "specdec prepare-model --out {output.model:q} > {log:q} 2>&1"
 
 
 rule prepare_dataset:
@@ -14,6 +14,13 @@ rule prepare_dataset:
         model=dataset_model_input,
     output:
         prompts=f"{RESULTS}/prompts/{{dataset}}.jsonl",
+        skipped=f"{RESULTS}/prompts/{{dataset}}.skipped.csv",
+        skipped_html=report(
+            f"{RESULTS}/prompts/{{dataset}}.skipped.html",
+            caption="../report/skipped.rst",
+            category="Datasets",
+            subcategory="{dataset}",
+        ),
     log:
         "logs/prepare_dataset/{dataset}.log",
     conda:
@@ -26,6 +33,7 @@ rule prepare_dataset:
         ),
         seed=config["seed"],
     shell:
-        "specdec prepare-dataset --name {wildcards.dataset} --spec {params.spec:q}"
-        " --model {params.model} --model-spec {params.model_spec:q} --seed {params.seed}"
-        " --out {output.prompts} > {log} 2>&1"
+        "specdec prepare-dataset --name {wildcards.dataset:q} --spec {params.spec:q}"
+        " --model {params.model:q} --model-spec {params.model_spec:q} --seed {params.seed:q}"
+        " --out {output.prompts:q} --skipped {output.skipped:q}"
+        " --skipped-html {output.skipped_html:q} > {log:q} 2>&1"
