@@ -13,9 +13,8 @@ from specdec.datasets import (
     first_turn_messages,
     prepare_dataset_file,
     prepare_prompts,
-    read_prompts,
-    write_prompts,
 )
+from specdec.records import RecordError, read_prompts, write_prompts
 
 FIXTURES = Path(__file__).parent / "fixtures" / "datasets"
 MALFORMED_JSONL = FIXTURES / "sharegpt_malformed.jsonl"
@@ -317,9 +316,9 @@ def test_prepare_dataset_file_writes_prompts_and_stats(embedded_model_dir, tmp_p
 
 def test_write_prompts_refuses_empty_and_invalid(tmp_path):
     target = tmp_path / "p.jsonl"
-    with pytest.raises(DatasetError, match="refusing to write an empty prompt file"):
+    with pytest.raises(RecordError, match="refusing to write an empty prompt file"):
         write_prompts(target, [])
-    with pytest.raises(DatasetError, match=r"record 0: \$: 'prompt_tokens' is a required property"):
+    with pytest.raises(RecordError, match=r"record 0: \$: 'prompt_tokens' is a required property"):
         write_prompts(target, [{"id": "x/1", "dataset": "x", "category": "c", "system": None,
                                 "turns": ["hi"]}])
     assert not target.exists()
@@ -340,7 +339,7 @@ GOOD = {"id": "x/1", "dataset": "x", "category": "chat", "system": None, "turns"
 def test_read_prompts_names_file_and_line(tmp_path, lines, message):
     path = tmp_path / "p.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(DatasetError, match=message):
+    with pytest.raises(RecordError, match=message):
         read_prompts(path)
 
 

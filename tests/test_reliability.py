@@ -23,10 +23,10 @@ from specdec import cli, runner
 from specdec.aggregate import failed_table, read_runs, runs_table
 from specdec.cells import DrafterSpec, Load, ModelSpec
 from specdec.config import ConfigError, expand_matrix, validate
-from specdec.datasets import prepare_dataset_file, read_prompts
+from specdec.datasets import prepare_dataset_file
 from specdec.load import arrival_times
 from specdec.models import load_model, load_tokenizer
-from specdec.records import read_requests, write_cell
+from specdec.records import read_prompts, read_requests, write_cell
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

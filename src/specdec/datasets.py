@@ -22,7 +22,8 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import jsonschema
 
-from specdec.io import atomic_open, write_json, write_jsonl
+from specdec.io import atomic_open, write_json
+from specdec.records import write_prompts
 
 log = logging.getLogger(__name__)
 
@@ -30,19 +31,6 @@ HUMANEVAL_INSTRUCTION = (
     "Complete the following Python function. Reply with the whole function in one Python "
     "code block.\n\n```python\n{code}\n```"
 )
-PROMPT_RECORD_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "id": {"type": "string", "minLength": 1},
-        "dataset": {"type": "string", "minLength": 1},
-        "category": {"type": "string", "minLength": 1},
-        "system": {"type": ["string", "null"]},
-        "turns": {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
-        "prompt_tokens": {"type": "integer", "minimum": 1},
-    },
-    "required": ["id", "dataset", "category", "system", "turns", "prompt_tokens"],
-    "additionalProperties": False,
-}
 # Chat templates are rendered per conversation; batching lets the fast tokenizer work in bulk.
 _TOKENIZE_BATCH = 256
 _SEPARATORS = re.compile(r"[\s,]*")
@@ -448,47 +436,6 @@ def prepare_prompts(spec: dict, tokenizer, *, seed: int,
 
 
 # --- prompt files ---------------------------------------------------------------------------------
-
-
-def _check_records(located: Iterable[tuple[str, Any]]) -> list[dict]:
-    """Validate (location, record) pairs against the prompt-record contract; ids must be unique."""
-    validator = jsonschema.Draft202012Validator(PROMPT_RECORD_SCHEMA)
-    records, first_seen = [], {}
-    for where, record in located:
-        error = jsonschema.exceptions.best_match(validator.iter_errors(record))
-        if error is not None:
-            raise DatasetError(f"{where}: {error.json_path}: {error.message}")
-        if record["id"] in first_seen:
-            raise DatasetError(f"{where}: duplicate id {record['id']!r} "
-                               f"(first at {first_seen[record['id']]})")
-        first_seen[record["id"]] = where
-        records.append(record)
-    return records
-
-
-def write_prompts(path: str | os.PathLike, records: list[dict]) -> None:
-    """Write prompt records as JSON lines, atomically; refuses an empty or invalid list."""
-    if not records:
-        raise DatasetError(f"{path}: refusing to write an empty prompt file")
-    write_jsonl(path, _check_records((f"record {i}", r) for i, r in enumerate(records)))
-
-
-def read_prompts(path: str | os.PathLike) -> list[dict]:
-    """Read and validate a prompt file written by write_prompts."""
-    text = _read_text(Path(path))
-
-    def located() -> Iterator[tuple[str, Any]]:
-        for line, raw in enumerate(text.split("\n"), start=1):
-            if raw.strip():
-                try:
-                    yield f"{path}:{line}", _parse(raw)
-                except json.JSONDecodeError as err:
-                    raise DatasetError(f"{path}:{line}: not valid JSON: {err.msg}") from None
-
-    records = _check_records(located())
-    if not records:
-        raise DatasetError(f"{path}: no prompt records")
-    return records
 
 
 def write_skipped(skipped: list[Malformed], csv_path: str | os.PathLike,

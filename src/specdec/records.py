@@ -1,5 +1,5 @@
-"""The file contract between jobs: cell, request and result records, their schemas and the
-status enum. Writers validate before they write, readers after they read, against the same
+"""The file contract between jobs: prompt, cell, request and result records, their schemas
+and the status enum. Writers validate before they write, readers after they read, against the same
 schema (`schemas/*.schema.json`); every file is written atomically (`specdec.io`)."""
 
 from __future__ import annotations
@@ -73,6 +73,35 @@ def _read_jsonl(path: Path) -> Iterable[tuple[int, Any]]:
                 yield number, json.loads(line)
             except (json.JSONDecodeError, RecursionError) as err:
                 raise RecordError(f"{path}:{number}: not valid JSON: {err}") from None
+
+
+# ---------------------------------------------------------------------- prompts
+
+
+def _unique_prompts(located: Iterable[tuple[str, Any]]) -> list[dict]:
+    """Validate (location, record) pairs; ids must be unique within a file."""
+    records, first_seen = [], {}
+    for where, record in located:
+        validate("prompt", record, where)
+        if record["id"] in first_seen:
+            raise RecordError(f"{where}: duplicate id {record['id']!r} (first at {first_seen[record['id']]})")
+        first_seen[record["id"]] = where
+        records.append(record)
+    return records
+
+
+def write_prompts(path: str | os.PathLike, records: list[dict]) -> None:
+    """Prompt records as JSON lines; refuses an empty or invalid list."""
+    if not records:
+        raise RecordError(f"{path}: refusing to write an empty prompt file")
+    write_jsonl(path, _unique_prompts((f"record {i}", r) for i, r in enumerate(records)))
+
+
+def read_prompts(path: str | os.PathLike) -> list[dict]:
+    records = _unique_prompts((f"{path}:{number}", record) for number, record in _read_jsonl(Path(path)))
+    if not records:
+        raise RecordError(f"{path}: no prompt records")
+    return records
 
 
 # ------------------------------------------------------------------------ cells

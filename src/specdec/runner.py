@@ -26,7 +26,7 @@ from specdec.analysis import analyse, memory_report
 from specdec.cells import Cell
 from specdec.io import write_json
 from specdec.measure import measure
-from specdec.records import RESULT_SCHEMA_VERSION, Status, write_requests, write_result
+from specdec.records import RESULT_SCHEMA_VERSION, Status, read_prompts, write_requests, write_result
 from specdec.session import Session, check_context, load_session
 
 log = logging.getLogger("specdec.run")
@@ -96,7 +96,6 @@ def run_cell(cell: Cell, prompts_path: Path, out_dir: Path, models_dir: Path = P
 
     Bad input raises (a ValueError) before anything is written. SIGTERM/SIGINT at any moment,
     the writing of the outputs included, leaves neither output file."""
-    from specdec.datasets import read_prompts
     from specdec.gpus import lease_gpus
 
     out_dir, started = Path(out_dir), now_iso()
