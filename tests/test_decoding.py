@@ -106,11 +106,19 @@ def test_ragged_rollback_matches_a_fresh_prefill():
 
 
 @pytest.mark.parametrize(
-    "field, value", [("gamma", 0), ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("max_new_tokens", 0)]
+    "field, value", [("gamma", -1), ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("max_new_tokens", 0)]
 )
 def test_bad_settings_are_refused_by_name(field, value):
     with pytest.raises(ValueError, match=field):
         GenerationSettings(**{"max_new_tokens": 8, field: value})
+
+
+def test_a_drafter_needs_draft_tokens(embedded_model):
+    """gamma 0 means AR (no drafter); with a drafter it is refused, not silently AR."""
+    model, _ = embedded_model
+    ids = torch.tensor([[5, 6, 7]])
+    with pytest.raises(ValueError, match="gamma >= 1"):
+        generate(model, ids, torch.ones_like(ids), GenerationSettings(max_new_tokens=2, gamma=0), drafter=NgramDrafter())
 
 
 def test_empty_prompt_is_refused(embedded_model, settings):

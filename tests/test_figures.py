@@ -146,6 +146,10 @@ def experiments():
     return ["demo"]
 
 
+def run_results():
+    return [f"{RESULTS}/runs/{cell_id}/result.json" for cell_id in CELLS]
+
+
 def experiment_results(wildcards):
     return [f"{RESULTS}/runs/{cell.id}/result.json" for cell in CELLS.values() if cell.experiment == wildcards.experiment]
 """

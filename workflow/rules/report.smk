@@ -100,7 +100,11 @@ rule plot:
         "../scripts/figures.py"
 
 
+# Every cell's result is a target too: Snakemake does not rebuild a missing intermediate
+# file whose consumers look up to date, so a deleted or killed cell would never rerun and
+# the tables would keep numbers whose files are gone.
 rule figures:
     input:
         tables=expand(rules.aggregate.output, experiment=experiments()),
         figures=expand(rules.plot.output, experiment=experiments()),
+        results=run_results(),
