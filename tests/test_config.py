@@ -95,6 +95,9 @@ def _experiment(**changes):
         (lambda c: c["drafters"].update({"my drafter": {"kind": "ngram"}}), "drafters"),
         (lambda c: c["models"].update({"m;rm": {"source": "embedded"}}), "models"),
         (lambda c: c["experiments"].update({"e/x": c["experiments"]["default"]}), "experiments"),
+        (lambda c: c.update(plots={"colour": "red"}), "plots"),
+        (lambda c: c.update(plots={"dpi": "high"}), "plots.dpi"),
+        (lambda c: c.update(aggregate={"confidence": 1.5}), "aggregate.confidence"),
     ],
 )
 def test_bad_config_names_the_key(default_config, mutate, key):

@@ -150,8 +150,8 @@ def run_results():
     return [f"{RESULTS}/runs/{cell_id}/result.json" for cell_id in CELLS]
 
 
-def experiment_results(wildcards):
-    return [f"{RESULTS}/runs/{cell.id}/result.json" for cell in CELLS.values() if cell.experiment == wildcards.experiment]
+def experiment_runs(wildcards, name="result.json"):
+    return [f"{RESULTS}/runs/{cell.id}/{name}" for cell in CELLS.values() if cell.experiment == wildcards.experiment]
 """
 
 

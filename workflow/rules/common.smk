@@ -37,10 +37,10 @@ def run_results():
     return [f"{RESULTS}/runs/{cell_id}/result.json" for cell_id in CELLS]
 
 
-def experiment_results(wildcards):
-    """The result files of one experiment: the tables depend on every one of them."""
+def experiment_runs(wildcards, name="result.json"):
+    """One file of every cell of an experiment: the tables depend on every cell."""
     return [
-        f"{RESULTS}/runs/{cell.id}/result.json"
+        f"{RESULTS}/runs/{cell.id}/{name}"
         for cell in CELLS.values()
         if cell.experiment == wildcards.experiment
     ]

@@ -19,7 +19,8 @@ FIGURE_CATEGORIES = {
 
 rule aggregate:
     input:
-        results=experiment_results,
+        results=experiment_runs,
+        requests=lambda wildcards: experiment_runs(wildcards, "requests.jsonl"),
     output:
         summary=report(
             f"{RESULTS}/tables/{{experiment}}/summary.html",
