@@ -6,6 +6,7 @@ import pytest
 from specdec.metrics import (
     MetricsError,
     acceptance,
+    acceptance_block,
     bootstrap_ci,
     coefficient_of_variation,
     distribution,
@@ -125,11 +126,28 @@ def test_acceptance_hand_computed():
     assert block["acceptance_rate"] == pytest.approx(0.5)
     assert block["mean_accepted_length"] == pytest.approx(8 / 5)
     assert block["per_position"] == [
-        {"position": 1, "drafted": 3, "accepted": 2, "rate": pytest.approx(2 / 3)},
-        {"position": 2, "drafted": 3, "accepted": 1, "rate": pytest.approx(1 / 3)},
+        {"position": 1, "drafted": 3, "accepted": 2, "rate": pytest.approx(2 / 3), "rate_per_draft": pytest.approx(2 / 3)},
+        {"position": 2, "drafted": 3, "accepted": 1, "rate": pytest.approx(1 / 3), "rate_per_draft": pytest.approx(1 / 3)},
     ]
     # trials: 3 at position 1, 2 (accepted at 1) at position 2
     assert per_token_alpha(block["per_position"]) == pytest.approx(3 / 5)
+
+
+def test_acceptance_under_vllm_names_by_hand():
+    """3 drafts (a: two of 2 tokens, keeping 2 and 1; b: one of 2, keeping 0)."""
+    block = acceptance(spec_records(), gamma=2)
+    assert block["num_drafts"] == 3
+    assert block["mean_acceptance_length"] == pytest.approx(1 + 3 / 3)  # bonus token included
+    assert block["accepted_per_step"] == [1, 1, 1]  # kept 0, 1 and 2 tokens once each
+
+
+def test_vllm_per_position_acceptance_divides_by_drafts_not_by_position_drafts():
+    # n-gram-like: 4 drafts, only 2 of them long enough to reach position 2
+    block = acceptance_block(drafted=6, accepted=4, forwards=10, output_tokens=14, per_position=([4, 2], [3, 1]))
+    assert [p["rate"] for p in block["per_position"]] == pytest.approx([3 / 4, 1 / 2])
+    assert [p["rate_per_draft"] for p in block["per_position"]] == pytest.approx([3 / 4, 1 / 4])
+    assert block["accepted_per_step"] == [1, 2, 1] and block["mean_acceptance_length"] == pytest.approx(2.0)
+    assert acceptance_block(1, 0, 1, 1, None)["num_drafts"] is None
 
 
 def test_acceptance_none_without_drafting():

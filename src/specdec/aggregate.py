@@ -38,7 +38,7 @@ REQUEST_COLUMNS = (
     *REQUEST_COUNTS,
 )
 ITL_COLUMNS = (*RUN_KEYS, "request_id", "itl_s")
-POSITION_COLUMNS = (*RUN_KEYS, "position", "drafted", "accepted", "rate")
+POSITION_COLUMNS = (*RUN_KEYS, "position", "drafted", "accepted", "rate", "rate_per_draft")
 POWER_SAMPLE_COLUMNS = ("t_s", "phase", "device", "power_w")  # of power.PowerMonitor.write_timeline
 POWER_COLUMNS = (*RUN_KEYS, *POWER_SAMPLE_COLUMNS)
 STATUS_COLUMNS = ("experiment", "cell", "status", "failure_type", "failure_message", "failure_phase")
@@ -135,7 +135,10 @@ def flatten_result(run: Run) -> dict[str, Any]:
         else:
             row[key] = value
     acceptance = result["acceptance"] or {}
-    row.update({key: acceptance.get(key) for key in (*REQUEST_COUNTS, "acceptance_rate", "mean_accepted_length")})
+    row.update({key: acceptance.get(key) for key in (*REQUEST_COUNTS, "acceptance_rate", "mean_accepted_length",
+                                                      "num_drafts", "mean_acceptance_length")})
+    # drafts keeping 0, 1, .. gamma tokens, as text so that the tidy table stays flat
+    row["accepted_per_step"] = " ".join(map(str, acceptance.get("accepted_per_step", []))) or None
     theory = result["theory"] or {}
     row["predicted_speedup"] = theory.get("predicted_speedup")
     row.update({f"theory_{key}": theory.get(key) for key in ("alpha", "cost_ratio", "longest_draft")})

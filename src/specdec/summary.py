@@ -49,6 +49,7 @@ SUMMARY_METRICS = {
     "e2e_s_p99": "E2E p99 (ms)",
     "acceptance_rate": "acceptance",
     "mean_accepted_length": "mean accepted length",
+    "mean_acceptance_length": "mean acceptance length (vLLM)",
     "energy_j_per_token": "energy (J/token)",
     "energy_ratio": "energy ratio",
 }
