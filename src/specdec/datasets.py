@@ -4,7 +4,6 @@ filtered by length and category, and sampled with a seed."""
 
 from __future__ import annotations
 
-import csv
 import glob
 import gzip
 import html
@@ -21,9 +20,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import jsonschema
+import pandas as pd
 
-from specdec.io import atomic_open, write_json
+from specdec.io import write_json
 from specdec.records import write_prompts
+from specdec.tables import write_csv, write_html
 
 log = logging.getLogger(__name__)
 
@@ -440,23 +441,12 @@ def prepare_prompts(spec: dict, tokenizer, *, seed: int,
 
 def write_skipped(skipped: list[Malformed], csv_path: str | os.PathLike,
                   html_path: str | os.PathLike | None = None, title: str = "Skipped records") -> None:
-    """The skipped records (file, line, reason) as CSV and, for the Snakemake report (which
-    shows HTML but offers CSV only as a download), as an HTML table; atomically."""
-    with atomic_open(csv_path) as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(Malformed._fields)
-        writer.writerows(skipped)
-    if html_path is None:
-        return
-    cells = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(value))}</td>" for value in record) + "</tr>"
-        for record in skipped
-    )
-    head = "".join(f"<th>{column}</th>" for column in Malformed._fields)
-    body = f"<table><tr>{head}</tr>{cells}</table>" if skipped else "<p>No record was skipped.</p>"
-    with atomic_open(html_path) as handle:
-        handle.write(f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-                     f"</head><body><h1>{html.escape(title)}</h1>{body}</body></html>\n")
+    """The skipped records (file, line, reason) as CSV and, for the Snakemake report, as an
+    HTML table; atomically."""
+    table = pd.DataFrame(skipped, columns=list(Malformed._fields))
+    write_csv(table, csv_path)
+    if html_path is not None:
+        write_html(table, html_path, html.escape(title), empty="No record was skipped.")
 
 
 def prepare_dataset_file(spec: dict, tokenizer, out_path: str | os.PathLike, *, seed: int,

@@ -77,6 +77,20 @@ def write_csv(table: pd.DataFrame, path: str | Path) -> Path:
     return path
 
 
+def write_html(shown: pd.DataFrame, path: str | Path, title: str, note: str = "", empty: str = "No rows.") -> Path:
+    """One table as an HTML page: the Snakemake report shows HTML inline (CSV only downloads)."""
+    path = Path(path)
+    body = shown.to_html(index=False, classes="specdec", border=0, na_rep=DASH) if len(shown) else f"<p>{empty}</p>"
+    note_html = f'<p class="note">{note}</p>' if note else ""
+    with atomic_open(path) as handle:
+        handle.write(
+            f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{title}</title>"
+            f"<style>{CSS}</style></head><body><h1>{title}</h1>{note_html}{body}"
+            "</body></html>\n"
+        )
+    return path
+
+
 def write_table(
     table: pd.DataFrame,
     stem: str | Path,
@@ -89,20 +103,8 @@ def write_table(
     stem = Path(stem)
     shown = table if shown is None else shown
     csv = write_csv(table, stem.with_suffix(".csv"))
-    md, html = stem.with_suffix(".md"), stem.with_suffix(".html")
+    md = stem.with_suffix(".md")
     body_md = shown.to_markdown(index=False) if len(shown) else f"_{empty}_"
     with atomic_open(md) as handle:
         handle.write(f"# {title}\n\n{note + chr(10) + chr(10) if note else ''}{body_md}\n")
-    body_html = (
-        shown.to_html(index=False, classes="specdec", border=0, na_rep=DASH)
-        if len(shown)
-        else f"<p>{empty}</p>"
-    )
-    note_html = f'<p class="note">{note}</p>' if note else ""
-    with atomic_open(html) as handle:
-        handle.write(
-            f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{title}</title>"
-            f"<style>{CSS}</style></head><body><h1>{title}</h1>{note_html}{body_html}"
-            "</body></html>\n"
-        )
-    return [csv, md, html]
+    return [csv, md, write_html(shown, stem.with_suffix(".html"), title, note, empty)]
