@@ -17,6 +17,7 @@ import pandas as pd
 
 from specdec.cells import Cell, Load
 from specdec.metrics import e2e, emission_gaps, measured, queueing_delay, request_tokens_per_s, tpot, ttft
+from specdec.power import TIMELINE_KEYS
 from specdec.records import RecordError, Status, read_requests, read_result
 from specdec.summary import DEFAULT_SETTINGS, merge_settings, summary_table
 from specdec.tables import DASH, display_summary, write_csv, write_table
@@ -39,7 +40,7 @@ REQUEST_COLUMNS = (
 )
 ITL_COLUMNS = (*RUN_KEYS, "request_id", "itl_s")
 POSITION_COLUMNS = (*RUN_KEYS, "position", "drafted", "accepted", "rate", "rate_per_draft")
-POWER_SAMPLE_COLUMNS = ("t_s", "phase", "device", "power_w")  # of power.PowerMonitor.write_timeline
+POWER_SAMPLE_COLUMNS = (*TIMELINE_KEYS, "power_w")  # of power.PowerMonitor.write_timeline
 POWER_COLUMNS = (*RUN_KEYS, *POWER_SAMPLE_COLUMNS)
 STATUS_COLUMNS = ("experiment", "cell", "status", "failure_type", "failure_message", "failure_phase")
 

@@ -56,6 +56,8 @@ MAX_PLAUSIBLE_W = 5000.0
 COUNTER_UPDATE_S = 0.1
 # Below this, one counter update is 10 % or more of the window.
 SHORT_WINDOW_S = 1.0
+# power.csv: one row per sample and device, these columns first, then TIMELINE_FIELDS.
+TIMELINE_KEYS = ("t_s", "phase", "device")
 TIMELINE_FIELDS = ("power_w", "gpu_util_pct", "mem_util_pct", "mem_used_mib", "temp_c",
                    "sm_clock_mhz", "throttle_reasons")
 
@@ -492,7 +494,7 @@ class PowerMonitor:
         spans = [("window", self._window), ("idle", self._idle)]
         with atomic_open(path) as handle:
             writer = csv.writer(handle, lineterminator="\n")
-            writer.writerow(("t_s", "phase", "device", *TIMELINE_FIELDS))
+            writer.writerow((*TIMELINE_KEYS, *TIMELINE_FIELDS))
             for i, tick in enumerate(ticks):
                 phase = next((name for name, span in spans
                               if span and len(span) == 2 and span[0] <= i <= span[1]), "")
