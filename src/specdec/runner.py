@@ -48,7 +48,11 @@ class CellTimeout(Exception):
 
 
 class OutputNotWritable(ValueError):
-    """The cell's output folder cannot be written; found before any model loads."""
+    """The cell's output folder cannot be written: found before any model loads, or (a disk
+    that filled up) when the outputs are written."""
+
+    def __init__(self, out_dir: Path, error: OSError):
+        super().__init__(f"output folder {out_dir} cannot be written: {error.strerror or error}")
 
 
 def now_iso() -> str:
@@ -67,7 +71,7 @@ def check_writable(out_dir: Path) -> None:
             probe.flush()
             os.fsync(probe.fileno())
     except OSError as exc:
-        raise OutputNotWritable(f"output folder {out_dir} cannot be written: {exc.strerror or exc}") from None
+        raise OutputNotWritable(out_dir, exc) from None
     finally:
         for folder in made:  # deepest first
             if folder.exists():
@@ -116,7 +120,7 @@ def run_cell(cell: Cell, prompts_path: Path, out_dir: Path, models_dir: Path = P
         try:
             _write_outputs(cell, result, records, where, started, out_dir)
         except OSError as exc:  # a disk that filled up during the decode
-            raise OutputNotWritable(f"output folder {out_dir} cannot be written: {exc.strerror or exc}") from None
+            raise OutputNotWritable(out_dir, exc) from None
     except Interrupted as exc:
         for name in OUTPUTS:  # one may be in place already if the signal came between the two renames
             (out_dir / name).unlink(missing_ok=True)
