@@ -1,8 +1,8 @@
 """The configuration gate: the one place a config is validated, and the matrix it expands to.
 
 `validate` is the only validation: the schema (`schemas/config.schema.yaml`, with `if`/`then`
-where keys depend on each other, numbers finite) plus `check_references`, the checks a schema
-cannot express. `expand_matrix` then builds every experiment's cells (`cells.Cell`) once
+where keys depend on each other) plus `check_references`, the checks a schema cannot express
+(numbers finite among them). `expand_matrix` then builds every experiment's cells (`cells.Cell`) once
 (dataset x method x drafter x gamma x batch size x max new tokens x temperature x placement
 x load x repeat); nothing below re-validates them.
 """
@@ -43,14 +43,9 @@ def schema_path() -> Path:
     return Path(str(resources.files("specdec") / "schemas" / "config.schema.yaml"))
 
 
-def _is_finite_number(checker, instance) -> bool:
-    return jsonschema.Draft202012Validator.TYPE_CHECKER.is_type(instance, "number") and math.isfinite(instance)
-
-
 def _validator_with_defaults(schema: dict) -> jsonschema.protocols.Validator:
-    """A validator that fills in `default` values, as Snakemake's validate does, resolves
-    relative `$ref`s (the dataset entry schema) beside the config schema, and counts only
-    finite values as numbers (YAML's `.nan` and `.inf` are floats)."""
+    """A validator that fills in `default` values, as Snakemake's validate does, and resolves
+    relative `$ref`s (the dataset entry schema) beside the config schema."""
     base = jsonschema.Draft202012Validator
     folder = schema_path().parent
 
@@ -65,10 +60,7 @@ def _validator_with_defaults(schema: dict) -> jsonschema.protocols.Validator:
         yield from base.VALIDATORS["properties"](validator, properties, instance, schema)
 
     schema = dict(schema, **{"$id": schema_path().as_uri()})
-    validator = jsonschema.validators.extend(
-        base, {"properties": set_defaults}, type_checker=base.TYPE_CHECKER.redefine("number", _is_finite_number)
-    )
-    return validator(schema, registry=Registry(retrieve=retrieve))
+    return jsonschema.validators.extend(base, {"properties": set_defaults})(schema, registry=Registry(retrieve=retrieve))
 
 
 def _key_path(error: jsonschema.ValidationError) -> str:
