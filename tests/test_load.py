@@ -106,6 +106,51 @@ def test_closed_loop_arrival_is_batch_start():
     assert [r["start_s"] for r in records] == pytest.approx([0.0, 0.0, 0.2])
 
 
+class FakeContinuousServer:
+    """Continuous batching as vLLM does it: each step (100 ms) gives every request in the
+    engine one token; a request of `tokens[prompt]` tokens leaves after that many steps."""
+
+    def __init__(self, clock, slots, tokens):
+        self.clock, self.slots, self.tokens = clock, slots, tokens
+        self.running = {}
+        self.most_in_flight = 0
+
+    def free_slots(self):
+        return self.slots - len(self.running)
+
+    def add(self, request, arrival):
+        self.running[request.request_id] = (request, arrival, self.clock(), [])
+        self.most_in_flight = max(self.most_in_flight, len(self.running))
+
+    def busy(self):
+        return bool(self.running)
+
+    def step(self):
+        self.clock.ns += 100 * MS
+        done = []
+        for request_id, (request, arrival, start, emissions) in list(self.running.items()):
+            emissions.append((self.clock(), 1))
+            if len(emissions) == self.tokens[request.prompt_id]:
+                del self.running[request_id]
+                done.append((request, {"emissions": emissions, "prompt_tokens": 3}, arrival, start))
+        return done
+
+
+def test_a_continuous_server_takes_requests_as_slots_free(arrivals):
+    arrivals([0.0, 0.0, 0.0, 0.05])
+    clock = FakeClock()
+    server = FakeContinuousServer(clock, slots=2, tokens={"a": 1, "b": 3, "c": 2, "d": 1})
+    records = run_load([conv(n) for n in "abcd"], server, OPEN, batch_size=2, warmup=0, clock=clock, sleep=clock.sleep)
+    by_id = {r["request_id"]: r for r in records}
+    assert server.most_in_flight == 2
+    # a leaves after one step and c takes its slot at once, without waiting for b (static batching would)
+    assert by_id["c#1"]["start_s"] == pytest.approx(0.1)
+    assert by_id["c#1"]["start_s"] - by_id["c#1"]["arrival_s"] == pytest.approx(0.1)  # queued behind a and b
+    assert by_id["d#1"]["start_s"] == pytest.approx(0.3)  # b's slot frees after its third step
+    assert by_id["b#1"]["first_token_s"] == pytest.approx(0.1) and by_id["b#1"]["finish_s"] == pytest.approx(0.3)
+    assert [r["request_id"] for r in records] == ["a#1", "b#1", "c#1", "d#1"]
+
+
 def test_closed_loop_cycles_conversations_with_distinct_ids():
     records, _ = drive([conv("a"), conv("b")], Load(mode="closed", num_requests=3), 4, warmup=0)
     assert [r["request_id"] for r in records] == ["a#1", "b#1", "a@1#1"]

@@ -5,7 +5,7 @@ from datetime import datetime, timezone
 from specdec import metadata
 from specdec.metadata import accelerator, collect_metadata, cpu_model, git_commit
 
-KEYS = {"specdec", "python", "torch", "transformers", "packages", "cuda", "driver", "devices", "cpu", "host",
+KEYS = {"specdec", "python", "torch", "transformers", "vllm", "packages", "cuda", "driver", "devices", "cpu", "host",
         "git_commit", "seed", "started_at", "finished_at"}
 
 

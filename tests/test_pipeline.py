@@ -73,7 +73,7 @@ def test_a_deleted_cell_is_rebuilt_and_the_tables_follow(study):
     """No table outlives its inputs: the tables depend on every cell's result."""
     import shutil
 
-    cell = next((study / "results/runs/tiny").glob("*--ngram-*"))
+    cell = next((study / "results/runs/tiny").glob("*--specdec-ngram-*"))
     summary = study / "results/tables/tiny/summary.csv"
     before = summary.stat().st_mtime_ns
     shutil.rmtree(cell)

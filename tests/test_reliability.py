@@ -265,7 +265,7 @@ def test_prompt_longer_than_the_context_names_request_and_limit(capsys, tiny, tm
     prompts.write_text(json.dumps(long) + "\n")
     line = run_error(capsys, tiny, tmp_path, tiny["cells"]["ar"], prompts)
     assert "request long/1#1:" in line and "max_new_tokens 8" in line
-    assert "exceed the models' context of 8192 (max_position_embeddings)" in line
+    assert "exceed the models' context of 8192" in line
 
 
 def test_an_output_folder_that_cannot_be_written_fails_before_any_model_loads(capsys, monkeypatch, tiny, tmp_path):

@@ -91,7 +91,9 @@ def load_label(load: Load) -> str:
 
 
 def method_label(cell: Cell) -> str:
-    return f"{cell.method} ({cell.drafter.name})" if cell.drafter else cell.method
+    """`method (drafter)`, after `engine: ` for an engine other than ours."""
+    label = f"{cell.method} ({cell.drafter.name})" if cell.drafter else cell.method
+    return label if cell.engine == "specdec" else f"{cell.engine}: {label}"
 
 
 def cell_columns(cell: Cell) -> dict[str, Any]:
@@ -104,8 +106,10 @@ def cell_columns(cell: Cell) -> dict[str, Any]:
         "cell_id": cell.id,
         "group_id": cell.group_id,
         "ar_group_id": cell.ar_counterpart().group_id,
+        "specdec_ar_group_id": cell.ar_counterpart(engine="specdec").group_id,
         "dataset": cell.dataset,
         "target": cell.target.name,
+        "engine": cell.engine,
         "method": cell.method,
         "method_label": method_label(cell),
         "drafter": cell.drafter.name if cell.drafter else None,
@@ -147,6 +151,8 @@ def flatten_result(run: Run) -> dict[str, Any]:
     memory = result.get("memory") or {}
     row.update({f"memory_{key}": memory.get(key) for key in ("device", "weights_mb", "peak_mb", "peak_over_needed", "growth_over_needed")})
     row["correctness_identical"] = (result["correctness"] or {}).get("identical")
+    row["parity_identical"] = (result.get("parity") or {}).get("identical")
+    row["engine_version"] = (result.get("engine") or {}).get("version")
     failure = result["failure"] or {}
     row.update({f"failure_{key}": failure.get(key) for key in ("type", "message", "phase")})
     for key, value in result["metadata"].items():
@@ -197,6 +203,7 @@ RUN_INFO_FIELDS = {
     "meta_driver": "driver",
     "meta_torch": "torch",
     "meta_transformers": "transformers",
+    "meta_vllm": "vLLM",
     "meta_specdec": "specdec",
     "meta_git_commit": "git commit",
     "target": "targets",

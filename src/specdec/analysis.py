@@ -77,32 +77,48 @@ def _top2_gap(session: Session, ids: list[int]) -> float:
     return float(top[0] - top[1])
 
 
-def _correctness(session: Session, records: list[dict], reference: Path | None) -> dict:
-    cell = session.cell
-    if not cell.drafts:
-        return {"checked": False, "reason": "AR is the reference"}
-    if not cell.greedy:
+def _greedy_check(session, records: list[dict], reference: Path | None, missing: str) -> dict:
+    if not session.cell.greedy:
         return {"checked": False, "reason": "sampling: losslessness is a property of the output distribution, tested statistically"}
     if reference is None:
-        return {"checked": False, "reason": "no greedy AR cell with the same settings in the matrix"}
+        return {"checked": False, "reason": missing}
     return compare_with_reference(session, records, reference)
 
 
-def analyse(session: Session, records: list[dict], reference: Path | None) -> dict:
-    """The result's metrics, acceptance, theory and correctness blocks."""
+def _correctness(session, records: list[dict], reference: Path | None) -> dict:
+    """Lossless: a greedy drafting cell against the same engine's AR cell."""
+    if not session.cell.drafts:
+        return {"checked": False, "reason": "AR is the reference"}
+    return _greedy_check(session, records, reference, "no greedy AR cell of this engine with the same settings in the matrix")
+
+
+def _parity(session, records: list[dict], reference: Path | None) -> dict:
+    """Engine parity: a cell another engine runs against our engine's AR cell."""
+    if session.cell.engine == "specdec":
+        return {"checked": False, "reason": "our engine is the reference"}
+    return _greedy_check(session, records, reference, "no greedy AR cell of our engine with the same settings in the matrix")
+
+
+def analyse(session, records: list[dict], reference: Path | None, parity_reference: Path | None = None) -> dict:
+    """The result's metrics, acceptance, theory and correctness blocks. The theory needs the
+    forward costs of models in this process, so a vLLM cell has none."""
     cell = session.cell
     summary = {"metrics": metrics.summarize(records), "acceptance": None, "theory": None,
-               "correctness": _correctness(session, records, reference)}
+               "correctness": _correctness(session, records, reference),
+               "parity": _parity(session, records, parity_reference)}
     if not cell.drafts:
         return summary
     acceptance = metrics.acceptance(records, cell.gamma)
     summary["acceptance"] = acceptance
+    if cell.engine == "vllm":
+        acceptance["engine_counters"] = session.window
+        return summary
     alpha = metrics.per_token_alpha(acceptance["per_position"])
     if alpha is None:
         return summary
     # A decode step is a target forward that could verify drafts: our engine's prefill
     # cannot (TTFT is the target's alone), transformers' verifies its first draft.
-    undrafted = 0 if cell.peer else len(metrics.measured(records))
+    undrafted = 0 if cell.engine == "transformers" else len(metrics.measured(records))
     shares = metrics.draft_length_shares(acceptance["per_position"], acceptance["target_forwards"] - undrafted)
     costs = forward_costs(session, session.prompt_ids[records[-1]["request_id"]], verify_width=len(shares))
     summary["theory"] = metrics.theory(

@@ -15,12 +15,12 @@ from typing import Any
 # The longest draft a config may ask for: beyond it the per-position tables and the
 # verification forward only grow, and no drafter in the field accepts that far.
 GAMMA_MAX = 32
-METHODS = ("ar", "speculative", "ngram", "hf_assisted", "hf_prompt_lookup")
-MODEL_DRAFTER_METHODS = frozenset({"speculative", "hf_assisted"})
+METHODS = ("ar", "speculative", "ngram")
+# What runs a cell's method: our engine (specdec.decoding), transformers' generate() or vLLM.
+ENGINES = ("specdec", "transformers", "vllm")
+MODEL_DRAFTER_METHODS = frozenset({"speculative"})
 NGRAM_DRAFTER_METHODS = frozenset({"ngram"})
-DRAFTING_METHODS = frozenset({"speculative", "ngram", "hf_assisted", "hf_prompt_lookup"})
-# Methods that run transformers' generate() rather than our engine.
-PEER_METHODS = frozenset({"hf_assisted", "hf_prompt_lookup"})
+DRAFTING_METHODS = frozenset({"speculative", "ngram"})
 DEFAULT_GAMMA = 4
 
 
@@ -123,6 +123,7 @@ class Cell:
     warmup: int = 1
     timeout_s: float | None = None
     power: Power = Power()
+    engine: str = "specdec"
 
     @property
     def greedy(self) -> bool:
@@ -131,11 +132,6 @@ class Cell:
     @property
     def drafts(self) -> bool:
         return self.gamma > 0
-
-    @property
-    def peer(self) -> bool:
-        """transformers' generate() runs the cell, not our engine."""
-        return self.method in PEER_METHODS
 
     @property
     def drafter_model(self) -> ModelSpec | None:
@@ -147,7 +143,7 @@ class Cell:
     @property
     def group(self) -> str:
         """The name without the repeat: every setting that makes the cell what it is."""
-        method = self.method + (f"-{self.drafter.name}" if self.drafter else "")
+        method = f"{self.engine}-{self.method}" + (f"-{self.drafter.name}" if self.drafter else "")
         if self.drafts:
             method += f"-g{self.gamma}"
         g = self.generation
@@ -161,7 +157,7 @@ class Cell:
 
     @property
     def name(self) -> str:
-        """Short, stable and readable: `{dataset}--{method}[-{drafter}][-g{gamma}]--{settings}--r{repeat}`;
+        """Short, stable and readable: `{dataset}--{engine}-{method}[-{drafter}][-g{gamma}]--{settings}--r{repeat}`;
         also the cell's folder under `runs/{experiment}/`."""
         return f"{self.group}--r{self.repeat}"
 
@@ -174,9 +170,10 @@ class Cell:
         """The id without the repeat: repeats of one setting share it."""
         return f"{self.experiment}/{self.group}"
 
-    def ar_counterpart(self) -> Cell:
-        """The AR cell that differs from this one only in the decoding method."""
-        return dataclasses.replace(self, method="ar", drafter=None, gamma=0)
+    def ar_counterpart(self, engine: str | None = None) -> Cell:
+        """The AR cell that differs from this one only in the decoding method (and, given
+        `engine`, in the engine that runs it)."""
+        return dataclasses.replace(self, method="ar", drafter=None, gamma=0, engine=engine or self.engine)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (schema `cell.schema.json`), with the derived `cell` name beside it."""

@@ -59,6 +59,7 @@ def _run(args) -> int:
         out_dir=Path(args.out_dir),
         models_dir=Path(args.models_dir),
         reference=Path(args.reference) if args.reference else None,
+        parity_reference=Path(args.parity_reference) if args.parity_reference else None,
         threads=args.threads,
     )
     # A failed cell is a result (exit 0); an interrupted one exits as a shell reports the signal.
@@ -76,8 +77,15 @@ def _cells(args) -> int:
 def _check_config(args) -> int:
     from specdec.config import expand_matrix, load_config
 
+    from specdec.engines import unsupported
+
     cells = expand_matrix(load_config(args.config))
     print(f"{args.config}: valid, {len(cells)} cells in {len({c.experiment for c in cells})} experiment(s)")
+    gaps = [(cell.id, reason) for cell in cells if (reason := unsupported(cell))]
+    if gaps:
+        print(f"{len(gaps)} cell(s) will be recorded not_supported, without running:")
+        for cell_id, reason in gaps:
+            print(f"  {cell_id}: {reason}")
     return 0
 
 
@@ -109,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", required=True, help="prompts JSONL from prepare-dataset")
     p.add_argument("--out-dir", required=True)
     p.add_argument("--models-dir", default="resources/models")
-    p.add_argument("--reference", help="requests.jsonl of the AR cell that greedy outputs must equal")
+    p.add_argument("--reference", help="requests.jsonl of the same engine's AR cell that greedy outputs must equal")
+    p.add_argument("--parity-reference", help="requests.jsonl of our engine's AR cell, for a cell another engine runs")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.set_defaults(func=_run)
 

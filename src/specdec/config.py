@@ -3,7 +3,7 @@
 `validate` is the only validation: the schema (`schemas/config.schema.yaml`, with `if`/`then`
 where keys depend on each other) plus `check_references`, the checks a schema cannot express
 (numbers finite among them). `expand_matrix` then builds every experiment's cells (`cells.Cell`) once
-(dataset x method x drafter x gamma x batch size x max new tokens x temperature x placement
+(dataset x engine x method x drafter x gamma x batch size x max new tokens x temperature x placement
 x load x repeat); nothing below re-validates them.
 """
 
@@ -147,6 +147,9 @@ def check_references(config: dict) -> None:
             raise ConfigError(f"config key 'drafters.{name}.model': model {drafter['model']!r} is not defined under models")
         if drafter["kind"] == "ngram" and drafter["min_context"] > drafter["n"] - 1:
             raise ConfigError(f"config key 'drafters.{name}.min_context': {drafter['min_context']} exceeds n - 1 = {drafter['n'] - 1}, the longest context")
+    for name in config.get("run", []):
+        if name not in config["experiments"]:
+            raise ConfigError(f"config key 'run': experiment {name!r} is not defined under experiments")
     for exp_name, exp in config["experiments"].items():
         where = f"experiments.{exp_name}"
         if exp["target"] not in models:
@@ -209,11 +212,13 @@ def _placement(entry: str | dict) -> Placement:
     return Placement(**fields)
 
 
-def _method_variants(entry: dict) -> list[tuple[str, str | None, int]]:
+def _method_variants(entry: dict, engines: str | list[str]) -> list[tuple[str, str, str | None, int]]:
+    """(engine, method, drafter, gamma) of one `methods` entry; its own `engine` overrides
+    the experiment's."""
     method = entry["method"]
     drafters = _as_list(entry.get("drafter", [None]))
     gammas = _as_list(entry.get("gamma", DEFAULT_GAMMA)) if method in DRAFTING_METHODS else [0]
-    return [(method, d, g) for d in drafters for g in gammas]
+    return [(e, method, d, g) for e in _as_list(entry.get("engine", engines)) for d in drafters for g in gammas]
 
 
 def expand_matrix(config: dict) -> list[Cell]:
@@ -226,7 +231,7 @@ def expand_matrix(config: dict) -> list[Cell]:
         target = _model(exp["target"], models[exp["target"]])
         axes = itertools.product(
             exp["datasets"],
-            [v for entry in exp["methods"] for v in _method_variants(entry)],
+            [v for entry in exp["methods"] for v in _method_variants(entry, exp["engine"])],
             _as_list(exp["batch_size"]),
             _as_list(exp["max_new_tokens"]),
             _as_list(exp["temperature"]),
@@ -234,13 +239,14 @@ def expand_matrix(config: dict) -> list[Cell]:
             [Load(**load) for load in _as_list(exp["load"])],
             range(exp["repeats"]),
         )
-        for dataset, (method, drafter, gamma), batch, max_new, temp, placement, load, repeat in axes:
+        for dataset, (engine, method, drafter, gamma), batch, max_new, temp, placement, load, repeat in axes:
             generation = Generation(max_new_tokens=max_new, temperature=float(temp), top_k=exp["top_k"], top_p=float(exp["top_p"]))
             cells.append(Cell(
                 experiment=exp_name, dataset=dataset, target=target, method=method,
                 drafter=drafters[drafter] if drafter else None, gamma=gamma, batch_size=batch,
                 generation=generation, placement=placement, load=load, repeat=repeat,
                 seed=config["seed"] + repeat, warmup=exp["warmup"], timeout_s=exp.get("timeout_s"), power=power,
+                engine=engine,
             ))
     _check_unique(cells)
     return cells
@@ -254,15 +260,23 @@ def _check_unique(cells: list[Cell]) -> None:
         seen.add(cell.id)
 
 
-def reference_cell(cell: Cell, cells: list[Cell]) -> Cell | None:
-    """The AR cell whose greedy outputs a greedy drafting cell must reproduce exactly: same
-    experiment, dataset, target, generation and repeat; preferably the same batch shape,
-    placement and load too, so that the numerics match."""
-    if not cell.drafts or not cell.greedy:
+def experiments_to_run(config: dict) -> list[str]:
+    """What the default target builds: `run:`, else every experiment without `default_target: false`."""
+    return config.get("run") or [name for name, exp in config["experiments"].items() if exp["default_target"]]
+
+
+def reference_cell(cell: Cell, cells: list[Cell], engine: str | None = None) -> Cell | None:
+    """The AR cell whose greedy outputs `cell` must reproduce exactly, run by `engine`: by
+    default the cell's own (a drafting cell is lossless), or another (engine parity, for any
+    method). Same experiment, dataset, target, generation and repeat; preferably the same
+    batch shape, placement and load too, so that the numerics match."""
+    engine = engine or cell.engine
+    if not cell.greedy or (engine == cell.engine and not cell.drafts):
         return None
     candidates = [
         c for c in cells
-        if c.method == "ar" and (c.experiment, c.dataset, c.target, c.generation, c.repeat) == (cell.experiment, cell.dataset, cell.target, cell.generation, cell.repeat)
+        if c.method == "ar" and c.engine == engine
+        and (c.experiment, c.dataset, c.target, c.generation, c.repeat) == (cell.experiment, cell.dataset, cell.target, cell.generation, cell.repeat)
     ]
     candidates.sort(key=lambda c: (c.batch_size != cell.batch_size, c.placement != cell.placement, c.load != cell.load))
     return candidates[0] if candidates else None

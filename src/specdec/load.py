@@ -1,11 +1,17 @@
 """Load generation: closed- and open-loop request schedules driven against an engine.
 
-Closed loop: the first `num_requests` conversations (default: one per prompt) all wait at t0 and are served in batches
-of up to `batch_size`; a request's arrival is its batch start (queueing delay 0).
+Closed loop: the first `num_requests` conversations (default: one per prompt) all wait at
+t0 and are served with at most `batch_size` in the engine; a request's arrival is when the
+engine takes it (queueing delay 0).
 Open loop: conversations arrive at seeded random times (Poisson, or gamma inter-arrivals
 with shape = burstiness and mean 1/rate; burstiness 1 is Poisson, below 1 burstier) for a
-count or a duration. Arrived requests queue while the engine is busy and are batched up to
-`batch_size` first come, first served; the wait counts into TTFT and E2E.
+count or a duration. Arrived requests queue, first come, first served, until the engine has
+a free slot; the wait counts into TTFT and E2E.
+
+Engines are `Server`s: a static-batching one (`BatchServer`: our engine, transformers) takes
+up to `batch_size` requests when idle and serves them to the end; a continuous-batching one
+(vLLM) takes a request whenever fewer than `batch_size` are in it and advances one engine
+step at a time.
 
 Multi-turn conversations: turn k+1 needs the model's answer to turn k, so it arrives when
 turn k finishes (in both modes) and carries the earlier turns' row results in `history`.
@@ -23,7 +29,7 @@ import time
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence, TextIO
+from typing import Callable, Iterator, Protocol, Sequence, TextIO, runtime_checkable
 
 import numpy as np
 
@@ -118,6 +124,18 @@ def total_requests(planned: Sequence[tuple[float, Request]]) -> int:
 # -------------------------------------------------------------------- scheduler
 
 
+@runtime_checkable
+class Server(Protocol):
+    """An engine as the scheduler drives it: it takes requests while it has free slots and
+    advances by steps; `step` returns the requests that finished, as
+    (request, row, arrival_ns, start_ns)."""
+
+    def free_slots(self) -> int: ...
+    def add(self, request: Request, arrival: int) -> None: ...
+    def busy(self) -> bool: ...
+    def step(self) -> list[tuple[Request, dict, int, int]]: ...
+
+
 def _record(request: Request, row: dict, arrival: int, start: int, t0: int) -> dict:
     """The per-request record (docs/contracts.md), times in seconds after t0."""
     emissions = row.get("emissions")
@@ -158,25 +176,39 @@ def _record(request: Request, row: dict, arrival: int, start: int, t0: int) -> d
     return record
 
 
-def _serve(batch: list[tuple[int, Request]], engine: Callable, clock: Callable, closed: bool):
-    """Run one batch: [(request, row, arrival_ns, start_ns)]; closed loop: arrival = start.
+class BatchServer:
+    """Static batching: `engine(batch)` serves up to `batch_size` requests at once, start to
+    finish (our engine, transformers' generate()); a step is the whole batch."""
 
-    An engine that tokenises before decoding reports `decode_start_ns` in its rows, so that
-    templating and tokenisation stay outside the timed region."""
-    start = clock()
-    rows = engine([request for _, request in batch])
-    if len(rows) != len(batch):
-        raise EngineOutputError(f"engine returned {len(rows)} rows for a batch of {len(batch)}")
-    start = rows[0].get("decode_start_ns", start) if rows else start
-    return [
-        (request, row, start if closed else arrival, start)
-        for (arrival, request), row in zip(batch, rows)
-    ]
+    def __init__(self, engine: Callable[[list[Request]], list[dict]], batch_size: int, clock: Callable[[], int]):
+        self.engine, self.batch_size, self.clock = engine, batch_size, clock
+        self.batch: list[tuple[Request, int]] = []
+
+    def free_slots(self) -> int:
+        return self.batch_size - len(self.batch)
+
+    def add(self, request: Request, arrival: int) -> None:
+        self.batch.append((request, arrival))
+
+    def busy(self) -> bool:
+        return bool(self.batch)
+
+    def step(self) -> list[tuple[Request, dict, int, int]]:
+        """Run the batch: [(request, row, arrival_ns, start_ns)]. An engine that tokenises
+        before decoding reports `decode_start_ns`, so that templating stays outside the
+        timed region."""
+        batch, self.batch = self.batch, []
+        start = self.clock()
+        rows = self.engine([request for request, _ in batch])
+        if len(rows) != len(batch):
+            raise EngineOutputError(f"engine returned {len(rows)} rows for a batch of {len(batch)}")
+        start = rows[0].get("decode_start_ns", start) if rows else start
+        return [(request, row, arrival, start) for (request, arrival), row in zip(batch, rows)]
 
 
 def run_load(
     conversations: Sequence[dict],
-    engine: Callable[[list[Request]], list[dict]],
+    engine: Callable[[list[Request]], list[dict]] | Server,
     load: Load,
     batch_size: int,
     *,
@@ -190,51 +222,64 @@ def run_load(
 ) -> list[dict]:
     """Drive `engine` in real time under `load`; return per-request records, warm-up first.
 
-    `engine(batch)` gets a list of Request and returns one row result per request with
-    `emissions` [(clock ns, tokens)], `prompt_tokens` and optional counts (_ROW_FIELDS);
-    emissions must be taken with the same `clock`. The first `warmup` requests (first turns
-    of the first conversations) run before the measured window, flagged `warmup: true`;
-    their times are negative. `on_record` is called with each measured record as it finishes;
-    `on_window_start` / `on_window_end` just before t0 and after the last measured request
-    (the power monitor's window is the throughput window).
+    `engine` is a `Server`, or a callable `engine(batch)` (served by `BatchServer`) that
+    gets a list of Request and returns one row result per request with `emissions`
+    [(clock ns, tokens)], `prompt_tokens` and optional counts (_ROW_FIELDS); emissions must
+    be taken with the same `clock`. At most `batch_size` requests are in the engine at
+    once; a request's start is when the engine takes it, and in the closed loop also its
+    arrival. The first `warmup` requests (first turns of the first conversations) run
+    before the measured window, flagged `warmup: true`; their times are negative.
+    `on_record` is called with each measured record as it finishes; `on_window_start` /
+    `on_window_end` just before t0 and after the last measured request (the power
+    monitor's window is the throughput window).
     """
+    server = engine if isinstance(engine, Server) else BatchServer(engine, batch_size, clock)
     planned = schedule(conversations, load, seed)
     closed = not load.is_open
 
-    warm_rows = []
-    warm = _conversations(conversations, warmup, warmup=True)
-    for i in range(0, warmup, batch_size):
-        batch = [(0, request) for request in warm[i : i + batch_size]]
-        warm_rows.extend(_serve(batch, engine, clock, closed=True))
+    warm_done = []
+    _drive(server, [(0, i, request) for i, request in enumerate(_conversations(conversations, warmup, warmup=True))],
+           closed=True, clock=clock, sleep=sleep, on_done=warm_done.append)
 
     if on_window_start is not None:
         on_window_start()
     t0 = clock()
-    records = [_record(request, row, arrival, start, t0) for request, row, arrival, start in warm_rows]
-    order = itertools.count()
-    pending = [(t0 + round(offset * 1e9), next(order), request) for offset, request in planned]
+    records = [_record(request, row, arrival, start, t0) for request, row, arrival, start in warm_done]
+
+    def finished(done: tuple[Request, dict, int, int]) -> None:
+        record = _record(*done, t0)
+        records.append(record)
+        if on_record is not None:
+            on_record(record)
+
+    _drive(server, [(t0 + round(offset * 1e9), i, request) for i, (offset, request) in enumerate(planned)],
+           closed=closed, clock=clock, sleep=sleep, on_done=finished)
+    if on_window_end is not None:
+        on_window_end()
+    return records
+
+
+def _drive(server: Server, pending: list[tuple[int, int, Request]], *, closed: bool, clock, sleep, on_done) -> None:
+    """Serve `pending` (arrival ns, order, first turn) and every later turn, which arrives
+    when the turn before it finishes; `on_done((request, row, arrival, start))` for each."""
+    order = itertools.count(len(pending))
     heapq.heapify(pending)
     queue: deque[tuple[int, Request]] = deque()
-    while pending or queue:
+    while pending or queue or server.busy():
         now = clock()
         while pending and pending[0][0] <= now:
             arrival, _, request = heapq.heappop(pending)
             queue.append((arrival, request))
-        if not queue:
+        while queue and server.free_slots():
+            arrival, request = queue.popleft()
+            server.add(request, arrival)
+        if not server.busy():
             sleep((pending[0][0] - now) / 1e9)
             continue
-        batch = [queue.popleft() for _ in range(min(batch_size, len(queue)))]
-        for request, row, arrival, start in _serve(batch, engine, clock, closed):
-            record = _record(request, row, arrival, start, t0)
-            records.append(record)
-            if on_record is not None:
-                on_record(record)
+        for request, row, arrival, start in server.step():
+            on_done((request, row, start if closed else arrival, start))
             if not request.is_last_turn:
-                finish = row["emissions"][-1][0]
-                heapq.heappush(pending, (finish, next(order), request.follow_up(row)))
-    if on_window_end is not None:
-        on_window_end()
-    return records
+                heapq.heappush(pending, (row["emissions"][-1][0], next(order), request.follow_up(row)))
 
 
 # --------------------------------------------------------------------- progress

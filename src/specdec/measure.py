@@ -24,15 +24,17 @@ def make_engine(session: Session, generator: torch.Generator):
     """engine(batch of load.Request) -> row dicts: template and tokenise (outside the timed
     region, reported as `decode_start_ns`), decode with the cell's method, detokenise."""
     from specdec.decoding import generate
+    from specdec.engines import transformers_settings
     from specdec.peers import hf_generate
 
     tokenizer, target, cell, settings = session.tokenizer, session.target, session.cell, session.settings
 
     def decode(input_ids, attention_mask):
-        if cell.method == "hf_assisted":
-            return hf_generate(target, input_ids, attention_mask, settings, assistant_model=session.drafter)
-        if cell.method == "hf_prompt_lookup":
-            return hf_generate(target, input_ids, attention_mask, settings, prompt_lookup_num_tokens=cell.gamma)
+        if cell.engine == "transformers":
+            lookup = transformers_settings(cell)
+            return hf_generate(target, input_ids, attention_mask, settings, assistant_model=session.drafter,
+                               prompt_lookup_num_tokens=lookup.get("prompt_lookup_num_tokens"),
+                               max_matching_ngram_size=lookup.get("max_matching_ngram_size"))
         return generate(target, input_ids, attention_mask, settings, drafter=session.drafter, generator=generator)
 
     def engine(batch) -> list[dict]:
@@ -70,11 +72,16 @@ def measure(session: Session, prompts: list[dict], out_dir: Path) -> tuple[list[
 
     cell = session.cell
     torch.manual_seed(cell.seed)
-    generator = torch.Generator(device=session.device).manual_seed(cell.seed)
-    engine = make_engine(session, generator)
+    if cell.engine == "vllm":  # its engine process samples; `step()` returns finished GPU work
+        from specdec.vllm_engine import VllmServer
+
+        engine, device = VllmServer(session), "cpu"
+    else:
+        generator = torch.Generator(device=session.device).manual_seed(cell.seed)
+        engine, device = make_engine(session, generator), session.device
 
     def sync() -> None:
-        synchronize(session.device)
+        synchronize(device)
 
     monitor = PowerMonitor.for_job(cell.power, torch.device(session.device).type, devices=list(session.plan.gpus) or None)
     total = total_requests(schedule(prompts, cell.load, cell.seed))
@@ -82,6 +89,13 @@ def measure(session: Session, prompts: list[dict], out_dir: Path) -> tuple[list[
     def begin_window() -> None:
         log.info("warm-up done; measuring %d requests", total)
         monitor.begin_window(sync=sync)
+        if cell.engine == "vllm":
+            session.begin_window()
+
+    def end_window() -> None:
+        monitor.end_window(sync=sync)
+        if cell.engine == "vllm":
+            session.end_window()
 
     with monitor, progress(total, cell.name) as bar:
         monitor.measure_idle(sync=sync)
@@ -89,7 +103,7 @@ def measure(session: Session, prompts: list[dict], out_dir: Path) -> tuple[list[
             prompts, engine, cell.load, cell.batch_size, seed=cell.seed, warmup=cell.warmup,
             on_record=bar.update,
             on_window_start=begin_window,
-            on_window_end=lambda: monitor.end_window(sync=sync),
+            on_window_end=end_window,
         )
     measured = [r for r in records if not r["warmup"]]
     energy = monitor.energy(output_tokens=sum(r["output_tokens"] for r in measured), num_requests=len(measured))

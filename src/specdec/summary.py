@@ -2,7 +2,9 @@
 intervals, paired ratios to the AR baseline, and flags for repeats that disagree.
 
 A cell here is a group of repeats (one `group_id`); its AR baseline is the group whose id is
-`Cell.ar_counterpart().group_id` (column `ar_group_id` of the runs table, `specdec.aggregate`).
+`Cell.ar_counterpart().group_id` (column `ar_group_id` of the runs table, `specdec.aggregate`):
+the same engine's AR. `speedup_vs_specdec_ar` divides by our engine's AR instead
+(`specdec_ar_group_id`), so that engines compare on one scale.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ SETTING_COLUMNS = (
     "experiment",
     "dataset",
     "target",
+    "engine",
     "method",
     "drafter",
     "gamma",
@@ -38,6 +41,7 @@ SETTING_COLUMNS = (
 SUMMARY_METRICS = {
     "throughput_tok_s": "tokens/s",
     "speedup": "speedup",
+    "speedup_vs_specdec_ar": "speedup vs our AR",
     "predicted_speedup": "predicted speedup",
     "ttft_s_p50": "TTFT p50 (ms)",
     "ttft_s_p99": "TTFT p99 (ms)",
@@ -53,8 +57,13 @@ SUMMARY_METRICS = {
     "energy_j_per_token": "energy (J/token)",
     "energy_ratio": "energy ratio",
 }
-# Ratios to the AR baseline: ratio column -> the runs' column it divides.
-RATIOS = {"speedup": "throughput_tok_s", "energy_ratio": "energy_j_per_token"}
+# Ratios to an AR baseline: ratio column -> (the runs' column it divides, the column naming
+# the baseline's group).
+RATIOS = {
+    "speedup": ("throughput_tok_s", "ar_group_id"),
+    "speedup_vs_specdec_ar": ("throughput_tok_s", "specdec_ar_group_id"),
+    "energy_ratio": ("energy_j_per_token", "ar_group_id"),
+}
 # Repeats are checked for agreement on these metrics.
 STABILITY_METRICS = ("throughput_tok_s", "ttft_s_p50", "e2e_s_p50")
 SUMMARY_COLUMNS = [
@@ -99,7 +108,7 @@ def summary_table(runs: pd.DataFrame, **settings: Any) -> pd.DataFrame:
     baselines = dict(list(ok[ok["method"] == "ar"].groupby("group_id")))
     rows = []
     for group_id, cell in ok.groupby("group_id", sort=False):
-        row = _summarise_cell(cell, baselines.get(cell["ar_group_id"].iloc[0]), settings)
+        row = _summarise_cell(cell, baselines, settings)
         row["n_failed"] = int(failures.get(group_id, 0))
         if row["n_failed"]:
             row["flags"] = "; ".join(filter(None, [row["flags"], f"{row['n_failed']} failed"]))
@@ -120,8 +129,9 @@ def _paired_ratios(cell: pd.DataFrame, baseline: pd.DataFrame, column: str) -> n
     return np.asarray(ratios, dtype=float)
 
 
-def _summarise_cell(cell: pd.DataFrame, baseline: pd.DataFrame | None, settings: dict) -> dict:
+def _summarise_cell(cell: pd.DataFrame, baselines: dict[str, pd.DataFrame], settings: dict) -> dict:
     first = cell.iloc[0]
+    baseline = baselines.get(first["ar_group_id"])
     row: dict[str, Any] = {key: first[key] for key in SETTING_COLUMNS}
     row.update(
         cell=first["cell_name"],
@@ -132,7 +142,9 @@ def _summarise_cell(cell: pd.DataFrame, baseline: pd.DataFrame | None, settings:
     ci_settings = {k: settings[k] for k in ("confidence", "n_resamples", "seed")}
     for metric in SUMMARY_METRICS:
         if metric in RATIOS:
-            values = _paired_ratios(cell, baseline, RATIOS[metric]) if baseline is not None else []
+            column, baseline_key = RATIOS[metric]
+            base = baselines.get(first[baseline_key])
+            values = _paired_ratios(cell, base, column) if base is not None else []
         else:
             values = _numeric(cell, metric).dropna().to_numpy()
         low, high = bootstrap_ci(values, np.median, **ci_settings) if len(values) else (math.nan, math.nan)

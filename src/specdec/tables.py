@@ -30,7 +30,7 @@ def display_summary(summary: pd.DataFrame) -> pd.DataFrame:
     shown = pd.DataFrame(
         {
             "cell": summary["cell"],
-            "method": summary["method_label"],
+            "method": summary["method_label"],  # the engine's name first, unless ours
             # AR drafts nothing: gamma 0 is shown as a dash.
             "gamma": summary["gamma"].where(summary["gamma"] > 0).map(_format_int),
             "dataset": summary["dataset"],
@@ -42,7 +42,7 @@ def display_summary(summary: pd.DataFrame) -> pd.DataFrame:
     for metric, heading in SUMMARY_METRICS.items():
         scale = 1000.0 if heading.endswith("(ms)") else 1.0
         shown[heading] = [
-            _format_estimate(row, metric, scale, no_baseline=metric in RATIOS)
+            _format_estimate(row, metric, scale, no_baseline=RATIOS.get(metric, (None, None))[1] == "ar_group_id")
             for _, row in summary.iterrows()
         ]
     shown["flags"] = summary["flags"].replace("", DASH)

@@ -17,13 +17,14 @@ rule benchmark:
         prompts=cell_prompts,
         models=model_inputs,
         reference=reference_requests,
+        parity=parity_requests,
     output:
         result=f"{RESULTS}/runs/{{experiment}}/{{cell}}/result.json",
         requests=f"{RESULTS}/runs/{{experiment}}/{{cell}}/requests.jsonl",
     log:
         "logs/benchmark/{experiment}/{cell}.log",
     conda:
-        "../../envs/specdec.yaml"
+        cell_environment
     threads: benchmark_threads
     resources:
         **SLURM_PLACEMENT,
@@ -34,7 +35,8 @@ rule benchmark:
     params:
         out_dir=lambda wildcards: f"{RESULTS}/runs/{wildcards.experiment}/{wildcards.cell}",
         reference=reference_option,
+        specdec=specdec_command,
     shell:
-        "specdec run --cell {input.cell:q} --prompts {input.prompts:q}"
+        "{params.specdec} run --cell {input.cell:q} --prompts {input.prompts:q}"
         " --out-dir {params.out_dir:q} --threads {threads} {params.reference}"
         " > {log:q} 2>&1"

