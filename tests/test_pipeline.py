@@ -43,10 +43,10 @@ def test_greedy_speculative_outputs_equal_ar(study):
 def test_results_record_memory_against_the_models(study):
     memory = {path.parent.name.split("--")[1]: json.loads(path.read_text())["memory"]
               for path in (study / "results/runs/tiny").glob("*/result.json")}
-    target_mb = memory["ar"]["weights_mb"]
+    target_mb = memory["specdec-ar"]["weights_mb"]
     assert 500 < target_mb < 530  # SmolLM2-135M in fp32
-    assert memory["ngram-ngram-g3"]["weights_mb"] == target_mb  # a model-free drafter adds none
-    int8 = memory["speculative-int8-g3"]
+    assert memory["specdec-ngram-ngram-g3"]["weights_mb"] == target_mb  # a model-free drafter adds none
+    int8 = memory["specdec-speculative-int8-g3"]
     assert target_mb + 125 < int8["weights_mb"] < target_mb + 135  # int8 linears; embeddings shared
     for m in memory.values():
         assert m["device"] == "cpu" and m["kv_cache_mb"] > 0

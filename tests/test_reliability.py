@@ -272,7 +272,7 @@ def test_an_output_folder_that_cannot_be_written_fails_before_any_model_loads(ca
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(runner, "load_session", no_loading)
+    monkeypatch.setattr(runner, "open_session", no_loading)
     (tmp_path / "a file").write_text("")
     out = tmp_path / "a file" / "out"
     line = specdec_error(capsys, "run", "--cell", str(cell_file(tmp_path / "cell.json", tiny["cells"]["ar"])),

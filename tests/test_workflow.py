@@ -46,7 +46,7 @@ def study_dir(tmp_path: Path, config: Path) -> Path:
 def test_dry_run_gpu8_config_never_oversubscribes(tmp_path):
     workdir = study_dir(tmp_path, GPU8)
     out = snakemake("-n", "--cores", "64", "--resources", "gpu=8", cwd=workdir).stdout
-    assert out.count("rule benchmark:") == 2 * 9 * 2 * 3 + 2 * 3 * 2 * 2 * 3
+    assert out.count("rule benchmark:") == 2 * 10 * 2 * 3 + 2 * 3 * 2 * 2 * 3
     resources = [line for line in out.splitlines() if line.strip().startswith("resources:")]
     gpus = [int(line.split(" gpu=")[1].split(",")[0]) for line in resources if " gpu=" in line]
     # same/auto: 1 (auto with gpus: 2 -> 2), separate: 2 with a drafter, multi_gpu_ratio 3+1
@@ -65,7 +65,7 @@ def test_slurm_profile_resolves_sbatch_resources_for_gpu8(tmp_path):
     workdir = study_dir(tmp_path, GPU8)
     out = snakemake("-n", "--workflow-profile", str(REPO / "profiles" / "slurm"), cwd=workdir).stdout
     resources = [line for line in out.splitlines() if line.strip().startswith("resources:") and " gpu=" in line]
-    assert len(resources) == 2 * 9 * 2 * 3 + 2 * 3 * 2 * 2 * 3
+    assert len(resources) == 2 * 10 * 2 * 3 + 2 * 3 * 2 * 2 * 3
     for line in resources:
         fields = dict(part.split("=", 1) for part in line.split(":", 1)[1].replace(" ", "").split(","))
         assert fields["gpu_model"] == "h100" and fields["cpus_per_gpu"] == "8"
