@@ -151,6 +151,12 @@ def test_a_continuous_server_takes_requests_as_slots_free(arrivals):
     assert [r["request_id"] for r in records] == ["a#1", "b#1", "c#1", "d#1"]
 
 
+def test_warmup_serves_first_turns_only():
+    records, engine = drive([conv("x", turns=2), conv("y")], Load(mode="closed"), 1, warmup=1)
+    assert engine.batches == [["warmup:x#1"], ["x#1"], ["y#1"], ["x#2"]]
+    assert [r["request_id"] for r in records if r["warmup"]] == ["warmup:x#1"]
+
+
 def test_closed_loop_cycles_conversations_with_distinct_ids():
     records, _ = drive([conv("a"), conv("b")], Load(mode="closed", num_requests=3), 4, warmup=0)
     assert [r["request_id"] for r in records] == ["a#1", "b#1", "a@1#1"]

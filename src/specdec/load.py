@@ -239,7 +239,7 @@ def run_load(
 
     warm_done = []
     _drive(server, [(0, i, request) for i, request in enumerate(_conversations(conversations, warmup, warmup=True))],
-           closed=True, clock=clock, sleep=sleep, on_done=warm_done.append)
+           closed=True, clock=clock, sleep=sleep, on_done=warm_done.append, later_turns=False)
 
     if on_window_start is not None:
         on_window_start()
@@ -259,9 +259,11 @@ def run_load(
     return records
 
 
-def _drive(server: Server, pending: list[tuple[int, int, Request]], *, closed: bool, clock, sleep, on_done) -> None:
-    """Serve `pending` (arrival ns, order, first turn) and every later turn, which arrives
-    when the turn before it finishes; `on_done((request, row, arrival, start))` for each."""
+def _drive(server: Server, pending: list[tuple[int, int, Request]], *, closed: bool, clock, sleep, on_done,
+           later_turns: bool = True) -> None:
+    """Serve `pending` (arrival ns, order, first turn) and, with `later_turns`, every later
+    turn, which arrives when the turn before it finishes (the warm-up serves first turns
+    only); `on_done((request, row, arrival, start))` for each."""
     order = itertools.count(len(pending))
     heapq.heapify(pending)
     queue: deque[tuple[int, Request]] = deque()
@@ -278,7 +280,7 @@ def _drive(server: Server, pending: list[tuple[int, int, Request]], *, closed: b
             continue
         for request, row, arrival, start in server.step():
             on_done((request, row, start if closed else arrival, start))
-            if not request.is_last_turn:
+            if later_turns and not request.is_last_turn:
                 heapq.heappush(pending, (row["emissions"][-1][0], next(order), request.follow_up(row)))
 
 
