@@ -89,13 +89,11 @@ def measure(session: Session, prompts: list[dict], out_dir: Path) -> tuple[list[
     def begin_window() -> None:
         log.info("warm-up done; measuring %d requests", total)
         monitor.begin_window(sync=sync)
-        if cell.engine == "vllm":
-            session.begin_window()
+        session.begin_window()
 
     def end_window() -> None:
         monitor.end_window(sync=sync)
-        if cell.engine == "vllm":
-            session.end_window()
+        session.end_window()
 
     with monitor, progress(total, cell.name) as bar:
         monitor.measure_idle(sync=sync)

@@ -53,6 +53,13 @@ class Session:
         """The models are loaded already (`load_session`): bad input is found before the job
         writes anything."""
 
+    def begin_window(self) -> None:
+        """Our engine and transformers count drafts per request: no engine counters to read
+        around the measured window (vLLM's session reads its own)."""
+
+    def end_window(self) -> None:
+        """See `begin_window`."""
+
     def close(self) -> None:
         self.target = self.drafter = self.drafter_model = None
 

@@ -130,14 +130,9 @@ def per_request_drafts(spec_metrics: dict | None, gamma: int) -> dict:
         return {}
     drafted_steps = (spec_metrics or {}).get("per_step_drafted", [])
     accepted_steps = (spec_metrics or {}).get("per_step_accepted", [])
-    drafted, accepted = [0] * gamma, [0] * gamma
-    for d, a in zip(drafted_steps, accepted_steps):
-        for i in range(d):
-            drafted[i] += 1
-        for i in range(a):
-            accepted[i] += 1
     return {"drafted_tokens": sum(drafted_steps), "accepted_tokens": sum(accepted_steps),
-            "drafted_per_position": drafted, "accepted_per_position": accepted}
+            "drafted_per_position": [sum(d > i for d in drafted_steps) for i in range(gamma)],
+            "accepted_per_position": [sum(a > i for a in accepted_steps) for i in range(gamma)]}
 
 
 @dataclass
@@ -247,10 +242,6 @@ class VllmSession:
     @property
     def engine_settings(self) -> dict:
         return {"engine_args": self.args, "environment": self.environment}
-
-    @property
-    def drafter_model(self):
-        return None
 
     @property
     def target(self):
