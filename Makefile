@@ -14,7 +14,7 @@ VLLM_BIN := $(abspath $(VLLM_VENV))/bin
 export PATH := $(BIN):$(PATH)
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install install-vllm run engines report test dag lock lock-vllm
+.PHONY: install install-vllm run engines sweep report test dag lock lock-vllm
 
 install: $(VENV)/.installed
 
@@ -48,6 +48,11 @@ run: install
 engines: install install-vllm
 	$(BIN)/snakemake --cores all --config 'run=[engines]'
 	$(BIN)/snakemake --config 'run=[engines]' --report results/report-engines.html
+
+# Where speculation stops paying: batch sizes 1-8 and request rates, gamma 2 and 4 (~20 min here).
+sweep: install
+	$(BIN)/snakemake --cores all --config 'run=[sweep_batch,sweep_rate]'
+	$(BIN)/snakemake --config 'run=[sweep_batch,sweep_rate]' --report results/report-sweep.html
 
 test: install install-vllm
 	$(BIN)/python -m pytest

@@ -140,7 +140,7 @@ def test_no_ar_baseline_is_said_not_invented(summary, tmp_path):
     aggregate_experiment(RESULTS, tmp_path, "demo", n_resamples=200)
     md = (tmp_path / "summary.md").read_text()
     line = next(row for row in md.splitlines() if row.startswith("| mtbench"))
-    assert line.count(NO_BASELINE) == 2  # speedup and energy ratio
+    assert line.count(NO_BASELINE) == 3  # speedup, E2E speedup and energy ratio
 
 
 def test_failed_runs_have_their_own_table_and_stay_out_of_averages(runs, summary):
@@ -194,7 +194,7 @@ def test_written_tables(tmp_path):
     written = aggregate_experiment(RESULTS, tmp_path, "demo", n_resamples=200)
     assert {p.name for paths in written.values() for p in paths} == {
         f"{stem}.{ext}"
-        for stem in ("runs", "summary", "failed", "not_supported", "run_info")
+        for stem in ("runs", "summary", "break_even", "capacity", "gamma", "failed", "not_supported", "run_info")
         for ext in ("csv", "md", "html")
     } | {f"{stem}.csv" for stem in ("requests", "itl", "positions", "power")}
     html = (tmp_path / "summary.html").read_text()

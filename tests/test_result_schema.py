@@ -48,7 +48,7 @@ def valid():
         "engine": {"name": "specdec", "version": "0.1.0", "settings": {}},
         "metrics": summarize(records),
         "acceptance": block,
-        "theory": theory(block["acceptance_rate"], 2, 0.3, 1.3, shares),
+        "theory": theory(block["acceptance_rate"], 2, shares),
         "energy": {"available": False, "reason": "NVML: library not found"},
         "correctness": {"checked": True, "reference": CELL.ar_counterpart().id,
                         "identical": True, "requests_compared": 2, "divergences": []},

@@ -15,7 +15,9 @@ from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
+from specdec import sweeps, theory
 from specdec.cells import Cell, Load
+from specdec.goodput import Slo, run_goodput
 from specdec.metrics import e2e, emission_gaps, measured, queueing_delay, request_tokens_per_s, tpot, ttft
 from specdec.power import TIMELINE_KEYS
 from specdec.records import RecordError, Status, read_requests, read_result
@@ -144,9 +146,8 @@ def flatten_result(run: Run) -> dict[str, Any]:
                                                       "num_drafts", "mean_acceptance_length")})
     # drafts keeping 0, 1, .. gamma tokens, as text so that the tidy table stays flat
     row["accepted_per_step"] = " ".join(map(str, acceptance.get("accepted_per_step", []))) or None
-    theory = result["theory"] or {}
-    row["predicted_speedup"] = theory.get("predicted_speedup")
-    row.update({f"theory_{key}": theory.get(key) for key in ("alpha", "cost_ratio", "longest_draft")})
+    row.update({f"theory_{key}": (result["theory"] or {}).get(key) for key in ("alpha", "longest_draft")})
+    row.update(_attribution_fields(result.get("attribution")))
     row.update(_energy_fields(result["energy"]))
     memory = result.get("memory") or {}
     row.update({f"memory_{key}": memory.get(key) for key in ("device", "weights_mb", "peak_mb", "peak_over_needed", "growth_over_needed")})
@@ -162,6 +163,20 @@ def flatten_result(run: Run) -> dict[str, Any]:
     return row
 
 
+ATTRIBUTION_PARTS = ("prefill", "drafter", "verify", "accept", "other")
+
+
+def _attribution_fields(attribution: dict | None) -> dict[str, Any]:
+    """Where the decode time went (seconds per part); missing where it was not split."""
+    attribution = attribution if attribution and attribution.get("available") else {}
+    parts = attribution.get("parts_s") or {}
+    return {
+        "attribution_decode_s": attribution.get("decode_s"),
+        "attribution_steps": attribution.get("steps"),
+        **{f"attribution_{part}_s": parts.get(part) for part in ATTRIBUTION_PARTS},
+    }
+
+
 def _energy_fields(energy: dict) -> dict[str, Any]:
     """Energy stays missing (never 0) unless the run measured it."""
     available = energy["available"]
@@ -174,9 +189,14 @@ def _energy_fields(energy: dict) -> dict[str, Any]:
     }
 
 
-def runs_table(runs: Sequence[Run]) -> pd.DataFrame:
-    """One row per result file (every status)."""
-    table = pd.DataFrame([flatten_result(run) for run in runs])
+def runs_table(runs: Sequence[Run], requests: pd.DataFrame | None = None, slo: Slo | None = None) -> pd.DataFrame:
+    """One row per result file (every status), with the theory that pairs each drafting run
+    with its AR run, and goodput under `slo` from the measured `requests`."""
+    predictions = theory.theory_columns([(run.cell, run.result) for run in runs])
+    table = pd.DataFrame([flatten_result(run) | prediction for run, prediction in zip(runs, predictions)])
+    if requests is not None:
+        goodput = run_goodput(requests, table.set_index("cell")["window_s"] if "window_s" in table else pd.Series(dtype=float), slo)
+        table = table.merge(goodput, on="cell", how="left")
     return table.sort_values(["experiment", "cell"], kind="stable").reset_index(drop=True)
 
 
@@ -297,24 +317,26 @@ def power_table(runs: Sequence[Run]) -> pd.DataFrame:
 
 
 def aggregate_experiment(
-    result_paths: Iterable[str | Path], out_dir: str | Path, experiment: str, **settings: Any
+    result_paths: Iterable[str | Path], out_dir: str | Path, experiment: str, slo: Slo | None = None, **settings: Any
 ) -> dict[str, list[Path]]:
-    """Write every table of one experiment under `out_dir`: runs, summary, failed,
-    not_supported and run_info (CSV, Markdown, HTML); requests, itl, positions and power (CSV)."""
+    """Write every table of one experiment under `out_dir`: runs, summary, break_even,
+    capacity, gamma, failed, not_supported and run_info (CSV, Markdown, HTML); requests, itl,
+    positions and power (CSV). `slo` is the experiment's (goodput and capacity)."""
     settings = merge_settings(settings, DEFAULT_SETTINGS, "aggregate")
     out_dir = Path(out_dir)
     results = read_runs(result_paths)
     foreign = [run.path for run in results if run.cell.experiment != experiment]
     if foreign:
         raise ExperimentError(f"{foreign[0]}: not a result of experiment {experiment!r}")
-    runs = runs_table(results)
-    summary = summary_table(runs, **settings)
+    requests, itl = request_tables(results)
+    runs = runs_table(results, requests, slo)
+    summary = summary_table(runs, requests, **settings)
     note = (
         f"Median over repeats with {settings['confidence']:.0%} bootstrap interval "
-        f"[low, high]; ratios against the matching AR cell; flags: repeats with coefficient "
+        f"[low, high] (with one repeat, ratios take theirs from a paired bootstrap over "
+        f"requests); ratios against the matching AR cell; flags: repeats with coefficient "
         f"of variation above {settings['cv_threshold']}."
     )
-    requests, itl = request_tables(results)
     return {
         "runs": write_table(runs, out_dir / "runs", f"{experiment}: all runs"),
         "summary": write_table(
@@ -324,6 +346,32 @@ def aggregate_experiment(
             display_summary(summary) if len(summary) else summary,
             note=note,
             empty="No successful runs.",
+        ),
+        "break_even": write_table(
+            sweeps.break_even_table(summary),
+            out_dir / "break_even",
+            f"{experiment}: where speculation stops paying",
+            note="Speedup [95 % CI] at each measured point and where it falls through 1.0 "
+            "(interpolated; the CI's bounds give the range). Batch size: throughput speedup "
+            "under the same load; request rate: end-to-end latency speedup.",
+            empty="No series sweeps batch size or request rate.",
+        ),
+        "capacity": write_table(
+            sweeps.capacity_table(summary),
+            out_dir / "capacity",
+            f"{experiment}: goodput and the highest rate served within the SLOs",
+            note=f"SLOs: {slo.describe()}. Goodput: requests meeting every SLO per second; "
+            "capacity: the highest offered rate whose goodput is within 5 % of it." if slo else "",
+            empty="No SLOs set (`slo:` in the experiment), or no sweep of request rate.",
+        ),
+        "gamma": write_table(
+            theory.best_gamma_table([(run.cell, run.result) for run in results], summary),
+            out_dir / "gamma",
+            f"{experiment}: the best gamma, measured and predicted",
+            note="Predicted from the measured α, the drafter's cost c and the verification "
+            "cost v(w) = 1 + b (w − 1) fitted to the measured verifications (units: the AR "
+            "cell's one-token forward).",
+            empty="No drafting cell with timed forwards and an AR cell.",
         ),
         "failed": write_table(
             failed_table(runs),

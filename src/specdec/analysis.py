@@ -1,52 +1,16 @@
-"""What a measured cell's records say: metrics, acceptance and the theory's prediction, the
-greedy correctness check against the AR cell, memory against need, and the forward costs
-the prediction uses."""
+"""What a measured cell's records say: metrics, acceptance and the theory's alpha and draft
+lengths, the greedy correctness check against the AR cell, and memory against need."""
 
 from __future__ import annotations
 
 import resource
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
-from specdec import metrics, models, placement
-from specdec.measure import synchronize
+from specdec import metrics, models
 from specdec.records import read_requests
 from specdec.session import Session
-
-
-def forward_costs(session: Session, prompt_ids: list[int], verify_width: int, repeats: int = 9) -> dict:
-    """Median seconds of one cached forward as the engine runs it: the target with 1 and
-    with `verify_width` new tokens (the longest draft proposed, plus one), the drafter with
-    1. They are c and the verification cost of the prediction. The three are timed in turn,
-    round after round, so that a machine slowing down or speeding up meanwhile moves all
-    three alike."""
-    from specdec.decoding.cache import RaggedCache
-    from specdec.decoding.kernels import decode_kernels
-
-    forwards = {"target_forward_s": (session.target, 1), "verify_forward_s": (session.target, verify_width)}
-    if session.drafter_model is not None:
-        forwards["drafter_forward_s"] = (session.drafter_model, 1)
-    times = {name: [] for name in forwards}
-    with torch.inference_mode(), decode_kernels(session.target, session.drafter_model):  # as the engine runs them
-        caches = {}
-        for model, _ in forwards.values():
-            if model not in caches:
-                ids = torch.tensor([prompt_ids], device=placement.input_device(model))
-                caches[model] = RaggedCache.prefill(model, ids, torch.ones_like(ids, dtype=torch.bool))[0]
-        for _ in range(repeats):
-            for name, (model, width) in forwards.items():
-                device = placement.input_device(model)
-                step = torch.full((1, width), prompt_ids[-1], device=device)
-                synchronize(device)
-                began = time.perf_counter()
-                caches[model].extend(step, torch.ones_like(step, dtype=torch.bool), logits_to_keep=width)
-                synchronize(device)
-                times[name].append(time.perf_counter() - began)
-                caches[model].rollback(torch.zeros(1, dtype=torch.long, device=device), width, 0)
-    return {"drafter_forward_s": 0.0} | {name: statistics.median(values) for name, values in times.items()}
 
 
 def compare_with_reference(session: Session, records: list[dict], reference: Path) -> dict:
@@ -100,8 +64,9 @@ def _parity(session, records: list[dict], reference: Path | None) -> dict:
 
 
 def analyse(session, records: list[dict], reference: Path | None, parity_reference: Path | None = None) -> dict:
-    """The result's metrics, acceptance, theory and correctness blocks. The theory needs the
-    forward costs of models in this process, so a vLLM cell has none."""
+    """The result's metrics, acceptance, theory and correctness blocks. The theory's costs
+    pair the cell's attribution with its AR cell's (`specdec.theory`); vLLM's counts of
+    target forwards are its scheduler's, so a vLLM cell has no theory."""
     cell = session.cell
     summary = {"metrics": metrics.summarize(records), "acceptance": None, "theory": None,
                "correctness": _correctness(session, records, reference),
@@ -120,14 +85,7 @@ def analyse(session, records: list[dict], reference: Path | None, parity_referen
     # cannot (TTFT is the target's alone), transformers' verifies its first draft.
     undrafted = 0 if cell.engine == "transformers" else len(metrics.measured(records))
     shares = metrics.draft_length_shares(acceptance["per_position"], acceptance["target_forwards"] - undrafted)
-    costs = forward_costs(session, session.prompt_ids[records[-1]["request_id"]], verify_width=len(shares))
-    summary["theory"] = metrics.theory(
-        alpha=alpha,
-        gamma=cell.gamma,
-        cost_ratio=costs["drafter_forward_s"] / costs["target_forward_s"],
-        verify_cost_ratio=costs["verify_forward_s"] / costs["target_forward_s"],
-        shares=shares,
-    ) | costs
+    summary["theory"] = metrics.theory(alpha=alpha, gamma=cell.gamma, shares=shares)
     return summary
 
 

@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from specdec import sweeps, theory  # noqa: E402
 from specdec.io import atomic_open  # noqa: E402
 from specdec.summary import merge_settings  # noqa: E402
 
@@ -228,6 +229,67 @@ def speedup_vs_gamma(data: PlotData) -> plt.Figure | str:
     return fig
 
 
+def speedup_vs_load(data: PlotData) -> plt.Figure | str:
+    """Speedup with its CI band along batch size and request rate, a line at 1.0 and each
+    series' break-even point (`specdec.sweeps`)."""
+    panels = [(axis, list(sweeps.series(data.summary, axis))) for axis in sweeps.AXES]
+    panels = [(axis, found) for axis, found in panels if found]
+    if not panels:
+        return "no drafting series sweeps batch size or request rate"
+    fig, axes = _figure(data, ncols=len(panels))
+    for ax, (axis, found) in zip(axes[0], panels):
+        for i, (label, rows) in enumerate(found):
+            metric = sweeps.AXES[axis][1] or ("speedup" if rows["load_mode"].iloc[0] == "closed" else "latency_speedup")
+            rows = rows.dropna(subset=[metric])
+            color = data.colors.get(rows["method_label"].iloc[0], PALETTE[i % len(PALETTE)])
+            style = dict(color=color, linestyle=LINESTYLES[i % len(LINESTYLES)], marker=MARKERS[i % len(MARKERS)])
+            ax.plot(rows[axis], rows[metric], label=label, **style)
+            ax.fill_between(rows[axis], rows[f"{metric}_ci_low"], rows[f"{metric}_ci_high"], color=color, alpha=0.15, linewidth=0)
+            _, value = sweeps.crossing(rows[axis], rows[metric], log_x=axis == "batch_size")
+            if not np.isnan(value):
+                ax.plot([value], [1.0], marker="|", markersize=14, color=color)
+        ax.axhline(1.0, color="0.4", linewidth=0.8)
+        if axis == "batch_size":
+            ax.set_xscale("log", base=2)
+            ticks = sorted({x for _, rows in found for x in rows[axis]})
+            ax.set_xticks(ticks, map(_plain, ticks))
+            ax.set(xlabel="batch size", ylabel="speedup over AR (tokens/s ratio)", title="Speedup vs batch size")
+        else:
+            ax.set(xlabel="offered request rate (req/s)", ylabel="speedup over AR (E2E latency ratio)", title="Speedup vs request rate")
+        ax.legend(fontsize="small")
+    fig.suptitle("Where speculation stops paying (band: 95 % CI; tick: break-even)")
+    return fig
+
+
+def speedup_waterfall(data: PlotData) -> plt.Figure | str:
+    """From the speedup α promises to the measured one, a step per cost (`specdec.theory`)."""
+    steps = list(theory.WATERFALL)
+    frame = data.ok_runs.dropna(subset=steps)
+    if frame.empty:
+        return "no drafting run with timed forwards and an AR run to compare with"
+    cells = frame.groupby("cell_name", sort=True)[steps].median()
+    measured = data.summary.set_index("cell")["speedup"]
+    predicted = data.summary.set_index("cell")["predicted_speedup"]
+    fig, axes = _figure(data)
+    ax = axes[0, 0]
+    labels = [*theory.WATERFALL.values(), "measured"]
+    width = 0.8 / len(cells)
+    for i, (name, row) in enumerate(cells.iterrows()):
+        values = [*row.to_numpy(), measured.get(name, np.nan)]
+        x = np.arange(len(labels)) + (i - (len(cells) - 1) / 2) * width
+        label = data.ok_runs.loc[data.ok_runs["cell_name"] == name, "method_label"].iloc[0]
+        ax.bar(x, values, width=width, color=data.colors.get(label, PALETTE[i % len(PALETTE)]),
+               alpha=0.5 + 0.5 * (i % 2), label=f"{name}")
+        if not pd.isna(predicted.get(name)):
+            ax.plot([x[-1]], [predicted[name]], marker="x", color="black")
+    ax.plot([], [], marker="x", linestyle="", color="black", label="Leviathan et al. prediction")
+    ax.axhline(1.0, color="0.4", linewidth=0.8)
+    ax.set_xticks(np.arange(len(labels)), labels)
+    ax.set(ylabel="speedup over AR", title="Measured against predicted speedup, cost by cost")
+    ax.legend(fontsize="x-small")
+    return fig
+
+
 def acceptance_per_position(data: PlotData) -> plt.Figure | str:
     if data.positions.empty:
         return "no run recorded per-position acceptance (no speculative runs)"
@@ -413,6 +475,8 @@ def power_timeline(data: PlotData) -> plt.Figure | str:
 
 FIGURES: dict[str, Callable[[PlotData], plt.Figure | str]] = {
     "speedup_vs_gamma": speedup_vs_gamma,
+    "speedup_vs_load": speedup_vs_load,
+    "speedup_waterfall": speedup_waterfall,
     "acceptance_per_position": acceptance_per_position,
     "latency_cdf": latency_cdf,
     "throughput_vs_batch": throughput_vs_batch,

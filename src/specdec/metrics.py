@@ -277,6 +277,13 @@ def draft_length_shares(per_position: Sequence[dict], steps: int) -> list[float]
     return [(a - b) / steps for a, b in zip(at_least, at_least[1:])]
 
 
+def expected_tokens(alpha: float, shares: Sequence[float]) -> float:
+    """Tokens a decode step yields on average, a step drafting k tokens yielding
+    (1 - alpha^(k+1)) / (1 - alpha), weighted by the shares of steps drafting k = 0 .. K."""
+    _check_theory_inputs(alpha, max(len(shares) - 1, 1))
+    return sum(share * expected_tokens_per_step(alpha, k) if k else share for k, share in enumerate(shares))
+
+
 def predicted_speedup(alpha: float, c: float, verify_cost: float, shares: Sequence[float]) -> float:
     """Leviathan et al.'s prediction (2023, Thm 3.8) over the draft lengths that happened.
 
@@ -287,23 +294,18 @@ def predicted_speedup(alpha: float, c: float, verify_cost: float, shares: Sequen
     shares of steps drafting k = 0 .. K tokens. With every step drafting K tokens it is the
     paper's (1 - alpha^(K+1)) / ((1 - alpha) (K c + verify_cost))."""
     longest = len(shares) - 1
-    _check_theory_inputs(alpha, max(longest, 1))
     if c < 0 or verify_cost <= 0:
         raise MetricsError(f"costs must be c >= 0 and verify_cost > 0, got {c} and {verify_cost}")
-    tokens = sum(share * expected_tokens_per_step(alpha, k) if k else share for k, share in enumerate(shares))
     cost = sum(share * (k * c + 1 + ((verify_cost - 1) * k / longest if longest else 0)) for k, share in enumerate(shares))
-    return tokens / cost
+    return expected_tokens(alpha, shares) / cost
 
 
-def theory(alpha: float, gamma: int, cost_ratio: float, verify_cost_ratio: float, shares: Sequence[float]) -> dict:
-    """The `theory` block: the speedup Leviathan et al. predict from measured inputs and the
-    measured draft lengths (`shares`, see draft_length_shares); `gamma` is the nominal one."""
-    return {
-        "alpha": alpha, "gamma": gamma, "longest_draft": len(shares) - 1,
-        "cost_ratio": cost_ratio, "verify_cost_ratio": verify_cost_ratio,
-        "predicted_speedup": predicted_speedup(alpha, cost_ratio, verify_cost_ratio, shares),
-        "draft_length_shares": list(shares),
-    }
+def theory(alpha: float, gamma: int, shares: Sequence[float]) -> dict:
+    """The `theory` block of a result: what the cell alone says of the prediction, its
+    alpha and the draft lengths that happened (`shares`, see draft_length_shares); `gamma`
+    is the nominal one. The costs pair the cell with its AR cell (`specdec.theory`)."""
+    _check_theory_inputs(alpha, gamma)
+    return {"alpha": alpha, "gamma": gamma, "longest_draft": len(shares) - 1, "draft_length_shares": list(shares)}
 
 
 # --------------------------------------------------------- confidence intervals
@@ -347,6 +349,35 @@ def bootstrap_ci(
     _check_ci_inputs(confidence, n_resamples, values=sample)
     rng = np.random.default_rng(seed)
     return _percentile_interval(_resampled_statistic(sample, statistic, n_resamples, rng), confidence)
+
+
+def paired_ratio_ci(
+    cell: dict[str, np.ndarray],
+    baseline: dict[str, np.ndarray],
+    ratio: Callable[[dict, dict], np.ndarray],
+    estimate: float,
+    confidence: float = 0.95,
+    n_resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Confidence interval of a ratio of two cells that ran the same requests, by a paired
+    bootstrap over requests: one draw resamples request indices and takes both cells' rows
+    at them, so that a prompt that is slow for both cancels out. `cell` and `baseline` map a
+    field to per-request arrays aligned by request; `ratio(cell, baseline)` takes arrays of
+    shape (n_resamples, n) and returns one ratio per draw. The interval is `estimate` scaled
+    by the bootstrap's spread around the full-sample ratio, so that it surrounds the point
+    estimate the summary reports (a throughput ratio over the window, say) even where the
+    per-request statistic differs slightly from it."""
+    sizes = {len(v) for v in (*cell.values(), *baseline.values())}
+    if len(sizes) != 1:
+        raise MetricsError(f"paired samples must align request by request, got lengths {sorted(sizes)}")
+    size = sizes.pop()
+    _check_ci_inputs(confidence, n_resamples, requests=np.empty(size))
+    full = ratio({k: v[None] for k, v in cell.items()}, {k: v[None] for k, v in baseline.items()})[0]
+    indices = np.random.default_rng(seed).integers(0, size, size=(n_resamples, size))
+    draws = ratio({k: v[indices] for k, v in cell.items()}, {k: v[indices] for k, v in baseline.items()})
+    low, high = _percentile_interval(np.asarray(draws, dtype=float) / full, confidence)
+    return estimate * low, estimate * high
 
 
 def coefficient_of_variation(values: Iterable[float]) -> float | None:

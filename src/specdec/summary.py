@@ -10,12 +10,13 @@ the same engine's AR. `speedup_vs_specdec_ar` divides by our engine's AR instead
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
 
-from specdec.metrics import bootstrap_ci, coefficient_of_variation
+from specdec.metrics import bootstrap_ci, coefficient_of_variation, paired_ratio_ci
 
 # Settings copied into a cell's summary row from its first run.
 SETTING_COLUMNS = (
@@ -35,6 +36,7 @@ SETTING_COLUMNS = (
     "placement_strategy",
     "load",
     "load_mode",
+    "load_arrival",
     "load_rate",
 )
 # Per-cell statistics: tidy column -> display heading (latencies shown in ms).
@@ -42,6 +44,7 @@ SUMMARY_METRICS = {
     "throughput_tok_s": "tokens/s",
     "speedup": "speedup",
     "speedup_vs_specdec_ar": "speedup vs our AR",
+    "latency_speedup": "E2E speedup",
     "predicted_speedup": "predicted speedup",
     "ttft_s_p50": "TTFT p50 (ms)",
     "ttft_s_p99": "TTFT p99 (ms)",
@@ -56,13 +59,40 @@ SUMMARY_METRICS = {
     "mean_acceptance_length": "mean acceptance length (vLLM)",
     "energy_j_per_token": "energy (J/token)",
     "energy_ratio": "energy ratio",
+    "goodput_req_s": "goodput (req/s)",
+    "slo_met": "meeting SLOs",
+    "slo_ttft_met": "meeting TTFT SLO",
+    "slo_tpot_met": "meeting TPOT SLO",
+    "slo_e2e_met": "meeting E2E SLO",
 }
-# Ratios to an AR baseline: ratio column -> (the runs' column it divides, the column naming
-# the baseline's group).
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """A ratio of a cell to an AR baseline, paired by repeat: `column` of the runs table,
+    the baseline's group named by the runs' `baseline` column, cell / baseline or (a
+    latency, `inverse`) baseline / cell; `per_request`, the same ratio over per-request
+    arrays (`REQUEST_FIELDS` -> shape (draws, requests)), gives its interval from a paired
+    bootstrap over requests when fewer than two repeats pair."""
+
+    column: str
+    baseline: str
+    inverse: bool = False
+    per_request: Callable[[dict, dict], np.ndarray] | None = None
+
+
+def _token_rate(requests: dict) -> np.ndarray:
+    # Tokens over the summed request times: the window's throughput for one request at a
+    # time, and a faithful stand-in under batching, where both cells' times sum over rows.
+    return requests["output_tokens"].sum(-1) / requests["e2e_s"].sum(-1)
+
+
+REQUEST_FIELDS = ("output_tokens", "e2e_s")
 RATIOS = {
-    "speedup": ("throughput_tok_s", "ar_group_id"),
-    "speedup_vs_specdec_ar": ("throughput_tok_s", "specdec_ar_group_id"),
-    "energy_ratio": ("energy_j_per_token", "ar_group_id"),
+    "speedup": Ratio("throughput_tok_s", "ar_group_id", per_request=lambda c, b: _token_rate(c) / _token_rate(b)),
+    "speedup_vs_specdec_ar": Ratio("throughput_tok_s", "specdec_ar_group_id", per_request=lambda c, b: _token_rate(c) / _token_rate(b)),
+    "latency_speedup": Ratio("e2e_s_mean", "ar_group_id", inverse=True, per_request=lambda c, b: b["e2e_s"].mean(-1) / c["e2e_s"].mean(-1)),
+    "energy_ratio": Ratio("energy_j_per_token", "ar_group_id"),
 }
 # Repeats are checked for agreement on these metrics.
 STABILITY_METRICS = ("throughput_tok_s", "ttft_s_p50", "e2e_s_p50")
@@ -100,15 +130,18 @@ def merge_settings(given: dict | None, defaults: dict, section: str) -> dict:
     return {**defaults, **given}
 
 
-def summary_table(runs: pd.DataFrame, **settings: Any) -> pd.DataFrame:
-    """One row per cell of the successful runs: medians, CIs, ratios to AR, stability flags."""
+def summary_table(runs: pd.DataFrame, requests: pd.DataFrame | None = None, **settings: Any) -> pd.DataFrame:
+    """One row per cell of the successful runs: medians, CIs, ratios to AR, stability flags.
+    `requests` (aggregate.request_tables: one row per measured request, `cell` naming its
+    run) gives ratios an interval even with one repeat (`Ratio.per_request`)."""
     settings = merge_settings(settings, DEFAULT_SETTINGS, "aggregate")
     ok = runs[runs["status"] == "ok"]
     failures = runs.loc[runs["status"] == "failed", "group_id"].value_counts()
     baselines = dict(list(ok[ok["method"] == "ar"].groupby("group_id")))
+    per_run = {} if requests is None else dict(list(requests.groupby("cell")))
     rows = []
     for group_id, cell in ok.groupby("group_id", sort=False):
-        row = _summarise_cell(cell, baselines, settings)
+        row = _summarise_cell(cell, baselines, per_run, settings)
         row["n_failed"] = int(failures.get(group_id, 0))
         if row["n_failed"]:
             row["flags"] = "; ".join(filter(None, [row["flags"], f"{row['n_failed']} failed"]))
@@ -116,20 +149,47 @@ def summary_table(runs: pd.DataFrame, **settings: Any) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
-def _paired_ratios(cell: pd.DataFrame, baseline: pd.DataFrame, column: str) -> np.ndarray:
-    """Per-repeat ratios cell/baseline; a repeat without a partner uses the baseline median."""
-    base = baseline.dropna(subset=[column]).set_index("repeat")[column]
+def _paired_ratios(cell: pd.DataFrame, baseline: pd.DataFrame, ratio: Ratio) -> np.ndarray:
+    """Per-repeat ratios to the baseline; a repeat without a partner uses the baseline median."""
+    base = baseline.dropna(subset=[ratio.column]).set_index("repeat")[ratio.column]
     if base.empty:
         return np.array([])
-    ratios = [
-        value / base.get(repeat, base.median())
-        for repeat, value in zip(cell["repeat"], cell[column])
-        if not pd.isna(value)
-    ]
-    return np.asarray(ratios, dtype=float)
+    pairs = [(value, base.get(repeat, base.median())) for repeat, value in zip(cell["repeat"], cell[ratio.column]) if not pd.isna(value)]
+    return np.asarray([b / v if ratio.inverse else v / b for v, b in pairs], dtype=float)
 
 
-def _summarise_cell(cell: pd.DataFrame, baselines: dict[str, pd.DataFrame], settings: dict) -> dict:
+def _paired_requests(cell: pd.DataFrame, baseline: pd.DataFrame, per_run: dict[str, pd.DataFrame]) -> tuple[dict, dict] | None:
+    """Per-request arrays of the cell's first repeat and the baseline's run of that repeat
+    (else its first), aligned by request id; None when they share no request."""
+    first = cell.iloc[0]
+    partner = baseline[baseline["repeat"] == first["repeat"]]
+    partner = (partner if len(partner) else baseline).iloc[0]
+    ours, theirs = per_run.get(first["cell"]), per_run.get(partner["cell"])
+    if ours is None or theirs is None:
+        return None
+    paired = ours.merge(theirs, on="request_id", suffixes=("", "_base")).dropna(subset=[*REQUEST_FIELDS, *(f"{f}_base" for f in REQUEST_FIELDS)])
+    if paired.empty:
+        return None
+    return ({f: paired[f].to_numpy(float) for f in REQUEST_FIELDS}, {f: paired[f"{f}_base"].to_numpy(float) for f in REQUEST_FIELDS})
+
+
+def _ratio_estimate(cell, baselines, per_run, metric: str, ci: dict) -> tuple[float, float, float]:
+    """Median of the per-repeat ratios and its interval: over repeats when two or more pair,
+    else over the requests of the one pair."""
+    ratio = RATIOS[metric]
+    base = baselines.get(cell.iloc[0][ratio.baseline])
+    values = _paired_ratios(cell, base, ratio) if base is not None else np.array([])
+    if not len(values):
+        return math.nan, math.nan, math.nan
+    estimate = float(np.median(values))
+    paired_repeats = len(set(cell["repeat"]) & set(base["repeat"]))
+    arrays = _paired_requests(cell, base, per_run) if ratio.per_request and paired_repeats < 2 else None
+    if arrays is not None:
+        return estimate, *paired_ratio_ci(*arrays, ratio.per_request, estimate, **ci)
+    return estimate, *bootstrap_ci(values, np.median, **ci)
+
+
+def _summarise_cell(cell: pd.DataFrame, baselines: dict[str, pd.DataFrame], per_run: dict[str, pd.DataFrame], settings: dict) -> dict:
     first = cell.iloc[0]
     baseline = baselines.get(first["ar_group_id"])
     row: dict[str, Any] = {key: first[key] for key in SETTING_COLUMNS}
@@ -139,17 +199,15 @@ def _summarise_cell(cell: pd.DataFrame, baselines: dict[str, pd.DataFrame], sett
         n_repeats=len(cell),
         repeats=", ".join(map(str, sorted(cell["repeat"]))),
     )
-    ci_settings = {k: settings[k] for k in ("confidence", "n_resamples", "seed")}
+    ci = {k: settings[k] for k in ("confidence", "n_resamples", "seed")}
     for metric in SUMMARY_METRICS:
         if metric in RATIOS:
-            column, baseline_key = RATIOS[metric]
-            base = baselines.get(first[baseline_key])
-            values = _paired_ratios(cell, base, column) if base is not None else []
+            estimate, low, high = _ratio_estimate(cell, baselines, per_run, metric, ci)
         else:
             values = _numeric(cell, metric).dropna().to_numpy()
-        low, high = bootstrap_ci(values, np.median, **ci_settings) if len(values) else (math.nan, math.nan)
-        row[metric] = float(np.median(values)) if len(values) else math.nan
-        row[f"{metric}_ci_low"], row[f"{metric}_ci_high"] = low, high
+            estimate = float(np.median(values)) if len(values) else math.nan
+            low, high = bootstrap_ci(values, np.median, **ci) if len(values) else (math.nan, math.nan)
+        row[metric], row[f"{metric}_ci_low"], row[f"{metric}_ci_high"] = estimate, low, high
     row["baseline"] = NO_BASELINE if baseline is None else baseline["cell_name"].iloc[0]
     unstable = []
     for metric in STABILITY_METRICS:

@@ -40,11 +40,11 @@ def display_summary(summary: pd.DataFrame) -> pd.DataFrame:
         }
     )
     for metric, heading in SUMMARY_METRICS.items():
+        if summary[metric].isna().all() and metric not in RATIOS:
+            continue  # measured by no cell (energy without a power sensor, goodput without SLOs)
         scale = 1000.0 if heading.endswith("(ms)") else 1.0
-        shown[heading] = [
-            _format_estimate(row, metric, scale, no_baseline=RATIOS.get(metric, (None, None))[1] == "ar_group_id")
-            for _, row in summary.iterrows()
-        ]
+        against_ar = metric in RATIOS and RATIOS[metric].baseline == "ar_group_id"
+        shown[heading] = [_format_estimate(row, metric, scale, no_baseline=against_ar) for _, row in summary.iterrows()]
     shown["flags"] = summary["flags"].replace("", DASH)
     return shown
 
@@ -59,9 +59,9 @@ def _format_estimate(row: pd.Series, metric: str, scale: float, no_baseline: boo
     value = row[metric]
     if pd.isna(value):
         return DASH
-    if row["n_repeats"] == 1:
-        return f"{_number(value * scale)} (n=1)"
     low, high = row[f"{metric}_ci_low"] * scale, row[f"{metric}_ci_high"] * scale
+    if row["n_repeats"] == 1 and low == high:  # one repeat, and no interval over requests
+        return f"{_number(value * scale)} (n=1)"
     return f"{_number(value * scale)} [{_number(low)}, {_number(high)}]"
 
 

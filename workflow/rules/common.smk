@@ -57,6 +57,12 @@ def experiments():
     return specdec.config.experiments_to_run(config)
 
 
+def experiment_slo(wildcards):
+    """The experiment's `slo:`; results copied back from elsewhere may name an experiment
+    this config does not have, and aggregate without SLOs."""
+    return config.get("experiments", {}).get(wildcards.experiment, {}).get("slo")
+
+
 def cell_of(wildcards):
     return CELLS[f"{wildcards.experiment}/{wildcards.cell}"]
 

@@ -7,6 +7,8 @@ from specdec.figures import FIGURES, TABLES
 # Report category of each figure (subcategory: the experiment).
 FIGURE_CATEGORIES = {
     "speedup_vs_gamma": "Speedup",
+    "speedup_vs_load": "Speedup",
+    "speedup_waterfall": "Speedup",
     "throughput_vs_batch": "Speedup",
     "acceptance_per_position": "Acceptance",
     "acceptance_by_category": "Acceptance",
@@ -54,6 +56,30 @@ rule aggregate:
         ),
         not_supported_csv=f"{RESULTS}/tables/{{experiment}}/not_supported.csv",
         not_supported_md=f"{RESULTS}/tables/{{experiment}}/not_supported.md",
+        break_even=report(
+            f"{RESULTS}/tables/{{experiment}}/break_even.html",
+            caption="../report/break_even.rst",
+            category="Tables",
+            subcategory="{experiment}",
+        ),
+        break_even_csv=f"{RESULTS}/tables/{{experiment}}/break_even.csv",
+        break_even_md=f"{RESULTS}/tables/{{experiment}}/break_even.md",
+        capacity=report(
+            f"{RESULTS}/tables/{{experiment}}/capacity.html",
+            caption="../report/capacity.rst",
+            category="Tables",
+            subcategory="{experiment}",
+        ),
+        capacity_csv=f"{RESULTS}/tables/{{experiment}}/capacity.csv",
+        capacity_md=f"{RESULTS}/tables/{{experiment}}/capacity.md",
+        gamma=report(
+            f"{RESULTS}/tables/{{experiment}}/gamma.html",
+            caption="../report/gamma.rst",
+            category="Tables",
+            subcategory="{experiment}",
+        ),
+        gamma_csv=f"{RESULTS}/tables/{{experiment}}/gamma.csv",
+        gamma_md=f"{RESULTS}/tables/{{experiment}}/gamma.md",
         run_info=report(
             f"{RESULTS}/tables/{{experiment}}/run_info.html",
             caption="../report/run_info.rst",
@@ -73,6 +99,7 @@ rule aggregate:
         "../../envs/specdec.yaml"
     params:
         settings=config.get("aggregate", {}),
+        slo=experiment_slo,
     script:
         "../scripts/aggregate.py"
 

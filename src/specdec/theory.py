@@ -1,0 +1,156 @@
+"""The theory beside the measurement, from the cells' own steps: the costs behind Leviathan
+et al.'s prediction, the waterfall from the ideal speedup to the measured one, and the gamma
+the measured alpha and costs predict to be best.
+
+Every cost comes from the `attribution` block a cell's run wrote (its own forwards, at its
+batch size, in its measured window). A drafting cell has no one-token target forward, so the
+unit, the target's one-token decode forward at that batch size, is its AR cell's (the same
+baseline its speedup divides by):
+
+    c = drafter one-token forward / target one-token forward (the AR cell's)
+    v = target (K + 1)-token verification forward / target one-token forward
+
+and `metrics.predicted_speedup(alpha, c, v, draft length shares)` is the prediction.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from specdec.cells import GAMMA_MAX, Cell
+from specdec.metrics import MetricsError, expected_tokens, expected_tokens_per_step, predicted_speedup
+
+# The speedup after each step of the waterfall (speedup_waterfall figure), in order.
+WATERFALL = {
+    "waterfall_ideal": "ideal from α",
+    "waterfall_drafter": "− drafter",
+    "waterfall_verify": "− verification",
+    "waterfall_overhead": "− overhead",
+}
+RUN_COLUMNS = ("theory_cost_ratio", "theory_verify_cost_ratio", "predicted_speedup", *WATERFALL)
+GAMMA_COLUMNS = (
+    "experiment", "dataset", "engine", "drafter", "batch_size", "load", "alpha", "cost_ratio",
+    "verify_cost_per_token", "measured", "best_measured_gamma", "predicted", "best_predicted_gamma",
+    "best_predicted_speedup",
+)
+
+
+def mean_forward(attribution: dict | None, role: str, width: int) -> float | None:
+    """Mean seconds of the `role` forwards (`target_decode`, `drafter`) that took `width`
+    new tokens, or None when the run timed none."""
+    if not attribution or not attribution.get("available"):
+        return None
+    entry = (attribution["forwards"].get(role) or {}).get(str(width))
+    return entry["total_s"] / entry["count"] if entry and entry["count"] else None
+
+
+def _step_seconds(attribution: dict) -> dict[str, float] | None:
+    """Seconds per decode step (prefill left out) spent in each part."""
+    steps = attribution.get("steps") or 0
+    if not attribution.get("available") or not steps:
+        return None
+    parts = attribution["parts_s"]
+    decode = attribution["decode_s"] - parts["prefill"]
+    return {"step": decode / steps, "drafter": parts["drafter"] / steps, "verify": parts["verify"] / steps}
+
+
+def run_theory(result: dict, baseline: dict | None) -> dict[str, Any]:
+    """The theory's columns of one drafting run paired with its AR run (`RUN_COLUMNS`);
+    missing where either run has no timed forwards to draw on."""
+    columns = dict.fromkeys(RUN_COLUMNS, math.nan)
+    theory, ours = result.get("theory"), result.get("attribution")
+    theirs = (baseline or {}).get("attribution")
+    unit = mean_forward(theirs, "target_decode", 1)
+    if not theory or unit is None:
+        return columns
+    alpha, shares = theory["alpha"], theory["draft_length_shares"]
+    drafter = mean_forward(ours, "drafter", 1) or 0.0  # an n-gram drafter runs no model
+    verify = mean_forward(ours, "target_decode", theory["longest_draft"] + 1)
+    if verify is None:
+        return columns
+    c, v = drafter / unit, verify / unit
+    columns.update(theory_cost_ratio=c, theory_verify_cost_ratio=v, predicted_speedup=predicted_speedup(alpha, c, v, shares))
+    step, ar_step = _step_seconds(ours), _step_seconds(theirs)
+    if step is not None and ar_step is not None:
+        # The ideal step costs one AR step; then the drafter's time is added, the target's
+        # one-token forward becomes the verification, and the AR step's remaining host
+        # time becomes this cell's (the accept step and everything else).
+        ideal, ar = expected_tokens(alpha, shares), ar_step["step"]
+        columns.update(
+            waterfall_ideal=ideal,
+            waterfall_drafter=ideal * ar / (ar + step["drafter"]),
+            waterfall_verify=ideal * ar / (ar - unit + step["verify"] + step["drafter"]),
+            waterfall_overhead=ideal * ar / step["step"],
+        )
+    return columns
+
+
+def theory_columns(runs: Sequence[tuple[Cell, dict]]) -> list[dict[str, Any]]:
+    """`run_theory` of each run (cell, result) against its AR run: the same repeat of the
+    cell's `ar_counterpart`, else its first repeat."""
+    ar_runs: dict[str, dict[int, dict]] = {}
+    for cell, result in runs:
+        if cell.method == "ar" and result["status"] == "ok":
+            ar_runs.setdefault(cell.group_id, {})[cell.repeat] = result
+    columns = []
+    for cell, result in runs:
+        repeats = ar_runs.get(cell.ar_counterpart().group_id, {})
+        baseline = repeats.get(cell.repeat) or next(iter(repeats.values()), None)
+        drafting = cell.drafts and result["status"] == "ok"
+        columns.append(run_theory(result, baseline) if drafting else dict.fromkeys(RUN_COLUMNS, math.nan))
+    return columns
+
+
+def verify_cost_per_token(points: Iterable[tuple[int, float]]) -> float:
+    """The slope b of v(w) = 1 + b (w - 1), a verification of w tokens relative to a
+    one-token forward, by least squares through (1, 1) over measured (w, v) points."""
+    points = [(w - 1, v - 1) for w, v in points if w > 1]
+    if not points:
+        raise MetricsError("no verification wider than one token to fit")
+    x, y = np.array(points, dtype=float).T
+    return float(max((x * y).sum() / (x * x).sum(), 0.0))
+
+
+def paper_speedup(alpha: float, gamma: int, c: float, slope: float) -> float:
+    """Every step drafting gamma tokens: (1 - alpha^(gamma+1)) / ((1 - alpha) (gamma c + v)),
+    v = 1 + slope gamma."""
+    return expected_tokens_per_step(alpha, gamma) / (gamma * c + 1 + slope * gamma)
+
+
+def best_gamma_table(runs: Sequence[tuple[Cell, dict]], summary: pd.DataFrame) -> pd.DataFrame:
+    """Per drafter and batch size (and the rest of the setup), the gamma the measured alpha
+    and costs predict to be best among 1 .. GAMMA_MAX, beside the best measured one."""
+    theory = pd.DataFrame([
+        {"group_id": cell.group_id, "alpha": result["theory"]["alpha"], "cell": cell, "result": result, **row}
+        for (cell, result), row in zip(runs, theory_columns(runs))
+        if cell.drafts and result["status"] == "ok" and result.get("theory") and not math.isnan(row["theory_cost_ratio"])
+    ])
+    if theory.empty:
+        return pd.DataFrame(columns=GAMMA_COLUMNS)
+    measured = summary.set_index("group_id")["speedup"]
+    table = []
+    setup = lambda cell: (cell.experiment, cell.dataset, cell.target, cell.engine, cell.drafter, cell.batch_size, cell.generation, cell.placement, cell.load)
+    for _, rows in theory.groupby(theory["cell"].map(setup), sort=False):
+        cell = rows["cell"].iloc[0]
+        alpha, c = rows["alpha"].mean(), rows["theory_cost_ratio"].mean()
+        slope = verify_cost_per_token(
+            (r["theory"]["longest_draft"] + 1, v) for r, v in zip(rows["result"], rows["theory_verify_cost_ratio"])
+        )
+        predicted = {g: paper_speedup(alpha, g, c, slope) for g in range(1, GAMMA_MAX + 1)}
+        speedups = {g: measured.get(gid, math.nan) for g, gid in zip(rows["cell"].map(lambda x: x.gamma), rows["group_id"])}
+        speedups = dict(sorted((g, s) for g, s in speedups.items() if not math.isnan(s)))
+        best = max(predicted, key=predicted.get)
+        table.append({
+            "experiment": cell.experiment, "dataset": cell.dataset, "engine": cell.engine, "drafter": cell.drafter.name,
+            "batch_size": cell.batch_size, "load": rows["cell"].iloc[0].load.mode, "alpha": alpha, "cost_ratio": c,
+            "verify_cost_per_token": slope,
+            "measured": "; ".join(f"γ{g}: {s:.2f}" for g, s in speedups.items()),
+            "best_measured_gamma": max(speedups, key=speedups.get) if speedups else None,
+            "predicted": "; ".join(f"γ{g}: {predicted[g]:.2f}" for g in speedups),
+            "best_predicted_gamma": best, "best_predicted_speedup": predicted[best],
+        })
+    return pd.DataFrame(table, columns=GAMMA_COLUMNS)
