@@ -295,3 +295,29 @@ def test_unreadable_power_samples_name_the_file(tmp_path):
     (tmp_path / "power.csv").write_text("t_s,power_w\n0,1\n")
     with pytest.raises(RecordError, match=r"power\.csv: missing column\(s\) \['device', 'phase'\]"):
         aggregate_experiment([tmp_path / "result.json"], tmp_path / "tables", "demo", n_resamples=10)
+
+
+def test_break_even_reads_speedup_along_batch_size_and_rate(summary):
+    from specdec.sweeps import break_even_table
+
+    table = break_even_table(summary).set_index(["axis", "method_label"])
+    batch = table.loc[("batch_size", "speculative (int8)")]
+    # batch 1: 1.5, batch 4: 36/30 = 1.2; it pays at both
+    assert batch["points"].startswith("1: 1.50") and batch["break_even"].startswith("> 4")
+    rate = table.loc[("load_rate", "speculative (int8)")]
+    assert rate["metric"] == "latency_speedup" and rate["break_even"].startswith("> 2")
+
+
+def test_one_repeat_takes_its_interval_from_the_requests(runs):
+    from specdec.aggregate import request_tables
+
+    requests, _ = request_tables(read_runs(RESULTS))
+    ngram = "humaneval--specdec-ngram-ngram-g4--b1-n16-t0-cpu"
+    # spread the n-gram run's request times: the paired ratios now differ request by request
+    rows = requests["cell"] == f"{ngram}--r0"
+    requests.loc[rows, "e2e_s"] = requests.loc[rows, "e2e_s"] * [0.8, 1.0, 1.2, 1.4]
+    row = cell(summary_table(runs, requests, n_resamples=500), ngram)
+    assert row["n_repeats"] == 1 and row["speedup"] == pytest.approx(1.1)
+    assert row["speedup_ci_low"] < 1.1 < row["speedup_ci_high"]
+    without = cell(summary_table(runs, n_resamples=500), ngram)
+    assert without["speedup_ci_low"] == without["speedup_ci_high"] == pytest.approx(1.1)

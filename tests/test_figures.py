@@ -22,6 +22,7 @@ from specdec.figures import (
     plot_options,
     power_timeline,
     speedup_vs_gamma,
+    speedup_vs_load,
 )
 from specdec.summary import SettingsError
 
@@ -70,6 +71,16 @@ def test_speedup_figure_has_measured_points_and_leviathan_line(data):
     labels = fig.axes[0].get_legend_handles_labels()[1]
     assert "Leviathan et al. prediction" in labels
     assert not any("mtbench" in label for label in labels)  # no AR baseline, no speedup
+
+
+def test_speedup_along_batch_size_and_rate_with_break_even(data):
+    fig = speedup_vs_load(data)
+    drawn = lines_of(fig)
+    # int8 gamma 4: batch 1 -> 1.5 (15/10, 18/12), batch 4 -> 36/30; both pay, no break-even tick
+    assert ((1, 4), (1.5, 1.2)) in drawn
+    # open loop at 1 and 2 req/s: E2E means 16/10 against 16/15 -> 1.5 at both
+    assert ((1.0, 2.0), (1.5, 1.5)) in drawn
+    assert [ax.get_xlabel() for ax in fig.axes] == ["batch size", "offered request rate (req/s)"]
 
 
 def test_acceptance_by_category_pools_requests(data):
