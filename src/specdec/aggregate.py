@@ -15,7 +15,7 @@ from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
-from specdec import sweeps, theory
+from specdec import cotenants, sweeps, theory
 from specdec.cells import Cell, Load
 from specdec.goodput import Slo, run_goodput
 from specdec.metrics import e2e, emission_gaps, measured, queueing_delay, request_tokens_per_s, tpot, ttft
@@ -148,6 +148,7 @@ def flatten_result(run: Run) -> dict[str, Any]:
     row["accepted_per_step"] = " ".join(map(str, acceptance.get("accepted_per_step", []))) or None
     row.update({f"theory_{key}": (result["theory"] or {}).get(key) for key in ("alpha", "longest_draft")})
     row.update(_attribution_fields(result.get("attribution")))
+    row.update(_cotenant_fields(result.get("cotenants")))
     row.update(_energy_fields(result["energy"]))
     memory = result.get("memory") or {}
     row.update({f"memory_{key}": memory.get(key) for key in ("device", "weights_mb", "peak_mb", "peak_over_needed", "growth_over_needed")})
@@ -174,6 +175,18 @@ def _attribution_fields(attribution: dict | None) -> dict[str, Any]:
         "attribution_decode_s": attribution.get("decode_s"),
         "attribution_steps": attribution.get("steps"),
         **{f"attribution_{part}_s": parts.get(part) for part in ATTRIBUTION_PARTS},
+    }
+
+
+def _cotenant_fields(block: dict | None) -> dict[str, Any]:
+    """The machine's load from outside the cell during its window, and the summary's flag."""
+    block = block if block and block.get("available") else {}
+    gpu = block.get("gpu_processes")
+    return {
+        "cotenant_other_cpu_share": block.get("other_cpu_share"),
+        "cotenant_load_average_1m": (block.get("load_average_1m") or [None, None])[-1],
+        "cotenant_gpu_processes": None if gpu is None else len(gpu),
+        "cotenant_flag": cotenants.flag(block),
     }
 
 

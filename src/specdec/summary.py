@@ -106,6 +106,7 @@ SUMMARY_COLUMNS = [
     "baseline",
     *(f"{m}_cv" for m in STABILITY_METRICS),
     "unstable",
+    "outside_load",
     "n_failed",
     "flags",
 ]
@@ -216,7 +217,10 @@ def _summarise_cell(cell: pd.DataFrame, baselines: dict[str, pd.DataFrame], per_
         if cv is not None and cv > settings["cv_threshold"]:
             unstable.append(f"{metric} cv={cv:.2f}")
     row["unstable"] = bool(unstable)
-    row["flags"] = "; ".join(unstable)
+    # A repeat measured beside other work: its numbers are partly its neighbours'.
+    outside = [f"r{r} {flag}" for r, flag in zip(cell["repeat"], cell.get("cotenant_flag", [])) if isinstance(flag, str)]
+    row["outside_load"] = bool(outside)
+    row["flags"] = "; ".join(unstable + outside)
     return row
 
 
