@@ -77,6 +77,8 @@ SUMMARY_COLUMNS = [
     *(f"{m}_cv" for m in STABILITY_METRICS),
     "unstable",
     "n_failed",
+    "near_ties",
+    "defects",
     "flags",
 ]
 NO_BASELINE = "no AR baseline"
@@ -112,8 +114,22 @@ def summary_table(runs: pd.DataFrame, **settings: Any) -> pd.DataFrame:
         row["n_failed"] = int(failures.get(group_id, 0))
         if row["n_failed"]:
             row["flags"] = "; ".join(filter(None, [row["flags"], f"{row['n_failed']} failed"]))
+        _count_divergences(row, cell)
         rows.append(row)
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+
+def _count_divergences(row: dict, cell: pd.DataFrame) -> None:
+    """Greedy divergences of the cell's repeats, both checks together (missing where neither
+    was checked); any defect flags the check that found it."""
+    checks = ("correctness", "parity")
+    for kind in ("near_ties", "defects"):
+        counts = pd.concat([_numeric(cell, f"{check}_{kind}") for check in checks]).dropna()
+        row[kind] = int(counts.sum()) if len(counts) else math.nan
+    for check in checks:
+        defects = int(_numeric(cell, f"{check}_defects").fillna(0).sum())
+        if defects:
+            row["flags"] = "; ".join(filter(None, [row["flags"], f"{check} failed: {defects} defect{'s' * (defects != 1)}"]))
 
 
 def _paired_ratios(cell: pd.DataFrame, baseline: pd.DataFrame, column: str) -> np.ndarray:

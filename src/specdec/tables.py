@@ -45,6 +45,9 @@ def display_summary(summary: pd.DataFrame) -> pd.DataFrame:
             _format_estimate(row, metric, scale, no_baseline=RATIOS.get(metric, (None, None))[1] == "ar_group_id")
             for _, row in summary.iterrows()
         ]
+    # greedy divergences from the AR reference: floating-point near-ties, and defects
+    shown["near-ties"] = summary["near_ties"].map(_format_int)
+    shown["defects"] = summary["defects"].map(_format_int)
     shown["flags"] = summary["flags"].replace("", DASH)
     return shown
 
