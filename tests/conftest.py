@@ -93,12 +93,13 @@ def tiny_llama(folder: Path, vocab_size: int, tokenizer_of: Path | None = None) 
         shutil.copy(Path(tokenizer_of) / name, Path(folder) / name)
 
 
-def run_snakemake(workdir: Path, *args: str, timeout: float | None = None):
-    """Snakemake on the project's Snakefile in `workdir`, with this venv's tools on PATH."""
+def run_snakemake(workdir: Path, *args: str, timeout: float | None = None, path: str | None = None):
+    """Snakemake on the project's Snakefile in `workdir`, with this venv's tools on PATH
+    (or with `path` as PATH)."""
     import subprocess
     import sys
 
     bin_dir = Path(sys.executable).parent
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", HF_HUB_OFFLINE="1")
+    env = dict(os.environ, PATH=path or f"{bin_dir}:{os.environ['PATH']}", HF_HUB_OFFLINE="1")
     command = [str(bin_dir / "snakemake"), "-s", str(REPO / "Snakefile"), *args]
     return subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)

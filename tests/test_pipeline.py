@@ -2,6 +2,8 @@
 tables, figures, report; then a rerun that does nothing."""
 
 import json
+import os
+import re
 
 import pandas as pd
 import pytest
@@ -9,11 +11,31 @@ from conftest import TINY_CONFIG, run_snakemake
 
 
 @pytest.fixture(scope="module")
-def study(make_study):
+def first_run(make_study):
+    """`.venv/bin/snakemake` as the README runs it, in a shell whose PATH lacks the venv (no
+    activated environment): the rules must find `specdec` on their own."""
     workdir = make_study(TINY_CONFIG)
-    run = run_snakemake(workdir, "--cores", "2")
+    run = run_snakemake(workdir, "--cores", "2", path=os.defpath)
     assert run.returncode == 0, run.stderr[-5000:]
-    return workdir
+    return workdir, run
+
+
+@pytest.fixture(scope="module")
+def study(first_run):
+    return first_run[0]
+
+
+def test_the_console_shows_each_cell_start_progress_and_end_not_its_log(first_run):
+    workdir, run = first_run
+    console = run.stdout + run.stderr
+    for cell in (workdir / "results/runs/tiny").iterdir():
+        cell_id = f"tiny/{cell.name}"
+        assert f"{cell_id}: started" in console
+        assert f"{cell_id}: 2/2 requests" in console  # the last progress line, with its ETA
+        assert re.search(rf"{re.escape(cell_id)}: ok in \d+ s, [\d.]+ tok/s", console)
+        log = (workdir / "logs/benchmark" / f"{cell_id}.log").read_text()
+        assert "warm-up done; measuring 2 requests" in log and "tok/s" in log
+    assert "warm-up done" not in console  # the full log stays in logs/
 
 
 def test_summary_table_compares_every_method_with_ar(study):

@@ -152,8 +152,9 @@ def flatten_result(run: Run) -> dict[str, Any]:
     row.update(_energy_fields(result["energy"]))
     memory = result.get("memory") or {}
     row.update({f"memory_{key}": memory.get(key) for key in ("device", "weights_mb", "peak_mb", "peak_over_needed", "growth_over_needed")})
-    row["correctness_identical"] = (result["correctness"] or {}).get("identical")
-    row["parity_identical"] = (result.get("parity") or {}).get("identical")
+    for check in ("correctness", "parity"):  # greedy divergences: near-ties and defects (analysis)
+        block = result.get(check) or {}
+        row.update({f"{check}_{key}": block.get(key) for key in ("identical", "status", "near_ties", "defects")})
     row["engine_version"] = (result.get("engine") or {}).get("version")
     failure = result["failure"] or {}
     row.update({f"failure_{key}": failure.get(key) for key in ("type", "message", "phase")})

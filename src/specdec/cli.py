@@ -49,19 +49,41 @@ def _cell_from_args(args):
     return cells[args.cell_id]
 
 
+def _log_to(path: str):
+    """Send everything this process and its children (vLLM's engine process) write to `path`,
+    and return the stream the console was on: Snakemake shows a job's console output, so a
+    cell's few progress lines go there while its full log stays in the file."""
+    console = os.fdopen(os.dup(2), "w", buffering=1)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+    return console
+
+
 def _run(args) -> int:
     from specdec.runner import run_cell
 
-    cell = _cell_from_args(args)
-    result = run_cell(
-        cell,
-        prompts_path=Path(args.prompts),
-        out_dir=Path(args.out_dir),
-        models_dir=Path(args.models_dir),
-        reference=Path(args.reference) if args.reference else None,
-        parity_reference=Path(args.parity_reference) if args.parity_reference else None,
-        threads=args.threads,
-    )
+    console = _log_to(args.log) if args.log else None
+    try:
+        cell = _cell_from_args(args)
+        result = run_cell(
+            cell,
+            prompts_path=Path(args.prompts),
+            out_dir=Path(args.out_dir),
+            models_dir=Path(args.models_dir),
+            reference=Path(args.reference) if args.reference else None,
+            parity_reference=Path(args.parity_reference) if args.parity_reference else None,
+            threads=args.threads,
+            console=console,
+        )
+    except ValueError as exc:  # bad input: the one line belongs on the console too
+        if console is not None:
+            print(f"specdec run: error: {exc} (log: {args.log})", file=console)
+        raise
     # A failed cell is a result (exit 0); an interrupted one exits as a shell reports the signal.
     return 128 + result["signal"] if result["status"] == "interrupted" else 0
 
@@ -120,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", help="requests.jsonl of the same engine's AR cell that greedy outputs must equal")
     p.add_argument("--parity-reference", help="requests.jsonl of our engine's AR cell, for a cell another engine runs")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--log", help="write the full log here; the console gets only start, progress and end lines")
     p.set_defaults(func=_run)
 
     p = sub.add_parser("cells", help="list the cells of a config")

@@ -288,7 +288,8 @@ def _drive(server: Server, pending: list[tuple[int, int, Request]], *, closed: b
 
 
 class RequestProgress:
-    """Requests done, output tokens/s so far and ETA: a rich bar on a terminal, else log lines."""
+    """Requests done, output tokens/s so far and ETA: a rich bar on a terminal (unless `bar`
+    is False), else a line at most every `log_every_s` and one at the end."""
 
     def __init__(
         self,
@@ -297,6 +298,7 @@ class RequestProgress:
         stream: TextIO | None = None,
         clock: Callable[[], float] = time.monotonic,
         log_every_s: float = 10.0,
+        bar: bool | None = None,
     ):
         from rich.console import Console
 
@@ -306,7 +308,7 @@ class RequestProgress:
         self._started = self._last_line = clock()
         self._console = Console(file=stream or sys.stderr)
         self._bar = self._task = None
-        if self._console.is_terminal:
+        if self._console.is_terminal if bar is None else bar:
             from rich import progress as rp
 
             self._bar = rp.Progress(

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
+from typing import TextIO
 
 import torch
 
@@ -65,8 +67,9 @@ def make_engine(session: Session, generator: torch.Generator):
     return engine
 
 
-def measure(session: Session, prompts: list[dict], out_dir: Path) -> tuple[list[dict], dict]:
-    """Warm up, then decode every prompt under the cell's load inside one power window."""
+def measure(session: Session, prompts: list[dict], out_dir: Path, console: TextIO | None = None) -> tuple[list[dict], dict]:
+    """Warm up, then decode every prompt under the cell's load inside one power window.
+    Progress goes to the log; with `console`, also there at most once a minute."""
     from specdec.load import progress, run_load, schedule, total_requests
     from specdec.power import PowerMonitor
 
@@ -95,11 +98,19 @@ def measure(session: Session, prompts: list[dict], out_dir: Path) -> tuple[list[
         monitor.end_window(sync=sync)
         session.end_window()
 
-    with monitor, progress(total, cell.name) as bar:
+    # Snakemake shows every job's console at once: plain lines, not a bar.
+    shown = progress(total, cell.id, stream=console, log_every_s=60, bar=False) if console is not None else nullcontext()
+    with monitor, progress(total, cell.name) as bar, shown as line:
+
+        def on_record(record: dict) -> None:
+            bar.update(record)
+            if line is not None:
+                line.update(record)
+
         monitor.measure_idle(sync=sync)
         records = run_load(
             prompts, engine, cell.load, cell.batch_size, seed=cell.seed, warmup=cell.warmup,
-            on_record=bar.update,
+            on_record=on_record,
             on_window_start=begin_window,
             on_window_end=end_window,
         )

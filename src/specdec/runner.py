@@ -16,8 +16,10 @@ import os
 import resource
 import signal
 import tempfile
+import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TextIO
 
 import torch
 
@@ -96,17 +98,22 @@ def _raise_timeout(signum, frame):
 
 
 def run_cell(cell: Cell, prompts_path: Path, out_dir: Path, models_dir: Path = Path("resources/models"),
-             reference: Path | None = None, threads: int | None = None, parity_reference: Path | None = None) -> dict:
+             reference: Path | None = None, threads: int | None = None, parity_reference: Path | None = None,
+             console: TextIO | None = None) -> dict:
     """Run one cell; returns the result written, or `{"status": "interrupted", "signal": N}`.
 
     `reference` is the requests.jsonl of the same engine's AR cell (greedy drafting is
     lossless), `parity_reference` that of our engine's AR cell (for a cell another engine
     runs). A cell its engine cannot run (`engines.unsupported`) is written `not_supported`
     at once. Bad input raises (a ValueError) before anything is written. SIGTERM/SIGINT at
-    any moment, the writing of the outputs included, leaves neither output file."""
+    any moment, the writing of the outputs included, leaves neither output file. `console`,
+    if given, gets a line when the cell starts, its progress at most once a minute, and a
+    line when it ends (the log gets everything)."""
     from specdec.gpus import lease_gpus
 
-    out_dir, started = Path(out_dir), now_iso()
+    out_dir, started, began = Path(out_dir), now_iso(), time.monotonic()
+    say = (lambda line: print(f"{cell.id}: {line}", file=console)) if console is not None else (lambda line: None)
+    say("started")
     if threads:
         torch.set_num_threads(threads)
     phase = "setup"
@@ -126,7 +133,7 @@ def run_cell(cell: Cell, prompts_path: Path, out_dir: Path, models_dir: Path = P
             check_context(session, prompts)
             where |= {"lease": lease.describe(), "plan": session.plan.describe()}
             phase = "measure"
-            result, records = _measure_and_analyse(session, prompts, out_dir, reference, parity_reference)
+            result, records = _measure_and_analyse(session, prompts, out_dir, reference, parity_reference, console)
         phase = "write"
         try:
             _write_outputs(cell, result, records, where, started, out_dir)
@@ -137,12 +144,28 @@ def run_cell(cell: Cell, prompts_path: Path, out_dir: Path, models_dir: Path = P
             (out_dir / name).unlink(missing_ok=True)
         write_json(out_dir / "interrupted.json", {"cell_id": cell.id, "status": Status.INTERRUPTED.value, "signal": str(exc), "phase": phase, "at": now_iso()})
         log.error("interrupted by %s during %s; no result written, so the cell reruns", exc, phase)
+        say(f"interrupted by {exc} during {phase}")
         return {"status": Status.INTERRUPTED.value, "signal": exc.signum}
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     log.info("\n%s", metrics.summary_table(result["metrics"], cell.name) if result["metrics"] else result["failure"])
+    say(_ending(result, time.monotonic() - began))
     return result
+
+
+def _ending(result: dict, elapsed_s: float) -> str:
+    """The console's last line of a cell: its status, time, throughput and any failed check."""
+    parts = [f"{result['status']} in {elapsed_s:.0f} s"]
+    if result["metrics"]:
+        parts.append(f"{result['metrics']['throughput_tok_s']:.1f} tok/s")
+    if result["failure"]:
+        parts.append(f"{result['failure']['type']}: {result['failure']['message']}"[:200])
+    for check in ("correctness", "parity"):
+        if result[check].get("status") == "failed":
+            defects = result[check]["defects"]
+            parts.append(f"{check} failed: {defects} defect{'s' * (defects != 1)}")
+    return ", ".join(parts)
 
 
 def _write_outputs(cell: Cell, result: dict, records: list[dict], where: dict, started: str, out_dir: Path) -> None:
@@ -164,7 +187,7 @@ def _blank_result() -> dict:
 
 
 def _measure_and_analyse(session: Session, prompts: list[dict], out_dir: Path, reference: Path | None,
-                         parity_reference: Path | None) -> tuple[dict, list[dict]]:
+                         parity_reference: Path | None, console: TextIO | None = None) -> tuple[dict, list[dict]]:
     """The result body and the request records; a failure here (an engine that does not
     start or dies, the cell's `timeout_s` included) is recorded, not raised, so that the
     rest of the matrix goes on."""
@@ -177,7 +200,7 @@ def _measure_and_analyse(session: Session, prompts: list[dict], out_dir: Path, r
         session.start()
         result["engine"] = engine_block(session.cell, session.engine_settings)
         phase = "measure"
-        records, result["energy"] = measure(session, prompts, out_dir)
+        records, result["energy"] = measure(session, prompts, out_dir, console)
         phase = "analyse"
         result.update(analyse(session, records, reference, parity_reference))
         if session.cell.engine != "vllm":  # vLLM's memory is its engine process's, sized by its own settings

@@ -108,6 +108,8 @@ SUMMARY_COLUMNS = [
     "unstable",
     "outside_load",
     "n_failed",
+    "near_ties",
+    "defects",
     "flags",
 ]
 NO_BASELINE = "no AR baseline"
@@ -146,8 +148,22 @@ def summary_table(runs: pd.DataFrame, requests: pd.DataFrame | None = None, **se
         row["n_failed"] = int(failures.get(group_id, 0))
         if row["n_failed"]:
             row["flags"] = "; ".join(filter(None, [row["flags"], f"{row['n_failed']} failed"]))
+        _count_divergences(row, cell)
         rows.append(row)
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+
+def _count_divergences(row: dict, cell: pd.DataFrame) -> None:
+    """Greedy divergences of the cell's repeats, both checks together (missing where neither
+    was checked); any defect flags the check that found it."""
+    checks = ("correctness", "parity")
+    for kind in ("near_ties", "defects"):
+        counts = pd.concat([_numeric(cell, f"{check}_{kind}") for check in checks]).dropna()
+        row[kind] = int(counts.sum()) if len(counts) else math.nan
+    for check in checks:
+        defects = int(_numeric(cell, f"{check}_defects").fillna(0).sum())
+        if defects:
+            row["flags"] = "; ".join(filter(None, [row["flags"], f"{check} failed: {defects} defect{'s' * (defects != 1)}"]))
 
 
 def _paired_ratios(cell: pd.DataFrame, baseline: pd.DataFrame, ratio: Ratio) -> np.ndarray:

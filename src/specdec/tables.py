@@ -45,6 +45,9 @@ def display_summary(summary: pd.DataFrame) -> pd.DataFrame:
         scale = 1000.0 if heading.endswith("(ms)") else 1.0
         against_ar = metric in RATIOS and RATIOS[metric].baseline == "ar_group_id"
         shown[heading] = [_format_estimate(row, metric, scale, no_baseline=against_ar) for _, row in summary.iterrows()]
+    # greedy divergences from the AR reference: floating-point near-ties, and defects
+    shown["near-ties"] = summary["near_ties"].map(_format_int)
+    shown["defects"] = summary["defects"].map(_format_int)
     shown["flags"] = summary["flags"].replace("", DASH)
     return shown
 

@@ -39,4 +39,4 @@ rule benchmark:
     shell:
         "{params.specdec} run --cell {input.cell:q} --prompts {input.prompts:q}"
         " --out-dir {params.out_dir:q} --threads {threads} {params.reference}"
-        " > {log:q} 2>&1"
+        " --log {log:q}"

@@ -1,5 +1,6 @@
 import json
 import shlex
+import sys
 from pathlib import Path
 
 from snakemake.settings.types import DeploymentMethod
@@ -137,13 +138,26 @@ def cell_environment(wildcards):
     return f"../../envs/{name}.yaml"
 
 
+def own_specdec():
+    """The `specdec` installed beside the Python that runs Snakemake, by absolute path: a
+    `.venv/bin/snakemake` run must not depend on an activated environment or on PATH (by
+    name, rules in a fresh shell failed with exit 127). Under --sdm conda: its env's."""
+    command = Path(sys.executable).parent / "specdec"
+    if USE_CONDA or not command.exists():
+        return "specdec"
+    return shlex.quote(str(command))
+
+
+SPECDEC = own_specdec()
+
+
 def specdec_command(wildcards):
     """The `specdec` that runs the cell: a vLLM cell runs in vLLM's own environment (the
     venv of `make install-vllm`, or under --sdm conda envs/vllm.yaml's). Without one, the
     job says which command installs it."""
     command = Path(config["vllm"]["venv"]) / "bin" / "specdec"
     if cell_of(wildcards).engine != "vllm" or USE_CONDA or not command.exists():
-        return "specdec"
+        return SPECDEC
     return shlex.quote(str(command))
 
 

@@ -5,8 +5,10 @@ rule prepare_model:
         "logs/prepare_model/{model}.log",
     conda:
         "../../envs/specdec.yaml"
+    params:
+        specdec=SPECDEC,
     shell:
-        "specdec prepare-model --out {output.model:q} > {log:q} 2>&1"
+        "{params.specdec} prepare-model --out {output.model:q} > {log:q} 2>&1"
 
 
 rule prepare_dataset:
@@ -32,8 +34,9 @@ rule prepare_dataset:
             config["models"][dataset_tokenizer_model(wildcards.dataset)]
         ),
         seed=config["seed"],
+        specdec=SPECDEC,
     shell:
-        "specdec prepare-dataset --name {wildcards.dataset:q} --spec {params.spec:q}"
+        "{params.specdec} prepare-dataset --name {wildcards.dataset:q} --spec {params.spec:q}"
         " --model {params.model:q} --model-spec {params.model_spec:q} --seed {params.seed:q}"
         " --out {output.prompts:q} --skipped {output.skipped:q}"
         " --skipped-html {output.skipped_html:q} > {log:q} 2>&1"
