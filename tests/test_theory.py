@@ -17,7 +17,7 @@ def attribution(parts: dict, steps: int, target: dict, drafter: dict | None = No
     forwards = {"target_decode": {w: {"count": n, "total_s": s, "rows": n} for w, (n, s) in target.items()}}
     if drafter:
         forwards["drafter"] = {w: {"count": n, "total_s": s, "rows": n} for w, (n, s) in drafter.items()}
-    return {"available": True, "clock": "host clock", "decode_s": sum(parts.values()), "steps": steps,
+    return {"available": True, "clock": "host clock", "decode_s": sum(v for v in parts.values() if v is not None), "steps": steps,
             "parts_s": parts, "forwards": forwards}
 
 
@@ -52,9 +52,13 @@ def test_waterfall_from_ideal_to_the_cells_step_time():
 def test_no_costs_without_timed_forwards():
     row = run_theory(SPEC, {"attribution": {"available": False, "reason": "off"}})
     assert all(math.isnan(v) for v in row.values())
-    ngram = dict(SPEC, attribution=attribution({"prefill": 0.2, "drafter": 0.0, "verify": 0.936, "accept": 0.05, "other": 0.15},
+    ngram = dict(SPEC, attribution=attribution({"prefill": 0.2, "drafter": None, "verify": 0.936, "accept": 0.05, "other": 0.15},
                                                20, {"5": (20, 0.936)}))
-    assert run_theory(ngram, AR)["theory_cost_ratio"] == 0.0  # no draft model: c = 0
+    row = run_theory(ngram, AR)
+    assert row["theory_cost_ratio"] == 0.0  # no draft model: c = 0
+    assert row["waterfall_drafter"] == pytest.approx(row["waterfall_ideal"])
+    vllm = {"available": True, "forwards": None, "parts_s": dict.fromkeys(("prefill", "drafter", "verify", "accept", "other")), "steps": 9}
+    assert math.isnan(run_theory(dict(SPEC, attribution=vllm), AR)["predicted_speedup"])
 
 
 def test_verification_slope_and_the_papers_formula():

@@ -42,8 +42,8 @@ GAMMA_COLUMNS = (
 def mean_forward(attribution: dict | None, role: str, width: int) -> float | None:
     """Mean seconds of the `role` forwards (`target_decode`, `drafter`) that took `width`
     new tokens, or None when the run timed none."""
-    if not attribution or not attribution.get("available"):
-        return None
+    if not attribution or not attribution.get("available") or not attribution.get("forwards"):
+        return None  # not timed, or a vLLM cell (its forwards run in its engine process)
     entry = (attribution["forwards"].get(role) or {}).get(str(width))
     return entry["total_s"] / entry["count"] if entry and entry["count"] else None
 
@@ -51,11 +51,12 @@ def mean_forward(attribution: dict | None, role: str, width: int) -> float | Non
 def _step_seconds(attribution: dict) -> dict[str, float] | None:
     """Seconds per decode step (prefill left out) spent in each part."""
     steps = attribution.get("steps") or 0
-    if not attribution.get("available") or not steps:
+    if not attribution.get("available") or not attribution.get("forwards") or not steps:
         return None
     parts = attribution["parts_s"]
     decode = attribution["decode_s"] - parts["prefill"]
-    return {"step": decode / steps, "drafter": parts["drafter"] / steps, "verify": parts["verify"] / steps}
+    # a model-free drafter's proposals are host work: `other`, not a drafter part
+    return {"step": decode / steps, "drafter": (parts["drafter"] or 0.0) / steps, "verify": parts["verify"] / steps}
 
 
 def run_theory(result: dict, baseline: dict | None) -> dict[str, Any]:
