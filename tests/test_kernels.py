@@ -13,7 +13,7 @@ from specdec.decoding.cache import RaggedCache
 @pytest.fixture
 def always_weight_major(monkeypatch):
     """Pretend every model was timed faster with W @ x.T, so the tuned path certainly runs."""
-    monkeypatch.setattr(kernels, "weight_major_is_faster", lambda model, layers: True)
+    monkeypatch.setattr(kernels, "probe", lambda model, rows=1: {"weight_major": True})
 
 
 def tiny_llama(dtype=torch.float32):
@@ -54,9 +54,20 @@ def test_generation_is_the_same_under_the_tuned_kernels(always_weight_major, mon
     mask = torch.ones_like(ids)
     settings = GenerationSettings(max_new_tokens=12)
     tuned = generate(model, ids, mask, settings)
-    monkeypatch.setattr(kernels, "weight_major_is_faster", lambda model, layers: False)
+    kernels.choose(model, False)
     library = generate(model, ids, mask, settings)
     assert [r.output_ids for r in tuned] == [r.output_ids for r in library]
+
+
+def test_a_choice_made_elsewhere_overrides_the_probe():
+    model = tiny_llama()
+    measured = kernels.probe(model, rows=4)
+    assert measured["layers"] == 15 and measured["rows"] == 4 and measured["library_s"] > 0
+    assert measured["weight_major"] == (measured["weight_major_s"] < 0.9 * measured["library_s"])
+    for choice in (True, False):
+        kernels.choose(model, choice)
+        assert len(kernels.tuned_linears(model)) == (15 if choice else 0)
+    assert kernels.probe(tiny_llama(torch.bfloat16)) == {"layers": 0, "rows": 1, "weight_major": False}
 
 
 def test_ragged_cache_passes_the_cache_under_the_forwards_own_keyword():

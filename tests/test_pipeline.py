@@ -50,6 +50,19 @@ def test_summary_table_compares_every_method_with_ar(study):
     assert (spec["predicted_speedup"] > 0).all()
 
 
+def test_every_cell_of_a_setup_runs_the_kernels_chosen_once_for_it(study):
+    # one choice per model, dtype and batch size (choose_kernels), read by each cell
+    choices = sorted((study / "results/kernels").glob("*.json"))
+    assert [p.name for p in choices] == ["smollm2--float32--b1.json"]
+    choice = json.loads(choices[0].read_text())
+    assert choice["rows"] == 1 and choice["layers"] > 0 and choice["library_s"] > 0
+    for path in (study / "results/runs/tiny").glob("*/result.json"):
+        kernels = json.loads(path.read_text())["engine"]["settings"]["kernels"]["target"]
+        assert kernels["source"].endswith("kernels/smollm2--float32--b1.json")
+        assert kernels["weight_major"] == choice["weight_major"]
+        assert (kernels["layers_weight_major"] > 0) == choice["weight_major"]
+
+
 def test_greedy_speculative_outputs_equal_ar(study):
     runs = sorted((study / "results/runs/tiny").glob("*/result.json"))
     assert len(runs) == 3

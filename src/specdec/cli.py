@@ -37,6 +37,38 @@ def _prepare_dataset(args) -> int:
     return 0
 
 
+def _choose_kernels(args) -> int:
+    import torch
+
+    from specdec.cells import ModelSpec
+    from specdec.decoding.kernels import probe
+    from specdec.metadata import cpu_model
+    from specdec.models import load_model
+    from specdec.records import write_kernel_choice
+    from specdec.runner import now_iso
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    spec = ModelSpec(name=args.model, **json.loads(args.model_spec))
+    model, _ = load_model(spec, Path(args.models_dir), dtype=args.dtype)
+    choice = {"model": args.model, "dtype": args.dtype, "batch_size": args.batch_size, "threads": args.threads,
+              **probe(model, rows=args.batch_size), "cpu": cpu_model(), "torch": torch.__version__, "measured_at": now_iso()}
+    write_kernel_choice(args.out, choice)
+    print(json.dumps(choice, indent=2))
+    return 0
+
+
+def _kernel_files(values: list[str]) -> dict[str, Path]:
+    """`--kernels ROLE=PATH` options as a dict."""
+    files = {}
+    for value in values:
+        role, sep, path = value.partition("=")
+        if not sep or role not in ("target", "drafter"):
+            raise ValueError(f"--kernels {value!r}: expected target=PATH or drafter=PATH")
+        files[role] = Path(path)
+    return files
+
+
 def _cell_from_args(args):
     from specdec.config import expand_matrix, load_config
     from specdec.records import read_cell
@@ -78,6 +110,7 @@ def _run(args) -> int:
             reference=Path(args.reference) if args.reference else None,
             parity_reference=Path(args.parity_reference) if args.parity_reference else None,
             threads=args.threads,
+            kernels=_kernel_files(args.kernels),
             console=console,
         )
     except ValueError as exc:  # bad input: the one line belongs on the console too
@@ -131,6 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skipped-html", help="the same as an HTML table (needs --skipped)")
     p.set_defaults(func=_prepare_dataset)
 
+    p = sub.add_parser("choose-kernels", help="choose the CPU decoding kernels of a model, dtype and batch size once")
+    p.add_argument("--model", required=True, help="the model's name in the config")
+    p.add_argument("--model-spec", required=True, help="that model's config entry as JSON")
+    p.add_argument("--dtype", required=True)
+    p.add_argument("--batch-size", type=int, required=True)
+    p.add_argument("--models-dir", default="resources/models")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (the cells')")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_choose_kernels)
+
     p = sub.add_parser("run", help="run one benchmark cell")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--cell", help="a cell file (cell.json, written by the workflow's cell rule)")
@@ -142,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", help="requests.jsonl of the same engine's AR cell that greedy outputs must equal")
     p.add_argument("--parity-reference", help="requests.jsonl of our engine's AR cell, for a cell another engine runs")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--kernels", action="append", default=[], metavar="ROLE=PATH",
+                   help="the CPU kernel choice (choose-kernels) of the target or the drafter; probed at load if absent")
     p.add_argument("--log", help="write the full log here; the console gets only start, progress and end lines")
     p.set_defaults(func=_run)
 

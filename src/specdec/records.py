@@ -123,6 +123,21 @@ def read_cell(path: str | os.PathLike) -> Cell:
     return cell_from_dict(_read_json(path), str(path))
 
 
+# -------------------------------------------------------------- kernel choices
+
+
+def write_kernel_choice(path: str | os.PathLike, choice: dict) -> None:
+    validate("kernels", choice, str(path))
+    write_json(path, choice)
+
+
+def read_kernel_choice(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    choice = _read_json(path)
+    validate("kernels", choice, str(path))
+    return choice
+
+
 # --------------------------------------------------------------------- requests
 
 

@@ -99,13 +99,15 @@ def _raise_timeout(signum, frame):
 
 def run_cell(cell: Cell, prompts_path: Path, out_dir: Path, models_dir: Path = Path("resources/models"),
              reference: Path | None = None, threads: int | None = None, parity_reference: Path | None = None,
+             kernels: dict[str, Path] | None = None,
              console: TextIO | None = None) -> dict:
     """Run one cell; returns the result written, or `{"status": "interrupted", "signal": N}`.
 
     `reference` is the requests.jsonl of the same engine's AR cell (greedy drafting is
     lossless), `parity_reference` that of our engine's AR cell (for a cell another engine
     runs). A cell its engine cannot run (`engines.unsupported`) is written `not_supported`
-    at once. Bad input raises (a ValueError) before anything is written. SIGTERM/SIGINT at
+    at once. `kernels`: the CPU kernel choice file of each role of `session.kernel_setups`.
+    Bad input raises (a ValueError) before anything is written. SIGTERM/SIGINT at
     any moment, the writing of the outputs included, leaves neither output file. `console`,
     if given, gets a line when the cell starts, its progress at most once a minute, and a
     line when it ends (the log gets everything)."""
@@ -129,7 +131,7 @@ def run_cell(cell: Cell, prompts_path: Path, out_dir: Path, models_dir: Path = P
             result["engine"] = engine_block(cell, {})
         else:
             lease = lease_gpus(placement.gpus_required(cell.placement, cell.drafter is not None), label=cell.name)
-            session = open_session(cell, Path(models_dir))
+            session = open_session(cell, Path(models_dir), kernels)
             check_context(session, prompts)
             where |= {"lease": lease.describe(), "plan": session.plan.describe()}
             phase = "measure"

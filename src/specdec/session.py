@@ -31,6 +31,7 @@ class Session:
     settings: object  # decoding.GenerationSettings
     rss_before_weights: int | None = None  # bytes: interpreter, libraries and tokenizer
     prompt_ids: dict = field(default_factory=dict)  # request id -> unpadded prompt token ids
+    kernels: dict = field(default_factory=dict)  # role -> the CPU kernel choice our engine runs it with
 
     @property
     def device(self) -> str:
@@ -47,7 +48,9 @@ class Session:
         """What the engine is given beyond the cell (the result's `engine.settings`)."""
         from specdec.engines import transformers_settings
 
-        return transformers_settings(self.cell) if self.cell.engine == "transformers" else {}
+        if self.cell.engine == "transformers":
+            return transformers_settings(self.cell)
+        return {"kernels": self.kernels} if self.kernels else {}
 
     def start(self) -> None:
         """The models are loaded already (`load_session`): bad input is found before the job
@@ -64,13 +67,13 @@ class Session:
         self.target = self.drafter = self.drafter_model = None
 
 
-def open_session(cell: Cell, models_dir: Path):
+def open_session(cell: Cell, models_dir: Path, kernels: dict[str, Path] | None = None):
     """The session of the cell's engine: in-process models (ours, transformers) or vLLM."""
     if cell.engine == "vllm":
         from specdec.vllm_engine import open_vllm_session
 
         return open_vllm_session(cell, models_dir)
-    return load_session(cell, models_dir)
+    return load_session(cell, models_dir, kernels)
 
 
 def generation_settings(cell: Cell, eos_token_ids=(), pad_token_id: int = 0):
@@ -91,6 +94,23 @@ def rss_bytes() -> int | None:
         return None
 
 
+def kernel_setups(cell: Cell) -> dict[str, tuple[str, str]]:
+    """The models whose CPU kernel choice (decoding.kernels) a cell depends on, by role:
+    (model name, dtype) of the float32 models our engine runs on the CPU. The choice is
+    made per model, dtype and batch size, once for every cell of that setup."""
+    if cell.engine != "specdec" or cell.placement.strategy != "cpu":
+        return {}
+    setups = {"target": (cell.target.name, cell.target.dtype)}
+    if cell.drafter is not None and cell.drafter.kind == "model":
+        setups["drafter"] = (cell.drafter.model.name, cell.drafter.model.dtype)
+    return {role: setup for role, setup in setups.items() if setup[1] == "float32"}
+
+
+def kernel_choice_name(model: str, dtype: str, batch_size: int) -> str:
+    """The file name of a kernel choice (under results/kernels/)."""
+    return f"{model}--{dtype}--b{batch_size}.json"
+
+
 def _drafter_dtype(cell: Cell) -> str:
     """The dtype the drafter's model loads in (an int8 copy is quantised after loading)."""
     drafter = cell.drafter
@@ -99,10 +119,10 @@ def _drafter_dtype(cell: Cell) -> str:
     return {"bf16": "bfloat16", "int8": "float32"}[drafter.dtype]
 
 
-def load_session(cell: Cell, models_dir: Path) -> Session:
-    """Place and load the target and the drafter named by the cell."""
+def load_session(cell: Cell, models_dir: Path, kernels: dict[str, Path] | None = None) -> Session:
+    """Place and load the target and the drafter named by the cell. `kernels`: the kernel
+    choice file of a role of `kernel_setups(cell)`; a model without one is probed here."""
     from specdec.decoding import ModelDrafter, NgramDrafter, check_same_vocabulary
-    from specdec.decoding.kernels import tuned_linears
 
     drafter_spec = cell.drafter_model
     int8 = cell.drafter is not None and cell.drafter.dtype == "int8"
@@ -126,9 +146,8 @@ def load_session(cell: Cell, models_dir: Path) -> Session:
     elif drafter_spec:
         drafter_model, drafter_tokenizer = models.load_model(drafter_spec, models_dir, dtype=_drafter_dtype(cell), **plan.drafter.load_kwargs())
         check_same_vocabulary(target, drafter_model, tokenizer, drafter_tokenizer)
-    # The engine's CPU kernel choice times a dozen forwards: made here, never inside a measured request.
-    tuned = len(tuned_linears(target)) + len(tuned_linears(drafter_model))
-    log.info("CPU linear layers computed as W @ x.T (decoding kernels): %d", tuned)
+    # transformers' generate() never runs under our kernels (decoding.kernels)
+    chosen = _apply_kernel_choices({"target": target, "drafter": drafter_model}, kernels or {}) if cell.engine == "specdec" else {}
     settings = generation_settings(cell, _eos_ids(target, tokenizer), tokenizer.pad_token_id)
     if cell.engine == "transformers":
         drafter = drafter_model  # prompt lookup needs none
@@ -139,7 +158,29 @@ def load_session(cell: Cell, models_dir: Path) -> Session:
         drafter = NgramDrafter(n=spec.n, top_k=spec.top_k, min_context=spec.min_context)
     else:
         drafter = None
-    return Session(cell, target, tokenizer, drafter, drafter_model, plan, settings, rss_before_weights=baseline.get("rss"))
+    return Session(cell, target, tokenizer, drafter, drafter_model, plan, settings, rss_before_weights=baseline.get("rss"),
+                   kernels=chosen)
+
+
+def _apply_kernel_choices(models: dict, files: dict[str, Path]) -> dict:
+    """Apply each role's kernel choice file (else probe it now, at one row: never inside a
+    measured request); the record of what each model runs, for the result."""
+    from specdec.decoding import kernels
+    from specdec.records import read_kernel_choice
+
+    chosen = {}
+    for role, model in models.items():
+        if model is None:
+            continue
+        if role in files:
+            choice = read_kernel_choice(files[role])
+            kernels.choose(model, choice["weight_major"])
+            chosen[role] = {"source": str(files[role]), "weight_major": choice["weight_major"], "batch_size": choice["batch_size"]}
+        else:
+            chosen[role] = {"source": "probed when the cell loaded (one row)"}
+        chosen[role]["layers_weight_major"] = len(kernels.tuned_linears(model))
+    log.info("CPU linear layers computed as W @ x.T (decoding kernels): %s", chosen)
+    return chosen
 
 
 def _eos_ids(model, tokenizer) -> list[int]:

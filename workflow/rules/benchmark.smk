@@ -18,6 +18,7 @@ rule benchmark:
         models=model_inputs,
         reference=reference_requests,
         parity=parity_requests,
+        kernels=kernel_choice_inputs,
     output:
         result=f"{RESULTS}/runs/{{experiment}}/{{cell}}/result.json",
         requests=f"{RESULTS}/runs/{{experiment}}/{{cell}}/requests.jsonl",

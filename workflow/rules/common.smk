@@ -9,6 +9,7 @@ from snakemake.utils import validate
 import specdec.config
 import specdec.placement
 import specdec.records
+import specdec.session
 
 # The gate: the schema (Snakemake's validate fills the defaults), then what a schema cannot
 # say; each config file is read once more by a loader that names the line of a key given twice.
@@ -33,6 +34,8 @@ wildcard_constraints:
     cell="[A-Za-z0-9_.-]+",
     dataset="[A-Za-z0-9_-]+",
     model="[A-Za-z0-9_-]+",
+    dtype="float32|bfloat16|float16",
+    batch="[0-9]+",
 
 
 def run_results():
@@ -126,6 +129,10 @@ def reference_option(wildcards, input):
     command as they are."""
     options = [f"--reference {shlex.quote(path)}" for path in input.reference]
     options += [f"--parity-reference {shlex.quote(path)}" for path in input.parity]
+    options += [
+        f"--kernels {shlex.quote(f'{role}={path}')}"
+        for role, path in kernel_choices(wildcards).items()
+    ]
     return " ".join(options)
 
 
@@ -168,9 +175,32 @@ def benchmark_gpus(wildcards):
     )
 
 
-def benchmark_threads(wildcards):
-    """A CPU cell takes every local core, so that no two timed CPU jobs overlap; on a
-    cluster (no local core count) it asks for `slurm.cpus_per_task`."""
-    if benchmark_gpus(wildcards):
-        return 1
+def cpu_threads():
+    """A timed CPU job takes every local core, so that no two overlap; on a cluster (no
+    local core count) it asks for `slurm.cpus_per_task`."""
     return workflow.resource_settings.cores or config["slurm"]["cpus_per_task"]
+
+
+def benchmark_threads(wildcards):
+    return 1 if benchmark_gpus(wildcards) else cpu_threads()
+
+
+def kernel_choices(wildcards):
+    """Role -> the kernel choice file of each float32 model our engine runs the cell with
+    on the CPU: one per model, dtype and batch size, which every cell of that setup reads.
+    """
+    cell = cell_of(wildcards)
+    return {
+        role: f"{RESULTS}/kernels/"
+        + specdec.session.kernel_choice_name(model, dtype, cell.batch_size)
+        for role, (model, dtype) in specdec.session.kernel_setups(cell).items()
+    }
+
+
+def kernel_choice_inputs(wildcards):
+    return list(kernel_choices(wildcards).values())
+
+
+def named_model_input(wildcards):
+    name = wildcards.model
+    return [f"resources/models/{name}"] if name in embedded_models() else []

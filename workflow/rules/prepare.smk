@@ -40,3 +40,25 @@ rule prepare_dataset:
         " --model {params.model:q} --model-spec {params.model_spec:q} --seed {params.seed:q}"
         " --out {output.prompts:q} --skipped {output.skipped:q}"
         " --skipped-html {output.skipped_html:q} > {log:q} 2>&1"
+
+
+# The CPU decoding kernels of a model, dtype and batch size, chosen once for every cell of
+# that setup (decoding.kernels): chosen in each cell, a busy moment could give AR and
+# speculative cells of one setup different kernels.
+rule choose_kernels:
+    input:
+        model=named_model_input,
+    output:
+        choice=f"{RESULTS}/kernels/{{model}}--{{dtype}}--b{{batch}}.json",
+    log:
+        "logs/choose_kernels/{model}--{dtype}--b{batch}.log",
+    conda:
+        "../../envs/specdec.yaml"
+    threads: cpu_threads()
+    params:
+        model_spec=lambda wildcards: json.dumps(config["models"][wildcards.model]),
+        specdec=SPECDEC,
+    shell:
+        "{params.specdec} choose-kernels --model {wildcards.model:q} --model-spec {params.model_spec:q}"
+        " --dtype {wildcards.dtype:q} --batch-size {wildcards.batch} --threads {threads}"
+        " --out {output.choice:q} > {log:q} 2>&1"

@@ -6,12 +6,14 @@ project's 2-core machine, the SmolLM2 lm_head (49152 x 576) took 10 ms for one r
 19 ms for five, against 2.9 ms and 5.3 ms as `W @ x.T` with at least two columns. A target
 forward drops from 56 to 30 ms, a five-token verification from 73 to 49 ms. The same
 weights and the same arithmetic, only another BLAS call order. Whether it is faster is
-measured once per model on a whole one-token forward (a small weight timed alone sits in
-the cache and misleads), so a CPU where the library's choice is better keeps it. Prompt
+measured on a whole one-token forward of the batch's rows (a small weight timed alone sits
+in the cache and misleads), so a CPU where the library's choice is better keeps it. Prompt
 prefills (more than `MAX_ROWS` rows) always use `F.linear`. transformers' own
-`generate()` (the peer rows) never runs under this context. The runner makes the choice
-when it loads a cell's models (`tuned_linears`), so the timing never falls inside a
-measured request.
+`generate()` (the peer rows) never runs under this context. The choice is made once per
+model, dtype and batch size by the workflow's `choose_kernels` job (`probe`), and every cell
+of that setup applies it (`choose`): measured in each cell apart, a busy moment made AR and
+speculative cells of one setup run different kernels. A model given no choice is probed
+when it is loaded (`tuned_linears`), never inside a measured request.
 
 bfloat16 linear layers on the CPU take another route (`prepack_bfloat16_linears`): oneDNN
 reorders a weight into its own blocked layout on every `F.linear` call; reordering once at
@@ -137,23 +139,34 @@ def _median_seconds(fn, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def weight_major_is_faster(model, layers: list[nn.Linear]) -> bool:
-    """Whether a one-token forward of `model` is at least 10 % faster with `layers` computing
-    `W @ x.T` (timed once per model; about a dozen forwards)."""
-    if model not in _weight_major_is_faster:
-        ids = torch.zeros(1, 1, dtype=torch.long, device=model_device(model))  # CPU layers, inputs anywhere
-        with torch.inference_mode():
-            library = _median_seconds(lambda: model(input_ids=ids))
-            with _weight_major_forwards(layers):
-                ours = _median_seconds(lambda: model(input_ids=ids))
-        _weight_major_is_faster[model] = ours < 0.9 * library
-    return _weight_major_is_faster[model]
+def probe(model, rows: int = 1) -> dict:
+    """Time a one-token forward of `rows` rows of `model` with the library's `F.linear` and
+    with its float32 CPU layers as `W @ x.T` (about a dozen forwards): the choice is the
+    latter when at least 10 % faster."""
+    layers = _float32_cpu_linears(model)
+    if not layers:
+        return {"layers": 0, "rows": rows, "weight_major": False}
+    ids = torch.zeros(rows, 1, dtype=torch.long, device=model_device(model))  # CPU layers, inputs anywhere
+    with torch.inference_mode():
+        library = _median_seconds(lambda: model(input_ids=ids))
+        with _weight_major_forwards(layers):
+            ours = _median_seconds(lambda: model(input_ids=ids))
+    return {"layers": len(layers), "rows": rows, "library_s": library, "weight_major_s": ours,
+            "weight_major": ours < 0.9 * library}
+
+
+def choose(model, weight_major: bool) -> None:
+    """Fix the kernel choice of `model` (a `probe` made elsewhere, for its whole setup)."""
+    _weight_major_is_faster[model] = weight_major
 
 
 def tuned_linears(model) -> list[nn.Linear]:
-    """The float32 CPU linear layers of `model`, when it decodes faster with them as `W @ x.T`."""
+    """The float32 CPU linear layers of `model`, when it decodes faster with them as `W @ x.T`
+    (the chosen way, else probed now at one row)."""
     layers = _float32_cpu_linears(model) if model is not None else []
-    return layers if layers and weight_major_is_faster(model, layers) else []
+    if layers and model not in _weight_major_is_faster:
+        choose(model, probe(model)["weight_major"])
+    return layers if layers and _weight_major_is_faster[model] else []
 
 
 @contextmanager
