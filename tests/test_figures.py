@@ -1,16 +1,20 @@
 """Figures and the report rules on the synthetic results in tests/fixtures/results."""
 
+import io
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import pytest
 
 from specdec.aggregate import aggregate_experiment
 from specdec.figures import (
     FIGURES,
+    _add_footer,
+    _rc,
     TABLES,
     PlotData,
     acceptance_by_category,
@@ -107,6 +111,40 @@ def test_latency_cdf_pools_requests_and_gaps(data):
     # AR batch 1: two repeats of four requests, TTFT 0.1 s each, 15 emission gaps each.
     assert line(ttft).get_xdata().tolist() == pytest.approx([100.0] * 8)
     assert len(line(itl).get_xdata()) == 8 * 15
+
+
+def test_latency_axes_label_plain_numbers_and_widen_a_single_value(data):
+    fig = latency_cdf(data)
+    fig.canvas.draw()
+    ttft, _, e2e = fig.axes[:3]
+
+    def shown(ax, minor=False):
+        low, high = ax.get_xlim()
+        ticks = zip(ax.get_xticks(minor=minor), ax.get_xticklabels(minor=minor))
+        return [label.get_text() for x, label in ticks if low <= x <= high and label.get_text()]
+
+    # Every fixture TTFT is 100 ms (to floating-point noise): a factor 2 either side.
+    assert ttft.get_xlim() == pytest.approx((50, 200))
+    assert shown(ttft) == ["50", "100", "200"]
+    # E2E 0.53 to 1.6 s: 1, 2, 5 per decade, plain numbers, minor ticks unlabelled
+    assert shown(e2e) == ["500", "1000"]
+    assert not shown(e2e, minor=True)
+
+
+@pytest.mark.parametrize("build", [latency_cdf, acceptance_by_category])
+def test_footer_goes_under_everything_drawn(data, build):
+    with plt.rc_context(_rc(data.options)):
+        fig = build(data)
+        legend = fig.legend(["a legend under the panels"], loc="outside lower center")
+        _add_footer(fig, data.footer)
+        # as make_figures saves it: a layout redone at saving would move artists over the footer
+        fig.savefig(io.BytesIO(), format="png", bbox_inches="tight")
+    renderer = fig.canvas.get_renderer()
+    footer = fig.texts[-1].get_window_extent(renderer)
+    others = [*fig.axes, *fig.legends, *fig.texts[:-1]]
+    assert legend in others
+    assert all(footer.y1 <= artist.get_tightbbox(renderer).y0 for artist in others)
+    plt.close(fig)
 
 
 def test_figures_without_data_say_why(data, closed_no_energy):

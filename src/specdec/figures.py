@@ -18,6 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker as mticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -155,6 +156,20 @@ def _errors(frame: pd.DataFrame, metric: str, scale: float = 1.0) -> np.ndarray:
     low = (frame[metric] - frame[f"{metric}_ci_low"]).clip(lower=0) * scale
     high = (frame[f"{metric}_ci_high"] - frame[metric]).clip(lower=0) * scale
     return np.vstack([low.to_numpy(), high.to_numpy()])
+
+
+def _log_time_axis(ax: plt.Axes, values: list[float]) -> None:
+    """A log x-axis labelled at 1, 2 and 5 per decade in plain numbers (matplotlib's own
+    labels, `6×10^2` and the minor ones, run into each other in a narrow panel), and at
+    least a factor 2 wide on each side when the values are (nearly) one, where autoscaling
+    would zoom into floating-point noise around it."""
+    ax.set_xscale("log")
+    positive = [v for v in values if v > 0]
+    if positive and max(positive) / min(positive) < 1.5:
+        ax.set_xlim(min(positive) / 2, max(positive) * 2)
+    ax.xaxis.set_major_locator(mticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(mticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.xaxis.set_minor_formatter(mticker.NullFormatter())
 
 
 def _figure(data: PlotData, ncols: int = 1, nrows: int = 1, **kwargs) -> tuple[plt.Figure, Any]:
@@ -343,7 +358,7 @@ def latency_cdf(data: PlotData) -> plt.Figure | str:
                 )
         ax.set(xlabel=f"{metric} (ms)", title=metric)
         if data.options["cdf_log_x"]:
-            ax.set_xscale("log")
+            _log_time_axis(ax, [v for latencies in pooled.values() for v in np.asarray(latencies[metric]) * 1000])
     axes[0, 0].set_ylabel("fraction of requests")
     # Beside the panels, not under them: the run's footer goes under everything.
     fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="outside right upper")
@@ -529,22 +544,30 @@ def _rc(options: dict) -> dict:
         "lines.linewidth": 1.6,
         "lines.markersize": 5,
         "svg.fonttype": "none",
+        # Laid out at the resolution it is saved at: text extents, and so the layout that
+        # the footer is placed under, change with the resolution.
+        "figure.dpi": options["dpi"],
         "savefig.dpi": options["dpi"],
     }
 
 
 def _add_footer(fig: plt.Figure, text: str) -> None:
-    """What was run, in small print under everything already drawn (layout included)."""
+    """What was run, in small print under everything drawn: the union of every visible
+    artist's extent, figure legends and texts included (a figure legend placed `outside` by
+    the layout is not always inside `fig.get_tightbbox()`), then the layout is frozen so
+    that saving cannot move anything back over the footer."""
     fig.canvas.draw()
-    box = fig.get_tightbbox()
-    fig.text(
-        box.x0 / fig.get_figwidth(),
-        box.y0 / fig.get_figheight() - 0.01,
-        text,
-        fontsize="x-small",
-        color="0.45",
-        va="top",
-    )
+    renderer = fig.canvas.get_renderer()
+    extents = [
+        artist.get_tightbbox(renderer)
+        for artist in (*fig.axes, *fig.legends, *fig.texts)
+        if artist.get_visible()
+    ]
+    bottom = min(box.y0 for box in extents if box is not None and box.height > 0)
+    left = min(box.x0 for box in extents if box is not None and box.width > 0)
+    fig.set_layout_engine("none")
+    pad = 4 * fig.dpi / 72  # 4 points
+    fig.text(left / fig.bbox.width, (bottom - pad) / fig.bbox.height, text, fontsize="x-small", color="0.45", va="top")
 
 
 def make_figures(
