@@ -19,6 +19,8 @@ from specdec.figures import (
     PlotData,
     acceptance_by_category,
     acceptance_per_position,
+    accepted_per_step,
+    accepted_steps,
     energy_per_token,
     latency_cdf,
     latency_vs_rate,
@@ -93,6 +95,19 @@ def test_acceptance_by_category_pools_requests(data):
     # Fixture requests: code accepts 8 of 10 drafts, writing 4 of 10.
     assert heights == {0.8, 0.4}
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["code", "writing"]
+
+
+def test_accepted_per_step_pools_repeats_as_shares(data):
+    steps = accepted_steps(data)
+    spec = steps[steps["cell_name"] == "humaneval--specdec-speculative-int8-g4--b1-n16-t0-cpu"]
+    # Rates 0.6 and 0.7 over 10 drafts of 4: kept at positions 1-4 are 10, 6, 4, 2 and
+    # 10, 7, 5, 3, so exactly 0..4 tokens were kept by 0, 4, 2, 2, 2 and 0, 3, 2, 2, 3 drafts.
+    assert spec["steps"].tolist() == [0, 7, 4, 4, 5]
+    assert spec["share"].tolist() == pytest.approx([0, 0.35, 0.2, 0.2, 0.25])
+    fig = accepted_per_step(data)
+    heights = [bar.get_height() for bar in fig.axes[0].patches]
+    assert len(heights) == len(steps) == 7 * 5 + 3  # a bar per count: seven cells of gamma 4, one of 2
+    assert pytest.approx(0.35) in heights
 
 
 def test_acceptance_per_position_pools_repeats(data):

@@ -40,6 +40,7 @@ DEFAULT_OPTIONS = {
 # Okabe-Ito: distinguishable with colour-vision deficiency and in greyscale print.
 PALETTE = ("#000000", "#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7", "#F0E442")
 LINESTYLES = ("-", "--", ":", "-.")
+HATCHES = {"-": "", "--": "//", ":": "..", "-.": "xx"}  # a line style's stand-in on bars
 MARKERS = ("o", "s", "^", "D", "v", "P")
 # Settings that tell series apart when they vary inside one figure.
 SERIES_SETTINGS = {
@@ -170,6 +171,14 @@ def _log_time_axis(ax: plt.Axes, values: list[float]) -> None:
     ax.xaxis.set_major_locator(mticker.LogLocator(subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(mticker.FuncFormatter(lambda value, _: f"{value:g}"))
     ax.xaxis.set_minor_formatter(mticker.NullFormatter())
+
+
+def _legend_beside(fig: plt.Figure, title: str) -> None:
+    """The legend beside the panels, where it hides no bar (shares and rates reach 1.0), and
+    the title over the whole figure: an axes title runs under a legend beside a narrow
+    panel, a figure title above one centred on the panels' height does not."""
+    fig.suptitle(title)
+    fig.legend(*fig.axes[0].get_legend_handles_labels(), loc="outside right center")
 
 
 def _figure(data: PlotData, ncols: int = 1, nrows: int = 1, **kwargs) -> tuple[plt.Figure, Any]:
@@ -327,6 +336,42 @@ def acceptance_per_position(data: PlotData) -> plt.Figure | str:
     return fig
 
 
+def accepted_steps(data: PlotData) -> pd.DataFrame:
+    """Per drafting cell, repeats pooled: the drafts that kept exactly k tokens (`steps`,
+    from the runs table's `accepted_per_step`) and their share of the cell's drafts."""
+    runs = data.ok_runs.dropna(subset=["accepted_per_step"])
+    rows = [
+        {"cell_name": name, "accepted": k, "steps": int(count)}
+        for name, text in zip(runs["cell_name"], runs["accepted_per_step"])
+        for k, count in enumerate(str(text).split())
+    ]
+    frame = pd.DataFrame(rows, columns=["cell_name", "accepted", "steps"])
+    frame = frame.groupby(["cell_name", "accepted"], as_index=False)["steps"].sum()
+    return frame.assign(share=frame["steps"] / frame.groupby("cell_name")["steps"].transform("sum"))
+
+
+def accepted_per_step(data: PlotData) -> plt.Figure | str:
+    """vLLM's histogram of accepted tokens per draft, as shares of a cell's drafts."""
+    frame = accepted_steps(data)
+    frame = frame[frame.groupby("cell_name")["steps"].transform("sum") > 0]
+    if frame.empty:
+        return "no run counted its drafts by tokens kept (no drafting runs, or none with per-position counts)"
+    cells = data.with_settings(frame[["cell_name"]].drop_duplicates())
+    label_of = dict(zip(cells["cell_name"], series_labels(cells)))
+    styles = _styles(data, cells, pd.Series(label_of.values()))
+    fig, axes = _figure(data)
+    ax = axes[0, 0]
+    width = 0.8 / len(label_of)
+    for i, (name, rows) in enumerate(frame.groupby("cell_name", sort=True)):
+        label = label_of[name]
+        ax.bar(rows["accepted"] + (i - (len(label_of) - 1) / 2) * width, rows["share"], width, label=label,
+               color=styles[label]["color"], hatch=HATCHES[styles[label]["linestyle"]], edgecolor="white")
+    ax.set(xlabel="draft tokens accepted in one step", ylabel="share of drafting steps")
+    ax.set_xticks(range(int(frame["accepted"].max()) + 1))
+    _legend_beside(fig, "Accepted tokens per step (repeats pooled)")
+    return fig
+
+
 def latency_cdf(data: PlotData) -> plt.Figure | str:
     cells = data.ok_runs.drop_duplicates("cell_name")
     labels = series_labels(cells)
@@ -448,7 +493,7 @@ def acceptance_by_category(data: PlotData) -> plt.Figure | str:
     width = 0.8 / len(table.columns)
     for i, cell in enumerate(table.columns):
         label = label_of[cell]
-        hatch = {"-": "", "--": "//", ":": "..", "-.": "xx"}[styles[label]["linestyle"]]
+        hatch = HATCHES[styles[label]["linestyle"]]
         ax.bar(
             np.arange(len(table)) + i * width - 0.4 + width / 2,
             table[cell],
@@ -493,6 +538,7 @@ FIGURES: dict[str, Callable[[PlotData], plt.Figure | str]] = {
     "speedup_vs_load": speedup_vs_load,
     "speedup_waterfall": speedup_waterfall,
     "acceptance_per_position": acceptance_per_position,
+    "accepted_per_step": accepted_per_step,
     "latency_cdf": latency_cdf,
     "throughput_vs_batch": throughput_vs_batch,
     "latency_vs_rate": latency_vs_rate,

@@ -11,6 +11,7 @@ FIGURE_CATEGORIES = {
     "speedup_waterfall": "Speedup",
     "throughput_vs_batch": "Speedup",
     "acceptance_per_position": "Acceptance",
+    "accepted_per_step": "Acceptance",
     "acceptance_by_category": "Acceptance",
     "latency_cdf": "Latency",
     "latency_vs_rate": "Latency",
