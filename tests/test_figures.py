@@ -17,10 +17,10 @@ from specdec.figures import (
     _rc,
     TABLES,
     PlotData,
-    acceptance_by_category,
     acceptance_per_position,
     accepted_per_step,
     accepted_steps,
+    by_category,
     energy_per_token,
     latency_cdf,
     latency_vs_rate,
@@ -89,12 +89,17 @@ def test_speedup_along_batch_size_and_rate_with_break_even(data):
     assert [ax.get_xlabel() for ax in fig.axes] == ["batch size", "offered request rate (req/s)"]
 
 
-def test_acceptance_by_category_pools_requests(data):
-    fig = acceptance_by_category(data)
-    heights = {round(bar.get_height(), 6) for bar in fig.axes[0].patches}
-    # Fixture requests: code accepts 8 of 10 drafts, writing 4 of 10.
-    assert heights == {0.8, 0.4}
-    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["code", "writing"]
+def test_by_category_draws_the_categories_table_with_request_counts(data):
+    fig = by_category(data)
+    speedup, acceptance, length = fig.axes[:3]
+    # Fixture requests: code accepts 8 of 10 drafts, writing 4 of 10, one token per forward.
+    assert {round(bar.get_height(), 6) for bar in acceptance.patches} == {0.8, 0.4}
+    assert {round(bar.get_height(), 6) for bar in length.patches} == {1.0}
+    assert [t.get_text() for t in acceptance.get_xticklabels()] == ["code", "writing"]
+    # int8 gamma 4 batch 1 (2 repeats x 2 requests per category) against AR: 2.95 / 2.0333
+    assert round(2.95 / (1.2 + 15 / 18), 4) in {round(bar.get_height(), 4) for bar in speedup.patches}
+    counts = {text.get_text() for text in speedup.texts if text.get_text()}
+    assert counts == {"2", "4"}  # requests behind each bar; none over mtbench's absent bar
 
 
 def test_accepted_per_step_pools_repeats_as_shares(data):
@@ -146,7 +151,7 @@ def test_latency_axes_label_plain_numbers_and_widen_a_single_value(data):
     assert not shown(e2e, minor=True)
 
 
-@pytest.mark.parametrize("build", [latency_cdf, acceptance_by_category])
+@pytest.mark.parametrize("build", [latency_cdf, by_category, accepted_per_step])
 def test_footer_goes_under_everything_drawn(data, build):
     with plt.rc_context(_rc(data.options)):
         fig = build(data)

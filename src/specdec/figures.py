@@ -27,7 +27,7 @@ from specdec.io import atomic_open  # noqa: E402
 from specdec.summary import merge_settings  # noqa: E402
 
 # The tables of `tables/{experiment}/` that the figures read (`{name}.csv`).
-TABLES = ("runs", "summary", "requests", "itl", "positions", "power")
+TABLES = ("runs", "summary", "categories", "requests", "itl", "positions", "power")
 
 DEFAULT_OPTIONS = {
     "dpi": 150,  # PNG resolution
@@ -68,6 +68,7 @@ class PlotData:
 
     runs: pd.DataFrame
     summary: pd.DataFrame
+    categories: pd.DataFrame
     requests: pd.DataFrame
     itl: pd.DataFrame
     positions: pd.DataFrame
@@ -478,38 +479,41 @@ def energy_per_token(data: PlotData) -> plt.Figure | str:
     return fig
 
 
-def acceptance_by_category(data: PlotData) -> plt.Figure | str:
-    drafting = data.requests[data.requests["drafted_tokens"] > 0]
-    if drafting.empty:
-        return "no request with drafted tokens (no speculative runs in requests.csv)"
-    frame = drafting.groupby(["cell_name", "category"], as_index=False)[["drafted_tokens", "accepted_tokens"]].sum()
-    frame["rate"] = frame["accepted_tokens"] / frame["drafted_tokens"]
-    cells = data.with_settings(frame[["cell_name"]].drop_duplicates())
+CATEGORY_PANELS = {
+    "speedup": "speedup over AR (paired requests)",
+    "acceptance_rate": "acceptance rate (accepted / drafted)",
+    "mean_accepted_length": "mean accepted length (tokens / forward)",
+}
+
+
+def by_category(data: PlotData) -> plt.Figure | str:
+    """Speedup, acceptance and mean accepted length per prompt category (the `categories`
+    table), a bar per drafting cell labelled with the requests behind it."""
+    frame = data.categories
+    if frame.empty:
+        return "no drafting cell measured requests (no speculative runs in requests.csv)"
+    cells = data.with_settings(frame[["cell"]].drop_duplicates().rename(columns={"cell": "cell_name"}))
     label_of = dict(zip(cells["cell_name"], series_labels(cells)))
     styles = _styles(data, cells, pd.Series(label_of.values()))
-    table = frame.pivot(index="category", columns="cell_name", values="rate")
-    fig, axes = _figure(data)
-    ax = axes[0, 0]
-    width = 0.8 / len(table.columns)
-    for i, cell in enumerate(table.columns):
-        label = label_of[cell]
-        hatch = HATCHES[styles[label]["linestyle"]]
-        ax.bar(
-            np.arange(len(table)) + i * width - 0.4 + width / 2,
-            table[cell],
-            width,
-            label=label,
-            color=styles[label]["color"],
-            hatch=hatch,
-            edgecolor="white",
-        )
-    ax.set_xticks(np.arange(len(table)), table.index)
-    ax.set(
-        ylabel="acceptance rate (accepted / drafted)",
-        ylim=(0, 1.02),
-        title="Acceptance by prompt category (repeats pooled)",
-    )
-    fig.legend(loc="outside right upper")  # rates reach 1.0: a legend inside would hide bars
+    categories = sorted(frame["category"].unique())
+    fig, axes = _figure(data, ncols=len(CATEGORY_PANELS))
+    width = 0.8 / len(label_of)
+    for ax, (metric, ylabel) in zip(axes[0], CATEGORY_PANELS.items()):
+        for i, (name, rows) in enumerate(frame.groupby("cell", sort=True)):
+            rows = rows.set_index("category").reindex(categories)
+            label = label_of[name]
+            bars = ax.bar(np.arange(len(categories)) + (i - (len(label_of) - 1) / 2) * width, rows[metric], width,
+                          label=label, color=styles[label]["color"], hatch=HATCHES[styles[label]["linestyle"]],
+                          edgecolor="white")
+            counts = rows["speedup_requests" if metric == "speedup" else "n_requests"]
+            ax.bar_label(bars, ["" if pd.isna(v) else f"{int(n)}" for v, n in zip(rows[metric], counts)],
+                         fontsize="xx-small", color="0.35", padding=1)
+        ax.set_xticks(np.arange(len(categories)), categories)
+        ax.set(ylabel=ylabel)
+        ax.margins(y=0.1)  # room for the request counts above the tallest bar
+    axes[0, 0].axhline(1.0, color="0.4", linewidth=0.8)
+    axes[0, 1].set_ylim(0, 1.1)
+    _legend_beside(fig, "Results by prompt category (repeats pooled; over each bar: the requests behind it)")
     return fig
 
 
@@ -543,7 +547,7 @@ FIGURES: dict[str, Callable[[PlotData], plt.Figure | str]] = {
     "throughput_vs_batch": throughput_vs_batch,
     "latency_vs_rate": latency_vs_rate,
     "energy_per_token": energy_per_token,
-    "acceptance_by_category": acceptance_by_category,
+    "by_category": by_category,
     "power_timeline": power_timeline,
 }
 

@@ -12,7 +12,7 @@ FIGURE_CATEGORIES = {
     "throughput_vs_batch": "Speedup",
     "acceptance_per_position": "Acceptance",
     "accepted_per_step": "Acceptance",
-    "acceptance_by_category": "Acceptance",
+    "by_category": "Acceptance",
     "latency_cdf": "Latency",
     "latency_vs_rate": "Latency",
     "energy_per_token": "Energy",
@@ -33,6 +33,14 @@ rule aggregate:
         ),
         summary_csv=f"{RESULTS}/tables/{{experiment}}/summary.csv",
         summary_md=f"{RESULTS}/tables/{{experiment}}/summary.md",
+        categories=report(
+            f"{RESULTS}/tables/{{experiment}}/categories.html",
+            caption="../report/categories.rst",
+            category="Tables",
+            subcategory="{experiment}",
+        ),
+        categories_csv=f"{RESULTS}/tables/{{experiment}}/categories.csv",
+        categories_md=f"{RESULTS}/tables/{{experiment}}/categories.md",
         runs=report(
             f"{RESULTS}/tables/{{experiment}}/runs.html",
             caption="../report/runs.rst",
