@@ -214,6 +214,18 @@ def test_written_tables(tmp_path):
     assert "batch size 1 only" in (tmp_path / "not_supported.html").read_text()
 
 
+def test_energy_per_accepted_draft_token(runs, summary):
+    # int8 gamma 4 batch 1: 96 J over 24 accepted draft tokens (rate 0.6 of 40), 80 J over 28.
+    spec = runs[runs["cell_name"] == SPEC].set_index("repeat")["energy_j_per_accepted_token"]
+    assert spec.tolist() == pytest.approx([4.0, 80 / 28])
+    row = cell(summary, SPEC)
+    assert row["energy_j_per_accepted_token"] == pytest.approx((4.0 + 80 / 28) / 2)
+    assert row["energy_j_per_token"] == pytest.approx((1.5 + 1.25) / 2)
+    # AR accepts no draft token, the n-gram cell measured no energy: missing, never 0.
+    assert pd.isna(cell(summary, AR)["energy_j_per_accepted_token"])
+    assert runs.loc[runs["method"] == "ngram", "energy_j_per_accepted_token"].isna().all()
+
+
 def test_category_results_by_hand():
     # One AR and one speculative repeat over three requests, two `code` and one `prose`.
     runs = pd.DataFrame(

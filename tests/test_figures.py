@@ -22,6 +22,7 @@ from specdec.figures import (
     accepted_steps,
     by_category,
     energy_per_token,
+    energy_vs_speedup,
     latency_cdf,
     latency_vs_rate,
     make_figures,
@@ -167,12 +168,27 @@ def test_footer_goes_under_everything_drawn(data, build):
     plt.close(fig)
 
 
+def test_energy_against_speedup_draws_only_measured_cells(data):
+    fig = energy_vs_speedup(data)
+    points = {
+        (round(float(x), 6), round(float(y), 6))
+        for line in fig.axes[0].get_lines()
+        for x, y in zip(line.get_xdata(), line.get_ydata())
+        if len(line.get_xdata()) == 1
+    }
+    # AR b1 (speedup 1, 128 J / 64 tokens) and int8 gamma 4 b1 (1.5, median of 1.5 and 1.25 J)
+    assert {(1.0, 2.0), (1.5, 1.375)} <= points
+    assert not any(y == 0 for _, y in points)
+    assert fig.axes[0].get_title() == "11 of 13 cells measured no energy: not drawn"
+
+
 def test_figures_without_data_say_why(data, closed_no_energy):
     _, subset = closed_no_energy
     assert "open-loop" in latency_vs_rate(subset)
     assert "NVML: library not found" in energy_per_token(subset)
+    assert "NVML: library not found" in energy_vs_speedup(subset)
     assert "power.csv" in power_timeline(subset)
-    for build in (latency_vs_rate, energy_per_token, power_timeline):
+    for build in (latency_vs_rate, energy_per_token, energy_vs_speedup, power_timeline):
         assert not isinstance(build(data), str)
 
 

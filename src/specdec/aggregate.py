@@ -150,6 +150,9 @@ def flatten_result(run: Run) -> dict[str, Any]:
     row.update(_attribution_fields(result.get("attribution")))
     row.update(_cotenant_fields(result.get("cotenants")))
     row.update(_energy_fields(result["energy"]))
+    # What a kept draft token cost; missing (never 0 or infinite) without energy or drafts.
+    accepted = row["accepted_tokens"]
+    row["energy_j_per_accepted_token"] = row["energy_j"] / accepted if row["energy_j"] is not None and accepted else None
     memory = result.get("memory") or {}
     row.update({f"memory_{key}": memory.get(key) for key in ("device", "weights_mb", "peak_mb", "peak_over_needed", "growth_over_needed")})
     for check in ("correctness", "parity"):  # greedy divergences: near-ties and defects (analysis)

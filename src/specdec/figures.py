@@ -479,6 +479,37 @@ def energy_per_token(data: PlotData) -> plt.Figure | str:
     return fig
 
 
+def energy_vs_speedup(data: PlotData) -> plt.Figure | str:
+    """Energy per output token against the speedup over AR, a point per cell (γ and batch
+    size written beside it); a cell without measured energy has no point, never one at 0,
+    and is named under the panel."""
+    frame = data.summary.dropna(subset=["speedup"])
+    measured = frame.dropna(subset=["energy_j_per_token"])
+    if measured.empty:
+        reasons = sorted(set(data.runs.get("energy_reason", pd.Series()).dropna()))
+        return "no cell with a speedup measured energy" + (f": {'; '.join(reasons)}" if reasons else "")
+    fig, axes = _figure(data)
+    ax = axes[0, 0]
+    labels = series_labels(measured, exclude=("gamma", "batch_size"))
+    styles = _styles(data, measured, labels)
+    for label, rows in measured.assign(_series=labels).groupby("_series", sort=True):
+        ax.errorbar(rows["speedup"], rows["energy_j_per_token"], xerr=_errors(rows, "speedup"),
+                    yerr=_errors(rows, "energy_j_per_token"), linestyle="", capsize=3, label=label,
+                    **{k: v for k, v in styles[label].items() if k != "linestyle"})
+        for row in rows.itertuples():
+            text = f"b{_plain(row.batch_size)}" + (f" γ{_plain(row.gamma)}" if row.gamma else "")
+            ax.annotate(text, (row.speedup, row.energy_j_per_token), xytext=(4, 4), textcoords="offset points",
+                        fontsize="x-small", color="0.3")
+    ax.axvline(1.0, color="0.4", linewidth=0.8)
+    ax.margins(x=0.15, y=0.1)  # room for the labels beside the points
+    ax.set(xlabel="speedup over AR (tokens/s ratio)", ylabel="energy per output token (J)")
+    missing = len(frame) - len(measured)
+    if missing:
+        ax.set_title(f"{missing} of {len(frame)} cells measured no energy: not drawn", fontsize="small", color="0.35")
+    _legend_beside(fig, "Energy against speedup (median over repeats, 95 % CI)")
+    return fig
+
+
 CATEGORY_PANELS = {
     "speedup": "speedup over AR (paired requests)",
     "acceptance_rate": "acceptance rate (accepted / drafted)",
@@ -547,6 +578,7 @@ FIGURES: dict[str, Callable[[PlotData], plt.Figure | str]] = {
     "throughput_vs_batch": throughput_vs_batch,
     "latency_vs_rate": latency_vs_rate,
     "energy_per_token": energy_per_token,
+    "energy_vs_speedup": energy_vs_speedup,
     "by_category": by_category,
     "power_timeline": power_timeline,
 }

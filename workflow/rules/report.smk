@@ -16,6 +16,7 @@ FIGURE_CATEGORIES = {
     "latency_cdf": "Latency",
     "latency_vs_rate": "Latency",
     "energy_per_token": "Energy",
+    "energy_vs_speedup": "Energy",
     "power_timeline": "Energy",
 }
 
