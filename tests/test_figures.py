@@ -235,6 +235,10 @@ def run_results():
     return [f"{RESULTS}/runs/{cell_id}/result.json" for cell_id in CELLS]
 
 
+def experiment_slo(wildcards):
+    return None
+
+
 def experiment_runs(wildcards, name="result.json"):
     return [f"{RESULTS}/runs/{cell.id}/{name}" for cell in CELLS.values() if cell.experiment == wildcards.experiment]
 """
@@ -288,7 +292,7 @@ def test_report_rules_build_tables_figures_and_report(tmp_path):
     report = snakemake(tmp_path, "figures", "--report", "report.html")
     assert report.returncode == 0, report.stderr[-3000:]
     html = (tmp_path / "report.html").read_text()
-    for name in (*FIGURES, "summary", "failed", "not_supported", "run_info"):
+    for name in (*FIGURES, "summary", "categories", "failed", "not_supported", "run_info"):
         assert f"{name}.png" in html or f"{name}.html" in html, name
     assert "Leviathan et al. (2023)" in html  # a caption
 
