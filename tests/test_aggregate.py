@@ -22,7 +22,7 @@ from specdec.aggregate import (
 )
 from specdec.metrics import bootstrap_ci
 from specdec.records import RecordError, read_result, write_requests, write_result
-from specdec.summary import NO_BASELINE, SettingsError, summary_table
+from specdec.summary import NO_BASELINE, SettingsError, category_table, summary_table
 
 FIXTURES = Path(__file__).parent / "fixtures" / "results"
 RESULTS = sorted((FIXTURES / "runs" / "demo").glob("*/result.json"))
@@ -194,7 +194,7 @@ def test_written_tables(tmp_path):
     written = aggregate_experiment(RESULTS, tmp_path, "demo", n_resamples=200)
     assert {p.name for paths in written.values() for p in paths} == {
         f"{stem}.{ext}"
-        for stem in ("runs", "summary", "break_even", "capacity", "gamma", "failed", "not_supported", "run_info")
+        for stem in ("runs", "summary", "categories", "break_even", "capacity", "gamma", "failed", "not_supported", "run_info")
         for ext in ("csv", "md", "html")
     } | {f"{stem}.csv" for stem in ("requests", "itl", "positions", "power")}
     html = (tmp_path / "summary.html").read_text()
@@ -212,6 +212,70 @@ def test_written_tables(tmp_path):
     assert info["runs"] == "18 (16 ok)" and info["transformers"] == "5.24.0"
     assert "acceptance_per_position" not in pd.read_csv(tmp_path / "runs.csv")
     assert "batch size 1 only" in (tmp_path / "not_supported.html").read_text()
+
+
+def test_energy_per_accepted_draft_token(runs, summary):
+    # int8 gamma 4 batch 1: 96 J over 24 accepted draft tokens (rate 0.6 of 40), 80 J over 28.
+    spec = runs[runs["cell_name"] == SPEC].set_index("repeat")["energy_j_per_accepted_token"]
+    assert spec.tolist() == pytest.approx([4.0, 80 / 28])
+    row = cell(summary, SPEC)
+    assert row["energy_j_per_accepted_token"] == pytest.approx((4.0 + 80 / 28) / 2)
+    assert row["energy_j_per_token"] == pytest.approx((1.5 + 1.25) / 2)
+    # AR accepts no draft token, the n-gram cell measured no energy: missing, never 0.
+    assert pd.isna(cell(summary, AR)["energy_j_per_accepted_token"])
+    assert runs.loc[runs["method"] == "ngram", "energy_j_per_accepted_token"].isna().all()
+
+
+def test_category_results_by_hand():
+    # One AR and one speculative repeat over three requests, two `code` and one `prose`.
+    runs = pd.DataFrame(
+        [
+            {"status": "ok", "cell": "ar--r0", "cell_name": "ar", "group_id": "g/ar", "ar_group_id": "g/ar", "method": "ar", "repeat": 0},
+            {"status": "ok", "cell": "sd--r0", "cell_name": "sd", "group_id": "g/sd", "ar_group_id": "g/ar", "method": "speculative", "repeat": 0},
+        ]
+    ).assign(method_label="m", dataset="d", gamma=4, batch_size=1, load="closed")
+    requests = pd.DataFrame(
+        [
+            # run, request, category, output tokens, e2e (s), drafted, accepted, forwards
+            ("ar--r0", "a", "code", 10, 2.0, 0, 0, 10),
+            ("ar--r0", "b", "code", 30, 4.0, 0, 0, 30),
+            ("ar--r0", "c", "prose", 20, 2.0, 0, 0, 20),
+            ("sd--r0", "a", "code", 10, 1.0, 8, 6, 4),
+            ("sd--r0", "b", "code", 30, 2.0, 16, 14, 8),
+            ("sd--r0", "c", "prose", 20, 4.0, 12, 3, 10),
+            ("sd--r0", "d", "prose", 5, 1.0, 4, 1, 3),  # no AR partner: not in the speedup
+        ],
+        columns=["cell", "request_id", "category", "output_tokens", "e2e_s", "drafted_tokens", "accepted_tokens", "target_forwards"],
+    )
+    table = category_table(runs, requests).set_index("category")
+    assert list(table.index) == ["code", "prose"] and set(table["cell"]) == {"sd"}  # AR has no row
+    # code: (40 tokens / 3 s) over (40 / 6 s) = 2; acceptance 20/24; length 40 tokens / 12 forwards
+    assert table.loc["code", "speedup"] == pytest.approx(2.0)
+    assert table.loc["code", "acceptance_rate"] == pytest.approx(20 / 24)
+    assert table.loc["code", "mean_accepted_length"] == pytest.approx(40 / 12)
+    # prose: only request c pairs: (20 / 4) / (20 / 2) = 0.5; acceptance and length over c and d
+    assert table.loc["prose", "speedup"] == pytest.approx(0.5)
+    assert (table.loc["prose", "n_requests"], table.loc["prose", "speedup_requests"]) == (2, 1)
+    assert table.loc["prose", "acceptance_rate"] == pytest.approx(4 / 16)
+    assert table.loc["prose", "mean_accepted_length"] == pytest.approx(25 / 13)
+    # Without its AR cell: no speedup, said so.
+    alone = category_table(runs[runs["method"] != "ar"], requests)
+    assert alone["speedup"].isna().all() and set(alone["baseline"]) == {NO_BASELINE}
+
+
+def test_category_table_of_the_fixtures(tmp_path):
+    aggregate_experiment(RESULTS, tmp_path, "demo", n_resamples=100)
+    table = pd.read_csv(tmp_path / "categories.csv")
+    spec = table[table["cell"] == SPEC].set_index("category")
+    # Two repeats of two requests per category, each paired with the AR run of its repeat:
+    # E2E 1.1 and 0.9333 s (15 gaps of 1/15 and 1/18 s after a 0.1 s TTFT) against 1.6 and
+    # 1.35 s, 16 tokens each, so the speedup is (1.6 + 1.35) / (1.1 + 0.9333).
+    assert spec["speedup"].tolist() == pytest.approx([2.95 / (1.1 + 0.1 + 15 / 18)] * 2, abs=1e-5)
+    assert spec["n_requests"].tolist() == [4, 4] and spec["speedup_requests"].tolist() == [4, 4]
+    assert spec["acceptance_rate"].tolist() == pytest.approx([0.8, 0.4])
+    mtbench = table[table["dataset"] == "mtbench"]
+    assert mtbench["speedup"].isna().all() and set(mtbench["baseline"]) == {NO_BASELINE}
+    assert "no AR baseline" in (tmp_path / "categories.md").read_text()
 
 
 def test_tables_for_the_figures(tmp_path):

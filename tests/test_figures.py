@@ -1,21 +1,28 @@
 """Figures and the report rules on the synthetic results in tests/fixtures/results."""
 
+import io
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import pytest
 
 from specdec.aggregate import aggregate_experiment
 from specdec.figures import (
     FIGURES,
+    _add_footer,
+    _rc,
     TABLES,
     PlotData,
-    acceptance_by_category,
     acceptance_per_position,
+    accepted_per_step,
+    accepted_steps,
+    by_category,
     energy_per_token,
+    energy_vs_speedup,
     latency_cdf,
     latency_vs_rate,
     make_figures,
@@ -83,12 +90,30 @@ def test_speedup_along_batch_size_and_rate_with_break_even(data):
     assert [ax.get_xlabel() for ax in fig.axes] == ["batch size", "offered request rate (req/s)"]
 
 
-def test_acceptance_by_category_pools_requests(data):
-    fig = acceptance_by_category(data)
-    heights = {round(bar.get_height(), 6) for bar in fig.axes[0].patches}
-    # Fixture requests: code accepts 8 of 10 drafts, writing 4 of 10.
-    assert heights == {0.8, 0.4}
-    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["code", "writing"]
+def test_by_category_draws_the_categories_table_with_request_counts(data):
+    fig = by_category(data)
+    speedup, acceptance, length = fig.axes[:3]
+    # Fixture requests: code accepts 8 of 10 drafts, writing 4 of 10, one token per forward.
+    assert {round(bar.get_height(), 6) for bar in acceptance.patches} == {0.8, 0.4}
+    assert {round(bar.get_height(), 6) for bar in length.patches} == {1.0}
+    assert [t.get_text() for t in acceptance.get_xticklabels()] == ["code", "writing"]
+    # int8 gamma 4 batch 1 (2 repeats x 2 requests per category) against AR: 2.95 / 2.0333
+    assert round(2.95 / (1.2 + 15 / 18), 4) in {round(bar.get_height(), 4) for bar in speedup.patches}
+    counts = {text.get_text() for text in speedup.texts if text.get_text()}
+    assert counts == {"2", "4"}  # requests behind each bar; none over mtbench's absent bar
+
+
+def test_accepted_per_step_pools_repeats_as_shares(data):
+    steps = accepted_steps(data)
+    spec = steps[steps["cell_name"] == "humaneval--specdec-speculative-int8-g4--b1-n16-t0-cpu"]
+    # Rates 0.6 and 0.7 over 10 drafts of 4: kept at positions 1-4 are 10, 6, 4, 2 and
+    # 10, 7, 5, 3, so exactly 0..4 tokens were kept by 0, 4, 2, 2, 2 and 0, 3, 2, 2, 3 drafts.
+    assert spec["steps"].tolist() == [0, 7, 4, 4, 5]
+    assert spec["share"].tolist() == pytest.approx([0, 0.35, 0.2, 0.2, 0.25])
+    fig = accepted_per_step(data)
+    heights = [bar.get_height() for bar in fig.axes[0].patches]
+    assert len(heights) == len(steps) == 7 * 5 + 3  # a bar per count: seven cells of gamma 4, one of 2
+    assert pytest.approx(0.35) in heights
 
 
 def test_acceptance_per_position_pools_repeats(data):
@@ -109,12 +134,61 @@ def test_latency_cdf_pools_requests_and_gaps(data):
     assert len(line(itl).get_xdata()) == 8 * 15
 
 
+def test_latency_axes_label_plain_numbers_and_widen_a_single_value(data):
+    fig = latency_cdf(data)
+    fig.canvas.draw()
+    ttft, _, e2e = fig.axes[:3]
+
+    def shown(ax, minor=False):
+        low, high = ax.get_xlim()
+        ticks = zip(ax.get_xticks(minor=minor), ax.get_xticklabels(minor=minor))
+        return [label.get_text() for x, label in ticks if low <= x <= high and label.get_text()]
+
+    # Every fixture TTFT is 100 ms (to floating-point noise): a factor 2 either side.
+    assert ttft.get_xlim() == pytest.approx((50, 200))
+    assert shown(ttft) == ["50", "100", "200"]
+    # E2E 0.53 to 1.6 s: 1, 2, 5 per decade, plain numbers, minor ticks unlabelled
+    assert shown(e2e) == ["500", "1000"]
+    assert not shown(e2e, minor=True)
+
+
+@pytest.mark.parametrize("build", [latency_cdf, by_category, accepted_per_step])
+def test_footer_goes_under_everything_drawn(data, build):
+    with plt.rc_context(_rc(data.options)):
+        fig = build(data)
+        legend = fig.legend(["a legend under the panels"], loc="outside lower center")
+        _add_footer(fig, data.footer)
+        # as make_figures saves it: a layout redone at saving would move artists over the footer
+        fig.savefig(io.BytesIO(), format="png", bbox_inches="tight")
+    renderer = fig.canvas.get_renderer()
+    footer = fig.texts[-1].get_window_extent(renderer)
+    others = [*fig.axes, *fig.legends, *fig.texts[:-1]]
+    assert legend in others
+    assert all(footer.y1 <= artist.get_tightbbox(renderer).y0 for artist in others)
+    plt.close(fig)
+
+
+def test_energy_against_speedup_draws_only_measured_cells(data):
+    fig = energy_vs_speedup(data)
+    points = {
+        (round(float(x), 6), round(float(y), 6))
+        for line in fig.axes[0].get_lines()
+        for x, y in zip(line.get_xdata(), line.get_ydata())
+        if len(line.get_xdata()) == 1
+    }
+    # AR b1 (speedup 1, 128 J / 64 tokens) and int8 gamma 4 b1 (1.5, median of 1.5 and 1.25 J)
+    assert {(1.0, 2.0), (1.5, 1.375)} <= points
+    assert not any(y == 0 for _, y in points)
+    assert fig.axes[0].get_title() == "11 of 13 cells measured no energy: not drawn"
+
+
 def test_figures_without_data_say_why(data, closed_no_energy):
     _, subset = closed_no_energy
     assert "open-loop" in latency_vs_rate(subset)
     assert "NVML: library not found" in energy_per_token(subset)
+    assert "NVML: library not found" in energy_vs_speedup(subset)
     assert "power.csv" in power_timeline(subset)
-    for build in (latency_vs_rate, energy_per_token, power_timeline):
+    for build in (latency_vs_rate, energy_per_token, energy_vs_speedup, power_timeline):
         assert not isinstance(build(data), str)
 
 
@@ -159,6 +233,10 @@ def experiments():
 
 def run_results():
     return [f"{RESULTS}/runs/{cell_id}/result.json" for cell_id in CELLS]
+
+
+def experiment_slo(wildcards):
+    return None
 
 
 def experiment_runs(wildcards, name="result.json"):
@@ -214,7 +292,7 @@ def test_report_rules_build_tables_figures_and_report(tmp_path):
     report = snakemake(tmp_path, "figures", "--report", "report.html")
     assert report.returncode == 0, report.stderr[-3000:]
     html = (tmp_path / "report.html").read_text()
-    for name in (*FIGURES, "summary", "failed", "not_supported", "run_info"):
+    for name in (*FIGURES, "summary", "categories", "failed", "not_supported", "run_info"):
         assert f"{name}.png" in html or f"{name}.html" in html, name
     assert "Leviathan et al. (2023)" in html  # a caption
 

@@ -21,8 +21,8 @@ from specdec.goodput import Slo, run_goodput
 from specdec.metrics import e2e, emission_gaps, measured, queueing_delay, request_tokens_per_s, tpot, ttft
 from specdec.power import TIMELINE_KEYS
 from specdec.records import RecordError, Status, read_requests, read_result
-from specdec.summary import DEFAULT_SETTINGS, merge_settings, summary_table
-from specdec.tables import DASH, display_summary, write_csv, write_table
+from specdec.summary import DEFAULT_SETTINGS, category_table, merge_settings, summary_table
+from specdec.tables import DASH, display_categories, display_summary, write_csv, write_table
 
 DIST_METRICS = ("ttft_s", "tpot_s", "itl_s", "itl_token_s", "e2e_s", "queue_s", "request_tok_s")
 DIST_FIELDS = ("mean", "p50", "p90", "p99", "count")
@@ -150,6 +150,9 @@ def flatten_result(run: Run) -> dict[str, Any]:
     row.update(_attribution_fields(result.get("attribution")))
     row.update(_cotenant_fields(result.get("cotenants")))
     row.update(_energy_fields(result["energy"]))
+    # What a kept draft token cost; missing (never 0 or infinite) without energy or drafts.
+    accepted = row["accepted_tokens"]
+    row["energy_j_per_accepted_token"] = row["energy_j"] / accepted if row["energy_j"] is not None and accepted else None
     memory = result.get("memory") or {}
     row.update({f"memory_{key}": memory.get(key) for key in ("device", "weights_mb", "peak_mb", "peak_over_needed", "growth_over_needed")})
     for check in ("correctness", "parity"):  # greedy divergences: near-ties and defects (analysis)
@@ -333,8 +336,8 @@ def power_table(runs: Sequence[Run]) -> pd.DataFrame:
 def aggregate_experiment(
     result_paths: Iterable[str | Path], out_dir: str | Path, experiment: str, slo: Slo | None = None, **settings: Any
 ) -> dict[str, list[Path]]:
-    """Write every table of one experiment under `out_dir`: runs, summary, break_even,
-    capacity, gamma, failed, not_supported and run_info (CSV, Markdown, HTML); requests, itl,
+    """Write every table of one experiment under `out_dir`: runs, summary, categories,
+    break_even, capacity, gamma, failed, not_supported and run_info (CSV, Markdown, HTML); requests, itl,
     positions and power (CSV). `slo` is the experiment's (goodput and capacity)."""
     settings = merge_settings(settings, DEFAULT_SETTINGS, "aggregate")
     out_dir = Path(out_dir)
@@ -360,6 +363,17 @@ def aggregate_experiment(
             display_summary(summary) if len(summary) else summary,
             note=note,
             empty="No successful runs.",
+        ),
+        "categories": write_table(
+            categories := category_table(runs, requests),
+            out_dir / "categories",
+            f"{experiment}: results per prompt category",
+            display_categories(categories),
+            note="Per drafting cell and prompt category, repeats pooled: speedup = (Σ output "
+            "tokens / Σ E2E) of the cell's requests over the same for the AR cell's same "
+            "requests (paired by request, the AR run of the same repeat); acceptance = "
+            "accepted / drafted tokens; mean accepted length = output tokens per target forward.",
+            empty="No drafting cell measured requests.",
         ),
         "break_even": write_table(
             sweeps.break_even_table(summary),

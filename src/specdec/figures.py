@@ -18,6 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker as mticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -26,7 +27,7 @@ from specdec.io import atomic_open  # noqa: E402
 from specdec.summary import merge_settings  # noqa: E402
 
 # The tables of `tables/{experiment}/` that the figures read (`{name}.csv`).
-TABLES = ("runs", "summary", "requests", "itl", "positions", "power")
+TABLES = ("runs", "summary", "categories", "requests", "itl", "positions", "power")
 
 DEFAULT_OPTIONS = {
     "dpi": 150,  # PNG resolution
@@ -39,6 +40,7 @@ DEFAULT_OPTIONS = {
 # Okabe-Ito: distinguishable with colour-vision deficiency and in greyscale print.
 PALETTE = ("#000000", "#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7", "#F0E442")
 LINESTYLES = ("-", "--", ":", "-.")
+HATCHES = {"-": "", "--": "//", ":": "..", "-.": "xx"}  # a line style's stand-in on bars
 MARKERS = ("o", "s", "^", "D", "v", "P")
 # Settings that tell series apart when they vary inside one figure.
 SERIES_SETTINGS = {
@@ -66,6 +68,7 @@ class PlotData:
 
     runs: pd.DataFrame
     summary: pd.DataFrame
+    categories: pd.DataFrame
     requests: pd.DataFrame
     itl: pd.DataFrame
     positions: pd.DataFrame
@@ -155,6 +158,28 @@ def _errors(frame: pd.DataFrame, metric: str, scale: float = 1.0) -> np.ndarray:
     low = (frame[metric] - frame[f"{metric}_ci_low"]).clip(lower=0) * scale
     high = (frame[f"{metric}_ci_high"] - frame[metric]).clip(lower=0) * scale
     return np.vstack([low.to_numpy(), high.to_numpy()])
+
+
+def _log_time_axis(ax: plt.Axes, values: list[float]) -> None:
+    """A log x-axis labelled at 1, 2 and 5 per decade in plain numbers (matplotlib's own
+    labels, `6×10^2` and the minor ones, run into each other in a narrow panel), and at
+    least a factor 2 wide on each side when the values are (nearly) one, where autoscaling
+    would zoom into floating-point noise around it."""
+    ax.set_xscale("log")
+    positive = [v for v in values if v > 0]
+    if positive and max(positive) / min(positive) < 1.5:
+        ax.set_xlim(min(positive) / 2, max(positive) * 2)
+    ax.xaxis.set_major_locator(mticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(mticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.xaxis.set_minor_formatter(mticker.NullFormatter())
+
+
+def _legend_beside(fig: plt.Figure, title: str) -> None:
+    """The legend beside the panels, where it hides no bar (shares and rates reach 1.0), and
+    the title over the whole figure: an axes title runs under a legend beside a narrow
+    panel, a figure title above one centred on the panels' height does not."""
+    fig.suptitle(title)
+    fig.legend(*fig.axes[0].get_legend_handles_labels(), loc="outside right center")
 
 
 def _figure(data: PlotData, ncols: int = 1, nrows: int = 1, **kwargs) -> tuple[plt.Figure, Any]:
@@ -312,6 +337,42 @@ def acceptance_per_position(data: PlotData) -> plt.Figure | str:
     return fig
 
 
+def accepted_steps(data: PlotData) -> pd.DataFrame:
+    """Per drafting cell, repeats pooled: the drafts that kept exactly k tokens (`steps`,
+    from the runs table's `accepted_per_step`) and their share of the cell's drafts."""
+    runs = data.ok_runs.dropna(subset=["accepted_per_step"])
+    rows = [
+        {"cell_name": name, "accepted": k, "steps": int(count)}
+        for name, text in zip(runs["cell_name"], runs["accepted_per_step"])
+        for k, count in enumerate(str(text).split())
+    ]
+    frame = pd.DataFrame(rows, columns=["cell_name", "accepted", "steps"])
+    frame = frame.groupby(["cell_name", "accepted"], as_index=False)["steps"].sum()
+    return frame.assign(share=frame["steps"] / frame.groupby("cell_name")["steps"].transform("sum"))
+
+
+def accepted_per_step(data: PlotData) -> plt.Figure | str:
+    """vLLM's histogram of accepted tokens per draft, as shares of a cell's drafts."""
+    frame = accepted_steps(data)
+    frame = frame[frame.groupby("cell_name")["steps"].transform("sum") > 0]
+    if frame.empty:
+        return "no run counted its drafts by tokens kept (no drafting runs, or none with per-position counts)"
+    cells = data.with_settings(frame[["cell_name"]].drop_duplicates())
+    label_of = dict(zip(cells["cell_name"], series_labels(cells)))
+    styles = _styles(data, cells, pd.Series(label_of.values()))
+    fig, axes = _figure(data)
+    ax = axes[0, 0]
+    width = 0.8 / len(label_of)
+    for i, (name, rows) in enumerate(frame.groupby("cell_name", sort=True)):
+        label = label_of[name]
+        ax.bar(rows["accepted"] + (i - (len(label_of) - 1) / 2) * width, rows["share"], width, label=label,
+               color=styles[label]["color"], hatch=HATCHES[styles[label]["linestyle"]], edgecolor="white")
+    ax.set(xlabel="draft tokens accepted in one step", ylabel="share of drafting steps")
+    ax.set_xticks(range(int(frame["accepted"].max()) + 1))
+    _legend_beside(fig, "Accepted tokens per step (repeats pooled)")
+    return fig
+
+
 def latency_cdf(data: PlotData) -> plt.Figure | str:
     cells = data.ok_runs.drop_duplicates("cell_name")
     labels = series_labels(cells)
@@ -343,7 +404,7 @@ def latency_cdf(data: PlotData) -> plt.Figure | str:
                 )
         ax.set(xlabel=f"{metric} (ms)", title=metric)
         if data.options["cdf_log_x"]:
-            ax.set_xscale("log")
+            _log_time_axis(ax, [v for latencies in pooled.values() for v in np.asarray(latencies[metric]) * 1000])
     axes[0, 0].set_ylabel("fraction of requests")
     # Beside the panels, not under them: the run's footer goes under everything.
     fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="outside right upper")
@@ -418,38 +479,72 @@ def energy_per_token(data: PlotData) -> plt.Figure | str:
     return fig
 
 
-def acceptance_by_category(data: PlotData) -> plt.Figure | str:
-    drafting = data.requests[data.requests["drafted_tokens"] > 0]
-    if drafting.empty:
-        return "no request with drafted tokens (no speculative runs in requests.csv)"
-    frame = drafting.groupby(["cell_name", "category"], as_index=False)[["drafted_tokens", "accepted_tokens"]].sum()
-    frame["rate"] = frame["accepted_tokens"] / frame["drafted_tokens"]
-    cells = data.with_settings(frame[["cell_name"]].drop_duplicates())
-    label_of = dict(zip(cells["cell_name"], series_labels(cells)))
-    styles = _styles(data, cells, pd.Series(label_of.values()))
-    table = frame.pivot(index="category", columns="cell_name", values="rate")
+def energy_vs_speedup(data: PlotData) -> plt.Figure | str:
+    """Energy per output token against the speedup over AR, a point per cell (γ and batch
+    size written beside it); a cell without measured energy has no point, never one at 0,
+    and is named under the panel."""
+    frame = data.summary.dropna(subset=["speedup"])
+    measured = frame.dropna(subset=["energy_j_per_token"])
+    if measured.empty:
+        reasons = sorted(set(data.runs.get("energy_reason", pd.Series()).dropna()))
+        return "no cell with a speedup measured energy" + (f": {'; '.join(reasons)}" if reasons else "")
     fig, axes = _figure(data)
     ax = axes[0, 0]
-    width = 0.8 / len(table.columns)
-    for i, cell in enumerate(table.columns):
-        label = label_of[cell]
-        hatch = {"-": "", "--": "//", ":": "..", "-.": "xx"}[styles[label]["linestyle"]]
-        ax.bar(
-            np.arange(len(table)) + i * width - 0.4 + width / 2,
-            table[cell],
-            width,
-            label=label,
-            color=styles[label]["color"],
-            hatch=hatch,
-            edgecolor="white",
-        )
-    ax.set_xticks(np.arange(len(table)), table.index)
-    ax.set(
-        ylabel="acceptance rate (accepted / drafted)",
-        ylim=(0, 1.02),
-        title="Acceptance by prompt category (repeats pooled)",
-    )
-    fig.legend(loc="outside right upper")  # rates reach 1.0: a legend inside would hide bars
+    labels = series_labels(measured, exclude=("gamma", "batch_size"))
+    styles = _styles(data, measured, labels)
+    for label, rows in measured.assign(_series=labels).groupby("_series", sort=True):
+        ax.errorbar(rows["speedup"], rows["energy_j_per_token"], xerr=_errors(rows, "speedup"),
+                    yerr=_errors(rows, "energy_j_per_token"), linestyle="", capsize=3, label=label,
+                    **{k: v for k, v in styles[label].items() if k != "linestyle"})
+        for row in rows.itertuples():
+            text = f"b{_plain(row.batch_size)}" + (f" γ{_plain(row.gamma)}" if row.gamma else "")
+            ax.annotate(text, (row.speedup, row.energy_j_per_token), xytext=(4, 4), textcoords="offset points",
+                        fontsize="x-small", color="0.3")
+    ax.axvline(1.0, color="0.4", linewidth=0.8)
+    ax.margins(x=0.15, y=0.1)  # room for the labels beside the points
+    ax.set(xlabel="speedup over AR (tokens/s ratio)", ylabel="energy per output token (J)")
+    missing = len(frame) - len(measured)
+    if missing:
+        ax.set_title(f"{missing} of {len(frame)} cells measured no energy: not drawn", fontsize="small", color="0.35")
+    _legend_beside(fig, "Energy against speedup (median over repeats, 95 % CI)")
+    return fig
+
+
+CATEGORY_PANELS = {
+    "speedup": "speedup over AR (paired requests)",
+    "acceptance_rate": "acceptance rate (accepted / drafted)",
+    "mean_accepted_length": "mean accepted length (tokens / forward)",
+}
+
+
+def by_category(data: PlotData) -> plt.Figure | str:
+    """Speedup, acceptance and mean accepted length per prompt category (the `categories`
+    table), a bar per drafting cell labelled with the requests behind it."""
+    frame = data.categories
+    if frame.empty:
+        return "no drafting cell measured requests (no speculative runs in requests.csv)"
+    cells = data.with_settings(frame[["cell"]].drop_duplicates().rename(columns={"cell": "cell_name"}))
+    label_of = dict(zip(cells["cell_name"], series_labels(cells)))
+    styles = _styles(data, cells, pd.Series(label_of.values()))
+    categories = sorted(frame["category"].unique())
+    fig, axes = _figure(data, ncols=len(CATEGORY_PANELS))
+    width = 0.8 / len(label_of)
+    for ax, (metric, ylabel) in zip(axes[0], CATEGORY_PANELS.items()):
+        for i, (name, rows) in enumerate(frame.groupby("cell", sort=True)):
+            rows = rows.set_index("category").reindex(categories)
+            label = label_of[name]
+            bars = ax.bar(np.arange(len(categories)) + (i - (len(label_of) - 1) / 2) * width, rows[metric], width,
+                          label=label, color=styles[label]["color"], hatch=HATCHES[styles[label]["linestyle"]],
+                          edgecolor="white")
+            counts = rows["speedup_requests" if metric == "speedup" else "n_requests"]
+            ax.bar_label(bars, ["" if pd.isna(v) else f"{int(n)}" for v, n in zip(rows[metric], counts)],
+                         fontsize="xx-small", color="0.35", padding=1)
+        ax.set_xticks(np.arange(len(categories)), categories)
+        ax.set(ylabel=ylabel)
+        ax.margins(y=0.1)  # room for the request counts above the tallest bar
+    axes[0, 0].axhline(1.0, color="0.4", linewidth=0.8)
+    axes[0, 1].set_ylim(0, 1.1)
+    _legend_beside(fig, "Results by prompt category (repeats pooled; over each bar: the requests behind it)")
     return fig
 
 
@@ -478,11 +573,13 @@ FIGURES: dict[str, Callable[[PlotData], plt.Figure | str]] = {
     "speedup_vs_load": speedup_vs_load,
     "speedup_waterfall": speedup_waterfall,
     "acceptance_per_position": acceptance_per_position,
+    "accepted_per_step": accepted_per_step,
     "latency_cdf": latency_cdf,
     "throughput_vs_batch": throughput_vs_batch,
     "latency_vs_rate": latency_vs_rate,
     "energy_per_token": energy_per_token,
-    "acceptance_by_category": acceptance_by_category,
+    "energy_vs_speedup": energy_vs_speedup,
+    "by_category": by_category,
     "power_timeline": power_timeline,
 }
 
@@ -529,22 +626,30 @@ def _rc(options: dict) -> dict:
         "lines.linewidth": 1.6,
         "lines.markersize": 5,
         "svg.fonttype": "none",
+        # Laid out at the resolution it is saved at: text extents, and so the layout that
+        # the footer is placed under, change with the resolution.
+        "figure.dpi": options["dpi"],
         "savefig.dpi": options["dpi"],
     }
 
 
 def _add_footer(fig: plt.Figure, text: str) -> None:
-    """What was run, in small print under everything already drawn (layout included)."""
+    """What was run, in small print under everything drawn: the union of every visible
+    artist's extent, figure legends and texts included (a figure legend placed `outside` by
+    the layout is not always inside `fig.get_tightbbox()`), then the layout is frozen so
+    that saving cannot move anything back over the footer."""
     fig.canvas.draw()
-    box = fig.get_tightbbox()
-    fig.text(
-        box.x0 / fig.get_figwidth(),
-        box.y0 / fig.get_figheight() - 0.01,
-        text,
-        fontsize="x-small",
-        color="0.45",
-        va="top",
-    )
+    renderer = fig.canvas.get_renderer()
+    extents = [
+        artist.get_tightbbox(renderer)
+        for artist in (*fig.axes, *fig.legends, *fig.texts)
+        if artist.get_visible()
+    ]
+    bottom = min(box.y0 for box in extents if box is not None and box.height > 0)
+    left = min(box.x0 for box in extents if box is not None and box.width > 0)
+    fig.set_layout_engine("none")
+    pad = 4 * fig.dpi / 72  # 4 points
+    fig.text(left / fig.bbox.width, (bottom - pad) / fig.bbox.height, text, fontsize="x-small", color="0.45", va="top")
 
 
 def make_figures(

@@ -46,6 +46,10 @@ SUMMARY_METRICS = {
     "speedup_vs_specdec_ar": "speedup vs our AR",
     "latency_speedup": "E2E speedup",
     "predicted_speedup": "predicted speedup",
+    # Energy beside the speedup: what the speedup cost, or saved.
+    "energy_j_per_token": "energy (J/token)",
+    "energy_j_per_accepted_token": "energy (J/accepted draft token)",
+    "energy_ratio": "energy ratio",
     "ttft_s_p50": "TTFT p50 (ms)",
     "ttft_s_p99": "TTFT p99 (ms)",
     "tpot_s_p50": "TPOT p50 (ms)",
@@ -57,8 +61,6 @@ SUMMARY_METRICS = {
     "acceptance_rate": "acceptance",
     "mean_accepted_length": "mean accepted length",
     "mean_acceptance_length": "mean acceptance length (vLLM)",
-    "energy_j_per_token": "energy (J/token)",
-    "energy_ratio": "energy ratio",
     "goodput_req_s": "goodput (req/s)",
     "slo_met": "meeting SLOs",
     "slo_ttft_met": "meeting TTFT SLO",
@@ -238,6 +240,81 @@ def _summarise_cell(cell: pd.DataFrame, baselines: dict[str, pd.DataFrame], per_
     row["outside_load"] = bool(outside)
     row["flags"] = "; ".join(unstable + outside)
     return row
+
+
+CATEGORY_COLUMNS = [
+    "cell",
+    "method_label",
+    "dataset",
+    "gamma",
+    "batch_size",
+    "load",
+    "category",
+    "n_repeats",
+    "n_requests",
+    "speedup",
+    "speedup_requests",
+    "baseline",
+    "acceptance_rate",
+    "mean_accepted_length",
+    "drafted_tokens",
+    "accepted_tokens",
+]
+
+
+def category_table(runs: pd.DataFrame, requests: pd.DataFrame) -> pd.DataFrame:
+    """Per drafting cell and prompt category, repeats pooled: the speedup over AR from each
+    request paired with the AR cell's same request (`RATIOS["speedup"].per_request` on the
+    category's pairs; the AR run of the same repeat, else its first), acceptance rate
+    (accepted / drafted) and mean accepted length (output tokens per target forward), with
+    the requests behind each (`n_requests`, and `speedup_requests` pairs)."""
+    ok = runs[runs["status"] == "ok"]
+    baselines = dict(list(ok[ok["method"] == "ar"].groupby("group_id")))
+    by_run = dict(list(requests.groupby("cell")))
+    rows = []
+    for _, cell in ok[ok["method"] != "ar"].groupby("group_id", sort=False):
+        first = cell.iloc[0]
+        baseline = baselines.get(first["ar_group_id"])
+        own = pd.concat([by_run[run] for run in cell["cell"] if run in by_run])
+        pairs = pd.concat([_category_pairs(run, baseline, by_run) for run in cell.itertuples()]) if baseline is not None else None
+        for category, group in own.groupby("category", sort=True):
+            paired = None if pairs is None else pairs[pairs["category"] == category]
+            counts = {key: float(pd.to_numeric(group[key]).sum()) for key in ("drafted_tokens", "accepted_tokens", "target_forwards", "output_tokens")}
+            rows.append(
+                {
+                    "cell": first["cell_name"],
+                    **{key: first[key] for key in ("method_label", "dataset", "gamma", "batch_size", "load")},
+                    "category": category,
+                    "n_repeats": len(cell),
+                    "n_requests": len(group),
+                    "speedup": _pooled_speedup(paired),
+                    "speedup_requests": 0 if paired is None else len(paired),
+                    "baseline": NO_BASELINE if baseline is None else baseline["cell_name"].iloc[0],
+                    "acceptance_rate": counts["accepted_tokens"] / counts["drafted_tokens"] if counts["drafted_tokens"] else math.nan,
+                    "mean_accepted_length": counts["output_tokens"] / counts["target_forwards"] if counts["target_forwards"] else math.nan,
+                    "drafted_tokens": counts["drafted_tokens"],
+                    "accepted_tokens": counts["accepted_tokens"],
+                }
+            )
+    return pd.DataFrame(rows, columns=CATEGORY_COLUMNS)
+
+
+def _category_pairs(run: Any, baseline: pd.DataFrame, by_run: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """One run's requests beside the same requests of its AR partner run (`_base` columns)."""
+    partner = baseline[baseline["repeat"] == run.repeat]
+    partner = (partner if len(partner) else baseline).iloc[0]
+    ours, theirs = by_run.get(run.cell), by_run.get(partner["cell"])
+    if ours is None or theirs is None:
+        return pd.DataFrame(columns=["category", *REQUEST_FIELDS, *(f"{f}_base" for f in REQUEST_FIELDS)])
+    paired = ours.merge(theirs[["request_id", *REQUEST_FIELDS]], on="request_id", suffixes=("", "_base"))
+    return paired.dropna(subset=[*REQUEST_FIELDS, *(f"{f}_base" for f in REQUEST_FIELDS)])
+
+
+def _pooled_speedup(pairs: pd.DataFrame | None) -> float:
+    if pairs is None or pairs.empty:
+        return math.nan
+    arrays = [{f: pairs[f"{f}{suffix}"].to_numpy(float) for f in REQUEST_FIELDS} for suffix in ("", "_base")]
+    return float(RATIOS["speedup"].per_request(*arrays))
 
 
 def _numeric(frame: pd.DataFrame, column: str) -> pd.Series:

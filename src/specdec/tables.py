@@ -52,6 +52,22 @@ def display_summary(summary: pd.DataFrame) -> pd.DataFrame:
     return shown
 
 
+def display_categories(categories: pd.DataFrame) -> pd.DataFrame:
+    """The per-category table for people: three significant digits, dashes, no AR baseline."""
+    shown = categories.drop(columns=["drafted_tokens", "accepted_tokens"]).rename(
+        columns={"method_label": "method", "batch_size": "batch", "n_repeats": "repeats", "n_requests": "requests",
+                 "speedup_requests": "paired requests", "acceptance_rate": "acceptance",
+                 "mean_accepted_length": "mean accepted length"}
+    )
+    shown["speedup"] = [
+        NO_BASELINE if baseline == NO_BASELINE else DASH if pd.isna(value) else _number(value)
+        for value, baseline in zip(categories["speedup"], categories["baseline"])
+    ]
+    for column in ("acceptance", "mean accepted length"):
+        shown[column] = shown[column].map(lambda value: DASH if pd.isna(value) else _number(value))
+    return shown.drop(columns=["baseline"])
+
+
 def _format_int(value: Any) -> str:
     return DASH if pd.isna(value) else str(int(value))
 

@@ -11,10 +11,12 @@ FIGURE_CATEGORIES = {
     "speedup_waterfall": "Speedup",
     "throughput_vs_batch": "Speedup",
     "acceptance_per_position": "Acceptance",
-    "acceptance_by_category": "Acceptance",
+    "accepted_per_step": "Acceptance",
+    "by_category": "Acceptance",
     "latency_cdf": "Latency",
     "latency_vs_rate": "Latency",
     "energy_per_token": "Energy",
+    "energy_vs_speedup": "Energy",
     "power_timeline": "Energy",
 }
 
@@ -32,6 +34,14 @@ rule aggregate:
         ),
         summary_csv=f"{RESULTS}/tables/{{experiment}}/summary.csv",
         summary_md=f"{RESULTS}/tables/{{experiment}}/summary.md",
+        categories=report(
+            f"{RESULTS}/tables/{{experiment}}/categories.html",
+            caption="../report/categories.rst",
+            category="Tables",
+            subcategory="{experiment}",
+        ),
+        categories_csv=f"{RESULTS}/tables/{{experiment}}/categories.csv",
+        categories_md=f"{RESULTS}/tables/{{experiment}}/categories.md",
         runs=report(
             f"{RESULTS}/tables/{{experiment}}/runs.html",
             caption="../report/runs.rst",
