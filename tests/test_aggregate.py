@@ -66,7 +66,11 @@ def test_runs_table_is_one_flat_row_per_run(runs):
     row = runs[runs["cell"] == f"{SPEC}--r1"].iloc[0]
     assert row["throughput_tok_s"] == 18.0
     assert row["ttft_s_p50"] == pytest.approx(0.1) and row["e2e_s_p99"] == pytest.approx(20 / 18)
-    assert row["acceptance_rate"] == 0.7 and row["predicted_speedup"] == 1.6
+    assert row["acceptance_rate"] == 0.7
+    # the fixture's forwards: AR one-token 40 ms, verification 52 ms (v = 1.3), drafter 12 ms
+    # (c = 0.3); alpha 0.65, every step drafting 4: (1 - 0.65^5) / ((1 - 0.65)(4 * 0.3 + 1.3))
+    assert (row["theory_cost_ratio"], row["theory_verify_cost_ratio"]) == pytest.approx((0.3, 1.3))
+    assert row["predicted_speedup"] == pytest.approx((1 - 0.65**5) / (0.35 * 2.5))
     assert row["energy_j_per_token"] == 80.0 / 64
     assert row["meta_torch"] == "2.13.0" and row["placement_strategy"] == "cpu"
     assert (row["cell_name"], row["group_id"], row["ar_group_id"]) == (SPEC, f"demo/{SPEC}", f"demo/{AR}")
@@ -88,7 +92,8 @@ def test_speedup_and_energy_ratio_against_matching_ar(summary):
     # Against AR 10 and 12 (repeats paired): 15/10 = 18/12 = 1.5.
     assert spec["speedup"] == pytest.approx(1.5)
     assert (spec["speedup_ci_low"], spec["speedup_ci_high"]) == pytest.approx((1.5, 1.5))
-    assert spec["predicted_speedup"] == 1.6 and spec["acceptance_rate"] == pytest.approx(0.65)
+    assert spec["predicted_speedup"] == pytest.approx((1 - 0.65**5) / (0.35 * 2.5))
+    assert spec["acceptance_rate"] == pytest.approx(0.65)
     # Energy/token: spec 96/64 = 1.5 and 80/64 = 1.25, AR 128/64 = 2 -> ratios 0.75, 0.625.
     assert spec["energy_j_per_token"] == pytest.approx(1.375)
     assert spec["energy_ratio"] == pytest.approx(0.6875)
@@ -205,7 +210,7 @@ def test_written_tables(tmp_path):
     ar = next(r for r in md.splitlines() if r.startswith(f"| {AR} "))
     assert ar.split("|")[3].strip() == "–"  # gamma of AR: a dash
     ngram = next(r for r in md.splitlines() if r.startswith("| humaneval--specdec-ngram"))
-    assert "1.1 (n=1)" in ngram and "| –" in ngram  # energy: a dash, not 0
+    assert "1.94 (n=1)" in ngram and "| –" in ngram  # predicted (1 - 0.65^5) / (0.35 * 1.3); energy: a dash, not 0
     csv = pd.read_csv(tmp_path / "summary.csv")
     assert csv["energy_j_per_token"].isna().sum() == len(csv) - 2  # AR b1 and spec g4 b1
     info = pd.read_csv(tmp_path / "run_info.csv").set_index("field")["value"]
@@ -385,3 +390,30 @@ def test_one_repeat_takes_its_interval_from_the_requests(runs):
     assert row["speedup_ci_low"] < 1.1 < row["speedup_ci_high"]
     without = cell(summary_table(runs, n_resamples=500), ngram)
     assert without["speedup_ci_low"] == without["speedup_ci_high"] == pytest.approx(1.1)
+
+
+def test_a_cell_measured_under_outside_load_is_flagged(summary):
+    # the fixture's MT-bench cell ran while other processes took 60 % of the 2 CPUs
+    mtbench = cell(summary, "mtbench--specdec-speculative-int8-g4--b1-n16-t0-cpu")
+    assert mtbench["outside_load"] and "r0 outside load: other processes used 60% of 2 CPUs" in mtbench["flags"]
+    assert not cell(summary, SPEC)["outside_load"]
+
+
+def test_waterfall_and_gamma_from_the_fixtures_forwards(runs, summary):
+    from specdec.theory import best_gamma_table
+
+    row = runs[runs["cell"] == f"{SPEC}--r0"].iloc[0]
+    ideal = sum(0.65**i for i in range(5))
+    assert row["waterfall_ideal"] == pytest.approx(ideal)
+    # generate.attribution, AR: 60 steps of 40 ms, prefill 0.4 s, accept 0.128 s, other a
+    # ninth of the rest; gamma 4: 20 steps of 52 ms, drafter 0.12 + 80 x 0.012 s, accept 0.048 s
+    ar_step = ((0.4 + 2.4 + 0.128) * 10 / 9 - 0.4) / 60
+    spec_step = ((0.4 + 1.08 + 1.04 + 0.048) * 10 / 9 - 0.4) / 20
+    assert row["waterfall_drafter"] == pytest.approx(ideal * ar_step / (ar_step + 1.08 / 20))
+    assert row["waterfall_verify"] == pytest.approx(ideal * ar_step / (ar_step - 0.04 + 1.04 / 20 + 1.08 / 20))
+    assert row["waterfall_overhead"] == pytest.approx(ideal * ar_step / spec_step)
+    table = best_gamma_table([(r.cell, r.result) for r in read_runs(RESULTS)], summary)
+    int8 = table[(table["drafter"] == "int8") & (table["batch_size"] == 1) & (table["dataset"] == "humaneval") & (table["load"] == "closed")].iloc[0]
+    assert int8["measured"] == "γ2: 1.30; γ4: 1.50" and int8["best_measured_gamma"] == 4
+    # alpha 0.65, c = 0.3, v = 1.3 at both widths -> slope 0.3 / 2 and 0.3 / 4 fitted
+    assert int8["alpha"] == pytest.approx(0.65) and int8["cost_ratio"] == pytest.approx(0.3)

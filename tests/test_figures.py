@@ -72,9 +72,10 @@ def lines_of(fig) -> set[tuple]:
 def test_speedup_figure_has_measured_points_and_leviathan_line(data):
     fig = speedup_vs_gamma(data)
     drawn = lines_of(fig)
-    # speculative int8, batch 1: gamma 2 -> 13/10, gamma 4 -> 1.5; predicted 1.4 and 1.6.
+    # speculative int8, batch 1: gamma 2 -> 13/10, gamma 4 -> 1.5; predicted from alpha 0.65,
+    # c = 0.3, v = 1.3: (1 - 0.65^3) / (0.35 (0.6 + 1.3)) and (1 - 0.65^5) / (0.35 (1.2 + 1.3))
     assert ((2.0, 4.0), (1.3, 1.5)) in drawn
-    assert ((2.0, 4.0), (1.4, 1.6)) in drawn
+    assert ((2.0, 4.0), (round((1 - 0.65**3) / (0.35 * 1.9), 6), round((1 - 0.65**5) / (0.35 * 2.5), 6))) in drawn
     labels = fig.axes[0].get_legend_handles_labels()[1]
     assert "Leviathan et al. prediction" in labels
     assert not any("mtbench" in label for label in labels)  # no AR baseline, no speedup

@@ -89,6 +89,20 @@ def test_results_record_memory_against_the_models(study):
         assert m["peak_over_needed"] > m["growth_over_needed"] > 0.9
 
 
+def test_attribution_covers_the_measured_window_only(study):
+    from specdec.records import read_requests
+
+    for folder in (study / "results/runs/tiny").iterdir():
+        block = json.loads((folder / "result.json").read_text())["attribution"]
+        measured = [r for r in read_requests(folder / "requests.jsonl") if not r["warmup"]]
+        assert block["decode_calls"] == len(measured)  # batch 1: one decode per request, the warm-up's not among them
+        assert sum(v for v in block["parts_s"].values() if v is not None) == pytest.approx(block["decode_s"])
+        forwards = block["forwards"]
+        decode_rows = sum(b["rows"] for b in forwards["target_decode"].values())
+        assert forwards["target_prefill"]["rows"] + decode_rows == sum(r["target_forwards"] for r in measured)
+        assert (block["parts_s"]["drafter"] is None) == ("ngram" in folder.name)
+
+
 def test_figures_and_report(study):
     assert (study / "results/figures/tiny/speedup_vs_gamma.png").stat().st_size > 1000
     report = run_snakemake(study, "--cores", "2", "--report", "report.html")

@@ -50,6 +50,14 @@ def valid():
         "acceptance": block,
         "theory": theory(block["acceptance_rate"], 2, shares),
         "energy": {"available": False, "reason": "NVML: library not found"},
+        "attribution": {"available": True, "clock": "host clock", "decode_s": 2.0, "decode_calls": 2,
+                        "parts_s": {"prefill": 0.2, "drafter": 0.4, "verify": 1.0, "accept": 0.1, "other": 0.3},
+                        "not_separable": {},
+                        "forwards": {"target_prefill": {"count": 2, "total_s": 0.2, "rows": 2},
+                                     "target_decode": {"3": {"count": 4, "total_s": 1.0, "rows": 4}},
+                                     "drafter_prefill": {"count": 2, "total_s": 0.1, "rows": 2},
+                                     "drafter": {"1": {"count": 6, "total_s": 0.3, "rows": 6}}},
+                        "steps": 4},
         "correctness": {"checked": True, "reference": CELL.ar_counterpart().id,
                         "identical": True, "requests_compared": 2, "divergences": []},
         "parity": {"checked": False, "reason": "our engine is the reference"},
@@ -72,6 +80,13 @@ def test_valid_result_passes(valid):
 def test_wrong_type_names_the_path(valid):
     result = broken(valid, lambda r: r["metrics"]["ttft_s"].update(p50="fast"))
     with pytest.raises(RecordError, match=r"\$\.metrics\.ttft_s\.p50"):
+        validate("result", result, "result.json")
+
+
+def test_an_attribution_part_is_a_number_or_null_never_missing(valid):
+    validate("result", broken(valid, lambda r: r["attribution"]["parts_s"].update(accept=None)), "result.json")
+    result = broken(valid, lambda r: r["attribution"]["parts_s"].pop("other"))
+    with pytest.raises(RecordError, match=r"\$\.attribution\.parts_s: 'other' is a required property"):
         validate("result", result, "result.json")
 
 

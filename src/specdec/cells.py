@@ -124,6 +124,7 @@ class Cell:
     timeout_s: float | None = None
     power: Power = Power()
     engine: str = "specdec"
+    attribution: bool = True  # time where decode time goes (attribution.py); not in the name, as warmup is not
 
     @property
     def greedy(self) -> bool:

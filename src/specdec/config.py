@@ -246,7 +246,7 @@ def expand_matrix(config: dict) -> list[Cell]:
                 drafter=drafters[drafter] if drafter else None, gamma=gamma, batch_size=batch,
                 generation=generation, placement=placement, load=load, repeat=repeat,
                 seed=config["seed"] + repeat, warmup=exp["warmup"], timeout_s=exp.get("timeout_s"), power=power,
-                engine=engine,
+                engine=engine, attribution=exp["attribution"],
             ))
     _check_unique(cells)
     return cells

@@ -1,5 +1,6 @@
 """Measure a loaded cell: the engine callable the load generator drives, and the measured
-window (warm-up, then every request under the cell's load beside the power monitor)."""
+window (warm-up, then every request under the cell's load beside the power monitor and the
+time attribution)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from typing import TextIO
 
 import torch
 
+from specdec import attribution
+from specdec.cotenants import CotenantWatch
 from specdec.session import Session, chat_messages
 
 log = logging.getLogger("specdec.run")
@@ -22,14 +25,17 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_engine(session: Session, generator: torch.Generator):
+def make_engine(session: Session, generator: torch.Generator, recorder=None):
     """engine(batch of load.Request) -> row dicts: template and tokenise (outside the timed
-    region, reported as `decode_start_ns`), decode with the cell's method, detokenise."""
+    region, reported as `decode_start_ns`), decode with the cell's method, detokenise.
+    `recorder` (an `attribution` recorder) times the decode calls and our accept steps."""
     from specdec.decoding import generate
     from specdec.engines import transformers_settings
     from specdec.peers import hf_generate
 
     tokenizer, target, cell, settings = session.tokenizer, session.target, session.cell, session.settings
+    recorder = recorder or attribution.Off()
+    accept_timer = recorder.accept if recorder.enabled else None
 
     def decode(input_ids, attention_mask):
         if cell.engine == "transformers":
@@ -37,7 +43,8 @@ def make_engine(session: Session, generator: torch.Generator):
             return hf_generate(target, input_ids, attention_mask, settings, assistant_model=session.drafter,
                                prompt_lookup_num_tokens=lookup.get("prompt_lookup_num_tokens"),
                                max_matching_ngram_size=lookup.get("max_matching_ngram_size"))
-        return generate(target, input_ids, attention_mask, settings, drafter=session.drafter, generator=generator)
+        return generate(target, input_ids, attention_mask, settings, drafter=session.drafter, generator=generator,
+                        accept_timer=accept_timer)
 
     def engine(batch) -> list[dict]:
         began = time.perf_counter()
@@ -50,8 +57,10 @@ def make_engine(session: Session, generator: torch.Generator):
             session.prompt_ids[request.request_id] = [t for t, m in zip(ids, mask) if m]
         tokenize_s = (time.perf_counter() - began) / len(batch)
         decode_start_ns = time.perf_counter_ns()
+        with recorder.decode():
+            results = decode(input_ids, attention_mask)
         rows = []
-        for request, row in zip(batch, decode(input_ids, attention_mask)):
+        for request, row in zip(batch, results):
             record = asdict(row)
             record.update(
                 prompt_tokens=len(session.prompt_ids[request.request_id]),
@@ -68,35 +77,47 @@ def make_engine(session: Session, generator: torch.Generator):
 
 
 def measure(session: Session, prompts: list[dict], out_dir: Path, console: TextIO | None = None) -> tuple[list[dict], dict]:
-    """Warm up, then decode every prompt under the cell's load inside one power window.
-    Progress goes to the log; with `console`, also there at most once a minute."""
+    """Warm up, then decode every prompt under the cell's load inside one window of power,
+    time attribution and co-tenant watch. Returns the records and the window's result
+    blocks (`energy`, `attribution`, `cotenants`). Progress goes to the log; with
+    `console`, also there at most once a minute."""
     from specdec.load import progress, run_load, schedule, total_requests
     from specdec.power import PowerMonitor
 
     cell = session.cell
     torch.manual_seed(cell.seed)
+    recorder = attribution.for_session(session)
     if cell.engine == "vllm":  # its engine process samples; `step()` returns finished GPU work
         from specdec.vllm_engine import VllmServer
 
-        engine, device = VllmServer(session), "cpu"
+        engine, device = VllmServer(session, steps=recorder if recorder.enabled else None), "cpu"
     else:
         generator = torch.Generator(device=session.device).manual_seed(cell.seed)
-        engine, device = make_engine(session, generator), session.device
+        engine, device = make_engine(session, generator, recorder), session.device
 
     def sync() -> None:
         synchronize(device)
 
-    monitor = PowerMonitor.for_job(cell.power, torch.device(session.device).type, devices=list(session.plan.gpus) or None)
+    kind = torch.device(session.device).type
+    monitor = PowerMonitor.for_job(cell.power, kind, devices=list(session.plan.gpus) or None)
+    # The cell's GPUs are asked for their other processes through the power monitor's NVML.
+    on_nvml = monitor.source == "nvml"
+    neighbours = CotenantWatch(gpus=monitor.meters if on_nvml else None,
+                               gpu_reason=None if on_nvml or kind == "cpu" else f"NVML not open: {monitor.reason}")
     total = total_requests(schedule(prompts, cell.load, cell.seed))
 
     def begin_window() -> None:
         log.info("warm-up done; measuring %d requests", total)
         monitor.begin_window(sync=sync)
         session.begin_window()
+        recorder.begin()
+        neighbours.begin()
 
     def end_window() -> None:
-        monitor.end_window(sync=sync)
+        monitor.end_window(sync=sync)  # the device is idle: the recorder's CUDA events are complete
         session.end_window()
+        recorder.end()
+        neighbours.end()
 
     # Snakemake shows every job's console at once: plain lines, not a bar.
     shown = progress(total, cell.id, stream=console, log_every_s=60, bar=False) if console is not None else nullcontext()
@@ -118,4 +139,4 @@ def measure(session: Session, prompts: list[dict], out_dir: Path, console: TextI
     energy = monitor.energy(output_tokens=sum(r["output_tokens"] for r in measured), num_requests=len(measured))
     if energy["available"]:
         monitor.write_timeline(out_dir / "power.csv")
-    return records, energy
+    return records, {"energy": energy, "attribution": recorder.block(), "cotenants": neighbours.report()}

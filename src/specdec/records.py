@@ -19,7 +19,7 @@ from referencing import Registry, Resource
 from specdec.cells import Cell
 from specdec.io import write_json, write_jsonl
 
-RESULT_SCHEMA_VERSION = 3
+RESULT_SCHEMA_VERSION = 4
 
 
 class Status(str, enum.Enum):

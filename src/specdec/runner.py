@@ -185,6 +185,7 @@ def _blank_result() -> dict:
     not_run = {"checked": False, "reason": "the cell did not finish"}
     return {"status": Status.OK.value, "failure": None, "metrics": None, "acceptance": None, "theory": None,
             "energy": {"available": False, "reason": "the cell did not reach its measured window"},
+            "attribution": {"available": False, "reason": "the cell did not reach its measured window"},
             "correctness": not_run, "parity": not_run}
 
 
@@ -202,7 +203,8 @@ def _measure_and_analyse(session: Session, prompts: list[dict], out_dir: Path, r
         session.start()
         result["engine"] = engine_block(session.cell, session.engine_settings)
         phase = "measure"
-        records, result["energy"] = measure(session, prompts, out_dir, console)
+        records, window = measure(session, prompts, out_dir, console)
+        result.update(window)
         phase = "analyse"
         result.update(analyse(session, records, reference, parity_reference))
         if session.cell.engine != "vllm":  # vLLM's memory is its engine process's, sized by its own settings

@@ -7,7 +7,8 @@ tokens are timestamped as `step()` returns them to this process, so TTFT, TPOT a
 from the same emissions and code as our engine's. Per-request drafts come from vLLM's own
 per-request spec-decode metrics ("detailed": drafted and accepted per verify step); the
 server-wide counters (`vllm:spec_decode_*`) are read before and after the measured window,
-so the warm-up's drafts are not counted, and are reported beside them.
+so the warm-up's drafts are not counted, and are reported beside them. Each `step()`'s wall
+time goes to the cell's time attribution (`attribution.EngineSteps`).
 
 vLLM is imported only here and only when a vLLM cell runs: it lives in an environment of its
 own (`make install-vllm`).
@@ -149,8 +150,8 @@ class VllmServer:
     """The load generator's `Server` over a vLLM engine: continuous batching, at most
     `batch_size` requests in it (vLLM's `max_num_seqs` is the same), one `step()` a call."""
 
-    def __init__(self, session: VllmSession, clock=time.perf_counter_ns):
-        self.session, self.clock = session, clock
+    def __init__(self, session: VllmSession, clock=time.perf_counter_ns, steps=None):
+        self.session, self.clock, self.steps = session, clock, steps  # steps: an attribution.EngineSteps
         self.in_flight: dict[str, _InFlight] = {}
         self.params = session.sampling_params()
 
@@ -170,18 +171,22 @@ class VllmServer:
         self.session.engine.add_request(request.request_id, {"prompt_token_ids": ids}, self.params)
 
     def step(self) -> list[tuple[Request, dict, int, int]]:
+        began = self.clock()
         outputs = self.session.engine.step()
         now = self.clock()  # the step's tokens are on the host
-        done = []
+        done, first_token, rows = [], False, 0
         for output in outputs:
             state = self.in_flight[output.request_id]
             completion = output.outputs[0]
             if completion.token_ids:
+                first_token, rows = first_token or not state.emissions, rows + 1
                 state.emissions.append((now, len(completion.token_ids)))
                 state.output_ids.extend(completion.token_ids)
             if output.finished:
                 del self.in_flight[output.request_id]
                 done.append((state.request, self._row(state, completion), state.arrival, state.start))
+        if self.steps is not None:
+            self.steps.record((now - began) / 1e9, first_token, rows)
         return done
 
     def _row(self, state: _InFlight, completion) -> dict:

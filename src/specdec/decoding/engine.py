@@ -15,7 +15,9 @@ decoding's few rows (kernels.py).
 from __future__ import annotations
 
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -125,17 +127,20 @@ def generate(
     settings: GenerationSettings,
     drafter: Drafter | None = None,
     generator: torch.Generator | None = None,
+    accept_timer: Callable[[], AbstractContextManager] | None = None,
 ) -> list[RowResult]:
     """Decode a left-padded batch with the target alone (AR) or verifying `drafter`'s drafts.
 
     `generator` (on the target's device) seeds sampling; a drafter elsewhere gets its own,
-    seeded from it. Returns one RowResult per batch row, in order.
+    seeded from it. `accept_timer()` (attribution.Attribution.accept) brackets each step's
+    accept/sample work up to the host transfer. Returns one RowResult per batch row, in order.
     """
     _check_prompt(input_ids, attention_mask)
     if drafter is not None and settings.gamma < 1:
         raise ValueError("a drafter needs gamma >= 1 draft tokens per step")
     gamma = settings.gamma if drafter is not None else 0
     sampler = settings.sampler(generator)
+    accept_span = accept_timer or nullcontext
     results = [RowResult.empty(gamma) for _ in range(input_ids.shape[0])]
     with torch.inference_mode(), decode_kernels(target, drafter.model if drafter is not None else None):
         cache, logits = RaggedCache.prefill(target, input_ids, attention_mask)
@@ -144,10 +149,12 @@ def generate(
         session = None
         running = list(range(input_ids.shape[0]))  # result index of each batch row
         while True:
-            accepted, next_tokens = verify(logits, draft, sampler)
-            kept = torch.cat([draft.tokens, next_tokens[:, None]], dim=1)
-            kept.scatter_(1, accepted[:, None], next_tokens[:, None])
-            host = torch.cat([accepted[:, None], draft.lengths[:, None], kept], dim=1).tolist()
+            with accept_span():
+                accepted, next_tokens = verify(logits, draft, sampler)
+                kept = torch.cat([draft.tokens, next_tokens[:, None]], dim=1)
+                kept.scatter_(1, accepted[:, None], next_tokens[:, None])
+                step = torch.cat([accepted[:, None], draft.lengths[:, None], kept], dim=1)
+            host = step.tolist()
             now = time.perf_counter_ns()
             outcome = StepOutcome(accepted, [h[0] for h in host], next_tokens, [h[2 : h[0] + 3] for h in host])
             finished = []
