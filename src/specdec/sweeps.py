@@ -95,7 +95,7 @@ def break_even_table(summary: pd.DataFrame) -> pd.DataFrame:
             table.append({
                 **{c: first[c] for c in ("experiment", "dataset", "engine", "method_label", "gamma")},
                 "series": label, "axis": axis, "metric": metric, "points": _points(rows, axis, metric),
-                "break_even": f"{text} (CI {low_text} – {high_text})",
+                "break_even": f"{text} (CI {low_text} to {high_text})",
                 "break_even_value": value, "break_even_low": low, "break_even_high": high,
             })
     return pd.DataFrame(table, columns=BREAK_EVEN_COLUMNS)
