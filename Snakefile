@@ -19,6 +19,7 @@ include: "workflow/rules/report.smk"
 localrules:
     all,
     cell,
+    choose_kernels,
     prepare_model,
     prepare_dataset,
     aggregate,

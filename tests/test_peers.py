@@ -49,9 +49,10 @@ def test_sampling_settings_reach_generate(setup):
 
 
 @pytest.mark.parametrize("method, drafter", [("speculative", "int8"), ("ngram", "ngram")])
-def test_transformers_cells_run_through_the_runner_with_a_prediction(tmp_path, embedded_model_dir, method, drafter):
+def test_transformers_cells_run_through_the_runner_with_the_predictions_inputs(tmp_path, embedded_model_dir, method, drafter):
     """transformers verifies a draft in every target forward, its prefill included: the
-    prediction's draft-length shares must count that forward as a step."""
+    prediction's draft-length shares must count that forward as a step; its forwards are
+    timed like ours, its accept step (inside generate()) cannot be."""
     from specdec import runner
     from specdec.config import expand_matrix, validate
 
@@ -73,7 +74,12 @@ def test_transformers_cells_run_through_the_runner_with_a_prediction(tmp_path, e
     assert result["engine"]["name"] == "transformers" and result["engine"]["settings"]
     if method == "speculative":  # gamma drafts in every forward but a length-capped last one
         assert theory["draft_length_shares"][4] >= 0.5
-    assert theory["predicted_speedup"] > 0
+    attribution = result["attribution"]
+    assert attribution["available"] and attribution["parts_s"]["accept"] is None
+    assert "generate()" in attribution["not_separable"]["accept"]
+    assert attribution["forwards"]["target_decode"] and attribution["parts_s"]["verify"] > 0
+    if method == "speculative":  # the int8 assistant's forwards are the drafter's
+        assert attribution["forwards"]["drafter"] and attribution["parts_s"]["drafter"] > 0
 
 
 def test_transformers_drafting_above_batch_1_is_not_supported_without_loading(tmp_path):

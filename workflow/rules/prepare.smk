@@ -44,7 +44,8 @@ rule prepare_dataset:
 
 # The CPU decoding kernels of a model, dtype and batch size, chosen once for every cell of
 # that setup (decoding.kernels): chosen in each cell, a busy moment could give AR and
-# speculative cells of one setup different kernels.
+# speculative cells of one setup different kernels. A local rule: on a cluster it times the
+# submit host's CPU, which is right only where CPU cells run on that kind of CPU.
 rule choose_kernels:
     input:
         model=named_model_input,
