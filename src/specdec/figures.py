@@ -264,7 +264,7 @@ def speedup_vs_load(data: PlotData) -> plt.Figure | str:
     fig, axes = _figure(data, ncols=len(panels))
     for ax, (axis, found) in zip(axes[0], panels):
         for i, (label, rows) in enumerate(found):
-            metric = sweeps.AXES[axis][1] or ("speedup" if rows["load_mode"].iloc[0] == "closed" else "latency_speedup")
+            metric = sweeps.axis_metric(axis, rows)
             rows = rows.dropna(subset=[metric])
             color = data.colors.get(rows["method_label"].iloc[0], PALETTE[i % len(PALETTE)])
             style = dict(color=color, linestyle=LINESTYLES[i % len(LINESTYLES)], marker=MARKERS[i % len(MARKERS)])

@@ -89,10 +89,14 @@ def _token_rate(requests: dict) -> np.ndarray:
     return requests["output_tokens"].sum(-1) / requests["e2e_s"].sum(-1)
 
 
+def _throughput_ratio(cell: dict, baseline: dict) -> np.ndarray:
+    return _token_rate(cell) / _token_rate(baseline)
+
+
 REQUEST_FIELDS = ("output_tokens", "e2e_s")
 RATIOS = {
-    "speedup": Ratio("throughput_tok_s", "ar_group_id", per_request=lambda c, b: _token_rate(c) / _token_rate(b)),
-    "speedup_vs_specdec_ar": Ratio("throughput_tok_s", "specdec_ar_group_id", per_request=lambda c, b: _token_rate(c) / _token_rate(b)),
+    "speedup": Ratio("throughput_tok_s", "ar_group_id", per_request=_throughput_ratio),
+    "speedup_vs_specdec_ar": Ratio("throughput_tok_s", "specdec_ar_group_id", per_request=_throughput_ratio),
     "latency_speedup": Ratio("e2e_s_mean", "ar_group_id", inverse=True, per_request=lambda c, b: b["e2e_s"].mean(-1) / c["e2e_s"].mean(-1)),
     "energy_ratio": Ratio("energy_j_per_token", "ar_group_id"),
 }

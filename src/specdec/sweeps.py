@@ -52,6 +52,11 @@ def series(summary: pd.DataFrame, axis: str, drafting_only: bool = True) -> Iter
         yield label, rows.sort_values(axis)
 
 
+def axis_metric(axis: str, rows: pd.DataFrame) -> str:
+    """The speedup read along `axis` for one series (see `AXES`)."""
+    return AXES[axis][1] or ("speedup" if rows["load_mode"].iloc[0] == "closed" else "latency_speedup")
+
+
 def crossing(xs, ys, log_x: bool = False) -> tuple[str, float]:
     """Where `ys` falls through 1.0 along `xs` (see the module's docstring): its text and
     value (nan outside the measured range)."""
@@ -80,9 +85,9 @@ def _points(rows: pd.DataFrame, axis: str, metric: str) -> str:
 def break_even_table(summary: pd.DataFrame) -> pd.DataFrame:
     """One row per series and axis: the speedup with its CI at each point and the break-even."""
     table = []
-    for axis, (_, along) in AXES.items():
+    for axis in AXES:
         for label, rows in series(summary, axis):
-            metric = along or ("speedup" if rows["load_mode"].iloc[0] == "closed" else "latency_speedup")
+            metric = axis_metric(axis, rows)
             rows = rows.dropna(subset=[metric])
             if len(rows) < 2:
                 continue

@@ -147,7 +147,7 @@ def best_gamma_table(runs: Sequence[tuple[Cell, dict]], summary: pd.DataFrame) -
         best = max(predicted, key=predicted.get)
         table.append({
             "experiment": cell.experiment, "dataset": cell.dataset, "engine": cell.engine, "drafter": cell.drafter.name,
-            "batch_size": cell.batch_size, "load": rows["cell"].iloc[0].load.mode, "alpha": alpha, "cost_ratio": c,
+            "batch_size": cell.batch_size, "load": cell.load.mode, "alpha": alpha, "cost_ratio": c,
             "verify_cost_per_token": slope,
             "measured": "; ".join(f"γ{g}: {s:.2f}" for g, s in speedups.items()),
             "best_measured_gamma": max(speedups, key=speedups.get) if speedups else None,
