@@ -82,6 +82,8 @@ def _experiment(**changes):
         (_experiment(load={"mode": "closed", "rate": 1}), "experiments.default.load"),
         (lambda c: c["models"]["smollm2"].update(source="local"), "models.smollm2"),
         (lambda c: c["drafters"]["ngram"].update(n=3, min_context=3), "drafters.ngram.min_context"),
+        (lambda c: c["drafters"]["ngram"].update(compile=True), "drafters.ngram.compile"),  # no model to compile
+        (lambda c: c["models"]["smollm2"].update(compile="yes"), "models.smollm2.compile"),
         (lambda c: c["models"]["smollm2"].update(dtype="bfloat16"), "experiments.default.methods.1.drafter"),  # int8 of a bf16 target
         (_experiment(placement="same"), "experiments.default.placement"),  # int8 runs on the CPU only
         (lambda c: c.update(results_dir="../elsewhere"), "results_dir"),

@@ -35,6 +35,7 @@ class ModelSpec:
     path: str | None = None
     id: str | None = None
     revision: str | None = None
+    compile: bool | None = None  # static cache + compiled steps; None: on for CUDA, off on the CPU
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class DrafterSpec:
     n: int | None = None  # kind ngram
     min_context: int | None = None
     top_k: int | None = None
+    compile: bool | None = None  # kind quantized: as ModelSpec.compile (a model drafter follows its model's)
 
 
 @dataclass(frozen=True)

@@ -145,6 +145,9 @@ def check_references(config: dict) -> None:
     for name, drafter in drafters.items():
         if drafter["kind"] == "model" and drafter["model"] not in models:
             raise ConfigError(f"config key 'drafters.{name}.model': model {drafter['model']!r} is not defined under models")
+        if "compile" in drafter and drafter["kind"] != "quantized":
+            raise ConfigError(f"config key 'drafters.{name}.compile': only a quantized drafter takes compile; "
+                              f"a {drafter['kind']} drafter " + ("follows its model's models.NAME.compile" if drafter["kind"] == "model" else "runs no model"))
         if drafter["kind"] == "ngram" and drafter["min_context"] > drafter["n"] - 1:
             raise ConfigError(f"config key 'drafters.{name}.min_context': {drafter['min_context']} exceeds n - 1 = {drafter['n'] - 1}, the longest context")
     for name in config.get("run", []):

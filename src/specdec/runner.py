@@ -132,7 +132,9 @@ def run_cell(cell: Cell, prompts_path: Path, out_dir: Path, models_dir: Path = P
         else:
             lease = lease_gpus(placement.gpus_required(cell.placement, cell.drafter is not None), label=cell.name)
             session = open_session(cell, Path(models_dir), kernels)
-            check_context(session, prompts)
+            context = check_context(session, prompts)
+            if isinstance(session, Session):  # in-process models: our engine's step path (vLLM compiles its own)
+                session.prepare_steps(context, Path(models_dir).parent / "compile-cache")
             where |= {"lease": lease.describe(), "plan": session.plan.describe()}
             phase = "measure"
             result, records = _measure_and_analyse(session, prompts, out_dir, reference, parity_reference, console)

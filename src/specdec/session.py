@@ -32,6 +32,7 @@ class Session:
     rss_before_weights: int | None = None  # bytes: interpreter, libraries and tokenizer
     prompt_ids: dict = field(default_factory=dict)  # request id -> unpadded prompt token ids
     kernels: dict = field(default_factory=dict)  # role -> the CPU kernel choice our engine runs it with
+    compiled: dict = field(default_factory=dict)  # role -> how its steps run (decoding.compiled)
 
     @property
     def device(self) -> str:
@@ -50,7 +51,32 @@ class Session:
 
         if self.cell.engine == "transformers":
             return transformers_settings(self.cell)
-        return {"kernels": self.kernels} if self.kernels else {}
+        settings = {"kernels": self.kernels} if self.kernels else {}
+        return settings | ({"compile": self.compiled} if self.compiled else {})
+
+    def prepare_steps(self, context: int, cache_dir: Path) -> None:
+        """Our engine's step path per model: a model whose `compile` is on (absent: on for
+        CUDA) gets a static cache of room for `context` tokens (the longest conversation's,
+        `check_context`) plus one step, and its steps compiled for every shape now, before
+        any request; the others keep the growing cache. `cache_dir`: the compile cache shared
+        by every cell."""
+        from specdec.decoding.compiled import compile_steps, step_widths
+
+        if self.cell.engine != "specdec":
+            return
+        roles = {"target": (self.target, self.cell.target.compile)}
+        if self.cell.method == "speculative":
+            spec = self.cell.drafter
+            roles["drafter"] = (self.drafter_model, spec.model.compile if spec.kind == "model" else spec.compile)
+        max_length = -(-(context + self.cell.gamma + 1) // 256) * 256  # shapes shared by cells of similar contexts
+        for role, (model, wanted) in roles.items():
+            device = model.get_input_embeddings().weight.device
+            if wanted if wanted is not None else device.type == "cuda":
+                record = compile_steps(model, max_length, self.cell.batch_size, {role: step_widths(self.cell.gamma, role)}, cache_dir)
+                log.info("%s: steps compiled in %.1f s (%s)", role, record["compile_s"], record)
+            else:
+                record = {"enabled": False, "static_cache": False}
+            self.compiled[role] = record
 
     def start(self) -> None:
         """The models are loaded already (`load_session`): bad input is found before the job
@@ -201,21 +227,23 @@ def chat_messages(request) -> list[dict]:
     return messages
 
 
-def check_context(session: Session, prompts: list[dict]) -> None:
+def check_context(session: Session, prompts: list[dict]) -> int:
     """Every conversation must fit the models' context: its templated turns plus
-    max_new_tokens for each answer. Known before decoding, so it is bad input."""
+    max_new_tokens for each answer. Known before decoding, so it is bad input. Returns the
+    longest conversation's context (prompt and answers, in tokens)."""
     from specdec.load import Request
 
     limit, new_tokens = session.context_limit, session.cell.generation.max_new_tokens
-    if limit is None:
-        return
+    longest = 0
     for conversation in prompts:
         turns = len(conversation["turns"])
         # The last turn's context, its earlier answers left empty: they add at most new_tokens each.
         last = Request(conversation, turn=turns, history=({"output_text": ""},) * (turns - 1))
         prompt = len(session.tokenizer.apply_chat_template(chat_messages(last), add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
-        if prompt + turns * new_tokens > limit:
+        longest = max(longest, prompt + turns * new_tokens)
+        if limit is not None and prompt + turns * new_tokens > limit:
             raise ContextTooLong(
                 f"request {last.request_id}: {prompt} prompt tokens + {turns} x max_new_tokens {new_tokens} = "
                 f"{prompt + turns * new_tokens} tokens exceed the models' context of {limit}"
             )
+    return longest

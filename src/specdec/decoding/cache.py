@@ -1,74 +1,246 @@
-"""A model's KV cache for a batch whose rows advance by different amounts."""
+"""A model's KV cache for a batch whose rows advance by different amounts: one interface
+(`KVCache`), a growing cache (`RaggedCache`) and a preallocated one (`StaticRaggedCache`),
+chosen per model in one place (`open_cache`)."""
 
 from __future__ import annotations
 
 import inspect
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 
 def model_device(model) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
-class RaggedCache:
-    """A transformers `DynamicCache` plus a (B, S) mask of which cache slots hold each row's tokens.
+def _cache_kwarg(model) -> str:
+    # transformers 5.23 renamed the forward's `past_key_values` to `cache`; an unknown
+    # keyword would be swallowed by **kwargs and the model would run uncached.
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
-    A `DynamicCache` has one length for the whole batch, but rows accept different numbers of
-    draft tokens. Rather than cropping to the shortest row and re-feeding the others, a
-    rejected token's slot stays in the cache and is masked out for good: every later query of
-    that row ignores it, exactly like left padding. Position ids count only a row's valid
-    slots, so each row sees the same positions and the same keys it would see decoded alone.
-    After each step the slots that no row kept are cropped from the tail (transformers 5:
-    `crop(-k)` removes k slots), so the cache grows by the longest accepted run, not by gamma.
+
+class KVCache(ABC):
+    """A transformers cache plus a (B, S) mask of which cache slots hold each row's tokens.
+
+    A transformers cache has one length for the whole batch, but rows accept different
+    numbers of draft tokens. Rather than cropping to the shortest row and re-feeding the
+    others, a rejected token's slot stays in the cache and is masked out for good: every later
+    query of that row ignores it, exactly like left padding. Position ids count only a row's
+    valid slots, so each row sees the same positions and the same keys it would see decoded
+    alone. After each step the slots that no row kept are dropped from the tail, so the
+    cache grows by the longest accepted run, not by gamma. `used` (on the host) counts the
+    slots written so far; `lengths` (B,) the valid ones per row.
     """
+
+    cache: object  # the transformers cache
+    mask: torch.Tensor  # (B, S) bool
+    used: int
 
     def __init__(self, model, batch: int, device: torch.device):
         self.model = model
-        # transformers 5.23 renamed the forward's `past_key_values` to `cache`; an unknown
-        # keyword would be swallowed by **kwargs and the model would run uncached.
-        self.cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        self.cache = DynamicCache(config=model.config)
-        self.mask = torch.zeros(batch, 0, dtype=torch.bool, device=device)
+        self.cache_kwarg = _cache_kwarg(model)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
 
     @classmethod
-    def prefill(cls, model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    def prefill(cls, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs):
         """Cache a left-padded prompt batch; returns (cache, logits of the last position (B, V))."""
-        cache = cls(model, input_ids.shape[0], input_ids.device)
-        return cache, cache.extend(input_ids, attention_mask.bool(), logits_to_keep=1)[:, -1]
+        cache = cls(model, input_ids.shape[0], input_ids.device, **kwargs)
+        return cache, cache._feed(cache._model_logits, input_ids, attention_mask.bool(), 1)[:, -1]
 
     def extend(self, tokens: torch.Tensor, valid: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
         """Run the model on (B, T) new tokens; `valid` (B, T) marks the real ones (the rest are
         holes no query will ever attend to). Returns logits (B, T or logits_to_keep, V)."""
+        return self._feed(self._model_logits, tokens, valid, logits_to_keep)
+
+    def _model_logits(self, **kwargs) -> torch.Tensor:
+        return self.model(**kwargs).logits
+
+    def _feed(self, forward: Callable, tokens: torch.Tensor, valid: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
+        """`forward(**model kwargs)` -> logits, on the tokens placed after the cached ones."""
         positions = (self.lengths[:, None] + valid.cumsum(1) - 1).clamp_(min=0)
-        self.mask = torch.cat([self.mask, valid], dim=1)
         self.lengths = self.lengths + valid.sum(1)
-        out = self.model(
-            input_ids=tokens,
-            attention_mask=self.mask,
-            position_ids=positions,
-            use_cache=True,
-            **{self.cache_kwarg: self.cache},
-            logits_to_keep=logits_to_keep,
-        )
-        return out.logits
+        self._write_mask(valid)
+        return forward(input_ids=tokens, attention_mask=self.mask, position_ids=positions, use_cache=True,
+                       **{self.cache_kwarg: self.cache}, logits_to_keep=logits_to_keep)
 
     def rollback(self, keep: torch.Tensor, window: int, max_keep: int) -> None:
         """Of the last `window` slots, row b keeps the first keep[b]; `max_keep` = max(keep)
-        (known on the host), so slots past it are cropped for every row."""
+        (known on the host), so slots past it are dropped for every row."""
         span = torch.arange(window, device=keep.device)
-        dropped = (span >= keep[:, None]) & self.mask[:, -window:]
-        self.mask[:, -window:] &= ~dropped
+        tail = self.mask[:, self.used - window : self.used]
+        dropped = (span >= keep[:, None]) & tail
+        tail &= ~dropped
         self.lengths = self.lengths - dropped.sum(1)
         surplus = window - max_keep
         if surplus > 0:
-            self.cache.crop(-surplus)
-            self.mask = self.mask[:, :-surplus]
+            self.cache.crop(-surplus)  # transformers 5: crop(-k) drops the last k slots
+            self._drop_tail(surplus)
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only the given batch rows (finished rows leave the batch)."""
-        self.cache.batch_select_indices(rows)
+        self._select_cache(rows)
         self.mask = self.mask[rows]
         self.lengths = self.lengths[rows]
+
+    @abstractmethod
+    def _write_mask(self, valid: torch.Tensor) -> None:
+        """Append (B, T) slots to the mask (and to `used`)."""
+
+    @abstractmethod
+    def _drop_tail(self, slots: int) -> None:
+        """Forget the mask's last `slots` slots (the cache was cropped already)."""
+
+    @abstractmethod
+    def _select_cache(self, rows: torch.Tensor) -> None:
+        """Keep the transformers cache's given rows."""
+
+
+class RaggedCache(KVCache):
+    """A `DynamicCache`: it grows by each step's slots and is cropped on rollback."""
+
+    def __init__(self, model, batch: int, device: torch.device):
+        super().__init__(model, batch, device)
+        self.cache = DynamicCache(config=model.config)
+        self.mask = torch.zeros(batch, 0, dtype=torch.bool, device=device)
+        self.used = 0
+
+    def _write_mask(self, valid):
+        self.mask = torch.cat([self.mask, valid], dim=1)
+        self.used += valid.shape[1]
+
+    def _drop_tail(self, slots):
+        self.mask = self.mask[:, :-slots]
+        self.used -= slots
+
+    def _select_cache(self, rows):
+        self.cache.batch_select_indices(rows)
+
+
+@dataclass
+class StaticSetup:
+    """A model decoded with preallocated caches of `max_length` slots, whose step forwards
+    `step` runs (the model itself, or its compiled forward: see compiled.py).
+
+    The caches are allocated once per (user, batch size) and reused by every later
+    `generate()`: captured graphs read the cache at fixed addresses. The target and a drafter
+    are distinct users, so one model may be both (its own drafter). One `generate()` at a
+    time per model.
+    """
+
+    max_length: int
+    step: Callable
+    caches: dict[tuple[str, int], StaticCache] = field(default_factory=dict)
+
+    def cache(self, model, user: str, batch: int) -> StaticCache:
+        key = (user, batch)
+        if key not in self.caches:
+            self.caches[key] = StaticCache(config=model.config, max_cache_len=self.max_length)
+        return self.caches[key]
+
+
+_STATIC = "_specdec_static_cache"
+
+
+def use_static_cache(model, max_length: int, step: Callable | None = None) -> StaticSetup:
+    """Decode `model` with static caches of `max_length` slots from now on; `step` (default:
+    the model's forward, eager) runs its step forwards and returns their logits."""
+    setup = StaticSetup(max_length, step or (lambda **kwargs: model(**kwargs).logits))
+    setattr(model, _STATIC, setup)
+    return setup
+
+
+def use_dynamic_cache(model) -> None:
+    """Back to the growing cache (drops the static caches)."""
+    if hasattr(model, _STATIC):
+        delattr(model, _STATIC)
+
+
+def static_setup(model) -> StaticSetup | None:
+    return getattr(model, _STATIC, None)
+
+
+def open_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, user: str, room: int = 0):
+    """The one place a cache is chosen: prefill the model's static cache if it has one
+    (`use_static_cache`), else a growing one. `room`: slots the caller will add beyond the
+    prompt (checked against a static cache's length). Returns (cache, last logits (B, V))."""
+    setup = static_setup(model)
+    if setup is None:
+        return RaggedCache.prefill(model, input_ids, attention_mask)
+    need = input_ids.shape[1] + room
+    if need > setup.max_length:
+        raise ValueError(f"the static cache holds {setup.max_length} slots; this batch needs {need} "
+                         f"(prompt {input_ids.shape[1]} + {room}): raise its max_length")
+    return StaticRaggedCache.prefill(model, input_ids, attention_mask, setup=setup, user=user)
+
+
+class StaticRaggedCache(KVCache):
+    """Transformers' `StaticCache` (preallocated, written at its own pointer
+    `cumulative_length`, `crop(-k)` moves the pointer back) behind the same interface.
+
+    The mask spans all `max_length` slots, those past `used` masked out, so every step
+    forward has the shape (batch, width) -> fixed cache tensors: a captured graph per shape.
+    Two things StaticCache cannot do are done here: rows leaving the batch (a `StaticLayer`
+    has no `batch_select_indices` in transformers 5.24, and a new batch size must land in that
+    batch size's own preallocated cache, not in a fresh tensor), and compaction: ragged rows
+    leave masked slots behind, so when a step would run past the end, each row's valid slots
+    are moved to the front (order kept, so positions and keys are unchanged). Rows keep at
+    most prompt + max_new_tokens tokens, so a length of that plus gamma + 1 always has room.
+    """
+
+    def __init__(self, model, batch: int, device: torch.device, setup: StaticSetup, user: str):
+        super().__init__(model, batch, device)
+        self.setup, self.user = setup, user
+        self.cache = setup.cache(model, user, batch)
+        for layer in self.cache.layers:
+            if layer.is_initialized:
+                layer.cumulative_length.zero_()  # stale slots past the pointer are masked out
+        self.mask = torch.zeros(batch, setup.max_length, dtype=torch.bool, device=device)
+        self.used = 0
+
+    def extend(self, tokens, valid, logits_to_keep=0):
+        # Every step returns all its logits: one graph per (batch, width), whatever is kept.
+        logits = self._feed(self.setup.step, tokens, valid, 0)
+        return logits[:, -logits_to_keep:] if logits_to_keep else logits
+
+    def _write_mask(self, valid):
+        width = valid.shape[1]
+        if self.used + width > self.setup.max_length:
+            self._compact()
+        if self.used + width > self.setup.max_length:
+            raise ValueError(f"the static cache of {self.setup.max_length} slots cannot take {width} more "
+                             f"after {self.used}: raise its max_length")
+        self.mask[:, self.used : self.used + width] = valid
+        self.used += width
+
+    def _drop_tail(self, slots):
+        self.used -= slots
+        self.mask[:, self.used : self.used + slots] = False
+
+    def _compact(self) -> None:
+        kept = int(self.lengths.max())
+        # Stable sort: holes first, then each row's valid slots in their order; the last
+        # `kept` of them become slots 0 .. kept - 1.
+        order = torch.sort(self.mask[:, : self.used].to(torch.uint8), dim=1, stable=True).indices[:, self.used - kept :]
+        for layer in self.cache.layers:
+            for buffer in (layer.keys, layer.values):
+                index = order[:, None, :, None].expand(-1, buffer.shape[1], -1, buffer.shape[3])
+                buffer[:, :, :kept] = buffer.gather(2, index)
+            layer.cumulative_length.fill_(kept)
+        self.mask[:, :kept] = self.mask.gather(1, order)
+        self.mask[:, kept:] = False
+        self.used = kept
+
+    def _select_cache(self, rows):
+        target = self.setup.cache(self.model, self.user, len(rows))
+        for old, new in zip(self.cache.layers, target.layers):
+            keys, values = old.keys[rows], old.values[rows]
+            if not new.is_initialized:
+                new.lazy_initialization(keys, values)
+            new.keys.copy_(keys)
+            new.values.copy_(values)
+            new.cumulative_length.copy_(old.cumulative_length)
+        self.cache = target

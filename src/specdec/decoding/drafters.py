@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cache import RaggedCache, model_device
+from .cache import model_device, open_cache
 from .sampling import Draft, Sampler
 
 
@@ -84,7 +84,7 @@ def _fit_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 class _ModelDraftSession(DraftSession):
-    """Drafts autoregressively with its own `RaggedCache`.
+    """Drafts autoregressively with its own cache (`open_cache`: the drafter model's choice).
 
     The cache holds every committed token except the last one. A proposal of g tokens feeds
     [last token, d1 .. d(g-1)] (dg is sampled, never fed); the verifier keeps a prefix, and
@@ -97,7 +97,7 @@ class _ModelDraftSession(DraftSession):
         self.target_device = input_ids.device
         self.sampler = sampler.on(self.device)
         self.vocab_size = vocab_size
-        self.cache, _ = RaggedCache.prefill(model, input_ids.to(self.device), attention_mask.to(self.device))
+        self.cache, _ = open_cache(model, input_ids.to(self.device), attention_mask.to(self.device), "drafter")
         self.carry: torch.Tensor | None = None  # (B, 1) last draft to feed first, or None
         self.carry_valid: torch.Tensor | None = None
         self.drafts: torch.Tensor | None = None  # (B, g) the last proposal, on this device

@@ -4,8 +4,10 @@ proposes, the target verifies) over a left-padded batch.
 Each step the target scores [last emitted token, drafts ...] in one forward, `verify` keeps a
 prefix of each row's drafts plus one target token, and the kept tokens go to the host in one
 transfer (the only synchronisation of a step), timestamped as they arrive. Rows advance by what
-they kept (1 .. gamma + 1 tokens), never by a fixed gamma: `RaggedCache` explains how both
-models' caches follow rows that accept different counts. Finished rows (EOS or length) leave
+they kept (1 .. gamma + 1 tokens), never by a fixed gamma: `cache.KVCache` explains how both
+models' caches follow rows that accept different counts; a model set up with a static cache
+(`cache.use_static_cache`, compiled or not: compiled.py) runs the same loop on preallocated
+caches. Finished rows (EOS or length) leave
 the batch. Near the length limit drafts are capped to the tokens still wanted. Without a
 drafter a step is a plain AR step, so TTFT is the target's first token after prefill for
 every method. Float32 CPU linear layers run in the BLAS call order that is faster for
@@ -21,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from .cache import RaggedCache
+from .cache import open_cache
 from .drafters import Drafter, StepOutcome
 from .kernels import decode_kernels
 from .sampling import Draft, Sampler, verify
@@ -143,7 +145,7 @@ def generate(
     accept_span = accept_timer or nullcontext
     results = [RowResult.empty(gamma) for _ in range(input_ids.shape[0])]
     with torch.inference_mode(), decode_kernels(target, drafter.model if drafter is not None else None):
-        cache, logits = RaggedCache.prefill(target, input_ids, attention_mask)
+        cache, logits = open_cache(target, input_ids, attention_mask, "target", room=settings.max_new_tokens + gamma + 1)
         logits = logits[:, None]
         draft = Draft.empty(input_ids.shape[0], input_ids.device)
         session = None

@@ -1,0 +1,89 @@
+"""Compiled step forwards: a model's static-cache steps run through `torch.compile`, every
+shape compiled (and on CUDA captured) before the measured window.
+
+`torch.compile` rather than a hand-held `torch.cuda.CUDAGraph`: one path serves both
+devices. On CUDA `mode="reduce-overhead"` captures a CUDA graph per (batch size, width) and
+replays it, with inductor's fused kernels inside; on the CPU the same call compiles with
+inductor and freezing (weights folded in as constants, prepacked for the CPU's GEMM), where
+there is no graph to capture. Capturing by hand would need our own static input buffers, a
+capture per shape and a second code path for the CPU; the compiler does all three, and
+transformers' `StaticCache` marks its tensors as static addresses for exactly this use.
+
+Compiling costs seconds (a small model) to minutes (the CPU with freezing), so inductor's
+caches go to one folder shared by every cell (`compile_cache_dir`): the cost is paid once per
+model and shape, later processes load the compiled kernels.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from .cache import model_device, open_cache, use_static_cache
+
+# One graph per (user, batch size, width): the target's widths 1 .. gamma + 1, the drafter's
+# 1 and 2, for every batch size rows leave down to. Beyond dynamo's default of 8 graphs.
+RECOMPILE_LIMIT = 256
+
+
+def compile_cache_dir(folder: Path) -> Path:
+    """Point inductor's on-disk caches (FX graphs, AOT autograd, kernels) at `folder`;
+    a process compiles after this call."""
+    folder = Path(folder).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    return folder
+
+
+def compile_steps(model, max_length: int, batch_size: int, widths: dict[str, list[int]],
+                  cache_dir: Path | None = None) -> dict:
+    """Set `model` up with static caches of `max_length` slots and compiled step forwards,
+    and compile (capture) every shape decoding will run: each user ("target", "drafter") in
+    `widths` with its step widths, at every batch size 1 .. `batch_size`.
+
+    Returns the record of what was done (`result.json`'s `engine.settings.compile`)."""
+    folder = compile_cache_dir(cache_dir) if cache_dir is not None else None
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    cuda = model_device(model).type == "cuda"
+    options = {"mode": "reduce-overhead"} if cuda else {"options": {"freezing": True}}
+    compiled = torch.compile(model.forward, dynamic=False, fullgraph=False, **options)
+
+    def step(**kwargs):
+        if cuda:
+            torch.compiler.cudagraph_mark_step_begin()
+        # A replayed graph's outputs are overwritten by its next replay: the caller keeps a copy.
+        return compiled(**kwargs).logits.clone()
+
+    use_static_cache(model, max_length, step)
+    started = time.perf_counter()
+    warm_up(model, batch_size, widths)
+    return {"enabled": True, "static_cache": True, "device": "cuda" if cuda else "cpu",
+            "mode": options.get("mode", "default, freezing"), "max_length": max_length,
+            "compile_s": time.perf_counter() - started, "cache_dir": str(folder) if folder else None}
+
+
+def warm_up(model, batch_size: int, widths: dict[str, list[int]]) -> None:
+    """Run each step shape once on the model's static caches (dummy tokens), so compiling
+    and capturing happen here, never inside a measured request."""
+    device = model_device(model)
+    with torch.inference_mode():
+        for user, user_widths in widths.items():
+            for batch in range(batch_size, 0, -1):
+                ids = torch.ones(batch, 1, dtype=torch.long, device=device)
+                cache, _ = open_cache(model, ids, torch.ones_like(ids), user)
+                for width in user_widths:
+                    tokens = torch.ones(batch, width, dtype=torch.long, device=device)
+                    cache.extend(tokens, torch.ones_like(tokens, dtype=torch.bool))
+                    cache.rollback(torch.ones(batch, dtype=torch.long, device=device), width, 1)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+
+def step_widths(gamma: int, role: str) -> list[int]:
+    """The widths of a role's step forwards: the target scores [last token, drafts] (1 ..
+    gamma + 1: fewer drafts near the length limit, or from the n-gram table); a model drafter
+    feeds one token, or two when it catches up on its last accepted draft."""
+    return list(range(1, gamma + 2)) if role == "target" else [1, 2]
