@@ -1,3 +1,4 @@
+import contextlib
 import os
 from pathlib import Path
 
@@ -91,6 +92,20 @@ def tiny_llama(folder: Path, vocab_size: int, tokenizer_of: Path | None = None) 
     LlamaForCausalLM(config).save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja") if tokenizer_of else ():
         shutil.copy(Path(tokenizer_of) / name, Path(folder) / name)
+
+
+@contextlib.contextmanager
+def static_caches(*models, max_length: int):
+    """Decode `models` with static caches of `max_length` slots (eager) inside the block."""
+    from specdec.decoding.cache import use_dynamic_cache, use_static_cache
+
+    for model in models:
+        use_static_cache(model, max_length)
+    try:
+        yield
+    finally:
+        for model in models:
+            use_dynamic_cache(model)
 
 
 def run_snakemake(workdir: Path, *args: str, timeout: float | None = None, path: str | None = None):

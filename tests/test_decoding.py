@@ -1,5 +1,8 @@
 """Greedy decoding on the embedded model: AR equals transformers, speculative equals AR,
-batched rows equal the rows decoded alone; counts add up; bad input is refused."""
+batched rows equal the rows decoded alone, on the growing and on the static cache; counts add
+up; bad input is refused."""
+
+import contextlib
 
 import pytest
 import torch
@@ -8,8 +11,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from specdec.decoding import (
     GenerationSettings, ModelDrafter, NgramDrafter, VocabularyMismatch, check_same_vocabulary, generate,
 )
-from specdec.decoding.cache import RaggedCache
+from specdec.decoding.cache import RaggedCache, open_cache, use_dynamic_cache, use_static_cache
 from specdec.models import quantized_copy
+
+from conftest import static_caches
 
 PROMPTS = [
     ("code", 'from typing import List\n\n\ndef has_close_elements(numbers: List[float], threshold: float) -> bool:\n'
@@ -17,6 +22,7 @@ PROMPTS = [
              '    given threshold.\n    """\n'),
     ("chat", "Write a Python function that returns the squares of a list of numbers."),
     ("chat", "What is the capital of France? One word."),  # ends with EOS well before the limit
+    ("chat", "Say hello."),  # ends with EOS too, at another step
 ]
 NEW_TOKENS = 40
 
@@ -53,21 +59,32 @@ def test_ar_equals_transformers_generate(embedded_model, encoded, alone, setting
             out = model.generate(**e, max_new_tokens=NEW_TOKENS, do_sample=False, top_k=None, top_p=None,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         assert row.output_ids == out[0, e.input_ids.shape[1]:].tolist()
-    assert [r.finish_reason for r in alone] == ["length", "length", "eos"]
+    assert [r.finish_reason for r in alone] == ["length", "length", "eos", "eos"]
     for row in alone:  # one target forward per token, the first right after prefill
         assert row.target_forwards == len(row.output_ids) == len(row.emissions)
         assert row.drafted_tokens == row.accepted_tokens == 0 and row.drafted_per_position == []
 
 
-@pytest.mark.parametrize("kind", ["int8", "bf16", "ngram", None])
-def test_batched_greedy_rows_equal_each_row_alone(embedded_model, encoded, alone, settings, kind):
+def static_length(encoded, settings) -> int:
+    """The static cache's minimal length for the batch: prompt + max_new_tokens + gamma + 1
+    (ragged rows then need compaction)."""
+    return encoded.input_ids.shape[1] + settings.max_new_tokens + settings.gamma + 1
+
+
+@pytest.mark.parametrize("kind, cache", [("int8", "dynamic"), ("bf16", "dynamic"), ("ngram", "dynamic"), (None, "dynamic"),
+                                         ("bf16", "static"), ("self", "static"), ("ngram", "static"), (None, "static")])
+def test_batched_greedy_rows_equal_each_row_alone(embedded_model, encoded, alone, settings, kind, cache):
+    """`alone` ran on the growing cache: the static one gives the same tokens, also with the
+    target drafting for itself (one model, two static caches)."""
     model, _ = embedded_model
     if kind in ("int8", "bf16"):
         drafter = ModelDrafter(quantized_copy(model, kind))
     else:
-        drafter = NgramDrafter(n=3) if kind == "ngram" else None
+        drafter = {"self": ModelDrafter(model), "ngram": NgramDrafter(n=3), None: None}[kind]
     batch = encoded[0]
-    rows = generate(model, batch.input_ids, batch.attention_mask, settings, drafter)
+    models = [model] + ([drafter.model] if kind in ("bf16", "self") else [])
+    with static_caches(*models, max_length=static_length(batch, settings)) if cache == "static" else contextlib.nullcontext():
+        rows = generate(model, batch.input_ids, batch.attention_mask, settings, drafter)
     for row, ref in zip(rows, alone):
         assert row.output_ids == ref.output_ids
         assert row.finish_reason == ref.finish_reason
@@ -79,7 +96,7 @@ def test_batched_greedy_rows_equal_each_row_alone(embedded_model, encoded, alone
         assert sum(row.accepted_per_position) == row.accepted_tokens <= row.drafted_tokens
         # position i + 1 is only accepted after position i was
         assert row.accepted_per_position == sorted(row.accepted_per_position, reverse=True)
-    if kind in ("int8", "bf16"):
+    if kind in ("int8", "bf16", "self"):
         assert all(r.drafted_per_position[0] == r.target_forwards - 1 for r in rows)
         assert all(r.accepted_tokens > 0 for r in rows)
         assert sum(r.target_forwards for r in rows) < sum(len(r.output_ids) for r in rows)
@@ -103,6 +120,72 @@ def test_ragged_rollback_matches_a_fresh_prefill():
         for row, kept in enumerate([[5, 6, 11, 20], [7, 8, 9, 10, 15, 16, 17, 21]]):
             fresh = model(torch.tensor([kept])).logits[0, -1]
             torch.testing.assert_close(logits[row], fresh, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["bf16", "ngram", None])
+def test_static_cache_rows_alone_equal_the_growing_cache(embedded_model, encoded, alone, settings, kind):
+    """Batch 1 on the static cache: each row's tokens and forwards equal the growing cache's."""
+    model, _ = embedded_model
+    draft_model = quantized_copy(model, "bf16") if kind == "bf16" else None
+    drafter = ModelDrafter(draft_model) if kind == "bf16" else NgramDrafter(n=3) if kind == "ngram" else None
+    for e, ref in zip(encoded[1:], alone):
+        with static_caches(*[m for m in (model, draft_model) if m is not None], max_length=static_length(e, settings)):
+            row = generate(model, e.input_ids, e.attention_mask, settings, drafter)[0]
+        assert (row.output_ids, row.finish_reason) == (ref.output_ids, ref.finish_reason)
+        if kind is None:
+            assert row.target_forwards == ref.target_forwards
+
+
+def tiny_random_llama(layers: int = 2, hidden: int = 32, vocab: int = 64):
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2)).eval()
+
+
+@pytest.mark.parametrize("max_length", [64, 12])
+def test_static_rollback_and_compaction_match_a_fresh_prefill(max_length):
+    """The static cache's rollback moves its pointer back. Rows keep different counts, leaving
+    masked slots; at 12 slots the third step does not fit, so each row's kept slots move to
+    the front: logits still equal those of each row's kept tokens run from scratch, also
+    after a row leaves the batch."""
+    model = tiny_random_llama()
+    prompt = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10]])
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    use_static_cache(model, max_length)
+    try:
+        with torch.no_grad():
+            cache, _ = open_cache(model, prompt, mask, "target")
+            for fed, keep in ([[11, 12, 13, 14], [15, 16, 17, 18]], [1, 3]), ([[30, 31], [32, 33]], [2, 1]):
+                fed = torch.tensor(fed)
+                cache.extend(fed, torch.ones_like(fed, dtype=torch.bool))
+                cache.rollback(torch.tensor(keep), window=fed.shape[1], max_keep=max(keep))
+            assert cache.used == 4 + 3 + 2 and cache.lengths.tolist() == [5, 8]
+            assert int(cache.cache.layers[0].cumulative_length) == cache.used
+            step = torch.tensor([[20, 22, 24, 26], [21, 23, 25, 27]])
+            logits = cache.extend(step, torch.ones_like(step, dtype=torch.bool))
+            assert cache.used == (13 if max_length == 64 else 12)  # compacted: 8 slots, then 4
+            assert cache.mask[:, : cache.used].sum(1).tolist() == [9, 12]
+            kept = [[5, 6, 11, 30, 31, 20, 22, 24, 26], [7, 8, 9, 10, 15, 16, 17, 32, 21, 23, 25, 27]]
+            for row, tokens in enumerate(kept):
+                fresh = model(torch.tensor([tokens])).logits[0, -4:]
+                torch.testing.assert_close(logits[row], fresh, atol=1e-5, rtol=1e-4)
+            cache.select(torch.tensor([0]))  # row 1 leaves: row 0 moves to the batch-1 cache
+            last = cache.extend(torch.tensor([[28]]), torch.ones(1, 1, dtype=torch.bool))[:, -1]
+            fresh = model(torch.tensor([kept[0] + [28]])).logits[0, -1]
+            torch.testing.assert_close(last[0], fresh, atol=1e-5, rtol=1e-4)
+    finally:
+        use_dynamic_cache(model)
+
+
+def test_a_static_cache_too_short_is_refused_by_name():
+    model = tiny_random_llama()
+    ids = torch.tensor([[5, 6, 7]])
+    use_static_cache(model, 8)
+    try:
+        with pytest.raises(ValueError, match="static cache holds 8 slots; this batch needs 13"):
+            generate(model, ids, torch.ones_like(ids), GenerationSettings(max_new_tokens=6, gamma=3), NgramDrafter())
+    finally:
+        use_dynamic_cache(model)
 
 
 @pytest.mark.parametrize(

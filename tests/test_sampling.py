@@ -1,10 +1,14 @@
 """Lossless speculative sampling, checked statistically on tiny random models."""
 
+import contextlib
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from specdec.decoding import Draft, GenerationSettings, ModelDrafter, NgramDrafter, Sampler, generate, verify
+
+from conftest import static_caches
 
 VOCAB = 16
 
@@ -66,15 +70,18 @@ def sampled_tokens(target, settings, drafter, draws: int, seed: int, length: int
     return torch.tensor([r.output_ids for r in rows])
 
 
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
 @pytest.mark.parametrize(
     "drafter_kind, warp",
     [("model", {}), ("model", {"top_k": 6, "top_p": 0.9}), ("ngram", {}), (None, {"temperature": 0.7})],
 )
-def test_speculative_sampling_keeps_the_target_distribution(target, drafter_model, drafter_kind, warp):
+def test_speculative_sampling_keeps_the_target_distribution(target, drafter_model, drafter_kind, warp, cache):
     settings = GenerationSettings(max_new_tokens=3, gamma=3, **{"temperature": 1.0, **warp})
     drafter = {"model": ModelDrafter(drafter_model), "ngram": NgramDrafter(n=2, min_context=1), None: None}[drafter_kind]
     draws = 6000
-    tokens = sampled_tokens(target, settings, drafter, draws, seed=11, length=3)
+    # The static cache's minimal length: prompt + max_new_tokens + gamma + 1.
+    with static_caches(target, drafter_model, max_length=len(PROMPT) + 3 + 3 + 1) if cache == "static" else contextlib.nullcontext():
+        tokens = sampled_tokens(target, settings, drafter, draws, seed=11, length=3)
     # Tokens 2 and 3 come from the first speculative step (token 1 is the target's, after prefill).
     joint = exact_joint(target, settings, 3).reshape(VOCAB, VOCAB, VOCAB)
     pair_counts = torch.bincount(tokens[:, 1] * VOCAB + tokens[:, 2], minlength=VOCAB**2)

@@ -62,8 +62,8 @@ class KVCache(ABC):
     def _feed(self, forward: Callable, tokens: torch.Tensor, valid: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
         """`forward(**model kwargs)` -> logits, on the tokens placed after the cached ones."""
         positions = (self.lengths[:, None] + valid.cumsum(1) - 1).clamp_(min=0)
-        self.lengths = self.lengths + valid.sum(1)
         self._write_mask(valid)
+        self.lengths = self.lengths + valid.sum(1)
         return forward(input_ids=tokens, attention_mask=self.mask, position_ids=positions, use_cache=True,
                        **{self.cache_kwarg: self.cache}, logits_to_keep=logits_to_keep)
 
