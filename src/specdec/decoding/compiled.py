@@ -49,7 +49,9 @@ def compile_steps(model, max_length: int, batch_size: int, widths: dict[str, lis
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     cuda = model_device(model).type == "cuda"
     options = {"mode": "reduce-overhead"} if cuda else {"options": {"freezing": True}}
-    compiled = torch.compile(model.forward, dynamic=False, fullgraph=False, **options)
+    # CUDA: a graph per shape, as captured graphs need. CPU: automatic dynamic shapes, so the
+    # widths and batch sizes after the first few share a graph (each costs a minute or more).
+    compiled = torch.compile(model.forward, dynamic=False if cuda else None, fullgraph=False, **options)
 
     def step(**kwargs):
         if cuda:

@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from .cache import open_cache
+from .cache import open_cache, static_setup
 from .drafters import Drafter, StepOutcome
 from .kernels import decode_kernels
 from .sampling import Draft, Sampler, verify
@@ -144,7 +144,11 @@ def generate(
     sampler = settings.sampler(generator)
     accept_span = accept_timer or nullcontext
     results = [RowResult.empty(gamma) for _ in range(input_ids.shape[0])]
-    with torch.inference_mode(), decode_kernels(target, drafter.model if drafter is not None else None):
+    # A compiled model's graph was traced with its own linear layers: our CPU kernels would
+    # change what it guards on and recompile it inside the request.
+    eager = [m for m in (target, drafter.model if drafter is not None else None)
+             if m is not None and not getattr(static_setup(m), "compiled", False)]
+    with torch.inference_mode(), decode_kernels(*eager):
         cache, logits = open_cache(target, input_ids, attention_mask, "target", room=settings.max_new_tokens + gamma + 1)
         logits = logits[:, None]
         draft = Draft.empty(input_ids.shape[0], input_ids.device)
