@@ -1,6 +1,6 @@
 """The compiled path (decoding.compiled) on the CPU: a tiny random Llama's greedy tokens
 through torch.compile'd static-cache steps equal the growing cache's, and the record says so.
-Compiling its 12 shapes cold takes minutes on the 2-core CI machine (17 min under a load of
+Compiling its shapes cold takes minutes on the 2-core CI machine (17 min under a load of
 12-16), not seconds: inductor's CPU compile, not the model's size, sets the time."""
 
 import copy
@@ -19,7 +19,7 @@ def test_compiled_steps_decode_the_same_tokens(tmp_path):
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     target = LlamaForCausalLM(config).eval()
     draft_model = copy.deepcopy(target)
-    with torch.no_grad():  # a drafter of its own weights: its drafts are rejected and rolled back
+    with torch.no_grad():  # a perturbed copy drafts: its drafts are rejected and rolled back
         for p in draft_model.parameters():
             p.add_(0.02 * torch.randn_like(p))
     ids = torch.randint(3, 128, (2, 6))
