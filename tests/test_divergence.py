@@ -12,7 +12,7 @@ import torch
 
 from specdec.aggregate import read_runs, runs_table
 from specdec.analysis import NEAR_TIE_MARGIN, compare_with_reference, near_tie_margin, verdict
-from specdec.records import read_result, write_requests, write_result
+from specdec.records import read_result, write_result
 from specdec.summary import summary_table
 from specdec.tables import display_summary
 
@@ -65,11 +65,10 @@ def test_thresholds_follow_dtype_and_device():
     ([20.0, 18.5, 3.0, -1.0], "float16", 1.5, "defect"),
     ([12.0, 3.0, 9.0, -1.0], "bfloat16", 3.0, "defect"),
 ])
-def test_verdict_from_hand_made_logits(tmp_path, logits, dtype, margin, judged):
+def test_verdict_from_hand_made_logits(logits, dtype, margin, judged):
     ours, theirs = [5, 6, 7], [5, 6, 1]
-    write_requests(tmp_path / "ref.jsonl", [request("a#1", theirs), request("b#1", [4, 4])])
     session = SimpleNamespace(cell=fixture_cell(dtype), target=FixedLogits(logits), prompt_ids={"a#1": [1, 2], "b#1": [1, 2]})
-    block = compare_with_reference(session, [request("a#1", ours), request("b#1", [4, 4])], tmp_path / "ref.jsonl")
+    block = compare_with_reference(session, [request("a#1", ours), request("b#1", [4, 4])], [request("a#1", theirs), request("b#1", [4, 4])], "ref.jsonl")
     (divergence,) = block["divergences"]
     assert (divergence["request_id"], divergence["position"], divergence["ours"], divergence["reference"]) == ("a#1", 2, [7], [1])
     assert divergence["target_top2_gap"] == pytest.approx(margin, abs=1e-5)
@@ -79,7 +78,7 @@ def test_verdict_from_hand_made_logits(tmp_path, logits, dtype, margin, judged):
     assert block["requests_compared"] == 2 and not block["identical"]
 
 
-def test_a_forced_divergence_on_the_embedded_model_is_judged(tmp_path, embedded_model):
+def test_a_forced_divergence_on_the_embedded_model_is_judged(embedded_model):
     """Our output is the real greedy continuation; the 'reference' is forced off it at
     position 3. The margin is recomputed on the shared prefix, and a real greedy choice of
     the fp32 model is far from a tie, so the verdict is a defect."""
@@ -91,9 +90,8 @@ def test_a_forced_divergence_on_the_embedded_model_is_judged(tmp_path, embedded_
         ours = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)[0, len(prompt):].tolist()
         top = torch.topk(model(torch.tensor([prompt + ours[:3]])).logits[0, -1], 2)
     forced = ours[:3] + [int(top.indices[1])] + ours[4:]
-    write_requests(tmp_path / "ref.jsonl", [request("p#1", forced), request("q#1", ours)])
     session = SimpleNamespace(cell=fixture_cell(), target=model, prompt_ids={"p#1": prompt, "q#1": prompt})
-    block = compare_with_reference(session, [request("p#1", ours), request("q#1", ours)], tmp_path / "ref.jsonl")
+    block = compare_with_reference(session, [request("p#1", ours), request("q#1", ours)], [request("p#1", forced), request("q#1", ours)], "ref.jsonl")
     (divergence,) = block["divergences"]
     assert divergence["position"] == 3 and divergence["ours"] == [ours[3]] and divergence["reference"] == [forced[3]]
     assert divergence["target_top2_gap"] == pytest.approx(float(top.values[0] - top.values[1]), rel=1e-4)
@@ -111,8 +109,7 @@ def test_a_vllm_cell_judges_with_its_lazily_loaded_target(tmp_path, embedded_mod
     session = VllmSession(cell=fixture_cell("bfloat16"), tokenizer=None, plan=VllmPlan(device="cpu"), args={},
                           context_limit=2048, environment={}, models_dir=tmp_path / "models",
                           prompt_ids={"p#1": [1, 9690, 198]})
-    write_requests(tmp_path / "ref.jsonl", [request("p#1", [28, 29, 30])])
-    block = compare_with_reference(session, [request("p#1", [28, 31, 30])], tmp_path / "ref.jsonl")
+    block = compare_with_reference(session, [request("p#1", [28, 31, 30])], [request("p#1", [28, 29, 30])], "ref.jsonl")
     assert next(session.target.parameters()).dtype == torch.bfloat16
     with torch.inference_mode():
         top = torch.topk(session.target(torch.tensor([[1, 9690, 198, 28]])).logits[0, -1].float(), 2).values

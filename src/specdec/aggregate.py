@@ -20,7 +20,7 @@ from specdec.cells import Cell, Load
 from specdec.goodput import Slo, run_goodput
 from specdec.metrics import e2e, emission_gaps, measured, queueing_delay, request_tokens_per_s, tpot, ttft
 from specdec.power import TIMELINE_KEYS
-from specdec.records import RecordError, Status, read_requests, read_result
+from specdec.records import INTERLEAVED_REQUESTS, RecordError, Status, read_requests, read_result
 from specdec.summary import DEFAULT_SETTINGS, category_table, merge_settings, summary_table
 from specdec.tables import DASH, display_categories, display_summary, write_csv, write_table
 
@@ -45,6 +45,15 @@ POSITION_COLUMNS = (*RUN_KEYS, "position", "drafted", "accepted", "rate", "rate_
 POWER_SAMPLE_COLUMNS = (*TIMELINE_KEYS, "power_w")  # of power.PowerMonitor.write_timeline
 POWER_COLUMNS = (*RUN_KEYS, *POWER_SAMPLE_COLUMNS)
 STATUS_COLUMNS = ("experiment", "cell", "status", "failure_type", "failure_message", "failure_phase")
+
+
+# Names the AR reference an interleaved cell measured in its own job (its run and group).
+INTERLEAVED_AR = "interleaved AR"
+
+
+def interleaved_group_id(cell: Cell) -> str:
+    """The group of an interleaved cell's own AR reference: its `ar_group_id`."""
+    return f"{cell.group_id} ({INTERLEAVED_AR})"
 
 
 class ExperimentError(ValueError):
@@ -107,8 +116,10 @@ def cell_columns(cell: Cell) -> dict[str, Any]:
         "cell_name": cell.group,
         "cell_id": cell.id,
         "group_id": cell.group_id,
-        "ar_group_id": cell.ar_counterpart().group_id,
-        "specdec_ar_group_id": cell.ar_counterpart(engine="specdec").group_id,
+        "ar_group_id": interleaved_group_id(cell) if cell.interleaved else cell.ar_counterpart().group_id,
+        "specdec_ar_group_id": (interleaved_group_id(cell) if cell.interleaved and cell.engine == "specdec"
+                                else cell.ar_counterpart(engine="specdec").group_id),
+        "reference": cell.reference,
         "dataset": cell.dataset,
         "target": cell.target.name,
         "engine": cell.engine,
@@ -136,11 +147,7 @@ def flatten_result(run: Run) -> dict[str, Any]:
     theory, energy, memory, correctness, failure and `meta_*`."""
     result = run.result
     row: dict[str, Any] = {"path": str(run.path), "status": result["status"], **cell_columns(run.cell)}
-    for key, value in (result["metrics"] or {}).items():
-        if key in DIST_METRICS:
-            row.update({f"{key}_{field}": value[field] for field in DIST_FIELDS})
-        else:
-            row[key] = value
+    row.update(_metric_fields(result["metrics"]))
     acceptance = result["acceptance"] or {}
     row.update({key: acceptance.get(key) for key in (*REQUEST_COUNTS, "acceptance_rate", "mean_accepted_length",
                                                       "num_drafts", "mean_acceptance_length")})
@@ -149,7 +156,7 @@ def flatten_result(run: Run) -> dict[str, Any]:
     row.update({f"theory_{key}": (result["theory"] or {}).get(key) for key in ("alpha", "longest_draft")})
     row.update(_attribution_fields(result.get("attribution")))
     row.update(_cotenant_fields(result.get("cotenants")))
-    row.update(_energy_fields(result["energy"]))
+    row.update(_energy_fields(result["energy"], run.cell.interleaved))
     # What a kept draft token cost; missing (never 0 or infinite) without energy or drafts.
     accepted = row["accepted_tokens"]
     row["energy_j_per_accepted_token"] = row["energy_j"] / accepted if row["energy_j"] is not None and accepted else None
@@ -165,6 +172,17 @@ def flatten_result(run: Run) -> dict[str, Any]:
         # The GPU lease and device maps (`placement`) are nested; they stay in result.json.
         if not isinstance(value, dict):
             row[f"meta_{key}"] = ", ".join(map(str, value)) if isinstance(value, list) else value
+    return row
+
+
+def _metric_fields(metrics: dict | None) -> dict[str, Any]:
+    """A `metrics` block as columns: DIST fields as `{metric}_{field}`."""
+    row: dict[str, Any] = {}
+    for key, value in (metrics or {}).items():
+        if key in DIST_METRICS:
+            row.update({f"{key}_{field}": value[field] for field in DIST_FIELDS})
+        else:
+            row[key] = value
     return row
 
 
@@ -194,13 +212,17 @@ def _cotenant_fields(block: dict | None) -> dict[str, Any]:
     }
 
 
-def _energy_fields(energy: dict) -> dict[str, Any]:
-    """Energy stays missing (never 0) unless the run measured it."""
-    available = energy["available"]
+INTERLEAVED_ENERGY = "interleaved: the window's energy is the method's and its AR reference's together (result.json energy.covers)"
+
+
+def _energy_fields(energy: dict, interleaved: bool = False) -> dict[str, Any]:
+    """Energy stays missing (never 0) unless the run measured it, and the cell's own: an
+    interleaved cell's window holds its AR reference's work too, which cannot be told apart."""
+    available = energy["available"] and not interleaved
     return {
         "energy_available": available,
         "energy_method": energy.get("method"),
-        "energy_reason": energy.get("reason"),
+        "energy_reason": INTERLEAVED_ENERGY if energy["available"] and interleaved else energy.get("reason"),
         "energy_j": energy.get("gross_j") if available else None,
         "energy_j_per_token": energy["per_output_token_j"]["gross"] if available else None,
     }
@@ -273,6 +295,19 @@ def run_info_table(runs: pd.DataFrame) -> pd.DataFrame:
 # --- per-run tables for the figures --------------------------------------------------------
 
 
+def _request_row(keys: dict, record: dict) -> dict:
+    return {
+        **keys,
+        **{key: record[key] for key in REQUEST_FIELDS},
+        "ttft_s": ttft(record),
+        "tpot_s": tpot(record),
+        "e2e_s": e2e(record),
+        "queue_s": queueing_delay(record),
+        "request_tok_s": request_tokens_per_s(record),
+        **{key: record.get(key) for key in REQUEST_COUNTS},
+    }
+
+
 def request_tables(runs: Sequence[Run]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Every measured request of the ok runs (latencies as `specdec.metrics` defines them)
     and every gap between successive emissions of one (ITL)."""
@@ -282,20 +317,26 @@ def request_tables(runs: Sequence[Run]) -> tuple[pd.DataFrame, pd.DataFrame]:
         # Only ok runs measured requests; one copied back without its requests.jsonl adds none.
         records = measured(read_requests(path)) if run.ok and path.is_file() else []
         for record in records:
-            requests.append(
-                {
-                    **run.keys,
-                    **{key: record[key] for key in REQUEST_FIELDS},
-                    "ttft_s": ttft(record),
-                    "tpot_s": tpot(record),
-                    "e2e_s": e2e(record),
-                    "queue_s": queueing_delay(record),
-                    "request_tok_s": request_tokens_per_s(record),
-                    **{key: record.get(key) for key in REQUEST_COUNTS},
-                }
-            )
+            requests.append(_request_row(run.keys, record))
             gaps += [{**run.keys, "request_id": record["request_id"], "itl_s": gap} for gap in emission_gaps(record)]
     return pd.DataFrame(requests, columns=REQUEST_COLUMNS), pd.DataFrame(gaps, columns=ITL_COLUMNS)
+
+
+def interleaved_tables(runs: Sequence[Run]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The AR references that interleaved cells measured in their own jobs: runs-table rows
+    (group `interleaved_group_id`, the cell's `ar_group_id`; no energy of their own) and their
+    measured requests (`reference_requests.jsonl`), which `summary` pairs the cells with.
+    They are not runs of the matrix, so they stay out of the runs and requests tables."""
+    rows, requests = [], []
+    for run in runs:
+        if not (run.ok and run.cell.interleaved):
+            continue
+        keys = {"cell": f"{run.cell.name} ({INTERLEAVED_AR})", "cell_name": f"{run.cell.group} ({INTERLEAVED_AR})",
+                "repeat": run.cell.repeat}
+        rows.append({**keys, "status": Status.OK.value, "method": "ar", "group_id": interleaved_group_id(run.cell),
+                     **_metric_fields(run.result["reference"]["metrics"]), "energy_j_per_token": None})
+        requests += [_request_row(keys, record) for record in measured(read_requests(run.beside(INTERLEAVED_REQUESTS)))]
+    return pd.DataFrame(rows), pd.DataFrame(requests, columns=REQUEST_COLUMNS)
 
 
 def positions_table(runs: Sequence[Run]) -> pd.DataFrame:
@@ -347,11 +388,13 @@ def aggregate_experiment(
         raise ExperimentError(f"{foreign[0]}: not a result of experiment {experiment!r}")
     requests, itl = request_tables(results)
     runs = runs_table(results, requests, slo)
-    summary = summary_table(runs, requests, **settings)
+    interleaved = interleaved_tables(results)
+    summary = summary_table(runs, requests, interleaved, **settings)
     note = (
         f"Median over repeats with {settings['confidence']:.0%} bootstrap interval "
         f"[low, high] (with one repeat, ratios take theirs from a paired bootstrap over "
-        f"requests); ratios against the matching AR cell; flags: repeats with coefficient "
+        f"requests); ratios against the matching AR cell, or the AR interleaved request by request in the "
+        f"cell's own job (column reference); flags: repeats with coefficient "
         f"of variation above {settings['cv_threshold']}."
     )
     return {
@@ -365,13 +408,13 @@ def aggregate_experiment(
             empty="No successful runs.",
         ),
         "categories": write_table(
-            categories := category_table(runs, requests),
+            categories := category_table(runs, requests, interleaved),
             out_dir / "categories",
             f"{experiment}: results per prompt category",
             display_categories(categories),
             note="Per drafting cell and prompt category, repeats pooled: speedup = (Σ output "
             "tokens / Σ E2E) of the cell's requests over the same for the AR cell's same "
-            "requests (paired by request, the AR run of the same repeat); acceptance = "
+            "requests (paired by request: the AR run of the same repeat, or the cell's interleaved AR); acceptance = "
             "accepted / drafted tokens; mean accepted length = output tokens per target forward.",
             empty="No drafting cell measured requests.",
         ),

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from specdec import metrics, models, placement
-from specdec.records import read_requests
+from specdec.measure import INTERLEAVED_WINDOW
+from specdec.records import INTERLEAVED_REQUESTS, read_requests
 from specdec.session import Session
 
 
@@ -38,13 +39,14 @@ def verdict(margin: float, threshold: float) -> str:
     return "near-tie" if margin < threshold else "defect"
 
 
-def compare_with_reference(session: Session, records: list[dict], reference: Path) -> dict:
+def compare_with_reference(session: Session, records: list[dict], reference: list[dict], source: str) -> dict:
     """Greedy outputs must equal the AR cell's token for token. A divergence is reported with
     its position, the target's top-2 logit margin there and a verdict: a near-tie is
     floating point, a defect a bug (`status: failed`). The margin is taken on the prefix both
-    outputs share, which is the reference's up to the first divergent position."""
+    outputs share, which is the reference's up to the first divergent position. `reference`
+    is the AR records (from `source`: the AR cell's requests.jsonl, or this job's interleaved AR)."""
     ours = {r["request_id"]: r for r in records if not r["warmup"]}
-    theirs = {r["request_id"]: r for r in read_requests(reference) if not r["warmup"]}
+    theirs = {r["request_id"]: r for r in reference if not r["warmup"]}
     shared = sorted(set(ours) & set(theirs))
     threshold = near_tie_margin(session.cell)
     divergences = []
@@ -60,7 +62,7 @@ def compare_with_reference(session: Session, records: list[dict], reference: Pat
             "target_top2_gap": gap, "verdict": verdict(gap, threshold),
         })
     defects = sum(d["verdict"] == "defect" for d in divergences)
-    return {"checked": True, "reference": str(reference), "identical": not divergences and len(shared) == len(ours),
+    return {"checked": True, "reference": source, "identical": not divergences and len(shared) == len(ours),
             "requests_compared": len(shared), "divergences": divergences, "near_tie_threshold": threshold,
             "near_ties": len(divergences) - defects, "defects": defects, "status": "failed" if defects else "passed"}
 
@@ -74,19 +76,24 @@ def _top2_gap(session: Session, ids: list[int]) -> float:
     return float(top[0] - top[1])
 
 
-def _greedy_check(session, records: list[dict], reference: Path | None, missing: str) -> dict:
+def _greedy_check(session, records: list[dict], reference: Path | None, missing: str,
+                  interleaved: list[dict] | None = None) -> dict:
     if not session.cell.greedy:
         return {"checked": False, "reason": "sampling: losslessness is a property of the output distribution, tested statistically"}
+    if interleaved is not None:
+        return compare_with_reference(session, records, interleaved, f"{INTERLEAVED_REQUESTS} (interleaved AR)")
     if reference is None:
         return {"checked": False, "reason": missing}
-    return compare_with_reference(session, records, reference)
+    return compare_with_reference(session, records, read_requests(reference), str(reference))
 
 
-def _correctness(session, records: list[dict], reference: Path | None) -> dict:
-    """Lossless: a greedy drafting cell against the same engine's AR cell."""
+def _correctness(session, records: list[dict], reference: Path | None, interleaved: list[dict] | None) -> dict:
+    """Lossless: a greedy drafting cell against the same engine's AR: the AR cell's, or the
+    one interleaved in this job."""
     if not session.cell.drafts:
         return {"checked": False, "reason": "AR is the reference"}
-    return _greedy_check(session, records, reference, "no greedy AR cell of this engine with the same settings in the matrix")
+    return _greedy_check(session, records, reference, "no greedy AR cell of this engine with the same settings in the matrix",
+                         interleaved)
 
 
 def _parity(session, records: list[dict], reference: Path | None) -> dict:
@@ -96,14 +103,31 @@ def _parity(session, records: list[dict], reference: Path | None) -> dict:
     return _greedy_check(session, records, reference, "no greedy AR cell of our engine with the same settings in the matrix")
 
 
-def analyse(session, records: list[dict], reference: Path | None, parity_reference: Path | None = None) -> dict:
-    """The result's metrics, acceptance, theory and correctness blocks. The theory's costs
-    pair the cell's attribution with its AR cell's (`specdec.theory`); vLLM's counts of
-    target forwards are its scheduler's, so a vLLM cell has no theory."""
+def interleaved_block(records: list[dict], reference: list[dict]) -> dict:
+    """The result's `reference` block of an interleaved cell: its AR requests' metrics over
+    their own service time, as the cell's are, and how the two sides alternated."""
+    ours = {r["request_id"]: r for r in metrics.measured(records)}
+    theirs = {r["request_id"]: r for r in metrics.measured(reference)}
+    paired = sorted(set(ours) & set(theirs))
+    return {"kind": "interleaved", "requests": INTERLEAVED_REQUESTS, "metrics": metrics.summarize(reference, window="service"),
+            "requests_paired": len(paired),
+            "reference_first": sum(theirs[r]["start_s"] < ours[r]["start_s"] for r in paired),
+            "window": INTERLEAVED_WINDOW}
+
+
+def analyse(session, records: list[dict], reference: Path | None, parity_reference: Path | None = None,
+            interleaved: list[dict] | None = None) -> dict:
+    """The result's metrics, acceptance, theory and correctness blocks, and with the records
+    of an `interleaved` AR reference its `reference` block. The theory's costs pair the
+    cell's attribution with its AR cell's (`specdec.theory`); vLLM's counts of target
+    forwards are its scheduler's, so a vLLM cell has no theory."""
     cell = session.cell
-    summary = {"metrics": metrics.summarize(records), "acceptance": None, "theory": None,
-               "correctness": _correctness(session, records, reference),
+    summary = {"metrics": metrics.summarize(records, window="service" if interleaved is not None else "span"),
+               "acceptance": None, "theory": None,
+               "correctness": _correctness(session, records, reference, interleaved),
                "parity": _parity(session, records, parity_reference)}
+    if interleaved is not None:
+        summary["reference"] = interleaved_block(records, interleaved)
     if not cell.drafts:
         return summary
     acceptance = metrics.acceptance(records, cell.gamma)

@@ -150,6 +150,8 @@ class Attribution:
         device = self.devices[name]
 
         def before(module, args, kwargs):
+            if not self.active:  # paused (`paused`): another decode shares the models
+                return
             rows, width = _rows_and_width(args, kwargs)
             prefill = _is_prefill(kwargs)
             self._open[name].append((f"{name}_prefill" if prefill else name, None if prefill else width, rows,
@@ -161,6 +163,8 @@ class Attribution:
         device = self.devices[name]
 
         def after(module, args, kwargs, output):
+            if not self.active:
+                return
             kind, width, rows, start = self._open[name].pop()
             self._pending.append((kind, width, rows, start, self.marks.mark(device)))
 
@@ -176,6 +180,16 @@ class Attribution:
         yield
         self.decode_ns += self.clock() - began
         self.decode_calls += 1
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Nothing inside is timed: an interleaved AR reference decodes on the same target
+        inside the window, and its forwards are not the cell's."""
+        active, self.active = self.active, False
+        try:
+            yield
+        finally:
+            self.active = active
 
     @contextmanager
     def accept(self) -> Iterator[None]:
@@ -280,6 +294,8 @@ class Off:
     @contextmanager
     def decode(self) -> Iterator[None]:
         yield
+
+    paused = decode
 
     def block(self) -> dict:
         return unavailable("attribution is off for this experiment (attribution: false)")

@@ -22,6 +22,10 @@ MODEL_DRAFTER_METHODS = frozenset({"speculative"})
 NGRAM_DRAFTER_METHODS = frozenset({"ngram"})
 DRAFTING_METHODS = frozenset({"speculative", "ngram"})
 DEFAULT_GAMMA = 4
+# Where a drafting cell's AR reference is measured: in the AR cell's own job (`separate`), or
+# in the cell's job, request by request on the same loaded target (`interleaved`), so that
+# the speedup pairs each request with an AR run under the same load.
+REFERENCES = ("separate", "interleaved")
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,9 @@ class Cell:
     power: Power = Power()
     engine: str = "specdec"
     attribution: bool = True  # time where decode time goes (attribution.py); not in the name, as warmup is not
+    # REFERENCES; AR cells are `separate` (they are the reference). Not in the name: the
+    # method decodes the same either way (two cells differing only here are refused).
+    reference: str = "separate"
 
     @property
     def greedy(self) -> bool:
@@ -135,6 +142,11 @@ class Cell:
     @property
     def drafts(self) -> bool:
         return self.gamma > 0
+
+    @property
+    def interleaved(self) -> bool:
+        """The job also decodes every request with AR, alternating (`measure.interleave`)."""
+        return self.reference == "interleaved"
 
     @property
     def drafter_model(self) -> ModelSpec | None:
@@ -176,7 +188,7 @@ class Cell:
     def ar_counterpart(self, engine: str | None = None) -> Cell:
         """The AR cell that differs from this one only in the decoding method (and, given
         `engine`, in the engine that runs it)."""
-        return dataclasses.replace(self, method="ar", drafter=None, gamma=0, engine=engine or self.engine)
+        return dataclasses.replace(self, method="ar", drafter=None, gamma=0, engine=engine or self.engine, reference="separate")
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (schema `cell.schema.json`), with the derived `cell` name beside it."""

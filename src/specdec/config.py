@@ -4,7 +4,7 @@
 where keys depend on each other) plus `check_references`, the checks a schema cannot express
 (numbers finite among them). `expand_matrix` then builds every experiment's cells (`cells.Cell`) once
 (dataset x engine x method x drafter x gamma x batch size x max new tokens x temperature x placement
-x load x repeat); nothing below re-validates them.
+x load x repeat), each with its AR reference (`_reference`); nothing below re-validates them.
 """
 
 from __future__ import annotations
@@ -163,6 +163,7 @@ def check_references(config: dict) -> None:
         target_dtype = models[exp["target"]].get("dtype", "float32")
         for i, entry in enumerate(exp["methods"]):
             _check_method(entry, drafters, f"{where}.methods.{i}")
+            _check_reference(exp, entry, f"{where}.methods.{i}", where)
             for name in _as_list(entry.get("drafter", [])):
                 if drafters[name].get("dtype") == "int8" and target_dtype != "float32":
                     raise ConfigError(f"config key '{where}.methods.{i}.drafter': drafter {name!r} quantises the target to int8, which starts from float32 weights; "
@@ -190,6 +191,24 @@ def _check_method(entry: dict, drafters: dict, where: str) -> None:
             raise ConfigError(f"config key '{where}.drafter': method {method!r} needs a model drafter, {name!r} is an ngram drafter")
 
 
+def _check_reference(exp: dict, entry: dict, where_method: str, where: str) -> None:
+    """An interleaved AR reference only where it measures what the cell measures alone."""
+    method = entry["method"]
+    if method not in DRAFTING_METHODS:
+        if "reference" in entry:
+            raise ConfigError(f"config key '{where_method}.reference': method {method!r} is the AR reference itself")
+        return
+    key = f"{where_method}.reference" if "reference" in entry else f"{where}.reference"
+    if entry.get("reference", exp.get("reference")) != "interleaved":
+        return
+    if any(load["mode"] == "open" for load in _as_list(exp["load"])):
+        raise ConfigError(f"config key '{key}': interleaved runs AR between the method's requests, which would delay "
+                          "an open load's arrivals and change what it measures; use reference: separate with open loads")
+    if "vllm" in _as_list(entry.get("engine", exp["engine"])):
+        raise ConfigError(f"config key '{key}': interleaved decodes the method and AR in one process on one loaded target; "
+                          "vLLM's engine runs in a process of its own and batches continuously; use reference: separate")
+
+
 def _placement_dict(placement: str | dict) -> dict:
     return {"strategy": placement} if isinstance(placement, str) else dict(placement)
 
@@ -215,13 +234,32 @@ def _placement(entry: str | dict) -> Placement:
     return Placement(**fields)
 
 
-def _method_variants(entry: dict, engines: str | list[str]) -> list[tuple[str, str, str | None, int]]:
-    """(engine, method, drafter, gamma) of one `methods` entry; its own `engine` overrides
-    the experiment's."""
+def _method_variants(entry: dict, exp: dict) -> list[tuple[str, str, str | None, int, str | None]]:
+    """(engine, method, drafter, gamma, reference) of one `methods` entry; its own `engine`
+    and `reference` override the experiment's (a reference not given is None: the default)."""
     method = entry["method"]
     drafters = _as_list(entry.get("drafter", [None]))
     gammas = _as_list(entry.get("gamma", DEFAULT_GAMMA)) if method in DRAFTING_METHODS else [0]
-    return [(e, method, d, g) for e in _as_list(entry.get("engine", engines)) for d in drafters for g in gammas]
+    reference = entry.get("reference", exp.get("reference"))
+    return [(e, method, d, g, reference) for e in _as_list(entry.get("engine", exp["engine"])) for d in drafters for g in gammas]
+
+
+# The default reference where interleaving is possible: chosen from the measurement in README
+# "Interleaved AR reference" (cpu, on a machine shared with other work); on GPUs unmeasured,
+# so the cheaper separate AR cell.
+DEFAULT_REFERENCE = {"cpu": "interleaved"}
+
+
+def _reference(given: str | None, method: str, engine: str, placement: Placement, load: Load) -> str:
+    """A cell's reference: `separate` for AR (it is the reference), else the one given, else
+    the default of its placement where interleaving can run (a closed load, not vLLM)."""
+    if method not in DRAFTING_METHODS:
+        return "separate"
+    if given is not None:
+        return given
+    if load.is_open or engine == "vllm":
+        return "separate"
+    return DEFAULT_REFERENCE.get(placement.strategy, "separate")
 
 
 def expand_matrix(config: dict) -> list[Cell]:
@@ -234,7 +272,7 @@ def expand_matrix(config: dict) -> list[Cell]:
         target = _model(exp["target"], models[exp["target"]])
         axes = itertools.product(
             exp["datasets"],
-            [v for entry in exp["methods"] for v in _method_variants(entry, exp["engine"])],
+            [v for entry in exp["methods"] for v in _method_variants(entry, exp)],
             _as_list(exp["batch_size"]),
             _as_list(exp["max_new_tokens"]),
             _as_list(exp["temperature"]),
@@ -242,7 +280,7 @@ def expand_matrix(config: dict) -> list[Cell]:
             [Load(**load) for load in _as_list(exp["load"])],
             range(exp["repeats"]),
         )
-        for dataset, (engine, method, drafter, gamma), batch, max_new, temp, placement, load, repeat in axes:
+        for dataset, (engine, method, drafter, gamma, reference), batch, max_new, temp, placement, load, repeat in axes:
             generation = Generation(max_new_tokens=max_new, temperature=float(temp), top_k=exp["top_k"], top_p=float(exp["top_p"]))
             cells.append(Cell(
                 experiment=exp_name, dataset=dataset, target=target, method=method,
@@ -250,6 +288,7 @@ def expand_matrix(config: dict) -> list[Cell]:
                 generation=generation, placement=placement, load=load, repeat=repeat,
                 seed=config["seed"] + repeat, warmup=exp["warmup"], timeout_s=exp.get("timeout_s"), power=power,
                 engine=engine, attribution=exp["attribution"],
+                reference=_reference(reference, method, engine, placement, load),
             ))
     _check_unique(cells)
     return cells
@@ -274,7 +313,8 @@ def reference_cell(cell: Cell, cells: list[Cell], engine: str | None = None) -> 
     method). Same experiment, dataset, target, generation and repeat; preferably the same
     batch shape, placement and load too, so that the numerics match."""
     engine = engine or cell.engine
-    if not cell.greedy or (engine == cell.engine and not cell.drafts):
+    # An interleaved cell's own job decodes its AR reference (measure.py).
+    if not cell.greedy or (engine == cell.engine and (not cell.drafts or cell.interleaved)):
         return None
     candidates = [
         c for c in cells

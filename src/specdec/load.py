@@ -178,11 +178,17 @@ def _record(request: Request, row: dict, arrival: int, start: int, t0: int) -> d
 
 class BatchServer:
     """Static batching: `engine(batch)` serves up to `batch_size` requests at once, start to
-    finish (our engine, transformers' generate()); a step is the whole batch."""
+    finish (our engine, transformers' generate()); a step is the whole batch. With a
+    `reference` engine, each step serves the batch with both, one after the other, the
+    reference first on every other step (so that order effects cancel); the reference's
+    results collect in `reference_done`."""
 
-    def __init__(self, engine: Callable[[list[Request]], list[dict]], batch_size: int, clock: Callable[[], int]):
-        self.engine, self.batch_size, self.clock = engine, batch_size, clock
+    def __init__(self, engine: Callable[[list[Request]], list[dict]], batch_size: int, clock: Callable[[], int],
+                 reference: Callable[[list[Request]], list[dict]] | None = None):
+        self.engine, self.batch_size, self.clock, self.reference = engine, batch_size, clock, reference
         self.batch: list[tuple[Request, int]] = []
+        self.reference_done: list[tuple[Request, dict, int, int]] = []
+        self.steps = 0
 
     def free_slots(self) -> int:
         return self.batch_size - len(self.batch)
@@ -194,12 +200,24 @@ class BatchServer:
         return bool(self.batch)
 
     def step(self) -> list[tuple[Request, dict, int, int]]:
-        """Run the batch: [(request, row, arrival_ns, start_ns)]. An engine that tokenises
-        before decoding reports `decode_start_ns`, so that templating stays outside the
-        timed region."""
+        """Run the batch: [(request, row, arrival_ns, start_ns)] of the engine."""
         batch, self.batch = self.batch, []
+        if self.reference is None:
+            return self._serve(self.engine, batch)
+        reference_first = self.steps % 2 == 1
+        self.steps += 1
+        if reference_first:
+            self.reference_done += self._serve(self.reference, batch)
+            return self._serve(self.engine, batch)
+        done = self._serve(self.engine, batch)
+        self.reference_done += self._serve(self.reference, batch)
+        return done
+
+    def _serve(self, engine, batch: list[tuple[Request, int]]) -> list[tuple[Request, dict, int, int]]:
+        """An engine that tokenises before decoding reports `decode_start_ns`, so that
+        templating stays outside the timed region."""
         start = self.clock()
-        rows = self.engine([request for request, _ in batch])
+        rows = engine([request for request, _ in batch])
         if len(rows) != len(batch):
             raise EngineOutputError(f"engine returned {len(rows)} rows for a batch of {len(batch)}")
         start = rows[0].get("decode_start_ns", start) if rows else start
@@ -219,6 +237,8 @@ def run_load(
     on_record: Callable[[dict], None] | None = None,
     on_window_start: Callable[[], None] | None = None,
     on_window_end: Callable[[], None] | None = None,
+    reference: Callable[[list[Request]], list[dict]] | None = None,
+    on_reference_record: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """Drive `engine` in real time under `load`; return per-request records, warm-up first.
 
@@ -232,8 +252,14 @@ def run_load(
     `on_record` is called with each measured record as it finishes; `on_window_start` /
     `on_window_end` just before t0 and after the last measured request (the power
     monitor's window is the throughput window).
+
+    `reference` (an engine callable like `engine`) serves every batch too, interleaved with
+    it (`BatchServer`); closed loops only, where no arrival waits on it. Its records (same
+    t0, schema and warm-up) go to `on_reference_record` once the window has ended.
     """
-    server = engine if isinstance(engine, Server) else BatchServer(engine, batch_size, clock)
+    if reference is not None and (load.is_open or isinstance(engine, Server)):
+        raise ValueError("an interleaved reference needs a closed load and an engine callable (static batching)")
+    server = engine if isinstance(engine, Server) else BatchServer(engine, batch_size, clock, reference)
     planned = schedule(conversations, load, seed)
     closed = not load.is_open
 
@@ -256,6 +282,9 @@ def run_load(
            closed=closed, clock=clock, sleep=sleep, on_done=finished)
     if on_window_end is not None:
         on_window_end()
+    if reference is not None and on_reference_record is not None:
+        for request, row, _, start in server.reference_done:
+            on_reference_record(_record(request, row, start, start, t0))  # closed: arrival is start
     return records
 
 

@@ -1,15 +1,17 @@
 """Measure a loaded cell: the engine callable the load generator drives, and the measured
 window (warm-up, then every request under the cell's load beside the power monitor and the
-time attribution)."""
+time attribution). An interleaved cell (`Cell.interleaved`) also decodes every request with
+AR on the same loaded target, batch by batch (`load.BatchServer`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
-from typing import TextIO
+from typing import Callable, TextIO
 
 import torch
 
@@ -76,11 +78,34 @@ def make_engine(session: Session, generator: torch.Generator, recorder=None):
     return engine
 
 
-def measure(session: Session, prompts: list[dict], out_dir: Path, console: TextIO | None = None) -> tuple[list[dict], dict]:
+# What the window's blocks of an interleaved cell hold (result.json `reference.window`).
+INTERLEAVED_WINDOW = ("the power, energy and co-tenant windows hold the method's and its AR reference's requests "
+                      "(energy per token over both sides' tokens); attribution times the method's decode calls only")
+
+
+def reference_engine(session: Session, recorder) -> Callable[[list], list[dict]]:
+    """The AR engine an interleaved cell decodes each request with too: the same loaded
+    target, kernels and prompts, no drafter, a generator of its own seeded like the cell's,
+    and nothing of it timed by the cell's attribution (`recorder.paused`)."""
+    ar = session.cell.ar_counterpart()
+    ar_session = dataclasses.replace(session, cell=ar, drafter=None, drafter_model=None,
+                                     settings=dataclasses.replace(session.settings, gamma=0))
+    engine = make_engine(ar_session, torch.Generator(device=session.device).manual_seed(ar.seed))
+
+    def decode(batch) -> list[dict]:
+        with recorder.paused():
+            return engine(batch)
+
+    return decode
+
+
+def measure(session: Session, prompts: list[dict], out_dir: Path,
+            console: TextIO | None = None) -> tuple[list[dict], list[dict] | None, dict]:
     """Warm up, then decode every prompt under the cell's load inside one window of power,
-    time attribution and co-tenant watch. Returns the records and the window's result
-    blocks (`energy`, `attribution`, `cotenants`). Progress goes to the log; with
-    `console`, also there at most once a minute."""
+    time attribution and co-tenant watch. Returns the records, those of the interleaved AR
+    reference (None unless `cell.interleaved`) and the window's result blocks (`energy`,
+    `attribution`, `cotenants`). Progress goes to the log; with `console`, also there at
+    most once a minute."""
     from specdec.load import progress, run_load, schedule, total_requests
     from specdec.power import PowerMonitor
 
@@ -129,14 +154,22 @@ def measure(session: Session, prompts: list[dict], out_dir: Path, console: TextI
                 line.update(record)
 
         monitor.measure_idle(sync=sync)
+        reference = reference_records = None
+        if cell.interleaved:
+            reference, reference_records = reference_engine(session, recorder), []
         records = run_load(
             prompts, engine, cell.load, cell.batch_size, seed=cell.seed, warmup=cell.warmup,
             on_record=on_record,
             on_window_start=begin_window,
             on_window_end=end_window,
+            reference=reference,
+            on_reference_record=None if reference_records is None else reference_records.append,
         )
-    measured = [r for r in records if not r["warmup"]]
+    # The window's energy is both sides' when interleaved, and said to be (INTERLEAVED_WINDOW).
+    measured = [r for r in records + (reference_records or []) if not r["warmup"]]
     energy = monitor.energy(output_tokens=sum(r["output_tokens"] for r in measured), num_requests=len(measured))
     if energy["available"]:
         monitor.write_timeline(out_dir / "power.csv")
-    return records, {"energy": energy, "attribution": recorder.block(), "cotenants": neighbours.report()}
+        if cell.interleaved:
+            energy["covers"] = INTERLEAVED_WINDOW
+    return records, reference_records, {"energy": energy, "attribution": recorder.block(), "cotenants": neighbours.report()}

@@ -24,6 +24,7 @@ the count of values; the statistics are null when the count is 0.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -125,14 +126,31 @@ def token_gaps(record: dict) -> list[float]:
 # -------------------------------------------------------------------- summaries
 
 
-def summarize(records: Sequence[dict]) -> dict:
-    """The `metrics` block of a result from per-request records (warm-up excluded)."""
+def service_time(rows: Sequence[dict]) -> float:
+    """Seconds during which any of `rows` was in service: the union of their start..finish
+    intervals (a batch's rows overlap; gaps between batches do not count)."""
+    total, reach = 0.0, -math.inf
+    for start, finish in sorted((_field(r, "start_s"), _field(r, "finish_s")) for r in rows):
+        total += max(0.0, finish - max(start, reach))
+        reach = max(reach, finish)
+    return total
+
+
+def summarize(records: Sequence[dict], window: str = "span") -> dict:
+    """The `metrics` block of a result from per-request records (warm-up excluded).
+
+    `window` is what throughput divides by: `span`, the first arrival to the last finish;
+    `service`, the time the records' own requests were in service (`service_time`), for an
+    interleaved cell, whose span also holds its AR reference's requests."""
     rows = measured(records)
     if not rows:
         raise MetricsError("no measured (non-warm-up) requests to summarize")
-    window = max(_field(r, "finish_s") for r in rows) - min(_field(r, "arrival_s") for r in rows)
-    if window <= 0:
-        raise MetricsError(f"measured window is {window} s; finish must follow arrival")
+    if window == "service":
+        window_s = service_time(rows)
+    else:
+        window_s = max(_field(r, "finish_s") for r in rows) - min(_field(r, "arrival_s") for r in rows)
+    if window_s <= 0:
+        raise MetricsError(f"measured window is {window_s} s; finish must follow arrival")
     output_tokens = sum(_field(r, "output_tokens") for r in rows)
     tpots = [value for value in map(tpot, rows) if value is not None]
     rates = [value for value in map(request_tokens_per_s, rows) if value is not None]
@@ -140,9 +158,10 @@ def summarize(records: Sequence[dict]) -> dict:
         "num_requests": len(rows),
         "output_tokens": output_tokens,
         "prompt_tokens": sum(_field(r, "prompt_tokens") for r in rows),
-        "window_s": window,
-        "throughput_tok_s": output_tokens / window,
-        "throughput_req_s": len(rows) / window,
+        "window_s": window_s,
+        "window": window,
+        "throughput_tok_s": output_tokens / window_s,
+        "throughput_req_s": len(rows) / window_s,
         "ttft_s": distribution(map(ttft, rows), "ttft_s"),
         "tpot_s": distribution(tpots, "tpot_s"),
         "itl_s": distribution((g for r in rows for g in emission_gaps(r)), "itl_s"),

@@ -20,6 +20,8 @@ from specdec.cells import Cell
 from specdec.io import write_json, write_jsonl
 
 RESULT_SCHEMA_VERSION = 4
+# An interleaved cell's AR requests, beside its requests.jsonl (same schema, `request`).
+INTERLEAVED_REQUESTS = "reference_requests.jsonl"
 
 
 class Status(str, enum.Enum):

@@ -29,12 +29,12 @@ from specdec.cells import Cell
 from specdec.engines import NotSupported, engine_block, unsupported
 from specdec.io import write_json
 from specdec.measure import measure
-from specdec.records import RESULT_SCHEMA_VERSION, Status, read_prompts, write_requests, write_result
+from specdec.records import INTERLEAVED_REQUESTS, RESULT_SCHEMA_VERSION, Status, read_prompts, write_requests, write_result
 from specdec.session import Session, check_context, open_session
 
 log = logging.getLogger("specdec.run")
 
-OUTPUTS = ("result.json", "requests.jsonl")
+OUTPUTS = ("result.json", "requests.jsonl", INTERLEAVED_REQUESTS)
 
 
 class Interrupted(BaseException):
@@ -126,7 +126,7 @@ def run_cell(cell: Cell, prompts_path: Path, out_dir: Path, models_dir: Path = P
         where = {"lease": None, "plan": None, "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
         reason = unsupported(cell)
         if reason is not None:
-            result, records = _blank_result(), []
+            result, records, reference_records = _blank_result(), [], None
             result.update(status=Status.NOT_SUPPORTED.value, failure={"type": "NotSupported", "message": reason, "phase": phase})
             result["engine"] = engine_block(cell, {})
         else:
@@ -137,10 +137,10 @@ def run_cell(cell: Cell, prompts_path: Path, out_dir: Path, models_dir: Path = P
                 session.prepare_steps(context, Path(models_dir).parent / "compile-cache")
             where |= {"lease": lease.describe(), "plan": session.plan.describe()}
             phase = "measure"
-            result, records = _measure_and_analyse(session, prompts, out_dir, reference, parity_reference, console)
+            result, records, reference_records = _measure_and_analyse(session, prompts, out_dir, reference, parity_reference, console)
         phase = "write"
         try:
-            _write_outputs(cell, result, records, where, started, out_dir)
+            _write_outputs(cell, result, records, reference_records, where, started, out_dir)
         except OSError as exc:  # a disk that filled up during the decode
             raise OutputNotWritable(out_dir, exc) from None
     except Interrupted as exc:
@@ -172,12 +172,17 @@ def _ending(result: dict, elapsed_s: float) -> str:
     return ", ".join(parts)
 
 
-def _write_outputs(cell: Cell, result: dict, records: list[dict], where: dict, started: str, out_dir: Path) -> None:
+def _write_outputs(cell: Cell, result: dict, records: list[dict], reference_records: list[dict] | None, where: dict,
+                   started: str, out_dir: Path) -> None:
     """Complete and write the result; result.json goes last, as the mark of a finished cell."""
     from specdec.metadata import collect_metadata
 
     result.update(schema_version=RESULT_SCHEMA_VERSION, cell_id=cell.id, group_id=cell.group_id, config=cell.to_dict())
     result["metadata"] = collect_metadata(seed=cell.seed, started_at=started, finished_at=now_iso()) | {"placement": where}
+    if reference_records is not None:
+        write_requests(out_dir / INTERLEAVED_REQUESTS, reference_records)
+    else:  # a rerun without interleaving leaves no stale reference beside the new result
+        (out_dir / INTERLEAVED_REQUESTS).unlink(missing_ok=True)
     write_requests(out_dir / "requests.jsonl", records)
     write_result(out_dir / "result.json", result)
     (out_dir / "interrupted.json").unlink(missing_ok=True)
@@ -192,8 +197,8 @@ def _blank_result() -> dict:
 
 
 def _measure_and_analyse(session: Session, prompts: list[dict], out_dir: Path, reference: Path | None,
-                         parity_reference: Path | None, console: TextIO | None = None) -> tuple[dict, list[dict]]:
-    """The result body and the request records; a failure here (an engine that does not
+                         parity_reference: Path | None, console: TextIO | None = None) -> tuple[dict, list[dict], list[dict] | None]:
+    """The result body, the request records and an interleaved AR reference's (or None); a failure here (an engine that does not
     start or dies, the cell's `timeout_s` included) is recorded, not raised, so that the
     rest of the matrix goes on."""
     result = _blank_result()
@@ -205,19 +210,19 @@ def _measure_and_analyse(session: Session, prompts: list[dict], out_dir: Path, r
         session.start()
         result["engine"] = engine_block(session.cell, session.engine_settings)
         phase = "measure"
-        records, window = measure(session, prompts, out_dir, console)
+        records, reference_records, window = measure(session, prompts, out_dir, console)
         result.update(window)
         phase = "analyse"
-        result.update(analyse(session, records, reference, parity_reference))
+        result.update(analyse(session, records, reference, parity_reference, reference_records))
         if session.cell.engine != "vllm":  # vLLM's memory is its engine process's, sized by its own settings
             result["memory"] = memory_report(session)
-        return result, records
+        return result, records, reference_records
     except Exception as exc:
         log.exception("cell failed during %s", phase)
         status = (Status.NOT_SUPPORTED if isinstance(exc, NotSupported) else Status.FAILED).value
         result.update(status=status, failure=failure_record(exc, phase))
         result.setdefault("engine", engine_block(session.cell, session.engine_settings))
-        return result, []
+        return result, [], None
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         session.close()  # free the models (stop vLLM's engine) before the outputs are written

@@ -3,7 +3,8 @@ intervals, paired ratios to the AR baseline, and flags for repeats that disagree
 
 A cell here is a group of repeats (one `group_id`); its AR baseline is the group whose id is
 `Cell.ar_counterpart().group_id` (column `ar_group_id` of the runs table, `specdec.aggregate`):
-the same engine's AR. `speedup_vs_specdec_ar` divides by our engine's AR instead
+the same engine's AR, or for an interleaved cell the AR its own job decoded request by request
+(`aggregate.interleaved_tables`; column `reference`). `speedup_vs_specdec_ar` divides by our engine's AR instead
 (`specdec_ar_group_id`), so that engines compare on one scale.
 """
 
@@ -110,6 +111,7 @@ SUMMARY_COLUMNS = [
     "repeats",
     *(f"{m}{suffix}" for m in SUMMARY_METRICS for suffix in ("", "_ci_low", "_ci_high")),
     "baseline",
+    "reference",
     *(f"{m}_cv" for m in STABILITY_METRICS),
     "unstable",
     "outside_load",
@@ -119,6 +121,8 @@ SUMMARY_COLUMNS = [
     "flags",
 ]
 NO_BASELINE = "no AR baseline"
+# Where a drafting cell's ratios to AR come from (column `reference`; AR rows have none).
+REFERENCE_LABELS = {"separate": "separate cell", "interleaved": "interleaved"}
 DEFAULT_SETTINGS = {"cv_threshold": 0.1, "confidence": 0.95, "n_resamples": 10000, "seed": 0}
 
 
@@ -139,15 +143,27 @@ def merge_settings(given: dict | None, defaults: dict, section: str) -> dict:
     return {**defaults, **given}
 
 
-def summary_table(runs: pd.DataFrame, requests: pd.DataFrame | None = None, **settings: Any) -> pd.DataFrame:
+def _baselines(ok: pd.DataFrame, requests: pd.DataFrame | None,
+               interleaved: tuple[pd.DataFrame, pd.DataFrame] | None) -> tuple[dict, dict]:
+    """AR runs by group id and request rows by run, the interleaved references' included."""
+    ar = ok[ok["method"] == "ar"]
+    if interleaved is not None and len(interleaved[0]):
+        ar = pd.concat([ar, interleaved[0]], ignore_index=True)
+        requests = interleaved[1] if requests is None else pd.concat([requests, interleaved[1]], ignore_index=True)
+    return dict(list(ar.groupby("group_id"))), {} if requests is None else dict(list(requests.groupby("cell")))
+
+
+def summary_table(runs: pd.DataFrame, requests: pd.DataFrame | None = None,
+                  interleaved: tuple[pd.DataFrame, pd.DataFrame] | None = None, **settings: Any) -> pd.DataFrame:
     """One row per cell of the successful runs: medians, CIs, ratios to AR, stability flags.
     `requests` (aggregate.request_tables: one row per measured request, `cell` naming its
-    run) gives ratios an interval even with one repeat (`Ratio.per_request`)."""
+    run) gives ratios an interval even with one repeat (`Ratio.per_request`). `interleaved`
+    (aggregate.interleaved_tables) holds the AR references of interleaved cells and their
+    requests: those cells' baselines."""
     settings = merge_settings(settings, DEFAULT_SETTINGS, "aggregate")
     ok = runs[runs["status"] == "ok"]
     failures = runs.loc[runs["status"] == "failed", "group_id"].value_counts()
-    baselines = dict(list(ok[ok["method"] == "ar"].groupby("group_id")))
-    per_run = {} if requests is None else dict(list(requests.groupby("cell")))
+    baselines, per_run = _baselines(ok, requests, interleaved)
     rows = []
     for group_id, cell in ok.groupby("group_id", sort=False):
         row = _summarise_cell(cell, baselines, per_run, settings)
@@ -232,6 +248,7 @@ def _summarise_cell(cell: pd.DataFrame, baselines: dict[str, pd.DataFrame], per_
             low, high = bootstrap_ci(values, np.median, **ci) if len(values) else (math.nan, math.nan)
         row[metric], row[f"{metric}_ci_low"], row[f"{metric}_ci_high"] = estimate, low, high
     row["baseline"] = NO_BASELINE if baseline is None else baseline["cell_name"].iloc[0]
+    row["reference"] = None if first["method"] == "ar" else REFERENCE_LABELS[first.get("reference", "separate")]
     unstable = []
     for metric in STABILITY_METRICS:
         cv = coefficient_of_variation(_numeric(cell, metric).dropna())
@@ -266,15 +283,16 @@ CATEGORY_COLUMNS = [
 ]
 
 
-def category_table(runs: pd.DataFrame, requests: pd.DataFrame) -> pd.DataFrame:
+def category_table(runs: pd.DataFrame, requests: pd.DataFrame,
+                   interleaved: tuple[pd.DataFrame, pd.DataFrame] | None = None) -> pd.DataFrame:
     """Per drafting cell and prompt category, repeats pooled: the speedup over AR from each
     request paired with the AR cell's same request (`RATIOS["speedup"].per_request` on the
     category's pairs; the AR run of the same repeat, else its first), acceptance rate
     (accepted / drafted) and mean accepted length (output tokens per target forward), with
-    the requests behind each (`n_requests`, and `speedup_requests` pairs)."""
+    the requests behind each (`n_requests`, and `speedup_requests` pairs). An interleaved
+    cell pairs with its own AR (`interleaved`, as in `summary_table`)."""
     ok = runs[runs["status"] == "ok"]
-    baselines = dict(list(ok[ok["method"] == "ar"].groupby("group_id")))
-    by_run = dict(list(requests.groupby("cell")))
+    baselines, by_run = _baselines(ok, requests, interleaved)
     rows = []
     for _, cell in ok[ok["method"] != "ar"].groupby("group_id", sort=False):
         first = cell.iloc[0]

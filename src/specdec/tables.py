@@ -48,6 +48,8 @@ def display_summary(summary: pd.DataFrame) -> pd.DataFrame:
     # greedy divergences from the AR reference: floating-point near-ties, and defects
     shown["near-ties"] = summary["near_ties"].map(_format_int)
     shown["defects"] = summary["defects"].map(_format_int)
+    # which AR the ratios divide by: the AR cell, or the AR interleaved in the cell's own job
+    shown["AR reference"] = summary["reference"].fillna(DASH)
     shown["flags"] = summary["flags"].replace("", DASH)
     return shown
 
