@@ -119,6 +119,12 @@ SUMMARY_COLUMNS = [
     "flags",
 ]
 NO_BASELINE = "no AR baseline"
+
+
+def answer_metric(load_mode: str) -> str:
+    """The speedup that answers for a cell: throughput's under a closed load, end-to-end
+    latency's under an open one, where every method's throughput is the offered rate."""
+    return "speedup" if load_mode == "closed" else "latency_speedup"
 DEFAULT_SETTINGS = {"cv_threshold": 0.1, "confidence": 0.95, "n_resamples": 10000, "seed": 0}
 
 
