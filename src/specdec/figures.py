@@ -287,7 +287,8 @@ def _along(
             line = overlay.line if swept(frame, axis) else {"linestyle": "", "marker": overlay.marker}
             ax.plot([], [], **{"color": "0.3", **line}, label=overlay.label)
     if legend and ax.get_legend_handles_labels()[1]:
-        ax.legend()
+        # beside the panel: inside, a sweep's many series hide their own lines
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
 # --- figures -------------------------------------------------------------------------------

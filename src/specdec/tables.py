@@ -88,7 +88,7 @@ def display_headline(summary: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     text returned beside the table names those every row shares."""
     cells = summary[summary["method"] != "ar"].sort_values(["method_label", "dataset", *HEADLINE_SETTINGS])
     varying = [c for c in HEADLINE_SETTINGS if cells[c].astype(str).nunique() > 1]
-    shared = [f"{HEADLINE_SETTINGS[c]} {plain(cells[c].iloc[0])}" for c in HEADLINE_SETTINGS if c not in varying]
+    shared = [f"{HEADLINE_SETTINGS[c]} {plain(cells[c].iloc[0])}" for c in HEADLINE_SETTINGS if c not in varying and len(cells)]
     shown = pd.DataFrame({"method": cells["method_label"], "dataset": cells["dataset"]})
     for column in varying:
         shown[HEADLINE_SETTINGS[column]] = cells[column].map(plain)
@@ -99,7 +99,7 @@ def display_headline(summary: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     ]
     shown["predicted"] = cells["predicted_speedup"].map(lambda value: DASH if pd.isna(value) else _number(value))
     shown["flags"] = cells["flags"].fillna("").replace("", DASH)
-    return shown.reset_index(drop=True), ("Every cell: " + ", ".join(shared) + ".") if shared and len(cells) else ""
+    return shown.reset_index(drop=True), ("Every cell: " + ", ".join(shared) + ".") if shared else ""
 
 
 def display_break_even(break_even: pd.DataFrame) -> pd.DataFrame:
