@@ -201,7 +201,7 @@ def test_written_tables(tmp_path):
         f"{stem}.{ext}"
         for stem in ("runs", "summary", "categories", "break_even", "capacity", "gamma", "failed", "not_supported", "run_info")
         for ext in ("csv", "md", "html")
-    } | {f"{stem}.csv" for stem in ("requests", "itl", "positions", "power")}
+    } | {f"{stem}.csv" for stem in ("requests", "itl", "positions", "power")} | {"headline.html", "headline.md"}
     html = (tmp_path / "summary.html").read_text()
     assert "<style>" in html and '<table class="dataframe specdec">' in html
     md = (tmp_path / "summary.md").read_text()
@@ -333,6 +333,7 @@ def test_only_failed_runs_give_an_empty_summary(tmp_path):
     aggregate_experiment(failed, tmp_path, "demo")
     assert pd.read_csv(tmp_path / "summary.csv").empty
     assert "No successful runs" in (tmp_path / "summary.html").read_text()
+    assert "No drafting cell ran successfully." in (tmp_path / "headline.html").read_text()
     assert len(pd.read_csv(tmp_path / "failed.csv")) == 1
     assert len(pd.read_csv(tmp_path / "not_supported.csv")) == 1
     for stem in ("requests", "itl", "positions", "power"):
@@ -375,6 +376,34 @@ def test_break_even_reads_speedup_along_batch_size_and_rate(summary):
     assert batch["points"].startswith("1: 1.50") and batch["break_even"].startswith("> 4")
     rate = table.loc[("load_rate", "speculative (int8)")]
     assert rate["metric"] == "latency_speedup" and rate["break_even"].startswith("> 2")
+
+
+def test_headline_gives_each_drafting_cells_speedup_prediction_and_break_even(summary, tmp_path):
+    from specdec.sweeps import break_even_table
+    from specdec.tables import display_headline, write_headline
+
+    shown, shared = display_headline(summary)
+    # AR is the baseline, not a row; every fixture cell runs 16 new tokens at T 0.
+    assert "ar" not in set(shown["method"]) and shared == "Every cell: T 0, new tokens 16."
+    assert list(shown.columns) == ["method", "dataset", "γ", "batch", "load", "speedup [95 % CI]", "predicted", "flags"]
+    rows = {tuple(row[:5]): row[5:] for row in shown.itertuples(index=False)}
+    # int8 gamma 4 batch 1: 1.5 over two repeats; predicted (1 - 0.65^5) / (0.35 (1.2 + 1.3))
+    speedup, predicted, flags = rows[("speculative (int8)", "humaneval", "4", "1", "closed")]
+    assert speedup == "1.5 [1.5, 1.5]" and predicted == "1.01" and "cv=0.13" in flags
+    # under an open load the answer is the E2E latency ratio, 16/10 against 16/15 (one repeat,
+    # and this summary has no requests to bootstrap)
+    assert rows[("speculative (int8)", "humaneval", "4", "1", "open 1.0/s poisson")][0] == "1.5 (n=1) (E2E)"
+    no_ar = rows[("speculative (int8)", "mtbench", "4", "1", "closed")]
+    assert no_ar[0] == NO_BASELINE and "outside load" in no_ar[2]
+    assert rows[("ngram (ngram)", "humaneval", "4", "1", "closed")][2] == "1 failed"
+
+    html, md = write_headline(summary, break_even_table(summary), tmp_path / "headline", "demo")
+    fragment = html.read_text()
+    # a fragment for the report's first page: no document of its own, styles scoped to it
+    assert fragment.startswith("<div class='specdec-headline'>") and "<body" not in fragment
+    assert "demo: speedup over AR" in fragment and "1.5 [1.5, 1.5]" in fragment
+    assert "Where speculation stops paying" in fragment and "&gt; 4 (CI &gt; 4 to &gt; 4)" in fragment
+    assert "| speculative (int8)  | humaneval |   4 |       1 | closed" in md.read_text()
 
 
 def test_one_repeat_takes_its_interval_from_the_requests(runs):

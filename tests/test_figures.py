@@ -1,6 +1,7 @@
 """Figures and the report rules on the synthetic results in tests/fixtures/results."""
 
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -30,6 +31,8 @@ from specdec.figures import (
     power_timeline,
     speedup_vs_gamma,
     speedup_vs_load,
+    swept,
+    throughput_vs_batch,
 )
 from specdec.summary import SettingsError
 
@@ -79,6 +82,41 @@ def test_speedup_figure_has_measured_points_and_leviathan_line(data):
     labels = fig.axes[0].get_legend_handles_labels()[1]
     assert "Leviathan et al. prediction" in labels
     assert not any("mtbench" in label for label in labels)  # no AR baseline, no speedup
+
+
+@pytest.fixture(scope="module")
+def one_point(tmp_path_factory):
+    """Closed-loop cells at one gamma (4) and one batch size (1): no axis to draw a line over."""
+    results = [p for p in RESULTS if not any(part in p.parent.name for part in ("g2", "b4", "rate"))]
+    return tables(results, tmp_path_factory.mktemp("one_point"))
+
+
+def test_an_axis_with_one_value_draws_a_bar_per_cell_not_a_line(data, one_point):
+    def drafting(summary):
+        return summary[summary["gamma"] > 0]
+
+    assert swept(drafting(data.summary), "gamma") and not swept(drafting(one_point.summary), "gamma")
+    fig = speedup_vs_gamma(one_point)
+    ax = fig.axes[0]
+    labels = [label.get_text() for label in ax.get_yticklabels()]
+    assert labels == ["ngram (ngram)", "speculative (int8)", "vllm: ngram (ngram)"]
+    # speedups 1.1, 1.5 (15/10, 18/12) and 1.14 as bar lengths, the predictions as markers on them
+    assert [round(bar.get_width(), 6) for bar in ax.patches] == [1.1, 1.5, round(16 / 14, 6)]
+    assert ax.get_ylabel() == "at draft length γ = 4"
+    # the metric on the long axis, from 0 past the largest prediction: not γ 3.8 to 4.2
+    assert ax.get_xlabel() == "speedup over AR (tokens/s ratio)"
+    assert ax.get_xlim()[0] <= 0 and ax.get_xlim()[1] >= 1.94
+    predicted = next(line for line in ax.get_lines() if line.get_marker() == "x" and len(line.get_xdata()))
+    assert predicted.get_xdata()[:2].round(2).tolist() == [1.94, 1.01]
+    assert "Leviathan et al. prediction" in ax.get_legend_handles_labels()[1]
+    # the same rule for batch size: a bar of tokens/s per cell (AR of both engines, three methods
+    # on humaneval, int8 on mtbench), no log2 axis around one point
+    throughput = throughput_vs_batch(one_point).axes[0]
+    assert len(throughput.patches) == 6 and throughput.get_xscale() == "linear"
+    assert throughput.get_ylabel() == "at batch size = 1"
+    # two or more values: lines over the axis, no bars
+    assert not speedup_vs_gamma(data).axes[0].patches and not throughput_vs_batch(data).axes[0].patches
+    assert throughput_vs_batch(data).axes[0].get_xscale() == "log"
 
 
 def test_speedup_along_batch_size_and_rate_with_break_even(data):
@@ -274,6 +312,7 @@ def test_report_rules_build_tables_figures_and_report(tmp_path):
         env_file.read_text() if env_file.exists() else "dependencies: [python>=3.11]\n"
     )
     (tmp_path / "Snakefile").write_text(
+        'report: "workflow/report/workflow.rst"\n\n'
         'include: "workflow/rules/common.smk"\ninclude: "workflow/rules/report.smk"\n'
     )
     shutil.copytree(FIXTURES / "runs", tmp_path / "results/runs")
@@ -293,9 +332,14 @@ def test_report_rules_build_tables_figures_and_report(tmp_path):
     report = snakemake(tmp_path, "figures", "--report", "report.html")
     assert report.returncode == 0, report.stderr[-3000:]
     html = (tmp_path / "report.html").read_text()
-    for name in (*FIGURES, "summary", "categories", "failed", "not_supported", "run_info"):
+    for name in (*FIGURES, "headline", "summary", "categories", "failed", "not_supported", "run_info"):
         assert f"{name}.png" in html or f"{name}.html" in html, name
     assert "Leviathan et al. (2023)" in html  # a caption
+    # The first page (the workflow description) holds the headline table and the speedup
+    # figure themselves, not links to them.
+    landing = json.loads(html.split("var workflow_desc = ", 1)[1].split(";\n", 1)[0])
+    assert "demo: speedup over AR" in landing and "1.5 [1.5, 1.5]" in landing
+    assert "Where speculation stops paying" in landing and "<svg" in landing
 
     # A plotting option changes the `plot` params: only plotting reruns.
     dry = snakemake(tmp_path, "figures", "-n", "--configfile", "replot.yaml")

@@ -22,7 +22,7 @@ from specdec.metrics import e2e, emission_gaps, measured, queueing_delay, reques
 from specdec.power import TIMELINE_KEYS
 from specdec.records import INTERLEAVED_REQUESTS, RecordError, Status, read_requests, read_result
 from specdec.summary import DEFAULT_SETTINGS, category_table, merge_settings, summary_table
-from specdec.tables import DASH, display_categories, display_summary, write_csv, write_table
+from specdec.tables import DASH, display_categories, display_summary, write_csv, write_headline, write_table
 
 DIST_METRICS = ("ttft_s", "tpot_s", "itl_s", "itl_token_s", "e2e_s", "queue_s", "request_tok_s")
 DIST_FIELDS = ("mean", "p50", "p90", "p99", "count")
@@ -377,8 +377,8 @@ def power_table(runs: Sequence[Run]) -> pd.DataFrame:
 def aggregate_experiment(
     result_paths: Iterable[str | Path], out_dir: str | Path, experiment: str, slo: Slo | None = None, **settings: Any
 ) -> dict[str, list[Path]]:
-    """Write every table of one experiment under `out_dir`: runs, summary, categories,
-    break_even, capacity, gamma, failed, not_supported and run_info (CSV, Markdown, HTML); requests, itl,
+    """Write every table of one experiment under `out_dir`: the headline (HTML fragment and
+    Markdown), runs, summary, categories, break_even, capacity, gamma, failed, not_supported and run_info (CSV, Markdown, HTML); requests, itl,
     positions and power (CSV). `slo` is the experiment's (goodput and capacity)."""
     settings = merge_settings(settings, DEFAULT_SETTINGS, "aggregate")
     out_dir = Path(out_dir)
@@ -390,6 +390,7 @@ def aggregate_experiment(
     runs = runs_table(results, requests, slo)
     interleaved = interleaved_tables(results)
     summary = summary_table(runs, requests, interleaved, **settings)
+    break_even = sweeps.break_even_table(summary)
     note = (
         f"Median over repeats with {settings['confidence']:.0%} bootstrap interval "
         f"[low, high] (with one repeat, ratios take theirs from a paired bootstrap over "
@@ -418,8 +419,9 @@ def aggregate_experiment(
             "accepted / drafted tokens; mean accepted length = output tokens per target forward.",
             empty="No drafting cell measured requests.",
         ),
+        "headline": write_headline(summary, break_even, out_dir / "headline", experiment),
         "break_even": write_table(
-            sweeps.break_even_table(summary),
+            break_even,
             out_dir / "break_even",
             f"{experiment}: where speculation stops paying",
             note="Speedup [95 % CI] at each measured point and where it falls through 1.0 "

@@ -25,6 +25,7 @@ import pandas as pd  # noqa: E402
 from specdec import sweeps, theory  # noqa: E402
 from specdec.io import atomic_open  # noqa: E402
 from specdec.summary import merge_settings  # noqa: E402
+from specdec.tables import plain  # noqa: E402
 
 # The tables of `tables/{experiment}/` that the figures read (`{name}.csv`).
 TABLES = ("runs", "summary", "categories", "requests", "itl", "positions", "power")
@@ -126,17 +127,13 @@ def series_labels(frame: pd.DataFrame, exclude: tuple[str, ...] = ()) -> pd.Seri
         # Settings that do not apply are left out: missing ones (a closed loop's size) and
         # AR's gamma 0.
         parts += [
-            f"{SERIES_SETTINGS[c]}{_plain(row[c])}"
+            f"{SERIES_SETTINGS[c]}{plain(row[c])}"
             for c in varying
             if not pd.isna(row[c]) and not (c == "gamma" and row[c] == 0)
         ]
         return " · ".join(parts)
 
     return frame.apply(label, axis=1) if len(frame) else pd.Series(dtype=str)
-
-
-def _plain(value: Any) -> str:
-    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
 def _styles(data: PlotData, frame: pd.DataFrame, labels: pd.Series) -> dict[str, dict]:
@@ -198,25 +195,116 @@ def _line_plot(
     metric: str,
     exclude: tuple,
     scale: float = 1.0,
-    with_ci: bool = True,
-    **line_kwargs: Any,
 ) -> dict[str, dict]:
     """One line per series of `frame`: `metric` against `x`, with CI error bars."""
     labels = series_labels(frame, exclude=(x, *exclude))
     styles = _styles(data, frame, labels)
     for label, group in frame.assign(_series=labels).groupby("_series", sort=True):
         group = group.sort_values(x)
-        style = {"label": label, **styles[label], **line_kwargs}
-        errors = _errors(group, metric, scale) if with_ci else None
-        ax.errorbar(group[x], group[metric] * scale, yerr=errors, capsize=3, **style)
+        ax.errorbar(group[x], group[metric] * scale, yerr=_errors(group, metric, scale), capsize=3,
+                    label=label, **styles[label])
     return styles
+
+
+# The sweep axes a figure can draw along: label, and how the axis is scaled.
+SWEEP_AXES = {
+    "gamma": "draft length γ",
+    "batch_size": "batch size",
+    "load_rate": "offered request rate (requests/s)",
+}
+
+
+@dataclass(frozen=True)
+class Overlay:
+    """A second metric drawn over `_along`'s: a line per series in the line form (`line`:
+    its style over the series' own), a `marker` on each bar in the bar form."""
+
+    metric: str
+    label: str  # its legend entry ("_nolegend_" for none)
+    line: dict
+    marker: str = "x"
+
+
+def swept(frame: pd.DataFrame, axis: str) -> bool:
+    """Whether `frame` measured two or more values of `axis`: only then a line over it."""
+    return frame[axis].nunique() >= 2
+
+
+def _along(
+    data: PlotData,
+    ax: plt.Axes,
+    frame: pd.DataFrame,
+    axis: str,
+    metric: str,
+    label: str,
+    exclude: tuple[str, ...] = (),
+    scale: float = 1.0,
+    overlays: tuple[Overlay, ...] = (),
+    reference: float | None = None,
+    legend: bool = True,
+) -> None:
+    """`metric` (axis title `label`) of each series of `frame` as a line over the sweep
+    axis `axis` where the figure measured two or more of its values (`swept`), else as one
+    horizontal bar per cell with its CI, labelled by method and settings: a line over a
+    single point would only draw an axis of floating-point width around it. `reference`
+    (e.g. AR's speedup of 1) is a grey line across the metric's axis."""
+    if swept(frame, axis):
+        styles = _line_plot(data, ax, frame, axis, metric, exclude=exclude, scale=scale)
+        labels = series_labels(frame, exclude=(axis, *exclude))
+        for overlay in overlays:
+            for name, group in frame.assign(_series=labels).dropna(subset=[overlay.metric]).groupby("_series"):
+                group = group.sort_values(axis)
+                style = {**styles[name], **overlay.line}
+                ax.plot(group[axis], group[overlay.metric] * scale, label="_nolegend_", **style)
+        if axis == "batch_size":
+            ax.set_xscale("log", base=2)
+            ticks = sorted(frame[axis].unique())
+            ax.set_xticks(ticks, map(plain, ticks))
+        elif axis == "gamma":
+            ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set(xlabel=SWEEP_AXES[axis], ylabel=label)
+        if reference is not None:
+            ax.axhline(reference, color="0.5", linewidth=0.8)
+    else:
+        labels = series_labels(frame, exclude=(axis, *exclude))
+        order = sorted(range(len(frame)), key=lambda i: (frame["method_label"].iloc[i] != "ar", labels.iloc[i]))
+        rows, labels = frame.iloc[order], labels.iloc[order]
+        styles = _styles(data, rows, labels)
+        y = np.arange(len(rows))
+        ax.barh(y, rows[metric] * scale, xerr=_errors(rows, metric, scale), capsize=3,
+                color=[styles[name]["color"] for name in labels],
+                hatch=[HATCHES[styles[name]["linestyle"]] for name in labels], edgecolor="white")
+        for overlay in overlays:
+            ax.plot(rows[overlay.metric] * scale, y, linestyle="", marker=overlay.marker, color="black", label="_nolegend_")
+        ax.set_yticks(y, labels)
+        ax.invert_yaxis()
+        ax.grid(axis="y", visible=False)
+        ax.set(xlabel=label, ylabel=f"at {SWEEP_AXES[axis]} = {plain(frame[axis].iloc[0])}")
+        if reference is not None:
+            ax.axvline(reference, color="0.5", linewidth=0.8)
+    for overlay in overlays:
+        if overlay.label != "_nolegend_":  # on bars the overlay is a marker without a line
+            line = overlay.line if swept(frame, axis) else {"linestyle": "", "marker": overlay.marker}
+            ax.plot([], [], **{"color": "0.3", **line}, label=overlay.label)
+    if legend and ax.get_legend_handles_labels()[1]:
+        # beside the panel: inside, a sweep's many series hide their own lines
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
 # --- figures -------------------------------------------------------------------------------
 # Each returns a Figure, or a string saying why the figure has no data.
 
 
+PREDICTION = Overlay(
+    "predicted_speedup",
+    "Leviathan et al. prediction",
+    dict(linestyle=(0, (1, 1)), linewidth=1.2, alpha=0.8, marker="x"),
+)
+
+
 def speedup_vs_gamma(data: PlotData) -> plt.Figure | str:
+    """Measured and predicted speedup of each closed-loop drafting cell: over γ where the
+    experiment sweeps it, else a bar per cell (the report's headline figure)."""
     frame = data.summary[
         (data.summary["gamma"] > 0)
         & data.summary["speedup"].notna()
@@ -226,31 +314,9 @@ def speedup_vs_gamma(data: PlotData) -> plt.Figure | str:
         return "no closed-loop speculative cell with a matching AR baseline"
     fig, axes = _figure(data)
     ax = axes[0, 0]
-    styles = _line_plot(data, ax, frame, "gamma", "speedup", exclude=())
-    labels = series_labels(frame, exclude=("gamma",))
-    predicted = frame.assign(_series=labels).dropna(subset=["predicted_speedup"])
-    for label, group in predicted.groupby("_series"):
-        group = group.sort_values("gamma")
-        ax.plot(
-            group["gamma"],
-            group["predicted_speedup"],
-            color=styles[label]["color"],
-            linestyle=(0, (1, 1)),
-            linewidth=1.2,
-            marker="x",
-            alpha=0.8,
-        )
-    ax.axhline(1.0, color="0.5", linewidth=0.8)
-    ax.plot(
-        [], [], color="0.3", linestyle=(0, (1, 1)), marker="x", label="Leviathan et al. prediction"
-    )
-    ax.set(
-        xlabel="draft length γ",
-        ylabel="speedup over AR (tokens/s ratio)",
-        title="Speedup vs draft length",
-    )
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.legend()
+    _along(data, ax, frame, "gamma", "speedup", "speedup over AR (tokens/s ratio)",
+           overlays=(PREDICTION,), reference=1.0)
+    ax.set_title("Speedup vs draft length" if swept(frame, "gamma") else "Speedup over AR per cell")
     return fig
 
 
@@ -277,7 +343,7 @@ def speedup_vs_load(data: PlotData) -> plt.Figure | str:
         if axis == "batch_size":
             ax.set_xscale("log", base=2)
             ticks = sorted({x for _, rows in found for x in rows[axis]})
-            ax.set_xticks(ticks, map(_plain, ticks))
+            ax.set_xticks(ticks, map(plain, ticks))
             ax.set(xlabel="batch size", ylabel="speedup over AR (tokens/s ratio)", title="Speedup vs batch size")
         else:
             ax.set(xlabel="offered request rate (req/s)", ylabel="speedup over AR (E2E latency ratio)", title="Speedup vs request rate")
@@ -418,13 +484,8 @@ def throughput_vs_batch(data: PlotData) -> plt.Figure | str:
         return "no successful closed-loop runs"
     fig, axes = _figure(data)
     ax = axes[0, 0]
-    _line_plot(data, ax, frame, "batch_size", "throughput_tok_s", exclude=())
-    ax.set(xlabel="batch size", ylabel="output tokens/s", title="Throughput vs batch size")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(
-        sorted(frame["batch_size"].unique()), map(_plain, sorted(frame["batch_size"].unique()))
-    )
-    ax.legend()
+    _along(data, ax, frame, "batch_size", "throughput_tok_s", "output tokens/s")
+    ax.set_title("Throughput vs batch size" if swept(frame, "batch_size") else "Throughput per cell")
     return fig
 
 
@@ -433,28 +494,12 @@ def latency_vs_rate(data: PlotData) -> plt.Figure | str:
     if frame.empty:
         return "no open-loop (request-rate) runs in this experiment"
     fig, axes = _figure(data, ncols=2)
-    for ax, metric in zip(axes[0], ("ttft_s", "e2e_s")):
-        _line_plot(data, ax, frame, "load_rate", f"{metric}_p50", exclude=("load",), scale=1000)
-        _line_plot(
-            data,
-            ax,
-            frame,
-            "load_rate",
-            f"{metric}_p99",
-            exclude=("load",),
-            scale=1000,
-            with_ci=False,
-            linestyle="--",
-            markerfacecolor="white",
-            label="_nolegend_",
-        )
+    for i, (ax, metric) in enumerate(zip(axes[0], ("ttft_s", "e2e_s"))):
         name = metric.split("_")[0].upper()
-        ax.set(
-            xlabel="request rate (requests/s)",
-            ylabel=f"{name} (ms)",
-            title=f"{name}: p50 (solid) and p99 (dashed)",
-        )
-    axes[0, 0].legend()
+        p99 = Overlay(f"{metric}_p99", "p99", dict(linestyle="--", markerfacecolor="white"), marker="d")
+        _along(data, ax, frame, "load_rate", f"{metric}_p50", f"{name} (ms)", exclude=("load",), scale=1000,
+               overlays=(p99,), legend=i == 0)
+        ax.set_title(f"{name}: p50 and p99")
     fig.suptitle("Latency under open-loop load")
     return fig
 
@@ -497,7 +542,7 @@ def energy_vs_speedup(data: PlotData) -> plt.Figure | str:
                     yerr=_errors(rows, "energy_j_per_token"), linestyle="", capsize=3, label=label,
                     **{k: v for k, v in styles[label].items() if k != "linestyle"})
         for row in rows.itertuples():
-            text = f"b{_plain(row.batch_size)}" + (f" γ{_plain(row.gamma)}" if row.gamma else "")
+            text = f"b{plain(row.batch_size)}" + (f" γ{plain(row.gamma)}" if row.gamma else "")
             ax.annotate(text, (row.speedup, row.energy_j_per_token), xytext=(4, 4), textcoords="offset points",
                         fontsize="x-small", color="0.3")
     ax.axvline(1.0, color="0.4", linewidth=0.8)

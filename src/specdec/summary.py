@@ -130,6 +130,12 @@ class SettingsError(ValueError):
     """An unknown or ill-typed key in a configuration section (`aggregate:`, `plots:`)."""
 
 
+def answer_metric(load_mode: str) -> str:
+    """The speedup that answers for a cell: throughput's under a closed load, end-to-end
+    latency's under an open one, where every method's throughput is the offered rate."""
+    return "speedup" if load_mode == "closed" else "latency_speedup"
+
+
 def merge_settings(given: dict | None, defaults: dict, section: str) -> dict:
     """`defaults` updated with `given`; an unknown key is an error naming the config section."""
     given = dict(given or {})

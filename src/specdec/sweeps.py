@@ -18,7 +18,7 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
-from specdec.summary import SETTING_COLUMNS
+from specdec.summary import SETTING_COLUMNS, answer_metric
 
 # axis -> (the summary's columns that make the axis, the speedup that is read along it).
 # Under a closed load speedup is throughput's; along request rate, where an open load's
@@ -54,7 +54,7 @@ def series(summary: pd.DataFrame, axis: str, drafting_only: bool = True) -> Iter
 
 def axis_metric(axis: str, rows: pd.DataFrame) -> str:
     """The speedup read along `axis` for one series (see `AXES`)."""
-    return AXES[axis][1] or ("speedup" if rows["load_mode"].iloc[0] == "closed" else "latency_speedup")
+    return AXES[axis][1] or answer_metric(rows["load_mode"].iloc[0])
 
 
 def crossing(xs, ys, log_x: bool = False) -> tuple[str, float]:

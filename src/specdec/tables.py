@@ -1,5 +1,6 @@
 """Tables for people and files: the display form of the summary (`median [low, high]`, ms,
-dashes) and the writers of CSV, Markdown and styled HTML copies."""
+dashes), the report's headline (its first page), and the writers of CSV, Markdown and styled
+HTML copies."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 import pandas as pd
 
 from specdec.io import atomic_open
-from specdec.summary import NO_BASELINE, RATIOS, SUMMARY_METRICS
+from specdec.summary import NO_BASELINE, RATIOS, SUMMARY_METRICS, answer_metric
 
 DASH = "–"
 CSS = """
@@ -70,6 +71,55 @@ def display_categories(categories: pd.DataFrame) -> pd.DataFrame:
     return shown.drop(columns=["baseline"])
 
 
+# Settings of a drafting cell that the headline names: a column where they vary, else a
+# sentence over the table.
+HEADLINE_SETTINGS = {
+    "gamma": "γ",
+    "batch_size": "batch",
+    "load": "load",
+    "temperature": "T",
+    "max_new_tokens": "new tokens",
+}
+AXIS_NAMES = {"batch_size": "batch size", "load_rate": "request rate (req/s)"}
+
+
+def display_headline(summary: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """The answer per drafting cell: its speedup over AR with the CI (throughput's under a
+    closed load, E2E latency's under an open one: `answer_metric`), the Leviathan et al.
+    prediction beside it and the cell's flags; the settings that vary are columns, and the
+    text returned beside the table names those every row shares."""
+    cells = summary[summary["method"] != "ar"].sort_values(["method_label", "dataset", *HEADLINE_SETTINGS])
+    varying = [c for c in HEADLINE_SETTINGS if cells[c].astype(str).nunique() > 1]
+    shared = [f"{HEADLINE_SETTINGS[c]} {plain(cells[c].iloc[0])}" for c in HEADLINE_SETTINGS if c not in varying and len(cells)]
+    shown = pd.DataFrame({"method": cells["method_label"], "dataset": cells["dataset"]})
+    for column in varying:
+        shown[HEADLINE_SETTINGS[column]] = cells[column].map(plain)
+    shown["speedup [95 % CI]"] = [
+        _format_estimate(row, answer_metric(row["load_mode"]), 1.0, no_baseline=True)
+        + ("" if row["load_mode"] == "closed" else " (E2E)")
+        for _, row in cells.iterrows()
+    ]
+    shown["predicted"] = cells["predicted_speedup"].map(lambda value: DASH if pd.isna(value) else _number(value))
+    shown["flags"] = cells["flags"].fillna("").replace("", DASH)
+    return shown.reset_index(drop=True), ("Every cell: " + ", ".join(shared) + ".") if shared else ""
+
+
+def display_break_even(break_even: pd.DataFrame) -> pd.DataFrame:
+    """The break-even table (`sweeps.break_even_table`) in three columns: series, axis, point."""
+    return pd.DataFrame(
+        {
+            "series": break_even["series"],
+            "along": break_even["axis"].map(AXIS_NAMES),
+            "speedup falls below 1 at (95 % CI)": break_even["break_even"],
+        }
+    )
+
+
+def plain(value: Any) -> str:
+    """A setting as text: whole floats without their `.0`."""
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
 def _format_int(value: Any) -> str:
     return DASH if pd.isna(value) else str(int(value))
 
@@ -98,10 +148,14 @@ def write_csv(table: pd.DataFrame, path: str | Path) -> Path:
     return path
 
 
+def _html_table(shown: pd.DataFrame, empty: str, classes: str = "specdec") -> str:
+    return shown.to_html(index=False, classes=classes, border=0, na_rep=DASH) if len(shown) else f"<p>{empty}</p>"
+
+
 def write_html(shown: pd.DataFrame, path: str | Path, title: str, note: str = "", empty: str = "No rows.") -> Path:
     """One table as an HTML page: the Snakemake report shows HTML inline (CSV only downloads)."""
     path = Path(path)
-    body = shown.to_html(index=False, classes="specdec", border=0, na_rep=DASH) if len(shown) else f"<p>{empty}</p>"
+    body = _html_table(shown, empty)
     note_html = f'<p class="note">{note}</p>' if note else ""
     with atomic_open(path) as handle:
         handle.write(
@@ -129,3 +183,49 @@ def write_table(
     with atomic_open(md) as handle:
         handle.write(f"# {title}\n\n{note + chr(10) + chr(10) if note else ''}{body_md}\n")
     return [csv, md, write_html(shown, stem.with_suffix(".html"), title, note, empty)]
+
+
+# Scoped to the headline's own elements (and the figure that follows it there): the report's
+# first page includes the fragment in Snakemake's own page, whose styles it must neither take
+# over nor lose to.
+HEADLINE_CSS = """
+.specdec-headline { font-size: 12px; color: #222; margin: 0 0 1.5em 0; }
+.specdec-headline h2 { font-size: 15px; margin: 0.6em 0 0.3em 0; }
+.specdec-headline h3 { font-size: 13px; margin: 0.8em 0 0.3em 0; }
+.specdec-headline table.specdec { border-collapse: collapse; margin: 0; width: auto; font-size: 12px; }
+.specdec-headline table.specdec th, .specdec-headline table.specdec td { padding: 2px 6px;
+  border-bottom: 1px solid #ddd; text-align: right; white-space: nowrap; }
+.specdec-headline table.specdec th { background: #f3f3f3; }
+.specdec-headline table.specdec td:first-child, .specdec-headline table.specdec th:first-child { text-align: left; }
+.specdec-headline table.specdec td:last-child { white-space: normal; text-align: left; min-width: 10em; }
+.specdec-headline p { margin: 0.2em 0; color: #555; }
+.specdec-headline table.break-even td:first-child { white-space: normal; }
+.specdec-figure svg { width: 100%; max-width: 42rem; height: auto; }
+"""
+
+
+def write_headline(summary: pd.DataFrame, break_even: pd.DataFrame, stem: str | Path, experiment: str) -> list[Path]:
+    """The answer of one experiment (`display_headline`, and `display_break_even` where it
+    sweeps): `stem`.html, an HTML fragment that the report's first page includes (and the
+    report shows on its own), and `stem`.md."""
+    stem = Path(stem)
+    shown, shared = display_headline(summary)
+    points = display_break_even(break_even)
+    empty = "No drafting cell ran successfully."
+    note = f"{shared} Speedup: median over repeats; predicted: Leviathan et al. from the measured α and costs.".strip()
+    title = f"{experiment}: speedup over AR"
+    html = [f"<h2>{title}</h2>", f"<p>{note}</p>", _html_table(shown, empty)]
+    md = [f"# {title}", note, shown.to_markdown(index=False) if len(shown) else f"_{empty}_"]
+    if len(points):
+        heading = "Where speculation stops paying"
+        html += [f"<h3>{heading}</h3>", _html_table(points, "", classes="specdec break-even")]
+        md += [f"## {heading}", points.to_markdown(index=False)]
+    with atomic_open(stem.with_suffix(".html")) as handle:
+        handle.write(
+            f"<div class='specdec-headline'><meta charset='utf-8'><style>{HEADLINE_CSS}</style>"
+            + "\n".join(html)
+            + "</div>\n"
+        )
+    with atomic_open(stem.with_suffix(".md")) as handle:
+        handle.write("\n\n".join(md) + "\n")
+    return [stem.with_suffix(".html"), stem.with_suffix(".md")]

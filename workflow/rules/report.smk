@@ -4,9 +4,10 @@
 # params entry), so changing one reruns only `plot`; `aggregate:` settings likewise.
 from specdec.figures import FIGURES, TABLES
 
-# Report category of each figure (subcategory: the experiment).
+# Report category of each figure (subcategory: the experiment). "Headline" holds what the
+# report's first page shows (workflow/report/workflow.rst includes it).
 FIGURE_CATEGORIES = {
-    "speedup_vs_gamma": "Speedup",
+    "speedup_vs_gamma": "Headline",
     "speedup_vs_load": "Speedup",
     "speedup_waterfall": "Speedup",
     "throughput_vs_batch": "Speedup",
@@ -26,6 +27,13 @@ rule aggregate:
         results=experiment_runs,
         requests=lambda wildcards: experiment_runs(wildcards, "requests.jsonl"),
     output:
+        headline=report(
+            f"{RESULTS}/tables/{{experiment}}/headline.html",
+            caption="../report/headline.rst",
+            category="Headline",
+            subcategory="{experiment}",
+        ),
+        headline_md=f"{RESULTS}/tables/{{experiment}}/headline.md",
         summary=report(
             f"{RESULTS}/tables/{{experiment}}/summary.html",
             caption="../report/summary.rst",
