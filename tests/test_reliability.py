@@ -379,14 +379,16 @@ def snakemake_command(*args: str) -> list[str]:
 
 
 def test_snakemake_killed_mid_matrix_reruns_only_unfinished_jobs(tiny, tmp_path, embedded_model_dir):
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(fresh_config()))
+    config = fresh_config()
+    config["experiments"]["rel"]["reference"] = "separate"  # the speculative job waits for the AR cell's
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     (tmp_path / "resources" / "models").mkdir(parents=True)
     (tmp_path / "resources" / "models" / "smollm2").symlink_to(embedded_model_dir)
     # Prompts prepared beforehand (newer than the model, so kept): the matrix alone runs.
     (tmp_path / "results" / "prompts").mkdir(parents=True)
     shutil.copy(tiny["prompts"], tmp_path / "results" / "prompts" / "sample.jsonl")
     env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO / "src"))
-    ar, spec = (cell.name for cell in expand_matrix(validate(fresh_config())))
+    ar, spec = (cell.name for cell in expand_matrix(validate(config)))
     spec_log = tmp_path / "logs" / "benchmark" / "rel" / f"{spec}.log"
     process = subprocess.Popen(snakemake_command(), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
