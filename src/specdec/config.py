@@ -143,7 +143,7 @@ def check_references(config: dict) -> None:
         raise ConfigError(f"config key '{key}': must be a finite number")
     models, drafters, datasets = config["models"], config.get("drafters", {}), config["datasets"]
     for name, drafter in drafters.items():
-        if drafter["kind"] == "model" and drafter["model"] not in models:
+        if "model" in drafter and drafter["model"] not in models:
             raise ConfigError(f"config key 'drafters.{name}.model': model {drafter['model']!r} is not defined under models")
         if drafter["kind"] == "ngram" and drafter["min_context"] > drafter["n"] - 1:
             raise ConfigError(f"config key 'drafters.{name}.min_context': {drafter['min_context']} exceeds n - 1 = {drafter['n'] - 1}, the longest context")
@@ -160,6 +160,7 @@ def check_references(config: dict) -> None:
         target_dtype = models[exp["target"]].get("dtype", "float32")
         for i, entry in enumerate(exp["methods"]):
             _check_method(entry, drafters, f"{where}.methods.{i}")
+            _check_replay(exp, entry, drafters, f"{where}.methods.{i}")
             for name in _as_list(entry.get("drafter", [])):
                 if drafters[name].get("dtype") == "int8" and target_dtype != "float32":
                     raise ConfigError(f"config key '{where}.methods.{i}.drafter': drafter {name!r} quantises the target to int8, which starts from float32 weights; "
@@ -187,6 +188,21 @@ def _check_method(entry: dict, drafters: dict, where: str) -> None:
             raise ConfigError(f"config key '{where}.drafter': method {method!r} needs a model drafter, {name!r} is an ngram drafter")
 
 
+def _check_replay(exp: dict, entry: dict, drafters: dict, where: str) -> None:
+    """A replay drafter replays the AR outputs of our engine's greedy AR cell of the same
+    experiment: it needs greedy decoding and that cell in the matrix."""
+    replays = [name for name in _as_list(entry.get("drafter", [])) if drafters[name]["kind"] == "replay"]
+    if not replays:
+        return
+    if any(t != 0 for t in _as_list(exp["temperature"])):
+        raise ConfigError(f"config key '{where}.drafter': replay drafter {replays[0]!r} is greedy only (temperature 0): "
+                          "under sampling its error_rate would not set the acceptance rate")
+    ours = lambda e: "specdec" in _as_list(e.get("engine", exp["engine"]))
+    if not any(e["method"] == "ar" and ours(e) for e in exp["methods"]):
+        raise ConfigError(f"config key '{where}.drafter': replay drafter {replays[0]!r} replays the outputs of our engine's AR cell; "
+                          "add {method: ar} (engine specdec) to this experiment's methods")
+
+
 def _placement_dict(placement: str | dict) -> dict:
     return {"strategy": placement} if isinstance(placement, str) else dict(placement)
 
@@ -200,7 +216,7 @@ def _model(name: str, spec: dict) -> ModelSpec:
 
 def _drafter(name: str, spec: dict, models: dict) -> DrafterSpec:
     fields = dict(spec)
-    if spec["kind"] == "model":
+    if "model" in spec:
         fields["model"] = _model(spec["model"], models[spec["model"]])
     return DrafterSpec(name=name, **fields)
 

@@ -131,7 +131,7 @@ def run_cell(cell: Cell, prompts_path: Path, out_dir: Path, models_dir: Path = P
             result["engine"] = engine_block(cell, {})
         else:
             lease = lease_gpus(placement.gpus_required(cell.placement, cell.drafter is not None), label=cell.name)
-            session = open_session(cell, Path(models_dir), kernels)
+            session = open_session(cell, Path(models_dir), kernels, reference)
             check_context(session, prompts)
             where |= {"lease": lease.describe(), "plan": session.plan.describe()}
             phase = "measure"
