@@ -131,8 +131,11 @@ def replay_assistant(model, reference: list[int], prompt_len: int, error_rate: f
     position, wrong with probability `error_rate` (the `ReplayDrafter`'s rule)."""
     twin = copy.copy(model)  # shares the weights; only `forward` differs
     forward = model.forward
-    generator = torch.Generator().manual_seed(seed)
+    device = model.get_input_embeddings().weight.device
+    generator = torch.Generator(device=device).manual_seed(seed)
     vocab = model.config.vocab_size
+    # the reference, then 0 for any position past it; on the device, so no step syncs for it
+    table = torch.tensor([*reference, 0], device=device)
 
     def replaying(*args, **kwargs):
         out = forward(*args, **kwargs)
@@ -140,12 +143,14 @@ def replay_assistant(model, reference: list[int], prompt_len: int, error_rate: f
         # Logits after the token at position i choose the token at i + 1: output index
         # i + 1 - prompt_len. generate() passes position ids (the assistant's cache length
         # does not follow its re-fed inputs).
-        positions = (kwargs["position_ids"][0, -kept:] + 1 - prompt_len).tolist()
-        tokens = torch.tensor([reference[p] if 0 <= p < len(reference) else 0 for p in positions])
-        wrong = torch.rand(kept, generator=generator) < error_rate
-        tokens = torch.where(wrong, (tokens + torch.randint(1, vocab, (kept,), generator=generator)) % vocab, tokens)
+        index = kwargs["position_ids"][0, -kept:] + 1 - prompt_len
+        index = torch.where((index >= 0) & (index < len(reference)), index, len(reference))
+        tokens = table[index]
+        wrong = torch.rand(kept, generator=generator, device=device) < error_rate
+        shift = torch.randint(1, vocab, (kept,), generator=generator, device=device)
+        tokens = torch.where(wrong, (tokens + shift) % vocab, tokens)
         forced = torch.full_like(out.logits, -1e4)
-        forced[0, torch.arange(kept), tokens.to(forced.device)] = 0
+        forced[0, torch.arange(kept, device=device), tokens] = 0
         out.logits = forced
         return out
 
