@@ -17,7 +17,7 @@ PROMPTS = [
     "Write a Python function that returns the squares of a list of numbers.",
     "What is the capital of France? One word.",  # ends with EOS well before the limit
 ]
-NEW_TOKENS = 48
+NEW_TOKENS = 32
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +165,8 @@ def test_a_replay_cell_replays_its_ar_cell_through_the_runner(tmp_path, embedded
 
     from specdec import runner
     from specdec.config import expand_matrix, validate
-    from specdec.records import read_requests, write_requests
+    from specdec.records import read_reference_outputs, read_requests, write_requests
+    from specdec.session import Session
 
     models_dir, prompts = cell_inputs(tmp_path, embedded_model_dir, CELL_CONFIG["datasets"]["sample"], seed=5)
     ar, replay_cell = expand_matrix(validate(CELL_CONFIG))
@@ -177,7 +178,10 @@ def test_a_replay_cell_replays_its_ar_cell_through_the_runner(tmp_path, embedded
     with pytest.raises(ValueError, match="needs the requests.jsonl of the AR cell"):
         runner.run_cell(replay_cell, prompts, tmp_path / "none", models_dir=models_dir)
     assert not (tmp_path / "none" / "result.json").exists()
+    # a reference without one of the requests: the request that finds no continuation says so
     partial = tmp_path / "partial.jsonl"
-    write_requests(partial, [r for r in read_requests(reference) if not r["request_id"].startswith("warmup:")][:1])
-    failed = runner.run_cell(replay_cell, prompts, tmp_path / "partial", models_dir=models_dir, reference=partial)
-    assert failed["status"] == "failed" and "has no request 'warmup:" in failed["failure"]["message"]
+    write_requests(partial, [r for r in read_requests(reference) if not r["request_id"].startswith("warmup:")])
+    session = Session(replay_cell, None, None, ReplayDrafter({}, 0.2), None, None, None,
+                      replayed=read_reference_outputs(partial), reference=partial)
+    with pytest.raises(ValueError, match=f"the reference {partial} has no request 'warmup:"):
+        session.register_prompt("warmup:" + next(iter(session.replayed)), [1, 2, 3])
