@@ -3,7 +3,8 @@
 One process, one model load; every comparison runs its two sides interleaved (A B A B ...)
 over the same prompts, so a noisy shared machine slows both alike. Prints tokens/s per
 method, the ratios the project tracks, and the share of decode time spent outside model
-forwards (forward time is taken by hooks on the target and drafter models).
+forwards (forward time is taken by hooks on the target and drafter models). It names the CPU it ran on
+(model, ISA, BLAS): the ratios depend on it.
 
     python bench/speed.py            # 4 prompts, 64 new tokens, 2 rounds
     python bench/speed.py --quick    # 2 prompts, 32 new tokens, 1 round
@@ -42,6 +43,7 @@ from specdec.decoding import GenerationSettings, ModelDrafter, NgramDrafter, gen
 from specdec.decoding.cache import use_static_cache  # noqa: E402
 from specdec.decoding.compiled import compile_steps, step_widths  # noqa: E402
 from specdec.decoding.kernels import decode_kernels  # noqa: E402
+from specdec.metadata import cpu_description  # noqa: E402
 from specdec.models import load_tokenizer, prepare_embedded, quantized_copy  # noqa: E402
 from specdec.peers import hf_generate  # noqa: E402
 
@@ -155,6 +157,7 @@ def main() -> None:
     print(f"{count} prompts x {rounds} rounds, {new_tokens} new tokens, {mode}, gamma {settings.gamma}, "
           f"torch threads {torch.get_num_threads()}, device {args.device}, "
           f"peers {'with' if args.same_kernels else 'without'} our CPU kernels")
+    print(f"CPU: {cpu_description()}")
     print(f"{'method':<20}{'tokens':>8}{'tok/s':>9}{'outside forwards':>18}{'accepted':>10}{'tok/forward':>13}")
     for name, (tokens, seconds, forward, drafted, accepted, forwards) in totals.items():
         if name != "warm-up":

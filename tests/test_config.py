@@ -230,3 +230,52 @@ def test_the_readme_shows_the_shipped_config_and_only_known_keys():
     assert [c.id for c in expand_matrix(validate(yaml.safe_load(shipped)))] == [c.id for c in expand_matrix(load_config(REPO / "config.yaml"))]
     schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
     assert set(yaml.safe_load(reference)) <= set(schema["properties"])
+
+
+def _with_replay(config, **drafter):
+    config["drafters"]["replay80"] = {"kind": "replay", "error_rate": 0.2, **drafter}
+    config["experiments"]["default"]["methods"].append({"method": "speculative", "drafter": "replay80", "gamma": 4})
+    return config
+
+
+def test_a_replay_drafter_is_a_typed_measurement_tool(default_config):
+    from specdec.aggregate import method_label
+
+    config = validate(_with_replay(default_config, cost_ms_per_token=2))
+    assert config["drafters"]["replay80"] == {"kind": "replay", "error_rate": 0.2, "cost_ms_per_token": 2}
+    assert "cost_ms_per_token" not in config["drafters"]["int8"]  # its default only on replay drafters
+    cell = next(c for c in expand_matrix(config) if c.drafter and c.drafter.name == "replay80")
+    assert cell.drafter.measurement_tool and cell.drafter.error_rate == 0.2 and cell.drafter_model is None
+    assert method_label(cell) == "replay (measurement tool: replay80)"
+    assert Cell.from_dict(cell.to_dict()) == cell
+    paced = validate(_with_replay(yaml.safe_load((REPO / "config.yaml").read_text()), model="smollm2"))
+    cell = next(c for c in expand_matrix(paced) if c.drafter and c.drafter.name == "replay80")
+    assert cell.drafter_model.name == "smollm2"
+
+
+@pytest.mark.parametrize(
+    "mutate, key, message",
+    [
+        (lambda c: c["drafters"]["replay80"].pop("error_rate"), "drafters.replay80", "error_rate"),
+        (lambda c: c["drafters"]["replay80"].update(error_rate=1.5), "drafters.replay80.error_rate", None),
+        (lambda c: c["drafters"]["replay80"].update(cost_ms_per_token=-1), "drafters.replay80.cost_ms_per_token", None),
+        (lambda c: c["drafters"]["replay80"].update(model="nope"), "drafters.replay80.model", "not defined"),
+        (lambda c: c["drafters"]["int8"].update(error_rate=0.1), "drafters.int8", None),
+        (_experiment(temperature=0.7), "experiments.default.methods.3.drafter", "greedy only"),
+        (lambda c: c["experiments"]["default"]["methods"].pop(0), "experiments.default.methods.2.drafter", "AR cell"),
+    ],
+)
+def test_bad_replay_settings_fail_at_the_gate(default_config, mutate, key, message):
+    config = _with_replay(default_config)
+    mutate(config)
+    with pytest.raises(ConfigError, match=message) as info:
+        validate(config)
+    assert f"'{key}" in str(info.value)
+
+
+def test_a_replay_cell_on_another_engine_is_not_supported(default_config):
+    from specdec.engines import unsupported
+
+    cell = next(c for c in expand_matrix(validate(_with_replay(default_config))) if c.drafter and c.drafter.kind == "replay")
+    assert "measurement tool" in unsupported(dataclasses.replace(cell, engine="transformers"))
+    assert unsupported(cell) is None

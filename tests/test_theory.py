@@ -37,6 +37,14 @@ def test_costs_come_from_the_cells_own_forwards_in_units_of_the_ar_forward():
     assert row["predicted_speedup"] == pytest.approx((1 - 0.5**5) / ((1 - 0.5) * (4 * 0.3 + 1.3)))
 
 
+def test_a_host_paced_replay_drafter_costs_its_configured_time_per_draft_token():
+    # no drafter forwards: c is the pacing, 10.8 ms per draft token = 0.3 of the AR forward
+    paced = SPEC | {"config": {"drafter": {"kind": "replay", "model": None, "cost_ms_per_token": 10.8}},
+                    "attribution": attribution({"prefill": 0.2, "drafter": None, "verify": 0.936, "accept": 0.05, "other": 1.014}, 20, {"5": (20, 0.936)})}
+    assert run_theory(paced, AR)["theory_cost_ratio"] == pytest.approx(0.3)
+    assert run_theory(paced, AR)["predicted_speedup"] == pytest.approx(run_theory(SPEC, AR)["predicted_speedup"])
+
+
 def test_waterfall_from_ideal_to_the_cells_step_time():
     row = run_theory(SPEC, AR)
     ideal = 1.9375  # 1 + 0.5 + 0.25 + 0.125 + 0.0625 tokens per step

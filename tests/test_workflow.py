@@ -93,3 +93,20 @@ def test_shell_metacharacters_in_config_strings_run_nothing(make_study, tmp_path
     assert run.returncode == 0, run.stderr[-3000:]
     assert (workdir / "results/prompts/mt.jsonl").is_file()
     assert not [p for p in (workdir, tmp_path, Path.cwd()) for name in ("PWNED", "PWNED2", "PWNED3", "PWNED4", "PWNED5") if (p / name).exists()]
+
+
+def test_a_replay_cell_gets_its_ar_cells_requests_even_with_the_check_off(tmp_path):
+    import yaml
+
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config["correctness"] = {"check_greedy": False}
+    config["drafters"]["replay80"] = {"kind": "replay", "error_rate": 0.2}
+    config["experiments"]["default"]["methods"].append({"method": "speculative", "drafter": "replay80", "gamma": 4})
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    out = snakemake("-n", "--cores", "2", "--printshellcmds", cwd=tmp_path).stdout
+    commands = [line for line in out.splitlines() if "specdec run --cell" in line]
+    replay = [c for c in commands if "-replay80-" in c]
+    assert len(replay) == 2  # one per dataset
+    for command in replay:
+        assert "--reference" in command and "specdec-ar--b1-n64-t0-cpu--r0/requests.jsonl" in command
+    assert not [c for c in commands if "--reference" in c and "-replay80-" not in c]

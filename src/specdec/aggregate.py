@@ -102,7 +102,10 @@ def load_label(load: Load) -> str:
 
 
 def method_label(cell: Cell) -> str:
-    """`method (drafter)`, after `engine: ` for an engine other than ours."""
+    """`method (drafter)`, after `engine: ` for an engine other than ours; a replay drafter's
+    cell is `replay (measurement tool: drafter)`, so that nobody reads it as a method."""
+    if cell.drafter is not None and cell.drafter.measurement_tool:
+        return f"replay (measurement tool: {cell.drafter.name})"
     label = f"{cell.method} ({cell.drafter.name})" if cell.drafter else cell.method
     return label if cell.engine == "specdec" else f"{cell.engine}: {label}"
 
@@ -126,6 +129,7 @@ def cell_columns(cell: Cell) -> dict[str, Any]:
         "method": cell.method,
         "method_label": method_label(cell),
         "drafter": cell.drafter.name if cell.drafter else None,
+        "measurement_tool": bool(cell.drafter and cell.drafter.measurement_tool),
         "gamma": cell.gamma,
         "batch_size": cell.batch_size,
         **asdict(cell.generation),

@@ -45,16 +45,24 @@ class ModelSpec:
 @dataclass(frozen=True)
 class DrafterSpec:
     """A drafter entry of the config (`drafters.NAME`): a model of its own, a quantised copy
-    of the target, or the model-free n-gram table."""
+    of the target, the model-free n-gram table, or the replay of the AR cell's outputs (a
+    measurement tool: `decoding.ReplayDrafter`)."""
 
     name: str
-    kind: str  # model | quantized | ngram
-    model: ModelSpec | None = None  # kind model
+    kind: str  # model | quantized | ngram | replay
+    model: ModelSpec | None = None  # kind model; kind replay: the draft model whose forwards pace it, if any
     dtype: str | None = None  # kind quantized: int8 | bf16
     n: int | None = None  # kind ngram
     min_context: int | None = None
     top_k: int | None = None
     compile: bool | None = None  # kind quantized: as ModelSpec.compile (a model drafter follows its model's)
+    error_rate: float | None = None  # kind replay
+    cost_ms_per_token: float | None = None
+
+    @property
+    def measurement_tool(self) -> bool:
+        """A replay drafter measures the engine at a set alpha; its speedup is no method's."""
+        return self.kind == "replay"
 
 
 @dataclass(frozen=True)
@@ -150,10 +158,11 @@ class Cell:
 
     @property
     def drafter_model(self) -> ModelSpec | None:
-        """The model a model drafter loads: its own, or the target for a quantised copy."""
+        """The model a drafter loads: its own (a replay drafter's pacing model, if any), or the
+    target for a quantised copy."""
         if self.drafter is None or self.drafter.kind == "ngram":
             return None
-        return self.drafter.model if self.drafter.kind == "model" else self.target
+        return self.target if self.drafter.kind == "quantized" else self.drafter.model
 
     @property
     def group(self) -> str:

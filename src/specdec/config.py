@@ -143,7 +143,7 @@ def check_references(config: dict) -> None:
         raise ConfigError(f"config key '{key}': must be a finite number")
     models, drafters, datasets = config["models"], config.get("drafters", {}), config["datasets"]
     for name, drafter in drafters.items():
-        if drafter["kind"] == "model" and drafter["model"] not in models:
+        if "model" in drafter and drafter["model"] not in models:
             raise ConfigError(f"config key 'drafters.{name}.model': model {drafter['model']!r} is not defined under models")
         if "compile" in drafter and drafter["kind"] != "quantized":
             raise ConfigError(f"config key 'drafters.{name}.compile': only a quantized drafter takes compile; "
@@ -164,6 +164,7 @@ def check_references(config: dict) -> None:
         for i, entry in enumerate(exp["methods"]):
             _check_method(entry, drafters, f"{where}.methods.{i}")
             _check_reference(exp, entry, f"{where}.methods.{i}", where)
+            _check_replay(exp, entry, drafters, f"{where}.methods.{i}")
             for name in _as_list(entry.get("drafter", [])):
                 if drafters[name].get("dtype") == "int8" and target_dtype != "float32":
                     raise ConfigError(f"config key '{where}.methods.{i}.drafter': drafter {name!r} quantises the target to int8, which starts from float32 weights; "
@@ -207,6 +208,19 @@ def _check_reference(exp: dict, entry: dict, where_method: str, where: str) -> N
     if "vllm" in _as_list(entry.get("engine", exp["engine"])):
         raise ConfigError(f"config key '{key}': interleaved decodes the method and AR in one process on one loaded target; "
                           "vLLM's engine runs in a process of its own and batches continuously; use reference: separate")
+def _check_replay(exp: dict, entry: dict, drafters: dict, where: str) -> None:
+    """A replay drafter replays the AR outputs of our engine's greedy AR cell of the same
+    experiment: it needs greedy decoding and that cell in the matrix."""
+    replays = [name for name in _as_list(entry.get("drafter", [])) if drafters[name]["kind"] == "replay"]
+    if not replays:
+        return
+    if any(t != 0 for t in _as_list(exp["temperature"])):
+        raise ConfigError(f"config key '{where}.drafter': replay drafter {replays[0]!r} is greedy only (temperature 0): "
+                          "under sampling its error_rate would not set the acceptance rate")
+    ours = lambda e: "specdec" in _as_list(e.get("engine", exp["engine"]))
+    if not any(e["method"] == "ar" and ours(e) for e in exp["methods"]):
+        raise ConfigError(f"config key '{where}.drafter': replay drafter {replays[0]!r} replays the outputs of our engine's AR cell; "
+                          "add {method: ar} (engine specdec) to this experiment's methods")
 
 
 def _placement_dict(placement: str | dict) -> dict:
@@ -222,7 +236,7 @@ def _model(name: str, spec: dict) -> ModelSpec:
 
 def _drafter(name: str, spec: dict, models: dict) -> DrafterSpec:
     fields = dict(spec)
-    if spec["kind"] == "model":
+    if "model" in spec:
         fields["model"] = _model(spec["model"], models[spec["model"]])
     return DrafterSpec(name=name, **fields)
 
@@ -313,8 +327,10 @@ def reference_cell(cell: Cell, cells: list[Cell], engine: str | None = None) -> 
     method). Same experiment, dataset, target, generation and repeat; preferably the same
     batch shape, placement and load too, so that the numerics match."""
     engine = engine or cell.engine
-    # An interleaved cell's own job decodes its AR reference (measure.py).
-    if not cell.greedy or (engine == cell.engine and (not cell.drafts or cell.interleaved)):
+    # An interleaved cell's own job decodes its AR reference (measure.py); a replay drafter
+    # still needs the AR cell's outputs before it decodes, to replay them.
+    replays = cell.drafter is not None and cell.drafter.measurement_tool
+    if not cell.greedy or (engine == cell.engine and (not cell.drafts or (cell.interleaved and not replays))):
         return None
     candidates = [
         c for c in cells

@@ -22,6 +22,9 @@ class NotSupported(Exception):
 def unsupported(cell: Cell) -> str | None:
     """Why the cell's engine cannot run it, or None."""
     drafter = cell.drafter
+    if cell.engine != "specdec" and drafter is not None and drafter.kind == "replay":
+        return (f"drafter {drafter.name!r} replays reference outputs through our engine's Drafter interface "
+                f"(a measurement tool); {cell.engine} has no such drafter")
     if cell.engine == "transformers" and cell.drafts and cell.batch_size > 1:
         return (f"transformers' assisted generation and prompt lookup run batch size 1 only; "
                 f"batch_size is {cell.batch_size}")

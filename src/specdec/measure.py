@@ -56,7 +56,7 @@ def make_engine(session: Session, generator: torch.Generator, recorder=None):
         )
         input_ids, attention_mask = encoded["input_ids"].to(session.device), encoded["attention_mask"].to(session.device)
         for request, ids, mask in zip(batch, encoded["input_ids"].tolist(), encoded["attention_mask"].tolist()):
-            session.prompt_ids[request.request_id] = [t for t, m in zip(ids, mask) if m]
+            session.register_prompt(request.request_id, [t for t, m in zip(ids, mask) if m])
         tokenize_s = (time.perf_counter() - began) / len(batch)
         decode_start_ns = time.perf_counter_ns()
         with recorder.decode():

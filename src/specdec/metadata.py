@@ -6,7 +6,9 @@ never fails: whatever cannot be determined is null.
 
 from __future__ import annotations
 
+import os
 import platform
+import re
 import subprocess
 from datetime import datetime, timezone
 from importlib import metadata as importlib_metadata
@@ -47,6 +49,38 @@ def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
         if key.strip() == "model name":
             return value.strip()
     return platform.processor() or None
+
+
+# The CPU vector extensions that change which kernels torch and oneDNN pick.
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_isa(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
+    """The `ISA_FLAGS` this CPU reports (Linux `flags`), in that order; [] where unknown."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return []
+    flags = next((line.partition(":")[2].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return [flag for flag in ISA_FLAGS if flag in flags]
+
+
+def cpu_description() -> str:
+    """One line naming the CPU a CPU figure came from: model, ISA, and the BLAS and oneDNN
+    torch runs on it (read from `torch.__config__.show()`), with torch's chosen capability."""
+    import torch
+
+    built = torch.__config__.show()
+    blas = re.search(r"BLAS_INFO=(\w+)", built)
+    mkl = re.search(r"Math Kernel Library Version ([\d.]+)", built)
+    onednn = re.search(r"MKL-DNN (v[\d.]+)", built)
+    parts = [cpu_model() or "unknown CPU", "ISA " + (" ".join(cpu_isa()) or "unknown"),
+             f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}",
+             "BLAS " + (blas.group(1) if blas else "unknown") + (f" {mkl.group(1)}" if mkl else "")]
+    if torch.backends.mkldnn.is_available() and onednn:
+        parts.append(f"oneDNN {onednn.group(1)}")
+    parts.append(f"{os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}")
+    return ", ".join(parts)
 
 
 def git_commit(repo: Path | None = None) -> str | None:

@@ -78,13 +78,15 @@ def hf_generate(
     assistant_model=None,
     prompt_lookup_num_tokens: int | None = None,
     max_matching_ngram_size: int | None = None,
+    **generate_kwargs,
 ) -> list[RowResult]:
     """transformers `generate()` on a left-padded batch: plain (AR), assisted by
     `assistant_model` (gamma draft tokens every step: schedule "constant", confidence threshold
     0, as transformers 5 defaults to 20 tokens and an adaptive threshold), or prompt lookup
     with `prompt_lookup_num_tokens` draft tokens after a match of up to
     `max_matching_ngram_size` tokens. Drafting runs batch size 1 only
-    (`engines.unsupported`). Seed sampling with `torch.manual_seed`."""
+    (`engines.unsupported`). Seed sampling with `torch.manual_seed`. `generate_kwargs` go to
+    `generate()` as they are (bench: `cache_implementation="static"`)."""
     batch = input_ids.shape[0]
     speculative = assistant_model is not None or prompt_lookup_num_tokens is not None
     kwargs = dict(
@@ -93,6 +95,7 @@ def hf_generate(
         do_sample=settings.temperature > 0,
         pad_token_id=settings.pad_token_id,
         eos_token_id=list(settings.eos_token_ids) or None,
+        **generate_kwargs,
     )
     if settings.temperature > 0:
         # Explicit values: an unset top_k falls back to transformers' global default of 50.

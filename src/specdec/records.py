@@ -158,6 +158,19 @@ def read_requests(path: str | os.PathLike) -> list[dict]:
     return records
 
 
+def read_reference_outputs(path: str | os.PathLike) -> dict[str, list[int]]:
+    """Request id -> output token ids of a greedy cell's requests.jsonl (warm-up requests
+    included), what a replay drafter replays; a file without output ids is refused."""
+    outputs = {}
+    for record in read_requests(path):
+        if "output_ids" not in record:
+            raise RecordError(f"{path}: request {record['request_id']!r} has no output_ids (only greedy cells record them)")
+        outputs[record["request_id"]] = record["output_ids"]
+    if not outputs:
+        raise RecordError(f"{path}: no request records")
+    return outputs
+
+
 # ---------------------------------------------------------------------- results
 
 

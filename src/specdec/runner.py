@@ -131,7 +131,7 @@ def run_cell(cell: Cell, prompts_path: Path, out_dir: Path, models_dir: Path = P
             result["engine"] = engine_block(cell, {})
         else:
             lease = lease_gpus(placement.gpus_required(cell.placement, cell.drafter is not None), label=cell.name)
-            session = open_session(cell, Path(models_dir), kernels)
+            session = open_session(cell, Path(models_dir), kernels, reference)
             context = check_context(session, prompts)
             if isinstance(session, Session):  # in-process models: our engine's step path (vLLM compiles its own)
                 session.prepare_steps(context, Path(models_dir).parent / "compile-cache")

@@ -33,6 +33,8 @@ class Session:
     prompt_ids: dict = field(default_factory=dict)  # request id -> unpadded prompt token ids
     kernels: dict = field(default_factory=dict)  # role -> the CPU kernel choice our engine runs it with
     compiled: dict = field(default_factory=dict)  # role -> how its steps run (decoding.compiled)
+    replayed: dict | None = None  # a replay drafter's reference: request id -> AR output ids
+    reference: Path | None = None  # the file they came from
 
     @property
     def device(self) -> str:
@@ -78,6 +80,17 @@ class Session:
                 record = {"enabled": False, "static_cache": False}
             self.compiled[role] = record
 
+    def register_prompt(self, request_id: str, prompt_ids: list[int]) -> None:
+        """Record a request's prompt ids; a replay drafter learns that prompt's reference
+        continuation, which the reference must hold."""
+        self.prompt_ids[request_id] = prompt_ids
+        if self.replayed is None:
+            return
+        if request_id not in self.replayed:
+            raise ValueError(f"replay drafter {self.cell.drafter.name!r}: the reference {self.reference} has no request {request_id!r} "
+                             "(it must be the AR cell of the same prompts, load and warm-up)")
+        self.drafter.continuations[tuple(prompt_ids)] = self.replayed[request_id]
+
     def start(self) -> None:
         """The models are loaded already (`load_session`): bad input is found before the job
         writes anything."""
@@ -93,13 +106,14 @@ class Session:
         self.target = self.drafter = self.drafter_model = None
 
 
-def open_session(cell: Cell, models_dir: Path, kernels: dict[str, Path] | None = None):
-    """The session of the cell's engine: in-process models (ours, transformers) or vLLM."""
+def open_session(cell: Cell, models_dir: Path, kernels: dict[str, Path] | None = None, reference: Path | None = None):
+    """The session of the cell's engine: in-process models (ours, transformers) or vLLM.
+    `reference`: the AR cell's requests.jsonl, which a replay drafter replays."""
     if cell.engine == "vllm":
         from specdec.vllm_engine import open_vllm_session
 
         return open_vllm_session(cell, models_dir)
-    return load_session(cell, models_dir, kernels)
+    return load_session(cell, models_dir, kernels, reference)
 
 
 def generation_settings(cell: Cell, eos_token_ids=(), pad_token_id: int = 0):
@@ -127,7 +141,7 @@ def kernel_setups(cell: Cell) -> dict[str, tuple[str, str]]:
     if cell.engine != "specdec" or cell.placement.strategy != "cpu":
         return {}
     setups = {"target": (cell.target.name, cell.target.dtype)}
-    if cell.drafter is not None and cell.drafter.kind == "model":
+    if cell.drafter is not None and cell.drafter.kind != "quantized" and cell.drafter.model is not None:
         setups["drafter"] = (cell.drafter.model.name, cell.drafter.model.dtype)
     return {role: setup for role, setup in setups.items() if setup[1] == "float32"}
 
@@ -140,15 +154,23 @@ def kernel_choice_name(model: str, dtype: str, batch_size: int) -> str:
 def _drafter_dtype(cell: Cell) -> str:
     """The dtype the drafter's model loads in (an int8 copy is quantised after loading)."""
     drafter = cell.drafter
-    if drafter.kind == "model":
+    if drafter.kind != "quantized":
         return drafter.model.dtype
     return {"bf16": "bfloat16", "int8": "float32"}[drafter.dtype]
 
 
-def load_session(cell: Cell, models_dir: Path, kernels: dict[str, Path] | None = None) -> Session:
+def load_session(cell: Cell, models_dir: Path, kernels: dict[str, Path] | None = None, reference: Path | None = None) -> Session:
     """Place and load the target and the drafter named by the cell. `kernels`: the kernel
-    choice file of a role of `kernel_setups(cell)`; a model without one is probed here."""
-    from specdec.decoding import ModelDrafter, NgramDrafter, check_same_vocabulary
+    choice file of a role of `kernel_setups(cell)`; a model without one is probed here.
+    `reference`: the AR cell's requests.jsonl, required by a replay drafter."""
+    from specdec.decoding import ModelDrafter, NgramDrafter, ReplayDrafter, check_same_vocabulary
+    from specdec.records import read_reference_outputs
+
+    replayed = None
+    if cell.drafter is not None and cell.drafter.kind == "replay":
+        if reference is None:
+            raise ValueError(f"replay drafter {cell.drafter.name!r} needs the requests.jsonl of the AR cell it replays (--reference)")
+        replayed = read_reference_outputs(reference)
 
     drafter_spec = cell.drafter_model
     int8 = cell.drafter is not None and cell.drafter.dtype == "int8"
@@ -177,6 +199,9 @@ def load_session(cell: Cell, models_dir: Path, kernels: dict[str, Path] | None =
     settings = generation_settings(cell, _eos_ids(target, tokenizer), tokenizer.pad_token_id)
     if cell.engine == "transformers":
         drafter = drafter_model  # prompt lookup needs none
+    elif replayed is not None:
+        spec = cell.drafter
+        drafter = ReplayDrafter({}, spec.error_rate, spec.cost_ms_per_token / 1000, model=drafter_model, seed=cell.seed)
     elif cell.method == "speculative":
         drafter = ModelDrafter(drafter_model)
     elif cell.method == "ngram":
@@ -185,7 +210,7 @@ def load_session(cell: Cell, models_dir: Path, kernels: dict[str, Path] | None =
     else:
         drafter = None
     return Session(cell, target, tokenizer, drafter, drafter_model, plan, settings, rss_before_weights=baseline.get("rss"),
-                   kernels=chosen)
+                   kernels=chosen, replayed=replayed, reference=reference)
 
 
 def _apply_kernel_choices(models: dict, files: dict[str, Path]) -> dict:

@@ -94,6 +94,8 @@ def _throughput_ratio(cell: dict, baseline: dict) -> np.ndarray:
     return _token_rate(cell) / _token_rate(baseline)
 
 
+# A replay drafter's cell: its speedup measures the engine at a set alpha, not a method.
+MEASUREMENT_TOOL_FLAG = "measurement tool (replay drafter), not a method result"
 REQUEST_FIELDS = ("output_tokens", "e2e_s")
 RATIOS = {
     "speedup": Ratio("throughput_tok_s", "ar_group_id", per_request=_throughput_ratio),
@@ -265,7 +267,8 @@ def _summarise_cell(cell: pd.DataFrame, baselines: dict[str, pd.DataFrame], per_
     # A repeat measured beside other work: its numbers are partly its neighbours'.
     outside = [f"r{r} {flag}" for r, flag in zip(cell["repeat"], cell.get("cotenant_flag", [])) if isinstance(flag, str)]
     row["outside_load"] = bool(outside)
-    row["flags"] = "; ".join(unstable + outside)
+    tool = [MEASUREMENT_TOOL_FLAG] if first.get("measurement_tool") else []
+    row["flags"] = "; ".join(tool + unstable + outside)
     return row
 
 

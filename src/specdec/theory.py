@@ -59,6 +59,14 @@ def _step_seconds(attribution: dict) -> dict[str, float] | None:
     return {"step": decode / steps, "drafter": (parts["drafter"] or 0.0) / steps, "verify": parts["verify"] / steps}
 
 
+def _paced_s(result: dict) -> float:
+    """Seconds per draft token of a replay drafter paced on the host (no model, so no timed
+    forward); 0 for any other drafter without forwards."""
+    spec = (result.get("config") or {}).get("drafter") or {}
+    paced = spec.get("kind") == "replay" and not spec.get("model")
+    return (spec.get("cost_ms_per_token") or 0.0) / 1000 if paced else 0.0
+
+
 def run_theory(result: dict, baseline: dict | None) -> dict[str, Any]:
     """The theory's columns of one drafting run paired with its AR run (`RUN_COLUMNS`);
     missing where either run has no timed forwards to draw on."""
@@ -69,7 +77,7 @@ def run_theory(result: dict, baseline: dict | None) -> dict[str, Any]:
     if not theory or unit is None:
         return columns
     alpha, shares = theory["alpha"], theory["draft_length_shares"]
-    drafter = mean_forward(ours, "drafter", 1) or 0.0  # an n-gram drafter runs no model
+    drafter = mean_forward(ours, "drafter", 1) or _paced_s(result)  # an n-gram drafter runs no model
     verify = mean_forward(ours, "target_decode", theory["longest_draft"] + 1)
     if verify is None:
         return columns

@@ -109,9 +109,13 @@ def reference_requests(wildcards, engine=None):
     """Greedy outputs are checked token for token against an AR cell: a drafting cell
     against its own engine's (lossless), any cell of another engine against our engine's
     (`engine="specdec"`, parity)."""
-    if not config["correctness"]["check_greedy"]:
-        return []
     cell = cell_of(wildcards)
+    # a replay drafter replays its AR cell's outputs: it needs them even unchecked
+    replays = (
+        engine is None and cell.drafter is not None and cell.drafter.kind == "replay"
+    )
+    if not (config["correctness"]["check_greedy"] or replays):
+        return []
     if engine == cell.engine:
         return []
     reference = specdec.config.reference_cell(cell, list(CELLS.values()), engine)

@@ -1,12 +1,12 @@
 """Decoding engines: one verifier, several drafters (see engine.py)."""
 
-from .drafters import Drafter, DraftSession, ModelDrafter, NgramDrafter, StepOutcome
+from .drafters import Drafter, DraftSession, ModelDrafter, NgramDrafter, ReplayDrafter, StepOutcome
 from .engine import GenerationSettings, RowResult, generate
 from .sampling import Draft, Sampler, verify
 from .vocab import VocabularyMismatch, check_same_vocabulary
 
 __all__ = [
     "Draft", "DraftSession", "Drafter", "GenerationSettings", "ModelDrafter", "NgramDrafter",
-    "RowResult", "Sampler", "StepOutcome", "VocabularyMismatch", "check_same_vocabulary",
+    "ReplayDrafter", "RowResult", "Sampler", "StepOutcome", "VocabularyMismatch", "check_same_vocabulary",
     "generate", "verify",
 ]

@@ -8,8 +8,10 @@ transformers candidate generator.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Mapping, Sequence
 
 import torch
 
@@ -229,3 +231,111 @@ class _NgramSession(DraftSession):
 
     def select(self, rows):
         self.tables = [self.tables[r] for r in rows]
+
+
+class ReplayDrafter(Drafter):
+    """A measurement tool, not a method: it proposes each row's reference continuation (the
+    target's own greedy AR output for that prompt), each token replaced by a wrong one with
+    probability `error_rate`, so that the verifier accepts a draft token with probability
+    alpha = 1 - error_rate on any model, random weights included.
+
+    `continuations` maps a prompt's token ids (unpadded) to its reference output ids. A
+    proposal costs `cost_s_per_token` seconds per draft position, paced on the host (a wait
+    after the proposal's own work, to the deadline); or, given `model`, the real forwards of
+    that draft model, whose proposals are discarded. Greedy only: under sampling the target
+    accepts a reference token with its own probability, so `error_rate` would not set alpha.
+    A row whose output leaves its reference (a near-tie that rounds the other way) gets no
+    more drafts: what follows is no longer a replay.
+    """
+
+    def __init__(self, continuations: Mapping[tuple[int, ...], Sequence[int]], error_rate: float,
+                 cost_s_per_token: float = 0.0, model=None, seed: int = 0):
+        if not 0 <= error_rate <= 1:
+            raise ValueError(f"ReplayDrafter error_rate must be in [0, 1], got {error_rate}")
+        if cost_s_per_token < 0:
+            raise ValueError(f"ReplayDrafter cost_s_per_token must be >= 0, got {cost_s_per_token}")
+        self.continuations, self.error_rate, self.cost_s_per_token = continuations, error_rate, cost_s_per_token
+        self.model, self.seed, self.sessions = model, seed, 0
+
+    def start(self, input_ids, attention_mask, sampler, vocab_size):
+        if not sampler.greedy:
+            raise ValueError("the replay drafter is greedy only: under sampling its error_rate does not set the acceptance rate")
+        references = []
+        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
+            prompt = tuple(t for t, m in zip(ids, mask) if m)
+            if prompt not in self.continuations:
+                raise ValueError(f"replay drafter: no reference continuation for a prompt of {len(prompt)} tokens "
+                                 f"(it has {len(self.continuations)}); the reference must hold every request")
+            references.append(list(self.continuations[prompt]))
+        inner = _ModelDraftSession(self.model, input_ids, attention_mask, sampler, vocab_size) if self.model is not None else None
+        # One generator per session, seeded from the drafter's seed and the session count:
+        # a run that starts the same sessions in the same order corrupts the same tokens.
+        generator = torch.Generator(device=input_ids.device).manual_seed(self.seed + self.sessions)
+        self.sessions += 1
+        return _ReplaySession(self, references, input_ids.device, vocab_size, generator, inner)
+
+
+class _ReplaySession(DraftSession):
+    """Each row's reference as one padded (B, L) tensor, its emitted count (B,) and whether it
+    left the reference (B,): a proposal gathers reference[emitted : emitted + gamma] and
+    corrupts it in one tensor op for the whole batch."""
+
+    def __init__(self, drafter: ReplayDrafter, references: list[list[int]], device, vocab_size: int,
+                 generator: torch.Generator, inner: DraftSession | None):
+        self.drafter, self.vocab_size, self.generator, self.inner = drafter, vocab_size, generator, inner
+        width = max(1, max(map(len, references)))
+        self.reference = torch.tensor([r + [0] * (width - len(r)) for r in references], dtype=torch.long, device=device)
+        self.reference_lengths = torch.tensor([len(r) for r in references], dtype=torch.long, device=device)
+        self.emitted = torch.zeros(len(references), dtype=torch.long, device=device)
+        self.left = torch.zeros(len(references), dtype=torch.bool, device=device)
+        self.corrupted: torch.Tensor | None = None  # (B, g) of the last proposal
+
+    def _at(self, positions: torch.Tensor) -> torch.Tensor:
+        return self.reference.gather(1, positions.clamp(max=self.reference.shape[1] - 1))
+
+    def propose(self, last_tokens, gamma):
+        began = time.perf_counter()
+        if self.inner is not None:
+            self.inner.propose(last_tokens, gamma)  # the draft model's forwards; its tokens are discarded
+        positions = self.emitted[:, None] + torch.arange(gamma, device=self.emitted.device)
+        tokens = self._at(positions)
+        shape = tokens.shape
+        self.corrupted = torch.rand(shape, generator=self.generator, device=tokens.device) < self.drafter.error_rate
+        # A shift of 1 .. V-1 modulo V: a token that is certainly not the reference's.
+        shift = torch.randint(1, self.vocab_size, shape, generator=self.generator, device=tokens.device)
+        tokens = torch.where(self.corrupted, (tokens + shift) % self.vocab_size, tokens)
+        lengths = (self.reference_lengths - self.emitted).clamp(min=0, max=gamma).masked_fill(self.left, 0)
+        if self.drafter.cost_s_per_token:
+            _wait_until(began + self.drafter.cost_s_per_token * gamma)
+        return Draft(tokens, lengths)
+
+    def commit(self, outcome):
+        if self.inner is not None:
+            self.inner.commit(outcome)
+        accepted = outcome.accepted.to(self.emitted.device)
+        if self.corrupted is not None:
+            # An accepted wrong token, or a target token other than the reference's: the row left it.
+            kept = torch.arange(self.corrupted.shape[1], device=accepted.device) < accepted[:, None]
+            self.left |= (self.corrupted & kept).any(1)
+        self.left |= outcome.next_tokens.to(self.emitted.device) != self._at((self.emitted + accepted)[:, None])[:, 0]
+        self.emitted = self.emitted + accepted + 1
+        self.corrupted = None
+
+    def select(self, rows):
+        if self.inner is not None:
+            self.inner.select(rows)
+        index = torch.tensor(rows, device=self.emitted.device)
+        self.reference, self.reference_lengths = self.reference[index], self.reference_lengths[index]
+        self.emitted, self.left = self.emitted[index], self.left[index]
+        if self.corrupted is not None:
+            self.corrupted = self.corrupted[index]
+
+
+def _wait_until(deadline: float) -> None:
+    """Sleep to just before `deadline` (perf_counter seconds), then spin: a sleep alone
+    overshoots by up to a scheduler tick, far more than a paced draft token may cost."""
+    remaining = deadline - time.perf_counter()
+    if remaining > 2e-3:
+        time.sleep(remaining - 1e-3)
+    while time.perf_counter() < deadline:
+        pass

@@ -1,0 +1,342 @@
+"""Issue 19's goals on one GPU, measured side by side in one process; one table of ratios.
+
+    python bench/gpu_speed.py                          # CUDA: Llama-3.1-8B with a Llama-3.2-1B drafter
+    python bench/gpu_speed.py --target qwen3-8b --drafter qwen3-0.6b
+    python bench/gpu_speed.py --smoke                  # the CPU part at its smallest (tests)
+
+Models of real shapes with random weights (bench/configs/*.json, the public config.json of
+each; `random_model` initialises them on the device, nothing is downloaded). Timing is
+meaningful with random weights, acceptance is not, so every speculative row drafts with the
+replay drafter (`decoding.ReplayDrafter`, a measurement tool) at a set alpha: ours proposes
+the reference continuation with each token wrong with probability 1 - alpha; transformers'
+assisted generation gets the same drafter model with its logits overwritten by the same
+replay (`replay_assistant`), each side replaying its own greedy AR output, so both pay the
+1B-shaped drafter's forwards and both see alpha. Without CUDA the CPU part runs: the same
+rows on scaled-down shapes (`shrink`) and a few tokens, with the compiled transformers row
+left out (torch.compile on the CPU takes minutes); its ratios say the script works, not
+what a GPU does.
+
+Rows: the device's copy bandwidth (read + write bytes of a device-to-device copy per
+second) and the bound it sets (bf16 weight bytes / bandwidth); our AR decode step at batch 1
+against that bound; our AR against `generate()` stock and with its static cache +
+torch.compile (compile time excluded, printed apart); speculative with the replay at
+alpha 0.8 on the 1B-shaped drafter against assisted generation (time per output token);
+the embedded 135M model at batch 1; measured speedup over Leviathan's prediction for the
+host-paced replay at alpha 0.6 and 0.8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import torch  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+
+from specdec.decoding import GenerationSettings, ReplayDrafter, generate  # noqa: E402
+from specdec.decoding.cache import RaggedCache  # noqa: E402
+from specdec.metadata import cpu_description, nvidia_driver  # noqa: E402
+from specdec.metrics import draft_length_shares, per_token_alpha, predicted_speedup  # noqa: E402
+from specdec.models import prepare_embedded, weight_bytes  # noqa: E402
+from specdec.peers import hf_generate  # noqa: E402
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+GAMMA = 4
+TODAY_135M_TOK_S = 50.0  # README: the 135M model at 40-50 tokens/s on the H200 before issue 19
+
+# The engine variants every "ours" row is measured with: label -> GenerationSettings -> the
+# settings that variant decodes with. COMPILED PATH: after the `static` branch is merged,
+# add its variant here (e.g. "ours compiled"), and its rows appear beside "ours".
+ENGINE_VARIANTS = {
+    "ours": lambda settings: settings,
+}
+
+
+def model_config(name: str):
+    """A transformers config from bench/configs/NAME.json (its `_source` line says where the
+    values come from)."""
+    fields = json.loads((CONFIGS / f"{name}.json").read_text())
+    fields.pop("_source")
+    return AutoConfig.for_model(fields.pop("model_type"), **fields)
+
+
+def shrink(config, layers: int, hidden: int, vocab: int = 8192):
+    """The same architecture at a CPU-sized shape: `layers` layers of width `hidden`, heads
+    of 64, the grouped-query ratio kept where it divides."""
+    small = copy.deepcopy(config)
+    heads = max(hidden // 64, 1)
+    groups = config.num_attention_heads // config.num_key_value_heads
+    small.update({"num_hidden_layers": layers, "hidden_size": hidden, "intermediate_size": hidden * 3,
+                  "num_attention_heads": heads, "num_key_value_heads": max(heads // groups, 1), "head_dim": 64,
+                  "vocab_size": vocab, "max_window_layers": layers, "bos_token_id": None, "eos_token_id": None})
+    return small
+
+
+def random_model(config, device: str, dtype: torch.dtype):
+    """A causal LM of `config` with random weights made on `device` (no host copy)."""
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # Random weights have no end: every row decodes max_new_tokens, as in both engines' rows.
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+def sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: str, nbytes: int, repeats: int = 20) -> float:
+    """Bytes per second a device-to-device copy reads and writes (2 x size / time)."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    sync(device)
+    began = time.perf_counter()
+    for _ in range(repeats):
+        dst.copy_(src)
+    sync(device)
+    return 2 * nbytes * repeats / (time.perf_counter() - began)
+
+
+def step_seconds(rows) -> float:
+    """Mean time between a row's emissions (its decode steps; the prefill left out)."""
+    steps = sum(len(row.emissions) - 1 for row in rows)
+    return sum(row.emissions[-1][0] - row.emissions[0][0] for row in rows) / 1e9 / steps if steps else float("nan")
+
+
+def tokens_per_s(runs) -> float:
+    """Output tokens per second over timed runs [(rows, seconds)]."""
+    return sum(len(r.output_ids) for rows, _ in runs for r in rows) / sum(s for _, s in runs)
+
+
+def timed(run):
+    began = time.perf_counter()
+    rows = run()
+    return rows, time.perf_counter() - began
+
+
+def replay_assistant(model, reference: list[int], prompt_len: int, error_rate: float, seed: int):
+    """`model` for transformers' assisted generation, its forwards run as they are, its logits
+    then overwritten so that its greedy choice is the replay's: the reference token of each
+    position, wrong with probability `error_rate` (the `ReplayDrafter`'s rule)."""
+    twin = copy.copy(model)  # shares the weights; only `forward` differs
+    forward = model.forward
+    device = model.get_input_embeddings().weight.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    vocab = model.config.vocab_size
+    # the reference, then 0 for any position past it; on the device, so no step syncs for it
+    table = torch.tensor([*reference, 0], device=device)
+
+    def replaying(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        kept = out.logits.shape[1]
+        # Logits after the token at position i choose the token at i + 1: output index
+        # i + 1 - prompt_len. generate() passes position ids (the assistant's cache length
+        # does not follow its re-fed inputs).
+        index = kwargs["position_ids"][0, -kept:] + 1 - prompt_len
+        index = torch.where((index >= 0) & (index < len(reference)), index, len(reference))
+        tokens = table[index]
+        wrong = torch.rand(kept, generator=generator, device=device) < error_rate
+        shift = torch.randint(1, vocab, (kept,), generator=generator, device=device)
+        tokens = torch.where(wrong, (tokens + shift) % vocab, tokens)
+        forced = torch.full_like(out.logits, -1e4)
+        forced[0, torch.arange(kept, device=device), tokens] = 0
+        out.logits = forced
+        return out
+
+    twin.forward = replaying
+    return twin
+
+
+def decode_forward_ratio(model, input_ids: torch.Tensor, width: int, repeats: int) -> float:
+    """v: a `width`-token target forward over a cached prompt / a one-token forward."""
+    device = input_ids.device
+
+    def forward_s(w: int) -> float:
+        tokens = input_ids[:, -w:]
+        valid = torch.ones_like(tokens, dtype=torch.bool)
+        cache.extend(tokens, valid)
+        cache.rollback(torch.zeros(1, dtype=torch.long, device=device), w, 0)
+        sync(str(device))
+        began = time.perf_counter()
+        for _ in range(repeats):
+            cache.extend(tokens, valid)
+            cache.rollback(torch.zeros(1, dtype=torch.long, device=device), w, 0)
+        sync(str(device))
+        return (time.perf_counter() - began) / repeats
+
+    with torch.inference_mode():
+        cache, _ = RaggedCache.prefill(model, input_ids, torch.ones_like(input_ids))
+        return forward_s(width) / forward_s(1)
+
+
+class Table:
+    def __init__(self):
+        self.rows = []
+
+    def add(self, name: str, measured: str, against: str, ratio: float | None, goal: str) -> None:
+        self.rows.append((name, measured, against, "-" if ratio is None else f"{ratio:.2f}x", goal))
+        print(f"  measured: {name}: {measured} / {against}", flush=True)
+
+    def print(self) -> None:
+        widths = [max(len(str(r[i])) for r in [("row", "measured", "against", "ratio", "goal"), *self.rows]) for i in range(5)]
+        for row in [("row", "measured", "against", "ratio", "goal"), *self.rows]:
+            print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", default="llama-3.1-8b", help="a config under bench/configs/")
+    parser.add_argument("--drafter", default="llama-3.2-1b", help="a config under bench/configs/ (same vocabulary)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--smoke", action="store_true", help="the CPU part at its smallest: 1 round, 8 new tokens")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds per comparison (default: 3 on CUDA, 1 on the CPU)")
+    args = parser.parse_args()
+    on_gpu = torch.device(args.device).type == "cuda"
+    rounds = args.rounds or (3 if on_gpu else 1)
+    prompt_len, new_tokens = (128, 128) if on_gpu else (16, 8 if args.smoke else 24)
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    began = time.perf_counter()
+
+    target_config, drafter_config = model_config(args.target), model_config(args.drafter)
+    if not on_gpu:
+        target_config = shrink(target_config, layers=2, hidden=256)
+        drafter_config = shrink(drafter_config, layers=1, hidden=128)
+    torch.manual_seed(0)
+    target = random_model(target_config, args.device, dtype)
+    drafter_model = random_model(drafter_config, args.device, dtype)
+    device_name = torch.cuda.get_device_name(args.device) if on_gpu else cpu_description()
+    print(f"{args.target} target ({'scaled down: ' if not on_gpu else ''}{sum(p.numel() for p in target.parameters()) / 1e9:.3f} B parameters) "
+          f"with a {args.drafter} drafter, {dtype}, random weights; {prompt_len} prompt + {new_tokens} new tokens, "
+          f"batch 1, gamma {GAMMA}, {rounds} round(s); device {args.device}: {device_name}"
+          + (f", driver {nvidia_driver()}, CUDA {torch.version.cuda}" if on_gpu else "")
+          + f"; torch {torch.__version__}", flush=True)
+
+    table = Table()
+    bandwidth = copy_bandwidth(args.device, (1 << 30) if on_gpu else (1 << 27))
+    weights = weight_bytes(target)
+    bound = weights / bandwidth
+    table.add("device copy bandwidth", f"{bandwidth / 1e12:.3f} TB/s", f"bound {bound * 1e3:.3f} ms/token for {weights / 1e9:.2f} GB", None, "-")
+
+    prompt = torch.randint(0, target_config.vocab_size, (1, prompt_len), device=args.device)
+    mask = torch.ones_like(prompt)
+    settings = GenerationSettings(max_new_tokens=new_tokens, gamma=GAMMA)
+
+    def ours(variant, drafter=None, model=target):
+        return lambda: generate(model, prompt, mask, ENGINE_VARIANTS[variant](settings), drafter)
+
+    def theirs(**kwargs):
+        return lambda: hf_generate(target, prompt, mask, settings, **kwargs)
+
+    # Warm-ups (CUDA kernels, allocator) and each side's greedy reference continuation.
+    reference = {variant: ours(variant)()[0].output_ids for variant in ENGINE_VARIANTS}
+    hf_reference = theirs()()[0].output_ids
+    compile_s = None
+    if on_gpu:
+        compile_s = timed(theirs(cache_implementation="static"))[1]  # generate() compiles its forward on first use
+    continuations = {variant: {tuple(prompt[0].tolist()): ids} for variant, ids in reference.items()}
+
+    def replay(variant, error_rate, cost_s_per_token=0.0, model=None):
+        return ReplayDrafter(continuations[variant], error_rate, cost_s_per_token, model=model, seed=1)
+
+    runs: dict[str, list] = {}
+
+    def measure(name, run):
+        runs.setdefault(name, []).append(timed(run))
+
+    for _ in range(rounds):
+        for variant in ENGINE_VARIANTS:
+            measure(f"{variant} AR", ours(variant))
+        measure("HF generate", theirs())
+        if on_gpu:
+            measure("HF static+compile", theirs(cache_implementation="static"))
+        for variant in ENGINE_VARIANTS:
+            measure(f"{variant} spec replay 0.8", ours(variant, replay(variant, 0.2, model=drafter_model)))
+        assistant = replay_assistant(drafter_model, hf_reference, prompt_len, 0.2, seed=1)
+        measure("HF assisted replay 0.8", theirs(assistant_model=assistant))
+
+    def rows_of(name):
+        return [r for rows, _ in runs[name] for r in rows]
+
+    for variant in ENGINE_VARIANTS:
+        ar = tokens_per_s(runs[f"{variant} AR"])
+        step = step_seconds(rows_of(f"{variant} AR"))
+        table.add(f"{variant} AR step, batch 1", f"{step * 1e3:.3f} ms", f"bound {bound * 1e3:.3f} ms", step / bound, "<= 1.25x")
+        hf = tokens_per_s(runs["HF generate"])
+        table.add(f"{variant} AR / HF generate", f"{ar:.1f} tok/s", f"{hf:.1f} tok/s", ar / hf, ">= 1.1x")
+        if on_gpu:
+            compiled = tokens_per_s(runs["HF static+compile"])
+            table.add(f"{variant} AR / HF static cache + compile", f"{ar:.1f} tok/s", f"{compiled:.1f} tok/s (compile {compile_s:.0f} s apart)",
+                      ar / compiled, ">= 1.0x")
+        else:
+            table.add(f"{variant} AR / HF static cache + compile", "not run on the CPU", "torch.compile takes minutes here", None, ">= 1.0x")
+        spec = rows_of(f"{variant} spec replay 0.8")
+        assisted = rows_of("HF assisted replay 0.8")
+        ours_tpot = sum(s for _, s in runs[f"{variant} spec replay 0.8"]) / sum(len(r.output_ids) for r in spec)
+        hf_tpot = sum(s for _, s in runs["HF assisted replay 0.8"]) / sum(len(r.output_ids) for r in assisted)
+        table.add(f"{variant} spec ({args.drafter} forwards, replay a=0.8) / HF assisted, same",
+                  f"{ours_tpot * 1e3:.2f} ms/token (a={_alpha(spec):.2f})", f"{hf_tpot * 1e3:.2f} ms/token", hf_tpot / ours_tpot, ">= 1.15x")
+
+    for variant in ENGINE_VARIANTS:
+        _leviathan_rows(table, variant, target, prompt, ours, replay, rounds, step_seconds(rows_of(f"{variant} AR")))
+
+    _embedded_row(table, args.device, new_tokens, rounds)
+    print(f"\none table, measured side by side in one process ({time.perf_counter() - began:.0f} s):")
+    table.print()
+
+
+def _alpha(rows) -> float:
+    return per_token_alpha(_per_position(rows)) or float("nan")
+
+
+def _per_position(rows):
+    width = max(len(r.drafted_per_position) for r in rows)
+    return [{"drafted": sum(r.drafted_per_position[i] for r in rows if i < len(r.drafted_per_position)),
+             "accepted": sum(r.accepted_per_position[i] for r in rows if i < len(r.accepted_per_position))} for i in range(width)]
+
+
+def _leviathan_rows(table, variant, target, prompt, ours, replay, rounds, ar_step):
+    """Speedup of the host-paced replay (cost c = 0.1 of an AR step per draft token) over our
+    AR, against Leviathan's prediction from the measured alpha, c, v and draft lengths."""
+    c = 0.1
+    v = decode_forward_ratio(target, prompt, GAMMA + 1, repeats=10)
+    for alpha in (0.6, 0.8):
+        ar_runs, spec_runs = [], []
+        for _ in range(rounds):
+            ar_runs.append(timed(ours(variant)))
+            spec_runs.append(timed(ours(variant, replay(variant, 1 - alpha, cost_s_per_token=c * ar_step))))
+        rows = [r for rows, _ in spec_runs for r in rows]
+        positions = _per_position(rows)
+        measured_alpha = per_token_alpha(positions)
+        steps = sum(r.target_forwards - 1 for r in rows)  # the prefill verifies nothing
+        predicted = predicted_speedup(measured_alpha, c, v, draft_length_shares(positions, steps))
+        measured = tokens_per_s(spec_runs) / tokens_per_s(ar_runs)
+        table.add(f"{variant} replay a={alpha} (c={c}, v={v:.2f}) speedup / Leviathan", f"{measured:.2f}x (a={measured_alpha:.2f})",
+                  f"predicted {predicted:.2f}x", measured / predicted, ">= 0.9x")
+
+
+def _embedded_row(table, device, new_tokens, rounds):
+    """The embedded 135M model, AR at batch 1, its own prompt of random ids."""
+    on_gpu = torch.device(device).type == "cuda"
+    model = AutoModelForCausalLM.from_pretrained(prepare_embedded(), dtype=torch.bfloat16 if on_gpu else torch.float32).to(device).eval()
+    prompt = torch.randint(0, model.config.vocab_size, (1, 32), device=device)
+    settings = GenerationSettings(max_new_tokens=new_tokens)
+    generate(model, prompt, torch.ones_like(prompt), settings)  # warm-up
+    runs = [timed(lambda: generate(model, prompt, torch.ones_like(prompt), settings)) for _ in range(rounds)]
+    rate = tokens_per_s(runs)
+    table.add("135M embedded AR, batch 1", f"{rate:.1f} tok/s", f"{TODAY_135M_TOK_S:.0f} tok/s before (H200)",
+              rate / TODAY_135M_TOK_S if on_gpu else None, ">= 2x (GPU only)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""bench/gpu_speed.py's pieces on the CPU: the real-architecture configs give models of the
+published sizes, and transformers' assisted generation with the replay assistant accepts
+the replayed reference (all of it at error rate 0, none at 1) and stays lossless."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from specdec.decoding import GenerationSettings, generate
+from specdec.peers import hf_generate
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "gpu_speed.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("gpu_speed", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name, billions", [("llama-3.1-8b", 8.03), ("llama-3.2-1b", 1.24), ("qwen3-8b", 8.19), ("qwen3-0.6b", 0.60)])
+def test_configs_give_models_of_the_published_size(bench, name, billions):
+    model = bench.random_model(bench.model_config(name), "meta", torch.bfloat16)  # shapes only, no memory
+    assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(billions, abs=0.01)
+
+
+@pytest.mark.parametrize("error_rate", [0.0, 1.0])
+def test_assisted_generation_with_the_replay_assistant_accepts_the_replay(bench, error_rate):
+    torch.manual_seed(0)
+    target = bench.random_model(bench.shrink(bench.model_config("llama-3.1-8b"), layers=1, hidden=128, vocab=512), "cpu", torch.float32)
+    drafter = bench.random_model(bench.shrink(bench.model_config("llama-3.2-1b"), layers=1, hidden=64, vocab=512), "cpu", torch.float32)
+    prompt = torch.randint(0, 512, (1, 8))
+    settings = GenerationSettings(max_new_tokens=12, gamma=3)
+    reference = hf_generate(target, prompt, torch.ones_like(prompt), settings)[0].output_ids
+    assistant = bench.replay_assistant(drafter, reference, prompt.shape[1], error_rate, seed=0)
+    row = hf_generate(target, prompt, torch.ones_like(prompt), settings, assistant_model=assistant)[0]
+    assert row.output_ids == reference
+    assert row.drafted_tokens > 0
+    assert row.accepted_tokens == (row.drafted_tokens if error_rate == 0 else 0)
+    assert generate(target, prompt, torch.ones_like(prompt), settings)[0].output_ids == reference
