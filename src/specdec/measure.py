@@ -88,7 +88,7 @@ def reference_engine(session: Session, recorder) -> Callable[[list], list[dict]]
     target, kernels and prompts, no drafter, a generator of its own seeded like the cell's,
     and nothing of it timed by the cell's attribution (`recorder.paused`)."""
     ar = session.cell.ar_counterpart()
-    ar_session = dataclasses.replace(session, cell=ar, drafter=None, drafter_model=None,
+    ar_session = dataclasses.replace(session, cell=ar, drafter=None, drafter_model=None, replayed=None,
                                      settings=dataclasses.replace(session.settings, gamma=0))
     engine = make_engine(ar_session, torch.Generator(device=session.device).manual_seed(ar.seed))
 

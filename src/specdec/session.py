@@ -67,9 +67,9 @@ class Session:
         if self.cell.engine != "specdec":
             return
         roles = {"target": (self.target, self.cell.target.compile)}
-        if self.cell.method == "speculative":
+        if self.drafter_model is not None:  # a quantised copy, or a model drafter's (or replay pacer's) own model
             spec = self.cell.drafter
-            roles["drafter"] = (self.drafter_model, spec.model.compile if spec.kind == "model" else spec.compile)
+            roles["drafter"] = (self.drafter_model, spec.compile if spec.kind == "quantized" else spec.model.compile)
         max_length = -(-(context + self.cell.gamma + 1) // 256) * 256  # shapes shared by cells of similar contexts
         for role, (model, wanted) in roles.items():
             device = model.get_input_embeddings().weight.device
