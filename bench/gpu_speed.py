@@ -12,9 +12,11 @@ the reference continuation with each token wrong with probability 1 - alpha; tra
 assisted generation gets the same drafter model with its logits overwritten by the same
 replay (`replay_assistant`), each side replaying its own greedy AR output, so both pay the
 1B-shaped drafter's forwards and both see alpha. Without CUDA the CPU part runs: the same
-rows on scaled-down shapes (`shrink`) and a few tokens, with the compiled transformers row
-left out (torch.compile on the CPU takes minutes); its ratios say the script works, not
-what a GPU does.
+rows on scaled-down shapes (`shrink`) and a few tokens, with both compiled rows (ours and
+transformers') left out (torch.compile on the CPU takes minutes); its ratios say the script
+works, not what a GPU does. Every "ours" row is measured on each of our step paths
+(`ENGINE_VARIANTS`: the growing cache, the static cache eager, and on CUDA the static cache
+with compiled, graph-captured steps), interleaved round by round.
 
 Rows: the device's copy bandwidth (read + write bytes of a device-to-device copy per
 second) and the bound it sets (bf16 weight bytes / bandwidth); our AR decode step at batch 1
@@ -33,6 +35,7 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -42,21 +45,56 @@ import torch  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 from specdec.decoding import GenerationSettings, ReplayDrafter, generate  # noqa: E402
-from specdec.decoding.cache import RaggedCache  # noqa: E402
+from specdec.decoding.cache import (  # noqa: E402
+    RaggedCache, restore_static_cache, static_setup, use_dynamic_cache, use_static_cache,
+)
+from specdec.decoding.compiled import compile_steps, step_widths  # noqa: E402
 from specdec.metadata import cpu_description, nvidia_driver  # noqa: E402
 from specdec.metrics import draft_length_shares, per_token_alpha, predicted_speedup  # noqa: E402
 from specdec.models import prepare_embedded, weight_bytes  # noqa: E402
 from specdec.peers import hf_generate  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
+COMPILE_CACHE = Path(__file__).resolve().parents[1] / "resources" / "compile-cache"  # the pipeline's
 GAMMA = 4
 TODAY_135M_TOK_S = 50.0  # README: the 135M model at 40-50 tokens/s on the H200 before issue 19
 
-# The engine variants every "ours" row is measured with: label -> GenerationSettings -> the
-# settings that variant decodes with. COMPILED PATH: after the `static` branch is merged,
-# add its variant here (e.g. "ours compiled"), and its rows appear beside "ours".
+class StepPath:
+    """One of our engine's step paths, switched on for its models around each of its runs, so
+    that the paths are measured interleaved in one process. `prepare(model, role,
+    max_length)` sets a model up once (decoding.cache / decoding.compiled); later runs
+    restore that setup, its caches and compiled graphs as they were."""
+
+    def __init__(self, prepare=None):
+        self.prepare, self.setups = prepare, {}
+
+    @contextmanager
+    def on(self, models: dict[str, object], max_length: int):
+        """`models`: role ("target", "drafter") -> model."""
+        for role, model in models.items():
+            if self.prepare is not None and id(model) not in self.setups:
+                self.prepare(model, role, max_length)
+                self.setups[id(model)] = static_setup(model)
+            restore_static_cache(model, self.setups.get(id(model)))
+        try:
+            yield
+        finally:
+            for model in models.values():
+                use_dynamic_cache(model)
+
+
+def _compiled(model, role, max_length):
+    record = compile_steps(model, max_length, 1, {role: step_widths(GAMMA, role)}, COMPILE_CACHE)
+    print(f"  {role}: steps compiled in {record['compile_s']:.0f} s (apart from every timing)", flush=True)
+
+
+# Our engine's step paths (decoding.cache, decoding.compiled): each "ours" row is measured
+# on every path that runs on the device. The compiled one is CUDA only here: on the CPU,
+# inductor takes minutes per shape (README "How fast the engine is, and why").
 ENGINE_VARIANTS = {
-    "ours": lambda settings: settings,
+    "ours": lambda on_gpu: StepPath(),
+    "ours static": lambda on_gpu: StepPath(lambda model, role, max_length: use_static_cache(model, max_length)),
+    "ours compiled": lambda on_gpu: StepPath(_compiled) if on_gpu else None,
 }
 
 
@@ -232,14 +270,20 @@ def main() -> None:
     mask = torch.ones_like(prompt)
     settings = GenerationSettings(max_new_tokens=new_tokens, gamma=GAMMA)
 
+    paths = {name: path for name, make in ENGINE_VARIANTS.items() if (path := make(on_gpu)) is not None}
+    max_length = prompt_len + new_tokens + GAMMA + 1
+
     def ours(variant, drafter=None, model=target):
-        return lambda: generate(model, prompt, mask, ENGINE_VARIANTS[variant](settings), drafter)
+        def run():
+            with paths[variant].on({"target": model, "drafter": drafter_model}, max_length):
+                return generate(model, prompt, mask, settings, drafter)
+        return run
 
     def theirs(**kwargs):
         return lambda: hf_generate(target, prompt, mask, settings, **kwargs)
 
     # Warm-ups (CUDA kernels, allocator) and each side's greedy reference continuation.
-    reference = {variant: ours(variant)()[0].output_ids for variant in ENGINE_VARIANTS}
+    reference = {variant: ours(variant)()[0].output_ids for variant in paths}
     hf_reference = theirs()()[0].output_ids
     compile_s = None
     if on_gpu:
@@ -255,12 +299,12 @@ def main() -> None:
         runs.setdefault(name, []).append(timed(run))
 
     for _ in range(rounds):
-        for variant in ENGINE_VARIANTS:
+        for variant in paths:
             measure(f"{variant} AR", ours(variant))
         measure("HF generate", theirs())
         if on_gpu:
             measure("HF static+compile", theirs(cache_implementation="static"))
-        for variant in ENGINE_VARIANTS:
+        for variant in paths:
             measure(f"{variant} spec replay 0.8", ours(variant, replay(variant, 0.2, model=drafter_model)))
         assistant = replay_assistant(drafter_model, hf_reference, prompt_len, 0.2, seed=1)
         measure("HF assisted replay 0.8", theirs(assistant_model=assistant))
@@ -268,7 +312,7 @@ def main() -> None:
     def rows_of(name):
         return [r for rows, _ in runs[name] for r in rows]
 
-    for variant in ENGINE_VARIANTS:
+    for variant in paths:
         ar = tokens_per_s(runs[f"{variant} AR"])
         step = step_seconds(rows_of(f"{variant} AR"))
         table.add(f"{variant} AR step, batch 1", f"{step * 1e3:.3f} ms", f"bound {bound * 1e3:.3f} ms", step / bound, "<= 1.25x")
@@ -287,10 +331,10 @@ def main() -> None:
         table.add(f"{variant} spec ({args.drafter} forwards, replay a=0.8) / HF assisted, same",
                   f"{ours_tpot * 1e3:.2f} ms/token (a={_alpha(spec):.2f})", f"{hf_tpot * 1e3:.2f} ms/token", hf_tpot / ours_tpot, ">= 1.15x")
 
-    for variant in ENGINE_VARIANTS:
+    for variant in paths:
         _leviathan_rows(table, variant, target, prompt, ours, replay, rounds, step_seconds(rows_of(f"{variant} AR")))
 
-    _embedded_row(table, args.device, new_tokens, rounds)
+    _embedded_row(table, args.device, new_tokens, rounds, paths)
     print(f"\none table, measured side by side in one process ({time.perf_counter() - began:.0f} s):")
     table.print()
 
@@ -325,18 +369,28 @@ def _leviathan_rows(table, variant, target, prompt, ours, replay, rounds, ar_ste
                   f"predicted {predicted:.2f}x", measured / predicted, ">= 0.9x")
 
 
-def _embedded_row(table, device, new_tokens, rounds):
-    """The embedded 135M model, AR at batch 1, its own prompt of random ids."""
+def _embedded_row(table, device, new_tokens, rounds, paths):
+    """The embedded 135M model, AR at batch 1 on each of our step paths, its own prompt of
+    random ids."""
     on_gpu = torch.device(device).type == "cuda"
     model = AutoModelForCausalLM.from_pretrained(prepare_embedded(), dtype=torch.bfloat16 if on_gpu else torch.float32).to(device).eval()
     prompt = torch.randint(0, model.config.vocab_size, (1, 32), device=device)
     settings = GenerationSettings(max_new_tokens=new_tokens)
-    generate(model, prompt, torch.ones_like(prompt), settings)  # warm-up
-    runs = [timed(lambda: generate(model, prompt, torch.ones_like(prompt), settings)) for _ in range(rounds)]
-    rate = tokens_per_s(runs)
-    table.add("135M embedded AR, batch 1", f"{rate:.1f} tok/s", f"{TODAY_135M_TOK_S:.0f} tok/s before (H200)",
-              rate / TODAY_135M_TOK_S if on_gpu else None, ">= 2x (GPU only)")
 
+    def run(path):
+        with path.on({"target": model}, prompt.shape[1] + new_tokens + 1):
+            return generate(model, prompt, torch.ones_like(prompt), settings)
+
+    for path in paths.values():
+        run(path)  # warm-up (and the compiled path's compile)
+    runs = {name: [] for name in paths}
+    for _ in range(rounds):
+        for name, path in paths.items():
+            runs[name].append(timed(lambda: run(path)))
+    for name in paths:
+        rate = tokens_per_s(runs[name])
+        table.add(f"135M embedded AR, batch 1 ({name})", f"{rate:.1f} tok/s", f"{TODAY_135M_TOK_S:.0f} tok/s before (H200)",
+                  rate / TODAY_135M_TOK_S if on_gpu else None, ">= 2x (GPU only)")
 
 if __name__ == "__main__":
     main()

@@ -156,7 +156,15 @@ def use_static_cache(model, max_length: int, compiled_step: Callable | None = No
 
 def use_dynamic_cache(model) -> None:
     """Back to the growing cache (drops the static caches)."""
-    if hasattr(model, _STATIC):
+    restore_static_cache(model, None)
+
+
+def restore_static_cache(model, setup: StaticSetup | None) -> None:
+    """Decode `model` with a setup made earlier (`static_setup`), its caches and compiled
+    steps as they were, or with the growing cache (None): a bench switches paths per run."""
+    if setup is not None:
+        setattr(model, _STATIC, setup)
+    elif hasattr(model, _STATIC):
         delattr(model, _STATIC)
 
 
