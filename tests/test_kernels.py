@@ -6,7 +6,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from specdec.decoding import GenerationSettings, generate, kernels
+from specdec.decoding import GenerationSettings, ModelDrafter, generate, kernels
 from specdec.decoding.cache import RaggedCache
 
 
@@ -38,6 +38,18 @@ def test_decode_kernels_tune_only_float32_cpu_linears_and_leave_the_model_unchan
         assert tuned == len(linears) == 2 * 7 + 1  # q k v o gate up down per layer, lm_head
         assert all("forward" in m.__dict__ for m in linears)
         assert not any("forward" in m.__dict__ for m in bf16.modules())
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_the_target_drafting_for_itself_is_tuned_once(always_weight_major):
+    """One model as target and drafter: its layers are patched once and restored once."""
+    model = tiny_llama()
+    ids = torch.randint(3, 64, (2, 9))
+    settings = GenerationSettings(max_new_tokens=8, gamma=2)
+    with kernels.decode_kernels(model, model) as tuned:
+        assert tuned == 2 * 7 + 1
+    rows = generate(model, ids, torch.ones_like(ids), settings, ModelDrafter(model))
+    assert all(r.accepted_tokens == r.drafted_tokens > 0 for r in rows)  # itself: every draft kept
     assert not any("forward" in m.__dict__ for m in model.modules())
 
 

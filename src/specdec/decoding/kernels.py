@@ -172,7 +172,8 @@ def tuned_linears(model) -> list[nn.Linear]:
 @contextmanager
 def decode_kernels(*models):
     """Within the block, the given models' float32 CPU linear layers compute `W @ x.T` where
-    that decodes faster; the models are unchanged afterwards. Yields the layers tuned."""
-    layers = [layer for model in models for layer in tuned_linears(model)]
+    that decodes faster; the models are unchanged afterwards. Yields the layers tuned. A
+    model given twice (the target drafting for itself) is tuned once."""
+    layers = [layer for model in dict.fromkeys(models) for layer in tuned_linears(model)]
     with _weight_major_forwards(layers):
         yield len(layers)
