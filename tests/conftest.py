@@ -94,6 +94,14 @@ def tiny_llama(folder: Path, vocab_size: int, tokenizer_of: Path | None = None) 
         shutil.copy(Path(tokenizer_of) / name, Path(folder) / name)
 
 
+def greedy_settings(tokenizer, max_new_tokens: int, gamma: int = 4):
+    """Greedy GenerationSettings that stop at `tokenizer`'s EOS and pad with its pad token."""
+    from specdec.decoding import GenerationSettings
+
+    return GenerationSettings(max_new_tokens=max_new_tokens, eos_token_ids=(tokenizer.eos_token_id,),
+                              pad_token_id=tokenizer.pad_token_id, gamma=gamma)
+
+
 @contextlib.contextmanager
 def static_caches(*models, max_length: int):
     """Decode `models` with static caches of `max_length` slots (eager) inside the block."""

@@ -14,7 +14,7 @@ from specdec.decoding import (
 from specdec.decoding.cache import RaggedCache, open_cache, use_dynamic_cache, use_static_cache
 from specdec.models import quantized_copy
 
-from conftest import static_caches
+from conftest import greedy_settings, static_caches
 
 PROMPTS = [
     ("code", 'from typing import List\n\n\ndef has_close_elements(numbers: List[float], threshold: float) -> bool:\n'
@@ -41,8 +41,7 @@ def encoded(embedded_model):
 @pytest.fixture(scope="module")
 def settings(embedded_model):
     _, tokenizer = embedded_model
-    return GenerationSettings(max_new_tokens=NEW_TOKENS, eos_token_ids=(tokenizer.eos_token_id,),
-                              pad_token_id=tokenizer.pad_token_id, gamma=4)
+    return greedy_settings(tokenizer, NEW_TOKENS)
 
 
 @pytest.fixture(scope="module")

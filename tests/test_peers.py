@@ -3,7 +3,7 @@ derived from streamer chunks, batch > 1 drafting cells recorded not_supported.""
 
 import pytest
 import torch
-from conftest import cell_inputs
+from conftest import cell_inputs, greedy_settings
 
 from specdec.decoding import GenerationSettings, generate
 from specdec.models import quantized_copy
@@ -20,8 +20,7 @@ def setup(embedded_model):
         for c in ["Write a Python function that adds two numbers.", "What is the capital of France? One word."]
     ]
     batch = tokenizer(texts, return_tensors="pt", padding=True)
-    settings = GenerationSettings(max_new_tokens=NEW_TOKENS, eos_token_ids=(tokenizer.eos_token_id,),
-                                  pad_token_id=tokenizer.pad_token_id, gamma=4)
+    settings = greedy_settings(tokenizer, NEW_TOKENS)
     ours = generate(model, batch.input_ids, batch.attention_mask, settings)
     return model, batch, settings, ours
 

@@ -10,6 +10,8 @@ import torch
 
 from specdec.decoding import GenerationSettings, ModelDrafter, ReplayDrafter, generate
 from specdec.metrics import per_token_alpha
+
+from conftest import greedy_settings
 from specdec.models import quantized_copy
 
 PROMPTS = [
@@ -33,8 +35,7 @@ def batch(embedded_model):
 @pytest.fixture(scope="module")
 def settings(embedded_model):
     _, tokenizer = embedded_model
-    return GenerationSettings(max_new_tokens=NEW_TOKENS, eos_token_ids=(tokenizer.eos_token_id,),
-                              pad_token_id=tokenizer.pad_token_id, gamma=4)
+    return greedy_settings(tokenizer, NEW_TOKENS)
 
 
 @pytest.fixture(scope="module")
