@@ -1,6 +1,18 @@
+import os
+
 from snakemake.utils import min_version
 
+import specdec.config
+
 min_version("9.0")
+
+# The gate's first step: each config file through our YAML reader, whose errors name the file,
+# line and column of a syntax mistake or of a key given twice (Snakemake's name neither).
+for configfile_path in [
+    *workflow.configfiles,
+    *filter(os.path.exists, ["config.yaml"]),
+]:
+    specdec.config.read_yaml(configfile_path)
 
 
 configfile: "config.yaml"

@@ -11,14 +11,15 @@ forwards (forward time is taken by hooks on the target and drafter models). It n
     python bench/speed.py --prompts 2 --new-tokens 64 --rounds 1
     python bench/speed.py --same-kernels     # peers run our CPU linear kernels too (kernels.py)
     python bench/speed.py --device cuda --model /path/to/folder   # bf16 drafter and n-gram only
-    python bench/speed.py --paths --quick    # our engine alone: growing vs static vs compiled cache
+    python bench/speed.py --paths --quick    # growing vs static vs compiled cache, and each against transformers
 
 On the CPU our engine runs float32 linear layers in the BLAS call order that is faster for a
 few rows (specdec/decoding/kernels.py); transformers' generate() does not. --same-kernels
 gives the peers the same kernels, so the ratios isolate the decoding loops. On a GPU the
 share outside forwards is host time outside the forward calls (kernels run asynchronously).
 --paths compares our engine with itself instead, AR and the bf16 drafter at batch 1: the
-growing cache, the static cache run eagerly, and the static cache with compiled steps
+growing cache, the static cache run eagerly, and the static cache with compiled steps, each
+also against generate() and assisted generation in the same round-robin
 (decoding/compiled.py; compiled before the timed runs, its time printed apart; inductor's
 cache under resources/compile-cache/, so a second run loads what the first compiled).
 A compiled forward bypasses the forward hooks: its share outside forwards reads n/a.
@@ -117,6 +118,8 @@ def main() -> None:
     compile_records = {}
     if args.paths:
         pairs, batched = path_pairs(target, drafters["bf16"], settings, max(e.input_ids.shape[1] for e in singles), compile_records), ()
+        # the peers join the same round-robin, so each path's ratio to transformers is paired too
+        pairs.append(("HF assisted bf16", theirs(assistant_model=drafters["bf16"]), "HF generate", theirs()))
     else:
         pairs = [("AR", ours(), "HF generate", theirs())]
         pairs += [(f"spec {kind}", ours(ModelDrafter(drafter)), f"HF assisted {kind}", theirs(assistant_model=drafter))
@@ -175,6 +178,11 @@ def main() -> None:
         for a, _, b, _ in pairs:
             same = outputs[a] == outputs[b] if not settings.temperature else "n/a (sampling)"
             print(f"{a + ' / ' + b:<38}{rate(a) / rate(b):>9.2f}x   outputs identical: {same}")
+        print("\nagainst transformers                   measured  target")
+        for path in ("static", "compiled"):
+            for a, b, goal in ((f"AR {path}", "HF generate", 1.0), (f"spec bf16 {path}", "HF assisted bf16", 1.15)):
+                same = outputs[a] == outputs[b] if not settings.temperature else "n/a (sampling)"
+                print(f"{a + ' / ' + b:<38}{rate(a) / rate(b):>9.2f}x  >= {goal}x   outputs identical: {same}")
         return
     print("\nratio                                  measured  target")
     for a, _, b, _ in pairs:

@@ -260,6 +260,7 @@ def test_a_replay_drafter_is_a_typed_measurement_tool(default_config):
         (lambda c: c["drafters"]["replay80"].update(error_rate=1.5), "drafters.replay80.error_rate", None),
         (lambda c: c["drafters"]["replay80"].update(cost_ms_per_token=-1), "drafters.replay80.cost_ms_per_token", None),
         (lambda c: c["drafters"]["replay80"].update(model="nope"), "drafters.replay80.model", "not defined"),
+        (lambda c: c["drafters"]["replay80"].update(model="smollm2", cost_ms_per_token=2), "drafters.replay80.cost_ms_per_token", "not both"),
         (lambda c: c["drafters"]["int8"].update(error_rate=0.1), "drafters.int8", None),
         (_experiment(temperature=0.7), "experiments.default.methods.3.drafter", "greedy only"),
         (lambda c: c["experiments"]["default"]["methods"].pop(0), "experiments.default.methods.2.drafter", "AR cell"),

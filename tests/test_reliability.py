@@ -220,6 +220,18 @@ def test_truncated_model_file_is_one_line_naming_it(capsys, tiny, tmp_path, embe
     assert f"model 'smollm2': cannot load its {part} from " in line and str(tmp_path / "model" / file) in line
 
 
+@pytest.mark.parametrize("content", [
+    '{"version": "1.0", "model": 5}',  # transformers: KeyError
+    '{"version": "1.0", "added_tokens": [], "model": 5}',  # tokenizers: a bare Exception
+    "[1, 2]",  # TypeError
+])
+def test_tokenizer_json_of_the_wrong_shape_is_one_line_naming_it(capsys, tiny, tmp_path, embedded_model_dir, content):
+    tiny_llama(tmp_path / "model", 49152, tokenizer_of=embedded_model_dir)
+    (tmp_path / "model" / "tokenizer.json").write_text(content)
+    line = run_error(capsys, tiny, tmp_path, local_target(tiny, tmp_path / "model"))
+    assert f"model 'smollm2': cannot load its tokenizer from {tmp_path / 'model' / 'tokenizer.json'}: " in line
+
+
 def test_known_model_type_with_its_own_model_code_needs_trust(capsys, tiny, tmp_path, embedded_model_dir):
     """A llama config whose auto_map names its own modelling code: not 'not a causal LM'."""
     tiny_llama(tmp_path / "model", 49152, tokenizer_of=embedded_model_dir)

@@ -1,10 +1,12 @@
 """The Snakemake workflow: lint, formatting, dry runs, and a tiny real end-to-end run."""
 
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import run_snakemake
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,6 +61,17 @@ def test_bad_config_fails_naming_the_key(tmp_path):
     proc = snakemake("-n", "--cores", "1", "--configfile", str(bad), check=False)
     assert proc.returncode != 0
     assert "experiments.default.target" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("edit, where", [
+    (lambda text: text.replace("seed: 1234", "seed: [1234"), r"config.yaml:\d+:\d+: "),  # a syntax mistake
+    (lambda text: text + "seed: 7\n", r"config.yaml:\d+:1: key 'seed' appears twice \(first on line \d+\)"),
+])
+def test_a_yaml_mistake_in_config_yaml_names_its_line(tmp_path, edit, where):
+    (tmp_path / "config.yaml").write_text(edit((REPO / "config.yaml").read_text()))
+    proc = snakemake("-n", "--cores", "1", cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert re.search(where, proc.stdout + proc.stderr), proc.stdout + proc.stderr
 
 
 def test_slurm_profile_resolves_sbatch_resources_for_gpu8(tmp_path):

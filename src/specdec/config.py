@@ -148,6 +148,9 @@ def check_references(config: dict) -> None:
         if "compile" in drafter and drafter["kind"] != "quantized":
             raise ConfigError(f"config key 'drafters.{name}.compile': only a quantized drafter takes compile; "
                               f"a {drafter['kind']} drafter " + ("follows its model's models.NAME.compile" if drafter["kind"] == "model" else "runs no model"))
+        if drafter["kind"] == "replay" and "model" in drafter and drafter["cost_ms_per_token"]:
+            raise ConfigError(f"config key 'drafters.{name}.cost_ms_per_token': a replay drafter is paced either by its model's "
+                              "forwards (model) or by a set cost per draft token, not both; drop one of the two")
         if drafter["kind"] == "ngram" and drafter["min_context"] > drafter["n"] - 1:
             raise ConfigError(f"config key 'drafters.{name}.min_context': {drafter['min_context']} exceeds n - 1 = {drafter['n'] - 1}, the longest context")
     for name in config.get("run", []):

@@ -190,9 +190,9 @@ def _untrusted_code(name: str, location: str) -> ModelError:
     return ModelError(f"model {name!r} ({location}) ships its own Python code and needs trust_remote_code: true (models.{name})")
 
 
-def _broken_file(location: str, error: Exception) -> str:
-    """The file of a local folder that a parse error came from (transformers' and safetensors'
-    messages do not name it), else the location itself."""
+def _broken_file(location: str, error: Exception, part: str) -> str:
+    """The file of a local folder that a parse error came from (transformers', tokenizers' and
+    safetensors' messages do not name it), else the location itself."""
     from safetensors import SafetensorError, safe_open
 
     folder = Path(location)
@@ -209,6 +209,9 @@ def _broken_file(location: str, error: Exception) -> str:
                     pass
             except SafetensorError:
                 return str(path)
+    # tokenizers parses tokenizer.json itself and reports a wrong shape without the file's name
+    if part == "tokenizer" and not isinstance(error, (OSError, json.JSONDecodeError)) and (folder / "tokenizer.json").is_file():
+        return str(folder / "tokenizer.json")
     return location
 
 
@@ -217,15 +220,15 @@ def _from_pretrained(loader, location: str, name: str, part: str, *, trust_remot
     tokenizer, weights), always told whether the model's own code may run: left unset,
     transformers asks on stdin, so any `y` there would import a folder's Python. Broken or
     missing files become one ModelError line naming the file."""
-    from safetensors import SafetensorError
-
     try:
         return loader(location, trust_remote_code=trust_remote_code, **kwargs)
-    except (OSError, ValueError, SafetensorError) as error:
+    # Any failure of a loader parsing an untrusted folder is the folder's: the tokenizers
+    # library raises a bare Exception, transformers a KeyError or TypeError on a wrong shape.
+    except Exception as error:  # noqa: BLE001
         # transformers refuses code it may not run with a ValueError that names the flag.
         if not trust_remote_code and "trust_remote_code" in str(error):
             raise _untrusted_code(name, location) from None
-        raise ModelError(f"model {name!r}: cannot load its {part} from {_broken_file(location, error)}: {_one_line(error)}") from None
+        raise ModelError(f"model {name!r}: cannot load its {part} from {_broken_file(location, error, part)}: {_one_line(error)}") from None
 
 
 def _one_line(error: Exception) -> str:

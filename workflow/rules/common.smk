@@ -11,10 +11,8 @@ import specdec.placement
 import specdec.records
 import specdec.session
 
-# The gate: the schema (Snakemake's validate fills the defaults), then what a schema cannot
-# say; each config file is read once more by a loader that names the line of a key given twice.
-for configfile_path in workflow.configfiles:
-    specdec.config.read_yaml(configfile_path)
+# The gate (after the Snakefile's YAML check): the schema (Snakemake's validate fills the
+# defaults), then what a schema cannot say.
 validate(config, schema="../schemas/config.schema.yaml")
 specdec.config.check_references(config)
 
