@@ -115,16 +115,25 @@ def main() -> None:
                 return hf_generate(target, e.input_ids, e.attention_mask, settings, **kwargs)
         return run
 
+    # runs: every method, timed round-robin on each prompt (so drift slows all alike);
+    # ratios: (numerator, denominator, target or None), each over the same prompts and rounds
     compile_records = {}
     if args.paths:
-        pairs, batched = path_pairs(target, drafters["bf16"], settings, max(e.input_ids.shape[1] for e in singles), compile_records), ()
-        # the peers join the same round-robin, so each path's ratio to transformers is paired too
-        pairs.append(("HF assisted bf16", theirs(assistant_model=drafters["bf16"]), "HF generate", theirs()))
+        bf16 = drafters["bf16"]
+        runs = {"AR": ours(), "spec bf16": ours(ModelDrafter(bf16)),
+                **path_runs(target, bf16, settings, max(e.input_ids.shape[1] for e in singles), compile_records),
+                "HF generate": theirs(), "HF assisted bf16": theirs(assistant_model=bf16)}
+        ratios = [(f"{method} {path}", method, None) for path in ("static", "compiled") for method in ("AR", "spec bf16")]
+        ratios += [(f"AR{path}", "HF generate", 1.0) for path in ("", " static", " compiled")]
+        ratios += [(f"spec bf16{path}", "HF assisted bf16", 1.15) for path in ("", " static", " compiled")]
+        batched = ()
     else:
-        pairs = [("AR", ours(), "HF generate", theirs())]
-        pairs += [(f"spec {kind}", ours(ModelDrafter(drafter)), f"HF assisted {kind}", theirs(assistant_model=drafter))
-                  for kind, drafter in drafters.items()]
-        pairs.append(("ngram", ours(NgramDrafter()), "HF prompt lookup", theirs(prompt_lookup_num_tokens=settings.gamma)))
+        runs = {"AR": ours(), "HF generate": theirs()}
+        for kind, drafter in drafters.items():
+            runs |= {f"spec {kind}": ours(ModelDrafter(drafter)), f"HF assisted {kind}": theirs(assistant_model=drafter)}
+        runs |= {"ngram": ours(NgramDrafter()), "HF prompt lookup": theirs(prompt_lookup_num_tokens=settings.gamma)}
+        ratios = [("AR", "HF generate", 1.0)] + [(f"spec {kind}", f"HF assisted {kind}", 1.15) for kind in drafters]
+        ratios.append(("ngram", "HF prompt lookup", 1.1))
         batched = ("AR", None), (f"spec {kinds[0]}", ModelDrafter(drafters[kinds[0]]))
     totals = defaultdict(lambda: [0, 0.0, 0.0, 0, 0, 0])
     # method -> [tokens, seconds, forward seconds, drafted, accepted, target forwards]
@@ -142,14 +151,12 @@ def main() -> None:
         outputs[name].extend(r.output_ids for r in rows)
 
     with torch.inference_mode():
-        for a, run_a, b, run_b in pairs:
-            timed("warm-up", run_a, singles[0])
-            timed("warm-up", run_b, singles[0])
+        for run in runs.values():
+            timed("warm-up", run, singles[0])
         for _ in range(rounds):
             for e in singles:
-                for a, run_a, b, run_b in pairs:
-                    timed(a, run_a, e)
-                    timed(b, run_b, e)
+                for name, run in runs.items():
+                    timed(name, run, e)
             # the whole batch against the same prompts one at a time, for AR and one drafter
             for name, drafter in batched:
                 timed(f"{name} batch {count}", ours(drafter), batch)
@@ -171,36 +178,25 @@ def main() -> None:
     def rate(name):
         return totals[name][0] / totals[name][1]
 
-    if args.paths:
-        for role, record in compile_records.items():
-            print(f"compiled {role}: {record['compile_s']:.1f} s to compile (outside the timed runs), {record}")
-        print("\nratio                                  measured")
-        for a, _, b, _ in pairs:
-            same = outputs[a] == outputs[b] if not settings.temperature else "n/a (sampling)"
-            print(f"{a + ' / ' + b:<38}{rate(a) / rate(b):>9.2f}x   outputs identical: {same}")
-        print("\nagainst transformers                   measured  target")
-        for path in ("static", "compiled"):
-            for a, b, goal in ((f"AR {path}", "HF generate", 1.0), (f"spec bf16 {path}", "HF assisted bf16", 1.15)):
-                same = outputs[a] == outputs[b] if not settings.temperature else "n/a (sampling)"
-                print(f"{a + ' / ' + b:<38}{rate(a) / rate(b):>9.2f}x  >= {goal}x   outputs identical: {same}")
-        return
+    for role, record in compile_records.items():
+        print(f"compiled {role}: {record['compile_s']:.1f} s to compile (outside the timed runs), {record}")
     print("\nratio                                  measured  target")
-    for a, _, b, _ in pairs:
-        goal = {"AR": 1.0, "ngram": 1.1}.get(a, 1.15)
+    for a, b, goal in ratios:
         same = outputs[a] == outputs[b] if not settings.temperature else "n/a (sampling)"
-        print(f"{a + ' / ' + b:<38}{rate(a) / rate(b):>9.2f}x  >= {goal}x   outputs identical: {same}")
+        print(f"{a + ' / ' + b:<38}{rate(a) / rate(b):>9.2f}x  {f'>= {goal}x' if goal else '-':<9}  outputs identical: {same}")
     for name, _ in batched:
         print(f"{name + f' batch {count} / batch 1':<38}{rate(f'{name} batch {count}') / rate(f'{name} batch 1'):>9.2f}x")
-    for a, _, b, _ in pairs[1:]:
-        print(f"{a + ' / our AR':<38}{rate(a) / rate('AR'):>9.2f}x   {b} / HF generate {rate(b) / rate('HF generate'):.2f}x")
+    if not args.paths:
+        for a, b, _ in ratios[1:]:
+            print(f"{a + ' / our AR':<38}{rate(a) / rate('AR'):>9.2f}x   {b} / HF generate {rate(b) / rate('HF generate'):.2f}x")
 
 
-def path_pairs(target, bf16, settings, longest_prompt: int, records: dict) -> list:
-    """(our static or compiled path, run, our growing cache, run) for AR and the bf16 drafter,
-    on copies of the models (a path is a setting of the model); compiles before returning."""
+def path_runs(target, bf16, settings, longest_prompt: int, records: dict) -> dict:
+    """Our static and compiled paths for AR and the bf16 drafter, on copies of the models (a
+    path is a setting of the model); compiles before returning."""
     max_length = -(-(longest_prompt + settings.max_new_tokens + settings.gamma + 1) // 256) * 256
     cache_dir = Path(__file__).resolve().parents[1] / "resources" / "compile-cache"
-    pairs = []
+    runs = {}
     for path in ("static", "compiled"):
         model, drafter = copy.deepcopy(target), copy.deepcopy(bf16)
         if path == "static":
@@ -209,11 +205,9 @@ def path_pairs(target, bf16, settings, longest_prompt: int, records: dict) -> li
         else:
             records["target"] = compile_steps(model, max_length, 1, {"target": step_widths(settings.gamma, "target")}, cache_dir)
             records["bf16 drafter"] = compile_steps(drafter, max_length, 1, {"drafter": step_widths(settings.gamma, "drafter")}, cache_dir)
-        pairs.append((f"AR {path}", lambda e, m=model: generate(m, e.input_ids, e.attention_mask, settings),
-                      "AR", lambda e: generate(target, e.input_ids, e.attention_mask, settings)))
-        pairs.append((f"spec bf16 {path}", lambda e, m=model, d=ModelDrafter(drafter): generate(m, e.input_ids, e.attention_mask, settings, d),
-                      "spec bf16", lambda e, d=ModelDrafter(bf16): generate(target, e.input_ids, e.attention_mask, settings, d)))
-    return pairs
+        runs[f"AR {path}"] = lambda e, m=model: generate(m, e.input_ids, e.attention_mask, settings)
+        runs[f"spec bf16 {path}"] = lambda e, m=model, d=ModelDrafter(drafter): generate(m, e.input_ids, e.attention_mask, settings, d)
+    return runs
 
 
 if __name__ == "__main__":

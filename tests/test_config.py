@@ -19,13 +19,13 @@ def default_config():
 def test_default_config_expands_to_named_cells():
     cells = [c for c in expand_matrix(load_config(REPO / "config.yaml")) if c.experiment == "default"]
     names = [c.name for c in cells]
-    assert "humaneval--specdec-ar--b1-n64-t0-cpu--r0" in names
-    assert "sample--specdec-speculative-int8-g4--b1-n64-t0-cpu--r0" in names
-    assert "sample--specdec-ngram-ngram-g4--b1-n64-t0-cpu--r0" in names
+    assert "humaneval--specdec-ar--b1-n32-t0-cpu--r0" in names
+    assert "sample--specdec-speculative-int8-g4--b1-n32-t0-cpu--r0" in names
+    assert "sample--specdec-ngram-ngram-g4--b1-n32-t0-cpu--r0" in names
     assert len(names) == len(set(names)) == 8
     ar = next(c for c in cells if c.method == "ar")
     assert ar.gamma == 0 and ar.drafter is None and not ar.drafts and ar.greedy
-    assert ar.id == f"default/{ar.name}" and ar.group_id == "default/humaneval--specdec-ar--b1-n64-t0-cpu"
+    assert ar.id == f"default/{ar.name}" and ar.group_id == "default/humaneval--specdec-ar--b1-n32-t0-cpu"
 
 
 def test_cells_are_frozen_and_round_trip_through_json():
