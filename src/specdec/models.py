@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import json
 import os
 from pathlib import Path
+from unittest import mock
 
 from specdec.cells import ModelSpec
 from specdec.io import atomic_open
@@ -83,8 +86,9 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
 
         shutil.rmtree(tmp)
     # A GGUF holds no code; saying so keeps transformers from ever asking on stdin.
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32, trust_remote_code=False)
+    with _gguf_parsed_once():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32, trust_remote_code=False)
     # The weights are already dequantised to fp32; dropping the GGUF quantiser marks the
     # model as a plain one so that save_pretrained writes ordinary safetensors.
     model.hf_quantizer = None
@@ -94,6 +98,19 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     tokenizer.save_pretrained(tmp)
     tmp.rename(out_dir)
     return out_dir
+
+
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """transformers parses a GGUF file anew for each part it loads (tokenizer, config, weights)
+    and rebuilds gguf's tensor-name table once per module, which made the embedded model's
+    conversion take about 60 s here; within this block each file is parsed once and each
+    table built once (both are only read)."""
+    import gguf
+
+    with mock.patch.object(gguf, "GGUFReader", functools.cache(gguf.GGUFReader)), \
+            mock.patch.object(gguf, "get_tensor_name_map", functools.cache(gguf.get_tensor_name_map)):
+        yield
 
 
 def quantized_copy(model, kind: str):
