@@ -70,7 +70,11 @@ def test_runs_table_is_one_flat_row_per_run(runs):
     # the fixture's forwards: AR one-token 40 ms, verification 52 ms (v = 1.3), drafter 12 ms
     # (c = 0.3); alpha 0.65, every step drafting 4: (1 - 0.65^5) / ((1 - 0.65)(4 * 0.3 + 1.3))
     assert (row["theory_cost_ratio"], row["theory_verify_cost_ratio"]) == pytest.approx((0.3, 1.3))
-    assert row["predicted_speedup"] == pytest.approx((1 - 0.65**5) / (0.35 * 2.5))
+    assert row["predicted_decode_speedup"] == pytest.approx((1 - 0.65**5) / (0.35 * 2.5))
+    # with the prefills, per output token of 64: target 0.4 s, drafter 0.12 s; AR decodes
+    # (3.2533 - 0.4) s without its prefill
+    p, p_d, d = 0.4 / 64, 0.12 / 64, (3.2533333333333334 - 0.4) / 64
+    assert row["predicted_speedup"] == pytest.approx((p + d) / (p + p_d + d / row["predicted_decode_speedup"]))
     assert row["energy_j_per_token"] == 80.0 / 64
     assert row["meta_torch"] == "2.13.0" and row["placement_strategy"] == "cpu"
     assert (row["cell_name"], row["group_id"], row["ar_group_id"]) == (SPEC, f"demo/{SPEC}", f"demo/{AR}")
@@ -92,7 +96,7 @@ def test_speedup_and_energy_ratio_against_matching_ar(summary):
     # Against AR 10 and 12 (repeats paired): 15/10 = 18/12 = 1.5.
     assert spec["speedup"] == pytest.approx(1.5)
     assert (spec["speedup_ci_low"], spec["speedup_ci_high"]) == pytest.approx((1.5, 1.5))
-    assert spec["predicted_speedup"] == pytest.approx((1 - 0.65**5) / (0.35 * 2.5))
+    assert spec["predicted_speedup"] == pytest.approx(0.97278, abs=1e-5)  # test_runs_table_is_one_flat_row_per_run
     assert spec["acceptance_rate"] == pytest.approx(0.65)
     # Energy/token: spec 96/64 = 1.5 and 80/64 = 1.25, AR 128/64 = 2 -> ratios 0.75, 0.625.
     assert spec["energy_j_per_token"] == pytest.approx(1.375)
@@ -210,7 +214,9 @@ def test_written_tables(tmp_path):
     ar = next(r for r in md.splitlines() if r.startswith(f"| {AR} "))
     assert ar.split("|")[3].strip() == "–"  # gamma of AR: a dash
     ngram = next(r for r in md.splitlines() if r.startswith("| humaneval--specdec-ngram"))
-    assert "1.94 (n=1)" in ngram and "| –" in ngram  # predicted (1 - 0.65^5) / (0.35 * 1.3); energy: a dash, not 0
+    # predicted: (1 - 0.65^5) / (0.35 * 1.3) = 1.943 in the steady state, with the target's
+    # prefill (0.4 s / 64 tokens) and AR's decode (2.8533 s / 64): 1.74; energy: a dash, not 0
+    assert "1.74 (n=1)" in ngram and "| –" in ngram
     csv = pd.read_csv(tmp_path / "summary.csv")
     assert csv["energy_j_per_token"].isna().sum() == len(csv) - 2  # AR b1 and spec g4 b1
     info = pd.read_csv(tmp_path / "run_info.csv").set_index("field")["value"]
@@ -388,8 +394,9 @@ def test_headline_gives_each_drafting_cells_speedup_prediction_and_break_even(su
     assert list(shown.columns) == ["method", "dataset", "γ", "batch", "load", "speedup [95 % CI]", "predicted", "flags"]
     rows = {tuple(row[:5]): row[5:] for row in shown.itertuples(index=False)}
     # int8 gamma 4 batch 1: 1.5 over two repeats; predicted (1 - 0.65^5) / (0.35 (1.2 + 1.3))
+    # with the prefills (test_runs_table_is_one_flat_row_per_run)
     speedup, predicted, flags = rows[("speculative (int8)", "humaneval", "4", "1", "closed")]
-    assert speedup == "1.5 [1.5, 1.5]" and predicted == "1.01" and "cv=0.13" in flags
+    assert speedup == "1.5 [1.5, 1.5]" and predicted == "0.973" and "cv=0.13" in flags
     # under an open load the answer is the E2E latency ratio, 16/10 against 16/15 (one repeat,
     # and this summary has no requests to bootstrap)
     assert rows[("speculative (int8)", "humaneval", "4", "1", "open 1.0/s poisson")][0] == "1.5 (n=1) (E2E)"

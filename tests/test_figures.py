@@ -76,11 +76,14 @@ def test_speedup_figure_has_measured_points_and_leviathan_line(data):
     fig = speedup_vs_gamma(data)
     drawn = lines_of(fig)
     # speculative int8, batch 1: gamma 2 -> 13/10, gamma 4 -> 1.5; predicted from alpha 0.65,
-    # c = 0.3, v = 1.3: (1 - 0.65^3) / (0.35 (0.6 + 1.3)) and (1 - 0.65^5) / (0.35 (1.2 + 1.3))
+    # c = 0.3, v = 1.3: (1 - 0.65^3) / (0.35 (0.6 + 1.3)) and (1 - 0.65^5) / (0.35 (1.2 + 1.3)),
+    # with the prefills per output token of 64 (target 0.4 s, drafter 0.12 s; AR decode 2.8533 s)
     assert ((2.0, 4.0), (1.3, 1.5)) in drawn
-    assert ((2.0, 4.0), (round((1 - 0.65**3) / (0.35 * 1.9), 6), round((1 - 0.65**5) / (0.35 * 2.5), 6))) in drawn
+    p, p_d, d = 0.4 / 64, 0.12 / 64, (3.2533333333333334 - 0.4) / 64
+    steady = [(1 - 0.65**3) / (0.35 * 1.9), (1 - 0.65**5) / (0.35 * 2.5)]
+    assert ((2.0, 4.0), tuple(round((p + d) / (p + p_d + d / s), 6) for s in steady)) in drawn
     labels = fig.axes[0].get_legend_handles_labels()[1]
-    assert "Leviathan et al. prediction" in labels
+    assert "predicted (Leviathan et al., prefills added)" in labels
     assert not any("mtbench" in label for label in labels)  # no AR baseline, no speedup
 
 
@@ -105,10 +108,10 @@ def test_an_axis_with_one_value_draws_a_bar_per_cell_not_a_line(data, one_point)
     assert ax.get_ylabel() == "at draft length γ = 4"
     # the metric on the long axis, from 0 past the largest prediction: not γ 3.8 to 4.2
     assert ax.get_xlabel() == "speedup over AR (tokens/s ratio)"
-    assert ax.get_xlim()[0] <= 0 and ax.get_xlim()[1] >= 1.94
+    assert ax.get_xlim()[0] <= 0 and ax.get_xlim()[1] >= 1.74
     predicted = next(line for line in ax.get_lines() if line.get_marker() == "x" and len(line.get_xdata()))
-    assert predicted.get_xdata()[:2].round(2).tolist() == [1.94, 1.01]
-    assert "Leviathan et al. prediction" in ax.get_legend_handles_labels()[1]
+    assert predicted.get_xdata()[:2].round(2).tolist() == [1.74, 0.97]  # test_aggregate: with the prefills
+    assert "predicted (Leviathan et al., prefills added)" in ax.get_legend_handles_labels()[1]
     # the same rule for batch size: a bar of tokens/s per cell (AR of both engines, three methods
     # on humaneval, int8 on mtbench), no log2 axis around one point
     throughput = throughput_vs_batch(one_point).axes[0]

@@ -34,7 +34,18 @@ def test_costs_come_from_the_cells_own_forwards_in_units_of_the_ar_forward():
     row = run_theory(SPEC, AR)
     assert row["theory_cost_ratio"] == pytest.approx(0.3) and row["theory_verify_cost_ratio"] == pytest.approx(1.3)
     # README formula, every step drafting 4: (1 - 0.5^5) / ((1 - 0.5)(4 * 0.3 + 1.3)) = 1.9375 / 2.5
-    assert row["predicted_speedup"] == pytest.approx((1 - 0.5**5) / ((1 - 0.5) * (4 * 0.3 + 1.3)))
+    assert row["predicted_decode_speedup"] == pytest.approx((1 - 0.5**5) / ((1 - 0.5) * (4 * 0.3 + 1.3)))
+
+
+def test_the_prediction_of_the_measured_speedup_adds_both_prefills():
+    # 40 output tokens with 0.2 s of target prefill (0.005 s/token) and 0.4 s of drafter
+    # prefill (0.01); AR decodes 300 tokens in 13.0 - 1.0 s (0.04 s/token); steady state 0.775
+    spec = SPEC | {"metrics": {"output_tokens": 40}}
+    spec["attribution"] = dict(spec["attribution"], forwards=dict(spec["attribution"]["forwards"], drafter_prefill={"count": 2, "total_s": 0.4, "rows": 2}))
+    row = run_theory(spec, AR | {"metrics": {"output_tokens": 300}})
+    assert row["predicted_decode_speedup"] == pytest.approx(0.775)
+    assert row["predicted_speedup"] == pytest.approx((0.005 + 0.04) / (0.005 + 0.01 + 0.04 / 0.775))
+    assert math.isnan(run_theory(SPEC, AR)["predicted_speedup"])  # no output tokens: no throughput prediction
 
 
 def test_a_host_paced_replay_drafter_costs_its_configured_time_per_draft_token():
@@ -42,7 +53,7 @@ def test_a_host_paced_replay_drafter_costs_its_configured_time_per_draft_token()
     paced = SPEC | {"config": {"drafter": {"kind": "replay", "model": None, "cost_ms_per_token": 10.8}},
                     "attribution": attribution({"prefill": 0.2, "drafter": None, "verify": 0.936, "accept": 0.05, "other": 1.014}, 20, {"5": (20, 0.936)})}
     assert run_theory(paced, AR)["theory_cost_ratio"] == pytest.approx(0.3)
-    assert run_theory(paced, AR)["predicted_speedup"] == pytest.approx(run_theory(SPEC, AR)["predicted_speedup"])
+    assert run_theory(paced, AR)["predicted_decode_speedup"] == pytest.approx(run_theory(SPEC, AR)["predicted_decode_speedup"])
 
 
 def test_waterfall_from_ideal_to_the_cells_step_time():
@@ -66,7 +77,7 @@ def test_no_costs_without_timed_forwards():
     assert row["theory_cost_ratio"] == 0.0  # no draft model: c = 0
     assert row["waterfall_drafter"] == pytest.approx(row["waterfall_ideal"])
     vllm = {"available": True, "forwards": None, "parts_s": dict.fromkeys(("prefill", "drafter", "verify", "accept", "other")), "steps": 9}
-    assert math.isnan(run_theory(dict(SPEC, attribution=vllm), AR)["predicted_speedup"])
+    assert math.isnan(run_theory(dict(SPEC, attribution=vllm), AR)["predicted_decode_speedup"])
 
 
 def test_verification_slope_and_the_papers_formula():
@@ -86,7 +97,7 @@ def test_best_gamma_beside_the_best_measured():
               attribution=attribution({"prefill": 0.2, "drafter": 0.43, "verify": 0.8, "accept": 0.05, "other": 0.15}, 20,
                                       {"3": (20, 0.8)}, {"1": (40, 0.432)}))
     runs = [(cell(0, "ar"), AR), (cell(4), SPEC), (cell(2), g2)]
-    assert [math.isnan(r["predicted_speedup"]) for r in theory_columns(runs)] == [True, False, False]
+    assert [math.isnan(r["predicted_decode_speedup"]) for r in theory_columns(runs)] == [True, False, False]
     summary = pd.DataFrame({"group_id": [c.group_id for c, _ in runs], "speedup": [1.0, 0.7, 0.8]})
     row = best_gamma_table(runs, summary).iloc[0]
     assert row["best_measured_gamma"] == 2 and row["measured"] == "γ2: 0.80; γ4: 0.70"

@@ -297,7 +297,7 @@ def _along(
 
 PREDICTION = Overlay(
     "predicted_speedup",
-    "Leviathan et al. prediction",
+    "predicted (Leviathan et al., prefills added)",
     dict(linestyle=(0, (1, 1)), linewidth=1.2, alpha=0.8, marker="x"),
 )
 
@@ -373,7 +373,7 @@ def speedup_waterfall(data: PlotData) -> plt.Figure | str:
                alpha=0.5 + 0.5 * (i % 2), label=f"{name}")
         if not pd.isna(predicted.get(name)):
             ax.plot([x[-1]], [predicted[name]], marker="x", color="black")
-    ax.plot([], [], marker="x", linestyle="", color="black", label="Leviathan et al. prediction")
+    ax.plot([], [], marker="x", linestyle="", color="black", label="predicted (Leviathan et al., prefills added)")
     ax.axhline(1.0, color="0.4", linewidth=0.8)
     ax.set_xticks(np.arange(len(labels)), labels)
     ax.set(ylabel="speedup over AR", title="Measured against predicted speedup, cost by cost")

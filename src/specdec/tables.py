@@ -212,7 +212,7 @@ def write_headline(summary: pd.DataFrame, break_even: pd.DataFrame, stem: str | 
     shown, shared = display_headline(summary)
     points = display_break_even(break_even)
     empty = "No drafting cell ran successfully."
-    note = f"{shared} Speedup: median over repeats; predicted: Leviathan et al. from the measured α and costs.".strip()
+    note = f"{shared} Speedup: median over repeats; predicted: Leviathan et al. from the measured α and costs, prefills added.".strip()
     title = f"{experiment}: speedup over AR"
     html = [f"<h2>{title}</h2>", f"<p>{note}</p>", _html_table(shown, empty)]
     md = [f"# {title}", note, shown.to_markdown(index=False) if len(shown) else f"_{empty}_"]
