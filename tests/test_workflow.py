@@ -121,5 +121,6 @@ def test_a_replay_cell_gets_its_ar_cells_requests_even_with_the_check_off(tmp_pa
     replay = [c for c in commands if "-replay80-" in c]
     assert len(replay) == 2  # one per dataset
     for command in replay:
-        assert "--reference" in command and "specdec-ar--b1-n64-t0-cpu--r0/requests.jsonl" in command
+        cell = re.search(r"runs/default/(\S+?)/cell\.json", command).group(1)
+        assert "--reference" in command and f"{cell.replace('-speculative-replay80-g4-', '-ar-')}/requests.jsonl" in command
     assert not [c for c in commands if "--reference" in c and "-replay80-" not in c]
