@@ -10,9 +10,9 @@ import torch
 
 from specdec.decoding import GenerationSettings, ModelDrafter, ReplayDrafter, generate
 from specdec.metrics import per_token_alpha
+from specdec.models import quantized_copy
 
 from conftest import greedy_settings
-from specdec.models import quantized_copy
 
 PROMPTS = [
     "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",

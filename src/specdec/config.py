@@ -211,6 +211,8 @@ def _check_reference(exp: dict, entry: dict, where_method: str, where: str) -> N
     if "vllm" in _as_list(entry.get("engine", exp["engine"])):
         raise ConfigError(f"config key '{key}': interleaved decodes the method and AR in one process on one loaded target; "
                           "vLLM's engine runs in a process of its own and batches continuously; use reference: separate")
+
+
 def _check_replay(exp: dict, entry: dict, drafters: dict, where: str) -> None:
     """A replay drafter replays the AR outputs of our engine's greedy AR cell of the same
     experiment: it needs greedy decoding and that cell in the matrix."""

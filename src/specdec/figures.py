@@ -225,6 +225,13 @@ class Overlay:
     marker: str = "x"
 
 
+def _batch_size_axis(ax: plt.Axes, sizes) -> None:
+    """Batch sizes on a log2 axis, each measured size a tick named plainly."""
+    ax.set_xscale("log", base=2)
+    ticks = sorted(set(sizes))
+    ax.set_xticks(ticks, map(plain, ticks))
+
+
 def swept(frame: pd.DataFrame, axis: str) -> bool:
     """Whether `frame` measured two or more values of `axis`: only then a line over it."""
     return frame[axis].nunique() >= 2
@@ -257,9 +264,7 @@ def _along(
                 style = {**styles[name], **overlay.line}
                 ax.plot(group[axis], group[overlay.metric] * scale, label="_nolegend_", **style)
         if axis == "batch_size":
-            ax.set_xscale("log", base=2)
-            ticks = sorted(frame[axis].unique())
-            ax.set_xticks(ticks, map(plain, ticks))
+            _batch_size_axis(ax, frame[axis])
         elif axis == "gamma":
             ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set(xlabel=SWEEP_AXES[axis], ylabel=label)
@@ -341,9 +346,7 @@ def speedup_vs_load(data: PlotData) -> plt.Figure | str:
                 ax.plot([value], [1.0], marker="|", markersize=14, color=color)
         ax.axhline(1.0, color="0.4", linewidth=0.8)
         if axis == "batch_size":
-            ax.set_xscale("log", base=2)
-            ticks = sorted({x for _, rows in found for x in rows[axis]})
-            ax.set_xticks(ticks, map(plain, ticks))
+            _batch_size_axis(ax, [x for _, rows in found for x in rows[axis]])
             ax.set(xlabel="batch size", ylabel="speedup over AR (tokens/s ratio)", title="Speedup vs batch size")
         else:
             ax.set(xlabel="offered request rate (req/s)", ylabel="speedup over AR (E2E latency ratio)", title="Speedup vs request rate")
@@ -373,7 +376,7 @@ def speedup_waterfall(data: PlotData) -> plt.Figure | str:
                alpha=0.5 + 0.5 * (i % 2), label=f"{name}")
         if not pd.isna(predicted.get(name)):
             ax.plot([x[-1]], [predicted[name]], marker="x", color="black")
-    ax.plot([], [], marker="x", linestyle="", color="black", label="predicted (Leviathan et al., prefills added)")
+    ax.plot([], [], marker="x", linestyle="", color="black", label=PREDICTION.label)
     ax.axhline(1.0, color="0.4", linewidth=0.8)
     ax.set_xticks(np.arange(len(labels)), labels)
     ax.set(ylabel="speedup over AR", title="Measured against predicted speedup, cost by cost")
