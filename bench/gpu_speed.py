@@ -57,7 +57,7 @@ from specdec.peers import hf_generate  # noqa: E402
 CONFIGS = Path(__file__).resolve().parent / "configs"
 COMPILE_CACHE = Path(__file__).resolve().parents[1] / "resources" / "compile-cache"  # the pipeline's
 GAMMA = 4
-TODAY_135M_TOK_S = 50.0  # README: the 135M model at 40-50 tokens/s on the H200 before issue 19
+TODAY_135M_TOK_S = 50.0  # docs/performance.md: the 135M model at 40-50 tokens/s on the H200 before issue 19
 
 class StepPath:
     """One of our engine's step paths, switched on for its models around each of its runs, so
@@ -90,7 +90,7 @@ def _compiled(model, role, max_length):
 
 # Our engine's step paths (decoding.cache, decoding.compiled): each "ours" row is measured
 # on every path that runs on the device. The compiled one is CUDA only here: on the CPU,
-# inductor takes minutes per shape (README "How fast the engine is, and why").
+# inductor takes minutes per shape (docs/performance.md).
 ENGINE_VARIANTS = {
     "ours": lambda on_gpu: StepPath(),
     "ours static": lambda on_gpu: StepPath(lambda model, role, max_length: use_static_cache(model, max_length)),

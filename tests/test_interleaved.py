@@ -46,7 +46,7 @@ def test_the_default_follows_the_placement_and_the_load():
     loads = [{"mode": "closed"}, {"mode": "open", "rate": 1.0, "num_requests": 2}]
     cfg = config("bf16", load=loads, placement=["cpu", "same"])  # int8 runs on the CPU only
     assert references(cfg) == {
-        "speculative/cpu/closed": "interleaved",  # measured: README "Interleaved AR reference"
+        "speculative/cpu/closed": "interleaved",  # measured: docs/methodology.md, "Interleaved AR reference"
         "speculative/cpu/open": "separate",  # interleaving would delay the arrivals
         "speculative/same/closed": "separate",  # GPUs: unmeasured, the cheaper default
         "speculative/same/open": "separate",

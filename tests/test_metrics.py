@@ -172,7 +172,7 @@ def test_prediction_alpha_one_limit():
 
 
 def test_prediction_is_the_readme_formula_when_every_step_drafts_gamma():
-    # README: (1 - alpha^(gamma+1)) / ((1 - alpha) (gamma c + v)); alpha 0.8, gamma 3, c 0.1
+    # docs/metrics.md: (1 - alpha^(gamma+1)) / ((1 - alpha) (gamma c + v)); alpha 0.8, gamma 3, c 0.1
     assert expected_tokens_per_step(0.8, 3) == pytest.approx(2.952)
     assert predicted_speedup(0.8, 0.1, 1.0, [0, 0, 0, 1]) == pytest.approx(0.5904 / (0.2 * 1.3))
     assert predicted_speedup(0.8, 0.1, 1.3, [0, 0, 0, 1]) == pytest.approx(0.5904 / (0.2 * 1.6))

@@ -33,7 +33,7 @@ SPEC = {"status": "ok", "theory": {"alpha": 0.5, "gamma": 4, "longest_draft": 4,
 def test_costs_come_from_the_cells_own_forwards_in_units_of_the_ar_forward():
     row = run_theory(SPEC, AR)
     assert row["theory_cost_ratio"] == pytest.approx(0.3) and row["theory_verify_cost_ratio"] == pytest.approx(1.3)
-    # README formula, every step drafting 4: (1 - 0.5^5) / ((1 - 0.5)(4 * 0.3 + 1.3)) = 1.9375 / 2.5
+    # docs/metrics.md formula, every step drafting 4: (1 - 0.5^5) / ((1 - 0.5)(4 * 0.3 + 1.3)) = 1.9375 / 2.5
     assert row["predicted_decode_speedup"] == pytest.approx((1 - 0.5**5) / ((1 - 0.5) * (4 * 0.3 + 1.3)))
 
 

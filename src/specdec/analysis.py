@@ -17,7 +17,8 @@ from specdec.session import Session
 # Greedy decoding takes the arg-max logit, so two runs that round differently (another batch
 # shape, verification width, kernel or engine) may pick different tokens where the target's
 # top two logits are closer than that rounding. Below these margins (in logits) a divergence
-# is a near-tie, above them a defect; README "Lossless and parity checks" gives the reasoning.
+# is a near-tie, above them a defect; docs/methodology.md, "Lossless and parity checks",
+# gives the reasoning.
 NEAR_TIE_MARGIN = {
     ("float32", "cpu"): 1e-3,
     ("float32", "cuda"): 1e-2,  # split-K and per-shape kernel choice change reduction orders

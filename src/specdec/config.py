@@ -263,8 +263,8 @@ def _method_variants(entry: dict, exp: dict) -> list[tuple[str, str, str | None,
     return [(e, method, d, g, reference) for e in _as_list(entry.get("engine", exp["engine"])) for d in drafters for g in gammas]
 
 
-# The default reference where interleaving is possible: chosen from the measurement in README
-# "Interleaved AR reference" (cpu, on a machine shared with other work); on GPUs unmeasured,
+# The default reference where interleaving is possible: chosen from the measurement in
+# docs/methodology.md, "Interleaved AR reference" (cpu, on a machine shared with other work); on GPUs unmeasured,
 # so the cheaper separate AR cell.
 DEFAULT_REFERENCE = {"cpu": "interleaved"}
 
