@@ -264,8 +264,8 @@ def _method_variants(entry: dict, exp: dict) -> list[tuple[str, str, str | None,
 
 
 # The default reference where interleaving is possible: chosen from the measurement in
-# docs/methodology.md, "Interleaved AR reference" (cpu, on a machine shared with other work); on GPUs unmeasured,
-# so the cheaper separate AR cell.
+# docs/methodology.md, "Interleaved AR reference" (cpu, on a machine shared with other
+# work); on GPUs unmeasured, so the cheaper separate AR cell.
 DEFAULT_REFERENCE = {"cpu": "interleaved"}
 
 
