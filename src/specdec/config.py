@@ -36,6 +36,7 @@ from specdec.cells import (
     Placement,
     Power,
     SCHEMA_TYPES,
+    schema_message,
 )
 from specdec.models import ModelError, local_folder
 
@@ -73,15 +74,6 @@ def _key_path(error: jsonschema.ValidationError) -> str:
     return ".".join(str(p) for p in error.absolute_path) or "<top level>"
 
 
-def _message(error: jsonschema.ValidationError) -> str:
-    """jsonschema's message, but a float where an integer belongs says so (inside a oneOf,
-    jsonschema would only say that the value fits none of its shapes)."""
-    wanted_integer = any(e.validator == "type" and e.validator_value == "integer" for e in [error, *error.context])
-    if isinstance(error.instance, float) and wanted_integer:
-        return f"must be an integer, written without a decimal point; got {error.instance!r}"
-    return error.message
-
-
 def validate(config: dict) -> dict:
     """Validate against the schema (filling defaults) and check every cross-reference.
 
@@ -89,7 +81,7 @@ def validate(config: dict) -> dict:
     schema = yaml.safe_load(schema_path().read_text())
     error = jsonschema.exceptions.best_match(_validator_with_defaults(schema).iter_errors(config))
     if error is not None:
-        raise ConfigError(f"config key '{_key_path(error)}': {_message(error)}")
+        raise ConfigError(f"config key '{_key_path(error)}': {schema_message(error)}")
     check_references(config)
     return config
 

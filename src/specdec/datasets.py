@@ -24,7 +24,7 @@ import jinja2
 import jsonschema
 import pandas as pd
 
-from specdec.cells import SCHEMA_TYPES
+from specdec.cells import SCHEMA_TYPES, schema_message
 from specdec.io import write_json
 from specdec.records import write_prompts
 from specdec.tables import write_csv, write_html
@@ -103,7 +103,7 @@ def check_file(path: Path) -> None:
     if not stat.S_ISREG(info.st_mode):
         raise DatasetError(f"{path}: not a regular file (a device, pipe or folder); a dataset is a file")
     if info.st_size > MAX_FILE_BYTES:
-        raise DatasetError(f"{path}: {info.st_size} bytes, above the {MAX_FILE_BYTES} bytes (1 GiB) a dataset file may have")
+        raise DatasetError(f"{path}: {info.st_size} bytes, above the {MAX_FILE_BYTES} bytes a dataset file may have")
 
 
 def _read_text(path: Path) -> str:
@@ -111,7 +111,7 @@ def _read_text(path: Path) -> str:
         with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as handle:
             data = handle.read(MAX_FILE_BYTES + 1)  # a small .gz may unpack to far more
         if len(data) > MAX_FILE_BYTES:
-            raise DatasetError(f"{path}: above the {MAX_FILE_BYTES} bytes (1 GiB) a dataset file may have, decompressed")
+            raise DatasetError(f"{path}: above the {MAX_FILE_BYTES} bytes a dataset file may have, decompressed")
         return data.decode("utf-8-sig")  # -sig: a byte-order mark is not JSON
     except (OSError, EOFError, UnicodeDecodeError) as err:
         raise DatasetError(f"{path}: cannot be read as UTF-8 text: {err}") from None
@@ -394,7 +394,7 @@ def spec_problem(spec: Any) -> tuple[str, str] | None:
     if error is not None:
         # The schema forbids a key for a source with the always-failing schema `not: {}`.
         forbidden = error.validator == "not" and error.validator_value == {}
-        return error.json_path, f"not allowed with source {spec['source']!r}" if forbidden else error.message
+        return error.json_path, f"not allowed with source {spec['source']!r}" if forbidden else schema_message(error)
     low, high = spec.get("min_prompt_tokens"), spec.get("max_prompt_tokens")
     if low is not None and high is not None and low > high:
         return "$.min_prompt_tokens", f"min_prompt_tokens={low} > max_prompt_tokens={high}: no prompt could pass both"
