@@ -17,7 +17,7 @@ from specdec.decoding.engine import GenerationSettings
 from specdec.figures import DEFAULT_OPTIONS
 from specdec.goodput import Slo
 from specdec.metrics import bootstrap_ci
-from specdec.models import model_location
+from specdec.models import model_location, quantized_copy
 from specdec.summary import DEFAULT_SETTINGS, merge_settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,6 +153,8 @@ LATER_REFUSALS = [
     pytest.param(at("models.smollm2", lambda tmp: {"source": "local", "path": str(tmp)}), "models.smollm2.path",
                  lambda c: model_location(ModelSpec("smollm2", **c["models"]["smollm2"]), Path("resources/models")),
                  id="models: a local folder without config.json"),
+    pytest.param(at("drafters.int8.dtype", "int4"), "drafters.int8.dtype", lambda c: quantized_copy(None, "int4"),
+                 id="models.quantized_copy: an unknown kind"),
     pytest.param(at("models.smollm2.dtype", "bfloat16"), "experiments.default.methods.1.drafter", None,
                  id="models.quantized_copy: int8 of a bfloat16 target"),
     pytest.param(at("experiments.default.placement", "same"), "experiments.default.placement", None,

@@ -386,11 +386,15 @@ def _measure(records: list[dict], tokenizer) -> None:
             record["prompt_tokens"] = len(ids)
 
 
+# The gate's reading of JSON types: 2.0 is not an integer.
+_SPEC_VALIDATOR = jsonschema.validators.extend(jsonschema.Draft202012Validator, type_checker=SCHEMA_TYPES)
+
+
 def spec_problem(spec: Any) -> tuple[str, str] | None:
     """What is wrong with a dataset config entry, as (JSON path of the key, why), or None.
     The gate (`config.check_references`) asks this of every dataset before anything runs."""
-    validator = jsonschema.validators.extend(jsonschema.Draft202012Validator, type_checker=SCHEMA_TYPES)
-    error = jsonschema.exceptions.best_match(validator(dataset_schema()).iter_errors(spec))
+    validator = _SPEC_VALIDATOR(dataset_schema())
+    error = jsonschema.exceptions.best_match(validator.iter_errors(spec))
     if error is not None:
         # The schema forbids a key for a source with the always-failing schema `not: {}`.
         forbidden = error.validator == "not" and error.validator_value == {}
