@@ -3,9 +3,10 @@
 `validate` is the only validation: the schema (`schemas/config.schema.yaml`, with `if`/`then`
 where keys depend on each other; integers are ints, sizes bounded) plus `check_references`, the
 checks a schema cannot express (numbers finite among them), each dataset entry's own checks
-included. `check_inputs` adds the cheap checks of the local files a config names (dataset files,
-local model folders), so that what a later step would refuse is refused here. `expand_matrix` then builds every experiment's cells (`cells.Cell`) once
-(dataset x engine x method x drafter x gamma x batch size x max new tokens x temperature x placement
+included. `check_inputs` adds the cheap checks of the local files a config names (dataset
+files, local model folders), so that what a later step would refuse is refused here (`specdec
+check-config` and the Snakefile run both). `expand_matrix` then builds every experiment's cells
+(`cells.Cell`) once (dataset x engine x method x drafter x gamma x batch size x max new tokens x temperature x placement
 x load x repeat), each with its AR reference (`_reference`); nothing below re-validates them.
 """
 
@@ -148,8 +149,9 @@ MAX_REQUESTS = 100_000
 
 def check_references(config: dict) -> None:
     """What the schema cannot say: every model, drafter and dataset an experiment names is
-    defined and fits its method, and no number anywhere is NaN or infinite (Snakemake's own
-    schema validation counts them as numbers)."""
+    defined and fits its method, each dataset entry passes its own checks
+    (`datasets.spec_problem`), an open load's rate x duration_s is bounded, and no number
+    anywhere is NaN or infinite (JSON schema counts them as numbers)."""
     for key in _non_finite(config):
         raise ConfigError(f"config key '{key}': must be a finite number")
     models, drafters, datasets = config["models"], config.get("drafters", {}), config["datasets"]
