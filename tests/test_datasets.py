@@ -6,6 +6,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
+from specdec import datasets
 from specdec.datasets import (
     DatasetError,
     Malformed,
@@ -359,3 +360,45 @@ def test_byte_order_mark_and_gzip_are_read(tokenizer, tmp_path):
         handle.write("\ufeff" + source)
     prepared = prepare_prompts({"source": "mtbench", "path": str(path)}, tokenizer, seed=0)
     assert prepared.records == prepare_prompts(mtbench(), tokenizer, seed=0).records
+
+
+def test_a_lone_surrogate_is_a_malformed_record_not_a_tokenizer_traceback(tokenizer, tmp_path):
+    """JSON's \\ud800 is half of a surrogate pair: no character, so no tokenizer takes it."""
+    path = tmp_path / "questions.jsonl"
+    path.write_text('{"question_id": 1, "category": "c", "turns": ["Whole?"]}\n'
+                    '{"question_id": 2, "category": "c", "turns": ["Half a pair: \\ud800"]}\n')
+    prepared = prepare_prompts({"source": "mtbench", "path": str(path)}, tokenizer, seed=0)
+    assert [record["id"] for record in prepared.records] == ["mtbench/1"]
+    assert prepared.stats["malformed"] == [Malformed(str(path), 2, "key 'turns[0]' holds a lone surrogate ('\\ud800'), not text")]
+    with pytest.raises(DatasetError, match=rf"^{path}:2: key 'turns\[0\]' holds a lone surrogate"):
+        prepare_prompts({"source": "mtbench", "path": str(path), "on_malformed": "fail"}, tokenizer, seed=0)
+
+
+@pytest.mark.parametrize("path", ["/dev/zero", "{tmp}"], ids=["device", "folder"])
+def test_a_dataset_path_that_is_not_a_regular_file_is_refused_naming_it(tokenizer, tmp_path, path):
+    path = path.format(tmp=tmp_path)
+    with pytest.raises(DatasetError, match=rf"^{path}: not a regular file"):
+        prepare_prompts({"source": "mtbench", "path": path}, tokenizer, seed=0)
+
+
+def test_a_dataset_file_above_the_size_limit_is_refused_naming_it(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets, "MAX_FILE_BYTES", 200)
+    line = '{"question_id": 1, "category": "c", "turns": ["A question of some length"]}\n'
+    big, packed = tmp_path / "big.jsonl", tmp_path / "packed.jsonl.gz"
+    big.write_text(line * 20)
+    packed.write_bytes(gzip.compress((line * 20).encode()))  # small on disk, not once unpacked
+    assert packed.stat().st_size <= 200
+    for path in (big, packed):
+        with pytest.raises(DatasetError, match=rf"^{path}: .*above the 200 bytes"):
+            prepare_prompts({"source": "mtbench", "path": str(path)}, tokenizer, seed=0)
+
+
+def test_a_chat_template_the_sandbox_refuses_names_the_model_folder(tokenizer, tmp_path):
+    folder = tmp_path / "model"
+    tokenizer.save_pretrained(folder)
+    from transformers import AutoTokenizer
+
+    sandboxed = AutoTokenizer.from_pretrained(folder)
+    sandboxed.chat_template = "{{ ''.__class__.__mro__ }}"  # what jinja's sandbox is there to refuse
+    with pytest.raises(DatasetError, match=rf"^model folder {folder}: its chat template cannot be rendered \(SecurityError"):
+        prepare_prompts({"source": "sample"}, sandboxed, seed=0)

@@ -45,8 +45,16 @@ def study_dir(tmp_path: Path, config: Path) -> Path:
     return tmp_path
 
 
-def test_dry_run_gpu8_config_never_oversubscribes(tmp_path):
+def gpu8_dir(tmp_path: Path) -> Path:
+    """A study of the 8-GPU example, with the MT-bench file it names (the gate checks it is there)."""
     workdir = study_dir(tmp_path, GPU8)
+    (workdir / "data").mkdir()
+    (workdir / "data" / "question.jsonl").write_text('{"question_id": 1, "category": "c", "turns": ["Hi?"]}\n')
+    return workdir
+
+
+def test_dry_run_gpu8_config_never_oversubscribes(tmp_path):
+    workdir = gpu8_dir(tmp_path)
     out = snakemake("-n", "--cores", "64", "--resources", "gpu=8", cwd=workdir).stdout
     assert out.count("rule benchmark:") == 2 * 10 * 2 * 3 + 2 * 3 * 2 * 2 * 3
     resources = [line for line in out.splitlines() if line.strip().startswith("resources:")]
@@ -55,12 +63,17 @@ def test_dry_run_gpu8_config_never_oversubscribes(tmp_path):
     assert set(gpus) == {1, 2, 3, 4} and max(gpus) <= 8
 
 
-def test_bad_config_fails_naming_the_key(tmp_path):
+@pytest.mark.parametrize("old, new, key", [
+    ("target: smollm2", "target: nope", "experiments.default.target"),
+    # Snakemake's own validate counts 1.0 as an integer; the gate, which the Snakefile runs, does not.
+    ("batch_size: 1\n", "batch_size: 1.0\n", "experiments.default.batch_size"),
+])
+def test_bad_config_fails_naming_the_key(tmp_path, old, new, key):
     bad = tmp_path / "bad.yaml"
-    bad.write_text((REPO / "config.yaml").read_text().replace("target: smollm2", "target: nope"))
+    bad.write_text((REPO / "config.yaml").read_text().replace(old, new, 1))  # in the first experiment
     proc = snakemake("-n", "--cores", "1", "--configfile", str(bad), check=False)
     assert proc.returncode != 0
-    assert "experiments.default.target" in proc.stdout + proc.stderr
+    assert f"config key '{key}'" in proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("edit, where", [
@@ -75,7 +88,7 @@ def test_a_yaml_mistake_in_config_yaml_names_its_line(tmp_path, edit, where):
 
 
 def test_slurm_profile_resolves_sbatch_resources_for_gpu8(tmp_path):
-    workdir = study_dir(tmp_path, GPU8)
+    workdir = gpu8_dir(tmp_path)
     out = snakemake("-n", "--workflow-profile", str(REPO / "profiles" / "slurm"), cwd=workdir).stdout
     resources = [line for line in out.splitlines() if line.strip().startswith("resources:") and " gpu=" in line]
     assert len(resources) == 2 * 10 * 2 * 3 + 2 * 3 * 2 * 2 * 3

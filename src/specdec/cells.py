@@ -12,6 +12,23 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+import jsonschema
+
+# JSON schema types as the gate reads a config: an integer is an int, never a whole float
+# (jsonschema counts 2.0 as an integer; range(2.0) or a slice to 8.0 then fails in a job).
+SCHEMA_TYPES = jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
+    "integer", lambda _, value: isinstance(value, int) and not isinstance(value, bool)
+)
+
+
+def schema_message(error: jsonschema.ValidationError) -> str:
+    """jsonschema's message, but a float where an integer belongs says so (inside a oneOf,
+    jsonschema would only say that the value fits none of its shapes)."""
+    wanted_integer = any(e.validator == "type" and e.validator_value == "integer" for e in [error, *error.context])
+    if isinstance(error.instance, float) and wanted_integer:
+        return f"must be an integer, written without a decimal point; got {error.instance!r}"
+    return error.message
+
 # The longest draft a config may ask for: beyond it the per-position tables and the
 # verification forward only grow, and no drafter in the field accepts that far.
 GAMMA_MAX = 32

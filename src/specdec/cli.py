@@ -130,11 +130,13 @@ def _cells(args) -> int:
 
 
 def _check_config(args) -> int:
-    from specdec.config import expand_matrix, load_config
+    from specdec.config import check_inputs, expand_matrix, load_config
 
     from specdec.engines import unsupported
 
-    cells = expand_matrix(load_config(args.config))
+    config = load_config(args.config)
+    check_inputs(config)
+    cells = expand_matrix(config)
     print(f"{args.config}: valid, {len(cells)} cells in {len({c.experiment for c in cells})} experiment(s)")
     gaps = [(cell.id, reason) for cell in cells if (reason := unsupported(cell))]
     if gaps:

@@ -1,9 +1,12 @@
 """The configuration gate: the one place a config is validated, and the matrix it expands to.
 
 `validate` is the only validation: the schema (`schemas/config.schema.yaml`, with `if`/`then`
-where keys depend on each other) plus `check_references`, the checks a schema cannot express
-(numbers finite among them). `expand_matrix` then builds every experiment's cells (`cells.Cell`) once
-(dataset x engine x method x drafter x gamma x batch size x max new tokens x temperature x placement
+where keys depend on each other; integers are ints, sizes bounded) plus `check_references`, the
+checks a schema cannot express (numbers finite among them), each dataset entry's own checks
+included. `check_inputs` adds the cheap checks of the local files a config names (dataset
+files, local model folders), so that what a later step would refuse is refused here (`specdec
+check-config` and the Snakefile run both). `expand_matrix` then builds every experiment's cells
+(`cells.Cell`) once (dataset x engine x method x drafter x gamma x batch size x max new tokens x temperature x placement
 x load x repeat), each with its AR reference (`_reference`); nothing below re-validates them.
 """
 
@@ -20,6 +23,7 @@ import jsonschema
 import yaml
 from referencing import Registry, Resource
 
+from specdec import datasets as dataset_entries
 from specdec.cells import (
     DEFAULT_GAMMA,
     DRAFTING_METHODS,
@@ -32,7 +36,10 @@ from specdec.cells import (
     ModelSpec,
     Placement,
     Power,
+    SCHEMA_TYPES,
+    schema_message,
 )
+from specdec.models import ModelError, local_folder
 
 
 class ConfigError(ValueError):
@@ -60,7 +67,8 @@ def _validator_with_defaults(schema: dict) -> jsonschema.protocols.Validator:
         yield from base.VALIDATORS["properties"](validator, properties, instance, schema)
 
     schema = dict(schema, **{"$id": schema_path().as_uri()})
-    return jsonschema.validators.extend(base, {"properties": set_defaults})(schema, registry=Registry(retrieve=retrieve))
+    validator = jsonschema.validators.extend(base, {"properties": set_defaults}, type_checker=SCHEMA_TYPES)
+    return validator(schema, registry=Registry(retrieve=retrieve))
 
 
 def _key_path(error: jsonschema.ValidationError) -> str:
@@ -74,7 +82,7 @@ def validate(config: dict) -> dict:
     schema = yaml.safe_load(schema_path().read_text())
     error = jsonschema.exceptions.best_match(_validator_with_defaults(schema).iter_errors(config))
     if error is not None:
-        raise ConfigError(f"config key '{_key_path(error)}': {error.message}")
+        raise ConfigError(f"config key '{_key_path(error)}': {schema_message(error)}")
     check_references(config)
     return config
 
@@ -135,13 +143,21 @@ def _non_finite(value: Any, path: str = "") -> Iterator[str]:
             yield from _non_finite(item, f"{path}.{i}")
 
 
+# The most requests one load sends: the schema's bound of num_requests, and of rate x duration_s.
+MAX_REQUESTS = 100_000
+
+
 def check_references(config: dict) -> None:
     """What the schema cannot say: every model, drafter and dataset an experiment names is
-    defined and fits its method, and no number anywhere is NaN or infinite (Snakemake's own
-    schema validation counts them as numbers)."""
+    defined and fits its method, each dataset entry passes its own checks
+    (`datasets.spec_problem`), an open load's rate x duration_s is bounded, and no number
+    anywhere is NaN or infinite (JSON schema counts them as numbers)."""
     for key in _non_finite(config):
         raise ConfigError(f"config key '{key}': must be a finite number")
     models, drafters, datasets = config["models"], config.get("drafters", {}), config["datasets"]
+    for name, spec in datasets.items():
+        if (problem := dataset_entries.spec_problem(spec)) is not None:
+            raise ConfigError(f"config key 'datasets.{name}{problem[0][1:]}': {problem[1]}")
     for name, drafter in drafters.items():
         if "model" in drafter and drafter["model"] not in models:
             raise ConfigError(f"config key 'drafters.{name}.model': model {drafter['model']!r} is not defined under models")
@@ -163,6 +179,11 @@ def check_references(config: dict) -> None:
         for dataset in exp["datasets"]:
             if dataset not in datasets:
                 raise ConfigError(f"config key '{where}.datasets': dataset {dataset!r} is not defined under datasets")
+        for i, load in enumerate(_as_list(exp["load"])):
+            if load["mode"] == "open" and "duration_s" in load and load["rate"] * load["duration_s"] > MAX_REQUESTS:
+                key = f"{where}.load" + (f".{i}" if isinstance(exp["load"], list) else "")
+                raise ConfigError(f"config key '{key}.duration_s': rate x duration_s = {load['rate'] * load['duration_s']:g} "
+                                  f"requests, above the {MAX_REQUESTS} a load may send (as num_requests)")
         target_dtype = models[exp["target"]].get("dtype", "float32")
         for i, entry in enumerate(exp["methods"]):
             _check_method(entry, drafters, f"{where}.methods.{i}")
@@ -174,6 +195,25 @@ def check_references(config: dict) -> None:
                                       f"models.{exp['target']}.dtype is {target_dtype!r} (use a bf16 drafter, or a float32 target)")
                 if drafters[name].get("dtype") == "int8" and any(_placement_dict(p)["strategy"] != "cpu" for p in _as_list(exp["placement"])):
                     raise ConfigError(f"config key '{where}.placement': drafter {name!r} is an int8 dynamic quantisation, which runs on the CPU only; use placement cpu or a bf16 drafter")
+
+
+def check_inputs(config: dict) -> None:
+    """The cheap checks of the local files a validated config names, which the jobs would
+    otherwise refuse later: each dataset's files (present, regular, within the size limit)
+    and each local model's folder (holding a config.json). The embedded model is made by the
+    pipeline itself; hub models are not looked up here."""
+    for name, spec in config["datasets"].items():
+        try:
+            dataset_entries.dataset_files(spec)
+        except dataset_entries.DatasetError as err:
+            key = next((k for k in ("paths", "path") if k in spec), "source")
+            raise ConfigError(f"config key 'datasets.{name}.{key}': {err}") from None
+    for name, spec in config["models"].items():
+        if spec["source"] == "local":
+            try:
+                local_folder(name, spec["path"])
+            except ModelError as err:
+                raise ConfigError(str(err)) from None
 
 
 def _check_method(entry: dict, drafters: dict, where: str) -> None:

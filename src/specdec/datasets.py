@@ -15,13 +15,16 @@ import operator
 import os
 import random
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
+import jinja2
 import jsonschema
 import pandas as pd
 
+from specdec.cells import SCHEMA_TYPES, schema_message
 from specdec.io import write_json
 from specdec.records import write_prompts
 from specdec.tables import write_csv, write_html
@@ -35,6 +38,9 @@ HUMANEVAL_INSTRUCTION = (
 # Chat templates are rendered per conversation; batching lets the fast tokenizer work in bulk.
 _TOKENIZE_BATCH = 256
 _SEPARATORS = re.compile(r"[\s,]*")
+# A dataset file is read whole, then parsed: beyond this size (after decompression) it is
+# refused rather than read until memory runs out. ShareGPT's largest file is about 0.7 GB.
+MAX_FILE_BYTES = 2**30
 
 
 class DatasetError(ValueError):
@@ -85,15 +91,29 @@ class _Problems:
         self.malformed.append(Malformed(str(file), line, reason))
 
 
-def _read_text(path: Path) -> str:
+def check_file(path: Path) -> None:
+    """A dataset file must be a regular file (not a device, pipe or folder) of at most
+    MAX_FILE_BYTES; the gate checks this too, before anything runs."""
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rt", encoding="utf-8-sig") as handle:
-                return handle.read()
-        return path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark is not JSON
+        info = path.stat()
     except FileNotFoundError:
         raise DatasetError(f"dataset file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as err:
+    except OSError as err:
+        raise DatasetError(f"{path}: cannot be read: {err.strerror or err}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise DatasetError(f"{path}: not a regular file (a device, pipe or folder); a dataset is a file")
+    if info.st_size > MAX_FILE_BYTES:
+        raise DatasetError(f"{path}: {info.st_size} bytes, above the {MAX_FILE_BYTES} bytes a dataset file may have")
+
+
+def _read_text(path: Path) -> str:
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as handle:
+            data = handle.read(MAX_FILE_BYTES + 1)  # a small .gz may unpack to far more
+        if len(data) > MAX_FILE_BYTES:
+            raise DatasetError(f"{path}: above the {MAX_FILE_BYTES} bytes a dataset file may have, decompressed")
+        return data.decode("utf-8-sig")  # -sig: a byte-order mark is not JSON
+    except (OSError, EOFError, UnicodeDecodeError) as err:
         raise DatasetError(f"{path}: cannot be read as UTF-8 text: {err}") from None
 
 
@@ -188,6 +208,16 @@ def _typed(value: Any, kinds: tuple[type, ...], where: str) -> Any:
 def _text(value: Any, where: str) -> str:
     if not _typed(value, (str,), where).strip():
         raise _BadRecord(f"key '{where}' is empty")
+    return _unicode(value, where)
+
+
+def _unicode(value: str, where: str) -> str:
+    """JSON's \\u escapes can spell half of a surrogate pair, which is no character: no
+    tokenizer or UTF-8 file takes it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise _BadRecord(f"key '{where}' holds a lone surrogate ({value[err.start]!r}), not text") from None
     return value
 
 
@@ -205,7 +235,7 @@ def _expect_object(value: Any) -> dict:
 
 def _sharegpt(value: Any) -> _Conversation:
     record = _expect_object(value)
-    source_id = _typed(_get(record, "id"), (str, int), "id")
+    source_id = _unicode(str(_typed(_get(record, "id"), (str, int), "id")), "id")
     messages = _typed(_get(record, "conversations"), (list,), "conversations")
     system, turns = None, []
     for index, message in enumerate(messages):
@@ -221,19 +251,19 @@ def _sharegpt(value: Any) -> _Conversation:
             )
     if not turns:
         raise _BadRecord("no human turn to prompt with")
-    return _Conversation(str(source_id), "chat", system, turns)
+    return _Conversation(source_id, "chat", system, turns)
 
 
 def _question(value: Any) -> _Conversation:
     """An MT-bench / Spec-Bench question (also the built-in sample's format)."""
     record = _expect_object(value)
-    source_id = _typed(_get(record, "question_id"), (int, str), "question_id")
+    source_id = _unicode(str(_typed(_get(record, "question_id"), (int, str), "question_id")), "question_id")
     category = _text(_get(record, "category"), "category")
     turns = _typed(_get(record, "turns"), (list,), "turns")
     if not turns:
         raise _BadRecord("key 'turns' is empty")
     texts = [_text(turn, f"turns[{index}]") for index, turn in enumerate(turns)]
-    return _Conversation(str(source_id), category, None, texts)
+    return _Conversation(source_id, category, None, texts)
 
 
 def _humaneval(value: Any) -> _Conversation:
@@ -293,11 +323,20 @@ SOURCES = {
 }
 
 
+def dataset_files(spec: dict) -> list[Path]:
+    """The files a dataset config entry reads, each checked by `check_file` (the gate calls
+    this too: a missing, special or oversized file is refused before anything runs)."""
+    files = SOURCES[spec["source"]].files(spec)
+    for path in files:
+        check_file(path)
+    return files
+
+
 def _load(name: str, spec: dict, problems: _Problems) -> tuple[list[dict], dict]:
     """Normalised records (without prompt_tokens) from the spec's files, and load counts."""
     source = SOURCES[spec["source"]]
     first_only = spec.get("turns", source.default_turns) == "first"
-    files = source.files(spec)
+    files = dataset_files(spec)
     records: list[dict] = []
     first_seen: dict[str, str] = {}
     for path in files:
@@ -335,26 +374,41 @@ def _measure(records: list[dict], tokenizer) -> None:
         raise DatasetError("the tokenizer has no chat template to measure prompt_tokens with")
     for start in range(0, len(records), _TOKENIZE_BATCH):
         chunk = records[start:start + _TOKENIZE_BATCH]
-        token_ids = tokenizer.apply_chat_template(
-            [first_turn_messages(record) for record in chunk],
-            add_generation_prompt=True, tokenize=True, return_dict=False,
-        )
+        try:
+            token_ids = tokenizer.apply_chat_template(
+                [first_turn_messages(record) for record in chunk],
+                add_generation_prompt=True, tokenize=True, return_dict=False,
+            )
+        except jinja2.TemplateError as err:  # SecurityError too: the template tried what the sandbox forbids
+            raise DatasetError(f"model folder {tokenizer.name_or_path}: its chat template cannot be rendered "
+                               f"({type(err).__name__}: {err})") from None
         for record, ids in zip(chunk, token_ids):
             record["prompt_tokens"] = len(ids)
 
 
-def _validate_spec(label: str, spec: Any) -> None:
-    error = jsonschema.exceptions.best_match(
-        jsonschema.Draft202012Validator(dataset_schema()).iter_errors(spec)
-    )
+# The gate's reading of JSON types: 2.0 is not an integer.
+_SPEC_VALIDATOR = jsonschema.validators.extend(jsonschema.Draft202012Validator, type_checker=SCHEMA_TYPES)
+
+
+def spec_problem(spec: Any) -> tuple[str, str] | None:
+    """What is wrong with a dataset config entry, as (JSON path of the key, why), or None.
+    The gate (`config.check_references`) asks this of every dataset before anything runs."""
+    validator = _SPEC_VALIDATOR(dataset_schema())
+    error = jsonschema.exceptions.best_match(validator.iter_errors(spec))
     if error is not None:
         # The schema forbids a key for a source with the always-failing schema `not: {}`.
         forbidden = error.validator == "not" and error.validator_value == {}
-        message = f"not allowed with source {spec['source']!r}" if forbidden else error.message
-        raise DatasetError(f"{label}: {error.json_path}: {message}")
+        return error.json_path, f"not allowed with source {spec['source']!r}" if forbidden else schema_message(error)
     low, high = spec.get("min_prompt_tokens"), spec.get("max_prompt_tokens")
     if low is not None and high is not None and low > high:
-        raise DatasetError(f"{label}: min_prompt_tokens={low} > max_prompt_tokens={high}")
+        return "$.min_prompt_tokens", f"min_prompt_tokens={low} > max_prompt_tokens={high}: no prompt could pass both"
+    return None
+
+
+def _validate_spec(label: str, spec: Any) -> None:
+    problem = spec_problem(spec)
+    if problem is not None:
+        raise DatasetError(f"{label}: {problem[0]}: {problem[1]}")
 
 
 def _length_filter(name: str, records: list[dict], spec: dict, key: str,

@@ -181,6 +181,17 @@ def kv_cache_bytes(model, batch: int, tokens: int) -> int:
     return 2 * config.num_hidden_layers * heads * head_dim * tokens * batch * element
 
 
+def local_folder(name: str, path: str) -> Path:
+    """A local model's folder, once it is seen to hold a transformers config (the gate checks
+    this too, before anything runs)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ModelError(f"config key 'models.{name}.path': {folder} does not exist or is not a folder")
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"config key 'models.{name}.path': {folder} has no config.json, so it is not a transformers model folder")
+    return folder
+
+
 def model_location(spec: ModelSpec, models_dir: Path) -> tuple[str, dict]:
     """Where `from_pretrained` finds a configured model, and the keyword arguments it needs."""
     kwargs = {"trust_remote_code": spec.trust_remote_code}
@@ -191,12 +202,7 @@ def model_location(spec: ModelSpec, models_dir: Path) -> tuple[str, dict]:
             raise ModelError(f"model {name!r}: the embedded model is not prepared at {folder} (run `specdec prepare-model --out {folder}`)")
         return str(folder), kwargs
     if spec.source == "local":
-        folder = Path(spec.path)
-        if not folder.is_dir():
-            raise ModelError(f"config key 'models.{name}.path': {folder} does not exist or is not a folder")
-        if not (folder / "config.json").is_file():
-            raise ModelError(f"config key 'models.{name}.path': {folder} has no config.json, so it is not a transformers model folder")
-        return str(folder), kwargs
+        return str(local_folder(name, spec.path)), kwargs
     if spec.revision:
         kwargs["revision"] = spec.revision
     return spec.id, kwargs

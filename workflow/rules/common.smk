@@ -4,17 +4,17 @@ import sys
 from pathlib import Path
 
 from snakemake.settings.types import DeploymentMethod
-from snakemake.utils import validate
 
 import specdec.config
 import specdec.placement
 import specdec.records
 import specdec.session
 
-# The gate (after the Snakefile's YAML check): the schema (Snakemake's validate fills the
-# defaults), then what a schema cannot say.
-validate(config, schema="../schemas/config.schema.yaml")
-specdec.config.check_references(config)
+# The gate (after the Snakefile's YAML check), as `specdec check-config`: the schema (filling
+# the defaults; Snakemake's own validate would count 8.0 as an integer), what a schema cannot
+# say, and the local files the config names.
+specdec.config.validate(config)
+specdec.config.check_inputs(config)
 
 RESULTS = config["results_dir"]
 CELLS = {cell.id: cell for cell in specdec.config.expand_matrix(config)}
