@@ -20,7 +20,7 @@ from specdec.aggregate import (
     request_tables,
     runs_table,
 )
-from specdec.metrics import bootstrap_ci
+from specdec.statistics import bootstrap_ci
 from specdec.records import RecordError, read_result, write_requests, write_result
 from specdec.summary import NO_BASELINE, SettingsError, category_table, summary_table
 

@@ -5,7 +5,9 @@ import pytest
 
 from specdec.cells import Cell, DrafterSpec, Generation, Load, ModelSpec, Placement
 from specdec.metadata import collect_metadata
-from specdec.metrics import acceptance, draft_length_shares, summarize, theory
+from specdec.acceptance import acceptance
+from specdec.leviathan import draft_length_shares, theory
+from specdec.metrics import summarize
 from specdec.records import RESULT_SCHEMA_VERSION, RecordError, validate
 
 CELL = Cell(

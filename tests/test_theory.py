@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from specdec.cells import Cell, DrafterSpec, Generation, Load, ModelSpec, Placement
-from specdec.metrics import expected_tokens_per_step
+from specdec.leviathan import expected_tokens_per_step
 from specdec.theory import best_gamma_table, paper_speedup, run_theory, theory_columns, verify_cost_per_token
 
 INT8 = DrafterSpec(name="int8", kind="quantized", dtype="int8")

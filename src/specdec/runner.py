@@ -23,9 +23,10 @@ from typing import TextIO
 
 import torch
 
-from specdec import metrics, placement
+from specdec import placement
 from specdec.analysis import analyse, memory_report
 from specdec.cells import Cell
+from specdec.console import summary_table
 from specdec.engines import NotSupported, engine_block, unsupported
 from specdec.io import write_json
 from specdec.measure import measure
@@ -153,7 +154,7 @@ def run_cell(cell: Cell, prompts_path: Path, out_dir: Path, models_dir: Path = P
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-    log.info("\n%s", metrics.summary_table(result["metrics"], cell.name) if result["metrics"] else result["failure"])
+    log.info("\n%s", summary_table(result["metrics"], cell.name) if result["metrics"] else result["failure"])
     say(_ending(result, time.monotonic() - began))
     return result
 

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from specdec.metrics import bootstrap_ci, coefficient_of_variation, paired_ratio_ci
+from specdec.statistics import bootstrap_ci, coefficient_of_variation, paired_ratio_ci
 
 # Settings copied into a cell's summary row from its first run.
 SETTING_COLUMNS = (

@@ -10,7 +10,7 @@ baseline its speedup divides by):
     c = drafter one-token forward / target one-token forward (the AR cell's)
     v = target (K + 1)-token verification forward / target one-token forward
 
-and `metrics.predicted_speedup(alpha, c, v, draft length shares)` is the prediction of the
+and `leviathan.predicted_speedup(alpha, c, v, draft length shares)` is the prediction of the
 decode steady state (`predicted_decode_speedup`). The measured speedup is a throughput's,
 prefills included, so `predicted_speedup` adds them (`with_prefills`): a drafter's own
 prefill is outside every step yet can cost more than its drafts (bf16 on a CPU without
@@ -26,7 +26,8 @@ import numpy as np
 import pandas as pd
 
 from specdec.cells import GAMMA_MAX, Cell
-from specdec.metrics import MetricsError, expected_tokens, expected_tokens_per_step, predicted_speedup
+from specdec.leviathan import expected_tokens, expected_tokens_per_step, predicted_speedup
+from specdec.metrics import MetricsError
 
 # The speedup after each step of the waterfall (speedup_waterfall figure), in order.
 WATERFALL = {
