@@ -20,8 +20,9 @@ from specdec.aggregate import (
     request_tables,
     runs_table,
 )
+from specdec.cells import Cell
+from specdec.records import RecordError, read_result, result_from_dict, write_requests, write_result
 from specdec.statistics import bootstrap_ci
-from specdec.records import RecordError, read_result, write_requests, write_result
 from specdec.summary import NO_BASELINE, SettingsError, category_table, summary_table
 
 FIXTURES = Path(__file__).parent / "fixtures" / "results"
@@ -56,8 +57,11 @@ def test_bootstrap_ci_by_hand():
 def test_every_fixture_validates_through_the_contract():
     assert len(RESULTS) == 18
     for path in RESULTS:
-        result, parsed = read_result(path)
-        assert (parsed.id, parsed.group_id) == (result["cell_id"], result["group_id"])
+        result = read_result(path)
+        parsed = result.config
+        assert (parsed.id, parsed.group_id) == (result.cell_id, result.group_id)
+        # the typed result writes back the dict it was read from (older cells gain their defaults)
+        assert result.to_dict() == json.loads(path.read_text()) | {"config": parsed.to_dict()}
         assert path.parent.name == parsed.name
 
 
@@ -130,12 +134,12 @@ def test_open_loop_cells_that_differ_only_in_size_are_separate_rows(summary):
 
 def test_unpaired_repeat_uses_ar_median(tmp_path):
     # AR 10, 12 (median 11); spec repeats 15, 18 and an extra r2 at 22 -> 1.5, 1.5, 2.0.
-    extra, spec = read_result(FIXTURES / f"runs/demo/{SPEC}--r0/result.json")
-    spec = dataclasses.replace(spec, repeat=2)
+    extra = read_result(FIXTURES / f"runs/demo/{SPEC}--r0/result.json").to_dict()
+    spec = dataclasses.replace(Cell.from_dict(extra["config"]), repeat=2)
     extra.update(cell_id=spec.id, config=spec.to_dict())
     extra["metrics"]["throughput_tok_s"] = 22.0
     path = tmp_path / "result.json"
-    write_result(path, extra)
+    write_result(path, result_from_dict(extra, "test"))
     summary = summary_table(runs_table(read_runs([*RESULTS, path])), n_resamples=500)
     spec = cell(summary, SPEC)
     assert spec["n_repeats"] == 3 and spec["speedup"] == pytest.approx(1.5)
@@ -311,7 +315,7 @@ def test_tables_for_the_figures(tmp_path):
 
 
 def test_request_latencies_by_hand(tmp_path):
-    write_result(tmp_path / "result.json", read_result(FIXTURES / f"runs/demo/{AR}--r0/result.json")[0])
+    write_result(tmp_path / "result.json", read_result(FIXTURES / f"runs/demo/{AR}--r0/result.json"))
     request = {
         "request_id": "a#1",
         "prompt_id": "a",
@@ -367,7 +371,7 @@ def test_bad_input_names_the_file_and_key(tmp_path):
 
 def test_unreadable_power_samples_name_the_file(tmp_path):
     source = FIXTURES / f"runs/demo/{AR}--r0"
-    write_result(tmp_path / "result.json", read_result(source / "result.json")[0])
+    write_result(tmp_path / "result.json", read_result(source / "result.json"))
     (tmp_path / "power.csv").write_text("t_s,power_w\n0,1\n")
     with pytest.raises(RecordError, match=r"power\.csv: missing column\(s\) \['device', 'phase'\]"):
         aggregate_experiment([tmp_path / "result.json"], tmp_path / "tables", "demo", n_resamples=10)
@@ -448,7 +452,7 @@ def test_waterfall_and_gamma_from_the_fixtures_forwards(runs, summary):
     assert row["waterfall_drafter"] == pytest.approx(ideal * ar_step / (ar_step + 1.08 / 20))
     assert row["waterfall_verify"] == pytest.approx(ideal * ar_step / (ar_step - 0.04 + 1.04 / 20 + 1.08 / 20))
     assert row["waterfall_overhead"] == pytest.approx(ideal * ar_step / spec_step)
-    table = best_gamma_table([(r.cell, r.result) for r in read_runs(RESULTS)], summary)
+    table = best_gamma_table([r.result for r in read_runs(RESULTS)], summary)
     int8 = table[(table["drafter"] == "int8") & (table["batch_size"] == 1) & (table["dataset"] == "humaneval") & (table["load"] == "closed")].iloc[0]
     assert int8["measured"] == "γ2: 1.30; γ4: 1.50" and int8["best_measured_gamma"] == 4
     # alpha 0.65, c = 0.3, v = 1.3 at both widths -> slope 0.3 / 2 and 0.3 / 4 fitted
