@@ -24,6 +24,9 @@ from specdec.cells import Cell
 from specdec.records import RecordError, read_result, result_from_dict, write_requests, write_result
 from specdec.statistics import bootstrap_ci
 from specdec.summary import NO_BASELINE, SettingsError, category_table, summary_table
+from specdec.sweeps import break_even_table
+from specdec.tables import display_headline, write_headline
+from specdec.theory import best_gamma_table
 
 FIXTURES = Path(__file__).parent / "fixtures" / "results"
 RESULTS = sorted((FIXTURES / "runs" / "demo").glob("*/result.json"))
@@ -378,8 +381,6 @@ def test_unreadable_power_samples_name_the_file(tmp_path):
 
 
 def test_break_even_reads_speedup_along_batch_size_and_rate(summary):
-    from specdec.sweeps import break_even_table
-
     table = break_even_table(summary).set_index(["axis", "method_label"])
     batch = table.loc[("batch_size", "speculative (int8)")]
     # batch 1: 1.5, batch 4: 36/30 = 1.2; it pays at both
@@ -389,9 +390,6 @@ def test_break_even_reads_speedup_along_batch_size_and_rate(summary):
 
 
 def test_headline_gives_each_drafting_cells_speedup_prediction_and_break_even(summary, tmp_path):
-    from specdec.sweeps import break_even_table
-    from specdec.tables import display_headline, write_headline
-
     shown, shared = display_headline(summary)
     # AR is the baseline, not a row; every fixture cell runs 16 new tokens at T 0.
     assert "ar" not in set(shown["method"]) and shared == "Every cell: T 0, new tokens 16."
@@ -418,8 +416,6 @@ def test_headline_gives_each_drafting_cells_speedup_prediction_and_break_even(su
 
 
 def test_one_repeat_takes_its_interval_from_the_requests(runs):
-    from specdec.aggregate import request_tables
-
     requests, _ = request_tables(read_runs(RESULTS))
     ngram = "humaneval--specdec-ngram-ngram-g4--b1-n16-t0-cpu"
     # spread the n-gram run's request times: the paired ratios now differ request by request
@@ -440,8 +436,6 @@ def test_a_cell_measured_under_outside_load_is_flagged(summary):
 
 
 def test_waterfall_and_gamma_from_the_fixtures_forwards(runs, summary):
-    from specdec.theory import best_gamma_table
-
     row = runs[runs["cell"] == f"{SPEC}--r0"].iloc[0]
     ideal = sum(0.65**i for i in range(5))
     assert row["waterfall_ideal"] == pytest.approx(ideal)
