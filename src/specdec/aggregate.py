@@ -15,6 +15,7 @@ from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
+from specdec import columns as col
 from specdec import cotenants, sweeps, theory
 from specdec.cells import Cell, Load
 from specdec.goodput import Slo, run_goodput
@@ -24,26 +25,26 @@ from specdec.result import Attribution, Cotenants, Energy, Metrics, Result, Stat
 from specdec.summary import DEFAULT_SETTINGS, category_table, merge_settings, summary_table
 from specdec.tables import DASH, display_categories, display_summary, write_csv, write_headline, write_table
 
-DIST_METRICS = ("ttft_s", "tpot_s", "itl_s", "itl_token_s", "e2e_s", "queue_s", "request_tok_s")
+DIST_METRICS = (col.TTFT_S, col.TPOT_S, col.ITL_S, "itl_token_s", col.E2E_S, "queue_s", "request_tok_s")
 DIST_FIELDS = ("mean", "p50", "p90", "p99", "count")
 # A run in the per-run tables below; `cell` joins them with the runs table.
-RUN_KEYS = ("cell", "cell_name", "repeat")
-REQUEST_COUNTS = ("drafted_tokens", "accepted_tokens", "target_forwards")
-REQUEST_FIELDS = ("request_id", "prompt_id", "category", "turn", "prompt_tokens", "output_tokens")
+RUN_KEYS = (col.CELL, col.CELL_NAME, col.REPEAT)
+REQUEST_COUNTS = (col.DRAFTED_TOKENS, col.ACCEPTED_TOKENS, col.TARGET_FORWARDS)
+REQUEST_FIELDS = (col.REQUEST_ID, "prompt_id", col.CATEGORY, "turn", "prompt_tokens", col.OUTPUT_TOKENS)
 REQUEST_COLUMNS = (
     *RUN_KEYS,
     *REQUEST_FIELDS,
-    "ttft_s",
-    "tpot_s",
-    "e2e_s",
+    col.TTFT_S,
+    col.TPOT_S,
+    col.E2E_S,
     "queue_s",
     "request_tok_s",
     *REQUEST_COUNTS,
 )
-ITL_COLUMNS = (*RUN_KEYS, "request_id", "itl_s")
-POSITION_COLUMNS = (*RUN_KEYS, "position", "drafted", "accepted", "rate", "rate_per_draft")
+ITL_COLUMNS = (*RUN_KEYS, col.REQUEST_ID, col.ITL_S)
+POSITION_COLUMNS = (*RUN_KEYS, col.POSITION, col.DRAFTED, col.ACCEPTED, "rate", "rate_per_draft")
 POWER_COLUMNS = (*RUN_KEYS, *POWER_KEYS)
-STATUS_COLUMNS = ("experiment", "cell", "status", "failure_type", "failure_message", "failure_phase")
+STATUS_COLUMNS = (col.EXPERIMENT, col.CELL, col.STATUS, "failure_type", "failure_message", "failure_phase")
 
 
 # Names the AR reference an interleaved cell measured in its own job (its run and group).
@@ -76,7 +77,7 @@ class Run:
 
     @property
     def keys(self) -> dict[str, Any]:
-        return {"cell": self.cell.name, "cell_name": self.cell.group, "repeat": self.cell.repeat}
+        return {col.CELL: self.cell.name, col.CELL_NAME: self.cell.group, col.REPEAT: self.cell.repeat}
 
     def beside(self, name: str) -> Path:
         return self.path.parent / name
@@ -116,34 +117,34 @@ def cell_columns(cell: Cell) -> dict[str, Any]:
     """The typed cell as flat columns; `gamma` is 0 for AR, `drafter` its name or None."""
     placement = cell.placement
     return {
-        "experiment": cell.experiment,
-        "cell": cell.name,
-        "cell_name": cell.group,
-        "cell_id": cell.id,
-        "group_id": cell.group_id,
-        "ar_group_id": interleaved_group_id(cell) if cell.interleaved else cell.ar_counterpart().group_id,
-        "specdec_ar_group_id": (interleaved_group_id(cell) if cell.interleaved and cell.engine == "specdec"
+        col.EXPERIMENT: cell.experiment,
+        col.CELL: cell.name,
+        col.CELL_NAME: cell.group,
+        col.CELL_ID: cell.id,
+        col.GROUP_ID: cell.group_id,
+        col.AR_GROUP_ID: interleaved_group_id(cell) if cell.interleaved else cell.ar_counterpart().group_id,
+        col.SPECDEC_AR_GROUP_ID: (interleaved_group_id(cell) if cell.interleaved and cell.engine == "specdec"
                                 else cell.ar_counterpart(engine="specdec").group_id),
-        "reference": cell.reference,
-        "dataset": cell.dataset,
-        "target": cell.target.name,
-        "engine": cell.engine,
-        "method": cell.method,
-        "method_label": method_label(cell),
-        "drafter": cell.drafter.name if cell.drafter else None,
-        "measurement_tool": bool(cell.drafter and cell.drafter.measurement_tool),
-        "gamma": cell.gamma,
-        "batch_size": cell.batch_size,
+        col.REFERENCE: cell.reference,
+        col.DATASET: cell.dataset,
+        col.TARGET: cell.target.name,
+        col.ENGINE: cell.engine,
+        col.METHOD: cell.method,
+        col.METHOD_LABEL: method_label(cell),
+        col.DRAFTER: cell.drafter.name if cell.drafter else None,
+        col.MEASUREMENT_TOOL: bool(cell.drafter and cell.drafter.measurement_tool),
+        col.GAMMA: cell.gamma,
+        col.BATCH_SIZE: cell.batch_size,
         **asdict(cell.generation),
-        "repeat": cell.repeat,
-        "seed": cell.seed,
+        col.REPEAT: cell.repeat,
+        col.SEED: cell.seed,
         "warmup": cell.warmup,
-        "placement_strategy": placement.strategy,
+        col.PLACEMENT_STRATEGY: placement.strategy,
         # GPUs of the target x the drafter
         "placement_ratio": "{}x{}".format(*placement.ratio) if placement.ratio else None,
         "placement_gpus": placement.gpus,
         "placement_max_memory_fraction": placement.max_memory_fraction,
-        "load": load_label(cell.load),
+        col.LOAD: load_label(cell.load),
         **{f"load_{key}": value for key, value in asdict(cell.load).items()},
     }
 
@@ -152,25 +153,25 @@ def flatten_result(run: Run) -> dict[str, Any]:
     """One tidy row: the cell's columns, DIST fields as `{metric}_{field}`, acceptance,
     theory, energy, memory, correctness, failure and `meta_*`."""
     result = run.result
-    row: dict[str, Any] = {"path": str(run.path), "status": result.status.value, **cell_columns(run.cell)}
+    row: dict[str, Any] = {"path": str(run.path), col.STATUS: result.status.value, **cell_columns(run.cell)}
     row.update(_metric_fields(result.metrics))
     acceptance = result.acceptance
-    row.update({key: getattr(acceptance, key, None) for key in (*REQUEST_COUNTS, "acceptance_rate", "mean_accepted_length",
-                                                                 "num_drafts", "mean_acceptance_length")})
+    row.update({key: getattr(acceptance, key, None) for key in (*REQUEST_COUNTS, col.ACCEPTANCE_RATE, col.MEAN_ACCEPTED_LENGTH,
+                                                                 "num_drafts", col.MEAN_ACCEPTANCE_LENGTH)})
     # drafts keeping 0, 1, .. gamma tokens, as text so that the tidy table stays flat
-    row["accepted_per_step"] = " ".join(map(str, acceptance.accepted_per_step if acceptance else ())) or None
+    row[col.ACCEPTED_PER_STEP] = " ".join(map(str, acceptance.accepted_per_step if acceptance else ())) or None
     row.update({f"theory_{key}": getattr(result.theory, key, None) for key in ("alpha", "longest_draft")})
     row.update(_attribution_fields(result.attribution))
     row.update(_cotenant_fields(result.cotenants))
     row.update(_energy_fields(result.energy, run.cell.interleaved))
     # What a kept draft token cost; missing (never 0 or infinite) without energy or drafts.
-    accepted = row["accepted_tokens"]
-    row["energy_j_per_accepted_token"] = row["energy_j"] / accepted if row["energy_j"] is not None and accepted else None
+    accepted = row[col.ACCEPTED_TOKENS]
+    row[col.ENERGY_J_PER_ACCEPTED_TOKEN] = row["energy_j"] / accepted if row["energy_j"] is not None and accepted else None
     row.update({f"memory_{key}": result.memory.get(key) if result.memory else None
                 for key in ("device", "weights_mb", "peak_mb", "peak_over_needed", "growth_over_needed")})
     for check in ("correctness", "parity"):  # greedy divergences: near-ties and defects (analysis)
         block = getattr(result, check)
-        row.update({f"{check}_{key}": getattr(block, key) if block else None for key in ("identical", "status", "near_ties", "defects")})
+        row.update({f"{check}_{key}": getattr(block, key) if block else None for key in ("identical", col.STATUS, col.NEAR_TIES, col.DEFECTS)})
     row["engine_version"] = result.engine.version
     row.update({f"failure_{key}": getattr(result.failure, key) if result.failure else None for key in ("type", "message", "phase")})
     row.update({f"meta_{key}": value for key, value in result.metadata.flat().items()})
@@ -199,13 +200,13 @@ def _cotenant_fields(block: Cotenants | None) -> dict[str, Any]:
     """The machine's load from outside the cell during its window, and the summary's flag."""
     if block is None or not block.available:
         return {"cotenant_other_cpu_share": None, "cotenant_load_average_1m": None, "cotenant_gpu_processes": None,
-                "cotenant_flag": None}
+                col.COTENANT_FLAG: None}
     gpu = block.gpu_processes
     return {
         "cotenant_other_cpu_share": block.other_cpu_share,
         "cotenant_load_average_1m": block.load_average_1m,
         "cotenant_gpu_processes": None if gpu is None else len(gpu),
-        "cotenant_flag": cotenants.flag(block.data),
+        col.COTENANT_FLAG: cotenants.flag(block.data),
     }
 
 
@@ -219,9 +220,9 @@ def _energy_fields(energy: Energy, interleaved: bool = False) -> dict[str, Any]:
     return {
         "energy_available": available,
         "energy_method": energy.method,
-        "energy_reason": INTERLEAVED_ENERGY if energy.available and interleaved else energy.reason,
+        col.ENERGY_REASON: INTERLEAVED_ENERGY if energy.available and interleaved else energy.reason,
         "energy_j": energy.gross_j if available else None,
-        "energy_j_per_token": energy.gross_j_per_output_token if available else None,
+        col.ENERGY_J_PER_TOKEN: energy.gross_j_per_output_token if available else None,
     }
 
 
@@ -231,14 +232,14 @@ def runs_table(runs: Sequence[Run], requests: pd.DataFrame | None = None, slo: S
     predictions = theory.theory_columns([run.result for run in runs])
     table = pd.DataFrame([flatten_result(run) | prediction for run, prediction in zip(runs, predictions)])
     if requests is not None:
-        goodput = run_goodput(requests, table.set_index("cell")["window_s"] if "window_s" in table else pd.Series(dtype=float), slo)
-        table = table.merge(goodput, on="cell", how="left")
-    return table.sort_values(["experiment", "cell"], kind="stable").reset_index(drop=True)
+        goodput = run_goodput(requests, table.set_index(col.CELL)["window_s"] if "window_s" in table else pd.Series(dtype=float), slo)
+        table = table.merge(goodput, on=col.CELL, how="left")
+    return table.sort_values([col.EXPERIMENT, col.CELL], kind="stable").reset_index(drop=True)
 
 
 def _status_table(runs: pd.DataFrame, status: Status) -> pd.DataFrame:
     """Runs of one status with the failure the runner recorded."""
-    rows = runs.loc[runs["status"] == status.value, list(STATUS_COLUMNS)]
+    rows = runs.loc[runs[col.STATUS] == status.value, list(STATUS_COLUMNS)]
     return rows.rename(columns=lambda c: c.removeprefix("failure_")).reset_index(drop=True)
 
 
@@ -262,16 +263,16 @@ RUN_INFO_FIELDS = {
     "meta_vllm": "vLLM",
     "meta_specdec": "specdec",
     "meta_git_commit": "git commit",
-    "target": "targets",
-    "method_label": "methods",
-    "dataset": "datasets",
-    "batch_size": "batch sizes",
-    "load": "loads",
-    "max_new_tokens": "max new tokens",
-    "temperature": "temperatures",
-    "placement_strategy": "placements",
+    col.TARGET: "targets",
+    col.METHOD_LABEL: "methods",
+    col.DATASET: "datasets",
+    col.BATCH_SIZE: "batch sizes",
+    col.LOAD: "loads",
+    col.MAX_NEW_TOKENS: "max new tokens",
+    col.TEMPERATURE: "temperatures",
+    col.PLACEMENT_STRATEGY: "placements",
     "energy_method": "energy method",
-    "energy_reason": "energy unavailable because",
+    col.ENERGY_REASON: "energy unavailable because",
 }
 
 
@@ -296,9 +297,9 @@ def _request_row(keys: dict, record: dict) -> dict:
     return {
         **keys,
         **{key: record[key] for key in REQUEST_FIELDS},
-        "ttft_s": ttft(record),
-        "tpot_s": tpot(record),
-        "e2e_s": e2e(record),
+        col.TTFT_S: ttft(record),
+        col.TPOT_S: tpot(record),
+        col.E2E_S: e2e(record),
         "queue_s": queueing_delay(record),
         "request_tok_s": request_tokens_per_s(record),
         **{key: record.get(key) for key in REQUEST_COUNTS},
@@ -315,7 +316,7 @@ def request_tables(runs: Sequence[Run]) -> tuple[pd.DataFrame, pd.DataFrame]:
         records = measured(read_requests(path)) if run.ok and path.is_file() else []
         for record in records:
             requests.append(_request_row(run.keys, record))
-            gaps += [{**run.keys, "request_id": record["request_id"], "itl_s": gap} for gap in emission_gaps(record)]
+            gaps += [{**run.keys, col.REQUEST_ID: record[col.REQUEST_ID], col.ITL_S: gap} for gap in emission_gaps(record)]
     return pd.DataFrame(requests, columns=REQUEST_COLUMNS), pd.DataFrame(gaps, columns=ITL_COLUMNS)
 
 
@@ -328,10 +329,10 @@ def interleaved_tables(runs: Sequence[Run]) -> tuple[pd.DataFrame, pd.DataFrame]
     for run in runs:
         if not (run.ok and run.cell.interleaved):
             continue
-        keys = {"cell": f"{run.cell.name} ({INTERLEAVED_AR})", "cell_name": f"{run.cell.group} ({INTERLEAVED_AR})",
-                "repeat": run.cell.repeat}
-        rows.append({**keys, "status": Status.OK.value, "method": "ar", "group_id": interleaved_group_id(run.cell),
-                     **_metric_fields(run.result.reference.metrics), "energy_j_per_token": None})
+        keys = {col.CELL: f"{run.cell.name} ({INTERLEAVED_AR})", col.CELL_NAME: f"{run.cell.group} ({INTERLEAVED_AR})",
+                col.REPEAT: run.cell.repeat}
+        rows.append({**keys, col.STATUS: Status.OK.value, col.METHOD: "ar", col.GROUP_ID: interleaved_group_id(run.cell),
+                     **_metric_fields(run.result.reference.metrics), col.ENERGY_J_PER_TOKEN: None})
         requests += [_request_row(keys, record) for record in measured(read_requests(run.beside(INTERLEAVED_REQUESTS)))]
     return pd.DataFrame(rows), pd.DataFrame(requests, columns=REQUEST_COLUMNS)
 

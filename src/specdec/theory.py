@@ -25,6 +25,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from specdec import columns as col
 from specdec.cells import GAMMA_MAX, Cell
 from specdec.leviathan import expected_tokens, expected_tokens_per_step, predicted_speedup
 from specdec.metrics import MetricsError
@@ -37,9 +38,9 @@ WATERFALL = {
     "waterfall_verify": "− verification",
     "waterfall_overhead": "− overhead",
 }
-RUN_COLUMNS = ("theory_cost_ratio", "theory_verify_cost_ratio", "predicted_decode_speedup", "predicted_speedup", *WATERFALL)
+RUN_COLUMNS = ("theory_cost_ratio", "theory_verify_cost_ratio", "predicted_decode_speedup", col.PREDICTED_SPEEDUP, *WATERFALL)
 GAMMA_COLUMNS = (
-    "experiment", "dataset", "engine", "drafter", "batch_size", "load", "alpha", "cost_ratio",
+    col.EXPERIMENT, col.DATASET, col.ENGINE, col.DRAFTER, col.BATCH_SIZE, col.LOAD, "alpha", "cost_ratio",
     "verify_cost_per_token", "measured", "best_measured_gamma", "predicted", "best_predicted_gamma",
     "best_predicted_speedup",
 )
@@ -163,13 +164,13 @@ def best_gamma_table(runs: Sequence[Result], summary: pd.DataFrame) -> pd.DataFr
     """Per drafter and batch size (and the rest of the setup), the gamma the measured alpha
     and costs predict to be best among 1 .. GAMMA_MAX, beside the best measured one."""
     theory = pd.DataFrame([
-        {"group_id": result.config.group_id, "alpha": result.theory.alpha, "cell": result.config, "result": result, **row}
+        {col.GROUP_ID: result.config.group_id, "alpha": result.theory.alpha, "cell": result.config, "result": result, **row}
         for result, row in zip(runs, theory_columns(runs))
         if result.config.drafts and result.ok and result.theory and not math.isnan(row["theory_cost_ratio"])
     ])
     if theory.empty:
         return pd.DataFrame(columns=GAMMA_COLUMNS)
-    measured = summary.set_index("group_id")["speedup"]
+    measured = summary.set_index(col.GROUP_ID)[col.SPEEDUP]
     table = []
     setup = lambda cell: (cell.experiment, cell.dataset, cell.target, cell.engine, cell.drafter, cell.batch_size, cell.generation, cell.placement, cell.load)
     for _, rows in theory.groupby(theory["cell"].map(setup), sort=False):
@@ -179,12 +180,12 @@ def best_gamma_table(runs: Sequence[Result], summary: pd.DataFrame) -> pd.DataFr
             (r.theory.longest_draft + 1, v) for r, v in zip(rows["result"], rows["theory_verify_cost_ratio"])
         )
         predicted = {g: paper_speedup(alpha, g, c, slope) for g in range(1, GAMMA_MAX + 1)}
-        speedups = {g: measured.get(gid, math.nan) for g, gid in zip(rows["cell"].map(lambda x: x.gamma), rows["group_id"])}
+        speedups = {g: measured.get(gid, math.nan) for g, gid in zip(rows["cell"].map(lambda x: x.gamma), rows[col.GROUP_ID])}
         speedups = dict(sorted((g, s) for g, s in speedups.items() if not math.isnan(s)))
         best = max(predicted, key=predicted.get)
         table.append({
-            "experiment": cell.experiment, "dataset": cell.dataset, "engine": cell.engine, "drafter": cell.drafter.name,
-            "batch_size": cell.batch_size, "load": cell.load.mode, "alpha": alpha, "cost_ratio": c,
+            col.EXPERIMENT: cell.experiment, col.DATASET: cell.dataset, col.ENGINE: cell.engine, col.DRAFTER: cell.drafter.name,
+            col.BATCH_SIZE: cell.batch_size, col.LOAD: cell.load.mode, "alpha": alpha, "cost_ratio": c,
             "verify_cost_per_token": slope,
             "measured": "; ".join(f"γ{g}: {s:.2f}" for g, s in speedups.items()),
             "best_measured_gamma": max(speedups, key=speedups.get) if speedups else None,
