@@ -167,11 +167,11 @@ def flatten_result(run: Run) -> dict[str, Any]:
     # What a kept draft token cost; missing (never 0 or infinite) without energy or drafts.
     accepted = row[col.ACCEPTED_TOKENS]
     row[col.ENERGY_J_PER_ACCEPTED_TOKEN] = row["energy_j"] / accepted if row["energy_j"] is not None and accepted else None
-    row.update({f"memory_{key}": result.memory.get(key) if result.memory else None
+    row.update({f"memory_{key}": getattr(result.memory, key, None)
                 for key in ("device", "weights_mb", "peak_mb", "peak_over_needed", "growth_over_needed")})
     for check in ("correctness", "parity"):  # greedy divergences: near-ties and defects (analysis)
         block = getattr(result, check)
-        row.update({f"{check}_{key}": getattr(block, key) if block else None for key in ("identical", col.STATUS, col.NEAR_TIES, col.DEFECTS)})
+        row.update({f"{check}_{key}": getattr(block, key) if block else None for key in ("identical", "status", "near_ties", "defects")})
     row["engine_version"] = result.engine.version
     row.update({f"failure_{key}": getattr(result.failure, key) if result.failure else None for key in ("type", "message", "phase")})
     row.update({f"meta_{key}": value for key, value in result.metadata.flat().items()})

@@ -2,9 +2,9 @@
 that `specdec.records` validated against `result.schema.json` and turned back into it key
 for key, so that the job writes and the report reads the same object.
 
-Blocks of a fixed shape (metrics, acceptance, theory, engine, the interleaved reference) are
-dataclasses field for field; the free-form ones (energy, attribution, checks, co-tenants,
-memory, failure, metadata) keep their dict and name what the report reads of them. A field
+Blocks of a fixed shape (metrics, acceptance, theory, engine, the interleaved reference,
+memory) are dataclasses field for field; the free-form ones (energy, attribution, checks,
+co-tenants, failure, metadata) keep their dict and name what the report reads of them. A field
 whose default is None is left out of the dict when it is None (a key the schema makes
 optional); every other field is always written, null or not.
 """
@@ -198,6 +198,24 @@ class Reference(_Block):
         return cls(**data | {"metrics": Metrics.from_dict(data["metrics"])})
 
 
+@dataclass(frozen=True, kw_only=True)
+class Memory(_Block):
+    """Peak memory against the models' need (`analysis.memory_report`); the baseline RSS on
+    the CPU only."""
+
+    weights_mb: float
+    kv_cache_mb: float
+    device: str
+    peak_mb: float
+    peak_over_needed: float
+    baseline_rss_mb: float | None = None
+    growth_over_needed: float | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Memory:
+        return cls(**data)
+
+
 # --------------------------------------------------------------- free-form blocks
 
 
@@ -313,11 +331,6 @@ class Cotenants(_FreeForm):
         return self.data.get("gpu_processes")
 
 
-class Memory(_FreeForm):
-    """Peak memory against the models' need (`analysis.memory_report`)."""
-
-    def get(self, key: str) -> Any:
-        return self.data.get(key)
 
 
 class Failure(_FreeForm):
