@@ -83,11 +83,14 @@ def valid():
 
 
 def test_the_typed_result_reads_what_the_job_wrote_and_writes_it_back_key_for_key(valid, tmp_path):
+    valid = valid | {"memory": {"weights_mb": 641.4, "kv_cache_mb": 3.4, "device": "cpu", "peak_mb": 1080.2,
+                                "peak_over_needed": 1.68, "baseline_rss_mb": 244.4, "growth_over_needed": 1.3}}
     result = result_from_dict(valid, "result")
     assert result.status is Status.OK and result.ok and result.config == CELL
     assert result.metrics.ttft_s.count == 2 and result.acceptance.per_position[0].drafted == 4
     assert result.attribution.forward("target_decode", 3).mean_s == 0.25 and result.attribution.forward("drafter", 2) is None
     assert result.theory.longest_draft == 2 and not result.energy.available and result.correctness.identical
+    assert result.memory.growth_over_needed == 1.3 and result.cotenants is None and result.reference is None
     write_result(tmp_path / "result.json", result)
     assert json.loads((tmp_path / "result.json").read_text()) == valid
     assert read_result(tmp_path / "result.json") == result
