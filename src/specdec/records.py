@@ -65,6 +65,17 @@ def _read_json(path: Path) -> Any:
         raise RecordError(f"{path}: cannot read JSON: {err}") from None
 
 
+def _write_valid(kind: str, path: str | os.PathLike, record: Any) -> None:
+    validate(kind, record, str(path))
+    write_json(path, record)
+
+
+def _read_valid(kind: str, path: str | os.PathLike) -> Any:
+    record = _read_json(Path(path))
+    validate(kind, record, str(path))
+    return record
+
+
 def _read_jsonl(path: Path) -> Iterable[tuple[int, Any]]:
     try:
         lines = path.read_text().split("\n")
@@ -130,15 +141,11 @@ def read_cell(path: str | os.PathLike) -> Cell:
 
 
 def write_kernel_choice(path: str | os.PathLike, choice: dict) -> None:
-    validate("kernels", choice, str(path))
-    write_json(path, choice)
+    _write_valid("kernels", path, choice)
 
 
 def read_kernel_choice(path: str | os.PathLike) -> dict:
-    path = Path(path)
-    choice = _read_json(path)
-    validate("kernels", choice, str(path))
-    return choice
+    return _read_valid("kernels", path)
 
 
 # --------------------------------------------------------------------- requests
@@ -176,9 +183,7 @@ def read_reference_outputs(path: str | os.PathLike) -> dict[str, list[int]]:
 
 
 def write_result(path: str | os.PathLike, result: Result) -> None:
-    data = result.to_dict()
-    validate("result", data, str(path))
-    write_json(path, data)
+    _write_valid("result", path, result.to_dict())
 
 
 def result_from_dict(data: Any, source: str) -> Result:
@@ -188,8 +193,7 @@ def result_from_dict(data: Any, source: str) -> Result:
 
 def read_result(path: str | os.PathLike) -> Result:
     """A result file, validated, as the typed result (its cell is `Result.config`)."""
-    path = Path(path)
-    return result_from_dict(_read_json(path), str(path))
+    return Result.from_dict(_read_valid("result", path))
 
 
 # ---------------------------------------------------------------- interruptions
@@ -197,17 +201,12 @@ def read_result(path: str | os.PathLike) -> Result:
 
 def write_interrupted(out_dir: str | os.PathLike, cell_id: str, signal: str, phase: str, at: str) -> None:
     """`interrupted.json` in the cell's folder: the signal that stopped it and the phase it was in."""
-    path = Path(out_dir) / INTERRUPTED
     record = {"cell_id": cell_id, "status": Status.INTERRUPTED.value, "signal": signal, "phase": phase, "at": at}
-    validate("interrupted", record, str(path))
-    write_json(path, record)
+    _write_valid("interrupted", Path(out_dir) / INTERRUPTED, record)
 
 
 def read_interrupted(path: str | os.PathLike) -> dict:
-    path = Path(path)
-    record = _read_json(path)
-    validate("interrupted", record, str(path))
-    return record
+    return _read_valid("interrupted", path)
 
 
 # ---------------------------------------------------------------- power samples

@@ -40,6 +40,10 @@ def _dump(value: Any) -> Any:
 class _Block:
     """A dataclass block: its JSON form in field order, optional keys left out when None."""
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        return cls(**data)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             f.name: _dump(getattr(self, f.name))
@@ -62,6 +66,17 @@ class _FreeForm:
         return self.data
 
 
+class _entry:
+    """A field of a free-form block read from its dict by the attribute's name (None where
+    the block has no such key)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.key = name
+
+    def __get__(self, block: _FreeForm | None, owner: type) -> Any:
+        return self if block is None else block.data.get(self.key)
+
+
 def _maybe(kind, data: dict | None):
     return None if data is None else kind.from_dict(data)
 
@@ -78,10 +93,6 @@ class Dist(_Block):
     p90: float | None
     p99: float | None
     count: int
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Dist:
-        return cls(**data)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -129,10 +140,6 @@ class PositionCount(_Block):
     rate: float | None
     rate_per_draft: float | None
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PositionCount:
-        return cls(**data)
-
 
 @dataclass(frozen=True, kw_only=True)
 class Acceptance(_Block):
@@ -177,10 +184,6 @@ class Engine(_Block):
     version: str | None
     settings: dict[str, Any]
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Engine:
-        return cls(**data)
-
 
 @dataclass(frozen=True)
 class Reference(_Block):
@@ -211,10 +214,6 @@ class Memory(_Block):
     baseline_rss_mb: float | None = None
     growth_over_needed: float | None = None
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Memory:
-        return cls(**data)
-
 
 # --------------------------------------------------------------- free-form blocks
 
@@ -235,21 +234,10 @@ class Bucket:
 class Energy(_FreeForm):
     """The `energy` block (`power.PowerMonitor.energy`), or why it was not measured."""
 
-    @property
-    def available(self) -> bool:
-        return self.data["available"]
-
-    @property
-    def method(self) -> str | None:
-        return self.data.get("method")
-
-    @property
-    def reason(self) -> str | None:
-        return self.data.get("reason")
-
-    @property
-    def gross_j(self) -> float | None:
-        return self.data.get("gross_j")
+    available: bool = _entry()
+    method: str | None = _entry()
+    reason: str | None = _entry()
+    gross_j: float | None = _entry()
 
     @property
     def gross_j_per_output_token(self) -> float | None:
@@ -260,17 +248,9 @@ class Attribution(_FreeForm):
     """The `attribution` block (`attribution`): where the decode time went, and the timed
     forwards by role and width (None for a vLLM cell, whose forwards run in its engine)."""
 
-    @property
-    def available(self) -> bool:
-        return self.data["available"]
-
-    @property
-    def decode_s(self) -> float | None:
-        return self.data.get("decode_s")
-
-    @property
-    def steps(self) -> int | None:
-        return self.data.get("steps")
+    available: bool = _entry()
+    decode_s: float | None = _entry()
+    steps: int | None = _entry()
 
     @property
     def parts_s(self) -> dict[str, float | None]:
@@ -293,60 +273,31 @@ class Attribution(_FreeForm):
 class Check(_FreeForm):
     """A greedy check against a reference (`correctness`, `parity`; `analysis`)."""
 
-    @property
-    def status(self) -> str | None:
-        return self.data.get("status")
-
-    @property
-    def identical(self) -> bool | None:
-        return self.data.get("identical")
-
-    @property
-    def near_ties(self) -> int | None:
-        return self.data.get("near_ties")
-
-    @property
-    def defects(self) -> int | None:
-        return self.data.get("defects")
+    status: str | None = _entry()
+    identical: bool | None = _entry()
+    near_ties: int | None = _entry()
+    defects: int | None = _entry()
 
 
 class Cotenants(_FreeForm):
     """The machine's load from outside the cell over its window (`cotenants.CotenantWatch`)."""
 
-    @property
-    def available(self) -> bool:
-        return self.data["available"]
-
-    @property
-    def other_cpu_share(self) -> float | None:
-        return self.data.get("other_cpu_share")
+    available: bool = _entry()
+    other_cpu_share: float | None = _entry()
+    gpu_processes: list[dict] | None = _entry()
 
     @property
     def load_average_1m(self) -> float | None:
         """The load average at the window's end."""
         return (self.data.get("load_average_1m") or [None])[-1]
 
-    @property
-    def gpu_processes(self) -> list[dict] | None:
-        return self.data.get("gpu_processes")
-
-
-
 
 class Failure(_FreeForm):
     """Why a cell failed or is not supported, and in which phase."""
 
-    @property
-    def type(self) -> str:
-        return self.data["type"]
-
-    @property
-    def message(self) -> str:
-        return self.data["message"]
-
-    @property
-    def phase(self) -> str:
-        return self.data["phase"]
+    type: str = _entry()
+    message: str = _entry()
+    phase: str = _entry()
 
 
 class Metadata(_FreeForm):
