@@ -28,11 +28,13 @@ from specdec.analysis import analyse, memory_report
 from specdec.cells import Cell
 from specdec.console import summary_table
 from specdec.engines import NotSupported, engine_block, unsupported
-from specdec.measure import measure
 from specdec.gpus import lease_gpus
+from specdec.measure import measure
 from specdec.metadata import collect_metadata
-from specdec.records import (INTERLEAVED_REQUESTS, INTERRUPTED, RESULT_SCHEMA_VERSION, read_prompts, result_from_dict, write_interrupted,
-                             write_requests, write_result)
+from specdec.records import (
+    INTERLEAVED_REQUESTS, INTERRUPTED, RESULT_SCHEMA_VERSION, read_prompts, result_from_dict, write_interrupted, write_requests,
+    write_result,
+)
 from specdec.result import Status
 from specdec.session import Session, check_context, open_session
 
