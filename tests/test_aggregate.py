@@ -20,9 +20,13 @@ from specdec.aggregate import (
     request_tables,
     runs_table,
 )
-from specdec.metrics import bootstrap_ci
-from specdec.records import RecordError, read_result, write_requests, write_result
+from specdec.cells import Cell
+from specdec.records import RecordError, read_result, result_from_dict, write_requests, write_result
+from specdec.statistics import bootstrap_ci
 from specdec.summary import NO_BASELINE, SettingsError, category_table, summary_table
+from specdec.sweeps import break_even_table
+from specdec.tables import display_headline, write_headline
+from specdec.theory import best_gamma_table
 
 FIXTURES = Path(__file__).parent / "fixtures" / "results"
 RESULTS = sorted((FIXTURES / "runs" / "demo").glob("*/result.json"))
@@ -56,8 +60,11 @@ def test_bootstrap_ci_by_hand():
 def test_every_fixture_validates_through_the_contract():
     assert len(RESULTS) == 18
     for path in RESULTS:
-        result, parsed = read_result(path)
-        assert (parsed.id, parsed.group_id) == (result["cell_id"], result["group_id"])
+        result = read_result(path)
+        parsed = result.config
+        assert (parsed.id, parsed.group_id) == (result.cell_id, result.group_id)
+        # the typed result writes back the dict it was read from (older cells gain their defaults)
+        assert result.to_dict() == json.loads(path.read_text()) | {"config": parsed.to_dict()}
         assert path.parent.name == parsed.name
 
 
@@ -130,12 +137,12 @@ def test_open_loop_cells_that_differ_only_in_size_are_separate_rows(summary):
 
 def test_unpaired_repeat_uses_ar_median(tmp_path):
     # AR 10, 12 (median 11); spec repeats 15, 18 and an extra r2 at 22 -> 1.5, 1.5, 2.0.
-    extra, spec = read_result(FIXTURES / f"runs/demo/{SPEC}--r0/result.json")
-    spec = dataclasses.replace(spec, repeat=2)
+    extra = read_result(FIXTURES / f"runs/demo/{SPEC}--r0/result.json").to_dict()
+    spec = dataclasses.replace(Cell.from_dict(extra["config"]), repeat=2)
     extra.update(cell_id=spec.id, config=spec.to_dict())
     extra["metrics"]["throughput_tok_s"] = 22.0
     path = tmp_path / "result.json"
-    write_result(path, extra)
+    write_result(path, result_from_dict(extra, "test"))
     summary = summary_table(runs_table(read_runs([*RESULTS, path])), n_resamples=500)
     spec = cell(summary, SPEC)
     assert spec["n_repeats"] == 3 and spec["speedup"] == pytest.approx(1.5)
@@ -311,7 +318,7 @@ def test_tables_for_the_figures(tmp_path):
 
 
 def test_request_latencies_by_hand(tmp_path):
-    write_result(tmp_path / "result.json", read_result(FIXTURES / f"runs/demo/{AR}--r0/result.json")[0])
+    write_result(tmp_path / "result.json", read_result(FIXTURES / f"runs/demo/{AR}--r0/result.json"))
     request = {
         "request_id": "a#1",
         "prompt_id": "a",
@@ -367,15 +374,13 @@ def test_bad_input_names_the_file_and_key(tmp_path):
 
 def test_unreadable_power_samples_name_the_file(tmp_path):
     source = FIXTURES / f"runs/demo/{AR}--r0"
-    write_result(tmp_path / "result.json", read_result(source / "result.json")[0])
+    write_result(tmp_path / "result.json", read_result(source / "result.json"))
     (tmp_path / "power.csv").write_text("t_s,power_w\n0,1\n")
     with pytest.raises(RecordError, match=r"power\.csv: missing column\(s\) \['device', 'phase'\]"):
         aggregate_experiment([tmp_path / "result.json"], tmp_path / "tables", "demo", n_resamples=10)
 
 
 def test_break_even_reads_speedup_along_batch_size_and_rate(summary):
-    from specdec.sweeps import break_even_table
-
     table = break_even_table(summary).set_index(["axis", "method_label"])
     batch = table.loc[("batch_size", "speculative (int8)")]
     # batch 1: 1.5, batch 4: 36/30 = 1.2; it pays at both
@@ -385,9 +390,6 @@ def test_break_even_reads_speedup_along_batch_size_and_rate(summary):
 
 
 def test_headline_gives_each_drafting_cells_speedup_prediction_and_break_even(summary, tmp_path):
-    from specdec.sweeps import break_even_table
-    from specdec.tables import display_headline, write_headline
-
     shown, shared = display_headline(summary)
     # AR is the baseline, not a row; every fixture cell runs 16 new tokens at T 0.
     assert "ar" not in set(shown["method"]) and shared == "Every cell: T 0, new tokens 16."
@@ -414,8 +416,6 @@ def test_headline_gives_each_drafting_cells_speedup_prediction_and_break_even(su
 
 
 def test_one_repeat_takes_its_interval_from_the_requests(runs):
-    from specdec.aggregate import request_tables
-
     requests, _ = request_tables(read_runs(RESULTS))
     ngram = "humaneval--specdec-ngram-ngram-g4--b1-n16-t0-cpu"
     # spread the n-gram run's request times: the paired ratios now differ request by request
@@ -436,8 +436,6 @@ def test_a_cell_measured_under_outside_load_is_flagged(summary):
 
 
 def test_waterfall_and_gamma_from_the_fixtures_forwards(runs, summary):
-    from specdec.theory import best_gamma_table
-
     row = runs[runs["cell"] == f"{SPEC}--r0"].iloc[0]
     ideal = sum(0.65**i for i in range(5))
     assert row["waterfall_ideal"] == pytest.approx(ideal)
@@ -448,7 +446,7 @@ def test_waterfall_and_gamma_from_the_fixtures_forwards(runs, summary):
     assert row["waterfall_drafter"] == pytest.approx(ideal * ar_step / (ar_step + 1.08 / 20))
     assert row["waterfall_verify"] == pytest.approx(ideal * ar_step / (ar_step - 0.04 + 1.04 / 20 + 1.08 / 20))
     assert row["waterfall_overhead"] == pytest.approx(ideal * ar_step / spec_step)
-    table = best_gamma_table([(r.cell, r.result) for r in read_runs(RESULTS)], summary)
+    table = best_gamma_table([r.result for r in read_runs(RESULTS)], summary)
     int8 = table[(table["drafter"] == "int8") & (table["batch_size"] == 1) & (table["dataset"] == "humaneval") & (table["load"] == "closed")].iloc[0]
     assert int8["measured"] == "γ2: 1.30; γ4: 1.50" and int8["best_measured_gamma"] == 4
     # alpha 0.65, c = 0.3, v = 1.3 at both widths -> slope 0.3 / 2 and 0.3 / 4 fitted

@@ -159,7 +159,8 @@ def test_attribution_off_writes_unavailable_with_a_reason(tmp_path, embedded_mod
     cell = dataclasses.replace(next(c for c in expand_matrix(config) if c.method == "ar"), attribution=False)
     models_dir, prompts = cell_inputs(tmp_path, embedded_model_dir, config["datasets"]["sample"], seed=3)
     runner.run_cell(cell, prompts, tmp_path / "out", models_dir=models_dir)
-    result, written = read_result(tmp_path / "out" / "result.json")
+    typed = read_result(tmp_path / "out" / "result.json")
+    result, written = typed.to_dict(), typed.config
     assert result["status"] == "ok" and written.attribution is False
     assert result["attribution"] == {"available": False, "reason": Off().block()["reason"]}
     assert "attribution: false" in result["attribution"]["reason"]

@@ -12,7 +12,7 @@ import torch
 
 from specdec.aggregate import read_runs, runs_table
 from specdec.analysis import NEAR_TIE_MARGIN, compare_with_reference, near_tie_margin, verdict
-from specdec.records import read_result, write_result
+from specdec.records import read_result, result_from_dict, write_result
 from specdec.summary import summary_table
 from specdec.tables import display_summary
 
@@ -21,7 +21,7 @@ SPEC = "humaneval--specdec-speculative-int8-g4--b1-n16-t0-cpu"
 
 
 def fixture_cell(dtype="float32", strategy="cpu"):
-    cell = read_result(FIXTURES / f"{SPEC}--r0" / "result.json")[1]
+    cell = read_result(FIXTURES / f"{SPEC}--r0" / "result.json").config
     return dataclasses.replace(cell, target=dataclasses.replace(cell.target, dtype=dtype),
                                placement=dataclasses.replace(cell.placement, strategy=strategy))
 
@@ -134,7 +134,7 @@ def test_a_defect_fails_the_cell_in_the_summary(tmp_path):
                 ]}
         path = tmp_path / folder.name / "result.json"
         path.parent.mkdir()
-        write_result(path, result)
+        write_result(path, result_from_dict(result, str(path)))
         paths.append(path)
     runs = runs_table(read_runs(paths))
     failed = runs[runs["cell"] == f"{SPEC}--r1"].iloc[0]

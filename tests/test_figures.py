@@ -265,7 +265,7 @@ from specdec.records import read_result
 RESULTS = "results"
 CELLS = {
     cell.id: cell
-    for cell in (read_result(p)[1] for p in Path("results/runs").glob("*/*/result.json"))
+    for cell in (read_result(p).config for p in Path("results/runs").glob("*/*/result.json"))
 }
 
 

@@ -17,7 +17,7 @@ from specdec.decoding.drafters import NgramDrafter, ReplayDrafter
 from specdec.decoding.engine import GenerationSettings
 from specdec.figures import DEFAULT_OPTIONS
 from specdec.goodput import Slo
-from specdec.metrics import bootstrap_ci
+from specdec.statistics import bootstrap_ci
 from specdec.models import model_location, quantized_copy
 from specdec.summary import DEFAULT_SETTINGS, merge_settings
 

@@ -16,7 +16,7 @@ from specdec.cells import Load
 from specdec.config import ConfigError, expand_matrix, reference_cell, validate
 from specdec.load import run_load
 from specdec.metrics import summarize
-from specdec.records import INTERLEAVED_REQUESTS, read_requests, read_result, write_requests, write_result
+from specdec.records import INTERLEAVED_REQUESTS, read_requests, read_result, result_from_dict, write_requests, write_result
 
 FIXTURES = Path(__file__).parent / "fixtures" / "results" / "runs" / "demo"
 NGRAM = "humaneval--specdec-ngram-ngram-g4--b1-n16-t0-cpu"
@@ -164,7 +164,7 @@ def test_the_job_records_both_sides_and_checks_greedy_outputs_against_its_own_ar
     # the cell's attribution timed its own decode calls and prefills, none of AR's
     attribution = result["attribution"]
     assert attribution["decode_calls"] == 2 and attribution["forwards"]["target_prefill"]["count"] == 2
-    assert read_result(out / "result.json")[1] == cell
+    assert read_result(out / "result.json").config == cell
 
 
 def test_the_summary_pairs_each_request_with_its_interleaved_ar(interleaved_run, tmp_path):
@@ -216,7 +216,7 @@ def test_the_summary_pairs_a_fixture_by_hand(tmp_path):
     result["reference"] = {"kind": "interleaved", "requests": INTERLEAVED_REQUESTS, "metrics": summarize(ar, window="service"),
                            "requests_paired": 4, "reference_first": 2, "window": "both sides"}
     result["energy"] = {"available": True, "method": "nvml_counter", "gross_j": 12.8, "per_output_token_j": {"gross": 0.1, "net": None}}
-    write_result(folder / "result.json", result)
+    write_result(folder / "result.json", result_from_dict(result, "test"))
     paths = [folder / "result.json", FIXTURES / "humaneval--specdec-ar--b1-n16-t0-cpu--r0" / "result.json"]
     runs = runs_table(read_runs(paths)).set_index("cell_name")
     # the window's energy holds AR's work too: no J/token of the method's own

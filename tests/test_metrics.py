@@ -3,22 +3,11 @@ import math
 import numpy as np
 import pytest
 
-from specdec.metrics import (
-    MetricsError,
-    acceptance,
-    acceptance_block,
-    bootstrap_ci,
-    coefficient_of_variation,
-    distribution,
-    draft_length_shares,
-    expected_tokens_per_step,
-    per_token_alpha,
-    percentile,
-    predicted_speedup,
-    summarize,
-    summary_table,
-    theory,
-)
+from specdec.acceptance import acceptance, acceptance_block
+from specdec.console import summary_table
+from specdec.leviathan import draft_length_shares, expected_tokens_per_step, per_token_alpha, predicted_speedup, theory
+from specdec.metrics import MetricsError, distribution, percentile, summarize
+from specdec.statistics import bootstrap_ci, coefficient_of_variation
 
 
 def record(rid, arrival, start, emissions, prompt_tokens=10, warmup=False, **extra):

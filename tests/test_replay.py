@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from specdec.decoding import GenerationSettings, ModelDrafter, ReplayDrafter, generate
-from specdec.metrics import per_token_alpha
+from specdec.leviathan import per_token_alpha
 from specdec.models import quantized_copy
 
 from conftest import greedy_settings
@@ -82,7 +82,7 @@ def test_acceptance_is_one_minus_error_rate_per_position_and_outputs_equal_ar(em
     assert [r.output_ids for r in rows] == [r.output_ids for r in ar]
     positions = per_position(rows)
     alpha = 1 - error_rate
-    # Position i is tried when positions 1 .. i-1 were kept (metrics.per_token_alpha): a
+    # Position i is tried when positions 1 .. i-1 were kept (leviathan.per_token_alpha): a
     # binomial of those trials, checked within 4 standard deviations at each position.
     trials = [positions[0]["drafted"], *(min(p["accepted"], q["drafted"]) for p, q in zip(positions, positions[1:]))]
     for position, n in zip(positions, trials):

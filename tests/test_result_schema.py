@@ -3,10 +3,26 @@ import json
 
 import pytest
 
+from specdec.acceptance import acceptance
 from specdec.cells import Cell, DrafterSpec, Generation, Load, ModelSpec, Placement
+from specdec.leviathan import draft_length_shares, theory
 from specdec.metadata import collect_metadata
-from specdec.metrics import acceptance, draft_length_shares, summarize, theory
-from specdec.records import RESULT_SCHEMA_VERSION, RecordError, validate
+from specdec.metrics import summarize
+from specdec.records import (
+    POWER_FIELDS,
+    POWER_KEYS,
+    RESULT_SCHEMA_VERSION,
+    RecordError,
+    read_interrupted,
+    read_power_samples,
+    read_result,
+    result_from_dict,
+    validate,
+    write_interrupted,
+    write_power_samples,
+    write_result,
+)
+from specdec.result import Status
 
 CELL = Cell(
     experiment="default",
@@ -64,6 +80,52 @@ def valid():
         "failure": None,
         "metadata": collect_metadata(1234, "2026-01-02T03:04:05+00:00"),
     }
+
+
+def test_the_typed_result_reads_what_the_job_wrote_and_writes_it_back_key_for_key(valid, tmp_path):
+    valid = valid | {"memory": {"weights_mb": 641.4, "kv_cache_mb": 3.4, "device": "cpu", "peak_mb": 1080.2,
+                                "peak_over_needed": 1.68, "baseline_rss_mb": 244.4, "growth_over_needed": 1.3}}
+    result = result_from_dict(valid, "result")
+    assert result.status is Status.OK and result.ok and result.config == CELL
+    assert result.metrics.ttft_s.count == 2 and result.acceptance.per_position[0].drafted == 4
+    assert result.attribution.forward("target_decode", 3).mean_s == 0.25 and result.attribution.forward("drafter", 2) is None
+    assert result.theory.longest_draft == 2 and not result.energy.available and result.correctness.identical
+    assert result.memory.growth_over_needed == 1.3 and result.cotenants is None and result.reference is None
+    write_result(tmp_path / "result.json", result)
+    assert json.loads((tmp_path / "result.json").read_text()) == valid
+    assert read_result(tmp_path / "result.json") == result
+
+
+def test_a_typed_result_that_breaks_the_schema_is_not_written(valid, tmp_path):
+    result = result_from_dict(valid, "result")
+    with pytest.raises(RecordError, match=r"\$\.status"):
+        write_result(tmp_path / "result.json", result.__class__(**{**vars(result), "status": Status.INTERRUPTED}))
+    assert not (tmp_path / "result.json").exists()
+
+
+def test_interrupted_record_round_trips_and_is_validated(tmp_path):
+    write_interrupted(tmp_path, CELL.id, signal="SIGTERM", phase="measure", at="2026-01-02T03:04:05+00:00")
+    assert read_interrupted(tmp_path / "interrupted.json") == {
+        "cell_id": CELL.id, "status": "interrupted", "signal": "SIGTERM", "phase": "measure", "at": "2026-01-02T03:04:05+00:00"}
+    with pytest.raises(RecordError, match=r"interrupted\.json: \$\.phase"):
+        write_interrupted(tmp_path / "other", CELL.id, signal="SIGTERM", phase="", at="2026-01-02T03:04:05+00:00")
+    (tmp_path / "interrupted.json").write_text('{"cell_id": "x", "status": "ok"}')
+    with pytest.raises(RecordError, match="interrupted.json"):
+        read_interrupted(tmp_path / "interrupted.json")
+
+
+def test_power_samples_round_trip_and_a_bad_value_names_its_line(tmp_path):
+    path = tmp_path / "power.csv"
+    empty = (None,) * len(POWER_FIELDS)
+    write_power_samples(path, [("-1.000000", "idle", "cuda:0", 60.0, *empty), ("0.000000", "window", "cuda:0", None, *empty)])
+    assert path.read_text().splitlines()[0] == ",".join((*POWER_KEYS, *POWER_FIELDS))
+    assert read_power_samples(path) == [{"t_s": -1.0, "phase": "idle", "device": "cuda:0", "power_w": 60.0},
+                                        {"t_s": 0.0, "phase": "window", "device": "cuda:0", "power_w": None}]
+    path.write_text("t_s,phase,device,power_w\n0.5,window,cuda:0,12\nlater,window,cuda:0,13\n")
+    with pytest.raises(RecordError, match=r"power\.csv:3: t_s is not a number: 'later'"):
+        read_power_samples(path)
+    with pytest.raises(RecordError, match="4 values for 10 columns"):
+        write_power_samples(path, [("0", "window", "cuda:0", 1.0)])
 
 
 def broken(valid, change):

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from specdec.goodput import Slo, run_goodput
-from specdec.metrics import paired_ratio_ci
+from specdec.statistics import paired_ratio_ci
 from specdec.summary import SETTING_COLUMNS
 from specdec.sweeps import break_even_table, capacity, capacity_table, crossing
 

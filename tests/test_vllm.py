@@ -45,7 +45,7 @@ VLLM_CONFIG = {
 
 
 def result_of(path):
-    return read_result(path)[0]  # validated against result.schema.json
+    return read_result(path).to_dict()  # validated against result.schema.json
 
 
 def _require_vllm_env():

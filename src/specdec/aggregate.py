@@ -15,36 +15,36 @@ from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
+from specdec import columns as col
 from specdec import cotenants, sweeps, theory
 from specdec.cells import Cell, Load
 from specdec.goodput import Slo, run_goodput
 from specdec.metrics import e2e, emission_gaps, measured, queueing_delay, request_tokens_per_s, tpot, ttft
-from specdec.power import TIMELINE_KEYS
-from specdec.records import INTERLEAVED_REQUESTS, RecordError, Status, read_requests, read_result
+from specdec.records import INTERLEAVED_REQUESTS, POWER_KEYS, POWER_SAMPLES, read_power_samples, read_requests, read_result
+from specdec.result import Attribution, Cotenants, Energy, Metrics, Result, Status
 from specdec.summary import DEFAULT_SETTINGS, category_table, merge_settings, summary_table
 from specdec.tables import DASH, display_categories, display_summary, write_csv, write_headline, write_table
 
-DIST_METRICS = ("ttft_s", "tpot_s", "itl_s", "itl_token_s", "e2e_s", "queue_s", "request_tok_s")
+DIST_METRICS = (col.TTFT_S, col.TPOT_S, col.ITL_S, "itl_token_s", col.E2E_S, "queue_s", "request_tok_s")
 DIST_FIELDS = ("mean", "p50", "p90", "p99", "count")
 # A run in the per-run tables below; `cell` joins them with the runs table.
-RUN_KEYS = ("cell", "cell_name", "repeat")
-REQUEST_COUNTS = ("drafted_tokens", "accepted_tokens", "target_forwards")
-REQUEST_FIELDS = ("request_id", "prompt_id", "category", "turn", "prompt_tokens", "output_tokens")
+RUN_KEYS = (col.CELL, col.CELL_NAME, col.REPEAT)
+REQUEST_COUNTS = (col.DRAFTED_TOKENS, col.ACCEPTED_TOKENS, col.TARGET_FORWARDS)
+REQUEST_FIELDS = (col.REQUEST_ID, "prompt_id", col.CATEGORY, "turn", "prompt_tokens", col.OUTPUT_TOKENS)
 REQUEST_COLUMNS = (
     *RUN_KEYS,
     *REQUEST_FIELDS,
-    "ttft_s",
-    "tpot_s",
-    "e2e_s",
+    col.TTFT_S,
+    col.TPOT_S,
+    col.E2E_S,
     "queue_s",
     "request_tok_s",
     *REQUEST_COUNTS,
 )
-ITL_COLUMNS = (*RUN_KEYS, "request_id", "itl_s")
-POSITION_COLUMNS = (*RUN_KEYS, "position", "drafted", "accepted", "rate", "rate_per_draft")
-POWER_SAMPLE_COLUMNS = (*TIMELINE_KEYS, "power_w")  # of power.PowerMonitor.write_timeline
-POWER_COLUMNS = (*RUN_KEYS, *POWER_SAMPLE_COLUMNS)
-STATUS_COLUMNS = ("experiment", "cell", "status", "failure_type", "failure_message", "failure_phase")
+ITL_COLUMNS = (*RUN_KEYS, col.REQUEST_ID, col.ITL_S)
+POSITION_COLUMNS = (*RUN_KEYS, col.POSITION, col.DRAFTED, col.ACCEPTED, "rate", "rate_per_draft")
+POWER_COLUMNS = (*RUN_KEYS, *POWER_KEYS)
+STATUS_COLUMNS = (col.EXPERIMENT, col.CELL, col.STATUS, "failure_type", "failure_message", "failure_phase")
 
 
 # Names the AR reference an interleaved cell measured in its own job (its run and group).
@@ -62,26 +62,29 @@ class ExperimentError(ValueError):
 
 @dataclass(frozen=True)
 class Run:
-    """One validated result file and its cell."""
+    """One validated result file."""
 
     path: Path
-    result: dict
-    cell: Cell
+    result: Result
+
+    @property
+    def cell(self) -> Cell:
+        return self.result.config
 
     @property
     def ok(self) -> bool:
-        return self.result["status"] == Status.OK.value
+        return self.result.ok
 
     @property
     def keys(self) -> dict[str, Any]:
-        return {"cell": self.cell.name, "cell_name": self.cell.group, "repeat": self.cell.repeat}
+        return {col.CELL: self.cell.name, col.CELL_NAME: self.cell.group, col.REPEAT: self.cell.repeat}
 
     def beside(self, name: str) -> Path:
         return self.path.parent / name
 
 
 def read_runs(paths: Iterable[str | Path]) -> list[Run]:
-    runs = [Run(Path(path), *read_result(path)) for path in paths]
+    runs = [Run(Path(path), read_result(path)) for path in paths]
     if not runs:
         raise ExperimentError("no result files given to aggregate")
     return runs
@@ -114,34 +117,34 @@ def cell_columns(cell: Cell) -> dict[str, Any]:
     """The typed cell as flat columns; `gamma` is 0 for AR, `drafter` its name or None."""
     placement = cell.placement
     return {
-        "experiment": cell.experiment,
-        "cell": cell.name,
-        "cell_name": cell.group,
-        "cell_id": cell.id,
-        "group_id": cell.group_id,
-        "ar_group_id": interleaved_group_id(cell) if cell.interleaved else cell.ar_counterpart().group_id,
-        "specdec_ar_group_id": (interleaved_group_id(cell) if cell.interleaved and cell.engine == "specdec"
+        col.EXPERIMENT: cell.experiment,
+        col.CELL: cell.name,
+        col.CELL_NAME: cell.group,
+        col.CELL_ID: cell.id,
+        col.GROUP_ID: cell.group_id,
+        col.AR_GROUP_ID: interleaved_group_id(cell) if cell.interleaved else cell.ar_counterpart().group_id,
+        col.SPECDEC_AR_GROUP_ID: (interleaved_group_id(cell) if cell.interleaved and cell.engine == "specdec"
                                 else cell.ar_counterpart(engine="specdec").group_id),
-        "reference": cell.reference,
-        "dataset": cell.dataset,
-        "target": cell.target.name,
-        "engine": cell.engine,
-        "method": cell.method,
-        "method_label": method_label(cell),
-        "drafter": cell.drafter.name if cell.drafter else None,
-        "measurement_tool": bool(cell.drafter and cell.drafter.measurement_tool),
-        "gamma": cell.gamma,
-        "batch_size": cell.batch_size,
+        col.REFERENCE: cell.reference,
+        col.DATASET: cell.dataset,
+        col.TARGET: cell.target.name,
+        col.ENGINE: cell.engine,
+        col.METHOD: cell.method,
+        col.METHOD_LABEL: method_label(cell),
+        col.DRAFTER: cell.drafter.name if cell.drafter else None,
+        col.MEASUREMENT_TOOL: bool(cell.drafter and cell.drafter.measurement_tool),
+        col.GAMMA: cell.gamma,
+        col.BATCH_SIZE: cell.batch_size,
         **asdict(cell.generation),
-        "repeat": cell.repeat,
-        "seed": cell.seed,
+        col.REPEAT: cell.repeat,
+        col.SEED: cell.seed,
         "warmup": cell.warmup,
-        "placement_strategy": placement.strategy,
+        col.PLACEMENT_STRATEGY: placement.strategy,
         # GPUs of the target x the drafter
         "placement_ratio": "{}x{}".format(*placement.ratio) if placement.ratio else None,
         "placement_gpus": placement.gpus,
         "placement_max_memory_fraction": placement.max_memory_fraction,
-        "load": load_label(cell.load),
+        col.LOAD: load_label(cell.load),
         **{f"load_{key}": value for key, value in asdict(cell.load).items()},
     }
 
@@ -150,102 +153,93 @@ def flatten_result(run: Run) -> dict[str, Any]:
     """One tidy row: the cell's columns, DIST fields as `{metric}_{field}`, acceptance,
     theory, energy, memory, correctness, failure and `meta_*`."""
     result = run.result
-    row: dict[str, Any] = {"path": str(run.path), "status": result["status"], **cell_columns(run.cell)}
-    row.update(_metric_fields(result["metrics"]))
-    acceptance = result["acceptance"] or {}
-    row.update({key: acceptance.get(key) for key in (*REQUEST_COUNTS, "acceptance_rate", "mean_accepted_length",
-                                                      "num_drafts", "mean_acceptance_length")})
+    row: dict[str, Any] = {"path": str(run.path), col.STATUS: result.status.value, **cell_columns(run.cell)}
+    row.update(_metric_fields(result.metrics))
+    acceptance = result.acceptance
+    row.update({key: getattr(acceptance, key, None) for key in (*REQUEST_COUNTS, col.ACCEPTANCE_RATE, col.MEAN_ACCEPTED_LENGTH,
+                                                                 "num_drafts", col.MEAN_ACCEPTANCE_LENGTH)})
     # drafts keeping 0, 1, .. gamma tokens, as text so that the tidy table stays flat
-    row["accepted_per_step"] = " ".join(map(str, acceptance.get("accepted_per_step", []))) or None
-    row.update({f"theory_{key}": (result["theory"] or {}).get(key) for key in ("alpha", "longest_draft")})
-    row.update(_attribution_fields(result.get("attribution")))
-    row.update(_cotenant_fields(result.get("cotenants")))
-    row.update(_energy_fields(result["energy"], run.cell.interleaved))
+    row[col.ACCEPTED_PER_STEP] = " ".join(map(str, acceptance.accepted_per_step if acceptance else ())) or None
+    row.update({f"theory_{key}": getattr(result.theory, key, None) for key in ("alpha", "longest_draft")})
+    row.update(_attribution_fields(result.attribution))
+    row.update(_cotenant_fields(result.cotenants))
+    row.update(_energy_fields(result.energy, run.cell.interleaved))
     # What a kept draft token cost; missing (never 0 or infinite) without energy or drafts.
-    accepted = row["accepted_tokens"]
-    row["energy_j_per_accepted_token"] = row["energy_j"] / accepted if row["energy_j"] is not None and accepted else None
-    memory = result.get("memory") or {}
-    row.update({f"memory_{key}": memory.get(key) for key in ("device", "weights_mb", "peak_mb", "peak_over_needed", "growth_over_needed")})
+    accepted = row[col.ACCEPTED_TOKENS]
+    row[col.ENERGY_J_PER_ACCEPTED_TOKEN] = row["energy_j"] / accepted if row["energy_j"] is not None and accepted else None
+    row.update({f"memory_{key}": getattr(result.memory, key, None)
+                for key in ("device", "weights_mb", "peak_mb", "peak_over_needed", "growth_over_needed")})
     for check in ("correctness", "parity"):  # greedy divergences: near-ties and defects (analysis)
-        block = result.get(check) or {}
-        row.update({f"{check}_{key}": block.get(key) for key in ("identical", "status", "near_ties", "defects")})
-    row["engine_version"] = (result.get("engine") or {}).get("version")
-    failure = result["failure"] or {}
-    row.update({f"failure_{key}": failure.get(key) for key in ("type", "message", "phase")})
-    for key, value in result["metadata"].items():
-        # The GPU lease and device maps (`placement`) are nested; they stay in result.json.
-        if not isinstance(value, dict):
-            row[f"meta_{key}"] = ", ".join(map(str, value)) if isinstance(value, list) else value
+        block = getattr(result, check)
+        row.update({f"{check}_{key}": getattr(block, key) if block else None for key in ("identical", "status", "near_ties", "defects")})
+    row["engine_version"] = result.engine.version
+    row.update({f"failure_{key}": getattr(result.failure, key) if result.failure else None for key in ("type", "message", "phase")})
+    row.update({f"meta_{key}": value for key, value in result.metadata.flat().items()})
     return row
 
 
-def _metric_fields(metrics: dict | None) -> dict[str, Any]:
+def _metric_fields(metrics: Metrics | None) -> dict[str, Any]:
     """A `metrics` block as columns: DIST fields as `{metric}_{field}`."""
-    row: dict[str, Any] = {}
-    for key, value in (metrics or {}).items():
-        if key in DIST_METRICS:
-            row.update({f"{key}_{field}": value[field] for field in DIST_FIELDS})
-        else:
-            row[key] = value
-    return row
+    return metrics.columns(DIST_FIELDS) if metrics else {}
 
 
 ATTRIBUTION_PARTS = ("prefill", "drafter", "verify", "accept", "other")
 
 
-def _attribution_fields(attribution: dict | None) -> dict[str, Any]:
+def _attribution_fields(attribution: Attribution) -> dict[str, Any]:
     """Where the decode time went (seconds per part); missing where it was not split."""
-    attribution = attribution if attribution and attribution.get("available") else {}
-    parts = attribution.get("parts_s") or {}
+    available = attribution.available
     return {
-        "attribution_decode_s": attribution.get("decode_s"),
-        "attribution_steps": attribution.get("steps"),
-        **{f"attribution_{part}_s": parts.get(part) for part in ATTRIBUTION_PARTS},
+        "attribution_decode_s": attribution.decode_s if available else None,
+        "attribution_steps": attribution.steps if available else None,
+        **{f"attribution_{part}_s": attribution.parts_s.get(part) if available else None for part in ATTRIBUTION_PARTS},
     }
 
 
-def _cotenant_fields(block: dict | None) -> dict[str, Any]:
+def _cotenant_fields(block: Cotenants | None) -> dict[str, Any]:
     """The machine's load from outside the cell during its window, and the summary's flag."""
-    block = block if block and block.get("available") else {}
-    gpu = block.get("gpu_processes")
+    if block is None or not block.available:
+        return {"cotenant_other_cpu_share": None, "cotenant_load_average_1m": None, "cotenant_gpu_processes": None,
+                col.COTENANT_FLAG: None}
+    gpu = block.gpu_processes
     return {
-        "cotenant_other_cpu_share": block.get("other_cpu_share"),
-        "cotenant_load_average_1m": (block.get("load_average_1m") or [None, None])[-1],
+        "cotenant_other_cpu_share": block.other_cpu_share,
+        "cotenant_load_average_1m": block.load_average_1m,
         "cotenant_gpu_processes": None if gpu is None else len(gpu),
-        "cotenant_flag": cotenants.flag(block),
+        col.COTENANT_FLAG: cotenants.flag(block.data),
     }
 
 
 INTERLEAVED_ENERGY = "interleaved: the window's energy is the method's and its AR reference's together (result.json energy.covers)"
 
 
-def _energy_fields(energy: dict, interleaved: bool = False) -> dict[str, Any]:
+def _energy_fields(energy: Energy, interleaved: bool = False) -> dict[str, Any]:
     """Energy stays missing (never 0) unless the run measured it, and the cell's own: an
     interleaved cell's window holds its AR reference's work too, which cannot be told apart."""
-    available = energy["available"] and not interleaved
+    available = energy.available and not interleaved
     return {
         "energy_available": available,
-        "energy_method": energy.get("method"),
-        "energy_reason": INTERLEAVED_ENERGY if energy["available"] and interleaved else energy.get("reason"),
-        "energy_j": energy.get("gross_j") if available else None,
-        "energy_j_per_token": energy["per_output_token_j"]["gross"] if available else None,
+        "energy_method": energy.method,
+        col.ENERGY_REASON: INTERLEAVED_ENERGY if energy.available and interleaved else energy.reason,
+        "energy_j": energy.gross_j if available else None,
+        col.ENERGY_J_PER_TOKEN: energy.gross_j_per_output_token if available else None,
     }
 
 
 def runs_table(runs: Sequence[Run], requests: pd.DataFrame | None = None, slo: Slo | None = None) -> pd.DataFrame:
     """One row per result file (every status), with the theory that pairs each drafting run
     with its AR run, and goodput under `slo` from the measured `requests`."""
-    predictions = theory.theory_columns([(run.cell, run.result) for run in runs])
+    predictions = theory.theory_columns([run.result for run in runs])
     table = pd.DataFrame([flatten_result(run) | prediction for run, prediction in zip(runs, predictions)])
     if requests is not None:
-        goodput = run_goodput(requests, table.set_index("cell")["window_s"] if "window_s" in table else pd.Series(dtype=float), slo)
-        table = table.merge(goodput, on="cell", how="left")
-    return table.sort_values(["experiment", "cell"], kind="stable").reset_index(drop=True)
+        goodput = run_goodput(requests, table.set_index(col.CELL)["window_s"] if "window_s" in table else pd.Series(dtype=float), slo)
+        table = table.merge(goodput, on=col.CELL, how="left")
+    return table.sort_values([col.EXPERIMENT, col.CELL], kind="stable").reset_index(drop=True)
 
 
 def _status_table(runs: pd.DataFrame, status: Status) -> pd.DataFrame:
     """Runs of one status with the failure the runner recorded."""
-    rows = runs.loc[runs["status"] == status.value, list(STATUS_COLUMNS)]
+    rows = runs.loc[runs[col.STATUS] == status.value, list(STATUS_COLUMNS)]
     return rows.rename(columns=lambda c: c.removeprefix("failure_")).reset_index(drop=True)
 
 
@@ -269,16 +263,16 @@ RUN_INFO_FIELDS = {
     "meta_vllm": "vLLM",
     "meta_specdec": "specdec",
     "meta_git_commit": "git commit",
-    "target": "targets",
-    "method_label": "methods",
-    "dataset": "datasets",
-    "batch_size": "batch sizes",
-    "load": "loads",
-    "max_new_tokens": "max new tokens",
-    "temperature": "temperatures",
-    "placement_strategy": "placements",
+    col.TARGET: "targets",
+    col.METHOD_LABEL: "methods",
+    col.DATASET: "datasets",
+    col.BATCH_SIZE: "batch sizes",
+    col.LOAD: "loads",
+    col.MAX_NEW_TOKENS: "max new tokens",
+    col.TEMPERATURE: "temperatures",
+    col.PLACEMENT_STRATEGY: "placements",
     "energy_method": "energy method",
-    "energy_reason": "energy unavailable because",
+    col.ENERGY_REASON: "energy unavailable because",
 }
 
 
@@ -303,9 +297,9 @@ def _request_row(keys: dict, record: dict) -> dict:
     return {
         **keys,
         **{key: record[key] for key in REQUEST_FIELDS},
-        "ttft_s": ttft(record),
-        "tpot_s": tpot(record),
-        "e2e_s": e2e(record),
+        col.TTFT_S: ttft(record),
+        col.TPOT_S: tpot(record),
+        col.E2E_S: e2e(record),
         "queue_s": queueing_delay(record),
         "request_tok_s": request_tokens_per_s(record),
         **{key: record.get(key) for key in REQUEST_COUNTS},
@@ -322,7 +316,7 @@ def request_tables(runs: Sequence[Run]) -> tuple[pd.DataFrame, pd.DataFrame]:
         records = measured(read_requests(path)) if run.ok and path.is_file() else []
         for record in records:
             requests.append(_request_row(run.keys, record))
-            gaps += [{**run.keys, "request_id": record["request_id"], "itl_s": gap} for gap in emission_gaps(record)]
+            gaps += [{**run.keys, col.REQUEST_ID: record[col.REQUEST_ID], col.ITL_S: gap} for gap in emission_gaps(record)]
     return pd.DataFrame(requests, columns=REQUEST_COLUMNS), pd.DataFrame(gaps, columns=ITL_COLUMNS)
 
 
@@ -335,10 +329,10 @@ def interleaved_tables(runs: Sequence[Run]) -> tuple[pd.DataFrame, pd.DataFrame]
     for run in runs:
         if not (run.ok and run.cell.interleaved):
             continue
-        keys = {"cell": f"{run.cell.name} ({INTERLEAVED_AR})", "cell_name": f"{run.cell.group} ({INTERLEAVED_AR})",
-                "repeat": run.cell.repeat}
-        rows.append({**keys, "status": Status.OK.value, "method": "ar", "group_id": interleaved_group_id(run.cell),
-                     **_metric_fields(run.result["reference"]["metrics"]), "energy_j_per_token": None})
+        keys = {col.CELL: f"{run.cell.name} ({INTERLEAVED_AR})", col.CELL_NAME: f"{run.cell.group} ({INTERLEAVED_AR})",
+                col.REPEAT: run.cell.repeat}
+        rows.append({**keys, col.STATUS: Status.OK.value, col.METHOD: "ar", col.GROUP_ID: interleaved_group_id(run.cell),
+                     **_metric_fields(run.result.reference.metrics), col.ENERGY_J_PER_TOKEN: None})
         requests += [_request_row(keys, record) for record in measured(read_requests(run.beside(INTERLEAVED_REQUESTS)))]
     return pd.DataFrame(rows), pd.DataFrame(requests, columns=REQUEST_COLUMNS)
 
@@ -346,31 +340,20 @@ def interleaved_tables(runs: Sequence[Run]) -> tuple[pd.DataFrame, pd.DataFrame]
 def positions_table(runs: Sequence[Run]) -> pd.DataFrame:
     """Drafted and accepted tokens per draft position of each ok run (`acceptance.per_position`)."""
     rows = [
-        {**run.keys, **entry}
+        {**run.keys, **entry.to_dict()}
         for run in runs
-        if run.ok
-        for entry in (run.result["acceptance"] or {}).get("per_position", [])
+        if run.ok and run.result.acceptance
+        for entry in run.result.acceptance.per_position
     ]
     return pd.DataFrame(rows, columns=POSITION_COLUMNS)
-
-
-def _power_samples(path: Path) -> pd.DataFrame:
-    try:
-        samples = pd.read_csv(path)
-    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-        raise RecordError(f"{path}: cannot read power samples: {err}") from None
-    missing = sorted(set(POWER_SAMPLE_COLUMNS) - set(samples.columns))
-    if missing:
-        raise RecordError(f"{path}: missing column(s) {missing}")
-    return samples[list(POWER_SAMPLE_COLUMNS)]
 
 
 def power_table(runs: Sequence[Run]) -> pd.DataFrame:
     """The power samples (`power.csv`) of each ok run that has them; headers only when none."""
     frames = [
-        _power_samples(path).assign(**run.keys)
+        pd.DataFrame(read_power_samples(path), columns=POWER_KEYS).assign(**run.keys)
         for run in runs
-        if run.ok and (path := run.beside("power.csv")).is_file()
+        if run.ok and (path := run.beside(POWER_SAMPLES)).is_file()
     ]
     return pd.concat(frames, ignore_index=True)[list(POWER_COLUMNS)] if frames else pd.DataFrame(columns=POWER_COLUMNS)
 
@@ -442,7 +425,7 @@ def aggregate_experiment(
             empty="No SLOs set (`slo:` in the experiment), or no sweep of request rate.",
         ),
         "gamma": write_table(
-            theory.best_gamma_table([(run.cell, run.result) for run in results], summary),
+            theory.best_gamma_table([run.result for run in results], summary),
             out_dir / "gamma",
             f"{experiment}: the best gamma, measured and predicted",
             note="Predicted from the measured α, the drafter's cost c and the verification "

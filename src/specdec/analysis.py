@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from specdec import metrics, models, placement
+from specdec import acceptance, leviathan, metrics, models, placement
 from specdec.measure import INTERLEAVED_WINDOW
 from specdec.records import INTERLEAVED_REQUESTS, read_requests
 from specdec.session import Session
@@ -131,19 +131,19 @@ def analyse(session, records: list[dict], reference: Path | None, parity_referen
         summary["reference"] = interleaved_block(records, interleaved)
     if not cell.drafts:
         return summary
-    acceptance = metrics.acceptance(records, cell.gamma)
-    summary["acceptance"] = acceptance
+    counts = acceptance.acceptance(records, cell.gamma)
+    summary["acceptance"] = counts
     if cell.engine == "vllm":
-        acceptance["engine_counters"] = session.window
+        counts["engine_counters"] = session.window
         return summary
-    alpha = metrics.per_token_alpha(acceptance["per_position"])
+    alpha = leviathan.per_token_alpha(counts["per_position"])
     if alpha is None:
         return summary
     # A decode step is a target forward that could verify drafts: our engine's prefill
     # cannot (TTFT is the target's alone), transformers' verifies its first draft.
     undrafted = 0 if cell.engine == "transformers" else len(metrics.measured(records))
-    shares = metrics.draft_length_shares(acceptance["per_position"], acceptance["target_forwards"] - undrafted)
-    summary["theory"] = metrics.theory(alpha=alpha, gamma=cell.gamma, shares=shares)
+    shares = leviathan.draft_length_shares(counts["per_position"], counts["target_forwards"] - undrafted)
+    summary["theory"] = leviathan.theory(alpha=alpha, gamma=cell.gamma, shares=shares)
     return summary
 
 

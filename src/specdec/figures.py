@@ -22,6 +22,7 @@ import matplotlib.ticker as mticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from specdec import columns as col  # noqa: E402
 from specdec import sweeps, theory  # noqa: E402
 from specdec.io import atomic_open  # noqa: E402
 from specdec.summary import merge_settings  # noqa: E402
@@ -45,16 +46,16 @@ HATCHES = {"-": "", "--": "//", ":": "..", "-.": "xx"}  # a line style's stand-i
 MARKERS = ("o", "s", "^", "D", "v", "P")
 # Settings that tell series apart when they vary inside one figure.
 SERIES_SETTINGS = {
-    "target": "",
-    "dataset": "",
-    "batch_size": "b",
-    "load": "",
+    col.TARGET: "",
+    col.DATASET: "",
+    col.BATCH_SIZE: "b",
+    col.LOAD: "",
     "load_num_requests": "req",
     "load_duration_s": "d",
-    "gamma": "γ",
-    "max_new_tokens": "n",
-    "temperature": "T",
-    "placement_strategy": "",
+    col.GAMMA: "γ",
+    col.MAX_NEW_TOKENS: "n",
+    col.TEMPERATURE: "T",
+    col.PLACEMENT_STRATEGY: "",
 }
 
 
@@ -83,16 +84,16 @@ class PlotData:
 
     @cached_property
     def ok_runs(self) -> pd.DataFrame:
-        return self.runs[self.runs["status"] == "ok"]
+        return self.runs[self.runs[col.STATUS] == "ok"]
 
     def with_settings(self, frame: pd.DataFrame) -> pd.DataFrame:
         """`frame` (with a `cell_name` column) beside each cell's method label and settings."""
-        cells = self.ok_runs.drop_duplicates("cell_name")
-        return frame.merge(cells[["cell_name", "method_label", *SERIES_SETTINGS]], on="cell_name")
+        cells = self.ok_runs.drop_duplicates(col.CELL_NAME)
+        return frame.merge(cells[[col.CELL_NAME, col.METHOD_LABEL, *SERIES_SETTINGS]], on=col.CELL_NAME)
 
     @cached_property
     def colors(self) -> dict[str, str]:
-        labels = sorted(self.runs["method_label"].unique(), key=lambda m: (m != "ar", m))
+        labels = sorted(self.runs[col.METHOD_LABEL].unique(), key=lambda m: (m != "ar", m))
         return {label: PALETTE[i % len(PALETTE)] for i, label in enumerate(labels)}
 
     @cached_property
@@ -123,13 +124,13 @@ def series_labels(frame: pd.DataFrame, exclude: tuple[str, ...] = ()) -> pd.Seri
     ]
 
     def label(row: pd.Series) -> str:
-        parts = [row["method_label"]]
+        parts = [row[col.METHOD_LABEL]]
         # Settings that do not apply are left out: missing ones (a closed loop's size) and
         # AR's gamma 0.
         parts += [
             f"{SERIES_SETTINGS[c]}{plain(row[c])}"
             for c in varying
-            if not pd.isna(row[c]) and not (c == "gamma" and row[c] == 0)
+            if not pd.isna(row[c]) and not (c == col.GAMMA and row[c] == 0)
         ]
         return " · ".join(parts)
 
@@ -139,7 +140,7 @@ def series_labels(frame: pd.DataFrame, exclude: tuple[str, ...] = ()) -> pd.Seri
 def _styles(data: PlotData, frame: pd.DataFrame, labels: pd.Series) -> dict[str, dict]:
     """Colour by method; line style and marker tell apart series of one method."""
     styles, seen = {}, {}
-    for label, method in zip(labels, frame["method_label"]):
+    for label, method in zip(labels, frame[col.METHOD_LABEL]):
         if label in styles:
             continue
         k = seen[method] = seen.get(method, -1) + 1
@@ -208,9 +209,9 @@ def _line_plot(
 
 # The sweep axes a figure can draw along: label, and how the axis is scaled.
 SWEEP_AXES = {
-    "gamma": "draft length γ",
-    "batch_size": "batch size",
-    "load_rate": "offered request rate (requests/s)",
+    col.GAMMA: "draft length γ",
+    col.BATCH_SIZE: "batch size",
+    col.LOAD_RATE: "offered request rate (requests/s)",
 }
 
 
@@ -263,16 +264,16 @@ def _along(
                 group = group.sort_values(axis)
                 style = {**styles[name], **overlay.line}
                 ax.plot(group[axis], group[overlay.metric] * scale, label="_nolegend_", **style)
-        if axis == "batch_size":
+        if axis == col.BATCH_SIZE:
             _batch_size_axis(ax, frame[axis])
-        elif axis == "gamma":
+        elif axis == col.GAMMA:
             ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set(xlabel=SWEEP_AXES[axis], ylabel=label)
         if reference is not None:
             ax.axhline(reference, color="0.5", linewidth=0.8)
     else:
         labels = series_labels(frame, exclude=(axis, *exclude))
-        order = sorted(range(len(frame)), key=lambda i: (frame["method_label"].iloc[i] != "ar", labels.iloc[i]))
+        order = sorted(range(len(frame)), key=lambda i: (frame[col.METHOD_LABEL].iloc[i] != "ar", labels.iloc[i]))
         rows, labels = frame.iloc[order], labels.iloc[order]
         styles = _styles(data, rows, labels)
         y = np.arange(len(rows))
@@ -301,7 +302,7 @@ def _along(
 
 
 PREDICTION = Overlay(
-    "predicted_speedup",
+    col.PREDICTED_SPEEDUP,
     "predicted (Leviathan et al., prefills added)",
     dict(linestyle=(0, (1, 1)), linewidth=1.2, alpha=0.8, marker="x"),
 )
@@ -311,17 +312,17 @@ def speedup_vs_gamma(data: PlotData) -> plt.Figure | str:
     """Measured and predicted speedup of each closed-loop drafting cell: over γ where the
     experiment sweeps it, else a bar per cell (the report's headline figure)."""
     frame = data.summary[
-        (data.summary["gamma"] > 0)
-        & data.summary["speedup"].notna()
-        & (data.summary["load"] == "closed")
+        (data.summary[col.GAMMA] > 0)
+        & data.summary[col.SPEEDUP].notna()
+        & (data.summary[col.LOAD] == "closed")
     ]
     if frame.empty:
         return "no closed-loop speculative cell with a matching AR baseline"
     fig, axes = _figure(data)
     ax = axes[0, 0]
-    _along(data, ax, frame, "gamma", "speedup", "speedup over AR (tokens/s ratio)",
+    _along(data, ax, frame, col.GAMMA, col.SPEEDUP, "speedup over AR (tokens/s ratio)",
            overlays=(PREDICTION,), reference=1.0)
-    ax.set_title("Speedup vs draft length" if swept(frame, "gamma") else "Speedup over AR per cell")
+    ax.set_title("Speedup vs draft length" if swept(frame, col.GAMMA) else "Speedup over AR per cell")
     return fig
 
 
@@ -337,15 +338,15 @@ def speedup_vs_load(data: PlotData) -> plt.Figure | str:
         for i, (label, rows) in enumerate(found):
             metric = sweeps.axis_metric(axis, rows)
             rows = rows.dropna(subset=[metric])
-            color = data.colors.get(rows["method_label"].iloc[0], PALETTE[i % len(PALETTE)])
+            color = data.colors.get(rows[col.METHOD_LABEL].iloc[0], PALETTE[i % len(PALETTE)])
             style = dict(color=color, linestyle=LINESTYLES[i % len(LINESTYLES)], marker=MARKERS[i % len(MARKERS)])
             ax.plot(rows[axis], rows[metric], label=label, **style)
             ax.fill_between(rows[axis], rows[f"{metric}_ci_low"], rows[f"{metric}_ci_high"], color=color, alpha=0.15, linewidth=0)
-            _, value = sweeps.crossing(rows[axis], rows[metric], log_x=axis == "batch_size")
+            _, value = sweeps.crossing(rows[axis], rows[metric], log_x=axis == col.BATCH_SIZE)
             if not np.isnan(value):
                 ax.plot([value], [1.0], marker="|", markersize=14, color=color)
         ax.axhline(1.0, color="0.4", linewidth=0.8)
-        if axis == "batch_size":
+        if axis == col.BATCH_SIZE:
             _batch_size_axis(ax, [x for _, rows in found for x in rows[axis]])
             ax.set(xlabel="batch size", ylabel="speedup over AR (tokens/s ratio)", title="Speedup vs batch size")
         else:
@@ -361,9 +362,9 @@ def speedup_waterfall(data: PlotData) -> plt.Figure | str:
     frame = data.ok_runs.dropna(subset=steps)
     if frame.empty:
         return "no drafting run with timed forwards and an AR run to compare with"
-    cells = frame.groupby("cell_name", sort=True)[steps].median()
-    measured = data.summary.set_index("cell")["speedup"]
-    predicted = data.summary.set_index("cell")["predicted_speedup"]
+    cells = frame.groupby(col.CELL_NAME, sort=True)[steps].median()
+    measured = data.summary.set_index(col.CELL)[col.SPEEDUP]
+    predicted = data.summary.set_index(col.CELL)[col.PREDICTED_SPEEDUP]
     fig, axes = _figure(data)
     ax = axes[0, 0]
     labels = [*theory.WATERFALL.values(), "measured"]
@@ -371,7 +372,7 @@ def speedup_waterfall(data: PlotData) -> plt.Figure | str:
     for i, (name, row) in enumerate(cells.iterrows()):
         values = [*row.to_numpy(), measured.get(name, np.nan)]
         x = np.arange(len(labels)) + (i - (len(cells) - 1) / 2) * width
-        label = data.ok_runs.loc[data.ok_runs["cell_name"] == name, "method_label"].iloc[0]
+        label = data.ok_runs.loc[data.ok_runs[col.CELL_NAME] == name, col.METHOD_LABEL].iloc[0]
         ax.bar(x, values, width=width, color=data.colors.get(label, PALETTE[i % len(PALETTE)]),
                alpha=0.5 + 0.5 * (i % 2), label=f"{name}")
         if not pd.isna(predicted.get(name)):
@@ -387,14 +388,14 @@ def speedup_waterfall(data: PlotData) -> plt.Figure | str:
 def acceptance_per_position(data: PlotData) -> plt.Figure | str:
     if data.positions.empty:
         return "no run recorded per-position acceptance (no speculative runs)"
-    pooled = data.positions.groupby(["cell_name", "position"], as_index=False)[["drafted", "accepted"]].sum()
-    frame = data.with_settings(pooled.assign(rate=pooled["accepted"] / pooled["drafted"]))
+    pooled = data.positions.groupby([col.CELL_NAME, col.POSITION], as_index=False)[[col.DRAFTED, col.ACCEPTED]].sum()
+    frame = data.with_settings(pooled.assign(rate=pooled[col.ACCEPTED] / pooled[col.DRAFTED]))
     fig, axes = _figure(data)
     ax = axes[0, 0]
     labels = series_labels(frame)
     styles = _styles(data, frame, labels)
     for label, group in frame.assign(_series=labels).groupby("_series"):
-        ax.plot(group["position"], group["rate"], label=label, **styles[label])
+        ax.plot(group[col.POSITION], group["rate"], label=label, **styles[label])
     ax.set(
         xlabel="draft position",
         ylabel="acceptance rate (accepted / drafted)",
@@ -409,52 +410,52 @@ def acceptance_per_position(data: PlotData) -> plt.Figure | str:
 def accepted_steps(data: PlotData) -> pd.DataFrame:
     """Per drafting cell, repeats pooled: the drafts that kept exactly k tokens (`steps`,
     from the runs table's `accepted_per_step`) and their share of the cell's drafts."""
-    runs = data.ok_runs.dropna(subset=["accepted_per_step"])
+    runs = data.ok_runs.dropna(subset=[col.ACCEPTED_PER_STEP])
     rows = [
-        {"cell_name": name, "accepted": k, "steps": int(count)}
-        for name, text in zip(runs["cell_name"], runs["accepted_per_step"])
+        {col.CELL_NAME: name, col.ACCEPTED: k, "steps": int(count)}
+        for name, text in zip(runs[col.CELL_NAME], runs[col.ACCEPTED_PER_STEP])
         for k, count in enumerate(str(text).split())
     ]
-    frame = pd.DataFrame(rows, columns=["cell_name", "accepted", "steps"])
-    frame = frame.groupby(["cell_name", "accepted"], as_index=False)["steps"].sum()
-    return frame.assign(share=frame["steps"] / frame.groupby("cell_name")["steps"].transform("sum"))
+    frame = pd.DataFrame(rows, columns=[col.CELL_NAME, col.ACCEPTED, "steps"])
+    frame = frame.groupby([col.CELL_NAME, col.ACCEPTED], as_index=False)["steps"].sum()
+    return frame.assign(share=frame["steps"] / frame.groupby(col.CELL_NAME)["steps"].transform("sum"))
 
 
 def accepted_per_step(data: PlotData) -> plt.Figure | str:
     """vLLM's histogram of accepted tokens per draft, as shares of a cell's drafts."""
     frame = accepted_steps(data)
-    frame = frame[frame.groupby("cell_name")["steps"].transform("sum") > 0]
+    frame = frame[frame.groupby(col.CELL_NAME)["steps"].transform("sum") > 0]
     if frame.empty:
         return "no run counted its drafts by tokens kept (no drafting runs, or none with per-position counts)"
-    cells = data.with_settings(frame[["cell_name"]].drop_duplicates())
-    label_of = dict(zip(cells["cell_name"], series_labels(cells)))
+    cells = data.with_settings(frame[[col.CELL_NAME]].drop_duplicates())
+    label_of = dict(zip(cells[col.CELL_NAME], series_labels(cells)))
     styles = _styles(data, cells, pd.Series(label_of.values()))
     fig, axes = _figure(data)
     ax = axes[0, 0]
     width = 0.8 / len(label_of)
-    for i, (name, rows) in enumerate(frame.groupby("cell_name", sort=True)):
+    for i, (name, rows) in enumerate(frame.groupby(col.CELL_NAME, sort=True)):
         label = label_of[name]
-        ax.bar(rows["accepted"] + (i - (len(label_of) - 1) / 2) * width, rows["share"], width, label=label,
+        ax.bar(rows[col.ACCEPTED] + (i - (len(label_of) - 1) / 2) * width, rows["share"], width, label=label,
                color=styles[label]["color"], hatch=HATCHES[styles[label]["linestyle"]], edgecolor="white")
     ax.set(xlabel="draft tokens accepted in one step", ylabel="share of drafting steps")
-    ax.set_xticks(range(int(frame["accepted"].max()) + 1))
+    ax.set_xticks(range(int(frame[col.ACCEPTED].max()) + 1))
     _legend_beside(fig, "Accepted tokens per step (repeats pooled)")
     return fig
 
 
 def latency_cdf(data: PlotData) -> plt.Figure | str:
-    cells = data.ok_runs.drop_duplicates("cell_name")
+    cells = data.ok_runs.drop_duplicates(col.CELL_NAME)
     labels = series_labels(cells)
     styles = _styles(data, cells, labels)
     # Latencies per request (TTFT, E2E) and per emission gap (ITL), repeats pooled.
     pooled = {
         label: {
-            "TTFT": data.requests.loc[data.requests["cell_name"] == name, "ttft_s"],
-            "ITL": data.itl.loc[data.itl["cell_name"] == name, "itl_s"],
-            "E2E": data.requests.loc[data.requests["cell_name"] == name, "e2e_s"],
+            "TTFT": data.requests.loc[data.requests[col.CELL_NAME] == name, col.TTFT_S],
+            "ITL": data.itl.loc[data.itl[col.CELL_NAME] == name, col.ITL_S],
+            "E2E": data.requests.loc[data.requests[col.CELL_NAME] == name, col.E2E_S],
         }
-        for name, label in zip(cells["cell_name"], labels)
-        if (data.requests["cell_name"] == name).any()
+        for name, label in zip(cells[col.CELL_NAME], labels)
+        if (data.requests[col.CELL_NAME] == name).any()
     }
     if not pooled:
         return "no measured requests of a successful run in requests.csv"
@@ -482,25 +483,25 @@ def latency_cdf(data: PlotData) -> plt.Figure | str:
 
 
 def throughput_vs_batch(data: PlotData) -> plt.Figure | str:
-    frame = data.summary[data.summary["load"] == "closed"].dropna(subset=["throughput_tok_s"])
+    frame = data.summary[data.summary[col.LOAD] == "closed"].dropna(subset=[col.THROUGHPUT_TOK_S])
     if frame.empty:
         return "no successful closed-loop runs"
     fig, axes = _figure(data)
     ax = axes[0, 0]
-    _along(data, ax, frame, "batch_size", "throughput_tok_s", "output tokens/s")
-    ax.set_title("Throughput vs batch size" if swept(frame, "batch_size") else "Throughput per cell")
+    _along(data, ax, frame, col.BATCH_SIZE, col.THROUGHPUT_TOK_S, "output tokens/s")
+    ax.set_title("Throughput vs batch size" if swept(frame, col.BATCH_SIZE) else "Throughput per cell")
     return fig
 
 
 def latency_vs_rate(data: PlotData) -> plt.Figure | str:
-    frame = data.summary[data.summary["load_mode"] == "open"].dropna(subset=["load_rate"])
+    frame = data.summary[data.summary[col.LOAD_MODE] == "open"].dropna(subset=[col.LOAD_RATE])
     if frame.empty:
         return "no open-loop (request-rate) runs in this experiment"
     fig, axes = _figure(data, ncols=2)
-    for i, (ax, metric) in enumerate(zip(axes[0], ("ttft_s", "e2e_s"))):
+    for i, (ax, metric) in enumerate(zip(axes[0], (col.TTFT_S, col.E2E_S))):
         name = metric.split("_")[0].upper()
         p99 = Overlay(f"{metric}_p99", "p99", dict(linestyle="--", markerfacecolor="white"), marker="d")
-        _along(data, ax, frame, "load_rate", f"{metric}_p50", f"{name} (ms)", exclude=("load",), scale=1000,
+        _along(data, ax, frame, col.LOAD_RATE, f"{metric}_p50", f"{name} (ms)", exclude=(col.LOAD,), scale=1000,
                overlays=(p99,), legend=i == 0)
         ax.set_title(f"{name}: p50 and p99")
     fig.suptitle("Latency under open-loop load")
@@ -508,18 +509,18 @@ def latency_vs_rate(data: PlotData) -> plt.Figure | str:
 
 
 def energy_per_token(data: PlotData) -> plt.Figure | str:
-    frame = data.summary.dropna(subset=["energy_j_per_token"])
+    frame = data.summary.dropna(subset=[col.ENERGY_J_PER_TOKEN])
     if frame.empty:
-        reasons = sorted(set(data.runs.get("energy_reason", pd.Series()).dropna()))
+        reasons = sorted(set(data.runs.get(col.ENERGY_REASON, pd.Series()).dropna()))
         return "energy not measured" + (f": {'; '.join(reasons)}" if reasons else "")
     frame = frame.assign(_series=series_labels(frame)).sort_values("_series")
     fig, axes = _figure(data)
     ax = axes[0, 0]
     ax.barh(
         frame["_series"],
-        frame["energy_j_per_token"],
-        xerr=_errors(frame, "energy_j_per_token"),
-        color=[data.colors[m] for m in frame["method_label"]],
+        frame[col.ENERGY_J_PER_TOKEN],
+        xerr=_errors(frame, col.ENERGY_J_PER_TOKEN),
+        color=[data.colors[m] for m in frame[col.METHOD_LABEL]],
         capsize=3,
     )
     ax.invert_yaxis()
@@ -531,18 +532,18 @@ def energy_vs_speedup(data: PlotData) -> plt.Figure | str:
     """Energy per output token against the speedup over AR, a point per cell (γ and batch
     size written beside it); a cell without measured energy has no point, never one at 0,
     and is named under the panel."""
-    frame = data.summary.dropna(subset=["speedup"])
-    measured = frame.dropna(subset=["energy_j_per_token"])
+    frame = data.summary.dropna(subset=[col.SPEEDUP])
+    measured = frame.dropna(subset=[col.ENERGY_J_PER_TOKEN])
     if measured.empty:
-        reasons = sorted(set(data.runs.get("energy_reason", pd.Series()).dropna()))
+        reasons = sorted(set(data.runs.get(col.ENERGY_REASON, pd.Series()).dropna()))
         return "no cell with a speedup measured energy" + (f": {'; '.join(reasons)}" if reasons else "")
     fig, axes = _figure(data)
     ax = axes[0, 0]
-    labels = series_labels(measured, exclude=("gamma", "batch_size"))
+    labels = series_labels(measured, exclude=(col.GAMMA, col.BATCH_SIZE))
     styles = _styles(data, measured, labels)
     for label, rows in measured.assign(_series=labels).groupby("_series", sort=True):
-        ax.errorbar(rows["speedup"], rows["energy_j_per_token"], xerr=_errors(rows, "speedup"),
-                    yerr=_errors(rows, "energy_j_per_token"), linestyle="", capsize=3, label=label,
+        ax.errorbar(rows[col.SPEEDUP], rows[col.ENERGY_J_PER_TOKEN], xerr=_errors(rows, col.SPEEDUP),
+                    yerr=_errors(rows, col.ENERGY_J_PER_TOKEN), linestyle="", capsize=3, label=label,
                     **{k: v for k, v in styles[label].items() if k != "linestyle"})
         for row in rows.itertuples():
             text = f"b{plain(row.batch_size)}" + (f" γ{plain(row.gamma)}" if row.gamma else "")
@@ -559,9 +560,9 @@ def energy_vs_speedup(data: PlotData) -> plt.Figure | str:
 
 
 CATEGORY_PANELS = {
-    "speedup": "speedup over AR (paired requests)",
-    "acceptance_rate": "acceptance rate (accepted / drafted)",
-    "mean_accepted_length": "mean accepted length (tokens / forward)",
+    col.SPEEDUP: "speedup over AR (paired requests)",
+    col.ACCEPTANCE_RATE: "acceptance rate (accepted / drafted)",
+    col.MEAN_ACCEPTED_LENGTH: "mean accepted length (tokens / forward)",
 }
 
 
@@ -571,20 +572,20 @@ def by_category(data: PlotData) -> plt.Figure | str:
     frame = data.categories
     if frame.empty:
         return "no drafting cell measured requests (no speculative runs in requests.csv)"
-    cells = data.with_settings(frame[["cell"]].drop_duplicates().rename(columns={"cell": "cell_name"}))
-    label_of = dict(zip(cells["cell_name"], series_labels(cells)))
+    cells = data.with_settings(frame[[col.CELL]].drop_duplicates().rename(columns={col.CELL: col.CELL_NAME}))
+    label_of = dict(zip(cells[col.CELL_NAME], series_labels(cells)))
     styles = _styles(data, cells, pd.Series(label_of.values()))
-    categories = sorted(frame["category"].unique())
+    categories = sorted(frame[col.CATEGORY].unique())
     fig, axes = _figure(data, ncols=len(CATEGORY_PANELS))
     width = 0.8 / len(label_of)
     for ax, (metric, ylabel) in zip(axes[0], CATEGORY_PANELS.items()):
-        for i, (name, rows) in enumerate(frame.groupby("cell", sort=True)):
-            rows = rows.set_index("category").reindex(categories)
+        for i, (name, rows) in enumerate(frame.groupby(col.CELL, sort=True)):
+            rows = rows.set_index(col.CATEGORY).reindex(categories)
             label = label_of[name]
             bars = ax.bar(np.arange(len(categories)) + (i - (len(label_of) - 1) / 2) * width, rows[metric], width,
                           label=label, color=styles[label]["color"], hatch=HATCHES[styles[label]["linestyle"]],
                           edgecolor="white")
-            counts = rows["speedup_requests" if metric == "speedup" else "n_requests"]
+            counts = rows[col.SPEEDUP_REQUESTS if metric == col.SPEEDUP else col.N_REQUESTS]
             ax.bar_label(bars, ["" if pd.isna(v) else f"{int(n)}" for v, n in zip(rows[metric], counts)],
                          fontsize="xx-small", color="0.35", padding=1)
         ax.set_xticks(np.arange(len(categories)), categories)
@@ -598,13 +599,13 @@ def by_category(data: PlotData) -> plt.Figure | str:
 
 def power_timeline(data: PlotData) -> plt.Figure | str:
     # The first repeat of each cell that sampled power.
-    runs = data.power.sort_values("repeat", kind="stable").drop_duplicates("cell_name")
+    runs = data.power.sort_values(col.REPEAT, kind="stable").drop_duplicates(col.CELL_NAME)
     runs = runs.head(data.options["max_power_panels"])
     if runs.empty:
         return "no power samples in power.csv (power was not sampled)"
     fig, axes = _figure(data, nrows=len(runs), sharex=False)
     for ax, run in zip(axes[:, 0], runs.itertuples()):
-        power = data.power[data.power["cell"] == run.cell]
+        power = data.power[data.power[col.CELL] == run.cell]
         for i, (device, frame) in enumerate(power.groupby("device")):
             ax.plot(frame["t_s"], frame["power_w"], label=f"power_w {device}", color=PALETTE[(i + 4) % len(PALETTE)])
         window = power.loc[power["phase"] == "window", "t_s"]

@@ -7,9 +7,11 @@ from dataclasses import dataclass, fields
 
 import pandas as pd
 
+from specdec import columns as col
+
 # SLO key -> the per-request latency (aggregate.request_tables, seconds) it bounds.
-LATENCIES = {"ttft_ms": "ttft_s", "tpot_ms": "tpot_s", "e2e_ms": "e2e_s"}
-COLUMNS = ("goodput_req_s", "slo_met", "slo_ttft_met", "slo_tpot_met", "slo_e2e_met")
+LATENCIES = {"ttft_ms": col.TTFT_S, "tpot_ms": col.TPOT_S, "e2e_ms": col.E2E_S}
+COLUMNS = (col.GOODPUT_REQ_S, col.SLO_MET, "slo_ttft_met", "slo_tpot_met", "slo_e2e_met")
 
 
 @dataclass(frozen=True)
@@ -44,13 +46,13 @@ def run_goodput(requests: pd.DataFrame, windows: pd.Series, slo: Slo | None) -> 
     an SLO that is not set). A one-token output has no TPOT and meets a TPOT SLO, as vLLM
     counts it (its TPOT is 0 there)."""
     if slo is None or requests.empty:
-        return pd.DataFrame(columns=["cell", *COLUMNS])
-    met = pd.DataFrame({"cell": requests["cell"]})
+        return pd.DataFrame(columns=[col.CELL, *COLUMNS])
+    met = pd.DataFrame({col.CELL: requests[col.CELL]})
     for column, limit in slo.limits_s().items():
-        met[f"slo_{column.removesuffix('_s')}_met"] = requests[column].isna() | (requests[column] <= limit) if column == "tpot_s" else requests[column] <= limit
-    checks = [c for c in met.columns if c != "cell"]
-    met["slo_met"] = met[checks].all(axis=1)
-    table = met.groupby("cell").mean().astype(float)
-    good = met.groupby("cell")["slo_met"].sum()
-    table["goodput_req_s"] = good / windows.reindex(table.index)
+        met[f"slo_{column.removesuffix('_s')}_met"] = requests[column].isna() | (requests[column] <= limit) if column == col.TPOT_S else requests[column] <= limit
+    checks = [c for c in met.columns if c != col.CELL]
+    met[col.SLO_MET] = met[checks].all(axis=1)
+    table = met.groupby(col.CELL).mean().astype(float)
+    good = met.groupby(col.CELL)[col.SLO_MET].sum()
+    table[col.GOODPUT_REQ_S] = good / windows.reindex(table.index)
     return table.reindex(columns=list(COLUMNS)).reset_index()

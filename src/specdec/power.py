@@ -35,7 +35,6 @@ the window; ``net_j = gross_j - idle_power_w * window_s``.
 
 from __future__ import annotations
 
-import csv
 import os
 import re
 import threading
@@ -46,7 +45,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from specdec.cells import Power
-from specdec.io import atomic_open
+from specdec.records import POWER_FIELDS, write_power_samples
 
 RAPL_ROOT = Path("/sys/class/powercap")
 NVML_COUNTER_MODULUS = 2**64
@@ -56,10 +55,6 @@ MAX_PLAUSIBLE_W = 5000.0
 COUNTER_UPDATE_S = 0.1
 # Below this, one counter update is 10 % or more of the window.
 SHORT_WINDOW_S = 1.0
-# power.csv: one row per sample and device, these columns first, then TIMELINE_FIELDS.
-TIMELINE_KEYS = ("t_s", "phase", "device")
-TIMELINE_FIELDS = ("power_w", "gpu_util_pct", "mem_util_pct", "mem_used_mib", "temp_c",
-                   "sm_clock_mhz", "throttle_reasons")
 
 Sync = Callable[[], Any] | None
 
@@ -486,18 +481,19 @@ class PowerMonitor:
         }
 
     def write_timeline(self, path: str | os.PathLike) -> None:
-        """Long-format CSV, one row per sample and device; `t_s` is seconds from the window's
-        start, `phase` marks idle and window rows, unsupported fields are empty."""
+        """power.csv (`records.write_power_samples`), one row per sample and device; `t_s` is
+        seconds from the window's start, `phase` marks idle and window rows, unsupported fields
+        are empty."""
         with self._lock:
             ticks = list(self._ticks)
         t0 = ticks[self._window[0]].t if self._window and self.available else (ticks[0].t if ticks else 0.0)
         spans = [("window", self._window), ("idle", self._idle)]
-        with atomic_open(path) as handle:
-            writer = csv.writer(handle, lineterminator="\n")
-            writer.writerow((*TIMELINE_KEYS, *TIMELINE_FIELDS))
-            for i, tick in enumerate(ticks):
-                phase = next((name for name, span in spans
-                              if span and len(span) == 2 and span[0] <= i <= span[1]), "")
-                for meter, reading in zip(self.meters, tick.readings):
-                    values = ("" if reading.get(f) is None else reading[f] for f in TIMELINE_FIELDS)
-                    writer.writerow((f"{tick.t - t0:.6f}", phase, meter.label, *values))
+
+        def phase(i: int) -> str:
+            return next((name for name, span in spans if span and len(span) == 2 and span[0] <= i <= span[1]), "")
+
+        write_power_samples(path, (
+            (f"{tick.t - t0:.6f}", phase(i), meter.label, reading.get("power_w"), *(reading.get(f) for f in POWER_FIELDS))
+            for i, tick in enumerate(ticks)
+            for meter, reading in zip(self.meters, tick.readings)
+        ))

@@ -1,11 +1,13 @@
-"""The file contract between jobs: prompt, cell, request and result records, their schemas
-and the status enum. Writers validate before they write, readers after they read, against the same
-schema (`schemas/*.schema.json`); every file is written atomically (`specdec.io`)."""
+"""The file contract between jobs: prompt, cell, request, result, interruption and power-sample
+records and their schemas. Writers validate before they write, readers after they read, against
+the same schema (`schemas/*.schema.json`; power.csv's is its declared columns); every file is
+written atomically (`specdec.io`). The result's typed body and status enum are `specdec.result`'s."""
 
 from __future__ import annotations
 
-import enum
+import csv
 import json
+import math
 import os
 from functools import lru_cache
 from importlib import resources
@@ -17,20 +19,19 @@ from jsonschema.exceptions import best_match
 from referencing import Registry, Resource
 
 from specdec.cells import Cell
-from specdec.io import write_json, write_jsonl
+from specdec.io import atomic_open, write_json, write_jsonl
+from specdec.result import Result, Status
 
 RESULT_SCHEMA_VERSION = 4
 # An interleaved cell's AR requests, beside its requests.jsonl (same schema, `request`).
 INTERLEAVED_REQUESTS = "reference_requests.jsonl"
-
-
-class Status(str, enum.Enum):
-    """How a cell ended. `interrupted` cells write only `interrupted.json` (they rerun)."""
-
-    OK = "ok"
-    FAILED = "failed"
-    INTERRUPTED = "interrupted"
-    NOT_SUPPORTED = "not_supported"  # the engine cannot run this setting (a row of its own)
+# What a cell stopped by a signal leaves in its folder instead of its outputs.
+INTERRUPTED = "interrupted.json"
+# power.csv, the power monitor's samples beside a result: one row per sample and device, these
+# columns first (all required), then POWER_FIELDS (empty where the device does not report one).
+POWER_SAMPLES = "power.csv"
+POWER_KEYS = ("t_s", "phase", "device", "power_w")
+POWER_FIELDS = ("gpu_util_pct", "mem_util_pct", "mem_used_mib", "temp_c", "sm_clock_mhz", "throttle_reasons")
 
 
 class RecordError(ValueError):
@@ -62,6 +63,17 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise RecordError(f"{path}: cannot read JSON: {err}") from None
+
+
+def _write_valid(kind: str, path: str | os.PathLike, record: Any) -> None:
+    validate(kind, record, str(path))
+    write_json(path, record)
+
+
+def _read_valid(kind: str, path: str | os.PathLike) -> Any:
+    record = _read_json(Path(path))
+    validate(kind, record, str(path))
+    return record
 
 
 def _read_jsonl(path: Path) -> Iterable[tuple[int, Any]]:
@@ -129,15 +141,11 @@ def read_cell(path: str | os.PathLike) -> Cell:
 
 
 def write_kernel_choice(path: str | os.PathLike, choice: dict) -> None:
-    validate("kernels", choice, str(path))
-    write_json(path, choice)
+    _write_valid("kernels", path, choice)
 
 
 def read_kernel_choice(path: str | os.PathLike) -> dict:
-    path = Path(path)
-    choice = _read_json(path)
-    validate("kernels", choice, str(path))
-    return choice
+    return _read_valid("kernels", path)
 
 
 # --------------------------------------------------------------------- requests
@@ -174,14 +182,73 @@ def read_reference_outputs(path: str | os.PathLike) -> dict[str, list[int]]:
 # ---------------------------------------------------------------------- results
 
 
-def write_result(path: str | os.PathLike, result: dict) -> None:
-    validate("result", result, str(path))
-    write_json(path, result)
+def write_result(path: str | os.PathLike, result: Result) -> None:
+    _write_valid("result", path, result.to_dict())
 
 
-def read_result(path: str | os.PathLike) -> tuple[dict, Cell]:
-    """A result file and its cell, both validated."""
+def result_from_dict(data: Any, source: str) -> Result:
+    validate("result", data, source)
+    return Result.from_dict(data)
+
+
+def read_result(path: str | os.PathLike) -> Result:
+    """A result file, validated, as the typed result (its cell is `Result.config`)."""
+    return Result.from_dict(_read_valid("result", path))
+
+
+# ---------------------------------------------------------------- interruptions
+
+
+def write_interrupted(out_dir: str | os.PathLike, cell_id: str, signal: str, phase: str, at: str) -> None:
+    """`interrupted.json` in the cell's folder: the signal that stopped it and the phase it was in."""
+    record = {"cell_id": cell_id, "status": Status.INTERRUPTED.value, "signal": signal, "phase": phase, "at": at}
+    _write_valid("interrupted", Path(out_dir) / INTERRUPTED, record)
+
+
+def read_interrupted(path: str | os.PathLike) -> dict:
+    return _read_valid("interrupted", path)
+
+
+# ---------------------------------------------------------------- power samples
+
+
+def write_power_samples(path: str | os.PathLike, rows: Iterable[tuple]) -> None:
+    """Rows of (*POWER_KEYS, *POWER_FIELDS) values, None written empty."""
+    with atomic_open(path) as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow((*POWER_KEYS, *POWER_FIELDS))
+        for number, row in enumerate(rows, start=2):
+            if len(row) != len(POWER_KEYS) + len(POWER_FIELDS):
+                raise RecordError(f"{path}:{number}: {len(row)} values for {len(POWER_KEYS) + len(POWER_FIELDS)} columns")
+            writer.writerow("" if value is None else value for value in row)
+
+
+def read_power_samples(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The samples' POWER_KEYS: `t_s` and `power_w` as numbers (`power_w` None where empty),
+    `phase` (`idle`, `window` or empty) and `device` as text."""
     path = Path(path)
-    result = _read_json(path)
-    validate("result", result, str(path))
-    return result, Cell.from_dict(result["config"])
+    try:
+        with path.open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            missing = sorted(set(POWER_KEYS) - set(reader.fieldnames or ()))
+            if missing:
+                raise RecordError(f"{path}: missing column(s) {missing}")
+            return [_power_sample(path, number, row) for number, row in enumerate(reader, start=2)]
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise RecordError(f"{path}: cannot read power samples: {err}") from None
+
+
+def _power_sample(path: Path, number: int, row: dict[str, str | None]) -> dict[str, Any]:
+    def value(key: str) -> float | None:
+        text = row[key]
+        if key == "power_w" and not text:
+            return None  # a device that does not report power
+        try:
+            number_ = float(text)
+        except (TypeError, ValueError):
+            raise RecordError(f"{path}:{number}: {key} is not a number: {text!r}") from None
+        if not math.isfinite(number_):
+            raise RecordError(f"{path}:{number}: {key} is not finite: {text!r}")
+        return number_
+
+    return {"t_s": value("t_s"), "phase": row["phase"], "device": row["device"], "power_w": value("power_w")}

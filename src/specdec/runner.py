@@ -23,13 +23,19 @@ from typing import TextIO
 
 import torch
 
-from specdec import metrics, placement
+from specdec import placement
 from specdec.analysis import analyse, memory_report
 from specdec.cells import Cell
+from specdec.console import summary_table
 from specdec.engines import NotSupported, engine_block, unsupported
-from specdec.io import write_json
+from specdec.gpus import lease_gpus
 from specdec.measure import measure
-from specdec.records import INTERLEAVED_REQUESTS, RESULT_SCHEMA_VERSION, Status, read_prompts, write_requests, write_result
+from specdec.metadata import collect_metadata
+from specdec.records import (
+    INTERLEAVED_REQUESTS, INTERRUPTED, RESULT_SCHEMA_VERSION, read_prompts, result_from_dict, write_interrupted, write_requests,
+    write_result,
+)
+from specdec.result import Status
 from specdec.session import Session, check_context, open_session
 
 log = logging.getLogger("specdec.run")
@@ -111,8 +117,6 @@ def run_cell(cell: Cell, prompts_path: Path, out_dir: Path, models_dir: Path = P
     any moment, the writing of the outputs included, leaves neither output file. `console`,
     if given, gets a line when the cell starts, its progress at most once a minute, and a
     line when it ends (the log gets everything)."""
-    from specdec.gpus import lease_gpus
-
     out_dir, started, began = Path(out_dir), now_iso(), time.monotonic()
     say = (lambda line: print(f"{cell.id}: {line}", file=console)) if console is not None else (lambda line: None)
     say("started")
@@ -146,14 +150,14 @@ def run_cell(cell: Cell, prompts_path: Path, out_dir: Path, models_dir: Path = P
     except Interrupted as exc:
         for name in OUTPUTS:  # one may be in place already if the signal came between the two renames
             (out_dir / name).unlink(missing_ok=True)
-        write_json(out_dir / "interrupted.json", {"cell_id": cell.id, "status": Status.INTERRUPTED.value, "signal": str(exc), "phase": phase, "at": now_iso()})
+        write_interrupted(out_dir, cell.id, signal=str(exc), phase=phase, at=now_iso())
         log.error("interrupted by %s during %s; no result written, so the cell reruns", exc, phase)
         say(f"interrupted by {exc} during {phase}")
         return {"status": Status.INTERRUPTED.value, "signal": exc.signum}
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-    log.info("\n%s", metrics.summary_table(result["metrics"], cell.name) if result["metrics"] else result["failure"])
+    log.info("\n%s", summary_table(result["metrics"], cell.name) if result["metrics"] else result["failure"])
     say(_ending(result, time.monotonic() - began))
     return result
 
@@ -175,8 +179,6 @@ def _ending(result: dict, elapsed_s: float) -> str:
 def _write_outputs(cell: Cell, result: dict, records: list[dict], reference_records: list[dict] | None, where: dict,
                    started: str, out_dir: Path) -> None:
     """Complete and write the result; result.json goes last, as the mark of a finished cell."""
-    from specdec.metadata import collect_metadata
-
     result.update(schema_version=RESULT_SCHEMA_VERSION, cell_id=cell.id, group_id=cell.group_id, config=cell.to_dict())
     result["metadata"] = collect_metadata(seed=cell.seed, started_at=started, finished_at=now_iso()) | {"placement": where}
     if reference_records is not None:
@@ -184,8 +186,8 @@ def _write_outputs(cell: Cell, result: dict, records: list[dict], reference_reco
     else:  # a rerun without interleaving leaves no stale reference beside the new result
         (out_dir / INTERLEAVED_REQUESTS).unlink(missing_ok=True)
     write_requests(out_dir / "requests.jsonl", records)
-    write_result(out_dir / "result.json", result)
-    (out_dir / "interrupted.json").unlink(missing_ok=True)
+    write_result(out_dir / "result.json", result_from_dict(result, f"cell {cell.id}"))
+    (out_dir / INTERRUPTED).unlink(missing_ok=True)
 
 
 def _blank_result() -> dict:

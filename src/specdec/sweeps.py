@@ -18,20 +18,21 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
+from specdec import columns as col
 from specdec.summary import SETTING_COLUMNS, answer_metric
 
 # axis -> (the summary's columns that make the axis, the speedup that is read along it).
 # Under a closed load speedup is throughput's; along request rate, where an open load's
 # throughput is the offered rate for every method, it is end-to-end latency's.
 AXES = {
-    "batch_size": (("batch_size",), None),
-    "load_rate": (("load", "load_rate"), "latency_speedup"),
+    col.BATCH_SIZE: ((col.BATCH_SIZE,), None),
+    col.LOAD_RATE: ((col.LOAD, col.LOAD_RATE), col.LATENCY_SPEEDUP),
 }
 BREAK_EVEN_COLUMNS = (
-    "experiment", "dataset", "engine", "method_label", "gamma", "series", "axis", "metric",
-    "points", "break_even", "break_even_value", "break_even_low", "break_even_high",
+    col.EXPERIMENT, col.DATASET, col.ENGINE, col.METHOD_LABEL, col.GAMMA, col.SERIES, col.AXIS, "metric",
+    "points", col.BREAK_EVEN, "break_even_value", "break_even_low", "break_even_high",
 )
-CAPACITY_COLUMNS = ("experiment", "dataset", "engine", "method_label", "gamma", "series", "points", "capacity", "capacity_req_s")
+CAPACITY_COLUMNS = (col.EXPERIMENT, col.DATASET, col.ENGINE, col.METHOD_LABEL, col.GAMMA, col.SERIES, "points", "capacity", "capacity_req_s")
 
 
 def series(summary: pd.DataFrame, axis: str, drafting_only: bool = True) -> Iterator[tuple[str, pd.DataFrame]]:
@@ -39,22 +40,22 @@ def series(summary: pd.DataFrame, axis: str, drafting_only: bool = True) -> Iter
     `axis` and measure at least two points of it; the label names the settings they share
     that vary across the experiment's series."""
     columns = AXES[axis][0]
-    frame = summary if axis == "batch_size" else summary[summary["load_mode"] == "open"]
+    frame = summary if axis == col.BATCH_SIZE else summary[summary[col.LOAD_MODE] == "open"]
     if drafting_only:
-        frame = frame[frame["method"] != "ar"]
-    keys = [c for c in SETTING_COLUMNS if c not in ("group_id", *columns)]
-    varying = [c for c in keys if c not in ("experiment", "method", "drafter") and frame[c].nunique(dropna=False) > 1]
+        frame = frame[frame[col.METHOD] != "ar"]
+    keys = [c for c in SETTING_COLUMNS if c not in (col.GROUP_ID, *columns)]
+    varying = [c for c in keys if c not in (col.EXPERIMENT, col.METHOD, col.DRAFTER) and frame[c].nunique(dropna=False) > 1]
     for _, rows in frame.groupby(keys, dropna=False, sort=False):
         if rows[axis].nunique() < 2:
             continue
         first = rows.iloc[0]
-        label = ", ".join([first["method_label"], *(f"{c}={first[c]}" for c in varying if c != "method_label")])
+        label = ", ".join([first[col.METHOD_LABEL], *(f"{c}={first[c]}" for c in varying if c != col.METHOD_LABEL)])
         yield label, rows.sort_values(axis)
 
 
 def axis_metric(axis: str, rows: pd.DataFrame) -> str:
     """The speedup read along `axis` for one series (see `AXES`)."""
-    return AXES[axis][1] or answer_metric(rows["load_mode"].iloc[0])
+    return AXES[axis][1] or answer_metric(rows[col.LOAD_MODE].iloc[0])
 
 
 def crossing(xs, ys, log_x: bool = False) -> tuple[str, float]:
@@ -91,16 +92,16 @@ def break_even_table(summary: pd.DataFrame) -> pd.DataFrame:
             rows = rows.dropna(subset=[metric])
             if len(rows) < 2:
                 continue
-            log_x = axis == "batch_size"
+            log_x = axis == col.BATCH_SIZE
             text, value = crossing(rows[axis], rows[metric], log_x)
             # the CI's low bound crosses first: up to it the speedup is surely above 1
             low_text, low = crossing(rows[axis], rows[f"{metric}_ci_low"], log_x)
             high_text, high = crossing(rows[axis], rows[f"{metric}_ci_high"], log_x)
             first = rows.iloc[0]
             table.append({
-                **{c: first[c] for c in ("experiment", "dataset", "engine", "method_label", "gamma")},
-                "series": label, "axis": axis, "metric": metric, "points": _points(rows, axis, metric),
-                "break_even": f"{text} (CI {low_text} to {high_text})",
+                **{c: first[c] for c in (col.EXPERIMENT, col.DATASET, col.ENGINE, col.METHOD_LABEL, col.GAMMA)},
+                col.SERIES: label, col.AXIS: axis, "metric": metric, "points": _points(rows, axis, metric),
+                col.BREAK_EVEN: f"{text} (CI {low_text} to {high_text})",
                 "break_even_value": value, "break_even_low": low, "break_even_high": high,
             })
     return pd.DataFrame(table, columns=BREAK_EVEN_COLUMNS)
@@ -120,19 +121,19 @@ def capacity(rates, goodputs, within: float = 0.05) -> tuple[str, float]:
 def capacity_table(summary: pd.DataFrame, within: float = 0.05) -> pd.DataFrame:
     """Per rate sweep, AR and each method side by side: goodput at each offered rate and the
     highest rate served within the SLOs (empty without SLOs or rate sweeps)."""
-    if summary.empty or summary["goodput_req_s"].isna().all():
+    if summary.empty or summary[col.GOODPUT_REQ_S].isna().all():
         return pd.DataFrame(columns=CAPACITY_COLUMNS)
     table = []
-    for label, rows in series(summary, "load_rate", drafting_only=False):
-        rows = rows.dropna(subset=["goodput_req_s"])
+    for label, rows in series(summary, col.LOAD_RATE, drafting_only=False):
+        rows = rows.dropna(subset=[col.GOODPUT_REQ_S])
         if len(rows) < 2:
             continue
-        text, value = capacity(rows["load_rate"], rows["goodput_req_s"], within)
+        text, value = capacity(rows[col.LOAD_RATE], rows[col.GOODPUT_REQ_S], within)
         first = rows.iloc[0]
         table.append({
-            **{c: first[c] for c in ("experiment", "dataset", "engine", "method_label", "gamma")},
-            "series": label,
-            "points": "; ".join(f"{r:g}/s: {g:.2f}/s ({m:.0%} met)" for r, g, m in zip(rows["load_rate"], rows["goodput_req_s"], rows["slo_met"])),
+            **{c: first[c] for c in (col.EXPERIMENT, col.DATASET, col.ENGINE, col.METHOD_LABEL, col.GAMMA)},
+            col.SERIES: label,
+            "points": "; ".join(f"{r:g}/s: {g:.2f}/s ({m:.0%} met)" for r, g, m in zip(rows[col.LOAD_RATE], rows[col.GOODPUT_REQ_S], rows[col.SLO_MET])),
             "capacity": f"{text} req/s", "capacity_req_s": value,
         })
     return pd.DataFrame(table, columns=CAPACITY_COLUMNS)

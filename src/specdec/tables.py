@@ -9,6 +9,7 @@ from typing import Any
 
 import pandas as pd
 
+from specdec import columns as col
 from specdec.io import atomic_open
 from specdec.summary import NO_BASELINE, RATIOS, SUMMARY_METRICS, answer_metric
 
@@ -30,57 +31,57 @@ def display_summary(summary: pd.DataFrame) -> pd.DataFrame:
     """The summary as text for people: `median [low, high]`, ms for latencies, dashes."""
     shown = pd.DataFrame(
         {
-            "cell": summary["cell"],
-            "method": summary["method_label"],  # the engine's name first, unless ours
+            "cell": summary[col.CELL],
+            "method": summary[col.METHOD_LABEL],  # the engine's name first, unless ours
             # AR drafts nothing: gamma 0 is shown as a dash.
-            "gamma": summary["gamma"].where(summary["gamma"] > 0).map(_format_int),
-            "dataset": summary["dataset"],
-            "batch": summary["batch_size"].map(_format_int),
-            "load": summary["load"],
-            "n": summary["n_repeats"],
+            "gamma": summary[col.GAMMA].where(summary[col.GAMMA] > 0).map(_format_int),
+            "dataset": summary[col.DATASET],
+            "batch": summary[col.BATCH_SIZE].map(_format_int),
+            "load": summary[col.LOAD],
+            "n": summary[col.N_REPEATS],
         }
     )
     for metric, heading in SUMMARY_METRICS.items():
         if summary[metric].isna().all() and metric not in RATIOS:
             continue  # measured by no cell (energy without a power sensor, goodput without SLOs)
         scale = 1000.0 if heading.endswith("(ms)") else 1.0
-        against_ar = metric in RATIOS and RATIOS[metric].baseline == "ar_group_id"
+        against_ar = metric in RATIOS and RATIOS[metric].baseline == col.AR_GROUP_ID
         shown[heading] = [_format_estimate(row, metric, scale, no_baseline=against_ar) for _, row in summary.iterrows()]
     # greedy divergences from the AR reference: floating-point near-ties, and defects
-    shown["near-ties"] = summary["near_ties"].map(_format_int)
-    shown["defects"] = summary["defects"].map(_format_int)
+    shown["near-ties"] = summary[col.NEAR_TIES].map(_format_int)
+    shown["defects"] = summary[col.DEFECTS].map(_format_int)
     # which AR the ratios divide by: the AR cell, or the AR interleaved in the cell's own job
-    shown["AR reference"] = summary["reference"].fillna(DASH)
-    shown["flags"] = summary["flags"].replace("", DASH)
+    shown["AR reference"] = summary[col.REFERENCE].fillna(DASH)
+    shown["flags"] = summary[col.FLAGS].replace("", DASH)
     return shown
 
 
 def display_categories(categories: pd.DataFrame) -> pd.DataFrame:
     """The per-category table for people: three significant digits, dashes, no AR baseline."""
-    shown = categories.drop(columns=["drafted_tokens", "accepted_tokens"]).rename(
-        columns={"method_label": "method", "batch_size": "batch", "n_repeats": "repeats", "n_requests": "requests",
-                 "speedup_requests": "paired requests", "acceptance_rate": "acceptance",
-                 "mean_accepted_length": "mean accepted length"}
+    shown = categories.drop(columns=[col.DRAFTED_TOKENS, col.ACCEPTED_TOKENS]).rename(
+        columns={col.METHOD_LABEL: "method", col.BATCH_SIZE: "batch", col.N_REPEATS: "repeats", col.N_REQUESTS: "requests",
+                 col.SPEEDUP_REQUESTS: "paired requests", col.ACCEPTANCE_RATE: "acceptance",
+                 col.MEAN_ACCEPTED_LENGTH: "mean accepted length"}
     )
-    shown["speedup"] = [
+    shown[col.SPEEDUP] = [
         NO_BASELINE if baseline == NO_BASELINE else DASH if pd.isna(value) else _number(value)
-        for value, baseline in zip(categories["speedup"], categories["baseline"])
+        for value, baseline in zip(categories[col.SPEEDUP], categories[col.BASELINE])
     ]
     for column in ("acceptance", "mean accepted length"):
         shown[column] = shown[column].map(lambda value: DASH if pd.isna(value) else _number(value))
-    return shown.drop(columns=["baseline"])
+    return shown.drop(columns=[col.BASELINE])
 
 
 # Settings of a drafting cell that the headline names: a column where they vary, else a
 # sentence over the table.
 HEADLINE_SETTINGS = {
-    "gamma": "γ",
-    "batch_size": "batch",
-    "load": "load",
-    "temperature": "T",
-    "max_new_tokens": "new tokens",
+    col.GAMMA: "γ",
+    col.BATCH_SIZE: "batch",
+    col.LOAD: "load",
+    col.TEMPERATURE: "T",
+    col.MAX_NEW_TOKENS: "new tokens",
 }
-AXIS_NAMES = {"batch_size": "batch size", "load_rate": "request rate (req/s)"}
+AXIS_NAMES = {col.BATCH_SIZE: "batch size", col.LOAD_RATE: "request rate (req/s)"}
 
 
 def display_headline(summary: pd.DataFrame) -> tuple[pd.DataFrame, str]:
@@ -88,19 +89,19 @@ def display_headline(summary: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     closed load, E2E latency's under an open one: `answer_metric`), the Leviathan et al.
     prediction beside it and the cell's flags; the settings that vary are columns, and the
     text returned beside the table names those every row shares."""
-    cells = summary[summary["method"] != "ar"].sort_values(["method_label", "dataset", *HEADLINE_SETTINGS])
+    cells = summary[summary[col.METHOD] != "ar"].sort_values([col.METHOD_LABEL, col.DATASET, *HEADLINE_SETTINGS])
     varying = [c for c in HEADLINE_SETTINGS if cells[c].astype(str).nunique() > 1]
     shared = [f"{HEADLINE_SETTINGS[c]} {plain(cells[c].iloc[0])}" for c in HEADLINE_SETTINGS if c not in varying and len(cells)]
-    shown = pd.DataFrame({"method": cells["method_label"], "dataset": cells["dataset"]})
+    shown = pd.DataFrame({"method": cells[col.METHOD_LABEL], "dataset": cells[col.DATASET]})
     for column in varying:
         shown[HEADLINE_SETTINGS[column]] = cells[column].map(plain)
     shown["speedup [95 % CI]"] = [
-        _format_estimate(row, answer_metric(row["load_mode"]), 1.0, no_baseline=True)
-        + ("" if row["load_mode"] == "closed" else " (E2E)")
+        _format_estimate(row, answer_metric(row[col.LOAD_MODE]), 1.0, no_baseline=True)
+        + ("" if row[col.LOAD_MODE] == "closed" else " (E2E)")
         for _, row in cells.iterrows()
     ]
-    shown["predicted"] = cells["predicted_speedup"].map(lambda value: DASH if pd.isna(value) else _number(value))
-    shown["flags"] = cells["flags"].fillna("").replace("", DASH)
+    shown["predicted"] = cells[col.PREDICTED_SPEEDUP].map(lambda value: DASH if pd.isna(value) else _number(value))
+    shown["flags"] = cells[col.FLAGS].fillna("").replace("", DASH)
     return shown.reset_index(drop=True), ("Every cell: " + ", ".join(shared) + ".") if shared else ""
 
 
@@ -108,9 +109,9 @@ def display_break_even(break_even: pd.DataFrame) -> pd.DataFrame:
     """The break-even table (`sweeps.break_even_table`) in three columns: series, axis, point."""
     return pd.DataFrame(
         {
-            "series": break_even["series"],
-            "along": break_even["axis"].map(AXIS_NAMES),
-            "speedup falls below 1 at (95 % CI)": break_even["break_even"],
+            "series": break_even[col.SERIES],
+            "along": break_even[col.AXIS].map(AXIS_NAMES),
+            "speedup falls below 1 at (95 % CI)": break_even[col.BREAK_EVEN],
         }
     )
 
@@ -125,13 +126,13 @@ def _format_int(value: Any) -> str:
 
 
 def _format_estimate(row: pd.Series, metric: str, scale: float, no_baseline: bool) -> str:
-    if no_baseline and row["baseline"] == NO_BASELINE:
+    if no_baseline and row[col.BASELINE] == NO_BASELINE:
         return NO_BASELINE
     value = row[metric]
     if pd.isna(value):
         return DASH
     low, high = row[f"{metric}_ci_low"] * scale, row[f"{metric}_ci_high"] * scale
-    if row["n_repeats"] == 1 and low == high:  # one repeat, and no interval over requests
+    if row[col.N_REPEATS] == 1 and low == high:  # one repeat, and no interval over requests
         return f"{_number(value * scale)} (n=1)"
     return f"{_number(value * scale)} [{_number(low)}, {_number(high)}]"
 
