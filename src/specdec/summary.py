@@ -47,6 +47,7 @@ SUMMARY_METRICS = {
     "speedup_vs_specdec_ar": "speedup vs our AR",
     "latency_speedup": "E2E speedup",
     "predicted_speedup": "predicted speedup",
+    "theory_cost_ratio": "cost ratio c",  # drafter / target one-token forward: why a method pays or not
     # Energy beside the speedup: what the speedup cost, or saved.
     "energy_j_per_token": "energy (J/token)",
     "energy_j_per_accepted_token": "energy (J/accepted draft token)",
