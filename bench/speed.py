@@ -212,8 +212,8 @@ def path_runs(target, bf16, settings, longest_prompt: int, records: dict) -> dic
             records["target"] = compile_steps(model, max_length, 1, {"target": step_widths(settings.gamma, "target")}, cache_dir)
             records["bf16 drafter"] = compile_steps(drafter, max_length, 1, {"drafter": step_widths(settings.gamma, "drafter")}, cache_dir)
         runs[f"AR {path}"] = Method(lambda e, m=model: generate(m, e.input_ids, e.attention_mask, settings), model)
-        runs[f"spec bf16 {path}"] = Method(lambda e, m=model, d=ModelDrafter(drafter): generate(m, e.input_ids, e.attention_mask, settings, d),
-                                           model, drafter)
+        runs[f"spec bf16 {path}"] = Method(
+            lambda e, m=model, d=ModelDrafter(drafter): generate(m, e.input_ids, e.attention_mask, settings, d), model, drafter)
     return runs
 
 
