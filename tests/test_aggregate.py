@@ -25,7 +25,7 @@ from specdec.records import RecordError, read_result, result_from_dict, write_re
 from specdec.statistics import bootstrap_ci
 from specdec.summary import NO_BASELINE, SettingsError, category_table, summary_table
 from specdec.sweeps import break_even_table
-from specdec.tables import display_headline, write_headline
+from specdec.tables import DASH, NOT_DISTINGUISHABLE, display_headline, write_headline
 from specdec.theory import best_gamma_table
 
 FIXTURES = Path(__file__).parent / "fixtures" / "results"
@@ -393,18 +393,29 @@ def test_headline_gives_each_drafting_cells_speedup_prediction_and_break_even(su
     shown, shared = display_headline(summary)
     # AR is the baseline, not a row; every fixture cell runs 16 new tokens at T 0.
     assert "ar" not in set(shown["method"]) and shared == "Every cell: T 0, new tokens 16."
-    assert list(shown.columns) == ["method", "dataset", "γ", "batch", "load", "speedup [95 % CI]", "predicted", "flags"]
+    assert list(shown.columns) == ["method", "dataset", "γ", "batch", "load", "speedup [95 % CI]", "vs AR", "predicted",
+                                   "acceptance", "mean accepted length", "c", "flags"]
     rows = {tuple(row[:5]): row[5:] for row in shown.itertuples(index=False)}
-    # int8 gamma 4 batch 1: 1.5 over two repeats; predicted (1 - 0.65^5) / (0.35 (1.2 + 1.3))
-    # with the prefills (test_runs_table_is_one_flat_row_per_run)
-    speedup, predicted, flags = rows[("speculative (int8)", "humaneval", "4", "1", "closed")]
-    assert speedup == "1.5 [1.5, 1.5]" and predicted == "0.973" and "cv=0.13" in flags
+    # int8 gamma 4 batch 1: 1.5 over two repeats, its interval above 1; predicted
+    # (1 - 0.65^5) / (0.35 (1.2 + 1.3)) with the prefills (test_runs_table_is_one_flat_row_per_run),
+    # and why: acceptance 0.65, the drafter's forward 0.3 of the target's
+    speedup, against, predicted, acceptance, _, c, flags = rows[("speculative (int8)", "humaneval", "4", "1", "closed")]
+    assert (speedup, against, predicted, acceptance, c) == ("1.5 [1.5, 1.5]", "faster", "0.973", "0.65", "0.3")
+    assert "cv=0.13" in flags
     # under an open load the answer is the E2E latency ratio, 16/10 against 16/15 (one repeat,
-    # and this summary has no requests to bootstrap)
-    assert rows[("speculative (int8)", "humaneval", "4", "1", "open 1.0/s poisson")][0] == "1.5 (n=1) (E2E)"
+    # and this summary has no requests to bootstrap: no interval to tell it from AR)
+    assert rows[("speculative (int8)", "humaneval", "4", "1", "open 1.0/s poisson")][:2] == ("1.5 (n=1) (E2E)", DASH)
     no_ar = rows[("speculative (int8)", "mtbench", "4", "1", "closed")]
-    assert no_ar[0] == NO_BASELINE and "outside load" in no_ar[2]
-    assert rows[("ngram (ngram)", "humaneval", "4", "1", "closed")][2] == "1 failed"
+    assert no_ar[:2] == (NO_BASELINE, DASH) and no_ar[2] == DASH and "outside load" in no_ar[-1]
+    assert rows[("ngram (ngram)", "humaneval", "4", "1", "closed")][-1] == "1 failed"
+    assert rows[("ngram (ngram)", "humaneval", "4", "1", "closed")][5] == "0"  # a model-free drafter costs no forward
+    # an interval that includes 1 is marked; one wholly below 1 is slower
+    spec = (summary["method"] == "speculative") & (summary["gamma"] == 2)
+    wide = summary.assign(speedup_ci_low=summary["speedup_ci_low"].mask(spec, 0.9),
+                          speedup_ci_high=summary["speedup_ci_high"].mask(spec, 1.4))
+    assert display_headline(wide)[0].set_index("γ").loc["2", "vs AR"] == NOT_DISTINGUISHABLE
+    below = wide.assign(speedup_ci_high=wide["speedup_ci_high"].mask(spec, 0.95))
+    assert display_headline(below)[0].set_index("γ").loc["2", "vs AR"] == "slower"
 
     html, md = write_headline(summary, break_even_table(summary), tmp_path / "headline", "demo")
     fragment = html.read_text()

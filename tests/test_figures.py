@@ -9,11 +9,13 @@ import sys
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+from matplotlib.colors import to_rgba
 import pytest
 
 from specdec.aggregate import aggregate_experiment
 from specdec.figures import (
     FIGURES,
+    LEFT_OUT,
     _add_footer,
     _rc,
     TABLES,
@@ -31,8 +33,10 @@ from specdec.figures import (
     power_timeline,
     speedup_vs_gamma,
     speedup_vs_load,
+    speedup_waterfall,
     swept,
     throughput_vs_batch,
+    write_left_out,
 )
 from specdec.summary import SettingsError
 
@@ -234,19 +238,40 @@ def test_figures_without_data_say_why(data, closed_no_energy):
         assert not isinstance(build(data), str)
 
 
-def test_make_figures_writes_every_figure_as_png_and_svg(closed_no_energy, tmp_path):
+def test_make_figures_draws_figures_with_data_and_names_those_left_out(closed_no_energy, tmp_path):
+    """Without open-loop runs, energy and a sweep of load, five figures have nothing to show:
+    their folders stay empty (no picture of "not applicable") and left_out.html names each
+    with its reason."""
     results, _ = closed_no_energy
     aggregate_experiment(results, tmp_path / "tables", "demo", n_resamples=200)
     written = make_figures(table_paths(tmp_path / "tables"), tmp_path / "figures", {"dpi": 60})
-    assert sorted(p.name for p in written) == sorted(
-        f"{name}.{ext}" for name in FIGURES for ext in ("png", "svg")
+    empty = {"speedup_vs_load", "latency_vs_rate", "energy_per_token", "energy_vs_speedup", "power_timeline"}
+    drawn = [name for name in FIGURES if name not in empty]
+    assert sorted(str(p.relative_to(tmp_path / "figures")) for p in written) == sorted(
+        [f"{name}/{name}.{ext}" for name in drawn for ext in ("png", "svg")] + [LEFT_OUT]
     )
-    for path in written:
+    for path in written[:-1]:
         head = path.read_bytes()[:200]
         assert head.startswith(b"\x89PNG") if path.suffix == ".png" else b"<svg" in head
-    placeholder = (tmp_path / "figures/latency_vs_rate.svg").read_text()
-    assert "Not applicable: no open-loop" in placeholder
-    assert "transformers 5.24.0" in (tmp_path / "figures/speedup_vs_gamma.svg").read_text()
+    assert all((tmp_path / "figures" / name).is_dir() and not any((tmp_path / "figures" / name).iterdir()) for name in empty)
+    note = (tmp_path / "figures" / LEFT_OUT).read_text()
+    assert note.count("<li>") == 5 and "<li>latency vs rate: no open-loop (request-rate) runs" in note
+    assert "<li>energy per token: energy not measured: NVML: library not found" in note
+    assert "transformers 5.24.0" in (tmp_path / "figures/speedup_vs_gamma/speedup_vs_gamma.svg").read_text()
+    # every figure drawn: nothing to name
+    assert "<li>" not in write_left_out({}, tmp_path / "none.html").read_text()
+
+
+def test_the_waterfall_names_methods_and_marks_series_as_the_other_figures(data):
+    fig = speedup_waterfall(data)
+    legend = [text.get_text() for text in fig.legends[0].get_texts()]
+    # a bar per drafting cell with timed forwards, named by method and the settings that vary
+    # (series_labels), never by cell id; coloured by method, hatched per series of one method
+    assert "speculative (int8) · b1 · closed · γ4" in legend and "ngram (ngram) · b1 · closed · γ4" in legend
+    assert not any("--" in label for label in legend)
+    bars = fig.axes[0].patches
+    assert {bar.get_facecolor() for bar in bars} == {to_rgba(data.colors[m]) for m in ("ngram (ngram)", "speculative (int8)")}
+    assert len({bar.get_hatch() for bar in bars}) == 4  # five int8 series: the four hatches, then again
 
 
 def test_plot_options_are_checked():
@@ -319,6 +344,9 @@ def test_report_rules_build_tables_figures_and_report(tmp_path):
         'include: "workflow/rules/common.smk"\ninclude: "workflow/rules/report.smk"\n'
     )
     shutil.copytree(FIXTURES / "runs", tmp_path / "results/runs")
+    # without power samples: the power timeline has nothing to show
+    for samples in (tmp_path / "results/runs").glob("*/*/power.csv"):
+        samples.unlink()
 
     (tmp_path / "fast.yaml").write_text("aggregate: {n_resamples: 200}\n")
     (tmp_path / "replot.yaml").write_text("aggregate: {n_resamples: 200}\nplots: {dpi: 72}\n")
@@ -329,20 +357,24 @@ def test_report_rules_build_tables_figures_and_report(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert job_counts(run.stderr) == {"aggregate": 1, "plot": 1, "figures": 1}
     for name in FIGURES:
-        assert (tmp_path / f"results/figures/demo/{name}.png").stat().st_size > 1000
+        drawn = tmp_path / f"results/figures/demo/{name}/{name}.png"
+        assert drawn.stat().st_size > 1000 if name != "power_timeline" else not drawn.exists()
     assert "no AR baseline" in (tmp_path / "results/tables/demo/summary.html").read_text()
 
     report = snakemake(tmp_path, "figures", "--report", "report.html")
     assert report.returncode == 0, report.stderr[-3000:]
     html = (tmp_path / "report.html").read_text()
-    for name in (*FIGURES, "headline", "summary", "categories", "failed", "not_supported", "run_info"):
+    for name in ({*FIGURES} - {"power_timeline"} | {"headline", "summary", "categories", "failed", "not_supported", "run_info"}):
         assert f"{name}.png" in html or f"{name}.html" in html, name
+    assert "power_timeline.png" not in html  # left out, not shipped as a picture
     assert "Leviathan et al. (2023)" in html  # a caption
     # The first page (the workflow description) holds the headline table and the speedup
     # figure themselves, not links to them.
     landing = json.loads(html.split("var workflow_desc = ", 1)[1].split(";\n", 1)[0])
     assert "demo: speedup over AR" in landing and "1.5 [1.5, 1.5]" in landing
     assert "Where speculation stops paying" in landing and "<svg" in landing
+    assert "<li>power timeline: no power samples in power.csv" in landing
+    assert landing.index("speedup over AR") < landing.index("<svg") < landing.index("Figures left out")
 
     # A plotting option changes the `plot` params: only plotting reruns.
     dry = snakemake(tmp_path, "figures", "-n", "--configfile", "replot.yaml")

@@ -111,7 +111,7 @@ def test_attribution_covers_the_measured_window_only(study):
 
 
 def test_figures_and_report(study):
-    assert (study / "results/figures/tiny/speedup_vs_gamma.png").stat().st_size > 1000
+    assert (study / "results/figures/tiny/speedup_vs_gamma/speedup_vs_gamma.png").stat().st_size > 1000
     report = run_snakemake(study, "--cores", "2", "--report", "report.html")
     assert report.returncode == 0, report.stderr[-3000:]
     text = (study / "report.html").read_text()

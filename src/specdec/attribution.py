@@ -4,7 +4,9 @@ everything else (host, Python, transfers) = decode wall time less the rest.
 
 Only the measured window counts (`begin` .. `end`, the warm-up stays out). Forwards are timed
 by forward hooks on the target's and the drafter's top-level modules, so one recorder serves
-our engine and transformers' `generate()` alike: a forward whose KV cache is empty (none
+our engine and transformers' `generate()` alike; a compiled step (`decoding.compiled`) calls
+the compiled forward, not the module, so no hook fires and the same marks go around the
+compiled call instead (its static setup's `step`). A forward whose KV cache is empty (none
 given, or one holding nothing yet) is a prefill, any other is keyed by its width (new tokens
 per row) with its count, seconds and batch rows, from which the theory's costs follow (mean
 one-token target forward = target_decode["1"] total_s / count). On the CPU the marks are host
@@ -29,6 +31,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
+
+from specdec.decoding.cache import static_setup
 
 PARTS = ("prefill", "drafter", "verify", "accept", "other")
 GENERATE_ACCEPTS = "transformers' generate() samples and accepts inside its own loop: no hook point, so it is inside other"
@@ -117,6 +121,7 @@ class Attribution:
         self.marks = _CudaMarks() if on_cuda else _HostMarks(clock)
         self.active = False
         self._handles: list = []
+        self._compiled: list = []  # (static setup, its own compiled step) while the window wraps it
         self._open: dict[str, list] = {name: [] for name in self.models}
         self._pending: list[tuple[str, int | None, int, object, object]] = []  # kind, width, rows, start, end
         self.decode_ns, self.decode_calls = 0, 0
@@ -133,6 +138,10 @@ class Attribution:
         for name, model in self.models.items():
             self._handles += [model.register_forward_pre_hook(self._opener(name), with_kwargs=True),
                               model.register_forward_hook(self._closer(name), with_kwargs=True)]
+            setup = static_setup(model)
+            if setup is not None and setup.compiled:
+                self._compiled.append((setup, setup.step))
+                setup.step = self._timed_step(name, setup.step)
         self.active = True
 
     def end(self) -> None:
@@ -141,7 +150,9 @@ class Attribution:
         self.active = False
         for handle in self._handles:
             handle.remove()
-        self._handles = []
+        for setup, step in self._compiled:
+            setup.step = step
+        self._handles, self._compiled = [], []
         for kind, width, rows, start, end in self._pending:
             self.buckets.setdefault((kind, width), Bucket()).add(self.marks.seconds(start, end), rows)
         self._pending = []
@@ -169,6 +180,19 @@ class Attribution:
             self._pending.append((kind, width, rows, start, self.marks.mark(device)))
 
         return after
+
+    def _timed_step(self, name: str, step: Callable) -> Callable:
+        """`step` (model kwargs -> logits) between the marks the hooks would set: a compiled
+        step runs the model's forward without its hooks."""
+        before, after = self._opener(name), self._closer(name)
+
+        def timed(**kwargs):
+            before(None, (), kwargs)
+            logits = step(**kwargs)
+            after(None, (), kwargs, logits)
+            return logits
+
+        return timed
 
     @contextmanager
     def decode(self) -> Iterator[None]:

@@ -66,6 +66,7 @@ SPEEDUP = "speedup"
 SPEEDUP_VS_SPECDEC_AR = "speedup_vs_specdec_ar"
 LATENCY_SPEEDUP = "latency_speedup"
 PREDICTED_SPEEDUP = "predicted_speedup"
+THEORY_COST_RATIO = "theory_cost_ratio"  # the drafter's one-token forward over the target's (c)
 GOODPUT_REQ_S = "goodput_req_s"
 SLO_MET = "slo_met"
 N_REPEATS = "n_repeats"

@@ -1,13 +1,16 @@
 """Figures of one experiment, drawn from its declared tables only (`TABLES`, written by
 `specdec.aggregate`); never opens a run's own files.
 
-Every figure in `FIGURES` is always written (PNG and SVG): when its data is absent (no
-open-loop runs, no energy...) it is a placeholder that says why. Whether data exists is only
-known after the benchmarks ran, while Snakemake needs the outputs when it builds the DAG.
+Each figure in `FIGURES` is a folder of its name holding its PNG and SVG, or nothing where
+its data is absent (no open-loop runs, no energy on a CPU...): such a figure is not drawn, and
+`left_out.html` names it and says why, one line each. Whether data exists is only known after
+the benchmarks ran, while Snakemake needs the outputs when it builds the DAG: the folders are
+the outputs, and the report includes the pictures it finds in them.
 """
 
 from __future__ import annotations
 
+import html
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -357,31 +360,35 @@ def speedup_vs_load(data: PlotData) -> plt.Figure | str:
 
 
 def speedup_waterfall(data: PlotData) -> plt.Figure | str:
-    """From the speedup α promises to the measured one, a step per cost (`specdec.theory`)."""
+    """From the speedup α promises to the measured one, a step per cost (`specdec.theory`): a
+    bar per drafting cell, named, coloured and hatched as its series elsewhere."""
     steps = list(theory.WATERFALL)
     frame = data.ok_runs.dropna(subset=steps)
     if frame.empty:
         return "no drafting run with timed forwards and an AR run to compare with"
-    cells = frame.groupby(col.CELL_NAME, sort=True)[steps].median()
-    measured = data.summary.set_index(col.CELL)[col.SPEEDUP]
-    predicted = data.summary.set_index(col.CELL)[col.PREDICTED_SPEEDUP]
+    cells = data.with_settings(frame.groupby(col.CELL_NAME, sort=True)[steps].median().reset_index())
+    cells = cells.assign(series=series_labels(cells)).sort_values("series")
+    styles = _styles(data, cells, cells["series"])
+    summary = data.summary.set_index(col.CELL)
     fig, axes = _figure(data)
+    fig.set_figwidth(fig.get_figwidth() * 1.55)  # the legend beside keeps the panel a plain figure's width
     ax = axes[0, 0]
     labels = [*theory.WATERFALL.values(), "measured"]
     width = 0.8 / len(cells)
-    for i, (name, row) in enumerate(cells.iterrows()):
-        values = [*row.to_numpy(), measured.get(name, np.nan)]
+    for i, row in enumerate(cells.itertuples()):
+        values = [*(getattr(row, step) for step in steps), summary[col.SPEEDUP].get(row.cell_name, np.nan)]
         x = np.arange(len(labels)) + (i - (len(cells) - 1) / 2) * width
-        label = data.ok_runs.loc[data.ok_runs[col.CELL_NAME] == name, col.METHOD_LABEL].iloc[0]
-        ax.bar(x, values, width=width, color=data.colors.get(label, PALETTE[i % len(PALETTE)]),
-               alpha=0.5 + 0.5 * (i % 2), label=f"{name}")
-        if not pd.isna(predicted.get(name)):
-            ax.plot([x[-1]], [predicted[name]], marker="x", color="black")
+        style = styles[row.series]
+        ax.bar(x, values, width=width, color=style["color"], hatch=HATCHES[style["linestyle"]], edgecolor="white",
+               label=row.series)
+        predicted = summary[col.PREDICTED_SPEEDUP].get(row.cell_name)
+        if not pd.isna(predicted):
+            ax.plot([x[-1]], [predicted], marker="x", color="black")
     ax.plot([], [], marker="x", linestyle="", color="black", label=PREDICTION.label)
     ax.axhline(1.0, color="0.4", linewidth=0.8)
     ax.set_xticks(np.arange(len(labels)), labels)
-    ax.set(ylabel="speedup over AR", title="Measured against predicted speedup, cost by cost")
-    ax.legend(fontsize="x-small")
+    ax.set(ylabel="speedup over AR")
+    _legend_beside(fig, "Measured against predicted speedup, cost by cost")
     return fig
 
 
@@ -633,33 +640,6 @@ FIGURES: dict[str, Callable[[PlotData], plt.Figure | str]] = {
 }
 
 
-def placeholder(data: PlotData, name: str, reason: str) -> plt.Figure:
-    fig, axes = _figure(data)
-    ax = axes[0, 0]
-    ax.set_axis_off()
-    ax.text(
-        0.5,
-        0.55,
-        name.replace("_", " "),
-        ha="center",
-        va="center",
-        fontsize="x-large",
-        color="0.4",
-        transform=ax.transAxes,
-    )
-    ax.text(
-        0.5,
-        0.42,
-        f"Not applicable: {reason}.",
-        ha="center",
-        va="center",
-        wrap=True,
-        color="0.3",
-        transform=ax.transAxes,
-    )
-    return fig
-
-
 def _rc(options: dict) -> dict:
     return {
         "font.size": options["font_size"],
@@ -701,25 +681,40 @@ def _add_footer(fig: plt.Figure, text: str) -> None:
     fig.text(left / fig.bbox.width, (bottom - pad) / fig.bbox.height, text, fontsize="x-small", color="0.45", va="top")
 
 
+LEFT_OUT = "left_out.html"
+
+
 def make_figures(
     tables: Mapping[str, str | Path], out_dir: str | Path, options: dict | None = None
 ) -> list[Path]:
-    """Write every figure of `FIGURES` as `out_dir/{name}.png` and `.svg` from the CSV file
-    of each name in `TABLES`; return the paths."""
+    """Draw each figure of `FIGURES` that has data as `out_dir/{name}/{name}.png` and `.svg`
+    from the CSV file of each name in `TABLES` (the folder of one without stays empty), and
+    name those left out in `out_dir/left_out.html`; return the paths written."""
     data = PlotData.read(tables, options)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
+    written, left_out = [], {}
     with plt.rc_context(_rc(data.options)):
         for name, build in FIGURES.items():
+            (out_dir / name).mkdir(parents=True, exist_ok=True)
             fig = build(data)
             if isinstance(fig, str):
-                fig = placeholder(data, name, fig)
+                left_out[name] = fig
+                continue
             _add_footer(fig, data.footer)
             for fmt, metadata in (("png", {"Software": None}), ("svg", {"Date": None})):
-                path = out_dir / f"{name}.{fmt}"
+                path = out_dir / name / f"{name}.{fmt}"
                 with atomic_open(path, "wb") as handle:
                     fig.savefig(handle, format=fmt, bbox_inches="tight", metadata=metadata)
                 written.append(path)
             plt.close(fig)
-    return written
+    return [*written, write_left_out(left_out, out_dir / LEFT_OUT)]
+
+
+def write_left_out(reasons: Mapping[str, str], path: Path) -> Path:
+    """An HTML fragment for the report's first page: each figure left out and why, one line
+    each (empty where every figure was drawn)."""
+    items = "".join(f"<li>{name.replace('_', ' ')}: {html.escape(reason)}</li>" for name, reason in reasons.items())
+    body = f"<p>Figures left out, having nothing to show:</p><ul>{items}</ul>" if reasons else ""
+    with atomic_open(path) as handle:
+        handle.write(f"<div class='specdec-headline'><meta charset='utf-8'>{body}</div>\n")
+    return path

@@ -48,6 +48,7 @@ SUMMARY_METRICS = {
     col.SPEEDUP_VS_SPECDEC_AR: "speedup vs our AR",
     col.LATENCY_SPEEDUP: "E2E speedup",
     col.PREDICTED_SPEEDUP: "predicted speedup",
+    col.THEORY_COST_RATIO: "cost ratio c",  # drafter / target one-token forward: why a method pays or not
     # Energy beside the speedup: what the speedup cost, or saved.
     col.ENERGY_J_PER_TOKEN: "energy (J/token)",
     col.ENERGY_J_PER_ACCEPTED_TOKEN: "energy (J/accepted draft token)",

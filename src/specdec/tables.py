@@ -81,14 +81,25 @@ HEADLINE_SETTINGS = {
     col.TEMPERATURE: "T",
     col.MAX_NEW_TOKENS: "new tokens",
 }
+# Beside the speedup: the prediction, and why a method pays or loses.
+HEADLINE_WHY = {
+    col.PREDICTED_SPEEDUP: "predicted",
+    col.ACCEPTANCE_RATE: "acceptance",
+    col.MEAN_ACCEPTED_LENGTH: "mean accepted length",
+    col.THEORY_COST_RATIO: "c",
+}
 AXIS_NAMES = {col.BATCH_SIZE: "batch size", col.LOAD_RATE: "request rate (req/s)"}
+
+
+NOT_DISTINGUISHABLE = "not distinguishable"
 
 
 def display_headline(summary: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     """The answer per drafting cell: its speedup over AR with the CI (throughput's under a
-    closed load, E2E latency's under an open one: `answer_metric`), the Leviathan et al.
-    prediction beside it and the cell's flags; the settings that vary are columns, and the
-    text returned beside the table names those every row shares."""
+    closed load, E2E latency's under an open one: `answer_metric`) and whether the CI tells
+    it from AR, the Leviathan et al. prediction, and why: acceptance (rate and mean accepted
+    length) and the drafter's cost ratio c; then the cell's flags. The settings that vary are
+    columns, and the text returned beside the table names those every row shares."""
     cells = summary[summary[col.METHOD] != "ar"].sort_values([col.METHOD_LABEL, col.DATASET, *HEADLINE_SETTINGS])
     varying = [c for c in HEADLINE_SETTINGS if cells[c].astype(str).nunique() > 1]
     shared = [f"{HEADLINE_SETTINGS[c]} {plain(cells[c].iloc[0])}" for c in HEADLINE_SETTINGS if c not in varying and len(cells)]
@@ -100,9 +111,20 @@ def display_headline(summary: pd.DataFrame) -> tuple[pd.DataFrame, str]:
         + ("" if row[col.LOAD_MODE] == "closed" else " (E2E)")
         for _, row in cells.iterrows()
     ]
-    shown["predicted"] = cells[col.PREDICTED_SPEEDUP].map(lambda value: DASH if pd.isna(value) else _number(value))
+    shown["vs AR"] = [_against_ar(row, answer_metric(row[col.LOAD_MODE])) for _, row in cells.iterrows()]
+    for column, heading in HEADLINE_WHY.items():
+        shown[heading] = cells[column].map(lambda value: DASH if pd.isna(value) else _number(value))
     shown["flags"] = cells[col.FLAGS].fillna("").replace("", DASH)
     return shown.reset_index(drop=True), ("Every cell: " + ", ".join(shared) + ".") if shared else ""
+
+
+def _against_ar(row: pd.Series, metric: str) -> str:
+    """Where the speedup's interval lies against 1: `faster`, `slower`, or not
+    distinguishable from AR (it includes 1); a dash without an interval or a baseline."""
+    low, high = row[f"{metric}_ci_low"], row[f"{metric}_ci_high"]
+    if row["baseline"] == NO_BASELINE or pd.isna(low) or pd.isna(high) or (row["n_repeats"] == 1 and low == high):
+        return DASH
+    return NOT_DISTINGUISHABLE if low <= 1 <= high else "faster" if low > 1 else "slower"
 
 
 def display_break_even(break_even: pd.DataFrame) -> pd.DataFrame:
@@ -213,7 +235,10 @@ def write_headline(summary: pd.DataFrame, break_even: pd.DataFrame, stem: str | 
     shown, shared = display_headline(summary)
     points = display_break_even(break_even)
     empty = "No drafting cell ran successfully."
-    note = f"{shared} Speedup: median over repeats; predicted: Leviathan et al. from the measured α and costs, prefills added.".strip()
+    note = (f"{shared} Speedup: median over repeats; vs AR: {NOT_DISTINGUISHABLE} where the interval includes 1; "
+            "predicted: Leviathan et al. from the measured α and costs, prefills added. Why: acceptance = accepted / "
+            "drafted tokens, mean accepted length = output tokens per target forward, c = the drafter's one-token "
+            "forward over the target's; drafting pays when acceptance is high and c low.").strip()
     title = f"{experiment}: speedup over AR"
     html = [f"<h2>{title}</h2>", f"<p>{note}</p>", _html_table(shown, empty)]
     md = [f"# {title}", note, shown.to_markdown(index=False) if len(shown) else f"_{empty}_"]

@@ -38,7 +38,7 @@ WATERFALL = {
     "waterfall_verify": "− verification",
     "waterfall_overhead": "− overhead",
 }
-RUN_COLUMNS = ("theory_cost_ratio", "theory_verify_cost_ratio", "predicted_decode_speedup", col.PREDICTED_SPEEDUP, *WATERFALL)
+RUN_COLUMNS = (col.THEORY_COST_RATIO, "theory_verify_cost_ratio", "predicted_decode_speedup", col.PREDICTED_SPEEDUP, *WATERFALL)
 GAMMA_COLUMNS = (
     col.EXPERIMENT, col.DATASET, col.ENGINE, col.DRAFTER, col.BATCH_SIZE, col.LOAD, "alpha", "cost_ratio",
     "verify_cost_per_token", "measured", "best_measured_gamma", "predicted", "best_predicted_gamma",
@@ -166,7 +166,7 @@ def best_gamma_table(runs: Sequence[Result], summary: pd.DataFrame) -> pd.DataFr
     theory = pd.DataFrame([
         {col.GROUP_ID: result.config.group_id, "alpha": result.theory.alpha, "cell": result.config, "result": result, **row}
         for result, row in zip(runs, theory_columns(runs))
-        if result.config.drafts and result.ok and result.theory and not math.isnan(row["theory_cost_ratio"])
+        if result.config.drafts and result.ok and result.theory and not math.isnan(row[col.THEORY_COST_RATIO])
     ])
     if theory.empty:
         return pd.DataFrame(columns=GAMMA_COLUMNS)
@@ -175,7 +175,7 @@ def best_gamma_table(runs: Sequence[Result], summary: pd.DataFrame) -> pd.DataFr
     setup = lambda cell: (cell.experiment, cell.dataset, cell.target, cell.engine, cell.drafter, cell.batch_size, cell.generation, cell.placement, cell.load)
     for _, rows in theory.groupby(theory["cell"].map(setup), sort=False):
         cell = rows["cell"].iloc[0]
-        alpha, c = rows["alpha"].mean(), rows["theory_cost_ratio"].mean()
+        alpha, c = rows["alpha"].mean(), rows[col.THEORY_COST_RATIO].mean()
         slope = verify_cost_per_token(
             (r.theory.longest_draft + 1, v) for r, v in zip(rows["result"], rows["theory_verify_cost_ratio"])
         )

@@ -2,7 +2,7 @@
 # back from a cluster, `snakemake figures --allowed-rules aggregate plot figures` rebuilds
 # every table and figure without running a model. Plotting options live in `plots:` (a
 # params entry), so changing one reruns only `plot`; `aggregate:` settings likewise.
-from specdec.figures import FIGURES, TABLES
+from specdec.figures import FIGURES, LEFT_OUT, TABLES
 
 # Report category of each figure (subcategory: the experiment). "Headline" holds what the
 # report's first page shows (workflow/report/workflow.rst includes it).
@@ -122,20 +122,29 @@ rule aggregate:
         "../scripts/aggregate.py"
 
 
+# Each figure is a folder holding its PNG and SVG, or nothing where the figure has no data:
+# the outputs are known before the runs, what has data only after. The report shows the
+# pictures it finds, and the first page says which figures were left out and why.
 rule plot:
     input:
         **{name: f"{RESULTS}/tables/{{experiment}}/{name}.csv" for name in TABLES},
     output:
         **{
             name: report(
-                f"{RESULTS}/figures/{{experiment}}/{name}.png",
+                directory(f"{RESULTS}/figures/{{experiment}}/{name}"),
+                patterns=["{figure}.png"],
                 caption=f"../report/{name}.rst",
                 category=FIGURE_CATEGORIES[name],
                 subcategory="{experiment}",
             )
             for name in FIGURES
         },
-        svg=expand(f"{RESULTS}/figures/{{{{experiment}}}}/{{name}}.svg", name=FIGURES),
+        left_out=report(
+            f"{RESULTS}/figures/{{experiment}}/{LEFT_OUT}",
+            caption="../report/left_out.rst",
+            category="Headline",
+            subcategory="{experiment}",
+        ),
     log:
         "logs/report/plot_{experiment}.log",
     conda:
