@@ -110,6 +110,12 @@ def test_bad_config_names_the_key(default_config, mutate, key):
     assert "\n" not in str(info.value)
 
 
+def test_a_config_cannot_name_the_program_vllm_cells_run(default_config):
+    default_config["vllm"] = {"venv": "/any/path"}
+    with pytest.raises(ConfigError, match=r"^config key 'vllm': removed: a config does not name a program to run .*SPECDEC_VLLM_VENV"):
+        validate(default_config)
+
+
 def test_ngram_method_needs_an_ngram_drafter(default_config):
     default_config["experiments"]["default"]["methods"].append({"method": "ngram", "drafter": "int8"})
     with pytest.raises(ConfigError, match="needs an ngram drafter"):

@@ -55,12 +55,16 @@ def test_dry_run_gpu8_config_never_oversubscribes(tmp_path):
     assert set(gpus) == {1, 2, 3, 4} and max(gpus) <= 8
 
 
-def test_bad_config_fails_naming_the_key(tmp_path):
+@pytest.mark.parametrize("edit, key", [
+    (lambda text: text.replace("target: smollm2", "target: nope"), "experiments.default.target"),
+    (lambda text: text + "vllm: {venv: /any/path}\n", "'vllm': removed: a config does not name a program to run"),
+])
+def test_bad_config_fails_naming_the_key(tmp_path, edit, key):
     bad = tmp_path / "bad.yaml"
-    bad.write_text((REPO / "config.yaml").read_text().replace("target: smollm2", "target: nope"))
+    bad.write_text(edit((REPO / "config.yaml").read_text()))
     proc = snakemake("-n", "--cores", "1", "--configfile", str(bad), check=False)
     assert proc.returncode != 0
-    assert "experiments.default.target" in proc.stdout + proc.stderr
+    assert key in proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("edit, where", [
@@ -72,6 +76,19 @@ def test_a_yaml_mistake_in_config_yaml_names_its_line(tmp_path, edit, where):
     proc = snakemake("-n", "--cores", "1", cwd=tmp_path, check=False)
     assert proc.returncode != 0
     assert re.search(where, proc.stdout + proc.stderr), proc.stdout + proc.stderr
+
+
+def test_vllm_cells_run_in_the_environment_the_shell_names(monkeypatch, tmp_path):
+    venv = tmp_path / "my vllm"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "specdec").write_text("")
+    monkeypatch.setenv("SPECDEC_VLLM_VENV", str(venv))
+    workdir = study_dir(tmp_path, REPO / "config.yaml")
+    out = snakemake("-n", "--cores", "2", "--printshellcmds", "--config", "run=[engines]", cwd=workdir).stdout
+    commands = [line.removeprefix("Shell command: ") for line in out.splitlines() if " run --cell " in line]
+    vllm = [c for c in commands if "--vllm-" in c]
+    assert vllm and all(c.startswith(f"'{venv}/bin/specdec' run ") for c in vllm)
+    assert len(commands) > len(vllm) and not [c for c in commands if c not in vllm and str(venv) in c]
 
 
 def test_slurm_profile_resolves_sbatch_resources_for_gpu8(tmp_path):

@@ -39,6 +39,13 @@ class ConfigError(ValueError):
     """The configuration is invalid; the message names the offending key (or file and line)."""
 
 
+# Top-level keys a config may no longer hold, and what took their place.
+REMOVED_KEYS = {
+    "vllm": "a config does not name a program to run (vllm.venv did): vLLM cells run in the environment "
+            "SPECDEC_VLLM_VENV names, else in .venv-vllm beside the Snakefile (`make install-vllm`); drop the key",
+}
+
+
 def schema_path() -> Path:
     return Path(str(resources.files("specdec") / "schemas" / "config.schema.yaml"))
 
@@ -71,12 +78,20 @@ def validate(config: dict) -> dict:
     """Validate against the schema (filling defaults) and check every cross-reference.
 
     Returns the same dict, completed with defaults. Raises ConfigError naming the key."""
+    check_removed_keys(config)
     schema = yaml.safe_load(schema_path().read_text())
     error = jsonschema.exceptions.best_match(_validator_with_defaults(schema).iter_errors(config))
     if error is not None:
         raise ConfigError(f"config key '{_key_path(error)}': {error.message}")
     check_references(config)
     return config
+
+
+def check_removed_keys(config: dict) -> None:
+    """A removed key is refused with where its job went, not as an unknown key."""
+    for key, instead in REMOVED_KEYS.items():
+        if key in config:
+            raise ConfigError(f"config key '{key}': removed: {instead}")
 
 
 class _StrictLoader(yaml.SafeLoader):

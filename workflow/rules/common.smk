@@ -1,4 +1,5 @@
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -11,8 +12,9 @@ import specdec.placement
 import specdec.records
 import specdec.session
 
-# The gate (after the Snakefile's YAML check): the schema (Snakemake's validate fills the
-# defaults), then what a schema cannot say.
+# The gate (after the Snakefile's YAML check): removed keys with their hint, the schema
+# (Snakemake's validate fills the defaults), then what a schema cannot say.
+specdec.config.check_removed_keys(config)
 validate(config, schema="../schemas/config.schema.yaml")
 specdec.config.check_references(config)
 
@@ -160,11 +162,18 @@ def own_specdec():
 SPECDEC = own_specdec()
 
 
+# vLLM's own environment, found by the project's rule and never named by the config (which
+# must not name a program to run): SPECDEC_VLLM_VENV, else `make install-vllm`'s .venv-vllm
+# beside the Snakefile.
+VLLM_VENV = Path(
+    os.environ.get("SPECDEC_VLLM_VENV") or Path(workflow.basedir) / ".venv-vllm"
+)
+
+
 def specdec_command(wildcards):
-    """The `specdec` that runs the cell: a vLLM cell runs in vLLM's own environment (the
-    venv of `make install-vllm`, or under --sdm conda envs/vllm.yaml's). Without one, the
-    job says which command installs it."""
-    command = Path(config["vllm"]["venv"]) / "bin" / "specdec"
+    """The `specdec` that runs the cell: a vLLM cell runs in VLLM_VENV (under --sdm conda,
+    envs/vllm.yaml's). Without one, the job says which command installs it."""
+    command = VLLM_VENV / "bin" / "specdec"
     if cell_of(wildcards).engine != "vllm" or USE_CONDA or not command.exists():
         return SPECDEC
     return shlex.quote(str(command))
