@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_snakemake
+from conftest import alias_bomb, run_snakemake
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -89,6 +89,19 @@ def test_vllm_cells_run_in_the_environment_the_shell_names(monkeypatch, tmp_path
     vllm = [c for c in commands if "--vllm-" in c]
     assert vllm and all(c.startswith(f"'{venv}/bin/specdec' run ") for c in vllm)
     assert len(commands) > len(vllm) and not [c for c in commands if c not in vllm and str(venv) in c]
+
+
+@pytest.mark.parametrize("bomb, args", [("config.yaml", []), ("bomb.yaml", ["--configfile", "bomb.yaml"])])
+def test_a_yaml_alias_bomb_is_refused_before_snakemake_expands_it(tmp_path, bomb, args):
+    """Refused by the Snakefile's first step, before `configfile:` or validate walk the data
+    (which never finished). A bomb of nested mappings given with --configfile is beyond
+    reach: Snakemake's command line merges it before the Snakefile runs (README)."""
+    text = (REPO / "config.yaml").read_text()
+    (tmp_path / "config.yaml").write_text(text)
+    (tmp_path / bomb).write_text(text + alias_bomb())
+    proc = run_snakemake(tmp_path, "-n", "--cores", "1", *args, timeout=120)
+    assert proc.returncode != 0
+    assert f"{bomb}: its aliases (*name) expand it to more than 100,000 values" in proc.stdout + proc.stderr
 
 
 def test_slurm_profile_resolves_sbatch_resources_for_gpu8(tmp_path):
