@@ -1,5 +1,7 @@
 """The Snakemake workflow: lint, formatting, dry runs, and a tiny real end-to-end run."""
 
+import contextlib
+import os
 import re
 import shutil
 import subprocess
@@ -102,6 +104,33 @@ def test_a_yaml_alias_bomb_is_refused_before_snakemake_expands_it(tmp_path, bomb
     proc = run_snakemake(tmp_path, "-n", "--cores", "1", *args, timeout=120)
     assert proc.returncode != 0
     assert f"{bomb}: its aliases (*name) expand it to more than 100,000 values" in proc.stdout + proc.stderr
+
+
+@contextlib.contextmanager
+def read_only(folder: Path):
+    """`folder` made read-only for this user: its mode for a user, its immutable flag for root
+    (whom modes do not stop)."""
+    folder.chmod(0o555)
+    flag = ["chattr", "+i", str(folder)] if os.geteuid() == 0 else None
+    if flag:
+        subprocess.run(flag, check=True)
+    try:
+        yield
+    finally:
+        if flag:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        folder.chmod(0o755)
+
+
+def test_a_results_folder_that_cannot_be_written_stops_the_run_before_any_job(tmp_path):
+    workdir = study_dir(tmp_path, REPO / "config.yaml")
+    (workdir / "results").mkdir()
+    with read_only(workdir / "results"):
+        proc = snakemake("--cores", "1", "results/runs/default/humaneval--specdec-ar--b1-n32-t0-cpu--r0/cell.json",
+                         cwd=workdir, check=False)
+    assert proc.returncode != 0
+    assert f"results folder {workdir / 'results'} cannot be written (results_dir: results)" in proc.stderr
+    assert "rule cell:" not in proc.stderr
 
 
 def test_slurm_profile_resolves_sbatch_resources_for_gpu8(tmp_path):

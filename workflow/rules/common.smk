@@ -21,6 +21,23 @@ specdec.config.check_references(config)
 RESULTS = config["results_dir"]
 CELLS = {cell.id: cell for cell in specdec.config.expand_matrix(config)}
 
+
+def check_results_writable():
+    """A results folder that cannot be written stops a run in one line before any job
+    starts, not with a job's own traceback once the DAG runs."""
+    folder = Path(RESULTS).absolute()
+    while not folder.exists():
+        folder = folder.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise specdec.config.ConfigError(
+            f"results folder {folder} cannot be written (results_dir: {RESULTS})"
+        )
+
+
+onstart:
+    check_results_writable()
+
+
 # Optional SLURM resources of the benchmark rule (the executor plugin reads these names).
 SLURM_PLACEMENT = {
     resource: config["slurm"][key]
