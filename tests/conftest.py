@@ -116,6 +116,13 @@ def static_caches(*models, max_length: int):
             use_dynamic_cache(model)
 
 
+def alias_bomb(depth: int = 9) -> str:
+    """YAML of a few lines whose aliases stand for 9**depth values (a "billion laughs")."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, depth)]
+    return "\n".join(lines) + "\n"
+
+
 def run_snakemake(workdir: Path, *args: str, timeout: float | None = None, path: str | None = None):
     """Snakemake on the project's Snakefile in `workdir`, with this venv's tools on PATH
     (or with `path` as PATH)."""

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import alias_bomb
 
 from specdec.cells import Cell, Load
 from specdec.config import ConfigError, expand_matrix, load_config, read_yaml, reference_cell, validate
@@ -110,6 +111,12 @@ def test_bad_config_names_the_key(default_config, mutate, key):
     assert "\n" not in str(info.value)
 
 
+def test_a_config_cannot_name_the_program_vllm_cells_run(default_config):
+    default_config["vllm"] = {"venv": "/any/path"}
+    with pytest.raises(ConfigError, match=r"^config key 'vllm': removed: a config does not name a program to run .*SPECDEC_VLLM_VENV"):
+        validate(default_config)
+
+
 def test_ngram_method_needs_an_ngram_drafter(default_config):
     default_config["experiments"]["default"]["methods"].append({"method": "ngram", "drafter": "int8"})
     with pytest.raises(ConfigError, match="needs an ngram drafter"):
@@ -129,6 +136,16 @@ def test_yaml_syntax_error_names_line_and_column(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text("seed: 1\nmodels: {a: [\n")
     with pytest.raises(ConfigError, match=r"config.yaml:3:1: "):
+        read_yaml(path)
+
+
+def test_a_yaml_alias_bomb_is_refused_before_it_expands(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text((REPO / "config.yaml").read_text() + alias_bomb())
+    with pytest.raises(ConfigError, match=r"config.yaml: its aliases \(\*name\) expand it to more than 100,000 values"):
+        read_yaml(path)
+    path.write_text("seed: 1\nloop: &loop [1, *loop]\n")
+    with pytest.raises(ConfigError, match=r"config.yaml:2:\d+: an alias refers to a value that holds it"):
         read_yaml(path)
 
 

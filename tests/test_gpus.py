@@ -2,6 +2,7 @@
 
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -11,6 +12,7 @@ import pynvml
 import pytest
 
 from specdec.gpus import GpuLeaseError, lease_gpus
+from specdec.locks import LockRefused
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -124,3 +126,55 @@ def test_gpus_of_a_killed_holder_become_free(no_visible_devices, tmp_path):
     lease = lease_gpus(2, lock_dir=tmp_path, total=2, timeout_s=10)
     assert [g.index for g in lease.gpus] == [0, 1]
     lease.release()
+
+
+def test_a_lock_file_planted_as_a_link_is_refused_and_its_target_untouched(no_visible_devices, tmp_path):
+    """Another user who made the lock folder first points gpu0.lock at a file of yours: the
+    lease must neither write into it nor change its mode."""
+    yours = tmp_path / "yours.txt"
+    yours.write_text("private\n")
+    yours.chmod(0o600)
+    (tmp_path / "locks").mkdir(mode=0o1777)
+    (tmp_path / "locks" / "gpu0.lock").symlink_to(yours)
+    with pytest.raises(LockRefused, match=r"lock file .*locks/gpu0.lock is a symbolic link"):
+        lease_gpus(1, lock_dir=tmp_path / "locks", total=1, timeout_s=0)
+    assert yours.read_text() == "private\n" and stat.S_IMODE(yours.stat().st_mode) == 0o600
+
+
+def test_a_lock_file_that_is_a_hard_link_is_refused(no_visible_devices, tmp_path):
+    yours = tmp_path / "yours.txt"
+    yours.write_text("private\n")
+    (tmp_path / "locks").mkdir()
+    os.link(yours, tmp_path / "locks" / "gpu0.lock")
+    with pytest.raises(LockRefused, match="gpu0.lock has other hard links"):
+        lease_gpus(1, lock_dir=tmp_path / "locks", total=1, timeout_s=0)
+    assert yours.read_text() == "private\n"
+
+
+@pytest.mark.parametrize("mode, foreign, reason", [
+    (0o777, False, r"is writable by others \(mode 0777\) without the sticky bit"),
+    (0o775, False, r"is writable by others \(mode 0775\) without the sticky bit"),
+    (0o1777, True, r"belongs to uid \d+, not to you \(uid \d+\) or root"),
+])
+def test_a_lock_folder_others_control_is_refused(no_visible_devices, monkeypatch, tmp_path, mode, foreign, reason):
+    folder = tmp_path / "locks"
+    folder.mkdir()
+    folder.chmod(mode)
+    if foreign and os.getuid() == 0:
+        os.chown(folder, 4321, 4321)
+    elif foreign:  # only root can give a folder away: be someone else instead
+        monkeypatch.setattr(os, "getuid", lambda uid=os.getuid(): uid + 1)
+    with pytest.raises(LockRefused, match=reason):
+        lease_gpus(1, lock_dir=folder, total=1, timeout_s=0)
+    assert list(folder.iterdir()) == []
+
+
+def test_lock_files_and_a_new_lock_folder_follow_the_umask(no_visible_devices, tmp_path):
+    original = os.umask(0o022)
+    try:
+        with lease_gpus(1, lock_dir=tmp_path / "new" / "locks", total=1):
+            pass
+    finally:
+        os.umask(original)
+    assert stat.S_IMODE((tmp_path / "new" / "locks").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "new" / "locks" / "gpu0.lock").stat().st_mode) == 0o644

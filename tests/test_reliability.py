@@ -21,7 +21,7 @@ from conftest import cell_inputs, tiny_llama
 
 from specdec import cli, runner
 from specdec.aggregate import failed_table, read_runs, runs_table
-from specdec.cells import DrafterSpec, Load, ModelSpec
+from specdec.cells import DrafterSpec, Load, ModelSpec, Placement
 from specdec.config import ConfigError, expand_matrix, validate
 from specdec.datasets import prepare_dataset_file
 from specdec.load import arrival_times
@@ -280,10 +280,11 @@ def test_prompt_longer_than_the_context_names_request_and_limit(capsys, tiny, tm
     assert "exceed the models' context of 8192" in line
 
 
-def test_an_output_folder_that_cannot_be_written_fails_before_any_model_loads(capsys, monkeypatch, tiny, tmp_path):
-    def no_loading(*args, **kwargs):
-        raise AssertionError("a model was loaded")
+def no_loading(*args, **kwargs):
+    raise AssertionError("a model was loaded")
 
+
+def test_an_output_folder_that_cannot_be_written_fails_before_any_model_loads(capsys, monkeypatch, tiny, tmp_path):
     monkeypatch.setattr(runner, "open_session", no_loading)
     (tmp_path / "a file").write_text("")
     out = tmp_path / "a file" / "out"
@@ -304,6 +305,41 @@ def test_a_disk_that_fills_up_during_the_decode_is_one_line_and_no_result(capsys
                          "--prompts", str(tiny["prompts"]), "--out-dir", str(out), "--models-dir", str(tiny["models"]))
     assert f"output folder {out} cannot be written: No space left on device" in line
     assert_no_outputs(out)
+
+
+def test_a_gpu_placement_on_a_machine_without_gpus_is_one_line(capsys, monkeypatch, tiny, tmp_path):
+    monkeypatch.setattr(runner, "open_session", no_loading)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("SPECDEC_NUM_GPUS", "0")
+    monkeypatch.setenv("SPECDEC_GPU_LOCK_DIR", str(tmp_path / "locks"))
+    cell = dataclasses.replace(tiny["cells"]["ar"], placement=Placement("same"))
+    line = run_error(capsys, tiny, tmp_path, cell)
+    assert line.endswith("this job needs 1 GPU(s) but the machine has 0 (SPECDEC_NUM_GPUS)")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_cell_another_process_is_running_refuses_to_start_naming_its_pid(capsys, monkeypatch, tiny, tmp_path):
+    monkeypatch.setattr(runner, "open_session", no_loading)
+    cell, out = tiny["cells"]["ar"], tmp_path / "out"
+    holding = f"""
+import sys, time
+from pathlib import Path
+from specdec.runner import claimed
+with claimed(Path({str(out)!r}), {cell.id!r}):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+    holder = subprocess.Popen([sys.executable, "-c", holding], env=dict(os.environ, PYTHONPATH=str(REPO / "src")),
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        line = run_error(capsys, tiny, tmp_path, cell)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert f"cell {cell.id} is running already: pid={holder.pid} {cell.id} holds {out}/.cell.lock" in line
+    with pytest.raises(AssertionError, match="a model was loaded"):  # the lock died with its holder
+        runner.run_cell(cell, tiny["prompts"], out, models_dir=tiny["models"])
 
 
 # --- 2. failure isolation --------------------------------------------------------------------

@@ -38,7 +38,6 @@ VLLM_CONFIG = {
             "warmup": 1,
         }
     },
-    "vllm": {"venv": str(VLLM_VENV)},
     "power": {"idle_s": 0},
     "aggregate": {"n_resamples": 200},
 }

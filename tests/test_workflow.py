@@ -1,5 +1,7 @@
 """The Snakemake workflow: lint, formatting, dry runs, and a tiny real end-to-end run."""
 
+import contextlib
+import os
 import re
 import shutil
 import subprocess
@@ -7,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_snakemake
+from conftest import alias_bomb, run_snakemake
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -63,17 +65,18 @@ def test_dry_run_gpu8_config_never_oversubscribes(tmp_path):
     assert set(gpus) == {1, 2, 3, 4} and max(gpus) <= 8
 
 
-@pytest.mark.parametrize("old, new, key", [
-    ("target: smollm2", "target: nope", "experiments.default.target"),
+@pytest.mark.parametrize("edit, key", [
+    (lambda text: text.replace("target: smollm2", "target: nope"), "config key 'experiments.default.target'"),
     # Snakemake's own validate counts 1.0 as an integer; the gate, which the Snakefile runs, does not.
-    ("batch_size: 1\n", "batch_size: 1.0\n", "experiments.default.batch_size"),
+    (lambda text: text.replace("batch_size: 1\n", "batch_size: 1.0\n", 1), "config key 'experiments.default.batch_size'"),
+    (lambda text: text + "vllm: {venv: /any/path}\n", "'vllm': removed: a config does not name a program to run"),
 ])
-def test_bad_config_fails_naming_the_key(tmp_path, old, new, key):
+def test_bad_config_fails_naming_the_key(tmp_path, edit, key):
     bad = tmp_path / "bad.yaml"
-    bad.write_text((REPO / "config.yaml").read_text().replace(old, new, 1))  # in the first experiment
+    bad.write_text(edit((REPO / "config.yaml").read_text()))  # the first experiment's
     proc = snakemake("-n", "--cores", "1", "--configfile", str(bad), check=False)
     assert proc.returncode != 0
-    assert f"config key '{key}'" in proc.stdout + proc.stderr
+    assert key in proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("edit, where", [
@@ -85,6 +88,59 @@ def test_a_yaml_mistake_in_config_yaml_names_its_line(tmp_path, edit, where):
     proc = snakemake("-n", "--cores", "1", cwd=tmp_path, check=False)
     assert proc.returncode != 0
     assert re.search(where, proc.stdout + proc.stderr), proc.stdout + proc.stderr
+
+
+def test_vllm_cells_run_in_the_environment_the_shell_names(monkeypatch, tmp_path):
+    venv = tmp_path / "my vllm"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "specdec").write_text("")
+    monkeypatch.setenv("SPECDEC_VLLM_VENV", str(venv))
+    workdir = study_dir(tmp_path, REPO / "config.yaml")
+    out = snakemake("-n", "--cores", "2", "--printshellcmds", "--config", "run=[engines]", cwd=workdir).stdout
+    commands = [line.removeprefix("Shell command: ") for line in out.splitlines() if " run --cell " in line]
+    vllm = [c for c in commands if "--vllm-" in c]
+    assert vllm and all(c.startswith(f"'{venv}/bin/specdec' run ") for c in vllm)
+    assert len(commands) > len(vllm) and not [c for c in commands if c not in vllm and str(venv) in c]
+
+
+@pytest.mark.parametrize("bomb, args", [("config.yaml", []), ("bomb.yaml", ["--configfile", "bomb.yaml"])])
+def test_a_yaml_alias_bomb_is_refused_before_snakemake_expands_it(tmp_path, bomb, args):
+    """Refused by the Snakefile's first step, before `configfile:` or validate walk the data
+    (which never finished). A bomb of nested mappings given with --configfile is beyond
+    reach: Snakemake's command line merges it before the Snakefile runs (README)."""
+    text = (REPO / "config.yaml").read_text()
+    (tmp_path / "config.yaml").write_text(text)
+    (tmp_path / bomb).write_text(text + alias_bomb())
+    proc = run_snakemake(tmp_path, "-n", "--cores", "1", *args, timeout=120)
+    assert proc.returncode != 0
+    assert f"{bomb}: its aliases (*name) expand it to more than 100,000 values" in proc.stdout + proc.stderr
+
+
+@contextlib.contextmanager
+def read_only(folder: Path):
+    """`folder` made read-only for this user: its mode for a user, its immutable flag for root
+    (whom modes do not stop)."""
+    folder.chmod(0o555)
+    flag = ["chattr", "+i", str(folder)] if os.geteuid() == 0 else None
+    if flag:
+        subprocess.run(flag, check=True)
+    try:
+        yield
+    finally:
+        if flag:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        folder.chmod(0o755)
+
+
+def test_a_results_folder_that_cannot_be_written_stops_the_run_before_any_job(tmp_path):
+    workdir = study_dir(tmp_path, REPO / "config.yaml")
+    (workdir / "results").mkdir()
+    with read_only(workdir / "results"):
+        proc = snakemake("--cores", "1", "results/runs/default/humaneval--specdec-ar--b1-n32-t0-cpu--r0/cell.json",
+                         cwd=workdir, check=False)
+    assert proc.returncode != 0
+    assert f"results folder {workdir / 'results'} cannot be written (results_dir: results)" in proc.stderr
+    assert "rule cell:" not in proc.stderr
 
 
 def test_slurm_profile_resolves_sbatch_resources_for_gpu8(tmp_path):

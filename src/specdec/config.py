@@ -46,6 +46,13 @@ class ConfigError(ValueError):
     """The configuration is invalid; the message names the offending key (or file and line)."""
 
 
+# Top-level keys a config may no longer hold, and what took their place.
+REMOVED_KEYS = {
+    "vllm": "a config does not name a program to run (vllm.venv did): vLLM cells run in the environment "
+            "SPECDEC_VLLM_VENV names, else in .venv-vllm beside the Snakefile (`make install-vllm`); drop the key",
+}
+
+
 def schema_path() -> Path:
     return Path(str(resources.files("specdec") / "schemas" / "config.schema.yaml"))
 
@@ -79,12 +86,20 @@ def validate(config: dict) -> dict:
     """Validate against the schema (filling defaults) and check every cross-reference.
 
     Returns the same dict, completed with defaults. Raises ConfigError naming the key."""
+    check_removed_keys(config)
     schema = yaml.safe_load(schema_path().read_text())
     error = jsonschema.exceptions.best_match(_validator_with_defaults(schema).iter_errors(config))
     if error is not None:
         raise ConfigError(f"config key '{_key_path(error)}': {schema_message(error)}")
     check_references(config)
     return config
+
+
+def check_removed_keys(config: dict) -> None:
+    """A removed key is refused with where its job went, not as an unknown key."""
+    for key, instead in REMOVED_KEYS.items():
+        if key in config:
+            raise ConfigError(f"config key '{key}': removed: {instead}")
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -106,13 +121,43 @@ def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode, d
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
 
 
+# A config has hundreds of values; YAML aliases can make a few lines stand for billions (an
+# "alias bomb"), which whatever walks the data (the schema, Snakemake) never finishes.
+MAX_YAML_VALUES = 100_000
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int | None]) -> int:
+    """How many values `node` stands for with every alias written out (`sizes`: per node
+    object, as an alias is the node it names; None while counting it, to find a loop)."""
+    key = id(node)
+    if key in sizes:
+        if sizes[key] is None:
+            raise yaml.MarkedYAMLError(problem="an alias refers to a value that holds it", problem_mark=node.start_mark)
+        return sizes[key]
+    sizes[key] = None
+    if isinstance(node, yaml.MappingNode):
+        children = [child for pair in node.value for child in pair]
+    else:
+        children = node.value if isinstance(node, yaml.SequenceNode) else []
+    sizes[key] = 1 + sum(_expanded_size(child, sizes) for child in children)
+    return sizes[key]
+
+
 def read_yaml(path: str | Path) -> Any:
     """A YAML file as data; an error names the file, line and column."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        return yaml.load(path.read_text(), Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
+        loader = _StrictLoader(path.read_text())
+        try:
+            node = loader.get_single_node()
+            if node is not None and _expanded_size(node, {}) > MAX_YAML_VALUES:
+                raise ConfigError(f"{path}: its aliases (*name) expand it to more than {MAX_YAML_VALUES:,} values; "
+                                  "write the values out, or use fewer nested aliases")
+            return loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)

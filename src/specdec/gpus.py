@@ -7,17 +7,21 @@ sets CUDA_VISIBLE_DEVICES before CUDA initialises. The kernel drops the locks wh
 process exits, however it exits (SIGKILL included), so a crashed job never strands a GPU.
 Under SLURM (CUDA_VISIBLE_DEVICES already set) the job uses what it was given.
 
+The lock folder must be yours or root's (`locks.safe_folder`): to share GPUs between users,
+root makes one with mode 1777 (as /tmp) and every user names it in SPECDEC_GPU_LOCK_DIR.
+
 Call it first thing in the job, before anything touches CUDA.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from specdec.locks import holder, open_lock, safe_folder, sign, try_lock
 
 DEFAULT_LOCK_DIR = "/tmp/specdec-gpu-locks"  # must be local to the machine: flock over NFS is unreliable
 DEFAULT_TIMEOUT_S = 1800.0
@@ -27,8 +31,9 @@ POLL_S = 0.2
 _HELD: list = []
 
 
-class GpuLeaseError(RuntimeError):
-    """Not enough GPUs for a job, or CUDA already initialised before pinning."""
+class GpuLeaseError(ValueError):
+    """Not enough GPUs for a job (a placement that needs a GPU on a machine without one), or
+    CUDA already initialised before pinning: one line, as any bad input."""
 
 
 @dataclass(frozen=True)
@@ -97,21 +102,25 @@ def lease_gpus(
     total, how = (total, "argument") if total is not None else _gpu_count()
     if k > total:
         raise GpuLeaseError(f"this job needs {k} GPU(s) but the machine has {total} ({how})")
-    lock_dir = _lock_dir(lock_dir)
+    lock_dir = Path(lock_dir or os.environ.get("SPECDEC_GPU_LOCK_DIR", DEFAULT_LOCK_DIR))
     if timeout_s is None:
         timeout_s = float(os.environ.get("SPECDEC_GPU_LEASE_TIMEOUT_S", DEFAULT_TIMEOUT_S))
 
-    deadline = time.monotonic() + timeout_s
-    while True:
-        held = _try_lock(k, total, lock_dir, label)
-        if held is not None:
-            break
-        if time.monotonic() >= deadline:
-            raise GpuLeaseError(
-                f"no {k} free GPU(s) out of {total} after waiting {timeout_s:g} s; "
-                f"held: {_holders(lock_dir, total)} (lock files in {lock_dir})"
-            )
-        time.sleep(POLL_S)
+    folder = safe_folder(lock_dir)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            held = _try_lock(k, total, folder, lock_dir, label)
+            if held is not None:
+                break
+            if time.monotonic() >= deadline:
+                raise GpuLeaseError(
+                    f"no {k} free GPU(s) out of {total} after waiting {timeout_s:g} s; "
+                    f"held: {_holders(folder, lock_dir, total)} (lock files in {lock_dir})"
+                )
+            time.sleep(POLL_S)
+    finally:
+        os.close(folder)
 
     indices = sorted(held)
     # Indices in NVML's (PCI bus) order, so that CUDA numbers GPUs the way the lock files do.
@@ -144,55 +153,32 @@ def _from_environment(k: int, given: str) -> GpuLease:
     return GpuLease(gpus, "environment", given)
 
 
-def _try_lock(k: int, total: int, lock_dir: Path, label: str) -> dict | None:
+def _try_lock(k: int, total: int, folder: int, lock_dir: Path, label: str) -> dict | None:
     """Lock k free GPUs at once, or none: a partial set is released before waiting, so two
     jobs can never each hold half of what the other needs."""
     held = {}
     for index in range(total):
-        handle = _open_lock(lock_dir, index)
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        handle = open_lock(folder, lock_dir, f"gpu{index}.lock")
+        if not try_lock(handle):
             handle.close()
             continue
         held[index] = handle
         if len(held) == k:
             for handle in held.values():
-                handle.truncate(0)
-                handle.write(f"pid={os.getpid()} {label}\n")
-                handle.flush()
+                sign(handle, label)
             return held
     for handle in held.values():
         handle.close()
     return None
 
 
-def _lock_dir(lock_dir) -> Path:
-    """The lock folder, shared by every user of the machine (sticky and world-writable, as /tmp)."""
-    lock_dir = Path(lock_dir or os.environ.get("SPECDEC_GPU_LOCK_DIR", DEFAULT_LOCK_DIR))
-    if not lock_dir.is_dir():
-        lock_dir.mkdir(parents=True, exist_ok=True)
-        lock_dir.chmod(0o1777)
-    return lock_dir
-
-
-def _open_lock(lock_dir: Path, index: int):
-    fd = os.open(lock_dir / f"gpu{index}.lock", os.O_RDWR | os.O_CREAT, 0o666)
-    if os.fstat(fd).st_uid == os.getuid():
-        os.fchmod(fd, 0o666)  # other users' jobs must be able to lock it too
-    return os.fdopen(fd, "r+")
-
-
-def _holders(lock_dir: Path, total: int) -> str:
+def _holders(folder: int, lock_dir: Path, total: int) -> str:
     """Who holds each GPU, from what holders wrote into the lock files."""
     busy = []
     for index in range(total):
-        with _open_lock(lock_dir, index) as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.seek(0)
-                busy.append(f"GPU {index} by {handle.read().strip() or 'unknown'}")
+        with open_lock(folder, lock_dir, f"gpu{index}.lock") as handle:
+            if not try_lock(handle):
+                busy.append(f"GPU {index} by {holder(handle)}")
     return "; ".join(busy) or "none (GPUs freed just now)"
 
 

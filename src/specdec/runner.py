@@ -2,7 +2,8 @@
 (`measure`), analyse (`analysis`), and write `result.json` and `requests.jsonl` atomically.
 
 Bad input (prompts, models, placement, an output folder that cannot be written) raises before
-anything is written, so the job exits non-zero with a message naming the problem. A cell that
+anything is written, so the job exits non-zero with a message naming the problem; so does a
+cell that another process is running into the same folder (its lock, `CELL_LOCK`). A cell that
 fails later (an exception, out of memory, its `timeout_s`) writes a result with status
 `failed` (or `not_supported`) and the phase it was in, so the rest of the matrix goes on.
 SIGTERM/SIGINT (a SLURM time limit) ends the cell without its outputs, so that Snakemake
@@ -17,9 +18,10 @@ import resource
 import signal
 import tempfile
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TextIO
+from typing import Iterator, TextIO
 
 import torch
 
@@ -29,6 +31,7 @@ from specdec.cells import Cell
 from specdec.console import summary_table
 from specdec.engines import NotSupported, engine_block, unsupported
 from specdec.gpus import lease_gpus
+from specdec.locks import holder, open_lock, sign, try_lock
 from specdec.measure import measure
 from specdec.metadata import collect_metadata
 from specdec.records import (
@@ -41,6 +44,7 @@ from specdec.session import Session, check_context, open_session
 log = logging.getLogger("specdec.run")
 
 OUTPUTS = ("result.json", "requests.jsonl", INTERLEAVED_REQUESTS)
+CELL_LOCK = ".cell.lock"  # held by the process running the cell, which wrote its pid into it
 
 
 class Interrupted(BaseException):
@@ -68,10 +72,17 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def check_writable(out_dir: Path) -> None:
-    """Write a probe file in the output folder, so that a read-only or full disk shows
-    before the decode, not after it. A folder made for the probe goes again: bad input
-    found later must leave nothing behind."""
+class CellRunning(ValueError):
+    """Another process is running the same cell into the same folder."""
+
+
+@contextmanager
+def claimed(out_dir: Path, cell_id: str) -> Iterator[None]:
+    """Hold the cell's output folder while the block runs: a probe file written first, so
+    that a read-only or full disk shows before the decode, not after it; then the cell's lock,
+    so that a second run of the same cell (a hand-started one, or after Snakemake's
+    --unlock) refuses to start and names the process that holds it. Folders made here go
+    again when bad input stops the cell: bad input must leave nothing behind."""
     made = [p for p in (out_dir, *out_dir.parents) if not p.exists()]
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -79,12 +90,43 @@ def check_writable(out_dir: Path) -> None:
             probe.write(b"\0" * 65536)
             probe.flush()
             os.fsync(probe.fileno())
-    except OSError as exc:
-        raise OutputNotWritable(out_dir, exc) from None
+        lock = _lock_cell(out_dir, cell_id)
+    except BaseException as exc:
+        _remove(made)
+        if isinstance(exc, OSError):
+            raise OutputNotWritable(out_dir, exc) from None
+        raise
+    try:
+        yield
+    except ValueError:
+        if made:
+            (out_dir / CELL_LOCK).unlink(missing_ok=True)
+            _remove(made)
+        raise
     finally:
-        for folder in made:  # deepest first
-            if folder.exists():
-                folder.rmdir()
+        lock.close()
+
+
+def _lock_cell(out_dir: Path, cell_id: str):
+    folder = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        lock = open_lock(folder, out_dir, CELL_LOCK)
+    finally:
+        os.close(folder)
+    if not try_lock(lock):
+        running = holder(lock)
+        lock.close()
+        raise CellRunning(f"cell {cell_id} is running already: {running} holds {out_dir / CELL_LOCK}; "
+                          "wait for it or end that process")
+    sign(lock, cell_id)
+    return lock
+
+
+def _remove(made: list[Path]) -> None:
+    """The folders made for the cell, deepest first, where nothing else was written into them."""
+    for folder in made:
+        if folder.exists() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def failure_record(exc: BaseException, phase: str) -> dict:
@@ -126,27 +168,27 @@ def run_cell(cell: Cell, prompts_path: Path, out_dir: Path, models_dir: Path = P
     handlers = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         prompts = read_prompts(prompts_path)
-        check_writable(out_dir)
-        where = {"lease": None, "plan": None, "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
-        reason = unsupported(cell)
-        if reason is not None:
-            result, records, reference_records = _blank_result(), [], None
-            result.update(status=Status.NOT_SUPPORTED.value, failure={"type": "NotSupported", "message": reason, "phase": phase})
-            result["engine"] = engine_block(cell, {})
-        else:
-            lease = lease_gpus(placement.gpus_required(cell.placement, cell.drafter is not None), label=cell.name)
-            session = open_session(cell, Path(models_dir), kernels, reference)
-            context = check_context(session, prompts)
-            if isinstance(session, Session):  # in-process models: our engine's step path (vLLM compiles its own)
-                session.prepare_steps(context, Path(models_dir).parent / "compile-cache")
-            where |= {"lease": lease.describe(), "plan": session.plan.describe()}
-            phase = "measure"
-            result, records, reference_records = _measure_and_analyse(session, prompts, out_dir, reference, parity_reference, console)
-        phase = "write"
-        try:
-            _write_outputs(cell, result, records, reference_records, where, started, out_dir)
-        except OSError as exc:  # a disk that filled up during the decode
-            raise OutputNotWritable(out_dir, exc) from None
+        with claimed(out_dir, cell.id):
+            where = {"lease": None, "plan": None, "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+            reason = unsupported(cell)
+            if reason is not None:
+                result, records, reference_records = _blank_result(), [], None
+                result.update(status=Status.NOT_SUPPORTED.value, failure={"type": "NotSupported", "message": reason, "phase": phase})
+                result["engine"] = engine_block(cell, {})
+            else:
+                lease = lease_gpus(placement.gpus_required(cell.placement, cell.drafter is not None), label=cell.name)
+                session = open_session(cell, Path(models_dir), kernels, reference)
+                context = check_context(session, prompts)
+                if isinstance(session, Session):  # in-process models: our engine's step path (vLLM compiles its own)
+                    session.prepare_steps(context, Path(models_dir).parent / "compile-cache")
+                where |= {"lease": lease.describe(), "plan": session.plan.describe()}
+                phase = "measure"
+                result, records, reference_records = _measure_and_analyse(session, prompts, out_dir, reference, parity_reference, console)
+            phase = "write"
+            try:
+                _write_outputs(cell, result, records, reference_records, where, started, out_dir)
+            except OSError as exc:  # a disk that filled up during the decode
+                raise OutputNotWritable(out_dir, exc) from None
     except Interrupted as exc:
         for name in OUTPUTS:  # one may be in place already if the signal came between the two renames
             (out_dir / name).unlink(missing_ok=True)

@@ -47,7 +47,7 @@ class VllmUnavailable(ValueError):
 
     def __init__(self):
         super().__init__(f"vLLM is not installed in {sys.executable}: run `{INSTALL_VLLM}` (a separate environment, "
-                         ".venv-vllm), which the workflow then uses for vLLM cells")
+                         ".venv-vllm), which the workflow then uses for vLLM cells (or SPECDEC_VLLM_VENV's, if set)")
 
 
 def import_vllm():

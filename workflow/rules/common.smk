@@ -1,4 +1,5 @@
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -18,6 +19,23 @@ specdec.config.check_inputs(config)
 
 RESULTS = config["results_dir"]
 CELLS = {cell.id: cell for cell in specdec.config.expand_matrix(config)}
+
+
+def check_results_writable():
+    """A results folder that cannot be written stops a run in one line before any job
+    starts, not with a job's own traceback once the DAG runs."""
+    folder = Path(RESULTS).absolute()
+    while not folder.exists():
+        folder = folder.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise specdec.config.ConfigError(
+            f"results folder {folder} cannot be written (results_dir: {RESULTS})"
+        )
+
+
+onstart:
+    check_results_writable()
+
 
 # Optional SLURM resources of the benchmark rule (the executor plugin reads these names).
 SLURM_PLACEMENT = {
@@ -160,11 +178,18 @@ def own_specdec():
 SPECDEC = own_specdec()
 
 
+# vLLM's own environment, found by the project's rule and never named by the config (which
+# must not name a program to run): SPECDEC_VLLM_VENV, else `make install-vllm`'s .venv-vllm
+# beside the Snakefile.
+VLLM_VENV = Path(
+    os.environ.get("SPECDEC_VLLM_VENV") or Path(workflow.basedir) / ".venv-vllm"
+)
+
+
 def specdec_command(wildcards):
-    """The `specdec` that runs the cell: a vLLM cell runs in vLLM's own environment (the
-    venv of `make install-vllm`, or under --sdm conda envs/vllm.yaml's). Without one, the
-    job says which command installs it."""
-    command = Path(config["vllm"]["venv"]) / "bin" / "specdec"
+    """The `specdec` that runs the cell: a vLLM cell runs in VLLM_VENV (under --sdm conda,
+    envs/vllm.yaml's). Without one, the job says which command installs it."""
+    command = VLLM_VENV / "bin" / "specdec"
     if cell_of(wildcards).engine != "vllm" or USE_CONDA or not command.exists():
         return SPECDEC
     return shlex.quote(str(command))
