@@ -293,11 +293,16 @@ SOURCES = {
 }
 
 
+def source_files(spec: dict) -> list[Path]:
+    """The files a dataset config entry is read from, in reading order (globs expanded)."""
+    return SOURCES[spec["source"]].files(spec)
+
+
 def _load(name: str, spec: dict, problems: _Problems) -> tuple[list[dict], dict]:
     """Normalised records (without prompt_tokens) from the spec's files, and load counts."""
     source = SOURCES[spec["source"]]
     first_only = spec.get("turns", source.default_turns) == "first"
-    files = source.files(spec)
+    files = source_files(spec)
     records: list[dict] = []
     first_seen: dict[str, str] = {}
     for path in files:
