@@ -60,8 +60,13 @@ class DigestCache:
     def digest(self, path: str | os.PathLike) -> str | None:
         """A file's sha256, or a folder's: over the sorted relative paths and digests of its
         files (hidden ones such as `.cache/` left out: tools' bookkeeping, not the model).
-        None for a path that does not exist (the job that reads it says why)."""
-        path = Path(path)
+        None for a path that does not exist or cannot be read (the job that reads it says why)."""
+        try:
+            return self._digest(Path(path))
+        except OSError:
+            return None
+
+    def _digest(self, path: Path) -> str | None:
         if path.is_file():
             return self.file_digest(path)
         if not path.is_dir():

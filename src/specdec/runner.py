@@ -126,7 +126,6 @@ def run_cell(cell: Cell, prompts_path: Path, out_dir: Path, models_dir: Path = P
     try:
         prompts = read_prompts(prompts_path)
         check_writable(out_dir)
-        inputs = cell_inputs(cell, models_dir, prompts_path, dataset_files)
         where = {"lease": None, "plan": None, "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
         reason = unsupported(cell)
         if reason is not None:
@@ -143,6 +142,7 @@ def run_cell(cell: Cell, prompts_path: Path, out_dir: Path, models_dir: Path = P
             phase = "measure"
             result, records, reference_records = _measure_and_analyse(session, prompts, out_dir, reference, parity_reference, console)
         phase = "write"
+        inputs = cell_inputs(cell, models_dir, prompts_path, dataset_files)  # after the load: a hub model is in its cache
         try:
             _write_outputs(cell, result, records, reference_records, where, inputs, started, out_dir)
         except OSError as exc:  # a disk that filled up during the decode
