@@ -1,6 +1,7 @@
 """The Snakemake workflow: lint, formatting, dry runs, and a tiny real end-to-end run."""
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -193,3 +194,131 @@ def test_a_replay_cell_gets_its_ar_cells_requests_even_with_the_check_off(tmp_pa
         cell = re.search(r"runs/default/(\S+?)/cell\.json", command).group(1)
         assert "--reference" in command and f"{cell.replace('-speculative-replay80-g4-', '-ar-')}/requests.jsonl" in command
     assert not [c for c in commands if "--reference" in c and "-replay80-" not in c]
+
+
+# --- no stale results: what changes a cell's outcome reruns exactly that cell -----------------
+
+
+def settle(workdir: Path) -> None:
+    """Bring a study to "all built" without running a model: every file the cells and what
+    they need would write is created, then `--touch` marks them built, in order, and records
+    each job's params and inputs as a real run does. A dry run then plans nothing until
+    something changes."""
+    rows = [line.split("\t") for line in snakemake("--summary", cwd=workdir).stdout.splitlines()[1:]]
+    built = [row[0] for row in rows if row[2] in ("cell", "prepare_dataset", "choose_kernels", "benchmark")]
+    for path in built:
+        (workdir / path).parent.mkdir(parents=True, exist_ok=True)
+        (workdir / path).write_text("{}\n")  # a result must be readable JSON
+    snakemake("--touch", "--forceall", "--cores", "1", *[path for path in built if path.endswith("result.json")], cwd=workdir)
+    assert planned(workdir) == {}
+
+
+def planned(workdir: Path) -> dict[str, set[str]]:
+    """Rule -> the first output of each of its jobs that a dry run of the default target plans
+    (the tables and figures, never built in these tests, left out)."""
+    out = snakemake("-n", "--cores", "1", cwd=workdir).stdout
+    jobs: dict[str, set[str]] = {}
+    for rule, output in re.findall(r"^rule (\w+):\n(?:    .*\n)*?    output: ([^,\n]+)", out, re.M):
+        if rule not in ("aggregate", "plot", "all"):
+            jobs.setdefault(rule, set()).add(output)
+    return jobs
+
+
+def cells_of(jobs: dict[str, set[str]], rule: str = "benchmark") -> set[str]:
+    """The method part of each planned job's cell name (`ar`, `speculative-int8-g3`, ...)."""
+    return {re.search(r"--specdec-(.+?)--", path).group(1) for path in jobs.get(rule, ())}
+
+
+ALL = {"ar", "speculative-int8-g3", "ngram-ngram-g3"}
+
+
+@pytest.mark.parametrize("edit, stale", [
+    (lambda c: c["drafters"]["ngram"].update(n=4), {"ngram-ngram-g3"}),
+    (lambda c: c["drafters"]["ngram"].update(min_context=1), {"ngram-ngram-g3"}),
+    (lambda c: c["experiments"]["tiny"]["methods"][1].update(reference="separate"), {"speculative-int8-g3"}),
+    (lambda c: c["experiments"]["tiny"].update(warmup=0), ALL),
+    (lambda c: c["experiments"]["tiny"].update(timeout_s=600), ALL),
+    (lambda c: c["power"].update(interval_ms=50), ALL),
+    (lambda c: c["experiments"]["tiny"].update(attribution=False), ALL),
+], ids=["ngram-n", "min_context", "reference", "warmup", "timeout_s", "power", "attribution"])
+def test_a_setting_outside_the_cell_name_reruns_exactly_its_cells(settled_tiny, edit, stale):
+    import yaml
+
+    from conftest import TINY_CONFIG
+
+    config = json.loads(json.dumps(TINY_CONFIG))
+    edit(config)
+    (settled_tiny / "config.yaml").write_text(yaml.safe_dump(config))
+    try:
+        jobs = planned(settled_tiny)
+    finally:
+        (settled_tiny / "config.yaml").write_text(yaml.safe_dump(TINY_CONFIG))
+    assert cells_of(jobs, "cell") == stale and cells_of(jobs) == stale
+    assert set(jobs) == {"cell", "benchmark"}
+
+
+@pytest.fixture(scope="module")
+def settled_tiny(make_study):
+    from conftest import TINY_CONFIG
+
+    workdir = make_study(TINY_CONFIG)
+    settle(workdir)
+    return workdir
+
+
+def test_an_unreadable_result_reruns_its_cell(settled_tiny):
+    result = settled_tiny / "results/runs/tiny/sample--specdec-ngram-ngram-g3--b1-n8-t0-cpu--r0/result.json"
+    result.write_text('{"status": "ok", "metr')  # cut short
+    proc = snakemake("-n", "--cores", "1", cwd=settled_tiny)
+    assert f"{result.relative_to(settled_tiny)}: cannot read JSON" in proc.stderr
+    assert (result.parent / "result.json.unreadable").read_text() == '{"status": "ok", "metr'
+    assert cells_of(planned(settled_tiny)) == {"ngram-ngram-g3"}
+    result.write_text("{}\n")  # as settled, for the other tests of the module
+    assert planned(settled_tiny) == {}
+
+
+def test_an_edited_dataset_file_reruns_its_preparation_and_cells(make_study, tmp_path):
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text(json.dumps({"question_id": 1, "category": "c", "turns": ["Say hi."]}) + "\n")
+    workdir = make_study({
+        "models": {"smollm2": {"source": "embedded"}},
+        "drafters": {"ngram": {"kind": "ngram", "n": 3}},
+        "datasets": {"mt": {"source": "mtbench", "path": str(questions)}, "sample": {"source": "sample", "num_prompts": 1}},
+        "experiments": {"x": {"target": "smollm2", "datasets": ["mt", "sample"], "methods": [{"method": "ar"}],
+                              "max_new_tokens": 2}},
+    })
+    settle(workdir)
+    questions.write_text(json.dumps({"question_id": 1, "category": "c", "turns": ["Say bye."]}) + "\n")
+    jobs = planned(workdir)
+    assert jobs["prepare_dataset"] == {"results/prompts/mt.jsonl"}
+    assert {path.split("/")[3].split("--")[0] for path in jobs["benchmark"]} == {"mt"}
+
+
+def test_replaced_local_weights_rerun_the_cells_using_them(make_study, tmp_path, embedded_model_dir):
+    """The same size and modification time as the weights they replace: only the content is new."""
+    import os
+
+    from conftest import tiny_llama
+
+    folder = tmp_path / "tiny"
+    tiny_llama(folder, vocab_size=49152, tokenizer_of=embedded_model_dir)
+    workdir = make_study({
+        "models": {"smollm2": {"source": "embedded"}, "tiny": {"source": "local", "path": str(folder)}},
+        "drafters": {"ngram": {"kind": "ngram", "n": 3}},
+        "datasets": {"sample": {"source": "sample", "num_prompts": 1}, "other": {"source": "sample", "num_prompts": 1}},
+        "experiments": {
+            "t": {"target": "tiny", "datasets": ["sample"], "methods": [{"method": "ar"}], "max_new_tokens": 2},
+            "s": {"target": "smollm2", "datasets": ["other"], "methods": [{"method": "ar"}], "max_new_tokens": 2},
+        },
+    })
+    settle(workdir)
+    weights = folder / "model.safetensors"
+    before = weights.stat()
+    tiny_llama(tmp_path / "other", vocab_size=49152)
+    weights.write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert weights.stat().st_size == before.st_size
+    jobs = planned(workdir)
+    assert {path.split("/")[2] for path in jobs["benchmark"]} == {"t"}  # not the smollm2 experiment's
+    assert jobs["choose_kernels"] == {"results/kernels/tiny--float32--b1.json"}
+    assert jobs["prepare_dataset"] == {"results/prompts/sample.jsonl"}  # its prompts are measured with tiny's tokenizer

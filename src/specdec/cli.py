@@ -111,6 +111,7 @@ def _run(args) -> int:
             parity_reference=Path(args.parity_reference) if args.parity_reference else None,
             threads=args.threads,
             kernels=_kernel_files(args.kernels),
+            dataset_files=[Path(path) for path in args.dataset_file],
             console=console,
         )
     except ValueError as exc:  # bad input: the one line belongs on the console too
@@ -189,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("--kernels", action="append", default=[], metavar="ROLE=PATH",
                    help="the CPU kernel choice (choose-kernels) of the target or the drafter; probed at load if absent")
+    p.add_argument("--dataset-file", action="append", default=[], metavar="PATH",
+                   help="a file the prompts were prepared from (its sha256 goes into the result)")
     p.add_argument("--log", help="write the full log here; the console gets only start, progress and end lines")
     p.set_defaults(func=_run)
 

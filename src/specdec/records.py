@@ -186,6 +186,22 @@ def write_result(path: str | os.PathLike, result: Result) -> None:
     _write_valid("result", path, result.to_dict())
 
 
+def set_aside_unreadable_result(path: str | os.PathLike) -> str | None:
+    """Move a result file that is not JSON (cut short by a full disk or a copy) to
+    `result.json.unreadable` beside it, so that the workflow sees the cell's result missing and
+    reruns it; returns a line saying so, or None for a readable or missing file."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        _read_json(path)
+    except RecordError as err:
+        aside = path.with_name(path.name + ".unreadable")
+        path.replace(aside)
+        return f"{err}; moved to {aside.name}, so the cell reruns"
+    return None
+
+
 def result_from_dict(data: Any, source: str) -> Result:
     validate("result", data, source)
     return Result.from_dict(data)

@@ -32,6 +32,7 @@ from specdec.console import summary_table
 from specdec.engines import NotSupported, engine_block, unsupported
 from specdec.gpus import lease_gpus
 from specdec.locks import holder, open_lock, sign, try_lock
+from specdec.fingerprints import cell_inputs
 from specdec.measure import measure
 from specdec.metadata import collect_metadata
 from specdec.records import (
@@ -147,14 +148,16 @@ def _raise_timeout(signum, frame):
 
 def run_cell(cell: Cell, prompts_path: Path, out_dir: Path, models_dir: Path = Path("resources/models"),
              reference: Path | None = None, threads: int | None = None, parity_reference: Path | None = None,
-             kernels: dict[str, Path] | None = None,
+             kernels: dict[str, Path] | None = None, dataset_files: list[Path] = (),
              console: TextIO | None = None) -> dict:
     """Run one cell; returns the result written, or `{"status": "interrupted", "signal": N}`.
 
     `reference` is the requests.jsonl of the same engine's AR cell (greedy drafting is
     lossless), `parity_reference` that of our engine's AR cell (for a cell another engine
     runs). A cell its engine cannot run (`engines.unsupported`) is written `not_supported`
-    at once. `kernels`: the CPU kernel choice file of each role of `session.kernel_setups`.
+    at once. `kernels`: the CPU kernel choice file of each role of `session.kernel_setups`;
+    `dataset_files`: those the prompts were prepared from (their fingerprints, and the model
+    folders' and the prompts', go into the result's `metadata.inputs`).
     Bad input raises (a ValueError) before anything is written. SIGTERM/SIGINT at
     any moment, the writing of the outputs included, leaves neither output file. `console`,
     if given, gets a line when the cell starts, its progress at most once a minute, and a
@@ -185,8 +188,9 @@ def run_cell(cell: Cell, prompts_path: Path, out_dir: Path, models_dir: Path = P
                 phase = "measure"
                 result, records, reference_records = _measure_and_analyse(session, prompts, out_dir, reference, parity_reference, console)
             phase = "write"
+            inputs = cell_inputs(cell, models_dir, prompts_path, dataset_files)  # after the load: a hub model is in its cache
             try:
-                _write_outputs(cell, result, records, reference_records, where, started, out_dir)
+                _write_outputs(cell, result, records, reference_records, where, inputs, started, out_dir)
             except OSError as exc:  # a disk that filled up during the decode
                 raise OutputNotWritable(out_dir, exc) from None
     except Interrupted as exc:
@@ -219,10 +223,10 @@ def _ending(result: dict, elapsed_s: float) -> str:
 
 
 def _write_outputs(cell: Cell, result: dict, records: list[dict], reference_records: list[dict] | None, where: dict,
-                   started: str, out_dir: Path) -> None:
+                   inputs: dict, started: str, out_dir: Path) -> None:
     """Complete and write the result; result.json goes last, as the mark of a finished cell."""
     result.update(schema_version=RESULT_SCHEMA_VERSION, cell_id=cell.id, group_id=cell.group_id, config=cell.to_dict())
-    result["metadata"] = collect_metadata(seed=cell.seed, started_at=started, finished_at=now_iso()) | {"placement": where}
+    result["metadata"] = collect_metadata(seed=cell.seed, started_at=started, finished_at=now_iso()) | {"placement": where, "inputs": inputs}
     if reference_records is not None:
         write_requests(out_dir / INTERLEAVED_REQUESTS, reference_records)
     else:  # a rerun without interleaving leaves no stale reference beside the new result

@@ -1,14 +1,16 @@
 # The cell's typed settings travel to its job as a file (records.write_cell), not as a string
-# the job parses again; a changed setting rewrites the file, and so reruns the cell.
+# the job parses again; a changed setting rewrites the file, and so reruns the cell. Snakemake
+# compares only params it can write down (strings, numbers, lists), not a Cell object: the
+# param is the cell's JSON text.
 rule cell:
     output:
         cell=f"{RESULTS}/runs/{{experiment}}/{{cell}}/cell.json",
     log:
         "logs/cell/{experiment}/{cell}.log",
     params:
-        cell=cell_of,
+        cell=cell_json,
     run:
-        specdec.records.write_cell(params.cell, output.cell)
+        specdec.records.write_cell(cell_of(wildcards), output.cell)
 
 
 rule benchmark:
@@ -16,6 +18,7 @@ rule benchmark:
         cell=rules.cell.output.cell,
         prompts=cell_prompts,
         models=model_inputs,
+        datasets=cell_dataset_files,
         reference=reference_requests,
         parity=parity_requests,
         kernels=kernel_choice_inputs,
@@ -36,8 +39,10 @@ rule benchmark:
     params:
         out_dir=lambda wildcards: f"{RESULTS}/runs/{wildcards.experiment}/{wildcards.cell}",
         reference=reference_option,
+        datasets=dataset_file_options,
+        fingerprints=cell_model_fingerprints,
         specdec=specdec_command,
     shell:
         "{params.specdec} run --cell {input.cell:q} --prompts {input.prompts:q}"
         " --out-dir {params.out_dir:q} --threads {threads} {params.reference}"
-        " --log {log:q}"
+        " {params.datasets} --log {log:q}"

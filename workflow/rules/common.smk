@@ -1,3 +1,4 @@
+import functools
 import json
 import os
 import shlex
@@ -7,6 +8,8 @@ from pathlib import Path
 from snakemake.settings.types import DeploymentMethod
 
 import specdec.config
+import specdec.datasets
+import specdec.fingerprints
 import specdec.placement
 import specdec.records
 import specdec.session
@@ -36,6 +39,14 @@ def check_results_writable():
 onstart:
     check_results_writable()
 
+
+# An unreadable result would stand for its cell (Snakemake sees only that the file exists)
+# while aggregate refuses it and the figures stay stale: it goes aside, and the cell reruns.
+for cell_id in CELLS:
+    if moved := specdec.records.set_aside_unreadable_result(
+        f"{RESULTS}/runs/{cell_id}/result.json"
+    ):
+        print(moved, file=sys.stderr)
 
 # Optional SLURM resources of the benchmark rule (the executor plugin reads these names).
 SLURM_PLACEMENT = {
@@ -87,6 +98,11 @@ def cell_of(wildcards):
     return CELLS[f"{wildcards.experiment}/{wildcards.cell}"]
 
 
+def cell_json(wildcards):
+    """Every setting of the cell, the ones its name leaves out included, as JSON text."""
+    return json.dumps(cell_of(wildcards).to_dict(), sort_keys=True)
+
+
 def cell_prompts(wildcards):
     return f"{RESULTS}/prompts/{cell_of(wildcards).dataset}.jsonl"
 
@@ -106,6 +122,58 @@ def model_inputs(wildcards):
         for spec in used
         if spec is not None and spec.source == "embedded"
     ]
+
+
+def dataset_files(wildcards, dataset=None):
+    """The files a dataset is prepared from, inputs of its preparation and of its cells: an
+    edited file reruns both. A missing one, or a source that cannot say where its file is
+    (humaneval without its package), is left to the preparation, whose error names it.
+    """
+    try:
+        files = specdec.datasets.dataset_files(
+            config["datasets"][dataset or wildcards.dataset]
+        )
+    except specdec.datasets.DatasetError:
+        return []
+    return [str(path) for path in files if path.is_file()]
+
+
+def cell_dataset_files(wildcards):
+    return dataset_files(wildcards, cell_of(wildcards).dataset)
+
+
+def dataset_file_options(wildcards, input):
+    return " ".join(f"--dataset-file {shlex.quote(path)}" for path in input.datasets)
+
+
+FINGERPRINTS = specdec.fingerprints.DigestCache()
+
+
+@functools.cache
+def local_model_digest(folder):
+    digest = FINGERPRINTS.digest(folder)
+    FINGERPRINTS.save()
+    return digest
+
+
+def model_fingerprints(*names):
+    """`name=sha256` of each local model folder among the named models, a param of every rule
+    that reads them: replaced weights rerun the rule whatever the files' times say. (An
+    embedded model's folder is a rule's output, and a hub model is its id and revision.)
+    """
+    specs = {name: config["models"][name] for name in names if name is not None}
+    return " ".join(
+        f"{name}={local_model_digest(spec['path'])}"
+        for name, spec in sorted(specs.items())
+        if spec["source"] == "local"
+    )
+
+
+def cell_model_fingerprints(wildcards):
+    cell = cell_of(wildcards)
+    return model_fingerprints(
+        cell.target.name, cell.drafter_model and cell.drafter_model.name
+    )
 
 
 def dataset_tokenizer_model(dataset):

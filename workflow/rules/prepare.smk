@@ -14,6 +14,7 @@ rule prepare_model:
 rule prepare_dataset:
     input:
         model=dataset_model_input,
+        files=dataset_files,
     output:
         prompts=f"{RESULTS}/prompts/{{dataset}}.jsonl",
         skipped=f"{RESULTS}/prompts/{{dataset}}.skipped.csv",
@@ -34,6 +35,9 @@ rule prepare_dataset:
             config["models"][dataset_tokenizer_model(wildcards.dataset)]
         ),
         seed=config["seed"],
+        fingerprints=lambda wildcards: model_fingerprints(
+            dataset_tokenizer_model(wildcards.dataset)
+        ),
         specdec=SPECDEC,
     shell:
         "{params.specdec} prepare-dataset --name {wildcards.dataset:q} --spec {params.spec:q}"
@@ -58,6 +62,7 @@ rule choose_kernels:
     threads: cpu_threads()
     params:
         model_spec=lambda wildcards: json.dumps(config["models"][wildcards.model]),
+        fingerprints=lambda wildcards: model_fingerprints(wildcards.model),
         specdec=SPECDEC,
     shell:
         "{params.specdec} choose-kernels --model {wildcards.model:q} --model-spec {params.model_spec:q}"
