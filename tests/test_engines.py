@@ -2,6 +2,7 @@
 and how vLLM's counters become ours."""
 
 import dataclasses
+import json
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -10,9 +11,12 @@ import pytest
 import yaml
 from conftest import REPO
 
-from specdec.config import ConfigError, expand_matrix, load_config, reference_cell, validate
-from specdec.engines import transformers_settings, unsupported
-from specdec.vllm_engine import counter_difference, cpu_environment, engine_args, per_request_drafts, spec_counters
+from specdec.config import ConfigError, expand_matrix, load_config, reference_cell, schema_path, validate
+from specdec.cells import ENGINES
+from specdec.engines import REFERENCE, REGISTRY, unsupported
+from specdec.engines.transformers import transformers_settings
+from specdec.engines.vllm import counter_difference, cpu_environment, engine_args, per_request_drafts, spec_counters
+from specdec.records import schema_path as record_schema_path
 
 CONFIG = {
     "models": {"smollm2": {"source": "embedded"}},
@@ -39,6 +43,15 @@ def test_the_engine_is_an_axis_and_part_of_the_cell_id(cells):
     assert len(cells) == 3 * (1 + 3 + 1) * 2
     assert "sample--vllm-speculative-self-g3--b2-n64-t0-cpu--r0" in cells
     assert "sample--transformers-ngram-ngram-g2--b1-n64-t0-cpu--r0" in cells
+
+
+def test_the_registry_names_the_engines_of_the_config_schema():
+    assert tuple(REGISTRY) == ENGINES
+    config_enums = yaml.safe_load(schema_path().read_text())["definitions"]["engines"]["oneOf"]
+    assert [one.get("enum", one.get("items", {}).get("enum")) for one in config_enums] == [list(ENGINES)] * 2
+    assert json.loads(record_schema_path("cell").read_text())["properties"]["engine"]["enum"] == list(ENGINES)
+    assert all(engine.name == name for name, engine in REGISTRY.items())
+    assert REFERENCE == "specdec" and [name for name, e in REGISTRY.items() if e.parity_reference] == [REFERENCE]
 
 
 def test_one_rule_for_what_an_engine_cannot_run(cells):

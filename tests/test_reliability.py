@@ -284,7 +284,7 @@ def test_an_output_folder_that_cannot_be_written_fails_before_any_model_loads(ca
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(runner, "open_session", no_loading)
+    monkeypatch.setattr(runner, "open_engine", no_loading)
     (tmp_path / "a file").write_text("")
     out = tmp_path / "a file" / "out"
     line = specdec_error(capsys, "run", "--cell", str(cell_file(tmp_path / "cell.json", tiny["cells"]["ar"])),
@@ -321,7 +321,7 @@ def test_decoding_failure_is_a_failed_result(monkeypatch, tiny, tmp_path, error)
     def broken(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr("specdec.decoding.generate", broken)
+    monkeypatch.setattr("specdec.engines.specdec.generate", broken)
     result = runner.run_cell(tiny["cells"]["ar"], tiny["prompts"], tmp_path, models_dir=tiny["models"])
     written = json.loads((tmp_path / "result.json").read_text())
     assert written == result and result["status"] == "failed" and result["metrics"] is None

@@ -17,6 +17,7 @@ import pandas as pd
 
 from specdec import cotenants, sweeps, theory
 from specdec.cells import Cell, Load
+from specdec.engines import REFERENCE, engine_class
 from specdec.goodput import Slo, run_goodput
 from specdec.metrics import e2e, emission_gaps, measured, queueing_delay, request_tokens_per_s, tpot, ttft
 from specdec.power import TIMELINE_KEYS
@@ -102,12 +103,12 @@ def load_label(load: Load) -> str:
 
 
 def method_label(cell: Cell) -> str:
-    """`method (drafter)`, after `engine: ` for an engine other than ours; a replay drafter's
+    """`method (drafter)` after the engine's label (`engine: ` for an engine other than ours); a replay drafter's
     cell is `replay (measurement tool: drafter)`, so that nobody reads it as a method."""
     if cell.drafter is not None and cell.drafter.measurement_tool:
         return f"replay (measurement tool: {cell.drafter.name})"
     label = f"{cell.method} ({cell.drafter.name})" if cell.drafter else cell.method
-    return label if cell.engine == "specdec" else f"{cell.engine}: {label}"
+    return engine_class(cell.engine).label + label
 
 
 def cell_columns(cell: Cell) -> dict[str, Any]:
@@ -120,8 +121,8 @@ def cell_columns(cell: Cell) -> dict[str, Any]:
         "cell_id": cell.id,
         "group_id": cell.group_id,
         "ar_group_id": interleaved_group_id(cell) if cell.interleaved else cell.ar_counterpart().group_id,
-        "specdec_ar_group_id": (interleaved_group_id(cell) if cell.interleaved and cell.engine == "specdec"
-                                else cell.ar_counterpart(engine="specdec").group_id),
+        "specdec_ar_group_id": (interleaved_group_id(cell) if cell.interleaved and engine_class(cell.engine).parity_reference
+                                else cell.ar_counterpart(engine=REFERENCE).group_id),
         "reference": cell.reference,
         "dataset": cell.dataset,
         "target": cell.target.name,

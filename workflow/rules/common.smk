@@ -7,6 +7,7 @@ from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import validate
 
 import specdec.config
+import specdec.engines
 import specdec.placement
 import specdec.records
 import specdec.session
@@ -195,7 +196,7 @@ def kernel_choices(wildcards):
     return {
         role: f"{RESULTS}/kernels/"
         + specdec.session.kernel_choice_name(model, dtype, cell.batch_size)
-        for role, (model, dtype) in specdec.session.kernel_setups(cell).items()
+        for role, (model, dtype) in specdec.engines.kernel_setups(cell).items()
     }
 
 
