@@ -1,6 +1,7 @@
 """The engine axis without running an engine: what each engine is given, what it cannot run,
 and how vLLM's counters become ours."""
 
+import ast
 import dataclasses
 import json
 import subprocess
@@ -52,6 +53,22 @@ def test_the_registry_names_the_engines_of_the_config_schema():
     assert json.loads(record_schema_path("cell").read_text())["properties"]["engine"]["enum"] == list(ENGINES)
     assert all(engine.name == name for name, engine in REGISTRY.items())
     assert REFERENCE == "specdec" and [name for name, e in REGISTRY.items() if e.parity_reference] == [REFERENCE]
+
+
+def test_only_the_engines_package_tells_engines_apart_by_name():
+    """Everything else reads what an engine class declares (docs/engines.md): a comparison
+    with an engine's name outside `engines/` is a capability that belongs to its class."""
+    found = []
+    for path in sorted((REPO / "src" / "specdec").rglob("*.py")):
+        if "engines" in path.relative_to(REPO / "src" / "specdec").parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                operands = [node.left, *node.comparators]
+                values = [e for o in operands for e in (o.elts if isinstance(o, (ast.Tuple, ast.List, ast.Set)) else [o])]
+                if any(isinstance(v, ast.Constant) and v.value in ENGINES for v in values):
+                    found.append(f"{path.name}:{node.lineno}")
+    assert found == []
 
 
 def test_one_rule_for_what_an_engine_cannot_run(cells):
