@@ -52,7 +52,7 @@ from specdec.decoding.compiled import compile_steps, step_widths  # noqa: E402
 from specdec.metadata import cpu_description, nvidia_driver  # noqa: E402
 from specdec.leviathan import draft_length_shares, per_token_alpha, predicted_speedup  # noqa: E402
 from specdec.models import prepare_embedded, weight_bytes  # noqa: E402
-from specdec.peers import hf_generate  # noqa: E402
+from specdec.engines.transformers import hf_generate  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 COMPILE_CACHE = Path(__file__).resolve().parents[1] / "resources" / "compile-cache"  # the pipeline's

@@ -47,7 +47,7 @@ from specdec.decoding.compiled import compile_steps, step_widths  # noqa: E402
 from specdec.decoding.kernels import decode_kernels  # noqa: E402
 from specdec.metadata import cpu_description  # noqa: E402
 from specdec.models import load_tokenizer, prepare_embedded, quantized_copy  # noqa: E402
-from specdec.peers import hf_generate  # noqa: E402
+from specdec.engines.transformers import hf_generate  # noqa: E402
 
 CHAT = [
     "Explain what a hash map is and when to use one.",

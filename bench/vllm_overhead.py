@@ -1,5 +1,5 @@
 """What specdec's harness costs vLLM: one vLLM engine, driven in turn by specdec (the load
-generator and `vllm_engine.VllmServer`, with timestamps per step) and by a bare
+generator and `engines.vllm.VllmServer`, with timestamps per step) and by a bare
 `LLM.generate` over the same prompts, interleaved (A B B A ...) so that a noisy machine slows
 both alike. Prints tokens/s of each round and the ratio specdec / bare (target >= 0.97).
 
@@ -22,8 +22,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from specdec.cells import Cell, DrafterSpec, Generation, Load, ModelSpec, Placement  # noqa: E402
 from specdec.datasets import prepare_prompts  # noqa: E402
-from specdec.load import Request, run_load  # noqa: E402
-from specdec.vllm_engine import VllmServer, open_vllm_session  # noqa: E402
+from specdec.engines.vllm import VllmEngine, VllmServer  # noqa: E402
+from specdec.load import Request, RequestStream, run_load  # noqa: E402
 
 
 def bench_cell(method: str, batch: int, new_tokens: int, gamma: int) -> Cell:
@@ -50,7 +50,7 @@ def main() -> None:
     from vllm.sampling_params import RequestOutputKind
 
     cell = bench_cell(args.method, args.batch, args.new_tokens, args.gamma)
-    session = open_vllm_session(cell, Path(args.models_dir))
+    session = VllmEngine.open(cell, Path(args.models_dir))
     os.environ.update(session.environment)
     llm = LLM(**session.args)
     session.engine = llm.llm_engine  # both sides drive this one engine
@@ -62,7 +62,7 @@ def main() -> None:
 
     def through_specdec() -> tuple[int, float]:
         began = time.perf_counter()
-        records = run_load(conversations, VllmServer(session), cell.load, cell.batch_size, warmup=0)
+        records = run_load(RequestStream.of(cell, conversations), VllmServer(session)).records
         return sum(r["output_tokens"] for r in records), time.perf_counter() - began
 
     def bare() -> tuple[int, float]:

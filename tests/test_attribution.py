@@ -12,7 +12,7 @@ from conftest import TINY_CONFIG, cell_inputs
 from specdec.attribution import GENERATE_ACCEPTS, Attribution, Off
 from specdec.decoding import GenerationSettings, ModelDrafter, NgramDrafter, generate
 from specdec.decoding.kernels import tuned_linears
-from specdec.peers import hf_generate
+from specdec.engines.transformers import TransformersEngine, hf_generate
 
 SETTINGS = GenerationSettings(max_new_tokens=6, gamma=3, eos_token_ids=(), pad_token_id=2)
 
@@ -23,7 +23,7 @@ def models(embedded_model):
 
     target, tokenizer = embedded_model
     drafter = quantized_copy(target, "int8")
-    for model in (target, drafter):  # the kernel choice's own forwards, made up front as load_session does
+    for model in (target, drafter):  # the kernel choice's own forwards, made up front as SpecdecEngine.open does
         tuned_linears(model)
     batch = tokenizer(["def add(a, b):", "The capital of France is"], return_tensors="pt", padding=True)
     return target, drafter, batch
@@ -112,7 +112,7 @@ def test_a_model_free_drafter_has_no_drafter_part(models):
 
 def test_transformers_generate_has_its_forwards_but_no_accept_step(models):
     target, drafter, batch = models
-    recorder = Attribution(target, drafter, drafts=True, engine="transformers")
+    recorder = Attribution(target, drafter, drafts=True, hidden=TransformersEngine.hidden_parts)
     counter = Counter(drafter)
     recorder.begin()
     with recorder.decode():

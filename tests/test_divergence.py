@@ -102,11 +102,11 @@ def test_a_forced_divergence_on_the_embedded_model_is_judged(embedded_model):
 def test_a_vllm_cell_judges_with_its_lazily_loaded_target(tmp_path, embedded_model_dir):
     """vLLM's logits stay in its engine process: the session loads a transformers copy of the
     target on first use, and the verdict follows the cell's dtype (bf16: a wider margin)."""
-    from specdec.vllm_engine import VllmPlan, VllmSession
+    from specdec.engines.vllm import VllmEngine, VllmPlan
 
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "smollm2").symlink_to(embedded_model_dir)
-    session = VllmSession(cell=fixture_cell("bfloat16"), tokenizer=None, plan=VllmPlan(device="cpu"), args={},
+    session = VllmEngine(cell=fixture_cell("bfloat16"), tokenizer=None, plan=VllmPlan(device="cpu"), args={},
                           context_limit=2048, environment={}, models_dir=tmp_path / "models",
                           prompt_ids={"p#1": [1, 9690, 198]})
     block = compare_with_reference(session, [request("p#1", [28, 31, 30])], [request("p#1", [28, 29, 30])], "ref.jsonl")

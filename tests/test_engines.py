@@ -1,7 +1,9 @@
 """The engine axis without running an engine: what each engine is given, what it cannot run,
 and how vLLM's counters become ours."""
 
+import ast
 import dataclasses
+import json
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -10,9 +12,12 @@ import pytest
 import yaml
 from conftest import REPO
 
-from specdec.config import ConfigError, expand_matrix, load_config, reference_cell, validate
-from specdec.engines import transformers_settings, unsupported
-from specdec.vllm_engine import counter_difference, cpu_environment, engine_args, per_request_drafts, spec_counters
+from specdec.config import ConfigError, expand_matrix, load_config, reference_cell, schema_path, validate
+from specdec.cells import ENGINES
+from specdec.engines import REFERENCE, REGISTRY, unsupported
+from specdec.engines.transformers import transformers_settings
+from specdec.engines.vllm import counter_difference, cpu_environment, engine_args, per_request_drafts, spec_counters
+from specdec.records import schema_path as record_schema_path
 
 CONFIG = {
     "models": {"smollm2": {"source": "embedded"}},
@@ -39,6 +44,31 @@ def test_the_engine_is_an_axis_and_part_of_the_cell_id(cells):
     assert len(cells) == 3 * (1 + 3 + 1) * 2
     assert "sample--vllm-speculative-self-g3--b2-n64-t0-cpu--r0" in cells
     assert "sample--transformers-ngram-ngram-g2--b1-n64-t0-cpu--r0" in cells
+
+
+def test_the_registry_names_the_engines_of_the_config_schema():
+    assert tuple(REGISTRY) == ENGINES
+    config_enums = yaml.safe_load(schema_path().read_text())["definitions"]["engines"]["oneOf"]
+    assert [one.get("enum", one.get("items", {}).get("enum")) for one in config_enums] == [list(ENGINES)] * 2
+    assert json.loads(record_schema_path("cell").read_text())["properties"]["engine"]["enum"] == list(ENGINES)
+    assert all(engine.name == name for name, engine in REGISTRY.items())
+    assert REFERENCE == "specdec" and [name for name, e in REGISTRY.items() if e.parity_reference] == [REFERENCE]
+
+
+def test_only_the_engines_package_tells_engines_apart_by_name():
+    """Everything else reads what an engine class declares (docs/engines.md): a comparison
+    with an engine's name outside `engines/` is a capability that belongs to its class."""
+    found = []
+    for path in sorted((REPO / "src" / "specdec").rglob("*.py")):
+        if "engines" in path.relative_to(REPO / "src" / "specdec").parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                operands = [node.left, *node.comparators]
+                values = [e for o in operands for e in (o.elts if isinstance(o, (ast.Tuple, ast.List, ast.Set)) else [o])]
+                if any(isinstance(v, ast.Constant) and v.value in ENGINES for v in values):
+                    found.append(f"{path.name}:{node.lineno}")
+    assert found == []
 
 
 def test_one_rule_for_what_an_engine_cannot_run(cells):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from specdec.decoding import GenerationSettings, generate
-from specdec.peers import hf_generate
+from specdec.engines.transformers import hf_generate
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "gpu_speed.py"
 

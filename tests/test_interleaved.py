@@ -14,7 +14,7 @@ from specdec import runner
 from specdec.aggregate import aggregate_experiment, read_runs, runs_table
 from specdec.cells import Load
 from specdec.config import ConfigError, expand_matrix, reference_cell, validate
-from specdec.load import run_load
+from specdec.load import BatchServer, RequestStream, run_load
 from specdec.metrics import summarize
 from specdec.records import INTERLEAVED_REQUESTS, read_requests, read_result, result_from_dict, write_requests, write_result
 
@@ -108,16 +108,17 @@ def test_each_batch_is_served_by_both_sides_alternating_which_goes_first():
         return serve
 
     prompts = [{"id": f"p{i}", "turns": ["hi"]} for i in range(3)]
-    ar = []
-    records = run_load(prompts, engine("method"), Load(), 2, warmup=1, clock=lambda: next(clock),
-                       reference=engine("ar"), on_reference_record=ar.append)
+    now = clock.__next__
+    served = run_load(RequestStream(prompts, warmup=1), BatchServer(engine("method"), 2, now, reference=engine("ar")), clock=now)
+    records, ar = served.records, served.reference
     assert calls == [("method", ["warmup:p0#1"]), ("ar", ["warmup:p0#1"]),
                      ("ar", ["p0#1", "p1#1"]), ("method", ["p0#1", "p1#1"]),
                      ("method", ["p2#1"]), ("ar", ["p2#1"])]
     assert [r["request_id"] for r in ar] == ["warmup:p0#1", "p0#1", "p1#1", "p2#1"]
     assert [r["request_id"] for r in records] == [r["request_id"] for r in ar]
     with pytest.raises(ValueError, match="closed load"):
-        run_load(prompts, engine("method"), Load(mode="open", rate=1.0, num_requests=2), 1, reference=engine("ar"))
+        run_load(RequestStream(prompts, Load(mode="open", rate=1.0, num_requests=2)),
+                 BatchServer(engine("method"), 1, now, reference=engine("ar")))
 
 
 def test_throughput_of_an_interleaved_side_divides_by_its_own_service_time():

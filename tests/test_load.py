@@ -6,7 +6,9 @@ import pytest
 import specdec.load as load_module
 from specdec.cells import Load
 from specdec.load import (
+    BatchServer,
     EngineOutputError,
+    RequestStream,
     arrival_times,
     progress,
     run_load,
@@ -57,12 +59,29 @@ def conv(name, turns=1):
             "turns": [f"{name} turn {i + 1}" for i in range(turns)]}
 
 
-def drive(conversations, load, batch_size, **kwargs):
+class Seen:
+    """A `load.Window` that keeps the measured records it hears of."""
+
+    def __init__(self):
+        self.records, self.edges = [], []
+
+    def begin(self):
+        self.edges.append("begin")
+
+    def end(self):
+        self.edges.append("end")
+
+    def finished(self, record):
+        self.records.append(record)
+
+
+def drive(conversations, load, batch_size, warmup=1, window=None):
     clock = FakeClock()
     engine = FakeEngine(clock)
-    records = run_load(conversations, engine, load, batch_size, clock=clock, sleep=clock.sleep,
-                       **kwargs)
-    return records, engine
+    served = run_load(RequestStream(conversations, load, warmup=warmup), BatchServer(engine, batch_size, clock), window,
+                      clock=clock, sleep=clock.sleep)
+    assert served.reference is None
+    return served.records, engine
 
 
 @pytest.fixture
@@ -140,7 +159,7 @@ def test_a_continuous_server_takes_requests_as_slots_free(arrivals):
     arrivals([0.0, 0.0, 0.0, 0.05])
     clock = FakeClock()
     server = FakeContinuousServer(clock, slots=2, tokens={"a": 1, "b": 3, "c": 2, "d": 1})
-    records = run_load([conv(n) for n in "abcd"], server, OPEN, batch_size=2, warmup=0, clock=clock, sleep=clock.sleep)
+    records = run_load(RequestStream([conv(n) for n in "abcd"], OPEN, warmup=0), server, clock=clock, sleep=clock.sleep).records
     by_id = {r["request_id"]: r for r in records}
     assert server.most_in_flight == 2
     # a leaves after one step and c takes its slot at once, without waiting for b (static batching would)
@@ -177,21 +196,20 @@ def test_second_turn_arrives_when_first_finishes(arrivals):
 
 
 def test_warmup_runs_first_and_is_excluded():
-    seen = []
-    records, engine = drive([conv("a"), conv("b"), conv("c")], Load(mode="closed"), 2, warmup=2,
-                            on_record=seen.append)
+    seen = Seen()
+    records, engine = drive([conv("a"), conv("b"), conv("c")], Load(mode="closed"), 2, warmup=2, window=seen)
     assert engine.batches[0] == ["warmup:a#1", "warmup:b#1"]
     assert [r["warmup"] for r in records] == [True, True, False, False, False]
     assert records[0]["finish_s"] <= 0 <= records[2]["start_s"]  # before the measured window
-    assert [r["request_id"] for r in seen] == ["a#1", "b#1", "c#1"]
+    assert [r["request_id"] for r in seen.records] == ["a#1", "b#1", "c#1"] and seen.edges == ["begin", "end"]
     assert summarize(records)["num_requests"] == 3
 
 
 def test_engine_row_count_mismatch_is_an_error():
     clock = FakeClock()
     with pytest.raises(EngineOutputError, match="1 rows for a batch of 2"):
-        run_load([conv("a"), conv("b")], lambda batch: FakeEngine(clock)(batch)[:1],
-                 Load(mode="closed"), 2, warmup=0, clock=clock, sleep=clock.sleep)
+        run_load(RequestStream([conv("a"), conv("b")], warmup=0), BatchServer(lambda batch: FakeEngine(clock)(batch)[:1], 2, clock),
+                 clock=clock, sleep=clock.sleep)
 
 
 def test_engine_token_count_must_match_emissions():
@@ -203,8 +221,7 @@ def test_engine_token_count_must_match_emissions():
         return rows
 
     with pytest.raises(EngineOutputError, match=r"'a#1'.*output_tokens 5"):
-        run_load([conv("a")], engine, Load(mode="closed"), 1, warmup=0, clock=clock,
-                 sleep=clock.sleep)
+        run_load(RequestStream([conv("a")], warmup=0), BatchServer(engine, 1, clock), clock=clock, sleep=clock.sleep)
 
 
 def test_arrival_times_seeded():

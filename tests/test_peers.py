@@ -7,7 +7,7 @@ from conftest import cell_inputs, greedy_settings
 
 from specdec.decoding import GenerationSettings, generate
 from specdec.models import quantized_copy
-from specdec.peers import hf_generate
+from specdec.engines.transformers import hf_generate
 
 NEW_TOKENS = 32
 

@@ -285,7 +285,7 @@ def no_loading(*args, **kwargs):
 
 
 def test_an_output_folder_that_cannot_be_written_fails_before_any_model_loads(capsys, monkeypatch, tiny, tmp_path):
-    monkeypatch.setattr(runner, "open_session", no_loading)
+    monkeypatch.setattr(runner, "open_engine", no_loading)
     (tmp_path / "a file").write_text("")
     out = tmp_path / "a file" / "out"
     line = specdec_error(capsys, "run", "--cell", str(cell_file(tmp_path / "cell.json", tiny["cells"]["ar"])),
@@ -308,7 +308,7 @@ def test_a_disk_that_fills_up_during_the_decode_is_one_line_and_no_result(capsys
 
 
 def test_a_gpu_placement_on_a_machine_without_gpus_is_one_line(capsys, monkeypatch, tiny, tmp_path):
-    monkeypatch.setattr(runner, "open_session", no_loading)
+    monkeypatch.setattr(runner, "open_engine", no_loading)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setenv("SPECDEC_NUM_GPUS", "0")
     monkeypatch.setenv("SPECDEC_GPU_LOCK_DIR", str(tmp_path / "locks"))
@@ -319,7 +319,7 @@ def test_a_gpu_placement_on_a_machine_without_gpus_is_one_line(capsys, monkeypat
 
 
 def test_a_cell_another_process_is_running_refuses_to_start_naming_its_pid(capsys, monkeypatch, tiny, tmp_path):
-    monkeypatch.setattr(runner, "open_session", no_loading)
+    monkeypatch.setattr(runner, "open_engine", no_loading)
     cell, out = tiny["cells"]["ar"], tmp_path / "out"
     holding = f"""
 import sys, time
@@ -357,7 +357,7 @@ def test_decoding_failure_is_a_failed_result(monkeypatch, tiny, tmp_path, error)
     def broken(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr("specdec.decoding.generate", broken)
+    monkeypatch.setattr("specdec.engines.specdec.generate", broken)
     result = runner.run_cell(tiny["cells"]["ar"], tiny["prompts"], tmp_path, models_dir=tiny["models"])
     written = json.loads((tmp_path / "result.json").read_text())
     assert written == result and result["status"] == "failed" and result["metrics"] is None

@@ -167,7 +167,7 @@ def test_a_replay_cell_replays_its_ar_cell_through_the_runner(tmp_path, embedded
     from specdec import runner
     from specdec.config import expand_matrix, validate
     from specdec.records import read_reference_outputs, read_requests, write_requests
-    from specdec.session import Session
+    from specdec.engines.specdec import SpecdecEngine
 
     models_dir, prompts = cell_inputs(tmp_path, embedded_model_dir, CELL_CONFIG["datasets"]["sample"], seed=5)
     ar, replay_cell = expand_matrix(validate(CELL_CONFIG))
@@ -182,7 +182,7 @@ def test_a_replay_cell_replays_its_ar_cell_through_the_runner(tmp_path, embedded
     # a reference without one of the requests: the request that finds no continuation says so
     partial = tmp_path / "partial.jsonl"
     write_requests(partial, [r for r in read_requests(reference) if not r["request_id"].startswith("warmup:")])
-    session = Session(replay_cell, None, None, ReplayDrafter({}, 0.2), None, None, None,
+    session = SpecdecEngine(replay_cell, None, None, ReplayDrafter({}, 0.2), None, None, None,
                       replayed=read_reference_outputs(partial), reference=partial)
     with pytest.raises(ValueError, match=f"the reference {partial} has no request 'warmup:"):
         session.register_prompt("warmup:" + next(iter(session.replayed)), [1, 2, 3])

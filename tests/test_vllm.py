@@ -155,7 +155,7 @@ DIES_MID_RUN = textwrap.dedent('''
     from pathlib import Path
     from specdec.records import read_cell
     from specdec.runner import run_cell
-    from specdec import vllm_engine
+    from specdec.engines import vllm as vllm_engine
 
     steps = {"n": 0}
     step = vllm_engine.VllmServer.step
@@ -223,10 +223,10 @@ REFUSED = textwrap.dedent('''
     from pathlib import Path
     from specdec.engines import NotSupported
     from specdec.records import read_cell
-    from specdec.vllm_engine import open_vllm_session
+    from specdec.engines.vllm import VllmEngine
 
     if __name__ == "__main__":
-        session = open_vllm_session(read_cell(sys.argv[1]), Path(sys.argv[2]))
+        session = VllmEngine.open(read_cell(sys.argv[1]), Path(sys.argv[2]))
         session.args["speculative_config"]["prompt_lookup_min"] = 9  # above prompt_lookup_max: this vLLM refuses it
         try:
             session.start()

@@ -18,6 +18,7 @@ import pandas as pd
 from specdec import columns as col
 from specdec import cotenants, sweeps, theory
 from specdec.cells import Cell, Load
+from specdec.engines import REFERENCE, engine_class
 from specdec.goodput import Slo, run_goodput
 from specdec.metrics import e2e, emission_gaps, measured, queueing_delay, request_tokens_per_s, tpot, ttft
 from specdec.records import INTERLEAVED_REQUESTS, POWER_KEYS, POWER_SAMPLES, read_power_samples, read_requests, read_result
@@ -105,12 +106,12 @@ def load_label(load: Load) -> str:
 
 
 def method_label(cell: Cell) -> str:
-    """`method (drafter)`, after `engine: ` for an engine other than ours; a replay drafter's
+    """`method (drafter)` after the engine's label (`engine: ` for an engine other than ours); a replay drafter's
     cell is `replay (measurement tool: drafter)`, so that nobody reads it as a method."""
     if cell.drafter is not None and cell.drafter.measurement_tool:
         return f"replay (measurement tool: {cell.drafter.name})"
     label = f"{cell.method} ({cell.drafter.name})" if cell.drafter else cell.method
-    return label if cell.engine == "specdec" else f"{cell.engine}: {label}"
+    return engine_class(cell.engine).label + label
 
 
 def cell_columns(cell: Cell) -> dict[str, Any]:
@@ -123,8 +124,8 @@ def cell_columns(cell: Cell) -> dict[str, Any]:
         col.CELL_ID: cell.id,
         col.GROUP_ID: cell.group_id,
         col.AR_GROUP_ID: interleaved_group_id(cell) if cell.interleaved else cell.ar_counterpart().group_id,
-        col.SPECDEC_AR_GROUP_ID: (interleaved_group_id(cell) if cell.interleaved and cell.engine == "specdec"
-                                else cell.ar_counterpart(engine="specdec").group_id),
+        col.SPECDEC_AR_GROUP_ID: (interleaved_group_id(cell) if cell.interleaved and engine_class(cell.engine).parity_reference
+                                else cell.ar_counterpart(engine=REFERENCE).group_id),
         col.REFERENCE: cell.reference,
         col.DATASET: cell.dataset,
         col.TARGET: cell.target.name,

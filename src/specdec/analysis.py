@@ -1,9 +1,9 @@
 """What a measured cell's records say: metrics, acceptance and the theory's alpha and draft
-lengths, the greedy correctness check against the AR cell, and memory against need."""
+lengths, and the greedy correctness check against the AR cell. `session` is the opened
+engine that ran the cell (`engines.Engine`)."""
 
 from __future__ import annotations
 
-import resource
 from pathlib import Path
 
 import torch
@@ -11,7 +11,6 @@ import torch
 from specdec import acceptance, leviathan, metrics, models, placement
 from specdec.measure import INTERLEAVED_WINDOW
 from specdec.records import INTERLEAVED_REQUESTS, read_requests
-from specdec.session import Session
 
 
 # Greedy decoding takes the arg-max logit, so two runs that round differently (another batch
@@ -40,7 +39,7 @@ def verdict(margin: float, threshold: float) -> str:
     return "near-tie" if margin < threshold else "defect"
 
 
-def compare_with_reference(session: Session, records: list[dict], reference: list[dict], source: str) -> dict:
+def compare_with_reference(session, records: list[dict], reference: list[dict], source: str) -> dict:
     """Greedy outputs must equal the AR cell's token for token. A divergence is reported with
     its position, the target's top-2 logit margin there and a verdict: a near-tie is
     floating point, a defect a bug (`status: failed`). The margin is taken on the prefix both
@@ -68,7 +67,7 @@ def compare_with_reference(session: Session, records: list[dict], reference: lis
             "near_ties": len(divergences) - defects, "defects": defects, "status": "failed" if defects else "passed"}
 
 
-def _top2_gap(session: Session, ids: list[int]) -> float:
+def _top2_gap(session, ids: list[int]) -> float:
     """The target's top-2 logit margin after `ids`, from one uncached forward where the
     target's inputs go (a vLLM cell's target is a transformers copy on the CPU)."""
     with torch.inference_mode():
@@ -99,7 +98,7 @@ def _correctness(session, records: list[dict], reference: Path | None, interleav
 
 def _parity(session, records: list[dict], reference: Path | None) -> dict:
     """Engine parity: a cell another engine runs against our engine's AR cell."""
-    if session.cell.engine == "specdec":
+    if session.parity_reference:
         return {"checked": False, "reason": "our engine is the reference"}
     return _greedy_check(session, records, reference, "no greedy AR cell of our engine with the same settings in the matrix")
 
@@ -120,8 +119,8 @@ def analyse(session, records: list[dict], reference: Path | None, parity_referen
             interleaved: list[dict] | None = None) -> dict:
     """The result's metrics, acceptance, theory and correctness blocks, and with the records
     of an `interleaved` AR reference its `reference` block. The theory's costs pair the
-    cell's attribution with its AR cell's (`specdec.theory`); vLLM's counts of target
-    forwards are its scheduler's, so a vLLM cell has no theory."""
+    cell's attribution with its AR cell's (`specdec.theory`); an engine whose counts of
+    target forwards are its scheduler's (vLLM) has no theory, and its own counters beside."""
     cell = session.cell
     summary = {"metrics": metrics.summarize(records, window="service" if interleaved is not None else "span"),
                "acceptance": None, "theory": None,
@@ -133,37 +132,18 @@ def analyse(session, records: list[dict], reference: Path | None, parity_referen
         return summary
     counts = acceptance.acceptance(records, cell.gamma)
     summary["acceptance"] = counts
-    if cell.engine == "vllm":
-        counts["engine_counters"] = session.window
+    counters = session.counters()
+    if counters is not None:
+        counts["engine_counters"] = counters
+    if not session.theory_applies:
         return summary
     alpha = leviathan.per_token_alpha(counts["per_position"])
     if alpha is None:
         return summary
     # A decode step is a target forward that could verify drafts: our engine's prefill
     # cannot (TTFT is the target's alone), transformers' verifies its first draft.
-    undrafted = 0 if cell.engine == "transformers" else len(metrics.measured(records))
+    undrafted = 0 if session.prefill_verifies else len(metrics.measured(records))
     shares = leviathan.draft_length_shares(counts["per_position"], counts["target_forwards"] - undrafted)
     summary["theory"] = leviathan.theory(alpha=alpha, gamma=cell.gamma, shares=shares)
     return summary
 
-
-def memory_report(session: Session) -> dict:
-    """Peak memory against what the models need: their weights plus full KV caches for the
-    longest prompt of the cell. On a GPU the peak is CUDA's allocator's; on the CPU it is
-    the process's peak RSS, given both whole and less the RSS just before the first weights
-    were loaded (`baseline`: the interpreter, torch, transformers and the tokenizer, about
-    400 MB, which no engine avoids)."""
-    cell, mb = session.cell, 2**20
-    tokens = max(map(len, session.prompt_ids.values()), default=0) + cell.generation.max_new_tokens + cell.gamma + 1
-    caches = sum(models.kv_cache_bytes(m, cell.batch_size, tokens) for m in (session.target, session.drafter_model) if m is not None)
-    needed = models.weight_bytes(session.target, session.drafter_model) + caches
-    report = {"weights_mb": (needed - caches) / mb, "kv_cache_mb": caches / mb}
-    if any(p.device.type == "cuda" for p in session.target.parameters()):
-        peak = sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count()))
-        return report | {"device": "cuda", "peak_mb": peak / mb, "peak_over_needed": peak / needed}
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    report |= {"device": "cpu", "peak_mb": peak / mb, "peak_over_needed": peak / needed}
-    if session.rss_before_weights is not None:
-        baseline = session.rss_before_weights
-        report |= {"baseline_rss_mb": baseline / mb, "growth_over_needed": (peak - baseline) / needed}
-    return report

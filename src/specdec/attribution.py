@@ -28,7 +28,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
 import torch
 
@@ -107,14 +107,15 @@ def _single_device(model) -> torch.device | None:
 
 class Attribution:
     """Times the forwards of `target` and `drafter` (a model, or None) and the engine's decode
-    calls and accept steps inside the measured window. `engine` and `drafts` say which parts
-    cannot be told apart: transformers' accept step, a model-free drafter's proposals. `clock`
-    (ns) is the host clock, injectable for tests."""
+    calls and accept steps inside the measured window. `drafts` without a drafter model is a
+    model-free drafter, whose proposals cannot be told apart; `hidden` names the parts the
+    engine does not let us time, and why (transformers' accept step). `clock` (ns) is the
+    host clock, injectable for tests."""
 
-    def __init__(self, target, drafter=None, *, drafts: bool, engine: str = "specdec",
+    def __init__(self, target, drafter=None, *, drafts: bool, hidden: Mapping[str, str] | None = None,
                  clock: Callable[[], int] = time.perf_counter_ns):
         self.models = {"target": target} | ({"drafter": drafter} if drafter is not None else {})
-        self.drafts, self.engine, self.clock = drafts, engine, clock
+        self.drafts, self.hidden, self.clock = drafts, dict(hidden or {}), clock
         self.devices = {name: _single_device(model) for name, model in self.models.items()}
         self.reason = _why_not(self.models, self.devices)
         on_cuda = any(d is not None and d.type == "cuda" for d in self.devices.values())
@@ -244,8 +245,7 @@ class Attribution:
         missing = {}
         if self.drafts and "drafter" not in self.models:
             missing["drafter"] = MODEL_FREE_DRAFTER
-        if self.engine == "transformers":
-            missing["accept"] = GENERATE_ACCEPTS
+        missing |= self.hidden
         for part in missing:
             parts[part] = None
         decode_s = self.decode_ns / 1e9
@@ -324,12 +324,3 @@ class Off:
     def block(self) -> dict:
         return unavailable("attribution is off for this experiment (attribution: false)")
 
-
-def for_session(session) -> Attribution | EngineSteps | Off:
-    """The recorder of a loaded cell."""
-    cell = session.cell
-    if not cell.attribution:
-        return Off()
-    if cell.engine == "vllm":
-        return EngineSteps()
-    return Attribution(session.target, session.drafter_model, drafts=cell.drafts, engine=cell.engine)

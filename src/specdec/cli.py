@@ -9,25 +9,29 @@ import os
 import sys
 from pathlib import Path
 
-from specdec.config import ConfigError
-
+# Before transformers and huggingface_hub load: they read these once, when imported.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch  # noqa: E402
+
+from specdec.cells import ModelSpec  # noqa: E402
+from specdec.config import ConfigError, check_inputs, expand_matrix, load_config  # noqa: E402
+from specdec.datasets import prepare_dataset_file  # noqa: E402
+from specdec.decoding.kernels import probe  # noqa: E402
+from specdec.engines import unsupported  # noqa: E402
+from specdec.metadata import cpu_model  # noqa: E402
+from specdec.models import load_model, load_tokenizer, model_location, prepare_embedded  # noqa: E402
+from specdec.records import read_cell, write_kernel_choice  # noqa: E402
+from specdec.runner import now_iso, run_cell  # noqa: E402
+
 
 def _prepare_model(args) -> int:
-    from specdec.models import prepare_embedded
-
     print(f"prepared {prepare_embedded(Path(args.out))}")
     return 0
 
 
 def _prepare_dataset(args) -> int:
-    from specdec.datasets import prepare_dataset_file
-    from specdec.models import load_tokenizer, model_location
-
-    from specdec.cells import ModelSpec
-
     spec = ModelSpec(name=args.model, **json.loads(args.model_spec))
     location, kwargs = model_location(spec, Path(args.models_dir))
     tokenizer = load_tokenizer(location, spec.name, **kwargs)
@@ -38,15 +42,6 @@ def _prepare_dataset(args) -> int:
 
 
 def _choose_kernels(args) -> int:
-    import torch
-
-    from specdec.cells import ModelSpec
-    from specdec.decoding.kernels import probe
-    from specdec.metadata import cpu_model
-    from specdec.models import load_model
-    from specdec.records import write_kernel_choice
-    from specdec.runner import now_iso
-
     if args.threads:
         torch.set_num_threads(args.threads)
     spec = ModelSpec(name=args.model, **json.loads(args.model_spec))
@@ -70,9 +65,6 @@ def _kernel_files(values: list[str]) -> dict[str, Path]:
 
 
 def _cell_from_args(args):
-    from specdec.config import expand_matrix, load_config
-    from specdec.records import read_cell
-
     if args.cell:
         return read_cell(args.cell)
     cells = {c.id: c for c in expand_matrix(load_config(args.config))}
@@ -97,8 +89,6 @@ def _log_to(path: str):
 
 
 def _run(args) -> int:
-    from specdec.runner import run_cell
-
     console = _log_to(args.log) if args.log else None
     try:
         cell = _cell_from_args(args)
@@ -123,18 +113,12 @@ def _run(args) -> int:
 
 
 def _cells(args) -> int:
-    from specdec.config import expand_matrix, load_config
-
     for cell in expand_matrix(load_config(args.config)):
         print(cell.id)
     return 0
 
 
 def _check_config(args) -> int:
-    from specdec.config import check_inputs, expand_matrix, load_config
-
-    from specdec.engines import unsupported
-
     config = load_config(args.config)
     check_inputs(config)
     cells = expand_matrix(config)

@@ -39,6 +39,7 @@ from specdec.cells import (
     SCHEMA_TYPES,
     schema_message,
 )
+from specdec.engines import REFERENCE, engine_class
 from specdec.models import ModelError, local_folder
 
 
@@ -293,9 +294,10 @@ def _check_reference(exp: dict, entry: dict, where_method: str, where: str) -> N
     if any(load["mode"] == "open" for load in _as_list(exp["load"])):
         raise ConfigError(f"config key '{key}': interleaved runs AR between the method's requests, which would delay "
                           "an open load's arrivals and change what it measures; use reference: separate with open loads")
-    if "vllm" in _as_list(entry.get("engine", exp["engine"])):
-        raise ConfigError(f"config key '{key}': interleaved decodes the method and AR in one process on one loaded target; "
-                          "vLLM's engine runs in a process of its own and batches continuously; use reference: separate")
+    for engine in map(engine_class, _as_list(entry.get("engine", exp["engine"]))):
+        if not engine.interleaves:
+            raise ConfigError(f"config key '{key}': interleaved decodes the method and AR in one process on one loaded target; "
+                              f"{engine.interleave_reason}; use reference: separate")
 
 
 def _check_replay(exp: dict, entry: dict, drafters: dict, where: str) -> None:
@@ -307,10 +309,10 @@ def _check_replay(exp: dict, entry: dict, drafters: dict, where: str) -> None:
     if any(t != 0 for t in _as_list(exp["temperature"])):
         raise ConfigError(f"config key '{where}.drafter': replay drafter {replays[0]!r} is greedy only (temperature 0): "
                           "under sampling its error_rate would not set the acceptance rate")
-    ours = lambda e: "specdec" in _as_list(e.get("engine", exp["engine"]))
-    if not any(e["method"] == "ar" and ours(e) for e in exp["methods"]):
+    replaying = lambda e: any(engine_class(name).replays for name in _as_list(e.get("engine", exp["engine"])))
+    if not any(e["method"] == "ar" and replaying(e) for e in exp["methods"]):
         raise ConfigError(f"config key '{where}.drafter': replay drafter {replays[0]!r} replays the outputs of our engine's AR cell; "
-                          "add {method: ar} (engine specdec) to this experiment's methods")
+                          f"add {{method: ar}} (engine {REFERENCE}) to this experiment's methods")
 
 
 def _placement_dict(placement: str | dict) -> dict:
@@ -356,12 +358,13 @@ DEFAULT_REFERENCE = {"cpu": "interleaved"}
 
 def _reference(given: str | None, method: str, engine: str, placement: Placement, load: Load) -> str:
     """A cell's reference: `separate` for AR (it is the reference), else the one given, else
-    the default of its placement where interleaving can run (a closed load, not vLLM)."""
+    the default of its placement where interleaving can run (a closed load, an engine that
+    interleaves)."""
     if method not in DRAFTING_METHODS:
         return "separate"
     if given is not None:
         return given
-    if load.is_open or engine == "vllm":
+    if load.is_open or not engine_class(engine).interleaves:
         return "separate"
     return DEFAULT_REFERENCE.get(placement.strategy, "separate")
 

@@ -28,12 +28,14 @@ import sys
 import time
 from collections import deque
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol, Sequence, TextIO, runtime_checkable
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Protocol, Sequence, TextIO
 
 import numpy as np
+from rich import progress as rp
+from rich.console import Console
 
-from specdec.cells import Load
+from specdec.cells import Cell, Load
 
 # Row-result fields copied into the per-request record when the engine reports them.
 _ROW_FIELDS = (
@@ -121,10 +123,31 @@ def total_requests(planned: Sequence[tuple[float, Request]]) -> int:
     return sum(len(request.conversation["turns"]) for _, request in planned)
 
 
+@dataclass(frozen=True)
+class RequestStream:
+    """What the load generator sends: the conversations, under what load, with the
+    schedule's seed, after `warmup` first turns served before the measured window."""
+
+    conversations: Sequence[dict]
+    load: Load = field(default_factory=Load)
+    seed: int = 0
+    warmup: int = 1
+
+    @classmethod
+    def of(cls, cell: Cell, conversations: Sequence[dict]) -> RequestStream:
+        """The stream a cell measures over `conversations`."""
+        return cls(conversations, cell.load, cell.seed, cell.warmup)
+
+    def schedule(self) -> list[tuple[float, Request]]:
+        return schedule(self.conversations, self.load, self.seed)
+
+    def total_requests(self) -> int:
+        return total_requests(self.schedule())
+
+
 # -------------------------------------------------------------------- scheduler
 
 
-@runtime_checkable
 class Server(Protocol):
     """An engine as the scheduler drives it: it takes requests while it has free slots and
     advances by steps; `step` returns the requests that finished, as
@@ -224,68 +247,79 @@ class BatchServer:
         return [(request, row, arrival, start) for (request, arrival), row in zip(batch, rows)]
 
 
-def run_load(
-    conversations: Sequence[dict],
-    engine: Callable[[list[Request]], list[dict]] | Server,
-    load: Load,
-    batch_size: int,
-    *,
-    seed: int = 0,
-    warmup: int = 1,
-    clock: Callable[[], int] = time.perf_counter_ns,
-    sleep: Callable[[float], None] = time.sleep,
-    on_record: Callable[[dict], None] | None = None,
-    on_window_start: Callable[[], None] | None = None,
-    on_window_end: Callable[[], None] | None = None,
-    reference: Callable[[list[Request]], list[dict]] | None = None,
-    on_reference_record: Callable[[dict], None] | None = None,
-) -> list[dict]:
-    """Drive `engine` in real time under `load`; return per-request records, warm-up first.
+class Window(Protocol):
+    """The measured window as the load generator reports it: `begin` just before t0, `end`
+    after the last measured request (the power monitor's window is the throughput window),
+    and each measured record as it finishes."""
 
-    `engine` is a `Server`, or a callable `engine(batch)` (served by `BatchServer`) that
-    gets a list of Request and returns one row result per request with `emissions`
-    [(clock ns, tokens)], `prompt_tokens` and optional counts (_ROW_FIELDS); emissions must
-    be taken with the same `clock`. At most `batch_size` requests are in the engine at
-    once; a request's start is when the engine takes it, and in the closed loop also its
-    arrival. The first `warmup` requests (first turns of the first conversations) run
-    before the measured window, flagged `warmup: true`; their times are negative.
-    `on_record` is called with each measured record as it finishes; `on_window_start` /
-    `on_window_end` just before t0 and after the last measured request (the power
-    monitor's window is the throughput window).
+    def begin(self) -> None: ...
+    def end(self) -> None: ...
+    def finished(self, record: dict) -> None: ...
 
-    `reference` (an engine callable like `engine`) serves every batch too, interleaved with
-    it (`BatchServer`); closed loops only, where no arrival waits on it. Its records (same
-    t0, schema and warm-up) go to `on_reference_record` once the window has ended.
+
+class _Unwatched:
+    def begin(self) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
+
+    def finished(self, record: dict) -> None:
+        pass
+
+
+@dataclass
+class Served:
+    """What a stream produced: the per-request records, warm-up first, and those of an
+    interleaved AR reference (None without one)."""
+
+    records: list[dict]
+    reference: list[dict] | None = None
+
+
+def run_load(stream: RequestStream, server: Server, window: Window | None = None, *,
+             clock: Callable[[], int] = time.perf_counter_ns, sleep: Callable[[float], None] = time.sleep) -> Served:
+    """Drive `server` in real time with `stream`; return the per-request records.
+
+    The server's rows carry `emissions` [(clock ns, tokens)], `prompt_tokens` and optional
+    counts (_ROW_FIELDS); emissions must be taken with the same `clock`. A request's start
+    is when the engine takes it, and in the closed loop also its arrival. The first
+    `stream.warmup` requests (first turns of the first conversations) run before the
+    measured window, flagged `warmup: true`; their times are negative. `window` hears of the
+    window's edges and of each measured record.
+
+    A `BatchServer` with a `reference` serves every batch with it too, interleaved; closed
+    loops only, where no arrival waits on it. Its records (same t0, schema and warm-up) are
+    `Served.reference`.
     """
-    if reference is not None and (load.is_open or isinstance(engine, Server)):
-        raise ValueError("an interleaved reference needs a closed load and an engine callable (static batching)")
-    server = engine if isinstance(engine, Server) else BatchServer(engine, batch_size, clock, reference)
-    planned = schedule(conversations, load, seed)
-    closed = not load.is_open
+    interleaved = getattr(server, "reference", None) is not None
+    if interleaved and stream.load.is_open:
+        raise ValueError("an interleaved reference needs a closed load: it would delay an open load's arrivals")
+    window = window or _Unwatched()
+    planned = stream.schedule()
+    closed = not stream.load.is_open
 
     warm_done = []
-    _drive(server, [(0, i, request) for i, request in enumerate(_conversations(conversations, warmup, warmup=True))],
+    warm_up = _conversations(stream.conversations, stream.warmup, warmup=True)
+    _drive(server, [(0, i, request) for i, request in enumerate(warm_up)],
            closed=True, clock=clock, sleep=sleep, on_done=warm_done.append, later_turns=False)
 
-    if on_window_start is not None:
-        on_window_start()
+    window.begin()
     t0 = clock()
     records = [_record(request, row, arrival, start, t0) for request, row, arrival, start in warm_done]
 
     def finished(done: tuple[Request, dict, int, int]) -> None:
         record = _record(*done, t0)
         records.append(record)
-        if on_record is not None:
-            on_record(record)
+        window.finished(record)
 
     _drive(server, [(t0 + round(offset * 1e9), i, request) for i, (offset, request) in enumerate(planned)],
            closed=closed, clock=clock, sleep=sleep, on_done=finished)
-    if on_window_end is not None:
-        on_window_end()
-    if reference is not None and on_reference_record is not None:
-        for request, row, _, start in server.reference_done:
-            on_reference_record(_record(request, row, start, start, t0))  # closed: arrival is start
-    return records
+    window.end()
+    if not interleaved:
+        return Served(records)
+    # closed: arrival is start
+    return Served(records, [_record(request, row, start, start, t0) for request, row, _, start in server.reference_done])
 
 
 def _drive(server: Server, pending: list[tuple[int, int, Request]], *, closed: bool, clock, sleep, on_done,
@@ -329,8 +363,6 @@ class RequestProgress:
         log_every_s: float = 10.0,
         bar: bool | None = None,
     ):
-        from rich.console import Console
-
         self.total, self.description = total, description
         self.done = self.tokens = 0
         self._clock, self._log_every_s = clock, log_every_s
@@ -338,8 +370,6 @@ class RequestProgress:
         self._console = Console(file=stream or sys.stderr)
         self._bar = self._task = None
         if self._console.is_terminal if bar is None else bar:
-            from rich import progress as rp
-
             self._bar = rp.Progress(
                 rp.TextColumn("{task.description}"),
                 rp.BarColumn(),
@@ -386,7 +416,7 @@ class RequestProgress:
 
 @contextmanager
 def progress(total: int | None, description: str, stream: TextIO | None = None, **options) -> Iterator[RequestProgress]:
-    """`with progress(n, "cell") as bar: run_load(..., on_record=bar.update)`."""
+    """`with progress(n, "cell") as bar: ...` (`bar.update(record)` for each record)."""
     bar = RequestProgress(total, description, stream, **options)
     try:
         yield bar

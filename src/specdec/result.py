@@ -178,7 +178,7 @@ class Theory(_Block):
 
 @dataclass(frozen=True)
 class Engine(_Block):
-    """The engine that ran the cell, its version and settings (`engines.engine_block`)."""
+    """The engine that ran the cell, its version and settings (`Engine.result_block`)."""
 
     name: str
     version: str | None
@@ -203,7 +203,7 @@ class Reference(_Block):
 
 @dataclass(frozen=True, kw_only=True)
 class Memory(_Block):
-    """Peak memory against the models' need (`analysis.memory_report`); the baseline RSS on
+    """Peak memory against the models' need (`InProcessEngine.memory`); the baseline RSS on
     the CPU only."""
 
     weights_mb: float

@@ -1,4 +1,4 @@
-"""Run one benchmark cell through its phases: lease GPUs, load (`session`), measure
+"""Run one benchmark cell through its phases: lease GPUs, open its engine (`engines`), measure
 (`measure`), analyse (`analysis`), and write `result.json` and `requests.jsonl` atomically.
 
 Bad input (prompts, models, placement, an output folder that cannot be written) raises before
@@ -26,13 +26,13 @@ from typing import Iterator, TextIO
 import torch
 
 from specdec import placement
-from specdec.analysis import analyse, memory_report
+from specdec.analysis import analyse
 from specdec.cells import Cell
 from specdec.console import summary_table
-from specdec.engines import NotSupported, engine_block, unsupported
+from specdec.engines import Engine, NotSupported, engine_class, open_engine
+from specdec.fingerprints import cell_inputs
 from specdec.gpus import lease_gpus
 from specdec.locks import holder, open_lock, sign, try_lock
-from specdec.fingerprints import cell_inputs
 from specdec.measure import measure
 from specdec.metadata import collect_metadata
 from specdec.records import (
@@ -40,7 +40,7 @@ from specdec.records import (
     write_result,
 )
 from specdec.result import Status
-from specdec.session import Session, check_context, open_session
+from specdec.session import check_context
 
 log = logging.getLogger("specdec.run")
 
@@ -154,8 +154,8 @@ def run_cell(cell: Cell, prompts_path: Path, out_dir: Path, models_dir: Path = P
 
     `reference` is the requests.jsonl of the same engine's AR cell (greedy drafting is
     lossless), `parity_reference` that of our engine's AR cell (for a cell another engine
-    runs). A cell its engine cannot run (`engines.unsupported`) is written `not_supported`
-    at once. `kernels`: the CPU kernel choice file of each role of `session.kernel_setups`;
+    runs). A cell its engine cannot run (`Engine.unsupported`) is written `not_supported`
+    at once. `kernels`: the CPU kernel choice file of each role of `Engine.kernel_setups`;
     `dataset_files`: those the prompts were prepared from (their fingerprints, and the model
     folders' and the prompts', go into the result's `metadata.inputs`).
     Bad input raises (a ValueError) before anything is written. SIGTERM/SIGINT at
@@ -173,20 +173,19 @@ def run_cell(cell: Cell, prompts_path: Path, out_dir: Path, models_dir: Path = P
         prompts = read_prompts(prompts_path)
         with claimed(out_dir, cell.id):
             where = {"lease": None, "plan": None, "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
-            reason = unsupported(cell)
+            reason = engine_class(cell.engine).unsupported(cell)
             if reason is not None:
                 result, records, reference_records = _blank_result(), [], None
                 result.update(status=Status.NOT_SUPPORTED.value, failure={"type": "NotSupported", "message": reason, "phase": phase})
-                result["engine"] = engine_block(cell, {})
+                result["engine"] = engine_class(cell.engine).result_block({})
             else:
                 lease = lease_gpus(placement.gpus_required(cell.placement, cell.drafter is not None), label=cell.name)
-                session = open_session(cell, Path(models_dir), kernels, reference)
-                context = check_context(session, prompts)
-                if isinstance(session, Session):  # in-process models: our engine's step path (vLLM compiles its own)
-                    session.prepare_steps(context, Path(models_dir).parent / "compile-cache")
-                where |= {"lease": lease.describe(), "plan": session.plan.describe()}
+                engine = open_engine(cell, Path(models_dir), kernels, reference)
+                context = check_context(engine, prompts)
+                engine.prepare(context, Path(models_dir).parent / "compile-cache")
+                where |= {"lease": lease.describe(), "plan": engine.plan.describe()}
                 phase = "measure"
-                result, records, reference_records = _measure_and_analyse(session, prompts, out_dir, reference, parity_reference, console)
+                result, records, reference_records = _measure_and_analyse(engine, prompts, out_dir, reference, parity_reference, console)
             phase = "write"
             inputs = cell_inputs(cell, models_dir, prompts_path, dataset_files)  # after the load: a hub model is in its cache
             try:
@@ -244,35 +243,36 @@ def _blank_result() -> dict:
             "correctness": not_run, "parity": not_run}
 
 
-def _measure_and_analyse(session: Session, prompts: list[dict], out_dir: Path, reference: Path | None,
+def _measure_and_analyse(engine: Engine, prompts: list[dict], out_dir: Path, reference: Path | None,
                          parity_reference: Path | None, console: TextIO | None = None) -> tuple[dict, list[dict], list[dict] | None]:
     """The result body, the request records and an interleaved AR reference's (or None); a failure here (an engine that does not
     start or dies, the cell's `timeout_s` included) is recorded, not raised, so that the
     rest of the matrix goes on."""
     result = _blank_result()
     phase = "start"
-    if session.cell.timeout_s:
+    if engine.cell.timeout_s:
         signal.signal(signal.SIGALRM, _raise_timeout)
-        signal.setitimer(signal.ITIMER_REAL, session.cell.timeout_s)
+        signal.setitimer(signal.ITIMER_REAL, engine.cell.timeout_s)
     try:
-        session.start()
-        result["engine"] = engine_block(session.cell, session.engine_settings)
+        engine.start()
+        result["engine"] = engine.result_block(engine.engine_settings)
         phase = "measure"
-        records, reference_records, window = measure(session, prompts, out_dir, console)
+        records, reference_records, window = measure(engine, prompts, out_dir, console)
         result.update(window)
         phase = "analyse"
-        result.update(analyse(session, records, reference, parity_reference, reference_records))
-        if session.cell.engine != "vllm":  # vLLM's memory is its engine process's, sized by its own settings
-            result["memory"] = memory_report(session)
+        result.update(analyse(engine, records, reference, parity_reference, reference_records))
+        memory = engine.memory()  # None for vLLM: its memory is its engine process's, sized by its own settings
+        if memory is not None:
+            result["memory"] = memory
         return result, records, reference_records
     except Exception as exc:
         log.exception("cell failed during %s", phase)
         status = (Status.NOT_SUPPORTED if isinstance(exc, NotSupported) else Status.FAILED).value
         result.update(status=status, failure=failure_record(exc, phase))
-        result.setdefault("engine", engine_block(session.cell, session.engine_settings))
+        result.setdefault("engine", engine.result_block(engine.engine_settings))
         return result, [], None
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
-        session.close()  # free the models (stop vLLM's engine) before the outputs are written
+        engine.close()  # free the models (stop vLLM's engine) before the outputs are written
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

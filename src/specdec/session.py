@@ -1,17 +1,17 @@
-"""Place and load what a cell decodes with: the placement plan, the target, the drafter, the
-generation settings; and the check that every conversation fits the models' context."""
+"""Place and load what an in-process cell decodes with: the placement plan, the target, the
+drafter's model, the generation settings; the chat context of a request; and the check that
+every conversation fits the models' context (`session`: an opened engine)."""
 
 from __future__ import annotations
 
-import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from specdec import models, placement
 from specdec.cells import Cell, ModelSpec
-
-log = logging.getLogger("specdec.run")
+from specdec.decoding import GenerationSettings, check_same_vocabulary
+from specdec.load import Request
 
 
 class ContextTooLong(ValueError):
@@ -19,106 +19,18 @@ class ContextTooLong(ValueError):
 
 
 @dataclass
-class Session:
-    """Everything a cell decodes with, loaded once."""
+class Models:
+    """The target and the drafter's model of an in-process cell, placed and loaded."""
 
-    cell: Cell
     target: object
     tokenizer: object
-    drafter: object | None  # a decoding Drafter, or generate()'s assistant model (engine transformers)
-    drafter_model: object | None
+    drafter_model: object | None  # a quantised copy of the target, or a model drafter's (or replay pacer's) own model
     plan: placement.PlacementPlan
-    settings: object  # decoding.GenerationSettings
+    settings: GenerationSettings
     rss_before_weights: int | None = None  # bytes: interpreter, libraries and tokenizer
-    prompt_ids: dict = field(default_factory=dict)  # request id -> unpadded prompt token ids
-    kernels: dict = field(default_factory=dict)  # role -> the CPU kernel choice our engine runs it with
-    compiled: dict = field(default_factory=dict)  # role -> how its steps run (decoding.compiled)
-    replayed: dict | None = None  # a replay drafter's reference: request id -> AR output ids
-    reference: Path | None = None  # the file they came from
-
-    @property
-    def device(self) -> str:
-        return self.plan.target.input_device
-
-    @property
-    def context_limit(self) -> int | None:
-        """The shortest context window of the models (max_position_embeddings)."""
-        limits = [getattr(m.config, "max_position_embeddings", None) for m in (self.target, self.drafter_model) if m is not None]
-        return min((limit for limit in limits if limit), default=None)
-
-    @property
-    def engine_settings(self) -> dict:
-        """What the engine is given beyond the cell (the result's `engine.settings`)."""
-        from specdec.engines import transformers_settings
-
-        if self.cell.engine == "transformers":
-            return transformers_settings(self.cell)
-        settings = {"kernels": self.kernels} if self.kernels else {}
-        return settings | ({"compile": self.compiled} if self.compiled else {})
-
-    def prepare_steps(self, context: int, cache_dir: Path) -> None:
-        """Our engine's step path per model: a model whose `compile` is on (absent: on for
-        CUDA) gets a static cache of room for `context` tokens (the longest conversation's,
-        `check_context`) plus one step, and its steps compiled for every shape now, before
-        any request; the others keep the growing cache. `cache_dir`: the compile cache shared
-        by every cell."""
-        from specdec.decoding.compiled import compile_steps, step_widths
-
-        if self.cell.engine != "specdec":
-            return
-        roles = {"target": (self.target, self.cell.target.compile)}
-        if self.drafter_model is not None:  # a quantised copy, or a model drafter's (or replay pacer's) own model
-            spec = self.cell.drafter
-            roles["drafter"] = (self.drafter_model, spec.compile if spec.kind == "quantized" else spec.model.compile)
-        max_length = -(-(context + self.cell.gamma + 1) // 256) * 256  # shapes shared by cells of similar contexts
-        for role, (model, wanted) in roles.items():
-            device = model.get_input_embeddings().weight.device
-            if wanted if wanted is not None else device.type == "cuda":
-                record = compile_steps(model, max_length, self.cell.batch_size, {role: step_widths(self.cell.gamma, role)}, cache_dir)
-                log.info("%s: steps compiled in %.1f s (%s)", role, record["compile_s"], record)
-            else:
-                record = {"enabled": False, "static_cache": False}
-            self.compiled[role] = record
-
-    def register_prompt(self, request_id: str, prompt_ids: list[int]) -> None:
-        """Record a request's prompt ids; a replay drafter learns that prompt's reference
-        continuation, which the reference must hold."""
-        self.prompt_ids[request_id] = prompt_ids
-        if self.replayed is None:
-            return
-        if request_id not in self.replayed:
-            raise ValueError(f"replay drafter {self.cell.drafter.name!r}: the reference {self.reference} has no request {request_id!r} "
-                             "(it must be the AR cell of the same prompts, load and warm-up)")
-        self.drafter.continuations[tuple(prompt_ids)] = self.replayed[request_id]
-
-    def start(self) -> None:
-        """The models are loaded already (`load_session`): bad input is found before the job
-        writes anything."""
-
-    def begin_window(self) -> None:
-        """Our engine and transformers count drafts per request: no engine counters to read
-        around the measured window (vLLM's session reads its own)."""
-
-    def end_window(self) -> None:
-        """See `begin_window`."""
-
-    def close(self) -> None:
-        self.target = self.drafter = self.drafter_model = None
 
 
-def open_session(cell: Cell, models_dir: Path, kernels: dict[str, Path] | None = None, reference: Path | None = None):
-    """The session of the cell's engine: in-process models (ours, transformers) or vLLM.
-    `reference`: the AR cell's requests.jsonl, which a replay drafter replays."""
-    if cell.engine == "vllm":
-        from specdec.vllm_engine import open_vllm_session
-
-        return open_vllm_session(cell, models_dir)
-    return load_session(cell, models_dir, kernels, reference)
-
-
-def generation_settings(cell: Cell, eos_token_ids=(), pad_token_id: int = 0):
-    from specdec.decoding import GenerationSettings
-
+def generation_settings(cell: Cell, eos_token_ids=(), pad_token_id: int = 0) -> GenerationSettings:
     g = cell.generation
     return GenerationSettings(
         max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
@@ -134,18 +46,6 @@ def rss_bytes() -> int | None:
         return None
 
 
-def kernel_setups(cell: Cell) -> dict[str, tuple[str, str]]:
-    """The models whose CPU kernel choice (decoding.kernels) a cell depends on, by role:
-    (model name, dtype) of the float32 models our engine runs on the CPU. The choice is
-    made per model, dtype and batch size, once for every cell of that setup."""
-    if cell.engine != "specdec" or cell.placement.strategy != "cpu":
-        return {}
-    setups = {"target": (cell.target.name, cell.target.dtype)}
-    if cell.drafter is not None and cell.drafter.kind != "quantized" and cell.drafter.model is not None:
-        setups["drafter"] = (cell.drafter.model.name, cell.drafter.model.dtype)
-    return {role: setup for role, setup in setups.items() if setup[1] == "float32"}
-
-
 def kernel_choice_name(model: str, dtype: str, batch_size: int) -> str:
     """The file name of a kernel choice (under results/kernels/)."""
     return f"{model}--{dtype}--b{batch_size}.json"
@@ -159,19 +59,9 @@ def _drafter_dtype(cell: Cell) -> str:
     return {"bf16": "bfloat16", "int8": "float32"}[drafter.dtype]
 
 
-def load_session(cell: Cell, models_dir: Path, kernels: dict[str, Path] | None = None, reference: Path | None = None) -> Session:
-    """Place and load the target and the drafter named by the cell. `kernels`: the kernel
-    choice file of a role of `kernel_setups(cell)`; a model without one is probed here.
-    `reference`: the AR cell's requests.jsonl, required by a replay drafter."""
-    from specdec.decoding import ModelDrafter, NgramDrafter, ReplayDrafter, check_same_vocabulary
-    from specdec.records import read_reference_outputs
-
-    replayed = None
-    if cell.drafter is not None and cell.drafter.kind == "replay":
-        if reference is None:
-            raise ValueError(f"replay drafter {cell.drafter.name!r} needs the requests.jsonl of the AR cell it replays (--reference)")
-        replayed = read_reference_outputs(reference)
-
+def load_models(cell: Cell, models_dir: Path) -> Models:
+    """Place and load the target and the drafter's model named by the cell (an int8 drafter
+    is a dynamic quantisation of the loaded target)."""
     drafter_spec = cell.drafter_model
     int8 = cell.drafter is not None and cell.drafter.dtype == "int8"
 
@@ -194,44 +84,8 @@ def load_session(cell: Cell, models_dir: Path, kernels: dict[str, Path] | None =
     elif drafter_spec:
         drafter_model, drafter_tokenizer = models.load_model(drafter_spec, models_dir, dtype=_drafter_dtype(cell), **plan.drafter.load_kwargs())
         check_same_vocabulary(target, drafter_model, tokenizer, drafter_tokenizer)
-    # transformers' generate() never runs under our kernels (decoding.kernels)
-    chosen = _apply_kernel_choices({"target": target, "drafter": drafter_model}, kernels or {}) if cell.engine == "specdec" else {}
     settings = generation_settings(cell, _eos_ids(target, tokenizer), tokenizer.pad_token_id)
-    if cell.engine == "transformers":
-        drafter = drafter_model  # prompt lookup needs none
-    elif replayed is not None:
-        spec = cell.drafter
-        drafter = ReplayDrafter({}, spec.error_rate, spec.cost_ms_per_token / 1000, model=drafter_model, seed=cell.seed)
-    elif cell.method == "speculative":
-        drafter = ModelDrafter(drafter_model)
-    elif cell.method == "ngram":
-        spec = cell.drafter
-        drafter = NgramDrafter(n=spec.n, top_k=spec.top_k, min_context=spec.min_context)
-    else:
-        drafter = None
-    return Session(cell, target, tokenizer, drafter, drafter_model, plan, settings, rss_before_weights=baseline.get("rss"),
-                   kernels=chosen, replayed=replayed, reference=reference)
-
-
-def _apply_kernel_choices(models: dict, files: dict[str, Path]) -> dict:
-    """Apply each role's kernel choice file (else probe it now, at one row: never inside a
-    measured request); the record of what each model runs, for the result."""
-    from specdec.decoding import kernels
-    from specdec.records import read_kernel_choice
-
-    chosen = {}
-    for role, model in models.items():
-        if model is None:
-            continue
-        if role in files:
-            choice = read_kernel_choice(files[role])
-            kernels.choose(model, choice["weight_major"])
-            chosen[role] = {"source": str(files[role]), "weight_major": choice["weight_major"], "batch_size": choice["batch_size"]}
-        else:
-            chosen[role] = {"source": "probed when the cell loaded (one row)"}
-        chosen[role]["layers_weight_major"] = len(kernels.tuned_linears(model))
-    log.info("CPU linear layers computed as W @ x.T (decoding kernels): %s", chosen)
-    return chosen
+    return Models(target, tokenizer, drafter_model, plan, settings, rss_before_weights=baseline.get("rss"))
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -252,12 +106,10 @@ def chat_messages(request) -> list[dict]:
     return messages
 
 
-def check_context(session: Session, prompts: list[dict]) -> int:
+def check_context(session, prompts: list[dict]) -> int:
     """Every conversation must fit the models' context: its templated turns plus
     max_new_tokens for each answer. Known before decoding, so it is bad input. Returns the
     longest conversation's context (prompt and answers, in tokens)."""
-    from specdec.load import Request
-
     limit, new_tokens = session.context_limit, session.cell.generation.max_new_tokens
     longest = 0
     for conversation in prompts:

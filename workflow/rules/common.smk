@@ -10,6 +10,7 @@ from snakemake.settings.types import DeploymentMethod
 import specdec.config
 import specdec.datasets
 import specdec.fingerprints
+import specdec.engines
 import specdec.placement
 import specdec.records
 import specdec.session
@@ -288,7 +289,7 @@ def kernel_choices(wildcards):
     return {
         role: f"{RESULTS}/kernels/"
         + specdec.session.kernel_choice_name(model, dtype, cell.batch_size)
-        for role, (model, dtype) in specdec.session.kernel_setups(cell).items()
+        for role, (model, dtype) in specdec.engines.kernel_setups(cell).items()
     }
 
 

@@ -1,6 +1,7 @@
-"""Reference rows from transformers' own `generate()`: plain, assisted (a draft model) and
-prompt lookup, measured the same way as our engine (a streamer timestamps each chunk of tokens
-as it reaches the host) and returned as the same `RowResult`s.
+"""The transformers engine: transformers' own `generate()`, plain, assisted (a draft model) or
+prompt lookup, on the models loaded in this process (`InProcessEngine`), measured the same way
+as our engine (a streamer timestamps each chunk of tokens as it reaches the host) and returned
+as the same `RowResult`s. Its drafts run at batch size 1 only.
 
 transformers makes each verification's tokens one streamer chunk, so a chunk is one target
 forward and its size minus one is the number of accepted draft tokens (after transformers' own
@@ -13,11 +14,16 @@ from __future__ import annotations
 
 import copy
 import time
+from typing import ClassVar
 
 import torch
 from transformers.generation import BaseStreamer
 
+from specdec.attribution import GENERATE_ACCEPTS
+from specdec.cells import Cell
 from specdec.decoding import GenerationSettings, RowResult
+from specdec.engines.inprocess import InProcessEngine
+from specdec.metadata import package_version
 
 
 class _ChunkTimer(BaseStreamer):
@@ -85,7 +91,7 @@ def hf_generate(
     0, as transformers 5 defaults to 20 tokens and an adaptive threshold), or prompt lookup
     with `prompt_lookup_num_tokens` draft tokens after a match of up to
     `max_matching_ngram_size` tokens. Drafting runs batch size 1 only
-    (`engines.unsupported`). Seed sampling with `torch.manual_seed`. `generate_kwargs` go to
+    (`TransformersEngine.max_drafting_batch`). Seed sampling with `torch.manual_seed`. `generate_kwargs` go to
     `generate()` as they are (bench: `cache_implementation="static"`)."""
     batch = input_ids.shape[0]
     speculative = assistant_model is not None or prompt_lookup_num_tokens is not None
@@ -125,3 +131,42 @@ def hf_generate(
         if saved_config is not None:
             assistant_model.generation_config = saved_config
     return [_row_result(timer.chunks, row, drafted, settings) for row in range(batch)]
+
+
+def transformers_settings(cell: Cell) -> dict:
+    """The drafting arguments of `generate()` (`hf_generate`) for the cell's method."""
+    if cell.method == "speculative":
+        return {"assistant_model": cell.drafter.name, "num_assistant_tokens": cell.gamma,
+                "num_assistant_tokens_schedule": "constant", "assistant_confidence_threshold": 0.0}
+    if cell.method == "ngram":
+        # transformers backs off from the longest context down to one token (no minimum).
+        return {"prompt_lookup_num_tokens": cell.gamma, "max_matching_ngram_size": cell.drafter.n - 1}
+    return {}
+
+
+class TransformersEngine(InProcessEngine):
+    name = "transformers"
+    label = "transformers: "
+    max_drafting_batch = 1
+    drafting_batch_reason = "transformers' assisted generation and prompt lookup run batch size 1 only"
+    # A decode step is a target forward that could verify drafts: transformers' prefill
+    # verifies its first draft.
+    prefill_verifies = True
+    hidden_parts: ClassVar[dict[str, str]] = {"accept": GENERATE_ACCEPTS}
+
+    @classmethod
+    def version(cls) -> str:
+        return package_version("transformers")
+
+    @property
+    def engine_settings(self) -> dict:
+        return transformers_settings(self.cell)
+
+    def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, generator: torch.Generator,
+               recorder) -> list[RowResult]:
+        """`generate()` never runs under our kernels (decoding.kernels); it samples with
+        torch's global generator (seeded by `measure`)."""
+        lookup = transformers_settings(self.cell)
+        return hf_generate(self.target, input_ids, attention_mask, self.settings, assistant_model=self.drafter,
+                           prompt_lookup_num_tokens=lookup.get("prompt_lookup_num_tokens"),
+                           max_matching_ngram_size=lookup.get("max_matching_ngram_size"))

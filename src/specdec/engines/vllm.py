@@ -27,9 +27,12 @@ from pathlib import Path
 import torch
 
 from specdec import models
+from specdec.attribution import EngineSteps
 from specdec.cells import Cell
-from specdec.engines import INSTALL_VLLM, NotSupported
+from specdec.engines.base import Engine, NotSupported
 from specdec.load import Request
+from specdec.metadata import vllm_version
+from specdec.session import chat_messages
 
 log = logging.getLogger("specdec.run")
 
@@ -40,6 +43,7 @@ CPU_ENVIRONMENT = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "
 # The longest context an engine is sized for: vLLM reserves KV cache for one full sequence.
 MAX_MODEL_LEN = 8192
 COUNTERS = ("num_drafts", "num_draft_tokens", "num_accepted_tokens")
+INSTALL_VLLM = "make install-vllm"
 
 
 class VllmUnavailable(ValueError):
@@ -150,7 +154,7 @@ class VllmServer:
     """The load generator's `Server` over a vLLM engine: continuous batching, at most
     `batch_size` requests in it (vLLM's `max_num_seqs` is the same), one `step()` a call."""
 
-    def __init__(self, session: VllmSession, clock=time.perf_counter_ns, steps=None):
+    def __init__(self, session: VllmEngine, clock=time.perf_counter_ns, steps=None):
         self.session, self.clock, self.steps = session, clock, steps  # steps: an attribution.EngineSteps
         self.in_flight: dict[str, _InFlight] = {}
         self.params = session.sampling_params()
@@ -218,13 +222,25 @@ class VllmPlan:
     tensor_parallel_size: int | None = None
 
     def describe(self) -> dict:
-        return {"engine": "vllm", "device": self.device, "gpus": list(self.gpus), "tensor_parallel_size": self.tensor_parallel_size}
+        return {"engine": VllmEngine.name, "device": self.device, "gpus": list(self.gpus), "tensor_parallel_size": self.tensor_parallel_size}
 
 
 @dataclass
-class VllmSession:
+class VllmEngine(Engine):
     """A vLLM cell: the engine arguments are fixed and checked by vLLM's own config
-    validation when the session opens; the engine starts (minutes) in `start`."""
+    validation when the session opens; the engine starts (minutes) in `start`. vLLM loads
+    its drafter itself in the target's dtype, places it with the target, batches
+    continuously in a process of its own, and counts drafts in its own counters."""
+
+    name = "vllm"
+    label = "vllm: "
+    placements = ("cpu", "same")
+    placement_reason = "vLLM places the drafter with the target (tensor parallel over the same GPUs)"
+    quantized_drafters = False
+    interleaves = False
+    interleave_reason = "vLLM's engine runs in a process of its own and batches continuously"
+    # vLLM's counts of target forwards are its scheduler's: no theory for its cells.
+    theory_applies = False
 
     cell: Cell
     tokenizer: object
@@ -240,9 +256,44 @@ class VllmSession:
     _target: object = None
     _watchdog: threading.Event | None = None
 
+    @classmethod
+    def version(cls) -> str:
+        return vllm_version()
+
+    @classmethod
+    def quantized_drafter_reason(cls, cell: Cell) -> str:
+        drafter = cell.drafter
+        if drafter.dtype == "int8":
+            return (f"vLLM drafts with a model it loads itself; drafter {drafter.name!r} is a dynamic int8 "
+                    "quantisation that exists only as torch modules of our process")
+        return (f"vLLM runs a draft model in the target's dtype ({cell.target.dtype}), so drafter "
+                f"{drafter.name!r}, a {drafter.dtype} copy of the target, would be the target itself")
+
+    @classmethod
+    def open(cls, cell: Cell, models_dir: Path, kernels: dict[str, Path] | None = None,
+             reference: Path | None = None) -> VllmEngine:
+        """Locate the models and fix the engine arguments; nothing starts yet."""
+        import_vllm()
+        location, kwargs = models.model_location(cell.target, models_dir)
+        drafter = None
+        if cell.method == "speculative":
+            drafter, _ = models.model_location(cell.drafter.model, models_dir)
+        config = models.read_config(location, cell.target.name, **kwargs)
+        tokenizer = models.load_tokenizer(location, cell.target.name, **kwargs)
+        limit = min(getattr(config, "max_position_embeddings", None) or MAX_MODEL_LEN, MAX_MODEL_LEN)
+        on_gpu = cell.placement.strategy != "cpu"
+        plan = VllmPlan(device="cuda" if on_gpu else "cpu", tensor_parallel_size=(cell.placement.gpus or 1) if on_gpu else None)
+        return cls(cell, tokenizer, plan, engine_args(cell, location, drafter, limit, on_gpu), limit,
+                   {} if on_gpu else cpu_environment(torch.get_num_threads()), models_dir)
+
     @property
     def device(self) -> str:
         return self.plan.device
+
+    @property
+    def window_device(self) -> str:
+        """Its engine process samples; `step()` returns finished GPU work."""
+        return "cpu"
 
     @property
     def engine_settings(self) -> dict:
@@ -268,8 +319,6 @@ class VllmSession:
         )
 
     def prompt_token_ids(self, request: Request) -> list[int]:
-        from specdec.session import chat_messages
-
         ids = self.tokenizer.apply_chat_template(chat_messages(request), add_generation_prompt=True, tokenize=True,
                                                  return_dict=True)["input_ids"]
         self.prompt_ids[request.request_id] = list(ids)
@@ -296,11 +345,20 @@ class VllmSession:
         threading.Thread(target=_raise_when_dead, args=(self.engine.engine_core, self._watchdog), daemon=True,
                          name="specdec-vllm-watchdog").start()
 
+    def recorder(self) -> EngineSteps:
+        return EngineSteps()
+
+    def server(self, recorder) -> VllmServer:
+        return VllmServer(self, steps=recorder if recorder.enabled else None)
+
     def begin_window(self) -> None:
         self._counters_at_start = spec_counters(self.engine.get_metrics())
 
     def end_window(self) -> None:
         self.window = counter_difference(self._counters_at_start, spec_counters(self.engine.get_metrics()))
+
+    def counters(self) -> dict | None:
+        return self.window
 
     def close(self) -> None:
         if self.engine is not None:
@@ -331,18 +389,3 @@ def _reason(exc: Exception) -> str:
         return "; ".join(error["msg"].removeprefix("Value error, ") for error in errors())
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
-
-def open_vllm_session(cell: Cell, models_dir: Path) -> VllmSession:
-    """Locate the models and fix the engine arguments; nothing starts yet."""
-    import_vllm()
-    location, kwargs = models.model_location(cell.target, models_dir)
-    drafter = None
-    if cell.method == "speculative":
-        drafter, _ = models.model_location(cell.drafter.model, models_dir)
-    config = models.read_config(location, cell.target.name, **kwargs)
-    tokenizer = models.load_tokenizer(location, cell.target.name, **kwargs)
-    limit = min(getattr(config, "max_position_embeddings", None) or MAX_MODEL_LEN, MAX_MODEL_LEN)
-    on_gpu = cell.placement.strategy != "cpu"
-    plan = VllmPlan(device="cuda" if on_gpu else "cpu", tensor_parallel_size=(cell.placement.gpus or 1) if on_gpu else None)
-    return VllmSession(cell, tokenizer, plan, engine_args(cell, location, drafter, limit, on_gpu), limit,
-                       {} if on_gpu else cpu_environment(torch.get_num_threads()), models_dir)
