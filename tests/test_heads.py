@@ -25,6 +25,7 @@ from conftest import chi_square_p, exact_joint, static_caches
 
 VOCAB, HIDDEN, LAYERS = 16, 32, 8  # 8 layers: vLLM's default aux ids (2, 4, 5) are distinct
 PROMPT = [5, 9, 3, 7, 5, 9, 3]
+NEW_TOKENS = 40
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +54,17 @@ def random_eagle3(target, draft_vocab: int, seed: int = 1) -> Eagle3Drafter:
     return Eagle3Drafter(head.eval())
 
 
-def random_medusa(target, heads: int = 3, seed: int = 2) -> MedusaDrafter:
+def random_medusa(target, heads: int = 3, seed: int = 2, as_initialised: bool = False) -> MedusaDrafter:
+    """Random-weight Medusa heads, or, `as_initialised`, heads as Medusa training starts them
+    (zero blocks, the target's lm_head): they guess the target's next token again."""
     torch.manual_seed(seed)
     medusa = MedusaHeads(MedusaSpec(HIDDEN, VOCAB, heads, 1))
-    for weight in medusa.parameters():
-        torch.nn.init.normal_(weight, std=0.3)
+    with torch.no_grad():
+        for name, weight in medusa.named_parameters():
+            if not as_initialised:
+                torch.nn.init.normal_(weight, std=0.3)
+            else:
+                weight.copy_(target.lm_head.weight if name.startswith("lm_heads.") else torch.zeros_like(weight))
     return MedusaDrafter(medusa.eval(), LAYERS)
 
 
@@ -65,6 +72,14 @@ def ragged_batch():
     ids = torch.tensor([[0, 0, 0, 4, 11, 7, 3], PROMPT])
     mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [1] * 7])
     return ids, mask
+
+
+def row_0_stops_early(target, ids, mask, gamma: int = 3) -> GenerationSettings:
+    """Greedy settings under which row 0 meets its EOS a few tokens in and row 1 runs to the
+    length limit: row 0 leaves the batch mid-decode."""
+    ar = generate(target, ids, mask, GenerationSettings(max_new_tokens=NEW_TOKENS))
+    eos = next(t for t in ar[0].output_ids[3:] if t not in ar[1].output_ids)
+    return GenerationSettings(max_new_tokens=NEW_TOKENS, gamma=gamma, eos_token_ids=(eos,))
 
 
 def reference_states(target, tokens: list[int], ids) -> torch.Tensor:
@@ -99,14 +114,17 @@ def test_the_target_steps_return_the_hidden_states_transformers_does(target, cac
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 @pytest.mark.parametrize("kind", ["eagle3", "eagle3 reduced", "medusa"])
 def test_heads_decode_greedy_tokens_identical_to_ar(target, kind, cache):
-    """Batch 2, left-padded, rows accepting different counts: each row's tokens equal AR's."""
+    """Batch 2, left-padded, rows accepting different counts, row 0 leaving early: each row's
+    tokens equal AR's."""
     ids, mask = ragged_batch()
-    settings = GenerationSettings(max_new_tokens=24, gamma=3)
-    drafter = random_medusa(target) if kind == "medusa" else random_eagle3(target, 8 if "reduced" in kind else VOCAB)
+    settings = row_0_stops_early(target, ids, mask)
+    drafter = (random_medusa(target, as_initialised=True) if kind == "medusa"
+               else random_eagle3(target, 8 if "reduced" in kind else VOCAB))
     ar = generate(target, ids, mask, settings)
-    with static_caches(target, max_length=ids.shape[1] + 24 + 3 + 1) if cache == "static" else contextlib.nullcontext():
+    with static_caches(target, max_length=ids.shape[1] + NEW_TOKENS + 3 + 1) if cache == "static" else contextlib.nullcontext():
         rows = generate(target, ids, mask, settings, drafter)
     assert [r.output_ids for r in rows] == [r.output_ids for r in ar]
+    assert [r.finish_reason for r in rows] == ["eos", "length"]
     assert all(r.drafted_tokens > 0 for r in rows) and sum(r.accepted_tokens for r in rows) > 0
     assert sum(r.target_forwards for r in rows) < sum(r.target_forwards for r in ar)
     for row in rows:
@@ -166,8 +184,9 @@ def test_eagle3_cached_drafts_equal_the_head_run_from_scratch(target):
     states, rows leaving) is what the head computes on each row's text from scratch."""
     ids, mask = ragged_batch()
     recorded = _Recorded(random_eagle3(target, 8))
-    generate(target, ids, mask, GenerationSettings(max_new_tokens=20, gamma=3), recorded)
-    assert len(recorded.proposals) > 10
+    rows = generate(target, ids, mask, row_0_stops_early(target, ids, mask), recorded)
+    assert [r.finish_reason for r in rows] == ["eos", "length"]
+    assert len(recorded.proposals) > 10 and sum(r.accepted_tokens for r in rows) > 0
     with torch.no_grad():
         for text, drafts in recorded.proposals:
             assert drafts == uncached_drafts(recorded.drafter, target, text, len(drafts))
