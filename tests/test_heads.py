@@ -74,12 +74,15 @@ def ragged_batch():
     return ids, mask
 
 
-def row_0_stops_early(target, ids, mask, gamma: int = 3) -> GenerationSettings:
-    """Greedy settings under which row 0 meets its EOS a few tokens in and row 1 runs to the
-    length limit: row 0 leaves the batch mid-decode."""
+@pytest.fixture(scope="module")
+def early_stop(target):
+    """Greedy settings under which row 0 of `ragged_batch` meets its EOS a few tokens in and
+    row 1 runs to the length limit (row 0 leaves the batch mid-decode), and AR's rows."""
+    ids, mask = ragged_batch()
     ar = generate(target, ids, mask, GenerationSettings(max_new_tokens=NEW_TOKENS))
     eos = next(t for t in ar[0].output_ids[3:] if t not in ar[1].output_ids)
-    return GenerationSettings(max_new_tokens=NEW_TOKENS, gamma=gamma, eos_token_ids=(eos,))
+    settings = GenerationSettings(max_new_tokens=NEW_TOKENS, gamma=3, eos_token_ids=(eos,))
+    return settings, generate(target, ids, mask, settings)
 
 
 def reference_states(target, tokens: list[int], ids) -> torch.Tensor:
@@ -113,14 +116,13 @@ def test_the_target_steps_return_the_hidden_states_transformers_does(target, cac
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 @pytest.mark.parametrize("kind", ["eagle3", "eagle3 reduced", "medusa"])
-def test_heads_decode_greedy_tokens_identical_to_ar(target, kind, cache):
+def test_heads_decode_greedy_tokens_identical_to_ar(target, early_stop, kind, cache):
     """Batch 2, left-padded, rows accepting different counts, row 0 leaving early: each row's
     tokens equal AR's."""
     ids, mask = ragged_batch()
-    settings = row_0_stops_early(target, ids, mask)
+    settings, ar = early_stop
     drafter = (random_medusa(target, as_initialised=True) if kind == "medusa"
                else random_eagle3(target, 8 if "reduced" in kind else VOCAB))
-    ar = generate(target, ids, mask, settings)
     with static_caches(target, max_length=ids.shape[1] + NEW_TOKENS + 3 + 1) if cache == "static" else contextlib.nullcontext():
         rows = generate(target, ids, mask, settings, drafter)
     assert [r.output_ids for r in rows] == [r.output_ids for r in ar]
@@ -179,12 +181,12 @@ def uncached_drafts(drafter: Eagle3Drafter, target, text: list[int], gamma: int)
     return drafts
 
 
-def test_eagle3_cached_drafts_equal_the_head_run_from_scratch(target):
+def test_eagle3_cached_drafts_equal_the_head_run_from_scratch(target, early_stop):
     """What the session drafts through its ragged cache (rolled back, re-fed with the target's
     states, rows leaving) is what the head computes on each row's text from scratch."""
     ids, mask = ragged_batch()
     recorded = _Recorded(random_eagle3(target, 8))
-    rows = generate(target, ids, mask, row_0_stops_early(target, ids, mask), recorded)
+    rows = generate(target, ids, mask, early_stop[0], recorded)
     assert [r.finish_reason for r in rows] == ["eos", "length"]
     assert len(recorded.proposals) > 10 and sum(r.accepted_tokens for r in rows) > 0
     with torch.no_grad():
