@@ -17,7 +17,7 @@ from specdec.decoding import GenerationSettings, generate
 from specdec.decoding.cache import open_cache
 from specdec.decoding.drafters import on_target_vocab
 from specdec.decoding.eagle3 import Eagle3Drafter, Eagle3Head, Eagle3Spec, default_aux_ids
-from specdec.decoding.head_formats import HeadMismatch, load_head, save_eagle3, save_medusa
+from specdec.decoding.head_formats import HeadMismatch, head_spec, load_head, save_eagle3, save_medusa
 from specdec.decoding.medusa import MedusaDrafter, MedusaHeads, MedusaSpec
 from specdec.head_training import draft_vocabulary, held_out_loss, new_eagle3, train_eagle3
 
@@ -302,6 +302,9 @@ def test_heads_that_do_not_fit_are_refused_by_field(target, tmp_path, kind, chan
     with pytest.raises(HeadMismatch, match=message) as refused:
         load_head(folder, target)
     assert "\n" not in str(refused.value)
+    if "has shape" not in message:  # the gate's check reads the config alone
+        with pytest.raises(HeadMismatch, match=message):
+            head_spec(folder, target.config)
 
 
 def test_heads_of_another_kind_or_without_safetensors_are_refused(target, tmp_path):

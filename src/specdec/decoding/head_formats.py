@@ -59,20 +59,27 @@ def head_folder(source: str | Path) -> Path:
         raise HeadMismatch(f"head {source}: not a local folder, and the hub snapshot failed: {first}") from None
 
 
-def load_head(source: str | Path, target, kind: str | None = None) -> Drafter:
-    """The drafter of the head at `source` (folder or hub id) for `target` (a transformers
-    causal LM), on the target's device and dtype. `kind` ("eagle3", "medusa"): what the
-    caller expects; a checkpoint of another kind is refused."""
+def head_spec(source: str | Path, target_config, kind: str | None = None) -> tuple[Path, Eagle3Spec | MedusaSpec]:
+    """The folder and the description of the head at `source` (folder or hub id), checked
+    against the target's config without reading weights or building a model: the gate's
+    check. `kind` ("eagle3", "medusa"): what the caller expects; another kind is refused."""
     folder = head_folder(source)
     config = _read_config(folder)
     found = _kind_of(config, kind, folder)
     if kind is not None and found != kind:
         raise HeadMismatch(f"{folder / 'config.json'}: a {found} head, not the {kind} head expected")
+    text = target_config.get_text_config()
+    return folder, eagle3_spec(config, text, folder) if found == "eagle3" else medusa_spec(config, text, folder)
+
+
+def load_head(source: str | Path, target, kind: str | None = None) -> Drafter:
+    """The drafter of the head at `source` (folder or hub id) for `target` (a transformers
+    causal LM), on the target's device and dtype (`head_spec` checks it first)."""
+    folder, spec = head_spec(source, target.config, kind)
     weights = _read_weights(folder)
     text = target.config.get_text_config()
     device, dtype = target.get_input_embeddings().weight.device, target.get_input_embeddings().weight.dtype
-    if found == "eagle3":
-        spec = eagle3_spec(config, text, folder)
+    if isinstance(spec, Eagle3Spec):
         head = Eagle3Head(spec, None if "embed_tokens.weight" in weights else target.get_input_embeddings())
         weights = {re.sub(r"^layers\.0\.", "midlayer.", k): v for k, v in weights.items()}
         if "d2t" not in weights and spec.draft_vocab_size == text.vocab_size:
@@ -81,7 +88,7 @@ def load_head(source: str | Path, target, kind: str | None = None) -> Drafter:
         weights.setdefault("t2d", _t2d(weights.get("d2t"), text.vocab_size))
         _load_weights(head, weights, folder, shared=() if head.own_embedding else ("embed_tokens.",))
         return Eagle3Drafter(head.to(device=device, dtype=dtype).eval())
-    heads = MedusaHeads(medusa_spec(config, text, folder))
+    heads = MedusaHeads(spec)
     _load_weights(heads, {k.removeprefix("medusa_heads."): v for k, v in weights.items()}, folder)
     return MedusaDrafter(heads.to(device=device, dtype=dtype).eval(), text.num_hidden_layers)
 
