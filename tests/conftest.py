@@ -133,3 +133,35 @@ def run_snakemake(workdir: Path, *args: str, timeout: float | None = None, path:
     env = dict(os.environ, PATH=path or f"{bin_dir}:{os.environ['PATH']}", HF_HUB_OFFLINE="1")
     command = [str(bin_dir / "snakemake"), "-s", str(REPO / "Snakefile"), *args]
     return subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def exact_joint(model, settings, prompt: list[int], length: int):
+    """The model's exact distribution of its first `length` sampled tokens after `prompt`,
+    flattened over (vocab,) * length."""
+    import torch
+
+    vocab = model.config.vocab_size
+    sampler = settings.sampler(None)
+    joint = torch.ones(1)
+    prefixes = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(length):
+            probs = sampler.probs(model(prefixes).logits[:, -1])  # (prefixes, vocab)
+            joint = (joint.reshape(-1, 1) * probs).reshape(-1)
+            prefixes = torch.cat([prefixes.repeat_interleave(vocab, 0), torch.arange(vocab).repeat(len(prefixes))[:, None]], 1)
+    return joint
+
+
+def chi_square_p(counts, expected_probs) -> float:
+    """Pearson's test, pooling cells expected below 5 into one."""
+    import torch
+
+    n = counts.sum()
+    expected = expected_probs.double() * n
+    small = expected < 5
+    obs = torch.cat([counts[~small].double(), counts[small].double().sum().reshape(1)])
+    exp = torch.cat([expected[~small], expected[small].sum().reshape(1)])
+    obs, exp = obs[exp > 0], exp[exp > 0]
+    stat = ((obs - exp) ** 2 / exp).sum()
+    df = len(obs) - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2.0, dtype=torch.float64), stat / 2))

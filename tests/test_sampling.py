@@ -8,7 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from specdec.decoding import Draft, GenerationSettings, ModelDrafter, NgramDrafter, Sampler, generate, verify
 
-from conftest import static_caches
+from conftest import chi_square_p, exact_joint, static_caches
 
 VOCAB = 16
 
@@ -37,32 +37,6 @@ def drafter_model():
 PROMPT = [5, 9, 3, 7, 5, 9, 3]
 
 
-def exact_joint(model, settings, length: int) -> torch.Tensor:
-    """The target's exact distribution of its first `length` sampled tokens, (VOCAB,) * length."""
-    sampler = settings.sampler(None)
-    joint = torch.ones(1)
-    prefixes = torch.tensor([PROMPT])
-    with torch.no_grad():
-        for _ in range(length):
-            probs = sampler.probs(model(prefixes).logits[:, -1])  # (prefixes, VOCAB)
-            joint = (joint.reshape(-1, 1) * probs).reshape(-1)
-            prefixes = torch.cat([prefixes.repeat_interleave(VOCAB, 0), torch.arange(VOCAB).repeat(len(prefixes))[:, None]], 1)
-    return joint
-
-
-def chi_square_p(counts: torch.Tensor, expected_probs: torch.Tensor) -> float:
-    """Pearson's test, pooling cells expected below 5 into one."""
-    n = counts.sum()
-    expected = expected_probs.double() * n
-    small = expected < 5
-    obs = torch.cat([counts[~small].double(), counts[small].double().sum().reshape(1)])
-    exp = torch.cat([expected[~small], expected[small].sum().reshape(1)])
-    obs, exp = obs[exp > 0], exp[exp > 0]
-    stat = ((obs - exp) ** 2 / exp).sum()
-    df = len(obs) - 1
-    return float(torch.special.gammaincc(torch.tensor(df / 2.0, dtype=torch.float64), stat / 2))
-
-
 def sampled_tokens(target, settings, drafter, draws: int, seed: int, length: int) -> torch.Tensor:
     ids = torch.tensor([PROMPT] * draws)
     rows = generate(target, ids, torch.ones_like(ids), settings, drafter, torch.Generator().manual_seed(seed))
@@ -83,7 +57,7 @@ def test_speculative_sampling_keeps_the_target_distribution(target, drafter_mode
     with static_caches(target, drafter_model, max_length=len(PROMPT) + 3 + 3 + 1) if cache == "static" else contextlib.nullcontext():
         tokens = sampled_tokens(target, settings, drafter, draws, seed=11, length=3)
     # Tokens 2 and 3 come from the first speculative step (token 1 is the target's, after prefill).
-    joint = exact_joint(target, settings, 3).reshape(VOCAB, VOCAB, VOCAB)
+    joint = exact_joint(target, settings, PROMPT, 3).reshape(VOCAB, VOCAB, VOCAB)
     pair_counts = torch.bincount(tokens[:, 1] * VOCAB + tokens[:, 2], minlength=VOCAB**2)
     assert chi_square_p(pair_counts, joint.sum(0).reshape(-1)) > 1e-3
     first_counts = torch.bincount(tokens[:, 0] * VOCAB + tokens[:, 1], minlength=VOCAB**2)
@@ -94,7 +68,7 @@ def test_the_test_detects_the_drafter_distribution(target, drafter_model):
     """Power check: sampling the drafter alone is rejected by the same test."""
     settings = GenerationSettings(max_new_tokens=3, temperature=1.0)
     tokens = sampled_tokens(drafter_model, settings, None, 6000, seed=11, length=3)
-    joint = exact_joint(target, settings, 3).reshape(VOCAB, VOCAB, VOCAB)
+    joint = exact_joint(target, settings, PROMPT, 3).reshape(VOCAB, VOCAB, VOCAB)
     pair_counts = torch.bincount(tokens[:, 1] * VOCAB + tokens[:, 2], minlength=VOCAB**2)
     assert chi_square_p(pair_counts, joint.sum(0).reshape(-1)) < 1e-6
 

@@ -1,6 +1,14 @@
 """A model's KV cache for a batch whose rows advance by different amounts: one interface
 (`KVCache`), a growing cache (`RaggedCache`) and a preallocated one (`StaticRaggedCache`),
-chosen per model in one place (`open_cache`)."""
+chosen per model in one place (`open_cache`).
+
+A cache opened with `hidden_ids` also keeps, from each forward, the model's hidden states of
+those ids beside the logits (`KVCache.hidden`): id k is transformers' `hidden_states[k]`
+(0: the embedding output; k < L: the residual stream after layer k - 1, which is vLLM's
+EAGLE-3 auxiliary layer id k; L: the final normed state). Transformers captures only the
+selected ids (`output_hidden_states=[ids]`, hooks on the decoder layers), in the same forward;
+a cache without ids asks for nothing.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +23,13 @@ from transformers import DynamicCache, StaticCache
 
 def model_device(model) -> torch.device:
     return model.get_input_embeddings().weight.device
+
+
+def logits_and_hidden(output, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A causal LM's (logits, the hidden states `kwargs["output_hidden_states"]` selected,
+    concatenated along the last dimension (B, T, len(ids) * H), or None when none were)."""
+    ids = kwargs.get("output_hidden_states")
+    return output.logits, (torch.cat([output.hidden_states[i] for i in ids], dim=-1) if ids else None)
 
 
 def _cache_kwarg(model) -> str:
@@ -33,39 +48,47 @@ class KVCache(ABC):
     valid slots, so each row sees the same positions and the same keys it would see decoded
     alone. After each step the slots that no row kept are dropped from the tail, so the
     cache grows by the longest accepted run, not by gamma. `used` (on the host) counts the
-    slots written so far; `lengths` (B,) the valid ones per row.
+    slots written so far; `lengths` (B,) the valid ones per row. `hidden`: the hidden states
+    the last forward gave beside its logits (B, T, ...), or None.
     """
 
     cache: object  # the transformers cache
     mask: torch.Tensor  # (B, S) bool
     used: int
 
-    def __init__(self, model, batch: int, device: torch.device):
+    def __init__(self, model, batch: int, device: torch.device, hidden_ids: tuple[int, ...] = ()):
         self.model = model
         self.cache_kwarg = _cache_kwarg(model)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self.hidden_ids = tuple(hidden_ids)
+        self.hidden: torch.Tensor | None = None
 
     @classmethod
     def prefill(cls, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs):
-        """Cache a left-padded prompt batch; returns (cache, logits of the last position (B, V))."""
+        """Cache a left-padded prompt batch; returns (cache, logits of the last position (B, V)).
+        The hidden states (`hidden_ids`) cover every prompt position."""
         cache = cls(model, input_ids.shape[0], input_ids.device, **kwargs)
-        return cache, cache._feed(cache._model_logits, input_ids, attention_mask.bool(), 1)[:, -1]
+        return cache, cache.feed(cache._eager_step, input_ids, attention_mask.bool(), 1)[:, -1]
 
     def extend(self, tokens: torch.Tensor, valid: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
         """Run the model on (B, T) new tokens; `valid` (B, T) marks the real ones (the rest are
         holes no query will ever attend to). Returns logits (B, T or logits_to_keep, V)."""
-        return self._feed(self._model_logits, tokens, valid, logits_to_keep)
+        return self.feed(self._eager_step, tokens, valid, logits_to_keep)
 
-    def _model_logits(self, **kwargs) -> torch.Tensor:
-        return self.model(**kwargs).logits
+    def _eager_step(self, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return logits_and_hidden(self.model(**kwargs), kwargs)
 
-    def _feed(self, forward: Callable, tokens: torch.Tensor, valid: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
-        """`forward(**model kwargs)` -> logits, on the tokens placed after the cached ones."""
+    def feed(self, step: Callable, tokens: torch.Tensor, valid: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
+        """`step(**model kwargs)` -> (logits, hidden states or None), on the tokens placed after
+        the cached ones: the one place positions and the mask are made. Returns the logits and
+        keeps the hidden states in `hidden`."""
         positions = (self.lengths[:, None] + valid.cumsum(1) - 1).clamp_(min=0)
         self._write_mask(valid)
         self.lengths = self.lengths + valid.sum(1)
-        return forward(input_ids=tokens, attention_mask=self.mask, position_ids=positions, use_cache=True,
-                       **{self.cache_kwarg: self.cache}, logits_to_keep=logits_to_keep)
+        selected = {"output_hidden_states": list(self.hidden_ids)} if self.hidden_ids else {}
+        logits, self.hidden = step(input_ids=tokens, attention_mask=self.mask, position_ids=positions, use_cache=True,
+                                   **{self.cache_kwarg: self.cache}, logits_to_keep=logits_to_keep, **selected)
+        return logits
 
     def rollback(self, keep: torch.Tensor, window: int, max_keep: int) -> None:
         """Of the last `window` slots, row b keeps the first keep[b]; `max_keep` = max(keep)
@@ -102,8 +125,8 @@ class KVCache(ABC):
 class RaggedCache(KVCache):
     """A `DynamicCache`: it grows by each step's slots and is cropped on rollback."""
 
-    def __init__(self, model, batch: int, device: torch.device):
-        super().__init__(model, batch, device)
+    def __init__(self, model, batch: int, device: torch.device, hidden_ids: tuple[int, ...] = ()):
+        super().__init__(model, batch, device, hidden_ids)
         self.cache = DynamicCache(config=model.config)
         self.mask = torch.zeros(batch, 0, dtype=torch.bool, device=device)
         self.used = 0
@@ -123,7 +146,8 @@ class RaggedCache(KVCache):
 @dataclass
 class StaticSetup:
     """A model decoded with preallocated caches of `max_length` slots, whose step forwards
-    `step` runs (the model itself, or its compiled forward: see compiled.py).
+    `step` runs (the model itself, or its compiled forward: see compiled.py): model kwargs ->
+    (logits, the hidden states they select or None), as `logits_and_hidden` returns them.
 
     The caches are allocated once per (user, batch size) and reused by every later
     `generate()`: captured graphs read the cache at fixed addresses. The target and a drafter
@@ -148,8 +172,9 @@ _STATIC = "_specdec_static_cache"
 
 def use_static_cache(model, max_length: int, compiled_step: Callable | None = None) -> StaticSetup:
     """Decode `model` with static caches of `max_length` slots from now on; its step
-    forwards run eagerly, or through `compiled_step` (model kwargs -> logits)."""
-    setup = StaticSetup(max_length, compiled_step or (lambda **kwargs: model(**kwargs).logits), compiled_step is not None)
+    forwards run eagerly, or through `compiled_step` (`StaticSetup.step`)."""
+    setup = StaticSetup(max_length, compiled_step or (lambda **kwargs: logits_and_hidden(model(**kwargs), kwargs)),
+                        compiled_step is not None)
     setattr(model, _STATIC, setup)
     return setup
 
@@ -172,18 +197,20 @@ def static_setup(model) -> StaticSetup | None:
     return getattr(model, _STATIC, None)
 
 
-def open_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, user: str, room: int = 0):
+def open_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, user: str, room: int = 0,
+               hidden_ids: tuple[int, ...] = ()):
     """The one place a cache is chosen: prefill the model's static cache if it has one
     (`use_static_cache`), else a growing one. `room`: slots the caller will add beyond the
-    prompt (checked against a static cache's length). Returns (cache, last logits (B, V))."""
+    prompt (checked against a static cache's length); `hidden_ids`: the hidden states every
+    forward keeps (`KVCache.hidden`). Returns (cache, last logits (B, V))."""
     setup = static_setup(model)
     if setup is None:
-        return RaggedCache.prefill(model, input_ids, attention_mask)
+        return RaggedCache.prefill(model, input_ids, attention_mask, hidden_ids=hidden_ids)
     need = input_ids.shape[1] + room
     if need > setup.max_length:
         raise ValueError(f"the static cache holds {setup.max_length} slots; this batch needs {need} "
                          f"(prompt {input_ids.shape[1]} + {room}): raise its max_length")
-    return StaticRaggedCache.prefill(model, input_ids, attention_mask, setup=setup, user=user)
+    return StaticRaggedCache.prefill(model, input_ids, attention_mask, hidden_ids=hidden_ids, setup=setup, user=user)
 
 
 class StaticRaggedCache(KVCache):
@@ -200,8 +227,9 @@ class StaticRaggedCache(KVCache):
     most prompt + max_new_tokens tokens, so a length of that plus gamma + 1 always has room.
     """
 
-    def __init__(self, model, batch: int, device: torch.device, setup: StaticSetup, user: str):
-        super().__init__(model, batch, device)
+    def __init__(self, model, batch: int, device: torch.device, setup: StaticSetup, user: str,
+                 hidden_ids: tuple[int, ...] = ()):
+        super().__init__(model, batch, device, hidden_ids)
         self.setup, self.user = setup, user
         self.cache = setup.cache(model, user, batch)
         for layer in self.cache.layers:
@@ -212,7 +240,7 @@ class StaticRaggedCache(KVCache):
 
     def extend(self, tokens, valid, logits_to_keep=0):
         # Every step returns all its logits: one graph per (batch, width), whatever is kept.
-        logits = self._feed(self.setup.step, tokens, valid, 0)
+        logits = self.feed(self.setup.step, tokens, valid, 0)
         return logits[:, -logits_to_keep:] if logits_to_keep else logits
 
     def _write_mask(self, valid):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .cache import model_device, open_cache, use_static_cache
+from .cache import logits_and_hidden, model_device, open_cache, use_static_cache
 
 # One graph per (user, batch size, width): the target's widths 1 .. gamma + 1, the drafter's
 # 1 and 2, for every batch size rows leave down to. Beyond dynamo's default of 8 graphs.
@@ -39,10 +39,11 @@ def compile_cache_dir(folder: Path) -> Path:
 
 
 def compile_steps(model, max_length: int, batch_size: int, widths: dict[str, list[int]],
-                  cache_dir: Path | None = None) -> dict:
+                  cache_dir: Path | None = None, hidden_ids: dict[str, tuple[int, ...]] | None = None) -> dict:
     """Set `model` up with static caches of `max_length` slots and compiled step forwards,
     and compile (capture) every shape decoding will run: each user ("target", "drafter") in
-    `widths` with its step widths, at every batch size 1 .. `batch_size`.
+    `widths` with its step widths, at every batch size 1 .. `batch_size`; a user in
+    `hidden_ids` with the hidden states its steps return (a drafting head's inputs).
 
     Returns the record of what was done (`result.json`'s `engine.settings.compile`)."""
     folder = compile_cache_dir(cache_dir) if cache_dir is not None else None
@@ -56,26 +57,29 @@ def compile_steps(model, max_length: int, batch_size: int, widths: dict[str, lis
     def step(**kwargs):
         if cuda:
             torch.compiler.cudagraph_mark_step_begin()
-        # A replayed graph's outputs are overwritten by its next replay: the caller keeps a copy.
-        return compiled(**kwargs).logits.clone()
+        # A replayed graph's outputs are overwritten by its next replay: the caller keeps a
+        # copy (the hidden states are one already: concatenated outside the graph).
+        logits, hidden = logits_and_hidden(compiled(**kwargs), kwargs)
+        return logits.clone(), hidden
 
     use_static_cache(model, max_length, step)
     started = time.perf_counter()
-    warm_up(model, batch_size, widths)
+    warm_up(model, batch_size, widths, hidden_ids or {})
     return {"enabled": True, "static_cache": True, "device": "cuda" if cuda else "cpu",
             "mode": options.get("mode", "default, freezing"), "max_length": max_length,
             "compile_s": time.perf_counter() - started, "cache_dir": str(folder) if folder else None}
 
 
-def warm_up(model, batch_size: int, widths: dict[str, list[int]]) -> None:
-    """Run each step shape once on the model's static caches (dummy tokens), so compiling
-    and capturing happen here, never inside a measured request."""
+def warm_up(model, batch_size: int, widths: dict[str, list[int]], hidden_ids: dict[str, tuple[int, ...]]) -> None:
+    """Run each step shape once on the model's static caches (dummy tokens), with the hidden
+    states each user asks for, so compiling and capturing happen here, never inside a
+    measured request."""
     device = model_device(model)
     with torch.inference_mode():
         for user, user_widths in widths.items():
             for batch in range(batch_size, 0, -1):
                 ids = torch.ones(batch, 1, dtype=torch.long, device=device)
-                cache, _ = open_cache(model, ids, torch.ones_like(ids), user)
+                cache, _ = open_cache(model, ids, torch.ones_like(ids), user, hidden_ids=hidden_ids.get(user, ()))
                 for width in user_widths:
                     tokens = torch.ones(batch, width, dtype=torch.long, device=device)
                     cache.extend(tokens, torch.ones_like(tokens, dtype=torch.bool))

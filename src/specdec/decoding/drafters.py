@@ -25,19 +25,23 @@ class StepOutcome:
 
     accepted: (B,) draft tokens kept per row (device); accepted_host: the same, on the host;
     next_tokens: (B,) the token chosen after them (device); new_tokens: per row, the kept
-    draft tokens followed by the next token (host).
+    draft tokens followed by the next token (host). hidden: the target's hidden states the
+    drafter asked for (`Drafter.hidden_ids`), from the forward that scored this step, over
+    every token it fed (B, W, len(ids) * H): the left-padded prompt after the prefill, else
+    [last token, drafts]; None when none were asked for.
     """
 
     accepted: torch.Tensor
     accepted_host: list[int]
     next_tokens: torch.Tensor
     new_tokens: list[list[int]]
+    hidden: torch.Tensor | None = None
 
     def select(self, rows: list[int], index: torch.Tensor) -> StepOutcome:
         """The outcome of the given rows only (`index`: the same rows as a device tensor)."""
         return StepOutcome(
             self.accepted[index], [self.accepted_host[i] for i in rows], self.next_tokens[index],
-            [self.new_tokens[i] for i in rows],
+            [self.new_tokens[i] for i in rows], None if self.hidden is None else self.hidden[index],
         )
 
 
@@ -58,6 +62,7 @@ class DraftSession(ABC):
 
 class Drafter(ABC):
     model = None  # the draft model, for drafters that run one
+    hidden_ids: tuple[int, ...] = ()  # the target's hidden states it reads (cache.py's ids)
 
     @abstractmethod
     def start(
@@ -74,6 +79,14 @@ class ModelDrafter(Drafter):
 
     def start(self, input_ids, attention_mask, sampler, vocab_size):
         return _ModelDraftSession(self.model, input_ids, attention_mask, sampler, vocab_size)
+
+
+def on_target_vocab(logits: torch.Tensor, target_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(B, V) logits over the target's vocabulary from (B, D) logits over a reduced draft
+    vocabulary whose entry i is target token target_ids[i]: -inf elsewhere, so the draft's
+    probabilities are zero outside its vocabulary and the verifier's rule applies as is."""
+    full = logits.new_full((logits.shape[0], vocab_size), float("-inf"))
+    return full.index_copy_(1, target_ids, logits)
 
 
 def _fit_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:

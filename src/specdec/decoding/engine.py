@@ -7,7 +7,9 @@ transfer (the only synchronisation of a step), timestamped as they arrive. Rows 
 they kept (1 .. gamma + 1 tokens), never by a fixed gamma: `cache.KVCache` explains how both
 models' caches follow rows that accept different counts; a model set up with a static cache
 (`cache.use_static_cache`, compiled or not: compiled.py) runs the same loop on preallocated
-caches. Finished rows (EOS or length) leave
+caches. A drafter that reads the target's hidden states (a learned head: eagle3.py, medusa.py)
+names them (`Drafter.hidden_ids`); the target's forwards then return them beside the logits
+and each step's outcome carries them. Finished rows (EOS or length) leave
 the batch. Near the length limit drafts are capped to the tokens still wanted. Without a
 drafter a step is a plain AR step, so TTFT is the target's first token after prefill for
 every method. Float32 CPU linear layers run in the BLAS call order that is faster for
@@ -149,7 +151,8 @@ def generate(
     eager = [m for m in (target, drafter.model if drafter is not None else None)
              if m is not None and not getattr(static_setup(m), "compiled", False)]
     with torch.inference_mode(), decode_kernels(*eager):
-        cache, logits = open_cache(target, input_ids, attention_mask, "target", room=settings.max_new_tokens + gamma + 1)
+        cache, logits = open_cache(target, input_ids, attention_mask, "target", room=settings.max_new_tokens + gamma + 1,
+                                   hidden_ids=drafter.hidden_ids if drafter is not None else ())
         logits = logits[:, None]
         draft = Draft.empty(input_ids.shape[0], input_ids.device)
         session = None
@@ -162,7 +165,7 @@ def generate(
                 step = torch.cat([accepted[:, None], draft.lengths[:, None], kept], dim=1)
             host = step.tolist()
             now = time.perf_counter_ns()
-            outcome = StepOutcome(accepted, [h[0] for h in host], next_tokens, [h[2 : h[0] + 3] for h in host])
+            outcome = StepOutcome(accepted, [h[0] for h in host], next_tokens, [h[2 : h[0] + 3] for h in host], cache.hidden)
             finished = []
             for r, h, new in zip(running, host, outcome.new_tokens):
                 results[r].count_draft(h[1], h[0])

@@ -1,0 +1,94 @@
+"""Medusa as a drafter: k heads on the target's last hidden state, head i guessing the token
+i + 2 places ahead (Cai et al., 2024), computed as vLLM runs it (`model_executor/models/medusa.py`).
+
+Each head is a stack of residual blocks x + SiLU(W x) followed by its own lm_head over the
+target's vocabulary; it reads the target's final normed hidden state (cache.py's id L) at the
+position whose logits chose the last emitted token. The heads draft independently of each
+other, so a proposal costs no forward of anything but the heads, and a proposal holds at most
+k tokens. Under sampling head i's draft is drawn from head i's distribution: the verifier's
+rule needs no more (a draft distribution may ignore the earlier drafts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .drafters import Drafter, DraftSession, StepOutcome
+from .sampling import Draft, Sampler
+
+
+@dataclass(frozen=True)
+class MedusaSpec:
+    """What a Medusa checkpoint's config says (head_formats.py reads it): `num_heads` heads of
+    `num_layers` residual blocks each, over the target's `hidden_size` and `vocab_size`."""
+
+    hidden_size: int
+    vocab_size: int
+    num_heads: int
+    num_layers: int
+    bias: bool = False  # vLLM's `medusa_fc_bias`
+
+
+class _ResidualBlock(nn.Module):
+    def __init__(self, width: int, layers: int, bias: bool):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width, bias=bias) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = x + nn.functional.silu(layer(x))
+        return x
+
+
+class MedusaHeads(nn.Module):
+    """`blocks.{i}.layers.{l}` and `lm_heads.{i}`, as checkpoints name them."""
+
+    def __init__(self, spec: MedusaSpec):
+        super().__init__()
+        self.spec = spec
+        self.blocks = nn.ModuleList(_ResidualBlock(spec.hidden_size, spec.num_layers, spec.bias)
+                                    for _ in range(spec.num_heads))
+        self.lm_heads = nn.ModuleList(nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+                                      for _ in range(spec.num_heads))
+
+    def forward(self, hidden: torch.Tensor, count: int) -> list[torch.Tensor]:
+        """The logits (B, V) of the first `count` heads from the target's states (B, H)."""
+        return [lm_head(block(hidden)) for block, lm_head in zip(self.blocks[:count], self.lm_heads[:count])]
+
+
+class MedusaDrafter(Drafter):
+    """Drafts min(gamma, num_heads) tokens with `MedusaHeads` on the target's device and dtype;
+    `target_layers`: the target's decoder layers (its final normed state is id L)."""
+
+    def __init__(self, heads: MedusaHeads, target_layers: int):
+        self.heads = heads
+        self.hidden_ids = (target_layers,)
+
+    def start(self, input_ids, attention_mask, sampler, vocab_size):
+        return _MedusaSession(self.heads, sampler)
+
+
+class _MedusaSession(DraftSession):
+    def __init__(self, heads: MedusaHeads, sampler: Sampler):
+        self.heads, self.sampler = heads, sampler
+        self.state: torch.Tensor | None = None  # (B, H) the target's state that chose the last token
+
+    def commit(self, outcome: StepOutcome):
+        if self.state is None:  # the prefill: the prompt's last position (left-padded)
+            self.state = outcome.hidden[:, -1]
+        else:
+            rows = torch.arange(outcome.hidden.shape[0], device=outcome.hidden.device)
+            self.state = outcome.hidden[rows, outcome.accepted]
+
+    def propose(self, last_tokens, gamma):
+        picks = [self.sampler.pick(logits) for logits in self.heads(self.state, min(gamma, self.heads.spec.num_heads))]
+        tokens = torch.stack([token for token, _ in picks], dim=1)
+        lengths = torch.full((tokens.shape[0],), tokens.shape[1], dtype=torch.long, device=tokens.device)
+        return Draft(tokens, lengths, None if self.sampler.greedy else torch.stack([p for _, p in picks], dim=1))
+
+    def select(self, rows):
+        if self.state is not None:
+            self.state = self.state[torch.tensor(rows, device=self.state.device)]
