@@ -27,6 +27,7 @@ from specdec.cells import (
     NGRAM_DRAFTER_METHODS,
     Cell,
     DrafterSpec,
+    Endpoint,
     Generation,
     Load,
     ModelSpec,
@@ -311,9 +312,21 @@ def expand_matrix(config: dict) -> list[Cell]:
                 seed=config["seed"] + repeat, warmup=exp["warmup"], timeout_s=exp.get("timeout_s"), power=power,
                 engine=engine, attribution=exp["attribution"],
                 reference=_reference(reference, method, engine, placement, load),
+                endpoint=_endpoint(config, engine),
             ))
     _check_unique(cells)
     return cells
+
+
+def _endpoint(config: dict, engine: str) -> Endpoint | None:
+    """The running server an engine that measures one is pointed at (config key `openai`)."""
+    if not engine_class(engine).needs_endpoint:
+        return None
+    server = config.get("openai", {})
+    for key in ("base_url", "model"):
+        if key not in server:
+            raise ConfigError(f"config key 'openai.{key}': engine {engine!r} measures a running server and needs it")
+    return Endpoint(**server)
 
 
 def _check_unique(cells: list[Cell]) -> None:

@@ -211,6 +211,9 @@ def _measure_and_analyse(engine: Engine, prompts: list[dict], out_dir: Path, ref
         result.update(window)
         phase = "analyse"
         result.update(analyse(engine, records, reference, parity_reference, reference_records))
+        served = engine.served()
+        if served is not None:
+            result["served"] = served
         memory = engine.memory()  # None for vLLM: its memory is its engine process's, sized by its own settings
         if memory is not None:
             result["memory"] = memory

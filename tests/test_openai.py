@@ -1,0 +1,269 @@
+"""The `openai` engine against a small fake OpenAI-compatible server on loopback: streamed
+chunks become emissions, tokens are counted by the server's ids or our tokenizer, the
+server's spec-decode counters are differenced over the window, and every kind of failed
+request is counted with its reason while the cell finishes."""
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from conftest import cell_inputs
+
+from specdec import runner
+from specdec.config import ConfigError, expand_matrix, validate
+from specdec.engines.openai import OpenAIEngine, RequestFailed, _Stream, chunk_drafts, scrape_counters
+from specdec.load import Request
+
+TOKENS = 5  # the fake server's answer: one token a chunk
+
+
+class FakeServer(ThreadingHTTPServer):
+    """Answers each completion request by the next of `modes` (cycled); counts drafts in its
+    /metrics as vLLM does (3 drafts of 2 tokens, 4 accepted, per answered request)."""
+
+    daemon_threads = True
+
+    def __init__(self, modes):
+        super().__init__(("127.0.0.1", 0), FakeHandler)
+        self.modes, self.requests, self.answered, self.bodies = list(modes), 0, 0, []
+        self.lock = threading.Lock()
+
+    def handle_error(self, request, client_address):
+        pass  # a client that gave up (a timeout under test) leaves a broken pipe here
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class FakeHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        server = self.server
+        if server.modes == ["no-metrics"] or self.path != "/metrics":
+            return self._plain(404, "not found")
+        n = server.answered
+        self._plain(200, "# TYPE vllm:spec_decode_num_drafts counter\n"
+                         f'vllm:spec_decode_num_drafts_total{{engine="0",model_name="m"}} {3.0 * n}\n'
+                         f'vllm:spec_decode_num_draft_tokens_total{{engine="0",model_name="m"}} {6.0 * n}\n'
+                         f'vllm:spec_decode_num_accepted_tokens_total{{engine="0",model_name="m"}} {4.0 * n}\n'
+                         f'vllm:spec_decode_num_accepted_tokens_per_pos_total{{engine="0",model_name="m",position="0"}} {3.0 * n}\n'
+                         f'vllm:spec_decode_num_accepted_tokens_per_pos_total{{engine="0",model_name="m",position="1"}} {1.0 * n}\n')
+
+    def do_POST(self):
+        server = self.server
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with server.lock:
+            mode = server.modes[server.requests % len(server.modes)]
+            server.requests += 1
+            server.bodies.append(body | {"authorization": self.headers.get("Authorization")})
+        if mode.startswith("http"):
+            return self._plain(int(mode[4:]), "bad request" if mode == "http400" else "engine died")
+        if mode == "slow-first":
+            time.sleep(1.5)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for i in range(TOKENS):
+            if mode == "cut" and i == 2:
+                self.close_connection = True
+                return
+            if mode == "malformed" and i == 2:
+                self._event("{not json")
+                continue
+            if mode == "stall" and i == 1:
+                time.sleep(1.5)
+            choice = {"index": 0, "text": f" w{i}", "finish_reason": "length" if i == TOKENS - 1 else None}
+            if mode != "no-ids":
+                choice["token_ids"] = [100 + i]
+            chunk = {"choices": [choice]}
+            if mode == "llama.cpp" and i == TOKENS - 1:
+                chunk["timings"] = {"draft_n": 8, "draft_n_accepted": 3}
+            self._event(json.dumps(chunk))
+            time.sleep(0.01)
+        self._event(json.dumps({"choices": [], "usage": {"completion_tokens": TOKENS}}))
+        self._event("[DONE]")
+        self.wfile.write(b"0\r\n\r\n")
+        with server.lock:
+            server.answered += 1
+
+    def _event(self, data: str) -> None:
+        payload = f"data: {data}\n\n".encode()
+        self.wfile.write(f"{len(payload):x}\r\n".encode() + payload + b"\r\n")
+        self.wfile.flush()
+
+    def _plain(self, status: int, text: str) -> None:
+        payload = text.encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+
+@pytest.fixture
+def fake():
+    """fake(modes) -> a running FakeServer on a free loopback port, shut down after the test."""
+    servers = []
+
+    def start(modes=("ok",)):
+        server = FakeServer(modes)
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def openai_config(openai: dict, method: dict | None = None, **experiment) -> dict:
+    return validate({
+        "seed": 1, "models": {"smollm2": {"source": "embedded"}},
+        "drafters": {"ngram": {"kind": "ngram", "n": 3}},
+        "datasets": {"sample": {"source": "sample", "num_prompts": 3, "turns": "first"}},
+        "experiments": {"srv": {"target": "smollm2", "datasets": ["sample"], "engine": "openai",
+                                "methods": [method or {"method": "ar"}], "max_new_tokens": TOKENS, "warmup": 1,
+                                "batch_size": 2} | experiment},
+        "power": {"enabled": False},
+        "openai": openai,
+    })
+
+
+def run(tmp_path, embedded_model_dir, config):
+    (cell,) = expand_matrix(config)
+    models_dir, prompts = cell_inputs(tmp_path, embedded_model_dir, config["datasets"]["sample"], seed=1)
+    return runner.run_cell(cell, prompts, tmp_path / "out", models_dir=models_dir)
+
+
+def test_a_cell_streams_from_the_server_with_its_token_ids(tmp_path, embedded_model_dir, fake, monkeypatch):
+    server = fake()
+    monkeypatch.setenv("FAKE_KEY", "sk-secret")
+    config = openai_config({"base_url": server.url, "model": "m", "api_key_env": "FAKE_KEY"})
+    result = run(tmp_path, embedded_model_dir, config)
+    assert result["status"] == "ok", result["failure"]
+    assert result["served"]["failed_requests"] == 0 and result["served"]["token_count"] == "server token ids"
+    assert result["metrics"]["num_requests"] == 3
+    records = [json.loads(line) for line in (tmp_path / "out" / "requests.jsonl").read_text().splitlines()]
+    assert all(r["output_tokens"] == TOKENS and len(r["emissions"]) == TOKENS for r in records)
+    assert records[-1]["output_ids"] == [100, 101, 102, 103, 104]
+    # the prompt is the target's chat template as token ids; the key goes in the header only
+    assert all(isinstance(b["prompt"], list) and b["authorization"] == "Bearer sk-secret" for b in server.bodies)
+    written = (tmp_path / "out" / "result.json").read_text() + (tmp_path / "out" / "requests.jsonl").read_text()
+    assert "sk-secret" not in written and "FAKE_KEY" in written
+
+
+def test_without_token_ids_the_tokenizer_counts_and_the_result_says_so(tmp_path, embedded_model_dir, fake):
+    server = fake(["no-ids"])
+    result = run(tmp_path, embedded_model_dir, openai_config({"base_url": server.url, "model": "m", "api": "chat"}))
+    assert result["status"] == "ok", result["failure"]
+    assert result["served"]["token_count"] == "tokenizer"
+    assert all("messages" in b for b in server.bodies)
+    records = [json.loads(line) for line in (tmp_path / "out" / "requests.jsonl").read_text().splitlines()]
+    assert all(r["output_tokens"] >= TOKENS for r in records)  # " w0 w1 ..." is at least a token a word
+
+
+def test_the_servers_counters_are_differenced_over_the_window(tmp_path, embedded_model_dir, fake):
+    server = fake()
+    config = openai_config({"base_url": server.url, "model": "m"}, {"method": "ngram", "drafter": "ngram", "gamma": 2})
+    result = run(tmp_path, embedded_model_dir, config)
+    assert result["status"] == "ok", result["failure"]
+    # three measured requests; the warm-up's drafts are before the window
+    assert result["served"]["server_counters"] == {"num_drafts": 9, "num_draft_tokens": 18, "num_accepted_tokens": 12,
+                                                   "num_accepted_tokens_per_pos": [9, 3]}
+    assert result["acceptance"] is None  # not made up from per-request counts the server does not send
+
+
+def test_a_server_without_counters_gives_no_acceptance_with_the_reason(tmp_path, embedded_model_dir, fake):
+    server = fake(["llama.cpp"])
+    config = openai_config({"base_url": server.url, "model": "m", "metrics": False}, {"method": "ngram", "drafter": "ngram", "gamma": 2})
+    result = run(tmp_path, embedded_model_dir, config)
+    assert result["status"] == "ok", result["failure"]
+    assert result["served"]["server_counters"] == {"available": False, "reason": "openai.metrics is false: the server's /metrics were not read"}
+    records = [json.loads(line) for line in (tmp_path / "out" / "requests.jsonl").read_text().splitlines()]
+    assert all(r["drafted_tokens"] == 8 and r["accepted_tokens"] == 3 for r in records)  # llama.cpp's per-request fields
+
+
+def test_failed_requests_are_counted_with_their_reasons_and_the_cell_finishes(tmp_path, embedded_model_dir, fake):
+    server = fake(["ok", "http500", "ok", "cut"])  # warm-up ok, then 500, ok, cut
+    result = run(tmp_path, embedded_model_dir, openai_config({"base_url": server.url, "model": "m"}))
+    assert result["status"] == "ok", result["failure"]
+    served = result["served"]
+    assert served["failed_requests"] == 2 and served["succeeded_requests"] == 1
+    reasons = sorted(f["reason"] for f in served["failures"])
+    assert reasons[0].startswith("HTTP 500: engine died") and reasons[1].startswith("stream cut after 2 chunks")
+    assert result["metrics"]["num_requests"] == 1
+
+
+def test_a_server_that_is_down_fails_the_cell_with_the_reason(tmp_path, embedded_model_dir, fake):
+    server = fake()
+    url = server.url
+    server.shutdown()
+    server.server_close()  # nothing listens on the port now: connections are refused
+    result = run(tmp_path, embedded_model_dir, openai_config({"base_url": url, "model": "m", "connect_timeout_s": 1}))
+    assert result["status"] == "failed" and result["failure"]["phase"] == "measure"
+    assert "all 3 measured requests failed; the first: connection failed" in result["failure"]["message"]
+
+
+def stream_one(server_url: str, tmp_path, embedded_model_dir, **openai) -> str | None:
+    """One request through the engine's stream; the failure's reason, or None."""
+    config = openai_config({"base_url": server_url, "model": "m"} | openai)
+    (cell,) = expand_matrix(config)
+    models_dir, _ = cell_inputs(tmp_path, embedded_model_dir, config["datasets"]["sample"], seed=1)
+    engine = OpenAIEngine.open(cell, models_dir)
+    request = Request({"id": "p", "category": "c", "system": None, "turns": ["hi"]})
+    body, _ = engine.request_body(request)
+    state = _Stream(request, 0, 0, 0)
+    try:
+        engine.stream(body, state, time.perf_counter_ns)
+    except RequestFailed as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.parametrize("mode, openai, reason", [
+    ("http400", {}, "HTTP 400: bad request"),
+    ("malformed", {}, "malformed chunk b'{not json'"),
+    ("slow-first", {"first_token_timeout_s": 0.3}, "no response in 0.3 s (first_token_timeout_s)"),
+    ("stall", {"first_token_timeout_s": 0.3}, "timed out waiting for the next chunk"),
+    ("stall", {"first_token_timeout_s": 5, "request_timeout_s": 0.5}, "not done in 0.5 s (request_timeout_s)"),
+])
+def test_each_fault_fails_its_request_with_its_reason_within_its_timeout(tmp_path, embedded_model_dir, fake, mode, openai, reason):
+    server = fake([mode])
+    assert stream_one(server.url, tmp_path, embedded_model_dir, **openai).startswith(reason)
+
+
+def test_a_refused_connection_fails_its_request(tmp_path, embedded_model_dir, fake):
+    server = fake()
+    url = server.url
+    server.shutdown()
+    server.server_close()
+    assert stream_one(url, tmp_path, embedded_model_dir, connect_timeout_s=1).startswith("connection failed")
+
+
+def test_the_gate_needs_the_servers_address_and_a_set_key(tmp_path, embedded_model_dir, monkeypatch):
+    with pytest.raises(ConfigError, match="config key 'openai.base_url'"):
+        expand_matrix(openai_config({"model": "m"}))
+    monkeypatch.delenv("NO_SUCH_KEY", raising=False)
+    (cell,) = expand_matrix(openai_config({"base_url": "http://127.0.0.1:9", "model": "m", "api_key_env": "NO_SUCH_KEY"}))
+    with pytest.raises(ValueError, match="environment variable NO_SUCH_KEY is not set"):
+        OpenAIEngine.open(cell, tmp_path)
+
+
+def test_prometheus_counters_and_per_request_fields_are_read():
+    text = ("# HELP vllm:spec_decode_num_drafts_total drafts\n"
+            'vllm:spec_decode_num_drafts_total{engine="0"} 2.0\nvllm:spec_decode_num_drafts_total{engine="1"} 3.0\n'
+            'vllm:spec_decode_num_accepted_tokens_per_pos_total{position="1"} 4.0\nother_metric 7\n')
+    assert scrape_counters(text) == {"num_drafts": 5, "num_draft_tokens": 0, "num_accepted_tokens": 0,
+                                     "num_accepted_tokens_per_pos": [0, 4]}
+    assert scrape_counters("process_cpu_seconds_total 3.0\n") is None
+    assert chunk_drafts({"timings": {"draft_n": 4, "draft_n_accepted": 2}}) == {"drafted_tokens": 4, "accepted_tokens": 2}
+    assert chunk_drafts({"meta_info": {"spec_verify_ct": 7}}) == {"target_forwards": 7}
+    assert chunk_drafts({"choices": []}) == {}
