@@ -4,108 +4,18 @@ server's spec-decode counters are differenced over the window, and every kind of
 request is counted with its reason while the cell finishes."""
 
 import json
+import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from conftest import cell_inputs
+from conftest import REPO, cell_inputs
+from fake_openai import TOKENS, FakeServer
 
 from specdec import runner
 from specdec.config import ConfigError, expand_matrix, validate
 from specdec.engines.openai import OpenAIEngine, RequestFailed, _Stream, chunk_drafts, scrape_counters
 from specdec.load import Request
-
-TOKENS = 5  # the fake server's answer: one token a chunk
-
-
-class FakeServer(ThreadingHTTPServer):
-    """Answers each completion request by the next of `modes` (cycled); counts drafts in its
-    /metrics as vLLM does (3 drafts of 2 tokens, 4 accepted, per answered request)."""
-
-    daemon_threads = True
-
-    def __init__(self, modes):
-        super().__init__(("127.0.0.1", 0), FakeHandler)
-        self.modes, self.requests, self.answered, self.bodies = list(modes), 0, 0, []
-        self.lock = threading.Lock()
-
-    def handle_error(self, request, client_address):
-        pass  # a client that gave up (a timeout under test) leaves a broken pipe here
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class FakeHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args):
-        pass
-
-    def do_GET(self):
-        server = self.server
-        if server.modes == ["no-metrics"] or self.path != "/metrics":
-            return self._plain(404, "not found")
-        n = server.answered
-        self._plain(200, "# TYPE vllm:spec_decode_num_drafts counter\n"
-                         f'vllm:spec_decode_num_drafts_total{{engine="0",model_name="m"}} {3.0 * n}\n'
-                         f'vllm:spec_decode_num_draft_tokens_total{{engine="0",model_name="m"}} {6.0 * n}\n'
-                         f'vllm:spec_decode_num_accepted_tokens_total{{engine="0",model_name="m"}} {4.0 * n}\n'
-                         f'vllm:spec_decode_num_accepted_tokens_per_pos_total{{engine="0",model_name="m",position="0"}} {3.0 * n}\n'
-                         f'vllm:spec_decode_num_accepted_tokens_per_pos_total{{engine="0",model_name="m",position="1"}} {1.0 * n}\n')
-
-    def do_POST(self):
-        server = self.server
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        with server.lock:
-            mode = server.modes[server.requests % len(server.modes)]
-            server.requests += 1
-            server.bodies.append(body | {"authorization": self.headers.get("Authorization")})
-        if mode.startswith("http"):
-            return self._plain(int(mode[4:]), "bad request" if mode == "http400" else "engine died")
-        if mode == "slow-first":
-            time.sleep(1.5)
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-        for i in range(TOKENS):
-            if mode == "cut" and i == 2:
-                self.close_connection = True
-                return
-            if mode == "malformed" and i == 2:
-                self._event("{not json")
-                continue
-            if mode == "stall" and i == 1:
-                time.sleep(1.5)
-            choice = {"index": 0, "text": f" w{i}", "finish_reason": "length" if i == TOKENS - 1 else None}
-            if mode != "no-ids":
-                choice["token_ids"] = [100 + i]
-            chunk = {"choices": [choice]}
-            if mode == "llama.cpp" and i == TOKENS - 1:
-                chunk["timings"] = {"draft_n": 8, "draft_n_accepted": 3}
-            self._event(json.dumps(chunk))
-            time.sleep(0.01)
-        self._event(json.dumps({"choices": [], "usage": {"completion_tokens": TOKENS}}))
-        self._event("[DONE]")
-        self.wfile.write(b"0\r\n\r\n")
-        with server.lock:
-            server.answered += 1
-
-    def _event(self, data: str) -> None:
-        payload = f"data: {data}\n\n".encode()
-        self.wfile.write(f"{len(payload):x}\r\n".encode() + payload + b"\r\n")
-        self.wfile.flush()
-
-    def _plain(self, status: int, text: str) -> None:
-        payload = text.encode()
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
 
 @pytest.fixture
 def fake():
@@ -267,3 +177,33 @@ def test_prometheus_counters_and_per_request_fields_are_read():
     assert chunk_drafts({"timings": {"draft_n": 4, "draft_n_accepted": 2}}) == {"drafted_tokens": 4, "accepted_tokens": 2}
     assert chunk_drafts({"meta_info": {"spec_verify_ct": 7}}) == {"target_forwards": 7}
     assert chunk_drafts({"choices": []}) == {}
+
+
+def fake_python(tmp_path, body: str):
+    """A stand-in for vLLM's Python: a script that gets the server's command line."""
+    script = tmp_path / "python"
+    script.write_text(f"#!/bin/sh\n{body}\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_serve_starts_a_server_on_loopback_runs_the_cell_and_stops_it(tmp_path, embedded_model_dir):
+    fake = REPO / "tests" / "fake_openai.py"
+    python = fake_python(tmp_path, f'echo "$@" > {tmp_path}/argv; exec {sys.executable} {fake} "$@"')
+    config = openai_config({"serve": {"python": python}}, {"method": "ngram", "drafter": "ngram", "gamma": 2})
+    result = run(tmp_path, embedded_model_dir, config)
+    assert result["status"] == "ok", result["failure"]
+    assert result["served"]["server_counters"]["num_drafts"] == 9
+    argv = (tmp_path / "argv").read_text()
+    assert "-m vllm.entrypoints.openai.api_server --served-model-name target" in argv
+    assert '--speculative-config {"method": "ngram", "num_speculative_tokens": 2' in argv
+    assert "--no-enable-prefix-caching" in argv and "--host 127.0.0.1 --port" in argv
+    assert result["engine"]["settings"]["command"][0] == python
+
+
+def test_a_server_that_fails_to_start_fails_the_cell_with_its_last_lines(tmp_path, embedded_model_dir):
+    python = fake_python(tmp_path, 'echo "loading the model"; echo "RuntimeError: not enough memory for the KV cache"; exit 3')
+    result = run(tmp_path, embedded_model_dir, openai_config({"serve": {"python": python, "startup_timeout_s": 60}}))
+    assert result["status"] == "failed" and result["failure"]["phase"] == "start"
+    assert "the server exited with 3 before it was healthy" in result["failure"]["message"]
+    assert "not enough memory for the KV cache" in result["failure"]["message"]

@@ -123,7 +123,7 @@ class Endpoint:
     """A running OpenAI-compatible server (engine `openai`): where, which served model, which
     API, the name of the environment variable holding its key (never the key), timeouts."""
 
-    base_url: str
+    base_url: str | None  # None with `serve`: the job starts the server on loopback
     model: str
     api: str = "completions"  # or "chat"
     api_key_env: str | None = None
@@ -131,6 +131,11 @@ class Endpoint:
     first_token_timeout_s: float = 300.0  # also the longest gap between chunks
     request_timeout_s: float = 600.0
     metrics: bool = True  # scrape the server's Prometheus /metrics at the window's edges
+    # `serve`: the job starts vLLM's OpenAI server with this Python (vLLM's environment) and
+    # these extra arguments, and waits up to `startup_timeout_s` for its health.
+    serve_python: str | None = None
+    serve_args: tuple[str, ...] = ()
+    startup_timeout_s: float = 900.0
 
     def describe(self) -> dict:
         return dataclasses.asdict(self)
@@ -246,7 +251,8 @@ class Cell:
                 "placement": Placement(**placement),
                 "load": Load(**fields["load"]),
                 "power": Power(**fields["power"]),
-                "endpoint": Endpoint(**fields["endpoint"]) if fields.get("endpoint") else None,
+                "endpoint": Endpoint(**fields["endpoint"] | {"serve_args": tuple(fields["endpoint"]["serve_args"])})
+                if fields.get("endpoint") else None,
             }
         )
 

@@ -322,10 +322,17 @@ def _endpoint(config: dict, engine: str) -> Endpoint | None:
     """The running server an engine that measures one is pointed at (config key `openai`)."""
     if not engine_class(engine).needs_endpoint:
         return None
-    server = config.get("openai", {})
+    server = dict(config.get("openai", {}))
+    serve = server.pop("serve", None)
+    if serve is not None:
+        if "base_url" in server:
+            raise ConfigError("config key 'openai.serve': the job starts the server on loopback; drop openai.base_url")
+        return Endpoint(**server | {"base_url": None, "model": server.get("model", "target"), "serve_python": serve["python"],
+                                    "serve_args": tuple(serve["args"]), "startup_timeout_s": serve["startup_timeout_s"]})
     for key in ("base_url", "model"):
         if key not in server:
-            raise ConfigError(f"config key 'openai.{key}': engine {engine!r} measures a running server and needs it")
+            raise ConfigError(f"config key 'openai.{key}': engine {engine!r} measures a running server and needs it "
+                              "(or openai.serve, to let the job start one)")
     return Endpoint(**server)
 
 

