@@ -37,7 +37,7 @@ def fake():
 def openai_config(openai: dict, method: dict | None = None, **experiment) -> dict:
     return validate({
         "seed": 1, "models": {"smollm2": {"source": "embedded"}},
-        "drafters": {"ngram": {"kind": "ngram", "n": 3}},
+        "drafters": {"ngram": {"kind": "ngram", "n": 3}, "int8": {"kind": "quantized", "dtype": "int8"}},
         "datasets": {"sample": {"source": "sample", "num_prompts": 3, "turns": "first"}},
         "experiments": {"srv": {"target": "smollm2", "datasets": ["sample"], "engine": "openai",
                                 "methods": [method or {"method": "ar"}], "max_new_tokens": TOKENS, "warmup": 1,
@@ -60,6 +60,7 @@ def test_a_cell_streams_from_the_server_with_its_token_ids(tmp_path, embedded_mo
     result = run(tmp_path, embedded_model_dir, config)
     assert result["status"] == "ok", result["failure"]
     assert result["served"]["failed_requests"] == 0 and result["served"]["token_count"] == "server token ids"
+    assert "outside this process" in result["attribution"]["reason"]
     assert result["metrics"]["num_requests"] == 3
     records = [json.loads(line) for line in (tmp_path / "out" / "requests.jsonl").read_text().splitlines()]
     assert all(r["output_tokens"] == TOKENS and len(r["emissions"]) == TOKENS for r in records)
@@ -207,3 +208,20 @@ def test_a_server_that_fails_to_start_fails_the_cell_with_its_last_lines(tmp_pat
     assert result["status"] == "failed" and result["failure"]["phase"] == "start"
     assert "the server exited with 3 before it was healthy" in result["failure"]["message"]
     assert "not enough memory for the KV cache" in result["failure"]["message"]
+
+
+def test_its_gaps_and_its_cells_json_form():
+    """A quantised copy of the target cannot be the server's drafter; the endpoint travels in
+    the cell's JSON form (the key's variable name only) and other engines' cells have none."""
+    from specdec.cells import Cell
+    from specdec.engines import unsupported
+
+    config = openai_config({"base_url": "http://127.0.0.1:9", "model": "m", "api_key_env": "K"},
+                           {"method": "speculative", "drafter": "int8", "gamma": 2})
+    (cell,) = expand_matrix(config)
+    assert "the server loads its own drafter" in unsupported(cell)
+    data = cell.to_dict()
+    assert data["endpoint"]["api_key_env"] == "K" and Cell.from_dict(data) == cell
+    config["experiments"]["srv"]["engine"] = "specdec"
+    (ours,) = expand_matrix(validate(config))
+    assert "endpoint" not in ours.to_dict() and Cell.from_dict(ours.to_dict()) == ours

@@ -409,8 +409,8 @@ class OpenAIEngine(Engine):
         time.sleep(0.2)  # the reader thread takes the dying server's last lines
         return " | ".join(self.server_log) or "(no output)"
 
-    def recorder(self):
-        return attribution.Off()  # the server's steps are not this process's
+    def recorder(self) -> attribution.Off:
+        return NoAttribution()
 
     def server(self, recorder) -> OpenAIServer:
         return OpenAIServer(self)
@@ -468,6 +468,13 @@ class OpenAIEngine(Engine):
                 self.process.kill()
                 self.process.wait()
         self.process = None
+
+
+class NoAttribution(attribution.Off):
+    """No time attribution: the server's engine steps are not this process's."""
+
+    def block(self) -> dict:
+        return attribution.unavailable("the server's engine steps run outside this process (engine openai)")
 
 
 def free_port() -> int:
