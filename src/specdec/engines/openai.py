@@ -218,6 +218,7 @@ class OpenAIEngine(Engine):
     _counters_at_start: dict | None = None
     _no_counters: str | None = None
     _target: object = None
+    _tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)
     launch: list | None = None  # `serve`: the server's command line
     process: subprocess.Popen | None = None
     server_log: deque = field(default_factory=lambda: deque(maxlen=LOG_TAIL))
@@ -280,8 +281,9 @@ class OpenAIEngine(Engine):
     def request_body(self, request: Request) -> tuple[dict, int]:
         """The request's JSON body and its prompt's token count (the target's chat template)."""
         messages = chat_messages(request)
-        ids = list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                      return_dict=True)["input_ids"])
+        with self._tokenizer_lock:
+            ids = list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                          return_dict=True)["input_ids"])
         self.prompt_ids[request.request_id] = ids
         g, e = self.cell.generation, self.endpoint
         body = {"model": e.model, "stream": True, "max_tokens": g.max_new_tokens, "temperature": g.temperature,
@@ -356,9 +358,14 @@ class OpenAIEngine(Engine):
                 state.server_ids = False if state.server_ids is None else state.server_ids
                 state.text += text
                 before = sum(n for _, n in state.emissions)
-                tokens = len(self.tokenizer(state.text, add_special_tokens=False)["input_ids"]) - before
+                tokens = len(self.text_ids(state.text)) - before
             if tokens > 0:
                 state.emissions.append((now, tokens))
+
+    def text_ids(self, text: str) -> list[int]:
+        """Our tokenizer's ids of an output's text (where the server returns none)."""
+        with self._tokenizer_lock:  # a fast tokenizer is not to be called from two threads at once
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def row(self, state: _Stream) -> dict:
         self.token_sources.add("server token ids" if state.server_ids else "tokenizer")
@@ -366,8 +373,7 @@ class OpenAIEngine(Engine):
                "finish_reason": "length" if state.finish_reason == "length" else "eos",
                "output_text": state.text} | state.extra
         if self.cell.greedy:  # for the parity check; without the server's ids, our tokenizer's of the text
-            row["output_ids"] = state.output_ids if state.server_ids else \
-                self.tokenizer(state.text, add_special_tokens=False)["input_ids"]
+            row["output_ids"] = state.output_ids if state.server_ids else self.text_ids(state.text)
         return row
 
     # ------------------------------------------------------------ the job's steps
