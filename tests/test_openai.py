@@ -111,6 +111,7 @@ def test_failed_requests_are_counted_with_their_reasons_and_the_cell_finishes(tm
     reasons = sorted(f["reason"] for f in served["failures"])
     assert reasons[0].startswith("HTTP 500: engine died") and reasons[1].startswith("stream cut after 2 chunks")
     assert result["metrics"]["num_requests"] == 1
+    assert "2 requests failed" in runner._ending(result, 1.0)
 
 
 def test_a_server_that_is_down_fails_the_cell_with_the_reason(tmp_path, embedded_model_dir, fake):

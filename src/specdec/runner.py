@@ -162,6 +162,9 @@ def _ending(result: dict, elapsed_s: float) -> str:
     parts = [f"{result['status']} in {elapsed_s:.0f} s"]
     if result["metrics"]:
         parts.append(f"{result['metrics']['throughput_tok_s']:.1f} tok/s")
+    failed = result.get("served", {}).get("failed_requests")
+    if failed:
+        parts.append(f"{failed} request{'s' * (failed != 1)} failed")
     if result["failure"]:
         parts.append(f"{result['failure']['type']}: {result['failure']['message']}"[:200])
     for check in ("correctness", "parity"):
