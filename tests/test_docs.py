@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from specdec import cli, config
+from specdec import cli
 from specdec.config import expand_matrix, load_config, read_yaml, schema_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,7 +72,7 @@ def _invocations(name: str) -> list[tuple[str, list[str]]]:
 def _readers_files(monkeypatch):
     """Snippets name the reader's own dataset files and model folders, which are not here:
     the gate's file checks (`config.check_inputs`, tested in test_gate) are left out."""
-    monkeypatch.setattr(config, "check_inputs", lambda config: None)
+    monkeypatch.setattr(cli, "check_inputs", lambda config: None)
 
 
 def _gate(config_text: str, tmp_path: Path) -> tuple[int, str]:

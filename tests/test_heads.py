@@ -17,7 +17,7 @@ from specdec.decoding import GenerationSettings, generate
 from specdec.decoding.cache import open_cache
 from specdec.decoding.drafters import on_target_vocab
 from specdec.decoding.eagle3 import Eagle3Drafter, Eagle3Head, Eagle3Spec, default_aux_ids
-from specdec.decoding.head_formats import HeadMismatch, head_spec, load_head, save_eagle3, save_medusa
+from specdec.decoding.head_formats import EAGLE3_FORMS, HeadMismatch, head_spec, load_head, save_eagle3, save_medusa
 from specdec.decoding.medusa import MedusaDrafter, MedusaHeads, MedusaSpec
 from specdec.head_training import draft_vocabulary, held_out_loss, new_eagle3, train_eagle3
 
@@ -212,17 +212,17 @@ def test_heads_sample_the_target_distribution_exactly(target, kind):
     assert chi_square_p(firsts, joint.sum(2).reshape(-1)) > 1e-3
 
 
-@pytest.mark.parametrize("form", ["vllm", "speculators"])
+@pytest.mark.parametrize("form", EAGLE3_FORMS)
 def test_eagle3_checkpoints_round_trip_in_both_forms(target, tmp_path, form):
     drafter = random_eagle3(target, 8)
     folder = save_eagle3(drafter, tmp_path / "head", form, verifier="tiny-llama")
     config, weights = json.loads((folder / "config.json").read_text()), load_file(folder / "model.safetensors")
-    layer = "midlayer" if form == "vllm" else "layers.0"
+    layer = "layers.0" if form == "speculators" else "midlayer"
     assert "embed_tokens.weight" not in weights  # the target's is shared
     assert weights["fc.weight"].shape == (HIDDEN, 3 * HIDDEN) and weights["lm_head.weight"].shape == (8, HIDDEN)
     assert weights[f"{layer}.self_attn.q_proj.weight"].shape[1] == 2 * HIDDEN
     assert weights["d2t"].dtype == torch.long and weights["t2d"].sum() == 8
-    if form == "vllm":
+    if form == "llama_eagle3":
         assert config["architectures"] == ["LlamaForCausalLMEagle3"] and config["num_hidden_layers"] == 1
         assert config["eagle_config"] == {"eagle_aux_hidden_state_layer_ids": [2, 4, 5], "use_aux_hidden_state": True}
         assert (config["draft_vocab_size"], config["target_hidden_size"], config["vocab_size"]) == (8, HIDDEN, VOCAB)
@@ -297,7 +297,7 @@ def test_heads_that_do_not_fit_are_refused_by_field(target, tmp_path, kind, chan
     if kind == "medusa":
         save_medusa(random_medusa(target), folder)
     else:
-        save_eagle3(random_eagle3(target, 8), folder, "vllm" if kind == "eagle3" else kind)
+        save_eagle3(random_eagle3(target, 8), folder, "llama_eagle3" if kind == "eagle3" else kind)
     _edit_config(folder, **changes)
     with pytest.raises(HeadMismatch, match=message) as refused:
         load_head(folder, target)

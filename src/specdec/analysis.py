@@ -128,7 +128,7 @@ def analyse(session, records: list[dict], reference: Path | None, parity_referen
                "parity": _parity(session, records, parity_reference)}
     if interleaved is not None:
         summary["reference"] = interleaved_block(records, interleaved)
-    if not cell.drafts:
+    if not cell.drafts or not session.drafts_per_request:
         return summary
     counts = acceptance.acceptance(records, cell.gamma)
     summary["acceptance"] = counts

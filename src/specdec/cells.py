@@ -34,7 +34,7 @@ def schema_message(error: jsonschema.ValidationError) -> str:
 GAMMA_MAX = 32
 METHODS = ("ar", "speculative", "ngram")
 # What runs a cell's method: our engine (specdec.decoding), transformers' generate() or vLLM.
-ENGINES = ("specdec", "transformers", "vllm")
+ENGINES = ("specdec", "transformers", "vllm", "openai")
 MODEL_DRAFTER_METHODS = frozenset({"speculative"})
 NGRAM_DRAFTER_METHODS = frozenset({"ngram"})
 DRAFTING_METHODS = frozenset({"speculative", "ngram"})
@@ -136,6 +136,29 @@ class Power:
 
 
 @dataclass(frozen=True)
+class Endpoint:
+    """A running OpenAI-compatible server (engine `openai`): where, which served model, which
+    API, the name of the environment variable holding its key (never the key), timeouts."""
+
+    base_url: str | None  # None with `serve`: the job starts the server on loopback
+    model: str
+    api: str = "completions"  # or "chat"
+    api_key_env: str | None = None
+    connect_timeout_s: float = 10.0
+    first_token_timeout_s: float = 300.0  # also the longest gap between chunks
+    request_timeout_s: float = 600.0
+    metrics: bool = True  # scrape the server's Prometheus /metrics at the window's edges
+    # `serve`: the job starts vLLM's OpenAI server from vLLM's environment with these extra
+    # arguments, and waits up to `startup_timeout_s` for its health.
+    serve: bool = False
+    serve_args: tuple[str, ...] = ()
+    startup_timeout_s: float = 900.0
+
+    def describe(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
 class Cell:
     """One benchmark job. `gamma` is 0 for AR (nothing drafted)."""
 
@@ -159,6 +182,7 @@ class Cell:
     # REFERENCES; AR cells are `separate` (they are the reference). Not in the name: the
     # method decodes the same either way (two cells differing only here are refused).
     reference: str = "separate"
+    endpoint: Endpoint | None = None  # the server an `openai` cell measures
 
     @property
     def greedy(self) -> bool:
@@ -217,8 +241,12 @@ class Cell:
         return dataclasses.replace(self, method="ar", drafter=None, gamma=0, engine=engine or self.engine, reference="separate")
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON form (schema `cell.schema.json`), with the derived `cell` name beside it."""
-        return _plain(dataclasses.asdict(self)) | {"cell": self.name}
+        """The JSON form (schema `cell.schema.json`), with the derived `cell` name beside it;
+        `endpoint` only where there is one (other cells' forms stay as they were)."""
+        data = _plain(dataclasses.asdict(self))
+        if data["endpoint"] is None:
+            del data["endpoint"]
+        return data | {"cell": self.name}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Cell:
@@ -240,6 +268,8 @@ class Cell:
                 "placement": Placement(**placement),
                 "load": Load(**fields["load"]),
                 "power": Power(**fields["power"]),
+                "endpoint": Endpoint(**fields["endpoint"] | {"serve_args": tuple(fields["endpoint"]["serve_args"])})
+                if fields.get("endpoint") else None,
             }
         )
 

@@ -31,6 +31,7 @@ from specdec.cells import (
     NGRAM_DRAFTER_METHODS,
     Cell,
     DrafterSpec,
+    Endpoint,
     Generation,
     Load,
     ModelSpec,
@@ -396,9 +397,28 @@ def expand_matrix(config: dict) -> list[Cell]:
                 seed=config["seed"] + repeat, warmup=exp["warmup"], timeout_s=exp.get("timeout_s"), power=power,
                 engine=engine, attribution=exp["attribution"],
                 reference=_reference(reference, method, engine, placement, load),
+                endpoint=_endpoint(config, engine),
             ))
     _check_unique(cells)
     return cells
+
+
+def _endpoint(config: dict, engine: str) -> Endpoint | None:
+    """The running server an engine that measures one is pointed at (config key `openai`)."""
+    if not engine_class(engine).needs_endpoint:
+        return None
+    server = dict(config.get("openai", {}))
+    serve = server.pop("serve", None)
+    if serve is not None:
+        if "base_url" in server:
+            raise ConfigError("config key 'openai.serve': the job starts the server on loopback; drop openai.base_url")
+        return Endpoint(**server | {"base_url": None, "model": server.get("model", "target"), "serve": True,
+                                    "serve_args": tuple(serve["args"]), "startup_timeout_s": serve["startup_timeout_s"]})
+    for key in ("base_url", "model"):
+        if key not in server:
+            raise ConfigError(f"config key 'openai.{key}': engine {engine!r} measures a running server and needs it "
+                              "(or openai.serve, to let the job start one)")
+    return Endpoint(**server)
 
 
 def _check_unique(cells: list[Cell]) -> None:

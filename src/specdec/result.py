@@ -244,6 +244,15 @@ class Energy(_FreeForm):
         return self.data["per_output_token_j"]["gross"] if self.available else None
 
 
+class Served(_FreeForm):
+    """The `served` block of a cell measured through a server (`engines.openai`): how its
+    tokens were counted, the server's speculative counters over the window, failed requests."""
+
+    token_count: str | None = _entry()
+    server_counters: dict | None = _entry()
+    failed_requests: int | None = _entry()
+
+
 class Attribution(_FreeForm):
     """The `attribution` block (`attribution`): where the decode time went, and the timed
     forwards by role and width (None for a vLLM cell, whose forwards run in its engine)."""
@@ -330,6 +339,7 @@ class Result(_Block):
     cotenants: Cotenants | None = None
     reference: Reference | None = None
     memory: Memory | None = None
+    served: Served | None = None
     schema_version: int
     cell_id: str
     group_id: str
@@ -349,6 +359,6 @@ class Result(_Block):
         """From a dict that passed `result.schema.json` (`records.result_from_dict`)."""
         kinds = {"failure": Failure, "metrics": Metrics, "acceptance": Acceptance, "theory": Theory, "energy": Energy,
                  "attribution": Attribution, "correctness": Check, "parity": Check, "engine": Engine,
-                 "cotenants": Cotenants, "reference": Reference, "memory": Memory, "config": Cell, "metadata": Metadata}
+                 "cotenants": Cotenants, "reference": Reference, "memory": Memory, "served": Served, "config": Cell, "metadata": Metadata}
         return cls(**{key: _maybe(kinds[key], value) if key in kinds else value for key, value in data.items()}
                    | {"status": Status(data["status"])})

@@ -212,6 +212,9 @@ def _ending(result: dict, elapsed_s: float) -> str:
     parts = [f"{result['status']} in {elapsed_s:.0f} s"]
     if result["metrics"]:
         parts.append(f"{result['metrics']['throughput_tok_s']:.1f} tok/s")
+    failed = result.get("served", {}).get("failed_requests")
+    if failed:
+        parts.append(f"{failed} request{'s' * (failed != 1)} failed")
     if result["failure"]:
         parts.append(f"{result['failure']['type']}: {result['failure']['message']}"[:200])
     for check in ("correctness", "parity"):
@@ -261,6 +264,9 @@ def _measure_and_analyse(engine: Engine, prompts: list[dict], out_dir: Path, ref
         result.update(window)
         phase = "analyse"
         result.update(analyse(engine, records, reference, parity_reference, reference_records))
+        served = engine.served()
+        if served is not None:
+            result["served"] = served
         memory = engine.memory()  # None for vLLM: its memory is its engine process's, sized by its own settings
         if memory is not None:
             result["memory"] = memory

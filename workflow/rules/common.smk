@@ -230,7 +230,9 @@ USE_CONDA = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_me
 
 def cell_environment(wildcards):
     """The conda environment of the cell's engine (`--sdm conda`)."""
-    name = "vllm" if cell_of(wildcards).engine == "vllm" else "specdec"
+    cell = cell_of(wildcards)
+    engine = specdec.engines.engine_class(cell.engine)
+    name = "vllm" if engine.runs_in_vllm_environment(cell) else "specdec"
     return f"../../envs/{name}.yaml"
 
 
@@ -259,7 +261,9 @@ def specdec_command(wildcards):
     """The `specdec` that runs the cell: a vLLM cell runs in VLLM_VENV (under --sdm conda,
     envs/vllm.yaml's). Without one, the job says which command installs it."""
     command = VLLM_VENV / "bin" / "specdec"
-    if cell_of(wildcards).engine != "vllm" or USE_CONDA or not command.exists():
+    cell = cell_of(wildcards)
+    in_vllm = specdec.engines.engine_class(cell.engine).runs_in_vllm_environment(cell)
+    if not in_vllm or USE_CONDA or not command.exists():
         return SPECDEC
     return shlex.quote(str(command))
 

@@ -151,13 +151,16 @@ def medusa_spec(config: dict, target_config, folder: Path) -> MedusaSpec:
                       bool(config.get("medusa_fc_bias", False)))
 
 
-def save_eagle3(drafter: Eagle3Drafter, folder: Path, form: str = "vllm", verifier: str | None = None,
+EAGLE3_FORMS = ("llama_eagle3", "speculators")  # vLLM's LlamaForCausalLMEagle3, and the speculators library's
+
+
+def save_eagle3(drafter: Eagle3Drafter, folder: Path, form: str = "llama_eagle3", verifier: str | None = None,
                 speculative_tokens: int = 3) -> Path:
-    """Write an EAGLE-3 head in vLLM's form or the speculators form (`verifier`: the target's
-    name or path, which that form records). Weights first, config.json last: a folder with a
+    """Write an EAGLE-3 head in one of `EAGLE3_FORMS` (`verifier`: the target's name or path,
+    which the speculators form records). Weights first, config.json last: a folder with a
     config is complete."""
-    if form not in ("vllm", "speculators"):
-        raise ValueError(f"EAGLE-3 form must be 'vllm' or 'speculators', got {form!r}")
+    if form not in EAGLE3_FORMS:
+        raise ValueError(f"EAGLE-3 form must be one of {EAGLE3_FORMS}, got {form!r}")
     head = drafter.head
     spec = head.spec
     weights = {k: v for k, v in head.state_dict().items() if head.own_embedding or not k.startswith("embed_tokens.")}
@@ -166,15 +169,15 @@ def save_eagle3(drafter: Eagle3Drafter, folder: Path, form: str = "vllm", verifi
     layer = {k: v for k, v in spec.layer.to_dict().items() if k not in ("architectures", "attn_implementation")}
     eagle = {"draft_vocab_size": spec.draft_vocab_size, "target_hidden_size": spec.target_hidden_size,
              "norm_before_residual": spec.norm_before_residual, "norm_output": spec.norm_output}
-    if form == "vllm":
-        config = {**layer, "architectures": [EAGLE3_ARCHITECTURES[0]], **eagle,
-                  "eagle_config": {"eagle_aux_hidden_state_layer_ids": list(spec.aux_ids), "use_aux_hidden_state": True}}
-    else:
+    if form == "speculators":
         config = {"architectures": ["Eagle3Speculator"], "speculators_model_type": "eagle3", "transformer_layer_config": layer,
                   **eagle, "eagle_aux_hidden_state_layer_ids": list(spec.aux_ids),
                   "speculators_config": {"algorithm": "eagle3", "default_proposal_method": "greedy",
                                          "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": speculative_tokens}],
                                          "verifier": {"name_or_path": verifier, "architectures": ["LlamaForCausalLM"]}}}
+    else:
+        config = {**layer, "architectures": [EAGLE3_ARCHITECTURES[0]], **eagle,
+                  "eagle_config": {"eagle_aux_hidden_state_layer_ids": list(spec.aux_ids), "use_aux_hidden_state": True}}
     return _write(folder, weights, config)
 
 

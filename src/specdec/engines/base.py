@@ -55,8 +55,15 @@ class Engine(ABC):
     parity_reference: ClassVar[bool] = False  # the other engines' greedy outputs are checked against its AR cells
     theory_applies: ClassVar[bool] = True  # its target forwards are counted per request (theory's draft lengths)
     prefill_verifies: ClassVar[bool] = False  # its prefill forward verifies the first draft (transformers)
+    drafts_per_request: ClassVar[bool] = True  # its rows carry drafted/accepted counts (the `acceptance` block)
+    needs_endpoint: ClassVar[bool] = False  # measures a running server: its cells carry the config's `openai` endpoint
 
     cell: Cell
+
+    @classmethod
+    def runs_in_vllm_environment(cls, cell: Cell) -> bool:
+        """Whether the workflow runs the cell's job in vLLM's own environment (make install-vllm)."""
+        return False
 
     @classmethod
     def unsupported(cls, cell: Cell) -> str | None:
@@ -137,6 +144,11 @@ class Engine(ABC):
     def counters(self) -> dict | None:
         """The engine's own speculative-decoding counters over the window, or None where the
         drafts are counted per request only."""
+        return None
+
+    def served(self) -> dict | None:
+        """What the engine reports of the requests beyond their records (the result's
+        `served`: a server's failed requests), or None."""
         return None
 
     def memory(self) -> dict | None:

@@ -243,6 +243,10 @@ class VllmEngine(Engine):
     theory_applies = False
 
     cell: Cell
+
+    @classmethod
+    def runs_in_vllm_environment(cls, cell: Cell) -> bool:
+        return True
     tokenizer: object
     plan: VllmPlan
     args: dict

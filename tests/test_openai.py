@@ -1,0 +1,231 @@
+"""The `openai` engine against a small fake OpenAI-compatible server on loopback: streamed
+chunks become emissions, tokens are counted by the server's ids or our tokenizer, the
+server's spec-decode counters are differenced over the window, and every kind of failed
+request is counted with its reason while the cell finishes."""
+
+import json
+import sys
+import threading
+import time
+
+import pytest
+from conftest import REPO, cell_inputs
+from fake_openai import TOKENS, FakeServer
+
+from specdec import runner
+from specdec.config import ConfigError, expand_matrix, validate
+from specdec.engines.openai import OpenAIEngine, RequestFailed, _Stream, chunk_drafts, scrape_counters
+from specdec.load import Request
+
+@pytest.fixture
+def fake():
+    """fake(modes) -> a running FakeServer on a free loopback port, shut down after the test."""
+    servers = []
+
+    def start(modes=("ok",)):
+        server = FakeServer(modes)
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def openai_config(openai: dict, method: dict | None = None, **experiment) -> dict:
+    return validate({
+        "seed": 1, "models": {"smollm2": {"source": "embedded"}},
+        "drafters": {"ngram": {"kind": "ngram", "n": 3}, "int8": {"kind": "quantized", "dtype": "int8"}},
+        "datasets": {"sample": {"source": "sample", "num_prompts": 3, "turns": "first"}},
+        "experiments": {"srv": {"target": "smollm2", "datasets": ["sample"], "engine": "openai",
+                                "methods": [method or {"method": "ar"}], "max_new_tokens": TOKENS, "warmup": 1,
+                                "batch_size": 2} | experiment},
+        "power": {"enabled": False},
+        "openai": openai,
+    })
+
+
+def run(tmp_path, embedded_model_dir, config):
+    (cell,) = expand_matrix(config)
+    models_dir, prompts = cell_inputs(tmp_path, embedded_model_dir, config["datasets"]["sample"], seed=1)
+    return runner.run_cell(cell, prompts, tmp_path / "out", models_dir=models_dir)
+
+
+def test_a_cell_streams_from_the_server_with_its_token_ids(tmp_path, embedded_model_dir, fake, monkeypatch):
+    server = fake()
+    monkeypatch.setenv("FAKE_KEY", "sk-secret")
+    config = openai_config({"base_url": server.url, "model": "m", "api_key_env": "FAKE_KEY"})
+    result = run(tmp_path, embedded_model_dir, config)
+    assert result["status"] == "ok", result["failure"]
+    assert result["served"]["failed_requests"] == 0 and result["served"]["token_count"] == "server token ids"
+    assert "outside this process" in result["attribution"]["reason"]
+    assert result["metrics"]["num_requests"] == 3
+    records = [json.loads(line) for line in (tmp_path / "out" / "requests.jsonl").read_text().splitlines()]
+    assert all(r["output_tokens"] == TOKENS and len(r["emissions"]) == TOKENS for r in records)
+    assert records[-1]["output_ids"] == [100, 101, 102, 103, 104]
+    # the prompt is the target's chat template as token ids; the key goes in the header only
+    assert all(isinstance(b["prompt"], list) and b["authorization"] == "Bearer sk-secret" for b in server.bodies)
+    written = (tmp_path / "out" / "result.json").read_text() + (tmp_path / "out" / "requests.jsonl").read_text()
+    assert "sk-secret" not in written and "FAKE_KEY" in written
+
+
+def test_without_token_ids_the_tokenizer_counts_and_the_result_says_so(tmp_path, embedded_model_dir, fake):
+    server = fake(["no-ids"])
+    result = run(tmp_path, embedded_model_dir, openai_config({"base_url": server.url, "model": "m", "api": "chat"}))
+    assert result["status"] == "ok", result["failure"]
+    assert result["served"]["token_count"] == "tokenizer"
+    assert all("messages" in b for b in server.bodies)
+    records = [json.loads(line) for line in (tmp_path / "out" / "requests.jsonl").read_text().splitlines()]
+    assert all(r["output_tokens"] >= TOKENS for r in records)  # " w0 w1 ..." is at least a token a word
+
+
+def test_the_servers_counters_are_differenced_over_the_window(tmp_path, embedded_model_dir, fake):
+    server = fake()
+    config = openai_config({"base_url": server.url, "model": "m"}, {"method": "ngram", "drafter": "ngram", "gamma": 2})
+    result = run(tmp_path, embedded_model_dir, config)
+    assert result["status"] == "ok", result["failure"]
+    # three measured requests; the warm-up's drafts are before the window
+    assert result["served"]["server_counters"] == {"num_drafts": 9, "num_draft_tokens": 18, "num_accepted_tokens": 12,
+                                                   "num_accepted_tokens_per_pos": [9, 3]}
+    assert result["acceptance"] is None  # not made up from per-request counts the server does not send
+
+
+def test_a_server_without_counters_gives_no_acceptance_with_the_reason(tmp_path, embedded_model_dir, fake):
+    server = fake(["llama.cpp"])
+    config = openai_config({"base_url": server.url, "model": "m", "metrics": False}, {"method": "ngram", "drafter": "ngram", "gamma": 2})
+    result = run(tmp_path, embedded_model_dir, config)
+    assert result["status"] == "ok", result["failure"]
+    assert result["served"]["server_counters"] == {"available": False, "reason": "openai.metrics is false: the server's /metrics were not read"}
+    records = [json.loads(line) for line in (tmp_path / "out" / "requests.jsonl").read_text().splitlines()]
+    assert all(r["drafted_tokens"] == 8 and r["accepted_tokens"] == 3 for r in records)  # llama.cpp's per-request fields
+
+
+def test_failed_requests_are_counted_with_their_reasons_and_the_cell_finishes(tmp_path, embedded_model_dir, fake):
+    server = fake(["ok", "http500", "ok", "cut"])  # warm-up ok, then 500, ok, cut
+    result = run(tmp_path, embedded_model_dir, openai_config({"base_url": server.url, "model": "m"}))
+    assert result["status"] == "ok", result["failure"]
+    served = result["served"]
+    assert served["failed_requests"] == 2 and served["succeeded_requests"] == 1
+    reasons = sorted(f["reason"] for f in served["failures"])
+    assert reasons[0].startswith("HTTP 500: engine died") and reasons[1].startswith("stream cut after 2 chunks")
+    assert result["metrics"]["num_requests"] == 1
+    assert "2 requests failed" in runner._ending(result, 1.0)
+
+
+def test_a_server_that_is_down_fails_the_cell_with_the_reason(tmp_path, embedded_model_dir, fake):
+    server = fake()
+    url = server.url
+    server.shutdown()
+    server.server_close()  # nothing listens on the port now: connections are refused
+    result = run(tmp_path, embedded_model_dir, openai_config({"base_url": url, "model": "m", "connect_timeout_s": 1}))
+    assert result["status"] == "failed" and result["failure"]["phase"] == "measure"
+    assert "all 3 measured requests failed; the first: connection failed" in result["failure"]["message"]
+
+
+def stream_one(server_url: str, tmp_path, embedded_model_dir, **openai) -> str | None:
+    """One request through the engine's stream; the failure's reason, or None."""
+    config = openai_config({"base_url": server_url, "model": "m"} | openai)
+    (cell,) = expand_matrix(config)
+    models_dir, _ = cell_inputs(tmp_path, embedded_model_dir, config["datasets"]["sample"], seed=1)
+    engine = OpenAIEngine.open(cell, models_dir)
+    request = Request({"id": "p", "category": "c", "system": None, "turns": ["hi"]})
+    body, _ = engine.request_body(request)
+    state = _Stream(request, 0, 0, 0)
+    try:
+        engine.stream(body, state, time.perf_counter_ns)
+    except RequestFailed as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.parametrize("mode, openai, reason", [
+    ("http400", {}, "HTTP 400: bad request"),
+    ("malformed", {}, "malformed chunk b'{not json'"),
+    ("slow-first", {"first_token_timeout_s": 0.3}, "no response in 0.3 s (first_token_timeout_s)"),
+    ("stall", {"first_token_timeout_s": 0.3}, "timed out waiting for the next chunk"),
+    ("stall", {"first_token_timeout_s": 5, "request_timeout_s": 0.5}, "not done in 0.5 s (request_timeout_s)"),
+])
+def test_each_fault_fails_its_request_with_its_reason_within_its_timeout(tmp_path, embedded_model_dir, fake, mode, openai, reason):
+    server = fake([mode])
+    assert stream_one(server.url, tmp_path, embedded_model_dir, **openai).startswith(reason)
+
+
+def test_a_refused_connection_fails_its_request(tmp_path, embedded_model_dir, fake):
+    server = fake()
+    url = server.url
+    server.shutdown()
+    server.server_close()
+    assert stream_one(url, tmp_path, embedded_model_dir, connect_timeout_s=1).startswith("connection failed")
+
+
+def test_the_gate_needs_the_servers_address_and_a_set_key(tmp_path, embedded_model_dir, monkeypatch):
+    with pytest.raises(ConfigError, match="config key 'openai.base_url'"):
+        expand_matrix(openai_config({"model": "m"}))
+    monkeypatch.delenv("NO_SUCH_KEY", raising=False)
+    (cell,) = expand_matrix(openai_config({"base_url": "http://127.0.0.1:9", "model": "m", "api_key_env": "NO_SUCH_KEY"}))
+    with pytest.raises(ValueError, match="environment variable NO_SUCH_KEY is not set"):
+        OpenAIEngine.open(cell, tmp_path)
+
+
+def test_prometheus_counters_and_per_request_fields_are_read():
+    text = ("# HELP vllm:spec_decode_num_drafts_total drafts\n"
+            'vllm:spec_decode_num_drafts_total{engine="0"} 2.0\nvllm:spec_decode_num_drafts_total{engine="1"} 3.0\n'
+            'vllm:spec_decode_num_accepted_tokens_per_pos_total{position="1"} 4.0\nother_metric 7\n')
+    assert scrape_counters(text) == {"num_drafts": 5, "num_draft_tokens": 0, "num_accepted_tokens": 0,
+                                     "num_accepted_tokens_per_pos": [0, 4]}
+    assert scrape_counters("process_cpu_seconds_total 3.0\n") is None
+    assert chunk_drafts({"timings": {"draft_n": 4, "draft_n_accepted": 2}}) == {"drafted_tokens": 4, "accepted_tokens": 2}
+    assert chunk_drafts({"meta_info": {"spec_verify_ct": 7}}) == {"target_forwards": 7}
+    assert chunk_drafts({"choices": []}) == {}
+
+
+def fake_python(tmp_path, monkeypatch, body: str):
+    """A stand-in for vLLM's Python, in the environment SPECDEC_VLLM_VENV names: a script that
+    gets the server's command line."""
+    script = tmp_path / "vllm-venv" / "bin" / "python"
+    script.parent.mkdir(parents=True)
+    script.write_text(f"#!/bin/sh\n{body}\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("SPECDEC_VLLM_VENV", str(tmp_path / "vllm-venv"))
+    return str(script)
+
+
+def test_serve_starts_a_server_on_loopback_runs_the_cell_and_stops_it(tmp_path, monkeypatch, embedded_model_dir):
+    fake = REPO / "tests" / "fake_openai.py"
+    python = fake_python(tmp_path, monkeypatch, f'echo "$@" > {tmp_path}/argv; exec {sys.executable} {fake} "$@"')
+    config = openai_config({"serve": {}}, {"method": "ngram", "drafter": "ngram", "gamma": 2})
+    result = run(tmp_path, embedded_model_dir, config)
+    assert result["status"] == "ok", result["failure"]
+    assert result["served"]["server_counters"]["num_drafts"] == 9
+    argv = (tmp_path / "argv").read_text()
+    assert "-m vllm.entrypoints.openai.api_server --served-model-name target" in argv
+    assert '--speculative-config {"method": "ngram", "num_speculative_tokens": 2' in argv
+    assert "--no-enable-prefix-caching" in argv and "--host 127.0.0.1 --port" in argv
+    assert result["engine"]["settings"]["command"][0] == python
+
+
+def test_a_server_that_fails_to_start_fails_the_cell_with_its_last_lines(tmp_path, monkeypatch, embedded_model_dir):
+    fake_python(tmp_path, monkeypatch, 'echo "loading the model"; echo "RuntimeError: not enough memory for the KV cache"; exit 3')
+    result = run(tmp_path, embedded_model_dir, openai_config({"serve": {"startup_timeout_s": 60}}))
+    assert result["status"] == "failed" and result["failure"]["phase"] == "start"
+    assert "the server exited with 3 before it was healthy" in result["failure"]["message"]
+    assert "not enough memory for the KV cache" in result["failure"]["message"]
+
+
+def test_its_gaps_and_its_cells_json_form():
+    """A quantised copy of the target cannot be the server's drafter; the endpoint travels in
+    the cell's JSON form (the key's variable name only) and other engines' cells have none."""
+    from specdec.cells import Cell
+    from specdec.engines import unsupported
+
+    config = openai_config({"base_url": "http://127.0.0.1:9", "model": "m", "api_key_env": "K"},
+                           {"method": "speculative", "drafter": "int8", "gamma": 2})
+    (cell,) = expand_matrix(config)
+    assert "the server loads its own drafter" in unsupported(cell)
+    data = cell.to_dict()
+    assert data["endpoint"]["api_key_env"] == "K" and Cell.from_dict(data) == cell
+    config["experiments"]["srv"]["engine"] = "specdec"
+    (ours,) = expand_matrix(validate(config))
+    assert "endpoint" not in ours.to_dict() and Cell.from_dict(ours.to_dict()) == ours
