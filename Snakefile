@@ -2,7 +2,7 @@ import os
 
 from snakemake.utils import min_version
 
-import specdec.config
+import specdec.gate.config
 
 min_version("9.0")
 
@@ -12,7 +12,7 @@ for configfile_path in [
     *workflow.configfiles,
     *filter(os.path.exists, ["config.yaml"]),
 ]:
-    specdec.config.read_yaml(configfile_path)
+    specdec.gate.config.read_yaml(configfile_path)
 
 
 configfile: "config.yaml"

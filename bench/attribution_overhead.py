@@ -1,4 +1,4 @@
-"""What time attribution (specdec/attribution.py) costs the timed figures: tokens/s of our
+"""What time attribution (specdec/job/attribution.py) costs the timed figures: tokens/s of our
 engine with the recorder on (forward hooks, accept-step brackets, decode clock) and off, on
 the embedded model, AR and the int8 drafter.
 
@@ -24,10 +24,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from specdec.attribution import Attribution  # noqa: E402
 from specdec.decoding import GenerationSettings, ModelDrafter, generate  # noqa: E402
 from specdec.decoding.kernels import tuned_linears  # noqa: E402
-from specdec.models import load_tokenizer, prepare_embedded, quantized_copy  # noqa: E402
+from specdec.job.attribution import Attribution  # noqa: E402
+from specdec.prepare.models import load_tokenizer, prepare_embedded, quantized_copy  # noqa: E402
 
 PROMPTS = [
     "def fibonacci(n):",

@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from specdec.cells import Power  # noqa: E402
-from specdec.power import PowerMonitor, SourceUnavailable  # noqa: E402
+from specdec.gate.cells import Power  # noqa: E402
+from specdec.job.power import PowerMonitor, SourceUnavailable  # noqa: E402
 
 
 def matmul_load(device: str, seconds: float, size: int = 8192):

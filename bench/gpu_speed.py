@@ -46,13 +46,17 @@ from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 from specdec.decoding import GenerationSettings, ReplayDrafter, generate  # noqa: E402
 from specdec.decoding.cache import (  # noqa: E402
-    RaggedCache, restore_static_cache, static_setup, use_dynamic_cache, use_static_cache,
+    RaggedCache,
+    restore_static_cache,
+    static_setup,
+    use_dynamic_cache,
+    use_static_cache,
 )
 from specdec.decoding.compiled import compile_steps, step_widths  # noqa: E402
-from specdec.metadata import cpu_description, nvidia_driver  # noqa: E402
-from specdec.leviathan import draft_length_shares, per_token_alpha, predicted_speedup  # noqa: E402
-from specdec.models import prepare_embedded, weight_bytes  # noqa: E402
 from specdec.engines.transformers import hf_generate  # noqa: E402
+from specdec.job.leviathan import draft_length_shares, per_token_alpha, predicted_speedup  # noqa: E402
+from specdec.metadata import cpu_description, nvidia_driver  # noqa: E402
+from specdec.prepare.models import prepare_embedded, weight_bytes  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 COMPILE_CACHE = Path(__file__).resolve().parents[1] / "resources" / "compile-cache"  # the pipeline's

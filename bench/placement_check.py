@@ -16,11 +16,8 @@ import os
 import sys
 import time
 
-from specdec.cells import Placement
 from specdec.decoding.cache import RaggedCache
-from specdec.gpus import GpuLeaseError, lease_gpus
-from specdec.models import EMBEDDED_DIR, prepare_embedded
-from specdec.placement import (
+from specdec.engines.placement import (
     STRATEGIES,
     PlacementError,
     gpus_required,
@@ -29,6 +26,9 @@ from specdec.placement import (
     plan_placement,
     resolve_local_gpus,
 )
+from specdec.gate.cells import Placement
+from specdec.job.gpus import GpuLeaseError, lease_gpus
+from specdec.prepare.models import EMBEDDED_DIR, prepare_embedded
 
 EMBEDDED = EMBEDDED_DIR
 PROMPT = "Write a Python function that returns the n-th Fibonacci number."

@@ -20,9 +20,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from specdec.cells import Power  # noqa: E402
-from specdec.models import prepare_embedded  # noqa: E402
-from specdec.power import PowerMonitor, SourceUnavailable  # noqa: E402
+from specdec.gate.cells import Power  # noqa: E402
+from specdec.job.power import PowerMonitor, SourceUnavailable  # noqa: E402
+from specdec.prepare.models import prepare_embedded  # noqa: E402
 
 MODEL_DIR = prepare_embedded()
 PROMPT = "Write a Python function that checks whether a number is prime."

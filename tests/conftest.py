@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def embedded_model_dir() -> Path:
     """The embedded SmolLM2-135M-Instruct as a transformers folder (converted once)."""
-    from specdec.models import prepare_embedded
+    from specdec.prepare.models import prepare_embedded
 
     return prepare_embedded()
 
@@ -70,8 +70,8 @@ def make_study(tmp_path_factory, embedded_model_dir):
 def cell_inputs(work: Path, embedded_model_dir: Path, dataset: dict, seed: int) -> tuple[Path, Path]:
     """What `runner.run_cell` reads, under `work`: a models folder holding the embedded model
     and a prompts file prepared from the `dataset` spec. Returns (models dir, prompts file)."""
-    from specdec.datasets import prepare_dataset_file
-    from specdec.models import load_tokenizer
+    from specdec.prepare.datasets import prepare_dataset_file
+    from specdec.prepare.models import load_tokenizer
 
     (work / "models").mkdir()
     (work / "models" / "smollm2").symlink_to(embedded_model_dir)

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from specdec.aggregate import (
+from specdec.report.aggregate import (
     ExperimentError,
     aggregate_experiment,
     failed_table,
@@ -20,13 +20,13 @@ from specdec.aggregate import (
     request_tables,
     runs_table,
 )
-from specdec.cells import Cell
+from specdec.gate.cells import Cell
 from specdec.records import RecordError, read_result, result_from_dict, write_requests, write_result
-from specdec.statistics import bootstrap_ci
-from specdec.summary import NO_BASELINE, SettingsError, category_table, summary_table
-from specdec.sweeps import break_even_table
-from specdec.tables import DASH, NOT_DISTINGUISHABLE, display_headline, write_headline
-from specdec.theory import best_gamma_table
+from specdec.report.statistics import bootstrap_ci
+from specdec.report.summary import NO_BASELINE, SettingsError, category_table, summary_table
+from specdec.report.sweeps import break_even_table
+from specdec.report.tables import DASH, NOT_DISTINGUISHABLE, display_headline, write_headline
+from specdec.report.theory import best_gamma_table
 
 FIXTURES = Path(__file__).parent / "fixtures" / "results"
 RESULTS = sorted((FIXTURES / "runs" / "demo").glob("*/result.json"))

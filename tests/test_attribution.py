@@ -1,4 +1,4 @@
-"""Time attribution (specdec.attribution) on the embedded model: the parts add up to the
+"""Time attribution (specdec.job.attribution) on the embedded model: the parts add up to the
 decode time, forwards are counted and classified as the engines run them, only the window
 counts, a fake clock gives hand-computed parts, and the setting switches it off."""
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import TINY_CONFIG, cell_inputs
 
-from specdec.attribution import GENERATE_ACCEPTS, Attribution, Off
+from specdec.job.attribution import GENERATE_ACCEPTS, Attribution, Off
 from specdec.decoding import GenerationSettings, ModelDrafter, NgramDrafter, generate
 from specdec.decoding.kernels import tuned_linears
 from specdec.engines.transformers import TransformersEngine, hf_generate
@@ -19,7 +19,7 @@ SETTINGS = GenerationSettings(max_new_tokens=6, gamma=3, eos_token_ids=(), pad_t
 
 @pytest.fixture(scope="module")
 def models(embedded_model):
-    from specdec.models import quantized_copy
+    from specdec.prepare.models import quantized_copy
 
     target, tokenizer = embedded_model
     drafter = quantized_copy(target, "int8")
@@ -138,7 +138,7 @@ def test_outside_the_window_nothing_is_hooked(models):
 
 
 def test_the_setting_is_carried_on_the_cell_without_renaming_it():
-    from specdec.config import expand_matrix, validate
+    from specdec.gate.config import expand_matrix, validate
     from specdec.records import cell_from_dict
 
     on = expand_matrix(validate(json.loads(json.dumps(TINY_CONFIG))))
@@ -151,8 +151,8 @@ def test_the_setting_is_carried_on_the_cell_without_renaming_it():
 
 
 def test_attribution_off_writes_unavailable_with_a_reason(tmp_path, embedded_model_dir):
-    from specdec import runner
-    from specdec.config import expand_matrix, validate
+    from specdec.job import runner
+    from specdec.gate.config import expand_matrix, validate
     from specdec.records import read_result
 
     config = validate(json.loads(json.dumps(TINY_CONFIG)))

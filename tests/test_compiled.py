@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from specdec.decoding import GenerationSettings, ModelDrafter, generate
 from specdec.decoding.cache import static_setup, use_dynamic_cache
 from specdec.decoding.compiled import compile_steps, step_widths
-from specdec.models import quantized_copy
+from specdec.prepare.models import quantized_copy
 
 
 def test_compiled_steps_decode_the_same_tokens(tmp_path):
@@ -46,14 +46,12 @@ def test_a_compiled_cell_has_its_forwards_costs_and_prediction(tmp_path, embedde
     """Compiled steps bypass the forward hooks: attribution times them around the compiled
     call, so a compiled cell's decode forwards are counted and theory reads its costs. A tiny
     random Llama (one layer), one prompt, γ 2: each compiled shape costs seconds, not minutes."""
-    import dataclasses
-    import json
 
     from conftest import cell_inputs, tiny_llama
 
-    from specdec import runner, theory
-    from specdec.cells import ModelSpec
-    from specdec.config import expand_matrix, validate
+    from specdec.job import runner
+    from specdec.report import theory
+    from specdec.gate.config import expand_matrix, validate
 
     tiny_llama(tmp_path / "tiny", 49152, tokenizer_of=embedded_model_dir)
     config = validate({

@@ -5,8 +5,8 @@ import pytest
 import yaml
 from conftest import alias_bomb
 
-from specdec.cells import Cell, Load
-from specdec.config import ConfigError, expand_matrix, load_config, read_yaml, reference_cell, validate
+from specdec.gate.cells import Cell, Load
+from specdec.gate.config import ConfigError, expand_matrix, load_config, read_yaml, reference_cell, validate
 
 REPO = Path(__file__).resolve().parents[1]
 GPU8 = REPO / "tests" / "fixtures" / "configs" / "gpu8.yaml"
@@ -257,7 +257,7 @@ def _with_replay(config, **drafter):
 
 
 def test_a_replay_drafter_is_a_typed_measurement_tool(default_config):
-    from specdec.aggregate import method_label
+    from specdec.report.aggregate import method_label
 
     config = validate(_with_replay(default_config, cost_ms_per_token=2))
     assert config["drafters"]["replay80"] == {"kind": "replay", "error_rate": 0.2, "cost_ms_per_token": 2}

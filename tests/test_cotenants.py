@@ -3,7 +3,7 @@
 import pynvml
 import pytest
 
-from specdec.cotenants import CotenantWatch, flag
+from specdec.job.cotenants import CotenantWatch, flag
 
 
 class Counter:

@@ -6,8 +6,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from specdec import datasets
-from specdec.datasets import (
+from specdec.prepare import datasets
+from specdec.prepare.datasets import (
     DatasetError,
     Malformed,
     dataset_schema,

@@ -12,7 +12,7 @@ from specdec.decoding import (
     GenerationSettings, ModelDrafter, NgramDrafter, VocabularyMismatch, check_same_vocabulary, generate,
 )
 from specdec.decoding.cache import RaggedCache, open_cache, use_dynamic_cache, use_static_cache
-from specdec.models import quantized_copy
+from specdec.prepare.models import quantized_copy
 
 from conftest import greedy_settings, static_caches
 

@@ -10,11 +10,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from specdec.aggregate import read_runs, runs_table
-from specdec.analysis import NEAR_TIE_MARGIN, compare_with_reference, near_tie_margin, verdict
+from specdec.report.aggregate import read_runs, runs_table
+from specdec.job.analysis import NEAR_TIE_MARGIN, compare_with_reference, near_tie_margin, verdict
 from specdec.records import read_result, result_from_dict, write_result
-from specdec.summary import summary_table
-from specdec.tables import display_summary
+from specdec.report.summary import summary_table
+from specdec.report.tables import display_summary
 
 FIXTURES = Path(__file__).parent / "fixtures" / "results" / "runs" / "demo"
 SPEC = "humaneval--specdec-speculative-int8-g4--b1-n16-t0-cpu"

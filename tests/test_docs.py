@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from specdec import cli
-from specdec.config import expand_matrix, load_config, read_yaml, schema_path
+from specdec.gate.config import expand_matrix, load_config, read_yaml, schema_path
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]

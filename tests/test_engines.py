@@ -12,8 +12,8 @@ import pytest
 import yaml
 from conftest import REPO
 
-from specdec.config import ConfigError, expand_matrix, load_config, reference_cell, schema_path, validate
-from specdec.cells import ENGINES
+from specdec.gate.config import ConfigError, expand_matrix, load_config, reference_cell, schema_path, validate
+from specdec.gate.cells import ENGINES
 from specdec.engines import REFERENCE, REGISTRY, unsupported
 from specdec.engines.transformers import transformers_settings
 from specdec.engines.vllm import counter_difference, cpu_environment, engine_args, per_request_drafts, spec_counters
@@ -169,7 +169,7 @@ def test_cpu_environment_keeps_what_the_user_set(tmp_path, monkeypatch):
 
 
 def test_the_shipped_engines_experiment_is_not_in_the_default_target():
-    from specdec.config import experiments_to_run
+    from specdec.gate.config import experiments_to_run
 
     config = load_config(REPO / "config.yaml")
     assert experiments_to_run(config) == ["default"]

@@ -12,8 +12,8 @@ import matplotlib.pyplot as plt
 from matplotlib.colors import to_rgba
 import pytest
 
-from specdec.aggregate import aggregate_experiment
-from specdec.figures import (
+from specdec.report.aggregate import aggregate_experiment
+from specdec.report.figures import (
     FIGURES,
     LEFT_OUT,
     _add_footer,
@@ -38,7 +38,7 @@ from specdec.figures import (
     throughput_vs_batch,
     write_left_out,
 )
-from specdec.summary import SettingsError
+from specdec.report.summary import SettingsError
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "results"

@@ -10,8 +10,8 @@ import pytest
 from conftest import tiny_llama
 
 from specdec import cli
-from specdec.cells import Cell, DrafterSpec, Generation, Load, ModelSpec, Placement
-from specdec.fingerprints import DigestCache
+from specdec.gate.cells import Cell, DrafterSpec, Generation, Load, ModelSpec, Placement
+from specdec.job.fingerprints import DigestCache
 from specdec.records import read_result, write_cell, write_prompts
 
 

@@ -11,15 +11,15 @@ import pytest
 import yaml
 
 from specdec import cli
-from specdec.cells import ModelSpec
-from specdec.datasets import MAX_FILE_BYTES, prepare_prompts
+from specdec.gate.cells import ModelSpec
+from specdec.prepare.datasets import MAX_FILE_BYTES, prepare_prompts
 from specdec.decoding.drafters import NgramDrafter, ReplayDrafter
 from specdec.decoding.engine import GenerationSettings
-from specdec.figures import DEFAULT_OPTIONS
-from specdec.goodput import Slo
-from specdec.statistics import bootstrap_ci
-from specdec.models import model_location, quantized_copy
-from specdec.summary import DEFAULT_SETTINGS, merge_settings
+from specdec.report.figures import DEFAULT_OPTIONS
+from specdec.report.goodput import Slo
+from specdec.report.statistics import bootstrap_ci
+from specdec.prepare.models import model_location, quantized_copy
+from specdec.report.summary import DEFAULT_SETTINGS, merge_settings
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pynvml
 import pytest
 
-from specdec.gpus import GpuLeaseError, lease_gpus
-from specdec.locks import LockRefused
+from specdec.job.gpus import GpuLeaseError, lease_gpus
+from specdec.job.locks import LockRefused
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -86,7 +86,7 @@ def test_competing_processes_never_share_a_gpu(tmp_path):
     markers.mkdir()
     holder = f"""
         import os, time
-        from specdec.gpus import lease_gpus
+        from specdec.job.gpus import lease_gpus
         lease = lease_gpus(2, timeout_s=120)
         names = [os.path.join({str(markers)!r}, f"gpu{{g.index}}") for g in lease.gpus]
         for name in names:
@@ -108,7 +108,7 @@ def test_gpus_of_a_killed_holder_become_free(no_visible_devices, tmp_path):
     holder = _spawn(
         """
         import time
-        from specdec.gpus import lease_gpus
+        from specdec.job.gpus import lease_gpus
         lease_gpus(2, label="doomed")
         print("held", flush=True)
         time.sleep(600)

@@ -19,7 +19,7 @@ from specdec.decoding.drafters import on_target_vocab
 from specdec.decoding.eagle3 import Eagle3Drafter, Eagle3Head, Eagle3Spec, default_aux_ids
 from specdec.decoding.head_formats import EAGLE3_FORMS, HeadMismatch, head_spec, load_head, save_eagle3, save_medusa
 from specdec.decoding.medusa import MedusaDrafter, MedusaHeads, MedusaSpec
-from specdec.head_training import draft_vocabulary, held_out_loss, new_eagle3, train_eagle3
+from specdec.prepare.head_training import draft_vocabulary, held_out_loss, new_eagle3, train_eagle3
 
 from conftest import chi_square_p, exact_joint, static_caches
 

@@ -10,12 +10,12 @@ import pandas as pd
 import pytest
 from conftest import cell_inputs
 
-from specdec import runner
-from specdec.aggregate import aggregate_experiment, read_runs, runs_table
-from specdec.cells import Load
-from specdec.config import ConfigError, expand_matrix, reference_cell, validate
-from specdec.load import BatchServer, RequestStream, run_load
-from specdec.metrics import summarize
+from specdec.job import runner
+from specdec.report.aggregate import aggregate_experiment, read_runs, runs_table
+from specdec.gate.cells import Load
+from specdec.gate.config import ConfigError, expand_matrix, reference_cell, validate
+from specdec.job.load import BatchServer, RequestStream, run_load
+from specdec.job.metrics import summarize
 from specdec.records import INTERLEAVED_REQUESTS, read_requests, read_result, result_from_dict, write_requests, write_result
 
 FIXTURES = Path(__file__).parent / "fixtures" / "results" / "runs" / "demo"

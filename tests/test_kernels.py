@@ -96,7 +96,7 @@ def test_ragged_cache_passes_the_cache_under_the_forwards_own_keyword():
 def test_prepacked_bfloat16_linears_compute_the_same_logits(tied):
     import copy
 
-    from specdec.models import weight_bytes
+    from specdec.prepare.models import weight_bytes
 
     plain = tiny_llama(torch.bfloat16)
     if tied:
@@ -121,7 +121,7 @@ def test_prepacking_leaves_float32_models_alone():
 
 def test_a_prepacked_bf16_drafter_keeps_speculative_decoding_lossless():
     from specdec.decoding import ModelDrafter
-    from specdec.models import quantized_copy
+    from specdec.prepare.models import quantized_copy
 
     target = tiny_llama()
     drafter = quantized_copy(target, "bf16")

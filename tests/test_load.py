@@ -3,9 +3,9 @@ import io
 import numpy as np
 import pytest
 
-import specdec.load as load_module
-from specdec.cells import Load
-from specdec.load import (
+import specdec.job.load as load_module
+from specdec.gate.cells import Load
+from specdec.job.load import (
     BatchServer,
     EngineOutputError,
     RequestStream,
@@ -15,7 +15,7 @@ from specdec.load import (
     schedule,
     total_requests,
 )
-from specdec.metrics import summarize
+from specdec.job.metrics import summarize
 
 MS = 1_000_000  # ns
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from specdec.decoding import kernels
-from specdec.models import kv_cache_bytes, quantized_copy, weight_bytes
+from specdec.prepare.models import kv_cache_bytes, quantized_copy, weight_bytes
 
 
 @pytest.fixture(scope="module")

@@ -3,11 +3,11 @@ import math
 import numpy as np
 import pytest
 
-from specdec.acceptance import acceptance, acceptance_block
-from specdec.console import summary_table
-from specdec.leviathan import draft_length_shares, expected_tokens_per_step, per_token_alpha, predicted_speedup, theory
-from specdec.metrics import MetricsError, distribution, percentile, summarize
-from specdec.statistics import bootstrap_ci, coefficient_of_variation
+from specdec.job.acceptance import acceptance, acceptance_block
+from specdec.job.console import summary_table
+from specdec.job.leviathan import draft_length_shares, expected_tokens_per_step, per_token_alpha, predicted_speedup, theory
+from specdec.job.metrics import MetricsError, distribution, percentile, summarize
+from specdec.report.statistics import bootstrap_ci, coefficient_of_variation
 
 
 def record(rid, arrival, start, emissions, prompt_tokens=10, warmup=False, **extra):

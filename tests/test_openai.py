@@ -12,10 +12,10 @@ import pytest
 from conftest import REPO, cell_inputs
 from fake_openai import TOKENS, FakeServer
 
-from specdec import runner
-from specdec.config import ConfigError, expand_matrix, validate
+from specdec.job import runner
+from specdec.gate.config import ConfigError, expand_matrix, validate
 from specdec.engines.openai import OpenAIEngine, RequestFailed, _Stream, chunk_drafts, scrape_counters
-from specdec.load import Request
+from specdec.job.load import Request
 
 @pytest.fixture
 def fake():
@@ -217,7 +217,7 @@ def test_a_server_that_fails_to_start_fails_the_cell_with_its_last_lines(tmp_pat
 def test_its_gaps_and_its_cells_json_form():
     """A quantised copy of the target cannot be the server's drafter; the endpoint travels in
     the cell's JSON form (the key's variable name only) and other engines' cells have none."""
-    from specdec.cells import Cell
+    from specdec.gate.cells import Cell
     from specdec.engines import unsupported
 
     config = openai_config({"base_url": "http://127.0.0.1:9", "model": "m", "api_key_env": "K"},

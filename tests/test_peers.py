@@ -6,7 +6,6 @@ import torch
 from conftest import cell_inputs, greedy_settings
 
 from specdec.decoding import GenerationSettings, generate
-from specdec.models import quantized_copy
 from specdec.engines.transformers import hf_generate
 
 NEW_TOKENS = 32
@@ -52,8 +51,8 @@ def test_transformers_cells_run_through_the_runner_with_the_predictions_inputs(t
     """transformers verifies a draft in every target forward, its prefill included: the
     prediction's draft-length shares must count that forward as a step; its forwards are
     timed like ours, its accept step (inside generate()) cannot be."""
-    from specdec import runner
-    from specdec.config import expand_matrix, validate
+    from specdec.job import runner
+    from specdec.gate.config import expand_matrix, validate
 
     entry = {"method": method, "gamma": 4, "drafter": drafter, "engine": "transformers"}
     config = validate({
@@ -83,8 +82,8 @@ def test_transformers_cells_run_through_the_runner_with_the_predictions_inputs(t
 
 def test_transformers_drafting_above_batch_1_is_not_supported_without_loading(tmp_path):
     """The job writes the row at once: no model folder is even needed."""
-    from specdec import runner
-    from specdec.config import expand_matrix, validate
+    from specdec.job import runner
+    from specdec.gate.config import expand_matrix, validate
 
     config = validate({
         "seed": 1, "models": {"smollm2": {"source": "embedded"}},

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from specdec.cells import Placement
-from specdec.models import ModelError
-from specdec.placement import (
+from specdec.gate.cells import Placement
+from specdec.prepare.models import ModelError
+from specdec.engines.placement import (
     GpuInfo,
     PlacementError,
     gpus_required,

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pynvml
 import pytest
 
-from specdec.power import (
+from specdec.job.power import (
     GpuResolutionError,
     PowerMonitor,
     PowerStateError,
@@ -18,7 +18,7 @@ from specdec.power import (
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import gpu_check  # noqa: E402
 
-from specdec.cells import Power  # noqa: E402
+from specdec.gate.cells import Power  # noqa: E402
 
 CONFIG = Power(enabled=True, interval_ms=100, idle_s=2)
 
@@ -55,7 +55,7 @@ def not_supported():
 
 
 class FakeNVML:
-    """The pynvml functions specdec.power calls; handles are FakeGpu objects."""
+    """The pynvml functions specdec.job.power calls; handles are FakeGpu objects."""
 
     NVMLError = pynvml.NVMLError
     NVML_TEMPERATURE_GPU = pynvml.NVML_TEMPERATURE_GPU

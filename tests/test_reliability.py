@@ -19,13 +19,14 @@ import torch
 import yaml
 from conftest import cell_inputs, tiny_llama
 
-from specdec import cli, runner
-from specdec.aggregate import failed_table, read_runs, runs_table
-from specdec.cells import DrafterSpec, Load, ModelSpec, Placement
-from specdec.config import ConfigError, expand_matrix, validate
-from specdec.datasets import prepare_dataset_file
-from specdec.load import arrival_times
-from specdec.models import load_model, load_tokenizer
+from specdec import cli
+from specdec.job import runner
+from specdec.report.aggregate import failed_table, read_runs, runs_table
+from specdec.gate.cells import DrafterSpec, Load, ModelSpec, Placement
+from specdec.gate.config import ConfigError, expand_matrix, validate
+from specdec.prepare.datasets import prepare_dataset_file
+from specdec.job.load import arrival_times
+from specdec.prepare.models import load_model, load_tokenizer
 from specdec.records import read_prompts, read_requests, write_cell
 
 REPO = Path(__file__).resolve().parents[1]
@@ -324,7 +325,7 @@ def test_a_cell_another_process_is_running_refuses_to_start_naming_its_pid(capsy
     holding = f"""
 import sys, time
 from pathlib import Path
-from specdec.runner import claimed
+from specdec.job.runner import claimed
 with claimed(Path({str(out)!r}), {cell.id!r}):
     print("held", flush=True)
     time.sleep(600)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from specdec.decoding import GenerationSettings, ModelDrafter, ReplayDrafter, generate
-from specdec.leviathan import per_token_alpha
-from specdec.models import quantized_copy
+from specdec.job.leviathan import per_token_alpha
+from specdec.prepare.models import quantized_copy
 
 from conftest import greedy_settings
 
@@ -164,8 +164,8 @@ def test_a_replay_cell_replays_its_ar_cell_through_the_runner(tmp_path, embedded
     lossless against it, and refuses a missing reference or one lacking a request."""
     from conftest import cell_inputs
 
-    from specdec import runner
-    from specdec.config import expand_matrix, validate
+    from specdec.job import runner
+    from specdec.gate.config import expand_matrix, validate
     from specdec.records import read_reference_outputs, read_requests, write_requests
     from specdec.engines.specdec import SpecdecEngine
 

@@ -3,11 +3,11 @@ import json
 
 import pytest
 
-from specdec.acceptance import acceptance
-from specdec.cells import Cell, DrafterSpec, Generation, Load, ModelSpec, Placement
-from specdec.leviathan import draft_length_shares, theory
+from specdec.job.acceptance import acceptance
+from specdec.gate.cells import Cell, DrafterSpec, Generation, Load, ModelSpec, Placement
+from specdec.job.leviathan import draft_length_shares, theory
 from specdec.metadata import collect_metadata
-from specdec.metrics import summarize
+from specdec.job.metrics import summarize
 from specdec.records import (
     POWER_FIELDS,
     POWER_KEYS,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import cell_inputs, tiny_llama
 
-from specdec.config import expand_matrix, validate
+from specdec.gate.config import expand_matrix, validate
 from specdec.records import write_cell
 
 REPO = Path(__file__).resolve().parents[1]

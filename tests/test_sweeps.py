@@ -7,10 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from specdec.goodput import Slo, run_goodput
-from specdec.statistics import paired_ratio_ci
-from specdec.summary import SETTING_COLUMNS
-from specdec.sweeps import break_even_table, capacity, capacity_table, crossing
+from specdec.report.goodput import Slo, run_goodput
+from specdec.report.statistics import paired_ratio_ci
+from specdec.report.summary import SETTING_COLUMNS
+from specdec.report.sweeps import break_even_table, capacity, capacity_table, crossing
 
 
 def test_crossing_interpolates_between_the_last_paying_point_and_the_next():

@@ -7,11 +7,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from specdec.cells import Cell, DrafterSpec, Generation, Load, ModelSpec, Placement
-from specdec.leviathan import expected_tokens_per_step
+from specdec.gate.cells import Cell, DrafterSpec, Generation, Load, ModelSpec, Placement
+from specdec.job.leviathan import expected_tokens_per_step
 from specdec.records import read_result
 from specdec.result import Attribution, Result, Theory
-from specdec.theory import best_gamma_table, paper_speedup, run_theory, theory_columns, verify_cost_per_token
+from specdec.report.theory import best_gamma_table, paper_speedup, run_theory, theory_columns, verify_cost_per_token
 
 INT8 = DrafterSpec(name="int8", kind="quantized", dtype="int8")
 

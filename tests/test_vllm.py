@@ -154,7 +154,7 @@ DIES_MID_RUN = textwrap.dedent('''
     import json, sys
     from pathlib import Path
     from specdec.records import read_cell
-    from specdec.runner import run_cell
+    from specdec.job.runner import run_cell
     from specdec.engines import vllm as vllm_engine
 
     steps = {"n": 0}
@@ -179,7 +179,7 @@ DIES_MID_RUN = textwrap.dedent('''
 def test_a_vllm_engine_that_dies_is_a_failed_cell(tmp_path, embedded_model_dir):
     from conftest import cell_inputs
 
-    from specdec.config import expand_matrix, validate
+    from specdec.gate.config import expand_matrix, validate
     from specdec.records import write_cell
 
     _require_vllm_env()
@@ -202,7 +202,7 @@ def test_vllm_missing_is_one_line_naming_the_install_command(tmp_path, embedded_
     """Our own environment has no vLLM: a vLLM cell there stops before writing anything."""
     from conftest import cell_inputs
 
-    from specdec.config import expand_matrix, validate
+    from specdec.gate.config import expand_matrix, validate
     from specdec.records import write_cell
 
     config = validate(json.loads(json.dumps(VLLM_CONFIG)))
@@ -236,7 +236,7 @@ REFUSED = textwrap.dedent('''
 
 
 def test_a_speculative_config_vllm_refuses_is_not_supported_before_its_engine_starts(tmp_path, embedded_model_dir):
-    from specdec.config import expand_matrix, validate
+    from specdec.gate.config import expand_matrix, validate
     from specdec.records import write_cell
 
     _require_vllm_env()

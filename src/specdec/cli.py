@@ -15,15 +15,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from specdec.cells import ModelSpec  # noqa: E402
-from specdec.config import ConfigError, check_inputs, expand_matrix, load_config  # noqa: E402
-from specdec.datasets import prepare_dataset_file  # noqa: E402
 from specdec.decoding.kernels import probe  # noqa: E402
 from specdec.engines import unsupported  # noqa: E402
+from specdec.gate.cells import ModelSpec  # noqa: E402
+from specdec.gate.config import ConfigError, check_inputs, expand_matrix, load_config  # noqa: E402
+from specdec.job.runner import now_iso, run_cell  # noqa: E402
 from specdec.metadata import cpu_model  # noqa: E402
-from specdec.models import load_model, load_tokenizer, model_location, prepare_embedded  # noqa: E402
+from specdec.prepare.datasets import prepare_dataset_file  # noqa: E402
+from specdec.prepare.models import load_model, load_tokenizer, model_location, prepare_embedded  # noqa: E402
 from specdec.records import read_cell, write_kernel_choice  # noqa: E402
-from specdec.runner import now_iso, run_cell  # noqa: E402
 
 
 def _prepare_model(args) -> int:

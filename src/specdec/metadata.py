@@ -14,6 +14,9 @@ from datetime import datetime, timezone
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 
+import pynvml
+import torch
+
 import specdec
 
 
@@ -68,8 +71,6 @@ def cpu_isa(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
 def cpu_description() -> str:
     """One line naming the CPU a CPU figure came from: model, ISA, and the BLAS and oneDNN
     torch runs on it (read from `torch.__config__.show()`), with torch's chosen capability."""
-    import torch
-
     built = torch.__config__.show()
     blas = re.search(r"BLAS_INFO=(\w+)", built)
     mkl = re.search(r"Math Kernel Library Version ([\d.]+)", built)
@@ -98,7 +99,6 @@ def git_commit(repo: Path | None = None) -> str | None:
 
 def nvidia_driver() -> str | None:
     try:
-        import pynvml
 
         pynvml.nvmlInit()
     except Exception:  # no library, no driver, no GPU: all mean "unknown"
@@ -113,11 +113,7 @@ def nvidia_driver() -> str | None:
 
 
 def accelerator() -> tuple[str | None, list[str]]:
-    """(CUDA version, device names); (None, ["cpu"]) without a usable GPU or torch."""
-    try:
-        import torch
-    except ImportError:
-        return None, ["cpu"]
+    """(CUDA version, device names); (None, ["cpu"]) without a usable GPU."""
     if not torch.cuda.is_available():
         return None, ["cpu"]
     names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]

@@ -18,7 +18,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
 from referencing import Registry, Resource
 
-from specdec.cells import Cell
+from specdec.gate.cells import Cell
 from specdec.io import atomic_open, write_json, write_jsonl
 from specdec.result import Result, Status
 

@@ -15,7 +15,7 @@ import enum
 from dataclasses import dataclass, fields
 from typing import Any
 
-from specdec.cells import Cell
+from specdec.gate.cells import Cell
 
 
 class Status(str, enum.Enum):

@@ -7,22 +7,22 @@ from pathlib import Path
 
 from snakemake.settings.types import DeploymentMethod
 
-import specdec.config
-import specdec.datasets
-import specdec.fingerprints
+import specdec.gate.config
+import specdec.prepare.datasets
+import specdec.job.fingerprints
 import specdec.engines
-import specdec.placement
+import specdec.engines.placement
 import specdec.records
-import specdec.session
+import specdec.engines.session
 
 # The gate (after the Snakefile's YAML check), as `specdec check-config`: the schema (filling
 # the defaults; Snakemake's own validate would count 8.0 as an integer), what a schema cannot
 # say, and the local files the config names.
-specdec.config.validate(config)
-specdec.config.check_inputs(config)
+specdec.gate.config.validate(config)
+specdec.gate.config.check_inputs(config)
 
 RESULTS = config["results_dir"]
-CELLS = {cell.id: cell for cell in specdec.config.expand_matrix(config)}
+CELLS = {cell.id: cell for cell in specdec.gate.config.expand_matrix(config)}
 
 
 def check_results_writable():
@@ -32,7 +32,7 @@ def check_results_writable():
     while not folder.exists():
         folder = folder.parent
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise specdec.config.ConfigError(
+        raise specdec.gate.config.ConfigError(
             f"results folder {folder} cannot be written (results_dir: {RESULTS})"
         )
 
@@ -86,7 +86,7 @@ def experiment_runs(wildcards, name="result.json"):
 
 def experiments():
     """The experiments the default target builds (`run:`, else `default_target`)."""
-    return specdec.config.experiments_to_run(config)
+    return specdec.gate.config.experiments_to_run(config)
 
 
 def experiment_slo(wildcards):
@@ -131,10 +131,10 @@ def dataset_files(wildcards, dataset=None):
     (humaneval without its package), is left to the preparation, whose error names it.
     """
     try:
-        files = specdec.datasets.dataset_files(
+        files = specdec.prepare.datasets.dataset_files(
             config["datasets"][dataset or wildcards.dataset]
         )
-    except specdec.datasets.DatasetError:
+    except specdec.prepare.datasets.DatasetError:
         return []
     return [str(path) for path in files if path.is_file()]
 
@@ -147,7 +147,7 @@ def dataset_file_options(wildcards, input):
     return " ".join(f"--dataset-file {shlex.quote(path)}" for path in input.datasets)
 
 
-FINGERPRINTS = specdec.fingerprints.DigestCache()
+FINGERPRINTS = specdec.job.fingerprints.DigestCache()
 
 
 @functools.cache
@@ -203,7 +203,7 @@ def reference_requests(wildcards, engine=None):
         return []
     if engine == cell.engine:
         return []
-    reference = specdec.config.reference_cell(cell, list(CELLS.values()), engine)
+    reference = specdec.gate.config.reference_cell(cell, list(CELLS.values()), engine)
     if reference is None:
         return []
     return [f"{RESULTS}/runs/{reference.id}/requests.jsonl"]
@@ -270,7 +270,7 @@ def specdec_command(wildcards):
 
 def benchmark_gpus(wildcards):
     cell = cell_of(wildcards)
-    return specdec.placement.gpus_required(
+    return specdec.engines.placement.gpus_required(
         cell.placement, has_drafter=cell.drafter is not None
     )
 
@@ -292,7 +292,7 @@ def kernel_choices(wildcards):
     cell = cell_of(wildcards)
     return {
         role: f"{RESULTS}/kernels/"
-        + specdec.session.kernel_choice_name(model, dtype, cell.batch_size)
+        + specdec.engines.session.kernel_choice_name(model, dtype, cell.batch_size)
         for role, (model, dtype) in specdec.engines.kernel_setups(cell).items()
     }
 

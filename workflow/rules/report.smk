@@ -2,7 +2,7 @@
 # back from a cluster, `snakemake figures --allowed-rules aggregate plot figures` rebuilds
 # every table and figure without running a model. Plotting options live in `plots:` (a
 # params entry), so changing one reruns only `plot`; `aggregate:` settings likewise.
-from specdec.figures import FIGURES, LEFT_OUT, TABLES
+from specdec.report.figures import FIGURES, LEFT_OUT, TABLES
 
 # Report category of each figure (subcategory: the experiment). "Headline" holds what the
 # report's first page shows (workflow/report/workflow.rst includes it).

@@ -3,8 +3,8 @@
 import logging
 from pathlib import Path
 
-from specdec.aggregate import aggregate_experiment
-from specdec.goodput import Slo
+from specdec.report.aggregate import aggregate_experiment
+from specdec.report.goodput import Slo
 
 logging.basicConfig(filename=snakemake.log[0], level=logging.INFO)
 written = aggregate_experiment(

@@ -3,7 +3,7 @@
 import logging
 from pathlib import Path
 
-from specdec.figures import TABLES, make_figures
+from specdec.report.figures import TABLES, make_figures
 
 logging.basicConfig(filename=snakemake.log[0], level=logging.INFO)
 written = make_figures(

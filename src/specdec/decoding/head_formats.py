@@ -27,6 +27,7 @@ import re
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from transformers import LlamaConfig
@@ -50,7 +51,6 @@ def head_folder(source: str | Path) -> Path:
     cached snapshot (config.json and safetensors only; offline, the cache alone)."""
     if Path(source).is_dir():
         return Path(source)
-    from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(repo_id=str(source), allow_patterns=["config.json", "*.safetensors"]))

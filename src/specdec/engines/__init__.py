@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from specdec.cells import Cell
 from specdec.engines.base import Engine, NotSupported
 from specdec.engines.openai import OpenAIEngine
 from specdec.engines.specdec import SpecdecEngine
 from specdec.engines.transformers import TransformersEngine
 from specdec.engines.vllm import VllmEngine
+from specdec.gate.cells import Cell
 
 REGISTRY: dict[str, type[Engine]] = {engine.name: engine for engine in (SpecdecEngine, TransformersEngine, VllmEngine, OpenAIEngine)}
 # The engine whose greedy AR outputs every other engine's are checked against (parity).

@@ -15,8 +15,8 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import ClassVar
 
-from specdec.cells import Cell
-from specdec.load import Server
+from specdec.gate.cells import Cell
+from specdec.job.load import Server
 
 
 class NotSupported(Exception):

@@ -16,12 +16,14 @@ from typing import Callable, ClassVar
 
 import torch
 
-from specdec import attribution, models, placement
-from specdec.cells import Cell
 from specdec.decoding import GenerationSettings, RowResult
 from specdec.engines.base import Engine
-from specdec.load import BatchServer, Request
-from specdec.session import chat_messages, load_models
+from specdec.engines.placement import PlacementPlan
+from specdec.engines.session import chat_messages, load_models
+from specdec.gate.cells import Cell
+from specdec.job import attribution
+from specdec.job.load import BatchServer, Request
+from specdec.prepare import models
 
 
 @dataclass
@@ -33,7 +35,7 @@ class InProcessEngine(Engine):
     tokenizer: object
     drafter: object | None  # a decoding Drafter, or generate()'s assistant model (engine transformers)
     drafter_model: object | None
-    plan: placement.PlacementPlan
+    plan: PlacementPlan
     settings: GenerationSettings
     rss_before_weights: int | None = None  # bytes: interpreter, libraries and tokenizer
     prompt_ids: dict = field(default_factory=dict)  # request id -> unpadded prompt token ids

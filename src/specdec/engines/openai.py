@@ -47,12 +47,13 @@ import requests
 import torch
 import urllib3
 
-from specdec import attribution, models
-from specdec.cells import Cell, Endpoint
 from specdec.engines.base import Engine
+from specdec.engines.session import chat_messages
 from specdec.engines.vllm import counter_difference, cpu_environment, engine_args
-from specdec.load import Request
-from specdec.session import chat_messages
+from specdec.gate.cells import Cell, Endpoint
+from specdec.job import attribution
+from specdec.job.load import Request
+from specdec.prepare import models
 
 log = logging.getLogger("specdec.run")
 LOG_TAIL = 20  # a server's last lines in a failed start's message

@@ -11,13 +11,13 @@ from pathlib import Path
 import torch
 
 import specdec
-from specdec.cells import Cell
 from specdec.decoding import ModelDrafter, NgramDrafter, ReplayDrafter, RowResult, generate
 from specdec.decoding.compiled import compile_steps, step_widths
 from specdec.decoding.kernels import choose, tuned_linears
 from specdec.engines.inprocess import InProcessEngine
+from specdec.engines.session import load_models
+from specdec.gate.cells import Cell
 from specdec.records import read_kernel_choice, read_reference_outputs
-from specdec.session import load_models
 
 log = logging.getLogger("specdec.run")
 

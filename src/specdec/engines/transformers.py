@@ -19,10 +19,10 @@ from typing import ClassVar
 import torch
 from transformers.generation import BaseStreamer
 
-from specdec.attribution import GENERATE_ACCEPTS
-from specdec.cells import Cell
 from specdec.decoding import GenerationSettings, RowResult
 from specdec.engines.inprocess import InProcessEngine
+from specdec.gate.cells import Cell
+from specdec.job.attribution import GENERATE_ACCEPTS
 from specdec.metadata import package_version
 
 

@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 
-from specdec import models
-from specdec.attribution import EngineSteps
-from specdec.cells import Cell
 from specdec.engines.base import Engine, NotSupported
-from specdec.load import Request
+from specdec.engines.session import chat_messages
+from specdec.gate.cells import Cell
+from specdec.job.attribution import EngineSteps
+from specdec.job.load import Request
 from specdec.metadata import vllm_version
-from specdec.session import chat_messages
+from specdec.prepare import models
 
 log = logging.getLogger("specdec.run")
 

@@ -7,7 +7,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from specdec.metrics import MetricsError, as_sample
+from specdec.job.metrics import MetricsError, as_sample
 
 
 def _resampled_statistic(

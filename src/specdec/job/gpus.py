@@ -21,7 +21,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from specdec.locks import holder, open_lock, safe_folder, sign, try_lock
+import pynvml
+
+from specdec.job.locks import holder, open_lock, safe_folder, sign, try_lock
 
 DEFAULT_LOCK_DIR = "/tmp/specdec-gpu-locks"  # must be local to the machine: flock over NFS is unreliable
 DEFAULT_TIMEOUT_S = 1800.0
@@ -194,7 +196,6 @@ def _gpu_count() -> tuple[int, str]:
         if not override.isdigit():
             raise GpuLeaseError(f"SPECDEC_NUM_GPUS must be a whole number, got {override!r}")
         return int(override), "SPECDEC_NUM_GPUS"
-    import pynvml
 
     try:
         pynvml.nvmlInit()
@@ -208,7 +209,6 @@ def _gpu_count() -> tuple[int, str]:
 
 def _nvml_uuids(indices: list[int]) -> dict[int, str]:
     """UUIDs of physical GPUs by index; empty where NVML is unavailable."""
-    import pynvml
 
     try:
         pynvml.nvmlInit()

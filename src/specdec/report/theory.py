@@ -25,10 +25,10 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from specdec import columns as col
-from specdec.cells import GAMMA_MAX, Cell
-from specdec.leviathan import expected_tokens, expected_tokens_per_step, predicted_speedup
-from specdec.metrics import MetricsError
+from specdec.gate.cells import GAMMA_MAX, Cell
+from specdec.job.leviathan import expected_tokens, expected_tokens_per_step, predicted_speedup
+from specdec.job.metrics import MetricsError
+from specdec.report import columns as col
 from specdec.result import Attribution, Result
 
 # The speedup after each step of the waterfall (speedup_waterfall figure), in order.

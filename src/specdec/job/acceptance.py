@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from specdec.metrics import MetricsError, measured, record_field
+from specdec.job.metrics import MetricsError, measured, record_field
 
 
 def _rate(numerator: float, denominator: float) -> float | None:

@@ -2,7 +2,7 @@
 intervals, paired ratios to the AR baseline, and flags for repeats that disagree.
 
 A cell here is a group of repeats (one `group_id`); its AR baseline is the group whose id is
-`Cell.ar_counterpart().group_id` (column `ar_group_id` of the runs table, `specdec.aggregate`):
+`Cell.ar_counterpart().group_id` (column `ar_group_id` of the runs table, `specdec.report.aggregate`):
 the same engine's AR, or for an interleaved cell the AR its own job decoded request by request
 (`aggregate.interleaved_tables`; column `reference`). `speedup_vs_specdec_ar` divides by our engine's AR instead
 (`specdec_ar_group_id`), so that engines compare on one scale.
@@ -17,8 +17,8 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from specdec import columns as col
-from specdec.statistics import bootstrap_ci, coefficient_of_variation, paired_ratio_ci
+from specdec.report import columns as col
+from specdec.report.statistics import bootstrap_ci, coefficient_of_variation, paired_ratio_ci
 
 # Settings copied into a cell's summary row from its first run.
 SETTING_COLUMNS = (

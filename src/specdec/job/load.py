@@ -35,7 +35,7 @@ import numpy as np
 from rich import progress as rp
 from rich.console import Console
 
-from specdec.cells import Cell, Load
+from specdec.gate.cells import Cell, Load
 
 # Row-result fields copied into the per-request record when the engine reports them.
 _ROW_FIELDS = (

@@ -3,8 +3,8 @@ writes all of them (`aggregate_experiment`); never loads a model.
 
 Every `result.json` is read with `records.read_result` (the writer's schema) and its typed
 cell is flattened into columns. Beside the runs table, the per-request, per-emission-gap,
-per-draft-position and power tables hold what the figures draw, so that `specdec.figures`
-reads only declared tables. Statistics are `specdec.summary`'s, rendering `specdec.tables`'.
+per-draft-position and power tables hold what the figures draw, so that `specdec.report.figures`
+reads only declared tables. Statistics are `specdec.report.summary`'s, rendering `specdec.report.tables`'.
 """
 
 from __future__ import annotations
@@ -15,16 +15,17 @@ from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
-from specdec import columns as col
-from specdec import cotenants, sweeps, theory
-from specdec.cells import Cell, Load
 from specdec.engines import REFERENCE, engine_class
-from specdec.goodput import Slo, run_goodput
-from specdec.metrics import e2e, emission_gaps, measured, queueing_delay, request_tokens_per_s, tpot, ttft
+from specdec.gate.cells import Cell, Load
+from specdec.job import cotenants
+from specdec.job.metrics import e2e, emission_gaps, measured, queueing_delay, request_tokens_per_s, tpot, ttft
 from specdec.records import INTERLEAVED_REQUESTS, POWER_KEYS, POWER_SAMPLES, read_power_samples, read_requests, read_result
+from specdec.report import columns as col
+from specdec.report import sweeps, theory
+from specdec.report.goodput import Slo, run_goodput
+from specdec.report.summary import DEFAULT_SETTINGS, category_table, merge_settings, summary_table
+from specdec.report.tables import DASH, display_categories, display_summary, write_csv, write_headline, write_table
 from specdec.result import Attribution, Cotenants, Energy, Metrics, Result, Status
-from specdec.summary import DEFAULT_SETTINGS, category_table, merge_settings, summary_table
-from specdec.tables import DASH, display_categories, display_summary, write_csv, write_headline, write_table
 
 DIST_METRICS = (col.TTFT_S, col.TPOT_S, col.ITL_S, "itl_token_s", col.E2E_S, "queue_s", "request_tok_s")
 DIST_FIELDS = ("mean", "p50", "p90", "p99", "count")
@@ -308,7 +309,7 @@ def _request_row(keys: dict, record: dict) -> dict:
 
 
 def request_tables(runs: Sequence[Run]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Every measured request of the ok runs (latencies as `specdec.metrics` defines them)
+    """Every measured request of the ok runs (latencies as `specdec.job.metrics` defines them)
     and every gap between successive emissions of one (ITL)."""
     requests, gaps = [], []
     for run in runs:

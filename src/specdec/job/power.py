@@ -44,7 +44,9 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from specdec.cells import Power
+import pynvml
+
+from specdec.gate.cells import Power
 from specdec.records import POWER_FIELDS, write_power_samples
 
 RAPL_ROOT = Path("/sys/class/powercap")
@@ -228,11 +230,7 @@ def resolve_gpus(nvml, visible: str | None, devices: Sequence[int] | None = None
 
 def open_nvml(nvml, visible: str | None, devices: Sequence[int] | None):
     """(nvml module, GPUs), or SourceUnavailable naming why NVML cannot be used."""
-    if nvml is None:
-        try:
-            import pynvml as nvml
-        except ImportError as exc:
-            raise SourceUnavailable("NVML: nvidia-ml-py is not installed") from exc
+    nvml = nvml or pynvml
     try:
         nvml.nvmlInit()
     except nvml.NVMLError as exc:

@@ -8,10 +8,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from specdec import models, placement
-from specdec.cells import Cell, ModelSpec
 from specdec.decoding import GenerationSettings, check_same_vocabulary
-from specdec.load import Request
+from specdec.engines.placement import ModelInfo, PlacementPlan, model_info, plan_placement, resolve_local_gpus
+from specdec.gate.cells import Cell, ModelSpec
+from specdec.job.load import Request
+from specdec.prepare import models
 
 
 class ContextTooLong(ValueError):
@@ -25,7 +26,7 @@ class Models:
     target: object
     tokenizer: object
     drafter_model: object | None  # a quantised copy of the target, or a model drafter's (or replay pacer's) own model
-    plan: placement.PlacementPlan
+    plan: PlacementPlan
     settings: GenerationSettings
     rss_before_weights: int | None = None  # bytes: interpreter, libraries and tokenizer
 
@@ -65,13 +66,13 @@ def load_models(cell: Cell, models_dir: Path) -> Models:
     drafter_spec = cell.drafter_model
     int8 = cell.drafter is not None and cell.drafter.dtype == "int8"
 
-    def info(spec: ModelSpec, dtype: str) -> placement.ModelInfo:
+    def info(spec: ModelSpec, dtype: str) -> ModelInfo:
         location, load_kwargs = models.model_location(spec, models_dir)
-        return placement.model_info(location, dtype, spec.name, **load_kwargs)
+        return model_info(location, dtype, spec.name, **load_kwargs)
 
-    plan = placement.plan_placement(
+    plan = plan_placement(
         cell.placement,
-        placement.resolve_local_gpus(),
+        resolve_local_gpus(),
         info(cell.target, cell.target.dtype),
         info(drafter_spec, _drafter_dtype(cell)) if drafter_spec else None,
     )

@@ -1,5 +1,5 @@
 """Figures of one experiment, drawn from its declared tables only (`TABLES`, written by
-`specdec.aggregate`); never opens a run's own files.
+`specdec.report.aggregate`); never opens a run's own files.
 
 Each figure in `FIGURES` is a folder of its name holding its PNG and SVG, or nothing where
 its data is absent (no open-loop runs, no energy on a CPU...): such a figure is not drawn, and
@@ -25,11 +25,11 @@ import matplotlib.ticker as mticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from specdec import columns as col  # noqa: E402
-from specdec import sweeps, theory  # noqa: E402
 from specdec.io import atomic_open  # noqa: E402
-from specdec.summary import merge_settings  # noqa: E402
-from specdec.tables import plain  # noqa: E402
+from specdec.report import columns as col  # noqa: E402
+from specdec.report import sweeps, theory  # noqa: E402
+from specdec.report.summary import merge_settings  # noqa: E402
+from specdec.report.tables import plain  # noqa: E402
 
 # The tables of `tables/{experiment}/` that the figures read (`{name}.csv`).
 TABLES = ("runs", "summary", "categories", "requests", "itl", "positions", "power")
@@ -331,7 +331,7 @@ def speedup_vs_gamma(data: PlotData) -> plt.Figure | str:
 
 def speedup_vs_load(data: PlotData) -> plt.Figure | str:
     """Speedup with its CI band along batch size and request rate, a line at 1.0 and each
-    series' break-even point (`specdec.sweeps`)."""
+    series' break-even point (`specdec.report.sweeps`)."""
     panels = [(axis, list(sweeps.series(data.summary, axis))) for axis in sweeps.AXES]
     panels = [(axis, found) for axis, found in panels if found]
     if not panels:
@@ -360,7 +360,7 @@ def speedup_vs_load(data: PlotData) -> plt.Figure | str:
 
 
 def speedup_waterfall(data: PlotData) -> plt.Figure | str:
-    """From the speedup α promises to the measured one, a step per cost (`specdec.theory`): a
+    """From the speedup α promises to the measured one, a step per cost (`specdec.report.theory`): a
     bar per drafting cell, named, coloured and hatched as its series elsewhere."""
     steps = list(theory.WATERFALL)
     frame = data.ok_runs.dropna(subset=steps)

@@ -22,7 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from specdec.cells import Placement
+import torch
+from accelerate import infer_auto_device_map, init_empty_weights
+from accelerate.utils import get_balanced_memory
+from transformers import AutoModelForCausalLM, PretrainedConfig
+
+from specdec.gate.cells import Placement
+from specdec.prepare.models import read_config
 
 STRATEGIES = ("cpu", "same", "separate", "multi_gpu_ratio", "auto")
 DEFAULT_MEMORY_FRACTION = 0.9
@@ -202,8 +208,6 @@ def _memory_for(model: ModelInfo, indices: list[int], budget: dict[int, int], st
 
 def _meta_model(config, dtype, trust_remote_code: bool):
     """The model's modules on the meta device: shapes and dtypes, no memory."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
 
     with init_empty_weights():
         meta = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -213,8 +217,6 @@ def _meta_model(config, dtype, trust_remote_code: bool):
 
 def _balanced_device_map(meta, memory: dict[int, int], dtype) -> dict[str, int | str]:
     """accelerate's even spread of the layers over `memory`'s GPUs (as device_map="auto" does)."""
-    from accelerate import infer_auto_device_map
-    from accelerate.utils import get_balanced_memory
 
     no_split = meta._no_split_modules
     balanced = get_balanced_memory(meta, max_memory=dict(memory), no_split_module_classes=no_split, dtype=dtype)
@@ -238,10 +240,7 @@ def model_info(config_or_path, dtype=None, name: str | None = None, *, trust_rem
     `trust_remote_code` and `load_kwargs` (a hub revision) are what `models.model_location`
     gives: the model's own code runs only when trusted.
     """
-    import torch
-    from transformers import PretrainedConfig
 
-    from specdec.models import read_config
 
     if isinstance(config_or_path, PretrainedConfig):
         config = config_or_path
@@ -269,7 +268,6 @@ def model_info(config_or_path, dtype=None, name: str | None = None, *, trust_rem
 
 def resolve_local_gpus() -> list[GpuInfo]:
     """The GPUs this process can use (after CUDA_VISIBLE_DEVICES); empty without CUDA."""
-    import torch
 
     if not torch.cuda.is_available():
         return []

@@ -1,13 +1,13 @@
 """Leviathan et al.'s (2023) model of speculative decoding: the per-token acceptance alpha
 estimated from per-position counts, the shares of draft lengths, the expected tokens per step,
-the predicted speedup, and the result's `theory` block. `specdec.theory` pairs these with a
+the predicted speedup, and the result's `theory` block. `specdec.report.theory` pairs these with a
 cell's measured costs."""
 
 from __future__ import annotations
 
 from typing import Sequence
 
-from specdec.metrics import MetricsError
+from specdec.job.metrics import MetricsError
 
 
 def per_token_alpha(per_position: Sequence[dict]) -> float | None:
@@ -84,6 +84,6 @@ def predicted_speedup(alpha: float, c: float, verify_cost: float, shares: Sequen
 def theory(alpha: float, gamma: int, shares: Sequence[float]) -> dict:
     """The `theory` block of a result: what the cell alone says of the prediction, its
     alpha and the draft lengths that happened (`shares`, see draft_length_shares); `gamma`
-    is the nominal one. The costs pair the cell with its AR cell (`specdec.theory`)."""
+    is the nominal one. The costs pair the cell with its AR cell (`specdec.report.theory`)."""
     _check_theory_inputs(alpha, gamma)
     return {"alpha": alpha, "gamma": gamma, "longest_draft": len(shares) - 1, "draft_length_shares": list(shares)}

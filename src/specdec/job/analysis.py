@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from specdec import acceptance, leviathan, metrics, models, placement
-from specdec.measure import INTERLEAVED_WINDOW
+from specdec.engines import placement
+from specdec.job import acceptance, leviathan, metrics
+from specdec.job.measure import INTERLEAVED_WINDOW
 from specdec.records import INTERLEAVED_REQUESTS, read_requests
-
 
 # Greedy decoding takes the arg-max logit, so two runs that round differently (another batch
 # shape, verification width, kernel or engine) may pick different tokens where the target's
@@ -119,7 +119,7 @@ def analyse(session, records: list[dict], reference: Path | None, parity_referen
             interleaved: list[dict] | None = None) -> dict:
     """The result's metrics, acceptance, theory and correctness blocks, and with the records
     of an `interleaved` AR reference its `reference` block. The theory's costs pair the
-    cell's attribution with its AR cell's (`specdec.theory`); an engine whose counts of
+    cell's attribution with its AR cell's (`specdec.report.theory`); an engine whose counts of
     target forwards are its scheduler's (vLLM) has no theory, and its own counters beside."""
     cell = session.cell
     summary = {"metrics": metrics.summarize(records, window="service" if interleaved is not None else "span"),

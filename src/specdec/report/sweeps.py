@@ -18,8 +18,8 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
-from specdec import columns as col
-from specdec.summary import SETTING_COLUMNS, answer_metric
+from specdec.report import columns as col
+from specdec.report.summary import SETTING_COLUMNS, answer_metric
 
 # axis -> (the summary's columns that make the axis, the speedup that is read along it).
 # Under a closed load speedup is throughput's; along request rate, where an open load's

@@ -12,10 +12,10 @@ from typing import TextIO
 
 import torch
 
-from specdec import attribution
-from specdec.cotenants import CotenantWatch
-from specdec.load import RequestProgress, RequestStream, progress, run_load
-from specdec.power import PowerMonitor
+from specdec.job import attribution
+from specdec.job.cotenants import CotenantWatch
+from specdec.job.load import RequestProgress, RequestStream, progress, run_load
+from specdec.job.power import PowerMonitor
 
 log = logging.getLogger("specdec.run")
 

@@ -25,22 +25,27 @@ from typing import Iterator, TextIO
 
 import torch
 
-from specdec import placement
-from specdec.analysis import analyse
-from specdec.cells import Cell
-from specdec.console import summary_table
-from specdec.engines import Engine, NotSupported, engine_class, open_engine
-from specdec.fingerprints import cell_inputs
-from specdec.gpus import lease_gpus
-from specdec.locks import holder, open_lock, sign, try_lock
-from specdec.measure import measure
+from specdec.engines import Engine, NotSupported, engine_class, open_engine, placement
+from specdec.engines.session import check_context
+from specdec.gate.cells import Cell
+from specdec.job.analysis import analyse
+from specdec.job.console import summary_table
+from specdec.job.fingerprints import cell_inputs
+from specdec.job.gpus import lease_gpus
+from specdec.job.locks import holder, open_lock, sign, try_lock
+from specdec.job.measure import measure
 from specdec.metadata import collect_metadata
 from specdec.records import (
-    INTERLEAVED_REQUESTS, INTERRUPTED, RESULT_SCHEMA_VERSION, read_prompts, result_from_dict, write_interrupted, write_requests,
+    INTERLEAVED_REQUESTS,
+    INTERRUPTED,
+    RESULT_SCHEMA_VERSION,
+    read_prompts,
+    result_from_dict,
+    write_interrupted,
+    write_requests,
     write_result,
 )
 from specdec.result import Status
-from specdec.session import check_context
 
 log = logging.getLogger("specdec.run")
 

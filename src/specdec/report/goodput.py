@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 
 import pandas as pd
 
-from specdec import columns as col
+from specdec.report import columns as col
 
 # SLO key -> the per-request latency (aggregate.request_tables, seconds) it bounds.
 LATENCIES = {"ttft_ms": col.TTFT_S, "tpot_ms": col.TPOT_S, "e2e_ms": col.E2E_S}

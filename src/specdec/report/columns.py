@@ -1,7 +1,7 @@
-"""The column names the report's tables share, declared once: `specdec.aggregate` writes them
-(runs, requests, itl, positions, power), `specdec.summary`, `specdec.sweeps` and
-`specdec.theory` derive the summary's and their own, and `specdec.tables` and
-`specdec.figures` read them. A DIST metric's statistics are `{metric}_{field}` (`ttft_s_p50`),
+"""The column names the report's tables share, declared once: `specdec.report.aggregate` writes them
+(runs, requests, itl, positions, power), `specdec.report.summary`, `specdec.report.sweeps` and
+`specdec.report.theory` derive the summary's and their own, and `specdec.report.tables` and
+`specdec.report.figures` read them. A DIST metric's statistics are `{metric}_{field}` (`ttft_s_p50`),
 an estimate's interval `{metric}_ci_low` and `{metric}_ci_high`."""
 
 # A run and the cell it repeats.
@@ -75,7 +75,7 @@ SPEEDUP_REQUESTS = "speedup_requests"
 BASELINE = "baseline"
 FLAGS = "flags"
 
-# Series along an axis (`specdec.sweeps`).
+# Series along an axis (`specdec.report.sweeps`).
 SERIES = "series"
 AXIS = "axis"
 BREAK_EVEN = "break_even"

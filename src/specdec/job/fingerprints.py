@@ -20,7 +20,9 @@ import json
 import os
 from pathlib import Path
 
-from specdec.cells import Cell, ModelSpec
+from huggingface_hub import snapshot_download
+
+from specdec.gate.cells import Cell, ModelSpec
 from specdec.io import write_json
 
 _CHUNK = 1 << 20
@@ -100,7 +102,6 @@ def model_folder(spec: ModelSpec, models_dir: str | os.PathLike) -> Path | None:
         return Path(models_dir) / spec.name
     if spec.source == "local":
         return Path(spec.path)
-    from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(spec.id, revision=spec.revision, local_files_only=True))

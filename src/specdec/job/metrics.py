@@ -18,8 +18,8 @@ Warm-up requests (`"warmup": true`) never enter any metric.
 
 Distributions (`DIST`) hold mean, p50, p90, p99 (numpy linear-interpolation percentiles) and
 the count of values; the statistics are null when the count is 0. Acceptance is
-`specdec.acceptance`'s, the theory's formulas `specdec.leviathan`'s, intervals over repeats
-`specdec.statistics`'.
+`specdec.job.acceptance`'s, the theory's formulas `specdec.job.leviathan`'s, intervals over repeats
+`specdec.report.statistics`'.
 """
 
 from __future__ import annotations

@@ -23,12 +23,13 @@ import jsonschema
 import yaml
 from referencing import Registry, Resource
 
-from specdec import datasets as dataset_entries
-from specdec.cells import (
+from specdec.engines import REFERENCE, engine_class
+from specdec.gate.cells import (
     DEFAULT_GAMMA,
     DRAFTING_METHODS,
     MODEL_DRAFTER_METHODS,
     NGRAM_DRAFTER_METHODS,
+    SCHEMA_TYPES,
     Cell,
     DrafterSpec,
     Endpoint,
@@ -37,11 +38,10 @@ from specdec.cells import (
     ModelSpec,
     Placement,
     Power,
-    SCHEMA_TYPES,
     schema_message,
 )
-from specdec.engines import REFERENCE, engine_class
-from specdec.models import ModelError, local_folder
+from specdec.prepare import datasets as dataset_entries
+from specdec.prepare.models import ModelError, local_folder
 
 
 class ConfigError(ValueError):

@@ -18,16 +18,17 @@ import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import jinja2
 import jsonschema
 import pandas as pd
 
-from specdec.cells import SCHEMA_TYPES, schema_message
+from specdec.gate.cells import SCHEMA_TYPES, schema_message
 from specdec.io import write_json
+from specdec.prepare.models import load_tokenizer
 from specdec.records import write_prompts
-from specdec.tables import write_csv, write_html
+from specdec.report.tables import write_csv, write_html
 
 log = logging.getLogger(__name__)
 
@@ -514,7 +515,6 @@ def prepare_dataset_file(spec: dict, tokenizer, out_path: str | os.PathLike, *, 
     `tokenizer` is a loaded tokenizer or the path of a model/tokenizer folder.
     """
     if isinstance(tokenizer, (str, os.PathLike)):
-        from specdec.models import load_tokenizer
 
         tokenizer = load_tokenizer(str(tokenizer))  # a bare path trusts no code
     prepared = prepare_prompts(spec, tokenizer, seed=seed, name=name)

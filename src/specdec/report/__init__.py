@@ -1,0 +1,1 @@
+"""The report: results read back into tidy tables, statistics, theory, sweeps and figures."""
