@@ -112,7 +112,7 @@ def test_bad_config_names_the_key(default_config, mutate, key):
 
 def test_ngram_method_needs_an_ngram_drafter(default_config):
     default_config["experiments"]["default"]["methods"].append({"method": "ngram", "drafter": "int8"})
-    with pytest.raises(ConfigError, match="needs an ngram drafter"):
+    with pytest.raises(ConfigError, match="needs a drafter of kind 'ngram'"):
         validate(default_config)
 
 

@@ -25,6 +25,8 @@ def unsupported(cell: Cell) -> str | None:
     if cell.engine != "specdec" and drafter is not None and drafter.kind == "replay":
         return (f"drafter {drafter.name!r} replays reference outputs through our engine's Drafter interface "
                 f"(a measurement tool); {cell.engine} has no such drafter")
+    if cell.engine != "specdec" and drafter is not None and drafter.kind in ("suffix", "recycling"):
+        return f"drafter {drafter.name!r} ({drafter.kind}) runs through our engine's Drafter interface; {cell.engine} has no such drafter here"
     if cell.engine == "transformers" and cell.drafts and cell.batch_size > 1:
         return (f"transformers' assisted generation and prompt lookup run batch size 1 only; "
                 f"batch_size is {cell.batch_size}")

@@ -54,7 +54,8 @@ class Session:
         if self.cell.engine == "transformers":
             return transformers_settings(self.cell)
         settings = {"kernels": self.kernels} if self.kernels else {}
-        return settings | ({"compile": self.compiled} if self.compiled else {})
+        drafter = self.drafter.state() if self.drafter is not None else {}  # what it kept across requests, and its cap
+        return settings | ({"compile": self.compiled} if self.compiled else {}) | ({"drafter": drafter} if drafter else {})
 
     def prepare_steps(self, context: int, cache_dir: Path) -> None:
         """Our engine's step path per model: a model whose `compile` is on (absent: on for
@@ -97,7 +98,10 @@ class Session:
 
     def begin_window(self) -> None:
         """Our engine and transformers count drafts per request: no engine counters to read
-        around the measured window (vLLM's session reads its own)."""
+        around the measured window (vLLM's session reads its own). Our drafters forget what
+        they learnt from the warm-up (`Drafter.forget`)."""
+        if self.cell.engine == "specdec" and self.drafter is not None:
+            self.drafter.forget()
 
     def end_window(self) -> None:
         """See `begin_window`."""
@@ -163,7 +167,7 @@ def load_session(cell: Cell, models_dir: Path, kernels: dict[str, Path] | None =
     """Place and load the target and the drafter named by the cell. `kernels`: the kernel
     choice file of a role of `kernel_setups(cell)`; a model without one is probed here.
     `reference`: the AR cell's requests.jsonl, required by a replay drafter."""
-    from specdec.decoding import ModelDrafter, NgramDrafter, ReplayDrafter, check_same_vocabulary
+    from specdec.decoding import ModelDrafter, NgramDrafter, RecyclingDrafter, ReplayDrafter, SuffixDrafter, check_same_vocabulary
     from specdec.records import read_reference_outputs
 
     replayed = None
@@ -207,6 +211,11 @@ def load_session(cell: Cell, models_dir: Path, kernels: dict[str, Path] | None =
     elif cell.method == "ngram":
         spec = cell.drafter
         drafter = NgramDrafter(n=spec.n, top_k=spec.top_k, min_context=spec.min_context)
+    elif cell.method == "suffix":
+        spec = cell.drafter
+        drafter = SuffixDrafter(spec.max_depth, spec.max_spec_factor, spec.min_token_prob, spec.cache_tokens)
+    elif cell.method == "recycling":
+        drafter = RecyclingDrafter(top_k=cell.drafter.top_k)
     else:
         drafter = None
     return Session(cell, target, tokenizer, drafter, drafter_model, plan, settings, rss_before_weights=baseline.get("rss"),
