@@ -124,7 +124,7 @@ class SuffixTrie:
             score += probability
             node = child
             if not node.children:
-                node, length = self.match([*text[len(text) - self.depth :], *drafted])
+                node, length = self.match([*text[-self.depth :], *drafted])
         return drafted, score
 
 
@@ -141,7 +141,7 @@ class OutputCache:
         self.tokens = self.added = self.evicted = 0
 
     def add(self, output: Sequence[int]) -> None:
-        kept = list(output[len(output) - self.cap_tokens :]) if self.cap_tokens else []
+        kept = list(output[-self.cap_tokens :]) if self.cap_tokens else []
         if not kept:
             return
         self.trie.open_text()
@@ -183,7 +183,7 @@ class SuffixDrafter(Drafter):
 
     def propose(self, trie: SuffixTrie, text: list[int], gamma: int) -> list[int]:
         """The better of the request trie's and the output cache's drafts for `text`."""
-        recent = text[len(text) - self.depth :]
+        recent = text[-self.depth :]
         drafts = [source.continuation(recent, gamma, self.factor, self.min_token_prob) for source in (trie, self.cache.trie)]
         return max(drafts, key=lambda draft: draft[1])[0]  # a tie goes to the request's own text
 
