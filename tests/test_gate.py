@@ -14,6 +14,8 @@ from specdec import cli
 from specdec.cells import ModelSpec
 from specdec.datasets import MAX_FILE_BYTES, prepare_prompts
 from specdec.decoding.drafters import NgramDrafter, ReplayDrafter
+from specdec.decoding.recycling import RecyclingDrafter
+from specdec.decoding.suffix import SuffixDrafter
 from specdec.decoding.engine import GenerationSettings
 from specdec.figures import DEFAULT_OPTIONS
 from specdec.goodput import Slo
@@ -168,6 +170,16 @@ LATER_REFUSALS = [
                  lambda c: NgramDrafter(n=3, top_k=1, min_context=3), id="NgramDrafter: min_context above n - 1"),
     pytest.param(at("drafters.ngram.n", 1), "drafters.ngram.n", lambda c: NgramDrafter(n=1, min_context=1), id="NgramDrafter: n below 2"),
     pytest.param(at("drafters.ngram.top_k", 0), "drafters.ngram.top_k", lambda c: NgramDrafter(top_k=0), id="NgramDrafter: top_k 0"),
+    pytest.param(at("drafters.suffix.max_spec_factor", 0), "drafters.suffix.max_spec_factor",
+                 lambda c: SuffixDrafter(max_spec_factor=0), id="SuffixDrafter: max_spec_factor 0"),
+    pytest.param(at("drafters.suffix.min_token_prob", 1.5), "drafters.suffix.min_token_prob",
+                 lambda c: SuffixDrafter(min_token_prob=1.5), id="SuffixDrafter: min_token_prob above 1"),
+    pytest.param(at("drafters.suffix.max_depth", 1), "drafters.suffix.max_depth",
+                 lambda c: SuffixDrafter(max_depth=1), id="SuffixTrie: max_depth below 2"),
+    pytest.param(at("drafters.suffix.cache_tokens", -1), "drafters.suffix.cache_tokens",
+                 lambda c: SuffixDrafter(cache_tokens=-1), id="OutputCache: a negative cap"),
+    pytest.param(at("drafters.recycling.top_k", 0), "drafters.recycling.top_k",
+                 lambda c: RecyclingDrafter(top_k=0), id="RecyclingDrafter: top_k 0"),
     pytest.param(_both(_replay, at("drafters.replay80.error_rate", 1.5)), "drafters.replay80.error_rate",
                  lambda c: ReplayDrafter({}, 1.5), id="ReplayDrafter: error_rate above 1"),
     pytest.param(_both(_replay, at("experiments.default.temperature", 0.7)), "experiments.default.methods.3.drafter",

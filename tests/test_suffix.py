@@ -193,3 +193,54 @@ def test_sampling_keeps_the_target_distribution(target, drafter):
     joint = exact_joint(target, settings, 3).reshape(VOCAB, VOCAB, VOCAB)
     assert chi_square_p(torch.bincount(tokens[:, 1] * VOCAB + tokens[:, 2], minlength=VOCAB**2), joint.sum(0).reshape(-1)) > 1e-3
     assert chi_square_p(torch.bincount(tokens[:, 0] * VOCAB + tokens[:, 1], minlength=VOCAB**2), joint.sum(2).reshape(-1)) > 1e-3
+
+
+ENGINES_CONFIG = {
+    "models": {"smollm2": {"source": "embedded"}},
+    "drafters": {"suffix": {"kind": "suffix"}, "recycling": {"kind": "recycling"}},
+    "datasets": {"sample": {"source": "sample", "num_prompts": 2, "turns": "first"}},
+    "experiments": {"e": {
+        "target": "smollm2", "datasets": ["sample"], "engine": ["specdec", "transformers", "vllm"],
+        "methods": [{"method": "suffix", "drafter": "suffix", "gamma": 8}, {"method": "recycling", "drafter": "recycling"}],
+        "max_new_tokens": 12, "warmup": 1, "attribution": False,
+    }},
+    "power": {"enabled": False},
+}
+
+
+def test_the_gate_types_the_drafters_and_only_our_engine_runs_them():
+    from specdec import records
+    from specdec.cells import Cell
+    from specdec.config import expand_matrix, validate
+    from specdec.engines import unsupported
+
+    cells = {(c.engine, c.method): c for c in expand_matrix(validate(ENGINES_CONFIG))}
+    suffix, recycling = cells["specdec", "suffix"].drafter, cells["specdec", "recycling"].drafter
+    assert (suffix.max_depth, suffix.max_spec_factor, suffix.min_token_prob, suffix.cache_tokens, suffix.top_k) == (24, 1.0, 0.1, 10000, None)
+    assert (recycling.top_k, recycling.max_depth) == (8, None)
+    for (engine, method), cell in cells.items():
+        assert cell.drafter_model is None  # model-free: nothing to load
+        assert (unsupported(cell) is None) == (engine == "specdec")
+        records.validate("cell", cell.to_dict(), cell.name)
+        assert Cell.from_dict(cell.to_dict()) == cell
+    assert "(suffix) runs through our engine's Drafter interface; vllm" in unsupported(cells["vllm", "suffix"])
+
+
+def test_a_cell_forgets_the_warm_up_and_reports_its_cap(tmp_path, embedded_model_dir):
+    """Through the runner: lossless against the interleaved AR reference; the suffix cache
+    holds the measured requests' outputs only (the warm-up's were forgotten), with its cap."""
+    from conftest import cell_inputs
+
+    from specdec import runner
+    from specdec.config import expand_matrix, validate
+
+    config = ENGINES_CONFIG | {"experiments": {"e": ENGINES_CONFIG["experiments"]["e"] | {"engine": "specdec"}}}
+    models_dir, prompts = cell_inputs(tmp_path, embedded_model_dir, config["datasets"]["sample"], seed=0)
+    for cell in expand_matrix(validate(config)):
+        result = runner.run_cell(cell, prompts, tmp_path / cell.method, models_dir=models_dir)
+        assert result["status"] == "ok" and result["correctness"]["identical"], result.get("correctness")
+        state = result["engine"]["settings"]["drafter"]
+        if cell.method == "suffix":
+            assert state["outputs_added"] == 2 and state["cache_tokens_cap"] == 10000
+        else:
+            assert state["top_k"] == 8 and state["tokens_seen"] > 0

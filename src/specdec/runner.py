@@ -213,6 +213,7 @@ def _measure_and_analyse(session: Session, prompts: list[dict], out_dir: Path, r
         result["engine"] = engine_block(session.cell, session.engine_settings)
         phase = "measure"
         records, reference_records, window = measure(session, prompts, out_dir, console)
+        result["engine"]["settings"] = session.engine_settings  # again: what a drafter kept across the window
         result.update(window)
         phase = "analyse"
         result.update(analyse(session, records, reference, parity_reference, reference_records))
