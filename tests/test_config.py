@@ -84,6 +84,11 @@ def _experiment(**changes):
         (lambda c: c["models"]["smollm2"].update(source="local"), "models.smollm2"),
         (lambda c: c["drafters"]["ngram"].update(n=3, min_context=3), "drafters.ngram.min_context"),
         (lambda c: c["drafters"]["ngram"].update(compile=True), "drafters.ngram.compile"),  # no model to compile
+        (lambda c: c["drafters"]["ngram"].update(cache_tokens=100), "drafters.ngram"),  # a suffix drafter's key
+        (lambda c: c["drafters"]["suffix"].update(top_k=2), "drafters.suffix"),  # an ngram or recycling drafter's key
+        (lambda c: c["drafters"]["suffix"].update(max_spec_factor=0.0), "drafters.suffix.max_spec_factor"),
+        (_method(2, method="suffix"), "experiments.default.methods.2.drafter"),  # the ngram drafter
+        (_method(1, method="recycling"), "experiments.default.methods.1.drafter"),  # model drafters
         (lambda c: c["models"]["smollm2"].update(compile="yes"), "models.smollm2.compile"),
         (lambda c: c["models"]["smollm2"].update(dtype="bfloat16"), "experiments.default.methods.1.drafter"),  # int8 of a bf16 target
         (_experiment(placement="same"), "experiments.default.placement"),  # int8 runs on the CPU only
@@ -119,7 +124,7 @@ def test_a_config_cannot_name_the_program_vllm_cells_run(default_config):
 
 def test_ngram_method_needs_an_ngram_drafter(default_config):
     default_config["experiments"]["default"]["methods"].append({"method": "ngram", "drafter": "int8"})
-    with pytest.raises(ConfigError, match="needs an ngram drafter"):
+    with pytest.raises(ConfigError, match="needs a drafter of kind 'ngram'"):
         validate(default_config)
 
 

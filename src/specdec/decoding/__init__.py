@@ -5,11 +5,13 @@ from .eagle3 import Eagle3Drafter
 from .engine import GenerationSettings, RowResult, generate
 from .head_formats import HeadMismatch, load_head
 from .medusa import MedusaDrafter
+from .recycling import RecyclingDrafter
 from .sampling import Draft, Sampler, verify
+from .suffix import SuffixDrafter
 from .vocab import VocabularyMismatch, check_same_vocabulary
 
 __all__ = [
     "Draft", "DraftSession", "Drafter", "Eagle3Drafter", "GenerationSettings", "HeadMismatch", "MedusaDrafter",
-    "ModelDrafter", "NgramDrafter", "ReplayDrafter", "RowResult", "Sampler", "StepOutcome", "VocabularyMismatch",
-    "check_same_vocabulary", "generate", "load_head", "verify",
+    "ModelDrafter", "NgramDrafter", "RecyclingDrafter", "ReplayDrafter", "RowResult", "Sampler", "StepOutcome",
+    "SuffixDrafter", "VocabularyMismatch", "check_same_vocabulary", "generate", "load_head", "verify",
 ]

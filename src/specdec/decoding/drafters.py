@@ -28,7 +28,10 @@ class StepOutcome:
     draft tokens followed by the next token (host). hidden: the target's hidden states the
     drafter asked for (`Drafter.hidden_ids`), from the forward that scored this step, over
     every token it fed (B, W, len(ids) * H): the left-padded prompt after the prefill, else
-    [last token, drafts]; None when none were asked for.
+    [last token, drafts]; None when none were asked for. logits: (B, W, V) the target's logits of
+    the step (device), position 0 after the last emitted token and position j after draft j
+    (W = 1 at the first token, which follows the prompt): a drafter that learns from the
+    target's own distributions (recycling) reads them here, at no extra forward.
     """
 
     accepted: torch.Tensor
@@ -36,12 +39,14 @@ class StepOutcome:
     next_tokens: torch.Tensor
     new_tokens: list[list[int]]
     hidden: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
 
     def select(self, rows: list[int], index: torch.Tensor) -> StepOutcome:
         """The outcome of the given rows only (`index`: the same rows as a device tensor)."""
         return StepOutcome(
             self.accepted[index], [self.accepted_host[i] for i in rows], self.next_tokens[index],
             [self.new_tokens[i] for i in rows], None if self.hidden is None else self.hidden[index],
+            None if self.logits is None else self.logits[index],
         )
 
 
@@ -59,6 +64,10 @@ class DraftSession(ABC):
     def select(self, rows: list[int]) -> None:
         """Keep only these batch rows."""
 
+    def finish(self, outputs: dict[int, list[int]]) -> None:
+        """These batch rows are done (called before they are dropped): batch row -> the row's
+        whole output ids. A drafter that learns from earlier outputs (suffix) keeps them."""
+
 
 class Drafter(ABC):
     model = None  # the draft model, for drafters that run one
@@ -69,6 +78,30 @@ class Drafter(ABC):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampler: Sampler, vocab_size: int
     ) -> DraftSession:
         """Begin drafting for a left-padded prompt batch (on the verifier's device)."""
+
+    def forget(self) -> None:
+        """Drop what was learnt across requests. Called as the measured window opens, so that
+        no warm-up output feeds a measured request (warm-up requests are the first measured
+        prompts again) and every repeat of a cell starts from the same, empty state."""
+
+    def state(self) -> dict:
+        """What the drafter holds across requests and its bounds, for the result (empty for
+        a drafter that keeps nothing)."""
+        return {}
+
+
+def unpadded_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[list[int]]:
+    """Each row's prompt token ids without the left padding, on the host."""
+    return [[t for t, m in zip(ids, mask) if m] for ids, mask in zip(input_ids.tolist(), attention_mask.tolist())]
+
+
+def point_mass_draft(drafts: list[list[int]], device: torch.device) -> Draft:
+    """A Draft of each row's host-side token list (rows may be shorter or empty), padded with
+    filler the verifier never accepts; a point mass for the verifier."""
+    width = max(map(len, drafts))
+    padded = [d + [0] * (width - len(d)) for d in drafts]
+    tokens = torch.tensor(padded, dtype=torch.long).reshape(len(drafts), width).to(device)
+    return Draft(tokens, torch.tensor([len(d) for d in drafts], dtype=torch.long).to(device))
 
 
 class ModelDrafter(Drafter):
@@ -182,11 +215,7 @@ class NgramDrafter(Drafter):
         self.n, self.top_k, self.min_context = n, top_k, min_context
 
     def start(self, input_ids, attention_mask, sampler, vocab_size):
-        prompts = [
-            [t for t, m in zip(ids, mask) if m]
-            for ids, mask in zip(input_ids.tolist(), attention_mask.tolist())
-        ]
-        return _NgramSession(self, prompts, input_ids.device)
+        return _NgramSession(self, unpadded_prompts(input_ids, attention_mask), input_ids.device)
 
 
 class _NgramTable:
@@ -231,12 +260,7 @@ class _NgramSession(DraftSession):
 
     def propose(self, last_tokens, gamma):
         # `last_tokens` is already in each table's history (committed on the host).
-        drafts = [table.propose(gamma) for table in self.tables]
-        width = max(map(len, drafts))
-        padded = [d + [0] * (width - len(d)) for d in drafts]
-        tokens = torch.tensor(padded, dtype=torch.long).reshape(len(drafts), width).to(self.device)
-        lengths = torch.tensor([len(d) for d in drafts], dtype=torch.long).to(self.device)
-        return Draft(tokens, lengths)
+        return point_mass_draft([table.propose(gamma) for table in self.tables], self.device)
 
     def commit(self, outcome):
         for table, tokens in zip(self.tables, outcome.new_tokens):

@@ -165,11 +165,14 @@ def generate(
                 step = torch.cat([accepted[:, None], draft.lengths[:, None], kept], dim=1)
             host = step.tolist()
             now = time.perf_counter_ns()
-            outcome = StepOutcome(accepted, [h[0] for h in host], next_tokens, [h[2 : h[0] + 3] for h in host], cache.hidden)
+            outcome = StepOutcome(accepted, [h[0] for h in host], next_tokens, [h[2 : h[0] + 3] for h in host], cache.hidden,
+                                  logits)
             finished = []
             for r, h, new in zip(running, host, outcome.new_tokens):
                 results[r].count_draft(h[1], h[0])
                 finished.append(results[r].emit(new, now, settings))
+            if session is not None and any(finished):
+                session.finish({i: results[r].output_ids for i, (r, done) in enumerate(zip(running, finished)) if done})
             if all(finished):
                 return results
             if any(finished):

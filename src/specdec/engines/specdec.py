@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 import specdec
-from specdec.decoding import ModelDrafter, NgramDrafter, ReplayDrafter, RowResult, generate
+from specdec.decoding import ModelDrafter, NgramDrafter, RecyclingDrafter, ReplayDrafter, RowResult, SuffixDrafter, generate
 from specdec.decoding.compiled import compile_steps, step_widths
 from specdec.decoding.kernels import choose, tuned_linears
 from specdec.engines.inprocess import InProcessEngine
@@ -27,6 +27,7 @@ class SpecdecEngine(InProcessEngine):
     name = "specdec"
     label = ""
     replays = True
+    model_free_drafters = ("ngram", "suffix", "recycling")
     parity_reference = True
 
     kernels: dict = field(default_factory=dict)  # role -> the CPU kernel choice our engine runs it with
@@ -69,6 +70,10 @@ class SpecdecEngine(InProcessEngine):
             drafter = ModelDrafter(loaded.drafter_model)
         elif cell.method == "ngram":
             drafter = NgramDrafter(n=spec.n, top_k=spec.top_k, min_context=spec.min_context)
+        elif cell.method == "suffix":
+            drafter = SuffixDrafter(spec.max_depth, spec.max_spec_factor, spec.min_token_prob, spec.cache_tokens)
+        elif cell.method == "recycling":
+            drafter = RecyclingDrafter(top_k=spec.top_k)
         else:
             drafter = None
         return cls(cell, loaded.target, loaded.tokenizer, drafter, loaded.drafter_model, loaded.plan, loaded.settings,
@@ -77,7 +82,13 @@ class SpecdecEngine(InProcessEngine):
     @property
     def engine_settings(self) -> dict:
         settings = {"kernels": self.kernels} if self.kernels else {}
-        return settings | ({"compile": self.compiled} if self.compiled else {})
+        drafter = self.drafter.state() if self.drafter is not None else {}  # what it kept across requests, and its cap
+        return settings | ({"compile": self.compiled} if self.compiled else {}) | ({"drafter": drafter} if drafter else {})
+
+    def begin_window(self) -> None:
+        """Our drafters forget what they learnt from the warm-up (`Drafter.forget`)."""
+        if self.drafter is not None:
+            self.drafter.forget()
 
     def prepare(self, context: int, cache_dir: Path) -> None:
         """Our engine's step path per model: a model whose `compile` is on (absent: on for

