@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from specdec.decoding import GenerationSettings, generate
+from specdec.decoding import GenerationSettings, generate, head_formats
 from specdec.decoding.cache import open_cache
 from specdec.decoding.drafters import on_target_vocab
 from specdec.decoding.eagle3 import Eagle3Drafter, Eagle3Head, Eagle3Spec, default_aux_ids
@@ -157,6 +157,9 @@ class _Recorded:
                     text.extend(new)
                 session.commit(outcome)
 
+            def finish(self, outputs):
+                session.finish(outputs)
+
             def select(self, rows):
                 texts[:] = [texts[r] for r in rows]
                 session.select(rows)
@@ -255,11 +258,9 @@ def test_medusa_checkpoints_round_trip(target, tmp_path):
 def test_a_hub_id_loads_through_the_same_code(target, tmp_path, monkeypatch):
     """A hub id goes through huggingface_hub's cached snapshot (here stood in by the local
     folder: nothing downloads); offline and uncached, it is refused in one line."""
-    import huggingface_hub
-
     folder = save_eagle3(random_eagle3(target, 8), tmp_path / "head")
     with monkeypatch.context() as patched:
-        patched.setattr(huggingface_hub, "snapshot_download", lambda repo_id, allow_patterns: str(folder))
+        patched.setattr(head_formats, "snapshot_download", lambda repo_id, allow_patterns: str(folder))
         assert load_head("someone/tiny-eagle3", target).head.spec.draft_vocab_size == 8
     with pytest.raises(HeadMismatch, match="someone/no-such-head: not a local folder, and the hub snapshot failed"):
         load_head("someone/no-such-head", target)

@@ -8,7 +8,8 @@ import torch
 from specdec.decoding import GenerationSettings, RecyclingDrafter, StepOutcome, SuffixDrafter, generate
 from specdec.decoding.suffix import OutputCache, SuffixTrie
 
-from test_sampling import PROMPT, VOCAB, chi_square_p, exact_joint, tiny_model
+from conftest import chi_square_p, exact_joint
+from test_sampling import PROMPT, VOCAB, tiny_model
 
 
 def counts(trie: SuffixTrie) -> dict[tuple[int, ...], int]:
@@ -190,7 +191,7 @@ def test_sampling_keeps_the_target_distribution(target, drafter):
     rows = generate(target, ids, torch.ones_like(ids), settings, drafter, torch.Generator().manual_seed(11))
     assert sum(r.drafted_tokens for r in rows) > 1000  # the test exercises the drafts
     tokens = torch.tensor([r.output_ids for r in rows])
-    joint = exact_joint(target, settings, 3).reshape(VOCAB, VOCAB, VOCAB)
+    joint = exact_joint(target, settings, PROMPT, 3).reshape(VOCAB, VOCAB, VOCAB)
     assert chi_square_p(torch.bincount(tokens[:, 1] * VOCAB + tokens[:, 2], minlength=VOCAB**2), joint.sum(0).reshape(-1)) > 1e-3
     assert chi_square_p(torch.bincount(tokens[:, 0] * VOCAB + tokens[:, 1], minlength=VOCAB**2), joint.sum(2).reshape(-1)) > 1e-3
 
