@@ -50,6 +50,7 @@ def test_a_compiled_cell_has_its_forwards_costs_and_prediction(tmp_path, embedde
     from conftest import cell_inputs, tiny_llama
 
     from specdec.job import runner
+    from specdec.records import read_result
     from specdec.report import theory
     from specdec.gate.config import expand_matrix, validate
 
@@ -76,6 +77,6 @@ def test_a_compiled_cell_has_its_forwards_costs_and_prediction(tmp_path, embedde
         assert block["parts_s"]["verify"] > 0 and block["forwards"]["target_prefill"]["count"] == 1
     assert set(ar["attribution"]["forwards"]["target_decode"]) == {"1"}
     assert spec["attribution"]["forwards"]["drafter"]["1"]["count"] > 0 and spec["attribution"]["parts_s"]["drafter"] > 0
-    columns = theory.run_theory(spec, ar)
+    columns = theory.run_theory(*(read_result(tmp_path / method / "result.json") for method in ("speculative", "ar")))
     assert columns["theory_cost_ratio"] > 0 and columns["theory_verify_cost_ratio"] > 0
     assert columns["predicted_speedup"] > 0 and columns["waterfall_overhead"] > 0
