@@ -127,16 +127,10 @@ def model_inputs(wildcards):
 
 def dataset_files(wildcards, dataset=None):
     """The files a dataset is prepared from, inputs of its preparation and of its cells: an
-    edited file reruns both. A missing one, or a source that cannot say where its file is
-    (humaneval without its package), is left to the preparation, whose error names it.
+    edited file reruns both. The gate above refused a missing or unreadable one already.
     """
-    try:
-        files = specdec.prepare.datasets.dataset_files(
-            config["datasets"][dataset or wildcards.dataset]
-        )
-    except specdec.prepare.datasets.DatasetError:
-        return []
-    return [str(path) for path in files if path.is_file()]
+    spec = config["datasets"][dataset or wildcards.dataset]
+    return [str(path) for path in specdec.prepare.datasets.dataset_files(spec)]
 
 
 def cell_dataset_files(wildcards):
