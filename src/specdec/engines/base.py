@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import ClassVar
 
-from specdec.gate.cells import MODEL_FREE_KINDS, Cell
+from specdec.gate.cells import HEAD_KINDS, MODEL_FREE_KINDS, Cell
 from specdec.job.load import Server
 
 
@@ -44,6 +44,7 @@ class Engine(ABC):
     # the gate (`config`: the default and allowed references, replay drafters).
     replays: ClassVar[bool] = False  # runs a replay drafter (a measurement tool of our Drafter interface)
     model_free_drafters: ClassVar[tuple[str, ...]] = ("ngram",)  # the model-free drafter kinds it runs
+    head_drafters: ClassVar[tuple[str, ...]] = ()  # the learned head kinds it runs (eagle3, medusa)
     max_drafting_batch: ClassVar[int | None] = None  # drafts at batch sizes up to this only (None: any)
     drafting_batch_reason: ClassVar[str] = ""
     placements: ClassVar[tuple[str, ...] | None] = None  # the placement strategies it runs (None: all)
@@ -76,6 +77,8 @@ class Engine(ABC):
         if drafter is not None and drafter.kind in MODEL_FREE_KINDS and drafter.kind not in cls.model_free_drafters:
             return (f"drafter {drafter.name!r} ({drafter.kind}) runs through our engine's Drafter interface; "
                     f"{cls.name} has no such drafter here")
+        if drafter is not None and drafter.kind in HEAD_KINDS and drafter.kind not in cls.head_drafters:
+            return f"drafter {drafter.name!r} is a learned {drafter.kind} head; {cls.name} runs no such head here"
         if cls.max_drafting_batch is not None and cell.drafts and cell.batch_size > cls.max_drafting_batch:
             return f"{cls.drafting_batch_reason}; batch_size is {cell.batch_size}"
         if cls.placements is not None and cell.placement.strategy not in cls.placements:

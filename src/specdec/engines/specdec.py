@@ -13,6 +13,7 @@ import torch
 import specdec
 from specdec.decoding import ModelDrafter, NgramDrafter, RecyclingDrafter, ReplayDrafter, RowResult, SuffixDrafter, generate
 from specdec.decoding.compiled import compile_steps, step_widths
+from specdec.decoding.head_formats import load_head
 from specdec.decoding.kernels import choose, tuned_linears
 from specdec.engines.inprocess import InProcessEngine
 from specdec.engines.session import load_models
@@ -28,6 +29,7 @@ class SpecdecEngine(InProcessEngine):
     label = ""
     replays = True
     model_free_drafters = ("ngram", "suffix", "recycling")
+    head_drafters = ("eagle3", "medusa")
     parity_reference = True
 
     kernels: dict = field(default_factory=dict)  # role -> the CPU kernel choice our engine runs it with
@@ -74,6 +76,8 @@ class SpecdecEngine(InProcessEngine):
             drafter = SuffixDrafter(spec.max_depth, spec.max_spec_factor, spec.min_token_prob, spec.cache_tokens)
         elif cell.method == "recycling":
             drafter = RecyclingDrafter(top_k=spec.top_k)
+        elif spec is not None and spec.is_head:
+            drafter = load_head(spec.source, loaded.target, spec.kind)
         else:
             drafter = None
         return cls(cell, loaded.target, loaded.tokenizer, drafter, loaded.drafter_model, loaded.plan, loaded.settings,
@@ -104,7 +108,9 @@ class SpecdecEngine(InProcessEngine):
         for role, (model, wanted) in roles.items():
             device = model.get_input_embeddings().weight.device
             if wanted if wanted is not None else device.type == "cuda":
-                record = compile_steps(model, max_length, self.cell.batch_size, {role: step_widths(self.cell.gamma, role)}, cache_dir)
+                hidden = {"target": self.drafter.hidden_ids} if role == "target" and self.drafter is not None else {}
+                record = compile_steps(model, max_length, self.cell.batch_size, {role: step_widths(self.cell.gamma, role)}, cache_dir,
+                                       hidden_ids=hidden)
                 log.info("%s: steps compiled in %.1f s (%s)", role, record["compile_s"], record)
             else:
                 record = {"enabled": False, "static_cache": False}

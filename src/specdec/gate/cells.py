@@ -32,14 +32,20 @@ def schema_message(error: jsonschema.ValidationError) -> str:
 # The longest draft a config may ask for: beyond it the per-position tables and the
 # verification forward only grow, and no drafter in the field accepts that far.
 GAMMA_MAX = 32
-METHODS = ("ar", "speculative", "ngram", "suffix", "recycling")
+METHODS = ("ar", "speculative", "ngram", "suffix", "recycling", "eagle3", "medusa")
 # What runs a cell's method: our engine (specdec.decoding), transformers' generate() or vLLM.
 ENGINES = ("specdec", "transformers", "vllm", "openai")
 MODEL_DRAFTER_METHODS = frozenset({"speculative"})
 # A model-free method and the drafter kind that runs it (none loads a model).
 MODEL_FREE_METHODS = {"ngram": "ngram", "suffix": "suffix", "recycling": "recycling"}
 MODEL_FREE_KINDS = frozenset(MODEL_FREE_METHODS.values())
-DRAFTING_METHODS = frozenset(MODEL_DRAFTER_METHODS | MODEL_FREE_METHODS.keys())
+# A learned head and the drafter kind that runs it: it reads the target's hidden states and
+# loads no model of its own (decoding/head_formats.py reads its checkpoint).
+HEAD_METHODS = {"eagle3": "eagle3", "medusa": "medusa"}
+HEAD_KINDS = frozenset(HEAD_METHODS.values())
+# Each method with a drafter kind of its own: the method's name is the kind's.
+METHOD_KINDS = MODEL_FREE_METHODS | HEAD_METHODS
+DRAFTING_METHODS = frozenset(MODEL_DRAFTER_METHODS | METHOD_KINDS.keys())
 DEFAULT_GAMMA = 4
 # Where a drafting cell's AR reference is measured: in the AR cell's own job (`separate`), or
 # in the cell's job, request by request on the same loaded target (`interleaved`), so that
@@ -62,13 +68,45 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class HeadTraining:
+    """How the pipeline trains a head (`drafters.NAME.train`; prepare/head_training.py).
+
+    corpus: the offline text sources (`TRAINING_CORPORA`), or `path`, a JSONL file of
+    {"text": ...} lines, in their place. tokens: the corpus tokens the target labels (the
+    budget), max_minutes: a wall-time budget beside it (whichever ends first). draft_vocab
+    (eagle3): the draft vocabulary's size; num_heads (medusa); steps (eagle3): the
+    training-time test's unrolled steps; sequence_tokens x batch_size: one batch;
+    held_out_tokens: the held-out split; evaluations: points on the training curve."""
+
+    target: str  # the model (name under models) it is trained for
+    corpus: tuple[str, ...] = ("chitchat", "python_stdlib")
+    path: str | None = None
+    tokens: int = 200_000
+    max_minutes: float | None = None
+    draft_vocab: int = 8192
+    num_heads: int = 3
+    steps: int = 3
+    sequence_tokens: int = 256
+    batch_size: int = 8
+    lr: float = 1e-3
+    held_out_tokens: int = 8192
+    evaluations: int = 5
+
+
+# Offline text a head may be trained on: chitchat-dataset's conversations (a wheel), and the
+# Python standard library's own source (on every machine with Python), for code prompts.
+TRAINING_CORPORA = ("chitchat", "python_stdlib")
+
+
+@dataclass(frozen=True)
 class DrafterSpec:
     """A drafter entry of the config (`drafters.NAME`): a model of its own, a quantised copy
-    of the target, a model-free one (n-gram table, suffix tries, recycled successors), or the
-    replay of the AR cell's outputs (a measurement tool: `decoding.ReplayDrafter`)."""
+    of the target, a model-free one (n-gram table, suffix tries, recycled successors), a
+    learned head (EAGLE-3, Medusa) or the replay of the AR cell's outputs (a measurement tool:
+    `decoding.ReplayDrafter`)."""
 
     name: str
-    kind: str  # model | quantized | ngram | suffix | recycling | replay
+    kind: str  # model | quantized | ngram | suffix | recycling | eagle3 | medusa | replay
     model: ModelSpec | None = None  # kind model; kind replay: the draft model whose forwards pace it, if any
     dtype: str | None = None  # kind quantized: int8 | bf16
     n: int | None = None  # kind ngram
@@ -81,6 +119,14 @@ class DrafterSpec:
     compile: bool | None = None  # kind quantized: as ModelSpec.compile (a model drafter follows its model's)
     error_rate: float | None = None  # kind replay
     cost_ms_per_token: float | None = None
+    # kind eagle3 | medusa: the head's folder or hub id (a trained head's: the folder its
+    # training rule writes), and how the pipeline trains it, if it does.
+    source: str | None = None
+    train: HeadTraining | None = None
+
+    @property
+    def is_head(self) -> bool:
+        return self.kind in HEAD_KINDS
 
     @property
     def measurement_tool(self) -> bool:
@@ -207,7 +253,7 @@ class Cell:
     def drafter_model(self) -> ModelSpec | None:
         """The model a drafter loads: its own (a replay drafter's pacing model, if any), or the
     target for a quantised copy."""
-        if self.drafter is None or self.drafter.kind in MODEL_FREE_KINDS:
+        if self.drafter is None or self.drafter.kind in MODEL_FREE_KINDS | HEAD_KINDS:
             return None
         return self.target if self.drafter.kind == "quantized" else self.drafter.model
 
@@ -248,10 +294,14 @@ class Cell:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (schema `cell.schema.json`), with the derived `cell` name beside it;
-        `endpoint` only where there is one (other cells' forms stay as they were)."""
+        `endpoint` and a head's `source` and `train` only where there are some (other cells'
+        forms stay as they were)."""
         data = _plain(dataclasses.asdict(self))
         if data["endpoint"] is None:
             del data["endpoint"]
+        for key in ("source", "train"):  # a head's only
+            if data["drafter"] is not None and data["drafter"][key] is None:
+                del data["drafter"][key]
         return data | {"cell": self.name}
 
     @classmethod
@@ -260,8 +310,9 @@ class Cell:
         fields = {k: v for k, v in data.items() if k != "cell"}
         drafter = fields["drafter"]
         if drafter is not None:
-            model = drafter.get("model")
-            drafter = DrafterSpec(**(drafter | {"model": ModelSpec(**model) if model else None}))
+            model, train = drafter.get("model"), drafter.get("train")
+            drafter = DrafterSpec(**(drafter | {"model": ModelSpec(**model) if model else None,
+                                                "train": HeadTraining(**train | {"corpus": tuple(train["corpus"])}) if train else None}))
         placement = fields["placement"]
         if placement.get("ratio") is not None:
             placement = placement | {"ratio": tuple(placement["ratio"])}

@@ -27,12 +27,14 @@ from specdec.engines import REFERENCE, engine_class
 from specdec.gate.cells import (
     DEFAULT_GAMMA,
     DRAFTING_METHODS,
+    HEAD_KINDS,
+    METHOD_KINDS,
     MODEL_DRAFTER_METHODS,
     MODEL_FREE_KINDS,
-    MODEL_FREE_METHODS,
     SCHEMA_TYPES,
     Cell,
     DrafterSpec,
+    HeadTraining,
     Endpoint,
     Generation,
     Load,
@@ -42,7 +44,8 @@ from specdec.gate.cells import (
     schema_message,
 )
 from specdec.prepare import datasets as dataset_entries
-from specdec.prepare.models import ModelError, local_folder
+from specdec.decoding.head_formats import HeadMismatch, head_spec
+from specdec.prepare.models import EMBEDDED_DIR, ModelError, local_folder, read_config
 
 
 class ConfigError(ValueError):
@@ -215,8 +218,18 @@ def check_references(config: dict) -> None:
         if drafter["kind"] == "replay" and "model" in drafter and drafter["cost_ms_per_token"]:
             raise ConfigError(f"config key 'drafters.{name}.cost_ms_per_token': a replay drafter is paced either by its model's "
                               "forwards (model) or by a set cost per draft token, not both; drop one of the two")
+        if drafter["kind"] in HEAD_KINDS and ("source" in drafter) == ("train" in drafter):
+            raise ConfigError(f"config key 'drafters.{name}': a learned head ({drafter['kind']}) comes either from a checkpoint (source: folder or hub id) "
+                              "or from the pipeline's training (train: {...}); give " + ("one of them" if "source" in drafter else "source or train"))
+        for key in ("source", "train"):
+            if key in drafter and drafter["kind"] not in HEAD_KINDS:
+                raise ConfigError(f"config key 'drafters.{name}.{key}': only a learned head (kind eagle3 or medusa) takes {key}")
         if drafter["kind"] == "ngram" and drafter["min_context"] > drafter["n"] - 1:
             raise ConfigError(f"config key 'drafters.{name}.min_context': {drafter['min_context']} exceeds n - 1 = {drafter['n'] - 1}, the longest context")
+    for name, target in _head_targets(config).items():
+        if len(target) > 1:
+            raise ConfigError(f"config key 'drafters.{name}.train': a head is trained for one target; "
+                              f"experiments use it with {sorted(target)} (define one drafter per target)")
     for name in config.get("run", []):
         if name not in config["experiments"]:
             raise ConfigError(f"config key 'run': experiment {name!r} is not defined under experiments")
@@ -245,6 +258,23 @@ def check_references(config: dict) -> None:
                     raise ConfigError(f"config key '{where}.placement': drafter {name!r} is an int8 dynamic quantisation, which runs on the CPU only; use placement cpu or a bf16 drafter")
 
 
+def _head_targets(config: dict) -> dict[str, set[str]]:
+    """The targets each trained head is used with, by drafter name."""
+    targets: dict[str, set[str]] = {name: set() for name, d in config.get("drafters", {}).items() if "train" in d}
+    for exp in config["experiments"].values():
+        for entry in exp["methods"]:
+            for name in _as_list(entry.get("drafter", [])):
+                if name in targets:
+                    targets[name].add(exp["target"])
+    return targets
+
+
+def head_folder(config: dict, name: str) -> str:
+    """Where the pipeline writes the head it trains for drafter `name` (workflow rule
+    train_drafter), which the cells read as the head's source."""
+    return f"{config['results_dir']}/heads/{name}"
+
+
 def check_inputs(config: dict) -> None:
     """The cheap checks of the local files a validated config names, which the jobs would
     otherwise refuse later: each dataset's files (present, regular, within the size limit)
@@ -262,6 +292,28 @@ def check_inputs(config: dict) -> None:
                 local_folder(name, spec["path"])
             except ModelError as err:
                 raise ConfigError(str(err)) from None
+    _check_heads(config)
+
+
+def _check_heads(config: dict) -> None:
+    """Each head a config names by `source` is read (config only) and checked against every
+    target it drafts for, where that target's config is at hand (a local folder, or the
+    embedded model once prepared; a hub target's head is checked when the cell loads)."""
+    for name, drafter in config.get("drafters", {}).items():
+        if "source" not in drafter:
+            continue
+        for exp in config["experiments"].values():
+            if not any(name in _as_list(e.get("drafter", [])) for e in exp["methods"]):
+                continue
+            target = config["models"][exp["target"]]
+            folder = Path(target["path"]) if target["source"] == "local" else EMBEDDED_DIR.parent / exp["target"] if target["source"] == "embedded" else None
+            if folder is None or not (folder / "config.json").is_file():
+                continue
+            try:
+                target_config = read_config(str(folder), exp["target"], trust_remote_code=target.get("trust_remote_code", False))
+                head_spec(drafter["source"], target_config, drafter["kind"])
+            except (HeadMismatch, ModelError) as err:
+                raise ConfigError(f"config key 'drafters.{name}.source': {err}") from None
 
 
 def _check_method(entry: dict, drafters: dict, where: str) -> None:
@@ -277,9 +329,9 @@ def _check_method(entry: dict, drafters: dict, where: str) -> None:
         if name not in drafters:
             raise ConfigError(f"config key '{where}.drafter': drafter {name!r} is not defined under drafters")
         kind = drafters[name]["kind"]
-        if method in MODEL_FREE_METHODS and kind != MODEL_FREE_METHODS[method]:
-            raise ConfigError(f"config key '{where}.drafter': method {method!r} needs a drafter of kind {MODEL_FREE_METHODS[method]!r}, {name!r} is {kind!r}")
-        if method in MODEL_DRAFTER_METHODS and kind in MODEL_FREE_KINDS:
+        if method in METHOD_KINDS and kind != METHOD_KINDS[method]:
+            raise ConfigError(f"config key '{where}.drafter': method {method!r} needs a drafter of kind {METHOD_KINDS[method]!r}, {name!r} is {kind!r}")
+        if method in MODEL_DRAFTER_METHODS and kind in MODEL_FREE_KINDS | HEAD_KINDS:
             raise ConfigError(f"config key '{where}.drafter': method {method!r} needs a model drafter, {name!r} is of kind {kind!r}")
 
 
@@ -328,10 +380,14 @@ def _model(name: str, spec: dict) -> ModelSpec:
     return ModelSpec(name=name, **spec)
 
 
-def _drafter(name: str, spec: dict, models: dict) -> DrafterSpec:
+def _drafter(name: str, spec: dict, config: dict) -> DrafterSpec:
     fields = dict(spec)
     if "model" in spec:
-        fields["model"] = _model(spec["model"], models[spec["model"]])
+        fields["model"] = _model(spec["model"], config["models"][spec["model"]])
+    if "train" in spec:
+        target = next(iter(_head_targets(config)[name]), None)
+        train = spec["train"] | {"corpus": tuple(spec["train"]["corpus"])}
+        fields |= {"source": head_folder(config, name), "train": HeadTraining(target=target, **train) if target else None}
     return DrafterSpec(name=name, **fields)
 
 
@@ -374,7 +430,7 @@ def _reference(given: str | None, method: str, engine: str, placement: Placement
 def expand_matrix(config: dict) -> list[Cell]:
     """All benchmark cells of all experiments of a validated config."""
     models = config["models"]
-    drafters = {name: _drafter(name, spec, models) for name, spec in config.get("drafters", {}).items()}
+    drafters = {name: _drafter(name, spec, config) for name, spec in config.get("drafters", {}).items()}
     power = Power(**config["power"])
     cells = []
     for exp_name, exp in config["experiments"].items():
