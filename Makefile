@@ -14,7 +14,7 @@ VLLM_BIN := $(abspath $(VLLM_VENV))/bin
 export PATH := $(BIN):$(PATH)
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install install-vllm run engines sweep report test dag lock lock-vllm
+.PHONY: install install-vllm run engines sweep heads report test dag lock lock-vllm
 
 install: $(VENV)/.installed
 
@@ -53,6 +53,11 @@ engines: install install-vllm
 sweep: install
 	$(BIN)/snakemake --cores all --config 'run=[sweep_batch,sweep_rate]'
 	$(BIN)/snakemake --config 'run=[sweep_batch,sweep_rate]' --report results/report-sweep.html
+
+# What training a learned head buys: three EAGLE-3 budgets and Medusa (~1.5 h here).
+heads: install
+	$(BIN)/snakemake --cores all --config 'run=[heads]'
+	$(BIN)/snakemake --config 'run=[heads]' --report results/report-heads.html
 
 test: install install-vllm
 	$(BIN)/python -m pytest

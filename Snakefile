@@ -23,6 +23,7 @@ report: "workflow/report/workflow.rst"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/prepare.smk"
+include: "workflow/rules/heads.smk"
 include: "workflow/rules/benchmark.smk"
 include: "workflow/rules/report.smk"
 
@@ -36,6 +37,7 @@ localrules:
     prepare_dataset,
     aggregate,
     plot,
+    heads_report,
     figures,
 
 

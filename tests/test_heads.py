@@ -19,7 +19,9 @@ from specdec.decoding.drafters import on_target_vocab
 from specdec.decoding.eagle3 import Eagle3Drafter, Eagle3Head, Eagle3Spec, default_aux_ids
 from specdec.decoding.head_formats import EAGLE3_FORMS, HeadMismatch, head_spec, load_head, save_eagle3, save_medusa
 from specdec.decoding.medusa import MedusaDrafter, MedusaHeads, MedusaSpec
-from specdec.prepare.head_training import draft_vocabulary, held_out_loss, new_eagle3, train_eagle3
+from specdec.gate.cells import HeadTraining
+from specdec.prepare.head_training import draft_vocabulary, train_head
+from specdec.prepare.training_corpus import TrainingDataError
 
 from conftest import chi_square_p, exact_joint, static_caches
 
@@ -327,20 +329,74 @@ def test_the_draft_vocabulary_is_the_most_frequent_tokens():
     assert draft_vocabulary(torch.tensor([4, 2]), 1, VOCAB).tolist() == [2]  # a tie: the lower id
 
 
-def test_self_distillation_lowers_the_held_out_loss(target):
-    """A fresh head trained on text the target labels itself (training-time test, 3 steps,
-    decayed weights), a batch left-padded: its loss on held-out text falls."""
-    torch.manual_seed(5)
-    text = torch.randint(3, VOCAB, (160, 12))
-    mask = torch.ones_like(text)
-    mask[:4, :3] = 0  # left padding
-    with torch.no_grad():
-        labels = target(text).logits.argmax(-1)
-    drafter = new_eagle3(target, draft_vocabulary(labels, 12, VOCAB))
-    train = [(text[i : i + 32], mask[i : i + 32]) for i in range(0, 128, 32)]
-    held_out = [(text[128:], mask[128:])]
-    before = held_out_loss(drafter, target, held_out)
-    curve = train_eagle3(drafter, target, train, epochs=4, lr=3e-3)
-    after = held_out_loss(drafter, target, held_out)
-    assert curve[-1] < curve[0] and after < 0.96 * before  # measured here: 6.34 -> 5.91
+class CharTokenizer:
+    """A stand-in tokenizer for the tiny target: one token per character (ids 3 .. VOCAB - 1)."""
+
+    pad_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [3 + ord(ch) % (VOCAB - 3) for ch in text]}
+
+
+def corpus_file(path, texts):
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return str(path)
+
+
+def texts(count: int, seed: int = 5) -> list[str]:
+    rng = torch.Generator().manual_seed(seed)
+    return ["".join(chr(97 + int(i)) for i in torch.randint(0, 13, (40,), generator=rng)) for _ in range(count)]
+
+
+def training(path: str, **changes) -> HeadTraining:
+    settings = dict(target="tiny", path=path, tokens=2400, held_out_tokens=320, evaluations=3, draft_vocab=12,
+                    sequence_tokens=20, batch_size=8, lr=3e-3, num_heads=2)
+    return HeadTraining(**settings | changes)
+
+
+@pytest.mark.parametrize("kind", ["eagle3", "medusa"])
+def test_self_distillation_lowers_the_held_out_loss_and_writes_a_head_that_loads(target, tmp_path, kind):
+    """A head trained on text the target labels itself (EAGLE-3: training-time test, 3 steps,
+    decayed weights; Medusa: 2 heads) in one pass over left-padded batches: its held-out loss
+    falls, the target stays frozen, and the head it writes loads and decodes losslessly."""
+    settings = training(corpus_file(tmp_path / "corpus.jsonl", texts(80)))
+    record = train_head(target, CharTokenizer(), kind, settings, 3, {}, tmp_path / "head", tmp_path / "head.state.pt")
+    curve = record["curve"]
+    assert [point["tokens"] for point in curve][0] == 0 and len(curve) == 4
+    assert curve[-1]["held_out_loss"] < 0.97 * curve[0]["held_out_loss"]
+    assert record["tokens"] >= settings.tokens and record["resumed"] == 0
     assert all(p.grad is None for p in target.parameters())  # the target stayed frozen
+    assert not (tmp_path / "head.state.pt").exists()
+    drafter = load_head(tmp_path / "head", target, kind)
+    ids, mask = ragged_batch()
+    greedy = GenerationSettings(max_new_tokens=12, gamma=2)
+    ar = generate(target, ids, mask, GenerationSettings(max_new_tokens=12))
+    assert [r.output_ids for r in generate(target, ids, mask, greedy, drafter=drafter)] == [r.output_ids for r in ar]
+
+
+def test_training_text_that_shares_a_prompt_with_an_evaluation_dataset_is_refused(target, tmp_path):
+    prompt = "Write a function that returns the sum of the squares of a list of integers."
+    corpus = corpus_file(tmp_path / "corpus.jsonl", texts(10) + [f"Question: {prompt}  Answer: ..."])
+    prompts = {"humaneval": [{"id": "humaneval-3", "turns": [prompt]}]}
+    with pytest.raises(TrainingDataError, match="path corpus.jsonl:11 shares a prompt with evaluation dataset 'humaneval' "
+                                                "\\(request humaneval-3\\)"):
+        train_head(target, CharTokenizer(), "eagle3", training(corpus, tokens=1000), 3, prompts, tmp_path / "h", tmp_path / "s")
+
+
+def test_a_killed_training_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one(target, tmp_path):
+    settings = training(corpus_file(tmp_path / "corpus.jsonl", texts(80)), evaluations=4)
+    whole = train_head(target, CharTokenizer(), "eagle3", settings, 3, {}, tmp_path / "whole", tmp_path / "whole.pt")
+
+    def kill_after_two_evaluations(line):
+        if line.startswith(f"{whole['curve'][2]['tokens']:,} tokens"):
+            raise KeyboardInterrupt
+
+    state = tmp_path / "killed.pt"
+    with pytest.raises(KeyboardInterrupt):
+        train_head(target, CharTokenizer(), "eagle3", settings, 3, {}, tmp_path / "killed", state, log=kill_after_two_evaluations)
+    assert state.is_file() and not (tmp_path / "killed").exists()
+    resumed = train_head(target, CharTokenizer(), "eagle3", settings, 3, {}, tmp_path / "killed", state)
+    assert resumed["resumed"] == 1 and resumed["tokens"] == whole["tokens"]
+    assert [p["held_out_loss"] for p in resumed["curve"]] == pytest.approx([p["held_out_loss"] for p in whole["curve"]], rel=1e-4)
+    ours, theirs = load_file(tmp_path / "killed" / "model.safetensors"), load_file(tmp_path / "whole" / "model.safetensors")
+    assert all(torch.allclose(ours[k], theirs[k], atol=1e-5) for k in theirs)

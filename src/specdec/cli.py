@@ -14,6 +14,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn  # noqa: E402
 
 from specdec.decoding.kernels import probe  # noqa: E402
 from specdec.engines import unsupported  # noqa: E402
@@ -23,7 +25,8 @@ from specdec.job.runner import now_iso, run_cell  # noqa: E402
 from specdec.metadata import cpu_model  # noqa: E402
 from specdec.prepare.datasets import prepare_dataset_file  # noqa: E402
 from specdec.prepare.models import load_model, load_tokenizer, model_location, prepare_embedded  # noqa: E402
-from specdec.records import read_cell, write_kernel_choice  # noqa: E402
+from specdec.prepare.head_training import train_head  # noqa: E402
+from specdec.records import head_job_from_json, read_cell, read_prompts, write_kernel_choice, write_training  # noqa: E402
 
 
 def _prepare_model(args) -> int:
@@ -112,6 +115,37 @@ def _run(args) -> int:
     return 128 + result["signal"] if result["status"] == "interrupted" else 0
 
 
+def _train_head(args) -> int:
+    """Train the head a HeadJob describes (workflow rule train_drafter): its folder gets the
+    checkpoint and training.json; the resumable state waits beside it until the head is written."""
+    console = _log_to(args.log) if args.log else sys.stderr
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    job = head_job_from_json(args.spec, "--spec")
+    prompts = {Path(path).stem: read_prompts(path) for path in args.prompts}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    target, tokenizer = load_model(job.target, Path(args.models_dir), device_map=device)
+    out = Path(job.drafter.source)
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+        if console is not sys.stderr:
+            print(f"train {job.drafter.name}: {line}", file=console, flush=True)
+
+    columns = (TextColumn(f"train {job.drafter.name}"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,} tokens"),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(file=console)) as bar:
+        task = bar.add_task("train", total=job.drafter.train.tokens)
+        record = train_head(target, tokenizer, job.drafter.kind, job.drafter.train, job.seed, prompts, out,
+                            out.with_name(out.name + ".state.pt"),
+                            report=lambda done, total: bar.update(task, completed=done, total=total), log=say)
+    record = {"drafter": job.drafter.name, "target": job.target.name, **record, "device": device, "finished_at": now_iso()}
+    write_training(out / "training.json", record)
+    last = record["curve"][-1]
+    say(f"head written to {out}: {record['tokens']:,} tokens in {record['seconds']:.0f} s, held-out acceptance {last['acceptance']}")
+    return 0
+
+
 def _cells(args) -> int:
     for cell in expand_matrix(load_config(args.config)):
         print(cell.id)
@@ -178,6 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a file the prompts were prepared from (its sha256 goes into the result)")
     p.add_argument("--log", help="write the full log here; the console gets only start, progress and end lines")
     p.set_defaults(func=_run)
+
+    p = sub.add_parser("train-head", help="train a learned draft head (EAGLE-3, Medusa) for its target")
+    p.add_argument("--spec", required=True, help="the head job as JSON (the workflow's train_drafter rule writes it)")
+    p.add_argument("--prompts", nargs="*", default=[], help="prompts JSONL of every evaluation dataset: none may share a prompt with the training text")
+    p.add_argument("--models-dir", default="resources/models")
+    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--log", help="write the full log here; the console gets the progress bar and the curve's points")
+    p.set_defaults(func=_train_head)
 
     p = sub.add_parser("cells", help="list the cells of a config")
     p.add_argument("--config", default="config.yaml")

@@ -1,5 +1,5 @@
-"""The file contract between jobs: prompt, cell, request, result, interruption and power-sample
-records and their schemas. Writers validate before they write, readers after they read, against
+"""The file contract between jobs: prompt, cell, head-job, training, request, result,
+interruption and power-sample records and their schemas. Writers validate before they write, readers after they read, against
 the same schema (`schemas/*.schema.json`; power.csv's is its declared columns); every file is
 written atomically (`specdec.io`). The result's typed body and status enum are `specdec.result`'s."""
 
@@ -18,7 +18,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
 from referencing import Registry, Resource
 
-from specdec.gate.cells import Cell
+from specdec.gate.cells import Cell, HeadJob
 from specdec.io import atomic_open, write_json, write_jsonl
 from specdec.result import Result, Status
 
@@ -135,6 +135,27 @@ def cell_from_dict(data: Any, source: str) -> Cell:
 def read_cell(path: str | os.PathLike) -> Cell:
     path = Path(path)
     return cell_from_dict(_read_json(path), str(path))
+
+
+# ---------------------------------------------------------------- learned heads
+
+
+def head_job_from_json(text: str, source: str) -> HeadJob:
+    """A head training job as the workflow passes it (`HeadJob.to_dict` as JSON text)."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise RecordError(f"{source}: not JSON ({error.msg})") from None
+    validate("head_job", data, source)
+    return HeadJob.from_dict(data)
+
+
+def write_training(path: str | os.PathLike, record: dict) -> None:
+    _write_valid("training", path, record)
+
+
+def read_training(path: str | os.PathLike) -> dict:
+    return _read_valid("training", path)
 
 
 # -------------------------------------------------------------- kernel choices

@@ -22,6 +22,7 @@ rule benchmark:
         reference=reference_requests,
         parity=parity_requests,
         kernels=kernel_choice_inputs,
+        head=cell_head,
     output:
         result=f"{RESULTS}/runs/{{experiment}}/{{cell}}/result.json",
         requests=f"{RESULTS}/runs/{{experiment}}/{{cell}}/requests.jsonl",

@@ -298,3 +298,89 @@ def kernel_choice_inputs(wildcards):
 def named_model_input(wildcards):
     name = wildcards.model
     return [f"resources/models/{name}"] if name in embedded_models() else []
+
+
+HEADS = specdec.gate.config.head_jobs(config)
+
+
+def head_job_json(wildcards):
+    """The head job (drafter entry, target, seed) as JSON text: a changed training setting
+    retrains the head, and so reruns the cells that use it."""
+    return json.dumps(HEADS[wildcards.drafter].to_dict(), sort_keys=True)
+
+
+def head_target_input(wildcards):
+    name = HEADS[wildcards.drafter].target.name
+    return [f"resources/models/{name}"] if name in embedded_models() else []
+
+
+def head_target_fingerprints(wildcards):
+    return model_fingerprints(HEADS[wildcards.drafter].target.name)
+
+
+def head_evaluation_prompts(wildcards):
+    """The prompts of every dataset of every experiment that uses the head: the training
+    text must share none of them."""
+    datasets = {
+        dataset
+        for experiment in config["experiments"].values()
+        if any(
+            wildcards.drafter in _names(entry.get("drafter", []))
+            for entry in experiment["methods"]
+        )
+        for dataset in experiment["datasets"]
+    }
+    return [f"{RESULTS}/prompts/{dataset}.jsonl" for dataset in sorted(datasets)]
+
+
+def _names(value):
+    return value if isinstance(value, list) else [value]
+
+
+def head_gpus(wildcards):
+    """A GPU where any cell that uses the head is placed on GPUs; the CPU otherwise."""
+    name = wildcards.drafter
+    placed = [
+        cell.placement
+        for cell in CELLS.values()
+        if cell.drafter is not None and cell.drafter.name == name
+    ]
+    return int(any(p.strategy != "cpu" for p in placed))
+
+
+def cell_head(wildcards):
+    """A trained head's files, inputs of the cells that draft with it."""
+    drafter = cell_of(wildcards).drafter
+    if drafter is None or drafter.name not in HEADS:
+        return []
+    return [f"{drafter.source}/config.json", f"{drafter.source}/model.safetensors"]
+
+
+def trainings_of(experiment):
+    """The training records of the trained heads an experiment's cells draft with."""
+    return sorted(
+        {
+            f"{cell.drafter.source}/training.json"
+            for cell in CELLS.values()
+            if cell.experiment == experiment
+            and cell.drafter is not None
+            and cell.drafter.name in HEADS
+        }
+    )
+
+
+def experiment_trainings(wildcards):
+    return trainings_of(wildcards.experiment)
+
+
+def heads_reports():
+    """The heads_report outputs of the experiments to run that use trained heads."""
+    return [
+        path
+        for experiment in experiments()
+        if trainings_of(experiment)
+        for path in (
+            f"{RESULTS}/tables/{experiment}/heads.html",
+            f"{RESULTS}/figures/{experiment}/training_curve",
+        )
+    ]

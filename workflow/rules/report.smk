@@ -162,4 +162,34 @@ rule figures:
     input:
         tables=expand(rules.aggregate.output, experiment=experiments()),
         figures=expand(rules.plot.output, experiment=experiments()),
+        heads=heads_reports(),
         results=run_results(),
+
+
+# Experiments that draft with a head the pipeline trained: what the training bought.
+rule heads_report:
+    input:
+        summary=f"{RESULTS}/tables/{{experiment}}/summary.csv",
+        trainings=experiment_trainings,
+    output:
+        table=report(
+            f"{RESULTS}/tables/{{experiment}}/heads.html",
+            caption="../report/heads.rst",
+            category="Tables",
+            subcategory="{experiment}",
+        ),
+        csv=f"{RESULTS}/tables/{{experiment}}/heads.csv",
+        md=f"{RESULTS}/tables/{{experiment}}/heads.md",
+        curve=report(
+            directory(f"{RESULTS}/figures/{{experiment}}/training_curve"),
+            patterns=["{figure}.png"],
+            caption="../report/training_curve.rst",
+            category="Acceptance",
+            subcategory="{experiment}",
+        ),
+    log:
+        "logs/report/heads_{experiment}.log",
+    conda:
+        "../../envs/specdec.yaml"
+    script:
+        "../scripts/heads.py"

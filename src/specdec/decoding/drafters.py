@@ -73,6 +73,11 @@ class Drafter(ABC):
     model = None  # the draft model, for drafters that run one
     hidden_ids: tuple[int, ...] = ()  # the target's hidden states it reads (cache.py's ids)
 
+    @property
+    def module(self):
+        """The module whose forwards are the drafter's own work (attribution times them)."""
+        return self.model
+
     @abstractmethod
     def start(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampler: Sampler, vocab_size: int

@@ -124,6 +124,10 @@ class Eagle3Drafter(Drafter):
         self.head = head
         self.hidden_ids = head.spec.aux_ids
 
+    @property
+    def module(self):
+        return self.head
+
     def start(self, input_ids, attention_mask, sampler, vocab_size):
         return _Eagle3Session(self.head, input_ids, attention_mask, sampler, vocab_size)
 

@@ -55,7 +55,7 @@ class MedusaHeads(nn.Module):
                                       for _ in range(spec.num_heads))
 
     def forward(self, hidden: torch.Tensor, count: int) -> list[torch.Tensor]:
-        """The logits (B, V) of the first `count` heads from the target's states (B, H)."""
+        """The logits (B, T, V) of the first `count` heads from the target's states (B, T, H)."""
         return [lm_head(block(hidden)) for block, lm_head in zip(self.blocks[:count], self.lm_heads[:count])]
 
 
@@ -66,6 +66,10 @@ class MedusaDrafter(Drafter):
     def __init__(self, heads: MedusaHeads, target_layers: int):
         self.heads = heads
         self.hidden_ids = (target_layers,)
+
+    @property
+    def module(self):
+        return self.heads
 
     def start(self, input_ids, attention_mask, sampler, vocab_size):
         return _MedusaSession(self.heads, sampler)
@@ -84,7 +88,7 @@ class _MedusaSession(DraftSession):
             self.state = outcome.hidden[rows, outcome.accepted]
 
     def propose(self, last_tokens, gamma):
-        picks = [self.sampler.pick(logits) for logits in self.heads(self.state, min(gamma, self.heads.spec.num_heads))]
+        picks = [self.sampler.pick(logits[:, 0]) for logits in self.heads(self.state[:, None], min(gamma, self.heads.spec.num_heads))]
         tokens = torch.stack([token for token, _ in picks], dim=1)
         lengths = torch.full((tokens.shape[0],), tokens.shape[1], dtype=torch.long, device=tokens.device)
         return Draft(tokens, lengths, None if self.sampler.greedy else torch.stack([p for _, p in picks], dim=1))

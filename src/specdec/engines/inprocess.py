@@ -69,8 +69,13 @@ class InProcessEngine(Engine):
                recorder) -> list[RowResult]:
         """Decode a left-padded batch with the cell's method."""
 
+    @property
+    def timed_drafter(self):
+        """The drafter's module whose forwards attribution times (the draft model)."""
+        return self.drafter_model
+
     def recorder(self) -> attribution.Attribution:
-        return attribution.Attribution(self.target, self.drafter_model, drafts=self.cell.drafts, hidden=self.hidden_parts)
+        return attribution.Attribution(self.target, self.timed_drafter, drafts=self.cell.drafts, hidden=self.hidden_parts)
 
     def server(self, recorder) -> BatchServer:
         generator = torch.Generator(device=self.device).manual_seed(self.cell.seed)

@@ -89,6 +89,11 @@ class SpecdecEngine(InProcessEngine):
         drafter = self.drafter.state() if self.drafter is not None else {}  # what it kept across requests, and its cap
         return settings | ({"compile": self.compiled} if self.compiled else {}) | ({"drafter": drafter} if drafter else {})
 
+    @property
+    def timed_drafter(self):
+        """The drafter's module whose forwards attribution times: a draft model, or a learned head."""
+        return self.drafter.module if self.drafter is not None else None
+
     def begin_window(self) -> None:
         """Our drafters forget what they learnt from the warm-up (`Drafter.forget`)."""
         if self.drafter is not None:

@@ -360,3 +360,25 @@ def _load_tag(load: Load) -> str:
     size = f"n{load.num_requests}" if load.num_requests else f"d{_tag(load.duration_s)}"
     shape = _tag(load.burstiness) if load.arrival == "gamma" else ""
     return f"-rate{_tag(load.rate)}-{load.arrival}{shape}{size}"
+
+
+@dataclass(frozen=True)
+class HeadJob:
+    """One head the pipeline trains (workflow rule train_drafter): the drafter entry, with its
+    `train` settings and the folder it is written to (`source`), the target it is trained
+    for, and the seed. JSON form: `schemas/head_job.schema.json`."""
+
+    drafter: DrafterSpec
+    target: ModelSpec
+    seed: int
+
+    def to_dict(self) -> dict[str, Any]:
+        drafter = _plain(dataclasses.asdict(self.drafter))
+        return {"drafter": drafter, "target": _plain(dataclasses.asdict(self.target)), "seed": self.seed}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HeadJob:
+        """The inverse of `to_dict`, for data that passed `head_job.schema.json` (`records`)."""
+        drafter, train = data["drafter"], data["drafter"]["train"]
+        spec = DrafterSpec(**drafter | {"model": None, "train": HeadTraining(**train | {"corpus": tuple(train["corpus"])})})
+        return cls(spec, ModelSpec(**data["target"]), data["seed"])

