@@ -1,4 +1,5 @@
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -6,7 +7,17 @@ import yaml
 from conftest import alias_bomb
 
 from specdec.gate.cells import Cell, Load
-from specdec.gate.config import ConfigError, expand_matrix, load_config, read_yaml, reference_cell, validate
+from specdec.gate.config import (
+    ConfigError,
+    check_inputs,
+    expand_matrix,
+    head_jobs,
+    load_config,
+    read_yaml,
+    reference_cell,
+    validate,
+)
+from specdec.records import RecordError, head_job_from_json
 
 REPO = Path(__file__).resolve().parents[1]
 GPU8 = REPO / "tests" / "fixtures" / "configs" / "gpu8.yaml"
@@ -303,3 +314,56 @@ def test_a_replay_cell_on_another_engine_is_not_supported(default_config):
     cell = next(c for c in expand_matrix(validate(_with_replay(default_config))) if c.drafter and c.drafter.kind == "replay")
     assert "measurement tool" in unsupported(dataclasses.replace(cell, engine="transformers"))
     assert unsupported(cell) is None
+
+
+def _other_target(config):
+    config["models"]["other"] = {"source": "embedded"}
+    config["experiments"]["heads"]["target"] = "other"
+
+
+@pytest.mark.parametrize(
+    "mutate, key, message",
+    [
+        (lambda c: c["drafters"]["eagle"].pop("train"), "drafters.eagle", "give source or train"),
+        (lambda c: c["drafters"]["eagle"].update(source="some/head"), "drafters.eagle", "give one of them"),
+        (lambda c: c["drafters"]["ngram"].update(source="some/head"), "drafters.ngram.source", "only a learned head"),
+        (lambda c: c["drafters"]["eagle"]["train"].update(tokens=10.0), "drafters.eagle.train.tokens", "integer"),
+        (lambda c: c["drafters"]["eagle"]["train"].update(corpus=["wikipedia"]), "drafters.eagle.train.corpus.0", None),
+        (lambda c: c["experiments"]["default"]["methods"].append({"method": "eagle3", "drafter": "ngram"}),
+         "experiments.default.methods.4.drafter", "needs a drafter of kind 'eagle3'"),
+        (lambda c: c["experiments"]["default"]["methods"].append({"method": "speculative", "drafter": "eagle"}),
+         "experiments.default.methods.4.drafter", "needs a model drafter"),
+        (lambda c: (_other_target(c), c["experiments"]["heads"]["methods"][1].update(drafter="eagle")),
+         "drafters.eagle.train", "trained for one target"),
+    ],
+)
+def test_bad_head_settings_fail_at_the_gate(default_config, mutate, key, message):
+    mutate(default_config)
+    with pytest.raises(ConfigError, match=message) as info:
+        validate(default_config)
+    assert f"'{key}" in str(info.value)
+
+
+def test_a_trained_head_is_a_typed_job_whose_cells_read_the_folder_it_writes(default_config):
+    job = head_jobs(validate(default_config))["eagle"]
+    assert job.drafter.train.tokens == 60000 and job.target.name == "smollm2" and job.seed == default_config["seed"]
+    assert job.drafter.source == "results/heads/eagle"
+    assert head_job_from_json(json.dumps(job.to_dict()), "test") == job
+    cell = next(c for c in expand_matrix(default_config) if c.method == "eagle3" and c.experiment == "default")
+    assert cell.drafter == job.drafter and cell.drafter_model is None
+    assert Cell.from_dict(json.loads(json.dumps(cell.to_dict()))) == cell
+    assert "train" not in next(c for c in expand_matrix(default_config) if c.method == "ngram").to_dict()["drafter"]
+    with pytest.raises(RecordError, match="test: \\$.drafter.kind"):
+        head_job_from_json(json.dumps(job.to_dict() | {"drafter": job.to_dict()["drafter"] | {"kind": "ngram"}}), "test")
+
+
+def test_a_checkpoint_that_does_not_fit_the_target_is_refused_at_the_gate(default_config, tmp_path, embedded_model_dir):
+    """A head named by `source` is read (config only) against its target before anything runs."""
+    folder = tmp_path / "head"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLMEagle3"], "hidden_size": 64,
+                                                    "vocab_size": 49152, "num_hidden_layers": 1}))
+    default_config["drafters"]["eagle"] = {"kind": "eagle3", "source": str(folder)}
+    validate(default_config)
+    with pytest.raises(ConfigError, match="'drafters.eagle.source': .*hidden_size 64 does not fit the target \\(hidden_size 576\\)"):
+        check_inputs(default_config)

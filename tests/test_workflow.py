@@ -38,7 +38,7 @@ def test_snakefmt_is_clean():
 def test_dry_run_default_config(tmp_path):
     workdir = study_dir(tmp_path, REPO / "config.yaml")  # results of a real run in the repo would hide jobs
     out = snakemake("-n", "--cores", "2", "--quiet", "rules", cwd=workdir).stdout
-    for rule in ("prepare_model", "prepare_dataset", "benchmark", "aggregate", "plot"):
+    for rule in ("prepare_model", "prepare_dataset", "train_drafter", "benchmark", "aggregate", "plot", "heads_report"):
         assert rule in out
 
 
