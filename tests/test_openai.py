@@ -203,7 +203,11 @@ def test_serve_starts_a_server_on_loopback_runs_the_cell_and_stops_it(tmp_path, 
     assert "-m vllm.entrypoints.openai.api_server --served-model-name target" in argv
     assert '--speculative-config {"method": "ngram", "num_speculative_tokens": 2' in argv
     assert "--no-enable-prefix-caching" in argv and "--host 127.0.0.1 --port" in argv
+    assert "--tensor-parallel-size" not in argv and "--enforce-eager" in argv  # on the CPU
     assert result["engine"]["settings"]["command"][0] == python
+    # the server's own log beside the cell's result, named in it
+    assert result["engine"]["settings"]["server_log"] == "server.log"
+    assert (tmp_path / "out" / "server.log").read_text().startswith("fake server: starting\n")
 
 
 def test_a_server_that_fails_to_start_fails_the_cell_with_its_last_lines(tmp_path, monkeypatch, embedded_model_dir):
@@ -212,6 +216,39 @@ def test_a_server_that_fails_to_start_fails_the_cell_with_its_last_lines(tmp_pat
     assert result["status"] == "failed" and result["failure"]["phase"] == "start"
     assert "the server exited with 3 before it was healthy" in result["failure"]["message"]
     assert "not enough memory for the KV cache" in result["failure"]["message"]
+    assert str(tmp_path / "out" / "server.log") in result["failure"]["message"]
+    assert result["engine"]["settings"]["server_log"] == "server.log"
+    written = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert written["status"] == "failed" and written["engine"]["settings"]["server_log"] == "server.log"
+    assert (tmp_path / "out" / "server.log").read_text() == "loading the model\nRuntimeError: not enough memory for the KV cache\n"
+
+
+@pytest.mark.parametrize("args, gpus", [
+    ([], 0), (["--tensor-parallel-size", "1"], 1), (["-tp", "4", "--max-num-seqs", "8"], 4),
+    (["--tensor_parallel_size=2", "--pipeline-parallel-size", "2"], 4), (["-tp=2", "-pp=2", "-dp", "2"], 8),
+])
+def test_a_started_servers_gpus_are_its_parallel_sizes(args, gpus):
+    """The job leases (and on SLURM asks for) the GPUs the served model spans; a server
+    elsewhere needs none here."""
+    (cell,) = expand_matrix(openai_config({"serve": {"args": args}}))
+    assert cell.endpoint.serve_gpus == gpus and OpenAIEngine.gpus_required(cell) == gpus
+    (elsewhere,) = expand_matrix(openai_config({"base_url": "http://10.0.0.5:8000", "model": "m"}))
+    assert OpenAIEngine.gpus_required(elsewhere) == 0
+
+
+def test_a_parallel_size_that_is_not_a_count_is_refused_at_the_gate():
+    with pytest.raises(ConfigError, match=r"config key 'openai.serve.args': --tensor-parallel-size takes a whole number of at least 1, got 'x'"):
+        expand_matrix(openai_config({"serve": {"args": ["-tp", "x"]}}))
+
+
+def test_on_gpus_the_server_gets_the_vllm_gpu_arguments(tmp_path, embedded_model_dir, monkeypatch):
+    """A served model on GPUs: no CPU-only flags; its tensor parallel size is serve.args' own."""
+    fake_python(tmp_path, monkeypatch, "exit 0")
+    (cell,) = expand_matrix(openai_config({"serve": {"args": ["--tensor-parallel-size", "2"]}}))
+    models_dir, _ = cell_inputs(tmp_path, embedded_model_dir, openai_config({})["datasets"]["sample"], seed=1)
+    command = OpenAIEngine.open(cell, models_dir).launch
+    assert "--enforce-eager" not in command and command.count("--tensor-parallel-size") == 1
+    assert command[-2:] == ["--tensor-parallel-size", "2"]
 
 
 def test_its_gaps_and_its_cells_json_form():
