@@ -89,17 +89,29 @@ def test_the_servers_counters_are_differenced_over_the_window(tmp_path, embedded
     # three measured requests; the warm-up's drafts are before the window
     assert result["served"]["server_counters"] == {"num_drafts": 9, "num_draft_tokens": 18, "num_accepted_tokens": 12,
                                                    "num_accepted_tokens_per_pos": [9, 3]}
-    assert result["acceptance"] is None  # not made up from per-request counts the server does not send
+    # the acceptance block in every engine's typed form, from the counters (the rows carry no drafts)
+    block = result["acceptance"]
+    assert block["engine_counters"] == result["served"]["server_counters"]
+    assert (block["drafted_tokens"], block["accepted_tokens"], block["num_drafts"]) == (18, 12, 9)
+    assert block["acceptance_rate"] == pytest.approx(12 / 18) and block["mean_acceptance_length"] == pytest.approx(1 + 12 / 9)
+    assert [(p["drafted"], p["accepted"]) for p in block["per_position"]] == [(9, 9), (9, 3)]
+    assert block["accepted_per_step"] == [0, 6, 3] and block["target_forwards"] == 3 * TOKENS  # a chunk a step
 
 
-def test_a_server_without_counters_gives_no_acceptance_with_the_reason(tmp_path, embedded_model_dir, fake):
-    server = fake(["llama.cpp"])
+@pytest.mark.parametrize("mode", ["llama.cpp", "ok"])
+def test_without_counters_acceptance_is_the_chunks_counts_else_none_with_the_reason(tmp_path, embedded_model_dir, fake, mode):
+    server = fake([mode])
     config = openai_config({"base_url": server.url, "model": "m", "metrics": False}, {"method": "ngram", "drafter": "ngram", "gamma": 2})
     result = run(tmp_path, embedded_model_dir, config)
     assert result["status"] == "ok", result["failure"]
     assert result["served"]["server_counters"] == {"available": False, "reason": "openai.metrics is false: the server's /metrics were not read"}
+    if mode == "ok":  # neither counters nor per-request fields: n/a, never zero
+        assert result["acceptance"] is None
+        return
     records = [json.loads(line) for line in (tmp_path / "out" / "requests.jsonl").read_text().splitlines()]
     assert all(r["drafted_tokens"] == 8 and r["accepted_tokens"] == 3 for r in records)  # llama.cpp's per-request fields
+    assert result["acceptance"]["drafted_tokens"] == 24 and result["acceptance"]["acceptance_rate"] == pytest.approx(3 / 8)
+    assert "engine_counters" not in result["acceptance"]
 
 
 def test_failed_requests_are_counted_with_their_reasons_and_the_cell_finishes(tmp_path, embedded_model_dir, fake):

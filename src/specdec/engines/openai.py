@@ -13,7 +13,9 @@ Speculative counters: the server's Prometheus `/metrics` (vLLM's `vllm:spec_deco
 scraped at the window's edges and differenced, as the in-process vLLM engine differences its
 own; per-request draft counts come from the fields a server puts in its chunks where present
 (llama.cpp's `timings.draft_n` / `draft_n_accepted`, SGLang's `meta_info.spec_verify_ct`).
-A server that exposes neither has acceptance `n/a` with the reason, never zero.
+The result's `acceptance` block is the other engines' typed one, from the rows' counts where
+the chunks carry them, else from the differenced counters (`acceptance.from_counters`). A
+server that exposes neither has acceptance `n/a` with the reason, never zero.
 
 With `serve`, the job starts vLLM's OpenAI server itself (`python -m
 vllm.entrypoints.openai.api_server` from vLLM's environment: the `vllm` console script fails
@@ -386,7 +388,8 @@ class OpenAIEngine(Engine):
 
     def row(self, state: _Stream) -> dict:
         self.token_sources.add("server token ids" if state.server_ids else "tokenizer")
-        row = {"emissions": state.emissions, "prompt_tokens": state.prompt_tokens,
+        # a chunk per engine step (a server may merge steps for a reader that lags): its target forwards
+        row = {"emissions": state.emissions, "prompt_tokens": state.prompt_tokens, "target_forwards": len(state.emissions),
                "finish_reason": "length" if state.finish_reason == "length" else "eos",
                "output_text": state.text} | state.extra
         if self.cell.greedy:  # for the parity check; without the server's ids, our tokenizer's of the text
@@ -474,9 +477,7 @@ class OpenAIEngine(Engine):
             self.window = counter_difference(self._counters_at_start, after)
 
     def counters(self) -> dict | None:
-        if self.window is not None:
-            return self.window
-        return {"available": False, "reason": self._no_counters or "the window did not end"}
+        return self.window
 
     def served(self) -> dict:
         """The result's `served`: failed requests with their reasons, how tokens were
@@ -486,7 +487,8 @@ class OpenAIEngine(Engine):
         block = {"failed_requests": len(measured), "succeeded_requests": self.succeeded, "failures": self.failures,
                  "token_count": " and ".join(sorted(self.token_sources)) or None}
         if self.cell.drafts:
-            block["server_counters"] = self.counters()
+            block["server_counters"] = self.window if self.window is not None else {
+                "available": False, "reason": self._no_counters or "the window did not end"}
         return block
 
     def close(self) -> None:
