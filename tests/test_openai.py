@@ -278,3 +278,40 @@ def test_its_gaps_and_its_cells_json_form():
     config["experiments"]["srv"]["engine"] = "specdec"
     (ours,) = expand_matrix(validate(config))
     assert "endpoint" not in ours.to_dict() and Cell.from_dict(ours.to_dict()) == ours
+
+
+VLLM_VENV = REPO / ".venv-vllm"
+
+
+def test_a_real_vllm_server_the_job_starts_decodes_as_our_engine_and_counts_its_drafts(tmp_path, embedded_model_dir, monkeypatch):
+    """One real round trip, about a minute (vLLM's engine start): `serve` starts vLLM's OpenAI
+    server of the embedded model from vLLM's environment with an n-gram speculative config,
+    on code edits (answers that copy their input, so the n-gram drafts). Its greedy outputs
+    through the endpoint equal our engine's AR outputs token for token (the parity check), and
+    its spec-decode counters, read from /metrics, are the typed acceptance block."""
+    assert (VLLM_VENV / "bin" / "python").is_file(), f"{VLLM_VENV} is missing: run `make install-vllm` (make test does)"
+    monkeypatch.setenv("SPECDEC_VLLM_VENV", str(VLLM_VENV))
+    config = validate({
+        "seed": 1, "models": {"smollm2": {"source": "embedded"}},
+        "drafters": {"ngram": {"kind": "ngram", "n": 3, "min_context": 1}},
+        "datasets": {"edit": {"source": "humaneval_edit", "num_prompts": 2, "max_prompt_tokens": 384}},
+        "experiments": {"real": {"target": "smollm2", "datasets": ["edit"], "engine": ["specdec", "openai"],
+                                 "methods": [{"method": "ar", "engine": "specdec"},
+                                             {"method": "ngram", "drafter": "ngram", "gamma": 3, "engine": "openai"}],
+                                 "max_new_tokens": 16, "warmup": 1, "placement": "cpu"}},
+        "power": {"enabled": False}, "openai": {"serve": {"startup_timeout_s": 300}},
+    })
+    ours, served = sorted(expand_matrix(config), key=lambda cell: cell.engine != "specdec")
+    models_dir, prompts = cell_inputs(tmp_path, embedded_model_dir, config["datasets"]["edit"], seed=1)
+    assert runner.run_cell(ours, prompts, tmp_path / "ar", models_dir=models_dir)["status"] == "ok"
+    result = runner.run_cell(served, prompts, tmp_path / "served", models_dir=models_dir,
+                             parity_reference=tmp_path / "ar" / "requests.jsonl")
+    assert result["status"] == "ok", (result["failure"], (tmp_path / "served" / "server.log").read_text()[-3000:])
+    assert result["parity"]["identical"] and result["parity"]["requests_compared"] == 2, result["parity"]
+    assert result["served"]["token_count"] == "server token ids" and result["served"]["failed_requests"] == 0
+    block = result["acceptance"]
+    counters = block["engine_counters"]
+    assert counters["num_drafts"] > 0 and counters["num_draft_tokens"] >= counters["num_drafts"]
+    assert block["drafted_tokens"] == counters["num_draft_tokens"] and block["accepted_tokens"] == counters["num_accepted_tokens"]
+    assert block["mean_acceptance_length"] == 1 + counters["num_accepted_tokens"] / counters["num_drafts"]
+    assert "Starting vLLM server on http://127.0.0.1:" in (tmp_path / "served" / "server.log").read_text()
