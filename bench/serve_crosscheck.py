@@ -162,6 +162,9 @@ def main() -> None:
     server = OpenAIEngine.open(serve_cell, models_dir)
     server.start(work)
     print(f"server up at {server.base_url} (its log: {work / 'server.log'})", flush=True)
+    # the server's first request is slow (lazy setup): not in either tool's first round
+    requests.post(server.base_url + "/v1/completions", json={"model": "target", "prompt": "Hello", "max_tokens": 4},
+                  timeout=600).raise_for_status()
     try:
         measure_cell = cell(args, {"base_url": server.base_url, "model": serve_cell.endpoint.model})
         runs = {"specdec": [], "vllm bench": []}
