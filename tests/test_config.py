@@ -195,6 +195,8 @@ def test_gpu8_example_matrix():
     assert lookup.drafter.name == "ngram" and lookup.gamma == 4
     assert lookup.name.startswith("mtbench--transformers-ngram-ngram-g4--")
     assert {c.engine for c in sweep if c.method == "speculative" and c.gamma == 4} == {"specdec", "transformers", "vllm"}
+    served = [c for c in cells if c.experiment == "served"]
+    assert {c.engine for c in served} == {"openai"} and {c.endpoint.serve_gpus for c in served} == {4}
 
 
 def test_reference_cell_matches_greedy_settings():

@@ -89,17 +89,29 @@ def test_the_servers_counters_are_differenced_over_the_window(tmp_path, embedded
     # three measured requests; the warm-up's drafts are before the window
     assert result["served"]["server_counters"] == {"num_drafts": 9, "num_draft_tokens": 18, "num_accepted_tokens": 12,
                                                    "num_accepted_tokens_per_pos": [9, 3]}
-    assert result["acceptance"] is None  # not made up from per-request counts the server does not send
+    # the acceptance block in every engine's typed form, from the counters (the rows carry no drafts)
+    block = result["acceptance"]
+    assert block["engine_counters"] == result["served"]["server_counters"]
+    assert (block["drafted_tokens"], block["accepted_tokens"], block["num_drafts"]) == (18, 12, 9)
+    assert block["acceptance_rate"] == pytest.approx(12 / 18) and block["mean_acceptance_length"] == pytest.approx(1 + 12 / 9)
+    assert [(p["drafted"], p["accepted"]) for p in block["per_position"]] == [(9, 9), (9, 3)]
+    assert block["accepted_per_step"] == [0, 6, 3] and block["target_forwards"] == 3 * TOKENS  # a chunk a step
 
 
-def test_a_server_without_counters_gives_no_acceptance_with_the_reason(tmp_path, embedded_model_dir, fake):
-    server = fake(["llama.cpp"])
+@pytest.mark.parametrize("mode", ["llama.cpp", "ok"])
+def test_without_counters_acceptance_is_the_chunks_counts_else_none_with_the_reason(tmp_path, embedded_model_dir, fake, mode):
+    server = fake([mode])
     config = openai_config({"base_url": server.url, "model": "m", "metrics": False}, {"method": "ngram", "drafter": "ngram", "gamma": 2})
     result = run(tmp_path, embedded_model_dir, config)
     assert result["status"] == "ok", result["failure"]
     assert result["served"]["server_counters"] == {"available": False, "reason": "openai.metrics is false: the server's /metrics were not read"}
+    if mode == "ok":  # neither counters nor per-request fields: n/a, never zero
+        assert result["acceptance"] is None
+        return
     records = [json.loads(line) for line in (tmp_path / "out" / "requests.jsonl").read_text().splitlines()]
     assert all(r["drafted_tokens"] == 8 and r["accepted_tokens"] == 3 for r in records)  # llama.cpp's per-request fields
+    assert result["acceptance"]["drafted_tokens"] == 24 and result["acceptance"]["acceptance_rate"] == pytest.approx(3 / 8)
+    assert "engine_counters" not in result["acceptance"]
 
 
 def test_failed_requests_are_counted_with_their_reasons_and_the_cell_finishes(tmp_path, embedded_model_dir, fake):
@@ -203,7 +215,11 @@ def test_serve_starts_a_server_on_loopback_runs_the_cell_and_stops_it(tmp_path, 
     assert "-m vllm.entrypoints.openai.api_server --served-model-name target" in argv
     assert '--speculative-config {"method": "ngram", "num_speculative_tokens": 2' in argv
     assert "--no-enable-prefix-caching" in argv and "--host 127.0.0.1 --port" in argv
+    assert "--tensor-parallel-size" not in argv and "--enforce-eager" in argv  # on the CPU
     assert result["engine"]["settings"]["command"][0] == python
+    # the server's own log beside the cell's result, named in it
+    assert result["engine"]["settings"]["server_log"] == "server.log"
+    assert (tmp_path / "out" / "server.log").read_text().startswith("fake server: starting\n")
 
 
 def test_a_server_that_fails_to_start_fails_the_cell_with_its_last_lines(tmp_path, monkeypatch, embedded_model_dir):
@@ -212,6 +228,39 @@ def test_a_server_that_fails_to_start_fails_the_cell_with_its_last_lines(tmp_pat
     assert result["status"] == "failed" and result["failure"]["phase"] == "start"
     assert "the server exited with 3 before it was healthy" in result["failure"]["message"]
     assert "not enough memory for the KV cache" in result["failure"]["message"]
+    assert str(tmp_path / "out" / "server.log") in result["failure"]["message"]
+    assert result["engine"]["settings"]["server_log"] == "server.log"
+    written = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert written["status"] == "failed" and written["engine"]["settings"]["server_log"] == "server.log"
+    assert (tmp_path / "out" / "server.log").read_text() == "loading the model\nRuntimeError: not enough memory for the KV cache\n"
+
+
+@pytest.mark.parametrize("args, gpus", [
+    ([], 0), (["--tensor-parallel-size", "1"], 1), (["-tp", "4", "--max-num-seqs", "8"], 4),
+    (["--tensor_parallel_size=2", "--pipeline-parallel-size", "2"], 4), (["-tp=2", "-pp=2", "-dp", "2"], 8),
+])
+def test_a_started_servers_gpus_are_its_parallel_sizes(args, gpus):
+    """The job leases (and on SLURM asks for) the GPUs the served model spans; a server
+    elsewhere needs none here."""
+    (cell,) = expand_matrix(openai_config({"serve": {"args": args}}))
+    assert cell.endpoint.serve_gpus == gpus and OpenAIEngine.gpus_required(cell) == gpus
+    (elsewhere,) = expand_matrix(openai_config({"base_url": "http://10.0.0.5:8000", "model": "m"}))
+    assert OpenAIEngine.gpus_required(elsewhere) == 0
+
+
+def test_a_parallel_size_that_is_not_a_count_is_refused_at_the_gate():
+    with pytest.raises(ConfigError, match=r"config key 'openai.serve.args': --tensor-parallel-size takes a whole number of at least 1, got 'x'"):
+        expand_matrix(openai_config({"serve": {"args": ["-tp", "x"]}}))
+
+
+def test_on_gpus_the_server_gets_the_vllm_gpu_arguments(tmp_path, embedded_model_dir, monkeypatch):
+    """A served model on GPUs: no CPU-only flags; its tensor parallel size is serve.args' own."""
+    fake_python(tmp_path, monkeypatch, "exit 0")
+    (cell,) = expand_matrix(openai_config({"serve": {"args": ["--tensor-parallel-size", "2"]}}))
+    models_dir, _ = cell_inputs(tmp_path, embedded_model_dir, openai_config({})["datasets"]["sample"], seed=1)
+    command = OpenAIEngine.open(cell, models_dir).launch
+    assert "--enforce-eager" not in command and command.count("--tensor-parallel-size") == 1
+    assert command[-2:] == ["--tensor-parallel-size", "2"]
 
 
 def test_its_gaps_and_its_cells_json_form():
@@ -229,3 +278,40 @@ def test_its_gaps_and_its_cells_json_form():
     config["experiments"]["srv"]["engine"] = "specdec"
     (ours,) = expand_matrix(validate(config))
     assert "endpoint" not in ours.to_dict() and Cell.from_dict(ours.to_dict()) == ours
+
+
+VLLM_VENV = REPO / ".venv-vllm"
+
+
+def test_a_real_vllm_server_the_job_starts_decodes_as_our_engine_and_counts_its_drafts(tmp_path, embedded_model_dir, monkeypatch):
+    """One real round trip, about a minute (vLLM's engine start): `serve` starts vLLM's OpenAI
+    server of the embedded model from vLLM's environment with an n-gram speculative config,
+    on code edits (answers that copy their input, so the n-gram drafts). Its greedy outputs
+    through the endpoint equal our engine's AR outputs token for token (the parity check), and
+    its spec-decode counters, read from /metrics, are the typed acceptance block."""
+    assert (VLLM_VENV / "bin" / "python").is_file(), f"{VLLM_VENV} is missing: run `make install-vllm` (make test does)"
+    monkeypatch.setenv("SPECDEC_VLLM_VENV", str(VLLM_VENV))
+    config = validate({
+        "seed": 1, "models": {"smollm2": {"source": "embedded"}},
+        "drafters": {"ngram": {"kind": "ngram", "n": 3, "min_context": 1}},
+        "datasets": {"edit": {"source": "humaneval_edit", "num_prompts": 2, "max_prompt_tokens": 384}},
+        "experiments": {"real": {"target": "smollm2", "datasets": ["edit"], "engine": ["specdec", "openai"],
+                                 "methods": [{"method": "ar", "engine": "specdec"},
+                                             {"method": "ngram", "drafter": "ngram", "gamma": 3, "engine": "openai"}],
+                                 "max_new_tokens": 16, "warmup": 1, "placement": "cpu"}},
+        "power": {"enabled": False}, "openai": {"serve": {"startup_timeout_s": 300}},
+    })
+    ours, served = sorted(expand_matrix(config), key=lambda cell: cell.engine != "specdec")
+    models_dir, prompts = cell_inputs(tmp_path, embedded_model_dir, config["datasets"]["edit"], seed=1)
+    assert runner.run_cell(ours, prompts, tmp_path / "ar", models_dir=models_dir)["status"] == "ok"
+    result = runner.run_cell(served, prompts, tmp_path / "served", models_dir=models_dir,
+                             parity_reference=tmp_path / "ar" / "requests.jsonl")
+    assert result["status"] == "ok", (result["failure"], (tmp_path / "served" / "server.log").read_text()[-3000:])
+    assert result["parity"]["identical"] and result["parity"]["requests_compared"] == 2, result["parity"]
+    assert result["served"]["token_count"] == "server token ids" and result["served"]["failed_requests"] == 0
+    block = result["acceptance"]
+    counters = block["engine_counters"]
+    assert counters["num_drafts"] > 0 and counters["num_draft_tokens"] >= counters["num_drafts"]
+    assert block["drafted_tokens"] == counters["num_draft_tokens"] and block["accepted_tokens"] == counters["num_accepted_tokens"]
+    assert block["mean_acceptance_length"] == 1 + counters["num_accepted_tokens"] / counters["num_drafts"]
+    assert "Starting vLLM server on http://127.0.0.1:" in (tmp_path / "served" / "server.log").read_text()

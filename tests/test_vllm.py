@@ -229,7 +229,7 @@ REFUSED = textwrap.dedent('''
         session = VllmEngine.open(read_cell(sys.argv[1]), Path(sys.argv[2]))
         session.args["speculative_config"]["prompt_lookup_min"] = 9  # above prompt_lookup_max: this vLLM refuses it
         try:
-            session.start()
+            session.start(Path(sys.argv[2]))
         except NotSupported as exc:
             print("REFUSED", exc, "ENGINE", session.engine)
 ''')

@@ -59,11 +59,15 @@ def gpu8_dir(tmp_path: Path) -> Path:
 def test_dry_run_gpu8_config_never_oversubscribes(tmp_path):
     workdir = gpu8_dir(tmp_path)
     out = snakemake("-n", "--cores", "64", "--resources", "gpu=8", cwd=workdir).stdout
-    assert out.count("rule benchmark:") == 2 * 10 * 2 * 3 + 2 * 3 * 2 * 2 * 3
+    assert out.count("rule benchmark:") == 2 * 10 * 2 * 3 + 2 * 3 * 2 * 2 * 3 + 2
     resources = [line for line in out.splitlines() if line.strip().startswith("resources:")]
     gpus = [int(line.split(" gpu=")[1].split(",")[0]) for line in resources if " gpu=" in line]
     # same/auto: 1 (auto with gpus: 2 -> 2), separate: 2 with a drafter, multi_gpu_ratio 3+1
     assert set(gpus) == {1, 2, 3, 4} and max(gpus) <= 8
+    # a cell that starts a vLLM server holds the GPUs its tensor parallel size names
+    jobs = [job.split("\n\n")[0] for job in out.split("rule benchmark:")[1:]]
+    served = [job for job in jobs if "--openai-" in job]
+    assert len(served) == 2 and all(re.search(r"\bgpu=4\b", job) for job in served)
 
 
 @pytest.mark.parametrize("edit, key", [
@@ -148,7 +152,7 @@ def test_slurm_profile_resolves_sbatch_resources_for_gpu8(tmp_path):
     workdir = gpu8_dir(tmp_path)
     out = snakemake("-n", "--workflow-profile", str(REPO / "profiles" / "slurm"), cwd=workdir).stdout
     resources = [line for line in out.splitlines() if line.strip().startswith("resources:") and " gpu=" in line]
-    assert len(resources) == 2 * 10 * 2 * 3 + 2 * 3 * 2 * 2 * 3
+    assert len(resources) == 2 * 10 * 2 * 3 + 2 * 3 * 2 * 2 * 3 + 2  # the served cells' too
     for line in resources:
         fields = dict(part.split("=", 1) for part in line.split(":", 1)[1].replace(" ", "").split(","))
         assert fields["gpu_model"] == "h100" and fields["cpus_per_gpu"] == "8"

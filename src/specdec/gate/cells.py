@@ -205,6 +205,7 @@ class Endpoint:
     serve: bool = False
     serve_args: tuple[str, ...] = ()
     startup_timeout_s: float = 900.0
+    serve_gpus: int = 0  # the GPUs the started server runs on (its parallel sizes in serve_args; 0: the CPU)
 
     def describe(self) -> dict:
         return dataclasses.asdict(self)

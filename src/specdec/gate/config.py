@@ -482,12 +482,34 @@ def _endpoint(config: dict, engine: str) -> Endpoint | None:
         if "base_url" in server:
             raise ConfigError("config key 'openai.serve': the job starts the server on loopback; drop openai.base_url")
         return Endpoint(**server | {"base_url": None, "model": server.get("model", "target"), "serve": True,
-                                    "serve_args": tuple(serve["args"]), "startup_timeout_s": serve["startup_timeout_s"]})
+                                    "serve_args": tuple(serve["args"]), "startup_timeout_s": serve["startup_timeout_s"],
+                                    "serve_gpus": _serve_gpus(serve["args"])})
     for key in ("base_url", "model"):
         if key not in server:
             raise ConfigError(f"config key 'openai.{key}': engine {engine!r} measures a running server and needs it "
                               "(or openai.serve, to let the job start one)")
     return Endpoint(**server)
+
+
+# vLLM's flags that multiply the GPUs one server spans (its argparse takes `_` for `-` too).
+PARALLEL_FLAGS = {"--tensor-parallel-size": "-tp", "--pipeline-parallel-size": "-pp", "--data-parallel-size": "-dp"}
+
+
+def _serve_gpus(args: list[str]) -> int:
+    """The GPUs a started vLLM server spans: the product of its tensor, pipeline and data
+    parallel sizes in `openai.serve.args` (`--tensor-parallel-size 4`, `-tp=4`, ...); 0, the
+    CPU, when none is given (so `--tensor-parallel-size 1` asks for one GPU)."""
+    sizes = {}
+    for i, arg in enumerate(args):
+        flag, _, value = arg.partition("=")
+        flag = "--" + flag[2:].replace("_", "-") if flag.startswith("--") else flag
+        for long, short in PARALLEL_FLAGS.items():
+            if flag in (long, short):
+                value = value or (args[i + 1] if i + 1 < len(args) else "")
+                if not value.isdigit() or int(value) < 1:
+                    raise ConfigError(f"config key 'openai.serve.args': {long} takes a whole number of at least 1, got {value!r}")
+                sizes[long] = int(value)
+    return math.prod(sizes.values()) if sizes else 0
 
 
 def _check_unique(cells: list[Cell]) -> None:

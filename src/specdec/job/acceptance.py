@@ -6,6 +6,9 @@ under our names and under vLLM's.
 | Acceptance rate | `accepted_tokens / drafted_tokens` over measured requests. |
 | Mean accepted length | `output_tokens / target_forwards`: tokens emitted per target forward, prefill forward included (AR: 1; speculative: up to gamma + 1). |
 | Per-position rate | `accepted / drafted` at draft position i (1-based); position i counts as accepted only when positions 1..i all were. |
+
+An engine whose rows carry no drafts (a server, `engines.openai`) gets the same block from
+its own counters over the window (`from_counters`).
 """
 
 from __future__ import annotations
@@ -75,6 +78,24 @@ def acceptance_block(drafted: int, accepted: int, forwards: int, output_tokens: 
         "mean_acceptance_length": 1 + accepted / drafts if drafts else None,
         "accepted_per_step": [a - b for a, b in zip(at_least, at_least[1:])],
     }
+
+
+def from_counters(counters: dict, records: Sequence[dict], gamma: int) -> dict:
+    """The `acceptance` block from an engine's own counters over the window (vLLM's
+    `vllm:spec_decode_*`, which a server exposes), where the rows carry no drafts; target
+    forwards are the rows' (one per streamed engine step). The counters give accepted tokens
+    per position and the drafts; drafted tokens per position follow only when every draft
+    proposed gamma tokens, else the per-position entries stay empty."""
+    rows = measured(records)
+    drafts, drafted, accepted = counters["num_drafts"], counters["num_draft_tokens"], counters["num_accepted_tokens"]
+    full = drafted == drafts * gamma
+    block = acceptance_block(
+        drafted=drafted, accepted=accepted,
+        forwards=sum(record_field(r, "target_forwards") for r in rows),
+        output_tokens=sum(record_field(r, "output_tokens") for r in rows),
+        per_position=([drafts] * gamma, (counters["num_accepted_tokens_per_pos"] + [0] * gamma)[:gamma]) if full else None,
+    )
+    return block | {"num_drafts": drafts, "mean_acceptance_length": 1 + accepted / drafts if drafts else None}
 
 
 def acceptance(records: Sequence[dict], gamma: int | None) -> dict | None:

@@ -128,11 +128,18 @@ def analyse(session, records: list[dict], reference: Path | None, parity_referen
                "parity": _parity(session, records, parity_reference)}
     if interleaved is not None:
         summary["reference"] = interleaved_block(records, interleaved)
-    if not cell.drafts or not session.drafts_per_request:
+    if not cell.drafts:
         return summary
-    counts = acceptance.acceptance(records, cell.gamma)
-    summary["acceptance"] = counts
     counters = session.counters()
+    # Drafts per request where the rows carry them (a server's only where its chunks do),
+    # else the engine's own counters; with neither, acceptance is n/a and the engine says why.
+    if session.drafts_per_request or all("drafted_tokens" in r for r in metrics.measured(records)):
+        counts = acceptance.acceptance(records, cell.gamma)
+    elif counters is not None:
+        counts = acceptance.from_counters(counters, records, cell.gamma)
+    else:
+        return summary
+    summary["acceptance"] = counts
     if counters is not None:
         counts["engine_counters"] = counters
     if not session.theory_applies:

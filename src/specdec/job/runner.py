@@ -25,7 +25,7 @@ from typing import Iterator, TextIO
 
 import torch
 
-from specdec.engines import Engine, NotSupported, engine_class, open_engine, placement
+from specdec.engines import Engine, NotSupported, engine_class, open_engine
 from specdec.engines.session import check_context
 from specdec.gate.cells import Cell
 from specdec.job.analysis import analyse
@@ -184,7 +184,7 @@ def run_cell(cell: Cell, prompts_path: Path, out_dir: Path, models_dir: Path = P
                 result.update(status=Status.NOT_SUPPORTED.value, failure={"type": "NotSupported", "message": reason, "phase": phase})
                 result["engine"] = engine_class(cell.engine).result_block({})
             else:
-                lease = lease_gpus(placement.gpus_required(cell.placement, cell.drafter is not None), label=cell.name)
+                lease = lease_gpus(engine_class(cell.engine).gpus_required(cell), label=cell.name)
                 engine = open_engine(cell, Path(models_dir), kernels, reference)
                 context = check_context(engine, prompts)
                 engine.prepare(context, Path(models_dir).parent / "compile-cache")
@@ -262,7 +262,7 @@ def _measure_and_analyse(engine: Engine, prompts: list[dict], out_dir: Path, ref
         signal.signal(signal.SIGALRM, _raise_timeout)
         signal.setitimer(signal.ITIMER_REAL, engine.cell.timeout_s)
     try:
-        engine.start()
+        engine.start(out_dir)
         result["engine"] = engine.result_block(engine.engine_settings)
         phase = "measure"
         records, reference_records, window = measure(engine, prompts, out_dir, console)
