@@ -129,6 +129,9 @@ def test_learned_heads_run_on_ours_and_as_vllms_methods_of_the_same_name(cells):
             "method": kind, "model": "/runs/heads/h", "num_speculative_tokens": 3}
         assert unsupported(dataclasses.replace(head, engine="transformers")) == (
             f"drafter 'h' is a learned {kind} head; transformers runs no such head here")
+    # vLLM's Medusa drafts a token with each head: a gamma past its heads drafts as many as it has, as ours does
+    assert engine_args(head, "m", "/runs/heads/h", 4096, on_gpu=False, medusa_heads=2)["speculative_config"][
+        "num_speculative_tokens"] == 2
 
 
 def test_vllm_engine_args_for_ar_and_a_draft_model_on_gpus(cells):

@@ -29,7 +29,7 @@ VLLM_CONFIG = {
         "ngram": {"kind": "ngram", "n": 4, "min_context": 2},
         "int8": {"kind": "quantized", "dtype": "int8"},
         "eagle": {"kind": "eagle3", "source": "heads/eagle"},  # random weights (`write_heads`)
-        "medusa": {"kind": "medusa", "source": "heads/medusa"},  # one head: vLLM drafts one token a step
+        "medusa": {"kind": "medusa", "source": "heads/medusa"},  # two heads: vLLM drafts two tokens a step
     },
     "datasets": {"sample": {"source": "sample", "num_prompts": 2, "turns": "first"}},
     "experiments": {
@@ -43,7 +43,7 @@ VLLM_CONFIG = {
                 {"method": "speculative", "drafter": "self", "gamma": 2, "engine": "vllm"},
                 {"method": "speculative", "drafter": "int8", "gamma": 2, "engine": "vllm"},
                 {"method": "eagle3", "drafter": "eagle", "gamma": 3},
-                {"method": "medusa", "drafter": "medusa", "gamma": 2, "engine": "vllm"},  # gamma is not its heads
+                {"method": "medusa", "drafter": "medusa", "gamma": 1, "engine": "vllm"},  # fewer than its heads
             ],
             "max_new_tokens": 12,
             "warmup": 1,
@@ -64,12 +64,12 @@ def _require_vllm_env():
 
 def write_heads(workdir, embedded_model_dir) -> None:
     """The config's heads for the embedded model, with random weights, under `workdir`/heads:
-    an EAGLE-3 head in vLLM's form (draft vocabulary: the first 4,096 ids) and one Medusa head."""
+    an EAGLE-3 head in vLLM's form (draft vocabulary: the first 4,096 ids) and two Medusa heads."""
     target = AutoModelForCausalLM.from_pretrained(embedded_model_dir, dtype=torch.float32)
     text = target.config
     torch.manual_seed(3)
     save_eagle3(new_eagle3(target, torch.arange(4096)), workdir / "heads" / "eagle")
-    save_medusa(MedusaDrafter(MedusaHeads(MedusaSpec(text.hidden_size, text.vocab_size, 1, 1)), text.num_hidden_layers),
+    save_medusa(MedusaDrafter(MedusaHeads(MedusaSpec(text.hidden_size, text.vocab_size, 2, 1)), text.num_hidden_layers),
                 workdir / "heads" / "medusa")
 
 
@@ -92,7 +92,7 @@ def test_every_cell_validates_and_vllm_cells_record_their_engine(study):
     found = results(study)
     assert set(found) == {"specdec-ar", "specdec-ngram-ngram-g3", "vllm-ar", "vllm-ngram-ngram-g3",
                           "vllm-speculative-self-g2", "vllm-speculative-int8-g2", "specdec-eagle3-eagle-g3",
-                          "vllm-eagle3-eagle-g3", "vllm-medusa-medusa-g2"}
+                          "vllm-eagle3-eagle-g3", "vllm-medusa-medusa-g1"}
     for name, result in found.items():
         engine = result["engine"]
         assert engine["name"] == name.split("-")[0]
@@ -117,9 +117,9 @@ def test_a_drafter_vllm_cannot_load_is_a_not_supported_row(study):
     int8 = results(study)["vllm-speculative-int8-g2"]
     assert int8["status"] == "not_supported" and "int8" in int8["failure"]["message"]
     assert int8["failure"]["phase"] == "setup"
-    medusa = results(study)["vllm-medusa-medusa-g2"]
+    medusa = results(study)["vllm-medusa-medusa-g1"]
     assert medusa["status"] == "not_supported" and medusa["failure"]["phase"] == "start"  # before its engine starts
-    assert "Medusa drafts one token per head, so gamma must be the head's num_heads (1), not 2" in medusa["failure"]["message"]
+    assert "Medusa drafts one token with each of its 2 heads, more than gamma 1" in medusa["failure"]["message"]
 
 
 def test_greedy_outputs_match_the_same_engines_ar_and_ours(study):
@@ -285,7 +285,8 @@ CHECKED = textwrap.dedent('''
 
 def test_vllm_checks_a_speculative_config_before_its_engine_starts(tmp_path, embedded_model_dir):
     """A setting it refuses is not_supported with its words, no engine started; a Medusa head
-    whose heads are the cell's gamma passes vLLM's own check (vLLM ran one here: NOTES.md)."""
+    of fewer heads than the cell's gamma passes vLLM's own check, drafting a token per head (a
+    Medusa head ran in vLLM here, its drafts and outputs as ours: NOTES.md)."""
     from specdec.gate.config import expand_matrix, validate
     from specdec.records import write_cell
 
@@ -293,7 +294,7 @@ def test_vllm_checks_a_speculative_config_before_its_engine_starts(tmp_path, emb
     config = validate(json.loads(json.dumps(VLLM_CONFIG)))
     cells = expand_matrix(config)
     write_cell(next(c for c in cells if c.engine == "vllm" and c.method == "ngram"), tmp_path / "ngram.json")
-    write_cell(replace(next(c for c in cells if c.method == "medusa"), gamma=1), tmp_path / "medusa.json")
+    write_cell(replace(next(c for c in cells if c.method == "medusa"), gamma=3), tmp_path / "medusa.json")
     write_heads(tmp_path, embedded_model_dir)
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "smollm2").symlink_to(embedded_model_dir)
@@ -304,4 +305,4 @@ def test_vllm_checks_a_speculative_config_before_its_engine_starts(tmp_path, emb
     refused, accepted = (line for line in run.stdout.splitlines() if line.startswith(("REFUSED", "ACCEPTED")))
     assert refused.startswith("REFUSED vLLM 0.32.0 refuses the cell's settings (speculative_config {'method': 'ngram'")
     assert "prompt_lookup" in refused and refused.endswith("ENGINE None")  # no engine process was started
-    assert accepted == "ACCEPTED medusa 1 MedusaModel"
+    assert accepted == "ACCEPTED medusa 2 MedusaModel"  # a token per head, as ours drafts min(gamma, heads)

@@ -64,13 +64,15 @@ def import_vllm():
     return vllm
 
 
-def engine_args(cell: Cell, target: str, drafter: str | None, max_model_len: int, on_gpu: bool) -> dict:
+def engine_args(cell: Cell, target: str, drafter: str | None, max_model_len: int, on_gpu: bool,
+                medusa_heads: int | None = None) -> dict:
     """vLLM's `EngineArgs` for the cell. Prefix caching is off: our engine recomputes every
     prompt, and a warm-up of the same conversation would otherwise shorten the measured
     prefill. A model drafter is the folder vLLM loads, and so is a learned head, run as vLLM's
     method of the same name (named: vLLM guesses the method from the folder's name otherwise);
-    an n-gram drafter maps onto prompt lookup over contexts of `min_context` .. n - 1 tokens
-    (vLLM follows the latest match of the longest context, so `top_k` has no counterpart)."""
+    Medusa's `medusa_heads` heads draft min(gamma, heads) tokens, as on our engine. An n-gram
+    drafter maps onto prompt lookup over contexts of `min_context` .. n - 1 tokens (vLLM
+    follows the latest match of the longest context, so `top_k` has no counterpart)."""
     args = {
         "model": target, "tokenizer": target, "dtype": cell.target.dtype, "seed": cell.seed,
         "max_num_seqs": cell.batch_size, "max_model_len": max_model_len, "enable_prefix_caching": False,
@@ -88,7 +90,8 @@ def engine_args(cell: Cell, target: str, drafter: str | None, max_model_len: int
     elif cell.method == "speculative":
         args["speculative_config"] = {"method": "draft_model", "model": drafter, "num_speculative_tokens": cell.gamma}
     elif cell.method in HEAD_METHODS:
-        args["speculative_config"] = {"method": cell.method, "model": drafter, "num_speculative_tokens": cell.gamma}
+        args["speculative_config"] = {"method": cell.method, "model": drafter,
+                                      "num_speculative_tokens": min(cell.gamma, medusa_heads or cell.gamma)}
     if cell.drafts:  # drafted and accepted per verify step, per request
         args["per_request_spec_decode_metrics"] = "detailed"
     return args
@@ -259,7 +262,7 @@ class VllmEngine(Engine):
     context_limit: int
     environment: dict
     models_dir: Path
-    medusa_heads: int | None = None  # a Medusa drafter's heads: vLLM drafts one token per head
+    medusa_heads: int | None = None  # a Medusa drafter's heads: vLLM drafts one token with each
     engine: object = None
     prompt_ids: dict = field(default_factory=dict)
     window: dict | None = None  # spec-decode counters of the measured window
@@ -297,7 +300,7 @@ class VllmEngine(Engine):
         limit = min(getattr(config, "max_position_embeddings", None) or MAX_MODEL_LEN, MAX_MODEL_LEN)
         on_gpu = cell.placement.strategy != "cpu"
         plan = VllmPlan(device="cuda" if on_gpu else "cpu", tensor_parallel_size=(cell.placement.gpus or 1) if on_gpu else None)
-        return cls(cell, tokenizer, plan, engine_args(cell, location, drafter, limit, on_gpu), limit,
+        return cls(cell, tokenizer, plan, engine_args(cell, location, drafter, limit, on_gpu, medusa_heads), limit,
                    {} if on_gpu else cpu_environment(torch.get_num_threads()), models_dir, medusa_heads=medusa_heads)
 
     @property
@@ -342,10 +345,10 @@ class VllmEngine(Engine):
         """Start the engine. vLLM's config check runs first, in this process: a setting the
         installed vLLM refuses is `not_supported` before any engine process starts."""
         vllm = import_vllm()
-        if self.medusa_heads is not None and self.medusa_heads != self.cell.gamma:
-            # vLLM's MedusaProposer asserts num_speculative_tokens and drafts num_heads tokens a step
-            raise NotSupported(f"vLLM {vllm.__version__}'s Medusa drafts one token per head, so gamma must be the "
-                               f"head's num_heads ({self.medusa_heads}), not {self.cell.gamma}")
+        if self.medusa_heads is not None and self.medusa_heads > self.cell.gamma:
+            # vLLM's MedusaProposer drafts a token with every head, whatever num_speculative_tokens says
+            raise NotSupported(f"vLLM {vllm.__version__}'s Medusa drafts one token with each of its {self.medusa_heads} "
+                               f"heads, more than gamma {self.cell.gamma}")
         os.environ.update(self.environment)  # read by the engine process it spawns
         from vllm.engine.arg_utils import EngineArgs
         from vllm.v1.engine.llm_engine import LLMEngine
