@@ -24,7 +24,12 @@ against that bound; our AR against `generate()` stock and with its static cache 
 torch.compile (compile time excluded, printed apart); speculative with the replay at
 alpha 0.8 on the 1B-shaped drafter against assisted generation (time per output token);
 the embedded 135M model at batch 1; measured speedup over Leviathan's prediction for the
-host-paced replay at alpha 0.6 and 0.8.
+host-paced replay at alpha 0.6 and 0.8; an EAGLE-3 head with random weights, shaped as the
+public heads for Llama-3.1-8B are (one layer, draft vocabulary 32,000, auxiliary layers
+(2, 16, 29)): its draft step over the target's decode step (the cost ratio c) at batch 1
+and larger batches, the target's step with the head's hidden states over its step without,
+and a short speculative decode with the head on our engine (lossless: its outputs are AR's;
+random weights accept nothing, so its speed is the head's overhead, not a speedup).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import os
 import sys
 import time
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -44,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torch  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
-from specdec.decoding import GenerationSettings, ReplayDrafter, generate  # noqa: E402
+from specdec.decoding import GenerationSettings, ReplayDrafter, Sampler, generate  # noqa: E402
 from specdec.decoding.cache import (  # noqa: E402
     RaggedCache,
     restore_static_cache,
@@ -53,15 +59,20 @@ from specdec.decoding.cache import (  # noqa: E402
     use_static_cache,
 )
 from specdec.decoding.compiled import compile_steps, step_widths  # noqa: E402
+from specdec.decoding.drafters import on_target_vocab  # noqa: E402
+from specdec.decoding.eagle3 import Eagle3Drafter, default_aux_ids  # noqa: E402
 from specdec.engines.transformers import hf_generate  # noqa: E402
 from specdec.job.leviathan import draft_length_shares, per_token_alpha, predicted_speedup  # noqa: E402
 from specdec.metadata import cpu_description, nvidia_driver  # noqa: E402
+from specdec.prepare.head_training import new_eagle3  # noqa: E402
 from specdec.prepare.models import prepare_embedded, weight_bytes  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 COMPILE_CACHE = Path(__file__).resolve().parents[1] / "resources" / "compile-cache"  # the pipeline's
 GAMMA = 4
 TODAY_135M_TOK_S = 50.0  # docs/performance.md: the 135M model at 40-50 tokens/s on the H200 before issue 19
+HEAD_DRAFT_VOCAB = 32000  # the public EAGLE-3 heads for Llama-3.1-8B (yuhuili/EAGLE3-LLaMA3.1-Instruct-8B)
+HEAD_BATCHES = {"cuda": (1, 4, 16, 64), "cpu": (1, 4)}
 
 class StepPath:
     """One of our engine's step paths, switched on for its models around each of its runs, so
@@ -200,26 +211,124 @@ def replay_assistant(model, reference: list[int], prompt_len: int, error_rate: f
     return twin
 
 
+def cached_step_s(step, width: int, device: torch.device, repeats: int) -> float:
+    """Seconds per `step()` that appends `width` slots to a cache, each time dropped again
+    (so every repeat sees the same context); the first, a warm-up, untimed."""
+    def once():
+        cache = step()
+        cache.rollback(torch.zeros(cache.lengths.shape[0], dtype=torch.long, device=device), width, 0)
+
+    once()
+    sync(str(device))
+    began = time.perf_counter()
+    for _ in range(repeats):
+        once()
+    sync(str(device))
+    return (time.perf_counter() - began) / repeats
+
+
+def target_step(cache: RaggedCache, tokens: torch.Tensor):
+    """A target forward of `tokens` (B, w) after the cached prompt, every position's logits
+    kept (as a verification keeps them), as `cached_step_s` times it."""
+    valid = torch.ones_like(tokens, dtype=torch.bool)
+
+    def step():
+        cache.extend(tokens, valid)
+        return cache
+
+    return step
+
+
 def decode_forward_ratio(model, input_ids: torch.Tensor, width: int, repeats: int) -> float:
     """v: a `width`-token target forward over a cached prompt / a one-token forward."""
-    device = input_ids.device
-
-    def forward_s(w: int) -> float:
-        tokens = input_ids[:, -w:]
-        valid = torch.ones_like(tokens, dtype=torch.bool)
-        cache.extend(tokens, valid)
-        cache.rollback(torch.zeros(1, dtype=torch.long, device=device), w, 0)
-        sync(str(device))
-        began = time.perf_counter()
-        for _ in range(repeats):
-            cache.extend(tokens, valid)
-            cache.rollback(torch.zeros(1, dtype=torch.long, device=device), w, 0)
-        sync(str(device))
-        return (time.perf_counter() - began) / repeats
-
     with torch.inference_mode():
         cache, _ = RaggedCache.prefill(model, input_ids, torch.ones_like(input_ids))
-        return forward_s(width) / forward_s(1)
+        return (cached_step_s(target_step(cache, input_ids[:, -width:]), width, input_ids.device, repeats)
+                / cached_step_s(target_step(cache, input_ids[:, -1:]), 1, input_ids.device, repeats))
+
+
+def head_aux_ids(layers: int) -> tuple[int, ...]:
+    """vLLM's default auxiliary layers (2, L//2, L-3), or, for a target too shallow for three
+    distinct ones (the CPU's shrunken shapes), its last three states."""
+    ids = default_aux_ids(layers)
+    return ids if len(set(ids)) == 3 and min(ids) >= 0 else tuple(range(max(layers - 2, 0), layers + 1))
+
+
+def random_eagle3(target) -> Eagle3Drafter:
+    """An EAGLE-3 head of the public heads' shape for `target`, random weights: one layer
+    shaped as the target's, the target's embedding shared, a draft vocabulary of
+    HEAD_DRAFT_VOCAB ids (a quarter of a shrunken vocabulary), `head_aux_ids`."""
+    text = target.config.get_text_config()
+    device = target.get_input_embeddings().weight.device
+    torch.manual_seed(0)
+    draft_ids = torch.arange(min(HEAD_DRAFT_VOCAB, text.vocab_size // 4), device=device)
+    drafter = new_eagle3(target, draft_ids, head_aux_ids(text.num_hidden_layers))
+    drafter.head.eval()
+    return drafter
+
+
+def head_steps(drafter: Eagle3Drafter, target, prompt: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Seconds per step at the prompt's batch size, each after the cached prompt: the
+    target's decode step without hidden states and with the head's (`target`,
+    `target_hidden`), and the head's draft step (`head`): one token through the head on its
+    own cache, fed the state it made for the token before (as every draft after a
+    proposal's first is), and its greedy pick on the target's vocabulary."""
+    device, head = prompt.device, drafter.head
+    mask = torch.ones_like(prompt)
+    token = prompt[:, -1:]
+    vocab, target_ids, greedy = target.config.get_text_config().vocab_size, head.target_ids(), Sampler(0, 0, 1.0, None)
+    with torch.inference_mode():
+        plain, _ = RaggedCache.prefill(target, prompt, mask)
+        cache, _ = RaggedCache.prefill(target, prompt, mask, hidden_ids=drafter.hidden_ids)
+        head_cache = RaggedCache(head, prompt.shape[0], device)
+        head_cache.feed(partial(head, hidden=head.fc(cache.hidden)), prompt, mask.bool(), 1)
+        state = head_cache.hidden[:, -1:]
+
+        def head_step():
+            logits = head_cache.feed(partial(head, hidden=state), token, torch.ones_like(token, dtype=torch.bool), 1)
+            greedy.pick(on_target_vocab(logits[:, -1], target_ids, vocab))
+            return head_cache
+
+        return {"target": cached_step_s(target_step(plain, token), 1, device, repeats),
+                "target_hidden": cached_step_s(target_step(cache, token), 1, device, repeats),
+                "head": cached_step_s(head_step, 1, device, repeats)}
+
+
+def eagle3_rows(table, target, prompt_len: int, new_tokens: int, batches: tuple[int, ...], repeats: int, rounds: int) -> dict:
+    """The EAGLE-3 head's rows (module docstring) on `target`; returns what they show:
+    `steps` (batch -> `head_steps`), `c` (batch -> head step / target step with hidden
+    states), `hidden_cost` (batch -> target step with / without hidden states), the
+    speculative decode's `identical` (to AR) and `spec_over_ar` (its tokens/s over AR's)."""
+    device = target.get_input_embeddings().weight.device
+    drafter = random_eagle3(target)
+    head_params = sum(p.numel() for n, p in drafter.head.named_parameters() if not n.startswith("embed_tokens."))
+    vocab = target.config.get_text_config().vocab_size
+    steps = {}
+    for batch in batches:
+        prompt = torch.randint(0, vocab, (batch, prompt_len), device=device)
+        steps[batch] = head_steps(drafter, target, prompt, repeats)
+    c = {b: s["head"] / s["target_hidden"] for b, s in steps.items()}
+    hidden_cost = {b: s["target_hidden"] / s["target"] for b, s in steps.items()}
+    for batch, step in steps.items():
+        table.add(f"EAGLE-3 head step / target step (c), batch {batch}", f"{step['head'] * 1e3:.3f} ms ({head_params / 1e6:.0f} M parameters)",
+                  f"{step['target_hidden'] * 1e3:.3f} ms", c[batch], "-")
+        table.add(f"target step with the head's hidden states {drafter.hidden_ids} / without, batch {batch}",
+                  f"{step['target_hidden'] * 1e3:.3f} ms", f"{step['target'] * 1e3:.3f} ms", hidden_cost[batch], "~1.0x")
+
+    prompt = torch.randint(0, vocab, (1, prompt_len), device=device)
+    settings = GenerationSettings(max_new_tokens=new_tokens, gamma=GAMMA)
+    ar_runs, spec_runs = [], []
+    for _ in range(rounds + 1):  # the first round warms up, untimed
+        ar_runs.append(timed(lambda: generate(target, prompt, torch.ones_like(prompt), settings)))
+        spec_runs.append(timed(lambda: generate(target, prompt, torch.ones_like(prompt), settings, drafter)))
+    identical = ar_runs[0][0][0].output_ids == spec_runs[0][0][0].output_ids
+    spec = [r for rows, _ in spec_runs[1:] for r in rows]
+    spec_over_ar = tokens_per_s(spec_runs[1:]) / tokens_per_s(ar_runs[1:])
+    table.add(f"ours spec EAGLE-3 head (random weights, gamma {GAMMA}) / ours AR, batch 1",
+              f"{tokens_per_s(spec_runs[1:]):.1f} tok/s (accepted {sum(r.accepted_tokens for r in spec)} of {sum(r.drafted_tokens for r in spec)}, "
+              f"{'identical to' if identical else 'DIFFERS from'} AR)", f"{tokens_per_s(ar_runs[1:]):.1f} tok/s", spec_over_ar,
+              "outputs = AR")
+    return {"steps": steps, "c": c, "hidden_cost": hidden_cost, "identical": identical, "spec_over_ar": spec_over_ar}
 
 
 class Table:
@@ -338,6 +447,8 @@ def main() -> None:
     for variant in paths:
         _leviathan_rows(table, variant, target, prompt, ours, replay, rounds, step_seconds(rows_of(f"{variant} AR")))
 
+    eagle3_rows(table, target, prompt_len, new_tokens, HEAD_BATCHES[torch.device(args.device).type], repeats=20 if on_gpu else 5,
+                rounds=rounds)
     _embedded_row(table, args.device, new_tokens, rounds, paths)
     print(f"\none table, measured side by side in one process ({time.perf_counter() - began:.0f} s):")
     table.print()

@@ -13,7 +13,7 @@ import yaml
 from conftest import REPO
 
 from specdec.gate.config import ConfigError, expand_matrix, load_config, reference_cell, schema_path, validate
-from specdec.gate.cells import ENGINES
+from specdec.gate.cells import ENGINES, DrafterSpec
 from specdec.engines import REFERENCE, REGISTRY, unsupported
 from specdec.engines.transformers import transformers_settings
 from specdec.engines.vllm import counter_difference, cpu_environment, engine_args, per_request_drafts, spec_counters
@@ -116,6 +116,22 @@ def test_the_ngram_drafter_maps_onto_each_engines_prompt_lookup(cells):
     assert args["enforce_eager"] and "tensor_parallel_size" not in args
     hf = transformers_settings(cells["sample--transformers-ngram-ngram-g2--b1-n64-t0-cpu--r0"])
     assert hf == {"prompt_lookup_num_tokens": 2, "max_matching_ngram_size": 4}
+
+
+def test_learned_heads_run_on_ours_and_as_vllms_methods_of_the_same_name(cells):
+    """The head's folder is what vLLM loads, the method named (vLLM would guess it from the
+    folder's name); transformers runs no head."""
+    base = cells["sample--vllm-speculative-self-g3--b1-n64-t0-cpu--r0"]
+    for kind in ("eagle3", "medusa"):
+        head = dataclasses.replace(base, method=kind, drafter=DrafterSpec(name="h", kind=kind, source="heads/h"))
+        assert unsupported(head) is None and unsupported(dataclasses.replace(head, engine="specdec")) is None
+        assert engine_args(head, "m", "/runs/heads/h", 4096, on_gpu=False)["speculative_config"] == {
+            "method": kind, "model": "/runs/heads/h", "num_speculative_tokens": 3}
+        assert unsupported(dataclasses.replace(head, engine="transformers")) == (
+            f"drafter 'h' is a learned {kind} head; transformers runs no such head here")
+    # vLLM's Medusa drafts a token with each head: a gamma past its heads drafts as many as it has, as ours does
+    assert engine_args(head, "m", "/runs/heads/h", 4096, on_gpu=False, medusa_heads=2)["speculative_config"][
+        "num_speculative_tokens"] == 2
 
 
 def test_vllm_engine_args_for_ar_and_a_draft_model_on_gpus(cells):

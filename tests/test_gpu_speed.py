@@ -1,6 +1,7 @@
 """bench/gpu_speed.py's pieces on the CPU: the real-architecture configs give models of the
-published sizes, and transformers' assisted generation with the replay assistant accepts
-the replayed reference (all of it at error rate 0, none at 1) and stays lossless."""
+published sizes, transformers' assisted generation with the replay assistant accepts
+the replayed reference (all of it at error rate 0, none at 1) and stays lossless, and the
+EAGLE-3 head's rows run at a shrunken shape (the head of the public 8B heads' shape)."""
 
 import importlib.util
 from pathlib import Path
@@ -42,3 +43,22 @@ def test_assisted_generation_with_the_replay_assistant_accepts_the_replay(bench,
     assert row.drafted_tokens > 0
     assert row.accepted_tokens == (row.drafted_tokens if error_rate == 0 else 0)
     assert generate(target, prompt, torch.ones_like(prompt), settings)[0].output_ids == reference
+
+
+def test_the_eagle3_head_rows_run_at_a_shrunken_shape(bench):
+    """The head's rows on a shrunken 8B (2 layers: its last three states as aux ids, a draft
+    vocabulary of a quarter of its 512 ids); at full shape the head has the public heads' aux
+    ids and draft vocabulary. Only that they ran and what they hold, never a timing."""
+    assert bench.head_aux_ids(32) == (2, 16, 29) and bench.head_aux_ids(2) == (0, 1, 2)
+    torch.manual_seed(0)
+    target = bench.random_model(bench.shrink(bench.model_config("llama-3.1-8b"), layers=2, hidden=128, vocab=512), "cpu", torch.float32)
+    assert bench.random_eagle3(target).head.spec.draft_vocab_size == 128
+    table = bench.Table()
+    shown = bench.eagle3_rows(table, target, prompt_len=8, new_tokens=6, batches=(1, 3), repeats=1, rounds=1)
+    assert shown["identical"]  # the head's decode is AR's, token for token
+    assert set(shown["c"]) == set(shown["hidden_cost"]) == {1, 3}
+    assert all(set(step) == {"target", "target_hidden", "head"} for step in shown["steps"].values())
+    assert [row[0] for row in table.rows] == [
+        "EAGLE-3 head step / target step (c), batch 1", "target step with the head's hidden states (0, 1, 2) / without, batch 1",
+        "EAGLE-3 head step / target step (c), batch 3", "target step with the head's hidden states (0, 1, 2) / without, batch 3",
+        "ours spec EAGLE-3 head (random weights, gamma 4) / ours AR, batch 1"]

