@@ -118,6 +118,17 @@ def test_the_ngram_drafter_maps_onto_each_engines_prompt_lookup(cells):
     assert hf == {"prompt_lookup_num_tokens": 2, "max_matching_ngram_size": 4}
 
 
+def test_the_suffix_drafter_maps_onto_vllms_suffix_method(cells):
+    base = cells["sample--vllm-ngram-ngram-g2--b1-n64-t0-cpu--r0"]
+    spec = DrafterSpec(name="suffix", kind="suffix", max_depth=24, max_spec_factor=1.5, min_token_prob=0.1, cache_tokens=0)
+    suffix = dataclasses.replace(base, method="suffix", drafter=spec, gamma=8)
+    assert unsupported(suffix) is None and unsupported(dataclasses.replace(suffix, engine="transformers"))
+    assert engine_args(suffix, "m", None, 4096, on_gpu=False)["speculative_config"] == {
+        "method": "suffix", "num_speculative_tokens": 8, "suffix_decoding_max_tree_depth": 24,
+        "suffix_decoding_max_spec_factor": 1.5, "suffix_decoding_min_token_prob": 0.1,
+        "suffix_decoding_max_cached_requests": 0}
+
+
 def test_learned_heads_run_on_ours_and_as_vllms_methods_of_the_same_name(cells):
     """The head's folder is what vLLM loads, the method named (vLLM would guess it from the
     folder's name); transformers runs no head."""

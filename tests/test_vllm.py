@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from specdec.decoding.head_formats import save_eagle3, save_medusa
 from specdec.decoding.medusa import MedusaDrafter, MedusaHeads, MedusaSpec
+from specdec.gate.cells import DrafterSpec
 from specdec.prepare.head_training import new_eagle3
 from specdec.records import read_requests, read_result
 
@@ -280,6 +281,11 @@ CHECKED = textwrap.dedent('''
         medusa = VllmEngine.open(read_cell(sys.argv[2]), Path(sys.argv[3]))
         speculative = EngineArgs(**medusa.args).create_engine_config().speculative_config
         print("ACCEPTED", speculative.method, speculative.num_speculative_tokens, speculative.draft_model_config.architecture)
+        suffix = VllmEngine.open(read_cell(sys.argv[4]), Path(sys.argv[3]))
+        try:
+            suffix.start(Path("."))
+        except NotSupported as exc:  # arctic-inference is not in the lock: it builds from source only
+            print("SUFFIX", exc)
 ''')
 
 
@@ -299,10 +305,15 @@ def test_vllm_checks_a_speculative_config_before_its_engine_starts(tmp_path, emb
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "smollm2").symlink_to(embedded_model_dir)
     (tmp_path / "checked.py").write_text(CHECKED)
-    run = subprocess.run([str(VLLM_VENV / "bin" / "python"), "checked.py", "ngram.json", "medusa.json", "models"],
+    ngram = next(c for c in cells if c.engine == "vllm" and c.method == "ngram")
+    suffix = DrafterSpec(name="suffix", kind="suffix", max_depth=24, max_spec_factor=1.0, min_token_prob=0.1, cache_tokens=100)
+    write_cell(replace(ngram, method="suffix", drafter=suffix), tmp_path / "suffix.json")
+    run = subprocess.run([str(VLLM_VENV / "bin" / "python"), "checked.py", "ngram.json", "medusa.json", "models", "suffix.json"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     refused, accepted = (line for line in run.stdout.splitlines() if line.startswith(("REFUSED", "ACCEPTED")))
     assert refused.startswith("REFUSED vLLM 0.32.0 refuses the cell's settings (speculative_config {'method': 'ngram'")
     assert "prompt_lookup" in refused and refused.endswith("ENGINE None")  # no engine process was started
     assert accepted == "ACCEPTED medusa 2 MedusaModel"  # a token per head, as ours drafts min(gamma, heads)
+    suffix_line = next(line for line in run.stdout.splitlines() if line.startswith("SUFFIX"))
+    assert "'method': 'suffix'" in suffix_line and "Arctic Inference is required for suffix decoding" in suffix_line

@@ -87,6 +87,13 @@ def engine_args(cell: Cell, target: str, drafter: str | None, max_model_len: int
     if cell.method == "ngram":
         args["speculative_config"] = {"method": "ngram", "num_speculative_tokens": cell.gamma,
                                       "prompt_lookup_max": cell.drafter.n - 1, "prompt_lookup_min": cell.drafter.min_context}
+    elif cell.method == "suffix":  # vLLM caps its global tree by requests (ours by tokens): 0 turns it off in both
+        d = cell.drafter
+        args["speculative_config"] = {"method": "suffix", "num_speculative_tokens": cell.gamma,
+                                      "suffix_decoding_max_tree_depth": d.max_depth,
+                                      "suffix_decoding_max_spec_factor": d.max_spec_factor,
+                                      "suffix_decoding_min_token_prob": d.min_token_prob,
+                                      "suffix_decoding_max_cached_requests": 0 if d.cache_tokens == 0 else 10000}
     elif cell.method == "speculative":
         args["speculative_config"] = {"method": "draft_model", "model": drafter, "num_speculative_tokens": cell.gamma}
     elif cell.method in HEAD_METHODS:
@@ -245,6 +252,7 @@ class VllmEngine(Engine):
     placements = ("cpu", "same")
     placement_reason = "vLLM places the drafter with the target (tensor parallel over the same GPUs)"
     quantized_drafters = False
+    model_free_drafters = ("ngram", "suffix")  # suffix: through arctic-inference, where it is installed
     head_drafters = ("eagle3", "medusa")  # vLLM's methods of the same names load the same checkpoints
     interleaves = False
     interleave_reason = "vLLM's engine runs in a process of its own and batches continuously"
@@ -356,7 +364,8 @@ class VllmEngine(Engine):
         engine_args = EngineArgs(**self.args)
         try:
             config = engine_args.create_engine_config()
-        except (ValueError, TypeError) as exc:  # pydantic's ValidationError is a ValueError
+        # pydantic's ValidationError is a ValueError; the suffix method without arctic-inference an ImportError
+        except (ValueError, TypeError, ImportError) as exc:
             raise NotSupported(f"vLLM {vllm.__version__} refuses the cell's settings "
                                f"(speculative_config {self.args.get('speculative_config')}): {_reason(exc)}") from None
         began = time.perf_counter()
