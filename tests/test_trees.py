@@ -78,6 +78,26 @@ def test_greedy_verify_keeps_the_longest_path_the_argmax_follows():
     assert path[:, :2].tolist() == [[1, 5], [0, 0], [0, 3]]
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_chain_verifies_as_the_tree_of_width_one(temperature):
+    """A chain (parents None: the closed form) and the same chain given as an explicit tree
+    accept the same paths and draw the same next tokens (same seed), ragged rows included."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 5, 16, generator=gen)
+    tokens = torch.randint(0, 16, (64, 4), generator=gen)
+    tokens[::2] = logits[::2, :4].argmax(-1)  # half the rows match the target's choices
+    lengths = torch.randint(0, 5, (64,), generator=gen)
+    probs = torch.softmax(torch.randn(64, 4, 16, generator=gen), -1) if temperature else None
+    chain = Draft(tokens, lengths, probs)
+    tree = Draft(tokens, lengths, probs, parents=torch.arange(4).expand(64, 4))
+    as_chain, as_tree = (verify(logits, d, Sampler(temperature, 0, 1.0, torch.Generator().manual_seed(1)))
+                         for d in (chain, tree))
+    assert torch.equal(as_chain[0], as_tree[0]) and torch.equal(as_chain[1], as_tree[1])
+    assert 0 < int(as_chain[0].sum()) and bool((as_chain[0] < lengths).any())
+    kept = torch.arange(4) < as_chain[0][:, None]
+    assert torch.equal(as_chain[2][kept], as_tree[2][kept])
+
+
 def tiny_pair(seed: int, vocab: int = 6):
     """A target's first token p1 and next-token table P2[x1], a drafter's q1 and Q2[x1]."""
     gen = torch.Generator().manual_seed(seed)

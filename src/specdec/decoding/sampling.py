@@ -54,8 +54,11 @@ class Draft:
 
     @cached_property
     def ancestry(self) -> torch.Tensor:
-        """(B, g + 1, g + 1) which fed tokens each one sees (trees.ancestry)."""
-        return ancestry(self.tree_parents)
+        """(B, g + 1, g + 1) which fed tokens each one sees (trees.ancestry; a chain's: causal)."""
+        if self.parents is None:
+            fed = self.tokens.shape[1] + 1
+            return torch.ones(fed, fed, dtype=torch.bool, device=self.tokens.device).tril_().expand(len(self.tokens), -1, -1)
+        return ancestry(self.parents)
 
     @cached_property
     def in_draft(self) -> torch.Tensor:
@@ -197,13 +200,16 @@ def _accepted_path(draft: Draft, passed: torch.Tensor) -> tuple[torch.Tensor, to
     node's first passing child. Returns (accepted depth (B,), the path's last fed index (B,),
     the path's nodes (B, g) root to leaf, then 0)."""
     batch, g = passed.shape
-    chosen = first_among_siblings(draft.tree_parents, passed)
+    index = torch.arange(g, device=passed.device)
+    if draft.parents is None:  # a chain: the same rule in closed form, its path its first nodes
+        accepted = passed.long().cumprod(1).sum(1)
+        return accepted, accepted, index.expand(batch, g)
+    chosen = first_among_siblings(draft.parents, passed) if draft.branching > 1 else passed
     nodes = draft.ancestry[:, 1:, 1:]
     kept = ~(nodes & ~chosen[:, None, :]).any(-1)  # every node from the root to it was chosen
     depth = nodes.sum(-1)
     reach = torch.cat([torch.zeros(batch, 1, dtype=depth.dtype, device=depth.device), torch.where(kept, depth, 0)], 1)
     accepted, end = reach.max(1)  # the first maximum: the root when nothing was kept
-    index = torch.arange(g, device=passed.device)
     on_path = draft.ancestry[torch.arange(batch, device=passed.device), end, 1:]
     path = torch.where(on_path, index, g).sort(1).values  # topological order: root to leaf
     return accepted, end, path.masked_fill_(path == g, 0)

@@ -80,7 +80,7 @@ class TreeShape:
 
     @classmethod
     def chain(cls, gamma: int) -> TreeShape:
-        return cls.from_branching([1] * gamma)
+        return _chain(gamma)
 
     @classmethod
     def from_branching(cls, branching: Sequence[int]) -> TreeShape:
@@ -111,7 +111,7 @@ class TreeShape:
     def nodes(self) -> int:
         return len(self.paths)
 
-    @property
+    @cached_property
     def branching(self) -> int:
         """The most children of one node (1: a chain)."""
         counts: dict[tuple[int, ...], int] = {}
@@ -121,7 +121,7 @@ class TreeShape:
 
     def truncated(self, depth: int) -> TreeShape:
         """The nodes at most `depth` deep."""
-        return self if depth >= self.depth else TreeShape(tuple(p for p in self.paths if len(p) <= depth))
+        return self if depth >= self.depth else _truncated(self, depth)
 
     def is_chain(self) -> bool:
         return self.branching == 1
@@ -136,6 +136,17 @@ class TreeShape:
     def children(self, node: int) -> list[int]:
         """The fed indices of the children of fed index `node` (0: the root), in rank order."""
         return [j for j, parent in enumerate(self.parents, start=1) if parent == node]
+
+
+# A drafter asks for its shape at every proposal: made once per (shape, depth).
+@lru_cache(maxsize=64)
+def _chain(gamma: int) -> TreeShape:
+    return TreeShape.from_branching([1] * gamma)
+
+
+@lru_cache(maxsize=64)
+def _truncated(shape: TreeShape, depth: int) -> TreeShape:
+    return TreeShape(tuple(p for p in shape.paths if len(p) <= depth))
 
 
 @dataclass(frozen=True)
