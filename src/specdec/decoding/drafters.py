@@ -1,4 +1,5 @@
-"""Drafters: they propose up to gamma tokens per row; the engine's one verifier scores them.
+"""Drafters: they propose up to gamma tokens per row, as a chain or a token tree (trees.py);
+the engine's one verifier scores them.
 
 A drafter starts one `DraftSession` per `generate()` call. The session proposes a `Draft`
 for the rows still running, learns what the verifier kept (`commit`), and drops finished
