@@ -13,6 +13,7 @@ from specdec.decoding import (
     check_same_vocabulary, generate,
 )
 from specdec.decoding.cache import RaggedCache, open_cache, use_dynamic_cache, use_static_cache
+from specdec.decoding.trees import TreeShape
 from specdec.prepare.models import quantized_copy
 
 from conftest import greedy_settings, static_caches
@@ -26,6 +27,7 @@ PROMPTS = [
     ("chat", "Say hello."),  # ends with EOS too, at another step
 ]
 NEW_TOKENS = 40
+TREE = TreeShape.from_branching([2, 2, 1, 1])  # 14 nodes at gamma 4
 
 
 @pytest.fixture(scope="module")
@@ -65,27 +67,31 @@ def test_ar_equals_transformers_generate(embedded_model, encoded, alone, setting
         assert row.drafted_tokens == row.accepted_tokens == 0 and row.drafted_per_position == []
 
 
-def static_length(encoded, settings) -> int:
-    """The static cache's minimal length for the batch: prompt + max_new_tokens + gamma + 1
-    (ragged rows then need compaction)."""
-    return encoded.input_ids.shape[1] + settings.max_new_tokens + settings.gamma + 1
+def static_length(encoded, settings, nodes: int | None = None) -> int:
+    """The static cache's minimal length for the batch: prompt + max_new_tokens + draft nodes
+    (gamma for a chain) + 1 (ragged rows then need compaction)."""
+    return encoded.input_ids.shape[1] + settings.max_new_tokens + (nodes or settings.gamma) + 1
 
 
 @pytest.mark.parametrize("kind, cache", [("int8", "dynamic"), ("bf16", "dynamic"), ("ngram", "dynamic"), (None, "dynamic"),
-                                         ("suffix", "dynamic"), ("recycling", "dynamic"),
-                                         ("bf16", "static"), ("self", "static"), ("ngram", "static"), (None, "static")])
+                                         ("suffix", "dynamic"), ("recycling", "dynamic"), ("bf16 tree", "dynamic"),
+                                         ("bf16", "static"), ("self", "static"), ("ngram", "static"), (None, "static"),
+                                         ("ngram tree", "static")])
 def test_batched_greedy_rows_equal_each_row_alone(embedded_model, encoded, alone, settings, kind, cache):
     """`alone` ran on the growing cache: the static one gives the same tokens, also with the
-    target drafting for itself (one model, two static caches)."""
+    target drafting for itself (one model, two static caches), and token trees (trees.py)
+    give the same tokens as chains."""
     model, _ = embedded_model
     if kind in ("int8", "bf16"):
         drafter = ModelDrafter(quantized_copy(model, kind))
     else:
         drafter = {"self": ModelDrafter(model), "ngram": NgramDrafter(n=3), "suffix": SuffixDrafter(),
-                   "recycling": RecyclingDrafter(), None: None}[kind]
+                   "recycling": RecyclingDrafter(), "bf16 tree": ModelDrafter(quantized_copy(model, "bf16"), TREE),
+                   "ngram tree": NgramDrafter(n=3, tree=TREE), None: None}[kind]
     batch = encoded[0]
-    models = [model] + ([drafter.model] if kind in ("bf16", "self") else [])
-    with static_caches(*models, max_length=static_length(batch, settings)) if cache == "static" else contextlib.nullcontext():
+    models = [model] + ([drafter.model] if kind in ("bf16", "self", "bf16 tree") else [])
+    nodes = drafter.max_nodes(settings.gamma) if drafter is not None else None
+    with static_caches(*models, max_length=static_length(batch, settings, nodes)) if cache == "static" else contextlib.nullcontext():
         rows = generate(model, batch.input_ids, batch.attention_mask, settings, drafter)
     for row, ref in zip(rows, alone):
         assert row.output_ids == ref.output_ids
@@ -94,11 +100,13 @@ def test_batched_greedy_rows_equal_each_row_alone(embedded_model, encoded, alone
         assert row.emissions[0][1] == 1  # the target's first token, alone
         assert [t for t, _ in row.emissions] == sorted(t for t, _ in row.emissions)
         assert row.target_forwards == len(row.emissions)
-        assert sum(row.drafted_per_position) == row.drafted_tokens
-        assert sum(row.accepted_per_position) == row.accepted_tokens <= row.drafted_tokens
+        # per depth: a chain's every node, a tree's deepest (a tree has more nodes than depths)
+        depths = sum(row.drafted_per_position)
+        assert depths == row.drafted_tokens or ("tree" in str(kind) and depths <= row.drafted_tokens)
+        assert sum(row.accepted_per_position) == row.accepted_tokens <= depths
         # position i + 1 is only accepted after position i was
         assert row.accepted_per_position == sorted(row.accepted_per_position, reverse=True)
-    if kind in ("int8", "bf16", "self"):
+    if kind in ("int8", "bf16", "self", "bf16 tree"):
         assert all(r.drafted_per_position[0] == r.target_forwards - 1 for r in rows)
         assert all(r.accepted_tokens > 0 for r in rows)
         assert sum(r.target_forwards for r in rows) < sum(len(r.output_ids) for r in rows)

@@ -143,6 +143,9 @@ class _Recorded:
     def __init__(self, drafter):
         self.drafter, self.hidden_ids, self.proposals = drafter, drafter.hidden_ids, []
 
+    def max_nodes(self, gamma):
+        return self.drafter.max_nodes(gamma)
+
     def start(self, input_ids, attention_mask, sampler, vocab_size):
         session = self.drafter.start(input_ids, attention_mask, sampler, vocab_size)
         texts = [ids[m.bool()].tolist() for ids, m in zip(input_ids, attention_mask)]

@@ -86,7 +86,7 @@ def test_verify_rejection_resamples_from_the_residual():
     n = 4000
     logits = torch.log(torch.tensor([0.5, 0.5, 1e-30])).expand(n, 2, 3)
     draft = Draft(torch.zeros(n, 1, dtype=torch.long), torch.ones(n, dtype=torch.long))
-    accepted, nxt = verify(logits, draft, sampler)
+    accepted, nxt, _ = verify(logits, draft, sampler)
     assert abs(accepted.float().mean().item() - 0.5) < 0.05
     assert torch.all(nxt[accepted == 0] == 1)
 
@@ -97,8 +97,8 @@ def test_verify_greedy_accepts_the_matching_prefix():
     best = torch.tensor([[1, 2, 3, 4], [1, 0, 3, 4]])
     logits.scatter_(2, best[..., None], 1.0)
     draft = Draft(torch.tensor([[1, 2, 3], [1, 2, 3]]), torch.tensor([3, 3]))
-    accepted, nxt = verify(logits, draft, sampler)
+    accepted, nxt, _ = verify(logits, draft, sampler)
     assert accepted.tolist() == [3, 1] and nxt.tolist() == [4, 0]
     short = Draft(torch.tensor([[1, 2, 3], [1, 2, 3]]), torch.tensor([1, 0]))
-    accepted, nxt = verify(logits, short, sampler)
+    accepted, nxt, _ = verify(logits, short, sampler)
     assert accepted.tolist() == [1, 0] and nxt.tolist() == [2, 1]

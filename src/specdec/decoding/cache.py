@@ -32,6 +32,14 @@ def logits_and_hidden(output, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor 
     return output.logits, (torch.cat([output.hidden_states[i] for i in ids], dim=-1) if ids else None)
 
 
+def _attention_format(mask: torch.Tensor, model, dtype: torch.dtype) -> torch.Tensor:
+    """A (B, 1, T, S) bool mask (True: attend) as the model's attention takes a ready 4D mask:
+    bool for SDPA and flex, additive float for eager attention."""
+    if model.config._attn_implementation != "eager":
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+
+
 def _cache_kwarg(model) -> str:
     # transformers 5.23 renamed the forward's `past_key_values` to `cache`; an unknown
     # keyword would be swallowed by **kwargs and the model would run uncached.
@@ -62,6 +70,7 @@ class KVCache(ABC):
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self.hidden_ids = tuple(hidden_ids)
         self.hidden: torch.Tensor | None = None
+        self.dtype = next(model.parameters()).dtype
 
     @classmethod
     def prefill(cls, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs):
@@ -70,31 +79,62 @@ class KVCache(ABC):
         cache = cls(model, input_ids.shape[0], input_ids.device, **kwargs)
         return cache, cache.feed(cache._eager_step, input_ids, attention_mask.bool(), 1)[:, -1]
 
-    def extend(self, tokens: torch.Tensor, valid: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
+    def extend(self, tokens: torch.Tensor, valid: torch.Tensor, logits_to_keep: int = 0,
+               ancestry: torch.Tensor | None = None) -> torch.Tensor:
         """Run the model on (B, T) new tokens; `valid` (B, T) marks the real ones (the rest are
-        holes no query will ever attend to). Returns logits (B, T or logits_to_keep, V)."""
-        return self.feed(self._eager_step, tokens, valid, logits_to_keep)
+        holes no query will ever attend to); `ancestry` makes them a token tree (`feed`).
+        Returns logits (B, T or logits_to_keep, V)."""
+        return self.feed(self._eager_step, tokens, valid, logits_to_keep, ancestry)
 
     def _eager_step(self, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
         return logits_and_hidden(self.model(**kwargs), kwargs)
 
-    def feed(self, step: Callable, tokens: torch.Tensor, valid: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
+    def feed(self, step: Callable, tokens: torch.Tensor, valid: torch.Tensor, logits_to_keep: int,
+             ancestry: torch.Tensor | None = None) -> torch.Tensor:
         """`step(**model kwargs)` -> (logits, hidden states or None), on the tokens placed after
         the cached ones: the one place positions and the mask are made. Returns the logits and
-        keeps the hidden states in `hidden`."""
-        positions = (self.lengths[:, None] + valid.cumsum(1) - 1).clamp_(min=0)
-        self._write_mask(valid)
+        keeps the hidden states in `hidden`.
+
+        `ancestry` (B, T, A), A >= T: which of the last A slots (the A - T cached last, then the
+        T new ones) each new token sees, a token tree's (trees.py); the slots before those it
+        sees as the row's mask says. A token's position counts the valid slots it sees, so a
+        tree node sits at its depth. None: each token sees every earlier valid slot (causal).
+        """
+        if ancestry is None:
+            positions = (self.lengths[:, None] + valid.cumsum(1) - 1).clamp_(min=0)
+            self._write_mask(valid)
+            mask = self.mask
+        else:
+            self._write_mask(valid)
+            span = ancestry.shape[-1]
+            start = self.used - span
+            sees = ancestry & self.mask[:, None, start : self.used]
+            positions = (self.mask[:, :start].sum(1)[:, None] + sees.sum(-1) - 1).clamp_(min=0)
+            mask = self.mask[:, None, None, :].repeat(1, 1, tokens.shape[1], 1)
+            mask[:, 0, :, start : self.used] = sees
+            mask = _attention_format(mask, self.model, self.dtype)
         self.lengths = self.lengths + valid.sum(1)
         selected = {"output_hidden_states": list(self.hidden_ids)} if self.hidden_ids else {}
-        logits, self.hidden = step(input_ids=tokens, attention_mask=self.mask, position_ids=positions, use_cache=True,
+        logits, self.hidden = step(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True,
                                    **{self.cache_kwarg: self.cache}, logits_to_keep=logits_to_keep, **selected)
         return logits
 
-    def rollback(self, keep: torch.Tensor, window: int, max_keep: int) -> None:
+    def rollback(self, keep: torch.Tensor, window: int, max_keep: int, order: torch.Tensor | None = None) -> None:
         """Of the last `window` slots, row b keeps the first keep[b]; `max_keep` = max(keep)
-        (known on the host), so slots past it are dropped for every row."""
+        (known on the host), so slots past it are dropped for every row. `order` (B, max_keep):
+        the window slots each row keeps, in order (a token tree's accepted path), moved to the
+        window's front first: keys and values are gathered, never recomputed (a node's were
+        computed at its depth's position, which is its position on the path)."""
+        start = self.used - window
+        if order is not None:
+            slots = start + order
+            for layer in self.cache.layers:
+                for buffer in (layer.keys, layer.values):
+                    index = slots[:, None, :, None].expand(-1, buffer.shape[1], -1, buffer.shape[3])
+                    buffer[:, :, start : start + max_keep] = buffer.gather(2, index)
+            self.mask[:, start : start + max_keep] = self.mask.gather(1, slots)
         span = torch.arange(window, device=keep.device)
-        tail = self.mask[:, self.used - window : self.used]
+        tail = self.mask[:, start : self.used]
         dropped = (span >= keep[:, None]) & tail
         tail &= ~dropped
         self.lengths = self.lengths - dropped.sum(1)
@@ -238,9 +278,9 @@ class StaticRaggedCache(KVCache):
         self.mask = torch.zeros(batch, setup.max_length, dtype=torch.bool, device=device)
         self.used = 0
 
-    def extend(self, tokens, valid, logits_to_keep=0):
+    def extend(self, tokens, valid, logits_to_keep=0, ancestry=None):
         # Every step returns all its logits: one graph per (batch, width), whatever is kept.
-        logits = self.feed(self.setup.step, tokens, valid, 0)
+        logits = self.feed(self.setup.step, tokens, valid, 0, ancestry)
         return logits[:, -logits_to_keep:] if logits_to_keep else logits
 
     def _write_mask(self, valid):

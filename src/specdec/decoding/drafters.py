@@ -1,4 +1,5 @@
-"""Drafters: they propose up to gamma tokens per row; the engine's one verifier scores them.
+"""Drafters: they propose up to gamma tokens per row, as a chain or a token tree (trees.py);
+the engine's one verifier scores them.
 
 A drafter starts one `DraftSession` per `generate()` call. The session proposes a `Draft`
 for the rows still running, learns what the verifier kept (`commit`), and drops finished
@@ -17,6 +18,7 @@ import torch
 
 from .cache import model_device, open_cache
 from .sampling import Draft, Sampler
+from .trees import TreeShape, expansion
 
 
 @dataclass
@@ -32,6 +34,9 @@ class StepOutcome:
     the step (device), position 0 after the last emitted token and position j after draft j
     (W = 1 at the first token, which follows the prompt): a drafter that learns from the
     target's own distributions (recycling) reads them here, at no extra forward.
+    path: (B, g) the kept draft nodes, root to leaf (`sampling.verify`; a chain's 0 .. g - 1),
+    for a tree drafter; hidden and logits are per fed token, so position 1 + path[b, i] is the
+    i-th kept node's. path_host: per row, its kept nodes (host).
     """
 
     accepted: torch.Tensor
@@ -40,13 +45,22 @@ class StepOutcome:
     new_tokens: list[list[int]]
     hidden: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    path: torch.Tensor | None = None
+    path_host: list[list[int]] | None = None
+
+    def fed_path(self, keep: int) -> torch.Tensor:
+        """(B, keep) the fed positions of the last emitted token and the kept path's first
+        keep - 1 nodes (what a cache over the step's fed tokens keeps, in order)."""
+        root = torch.zeros_like(self.accepted)[:, None]
+        return torch.cat([root, self.path[:, : keep - 1] + 1], dim=1)
 
     def select(self, rows: list[int], index: torch.Tensor) -> StepOutcome:
         """The outcome of the given rows only (`index`: the same rows as a device tensor)."""
         return StepOutcome(
             self.accepted[index], [self.accepted_host[i] for i in rows], self.next_tokens[index],
             [self.new_tokens[i] for i in rows], None if self.hidden is None else self.hidden[index],
-            None if self.logits is None else self.logits[index],
+            None if self.logits is None else self.logits[index], None if self.path is None else self.path[index],
+            None if self.path_host is None else [self.path_host[i] for i in rows],
         )
 
 
@@ -84,6 +98,11 @@ class Drafter(ABC):
     ) -> DraftSession:
         """Begin drafting for a left-padded prompt batch (on the verifier's device)."""
 
+    def max_nodes(self, gamma: int) -> int:
+        """The most draft nodes a proposal of depth `gamma` holds (a chain's: gamma): the
+        target's step widths and its cache's room follow."""
+        return gamma
+
     def forget(self) -> None:
         """Drop what was learnt across requests. Called as the measured window opens, so that
         no warm-up output feeds a measured request (warm-up requests are the first measured
@@ -100,23 +119,40 @@ def unpadded_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> l
     return [[t for t, m in zip(ids, mask) if m] for ids, mask in zip(input_ids.tolist(), attention_mask.tolist())]
 
 
-def point_mass_draft(drafts: list[list[int]], device: torch.device) -> Draft:
+def point_mass_draft(drafts: list[list[int]], device: torch.device, parents: list[list[int]] | None = None,
+                     branching: int = 1) -> Draft:
     """A Draft of each row's host-side token list (rows may be shorter or empty), padded with
-    filler the verifier never accepts; a point mass for the verifier."""
+    filler the verifier never accepts; a point mass for the verifier. `parents`: each row's
+    nodes' parents (fed indices, trees.py), for a tree of at most `branching` children per
+    node; None: chains."""
     width = max(map(len, drafts))
     padded = [d + [0] * (width - len(d)) for d in drafts]
     tokens = torch.tensor(padded, dtype=torch.long).reshape(len(drafts), width).to(device)
-    return Draft(tokens, torch.tensor([len(d) for d in drafts], dtype=torch.long).to(device))
+    tree = None
+    if parents is not None:
+        tree = torch.tensor([p + [0] * (width - len(p)) for p in parents], dtype=torch.long).reshape(len(drafts), width)
+        tree = tree.to(device)
+    return Draft(tokens, torch.tensor([len(d) for d in drafts], dtype=torch.long).to(device), parents=tree,
+                 branching=branching)
 
 
 class ModelDrafter(Drafter):
-    """A small causal LM sharing the target's tokenizer, on any device and dtype."""
+    """A small causal LM sharing the target's tokenizer, on any device and dtype. It drafts a
+    chain of gamma tokens, or, given `tree`, that token tree cut at depth gamma: each node's
+    children are its k best tokens (greedy) or k draws without replacement (sampling)."""
 
-    def __init__(self, model):
+    def __init__(self, model, tree: TreeShape | None = None):
         self.model = model
+        self.tree = tree
+
+    def shape(self, gamma: int) -> TreeShape:
+        return TreeShape.chain(gamma) if self.tree is None else self.tree.truncated(gamma)
+
+    def max_nodes(self, gamma: int) -> int:
+        return self.shape(gamma).nodes
 
     def start(self, input_ids, attention_mask, sampler, vocab_size):
-        return _ModelDraftSession(self.model, input_ids, attention_mask, sampler, vocab_size)
+        return _ModelDraftSession(self, input_ids, attention_mask, sampler, vocab_size)
 
 
 def on_target_vocab(logits: torch.Tensor, target_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -137,60 +173,86 @@ def _fit_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 class _ModelDraftSession(DraftSession):
-    """Drafts autoregressively with its own cache (`open_cache`: the drafter model's choice).
+    """Drafts a tree (a chain: the tree of width 1) level by level with its own cache
+    (`open_cache`: the drafter model's choice), in one forward per depth.
 
-    The cache holds every committed token except the last one. A proposal of g tokens feeds
-    [last token, d1 .. d(g-1)] (dg is sampled, never fed); the verifier keeps a prefix, and
-    when it keeps all g drafts, dg is fed in front of the next proposal (a hole for the
-    other rows), so no extra drafter forward is spent on it.
+    The cache holds every committed token except the last one. A proposal feeds the last
+    token, then each depth's nodes that have children under the tree's attention
+    (trees.expansion); leaves are drawn, never fed. After verification the cache keeps the
+    last token and the accepted path's fed nodes, gathered into place (`KVCache.rollback`);
+    when the path ends on a leaf, that token is fed in front of the next proposal (a hole for
+    the other rows), so no extra drafter forward is spent on it.
     """
 
-    def __init__(self, model, input_ids, attention_mask, sampler: Sampler, vocab_size: int):
-        self.device = model_device(model)
+    def __init__(self, drafter: ModelDrafter, input_ids, attention_mask, sampler: Sampler, vocab_size: int):
+        self.drafter = drafter
+        self.device = model_device(drafter.model)
         self.target_device = input_ids.device
         self.sampler = sampler.on(self.device)
         self.vocab_size = vocab_size
-        self.cache, _ = open_cache(model, input_ids.to(self.device), attention_mask.to(self.device), "drafter")
+        self.cache, _ = open_cache(drafter.model, input_ids.to(self.device), attention_mask.to(self.device), "drafter")
         self.carry: torch.Tensor | None = None  # (B, 1) last draft to feed first, or None
         self.carry_valid: torch.Tensor | None = None
-        self.drafts: torch.Tensor | None = None  # (B, g) the last proposal, on this device
+        self.shape: TreeShape | None = None  # the last proposal's
 
     def propose(self, last_tokens, gamma):
+        self.shape = shape = self.drafter.shape(gamma)
+        levels, _ = expansion(shape)
         tokens = last_tokens.to(self.device)[:, None]
         valid = torch.ones_like(tokens, dtype=torch.bool)
         if self.carry is not None:
             tokens = torch.cat([self.carry, tokens], dim=1)
             valid = torch.cat([self.carry_valid, valid], dim=1)
-        drafts, probs = [], []
-        for _ in range(gamma):
-            logits = _fit_vocab(self.cache.extend(tokens, valid, logits_to_keep=1)[:, -1], self.vocab_size)
-            token, prob = self.sampler.pick(logits)
-            drafts.append(token)
-            probs.append(prob)
-            tokens, valid = token[:, None], torch.ones_like(token[:, None], dtype=torch.bool)
-        self.drafts = torch.stack(drafts, dim=1)
-        lengths = torch.full((self.drafts.shape[0],), gamma, dtype=torch.long, device=self.target_device)
-        stacked = None if self.sampler.greedy else torch.stack(probs, dim=1).to(self.target_device)
-        return Draft(self.drafts.to(self.target_device), lengths, stacked)
+        batch = tokens.shape[0]
+        fed = torch.zeros(batch, shape.nodes + 1, dtype=torch.long, device=self.device)  # [root, nodes]
+        probs: list[torch.Tensor | None] = [None] * (shape.nodes + 1)
+        for depth, level in enumerate(levels):
+            if depth == 0:
+                logits = self.cache.extend(tokens, valid, logits_to_keep=1)
+            else:
+                sees = None if level.sees is None else torch.tensor(level.sees, device=self.device).expand(batch, -1, -1)
+                nodes = fed[:, list(level.nodes)]
+                logits = self.cache.extend(nodes, torch.ones_like(nodes, dtype=torch.bool), ancestry=sees)
+            width = max(map(len, level.children))
+            children, child_probs = self.sampler.children(_fit_vocab(logits, self.vocab_size), width)
+            for i, kids in enumerate(level.children):
+                for rank, node in enumerate(kids):
+                    fed[:, node] = children[:, i, rank]
+                    if child_probs is not None:
+                        probs[node] = child_probs[:, i, rank]
+        stacked = None if self.sampler.greedy else torch.stack(probs[1:], dim=1).to(self.target_device)
+        parents = None if shape.is_chain() else torch.tensor(shape.parents, device=self.target_device).expand(batch, -1)
+        lengths = torch.full((batch,), shape.nodes, dtype=torch.long, device=self.target_device)
+        return Draft(fed[:, 1:].to(self.target_device), lengths, stacked, parents, shape.branching)
 
     def commit(self, outcome):
-        if self.drafts is None:  # the first token: nothing was proposed
+        if self.shape is None:  # the first token: nothing was proposed
             return
-        g = self.drafts.shape[1]
-        accepted = outcome.accepted.to(self.device)
-        # The cache ends with the g slots [last token, d1 .. d(g-1)]; keep it and d1 .. d(accepted).
-        self.cache.rollback((accepted + 1).clamp_(max=g), g, min(max(outcome.accepted_host) + 1, g))
-        if max(outcome.accepted_host) == g:
-            self.carry, self.carry_valid = self.drafts[:, -1:], (accepted == g)[:, None]
+        _, slots = expansion(self.shape)
+        # The cache ends with the window [last token, fed nodes]; each row keeps the last token
+        # and its path's fed nodes (a prefix of the path: a node is fed only if it has children).
+        kept, carried = [], []
+        for path in outcome.path_host:
+            fed_path = [slots[node + 1] for node in path if node + 1 in slots]
+            kept.append([0] + fed_path)
+            carried.append(len(path) > len(fed_path))
+        keep = max(map(len, kept))
+        lengths = torch.tensor([len(k) for k in kept], device=self.device)
+        order = None
+        if any(k != list(range(len(k))) for k in kept):
+            order = torch.tensor([k + [0] * (keep - len(k)) for k in kept], device=self.device)
+        self.cache.rollback(lengths, len(slots), keep, order)
+        if any(carried):
+            last = [new[len(path) - 1] if carry else 0 for new, path, carry in zip(outcome.new_tokens, outcome.path_host, carried)]
+            self.carry = torch.tensor(last, device=self.device)[:, None]
+            self.carry_valid = torch.tensor(carried, device=self.device)[:, None]
         else:
             self.carry = self.carry_valid = None
-        self.drafts = None
+        self.shape = None
 
     def select(self, rows):
         index = torch.tensor(rows, device=self.device)
         self.cache.select(index)
-        if self.drafts is not None:
-            self.drafts = self.drafts[index]
         if self.carry is not None:
             self.carry, self.carry_valid = self.carry[index], self.carry_valid[index]
 
@@ -203,21 +265,30 @@ class NgramDrafter(Drafter):
     most frequent continuations per context (ties go to the most recent). A proposal follows
     the best continuation of the longest matching context, backing off to shorter contexts
     down to `min_context` tokens, for up to gamma tokens; it stops early, or proposes
-    nothing, when no such context matches. Every drafted token widens the verification
+    nothing, when no such context matches. Given `tree`, a proposal is that token tree cut
+    at depth gamma: a node's children are the ranked continuations of its own longest
+    matching context (a node whose rank has none is left out, with its subtree). Every
+    drafted token widens the verification
     forward (on the CPU a five-token forward costs 1.6x a one-token one), so a guess from a
     single matching token, right about one time in ten, costs more than it saves:
     `min_context=2` drafts only after a two-token match. Its drafts are a point mass for
     the verifier.
     """
 
-    def __init__(self, n: int = 5, top_k: int = 4, min_context: int = 2):
+    def __init__(self, n: int = 5, top_k: int = 4, min_context: int = 2, tree: TreeShape | None = None):
         if n < 2:
             raise ValueError(f"NgramDrafter n must be >= 2 (a context of at least one token), got {n}")
         if top_k < 1:
             raise ValueError(f"NgramDrafter top_k must be >= 1, got {top_k}")
         if not 1 <= min_context <= n - 1:
             raise ValueError(f"NgramDrafter min_context must be in 1 .. n - 1 = {n - 1}, got {min_context}")
-        self.n, self.top_k, self.min_context = n, top_k, min_context
+        self.n, self.top_k, self.min_context, self.tree = n, top_k, min_context, tree
+
+    def shape(self, gamma: int) -> TreeShape:
+        return TreeShape.chain(gamma) if self.tree is None else self.tree.truncated(gamma)
+
+    def max_nodes(self, gamma: int) -> int:
+        return self.shape(gamma).nodes
 
     def start(self, input_ids, attention_mask, sampler, vocab_size):
         return _NgramSession(self, unpadded_prompts(input_ids, attention_mask), input_ids.device)
@@ -239,24 +310,41 @@ class _NgramTable:
                     del counts[min(counts, key=counts.__getitem__)]
             self.history.append(token)
 
-    def propose(self, gamma: int) -> list[int]:
-        text, drafts = self.history[-(self.n - 1) :], []
-        while len(drafts) < gamma:
-            for width in range(min(self.n - 1, len(text)), self.min_context - 1, -1):
-                counts = self.next.get(tuple(text[-width:]))
-                if counts:
-                    best = max(reversed(counts.items()), key=lambda item: item[1])[0]
-                    break
-            else:
-                break
-            drafts.append(best)
-            text.append(best)
-        return drafts
+    def ranked(self, text: list[int]) -> list[int]:
+        """The continuations of the longest context of `text` that matches, most frequent
+        first (ties: the most recent first); none below `min_context` tokens."""
+        for width in range(min(self.n - 1, len(text)), self.min_context - 1, -1):
+            counts = self.next.get(tuple(text[-width:]))
+            if counts:
+                return sorted(reversed(counts), key=lambda token: -counts[token])
+        return []
+
+    def propose(self, shape: TreeShape) -> tuple[list[int], list[int]]:
+        """The nodes of `shape` the table can fill, breadth-first: (tokens, parents as fed
+        indices)."""
+        tokens, parents = [], []
+        fed = {(): 0}  # path -> fed index
+        texts = {(): self.history[-(self.n - 1) :]}
+        options: dict[tuple[int, ...], list[int]] = {}
+        for path in shape.paths:
+            parent = path[:-1]
+            if parent not in fed:
+                continue
+            if parent not in options:
+                options[parent] = self.ranked(texts[parent])
+            if path[-1] >= len(options[parent]):
+                continue
+            token = options[parent][path[-1]]
+            tokens.append(token)
+            parents.append(fed[parent])
+            fed[path] = len(tokens)
+            texts[path] = (texts[parent] + [token])[-(self.n - 1) :]
+        return tokens, parents
 
 
 class _NgramSession(DraftSession):
     def __init__(self, drafter: NgramDrafter, prompts: list[list[int]], device: torch.device):
-        self.device = device
+        self.drafter, self.device = drafter, device
         self.tables = []
         for prompt in prompts:
             table = _NgramTable(drafter.n, drafter.top_k, drafter.min_context)
@@ -265,7 +353,9 @@ class _NgramSession(DraftSession):
 
     def propose(self, last_tokens, gamma):
         # `last_tokens` is already in each table's history (committed on the host).
-        return point_mass_draft([table.propose(gamma) for table in self.tables], self.device)
+        shape = self.drafter.shape(gamma)
+        drafts, parents = zip(*(table.propose(shape) for table in self.tables))
+        return point_mass_draft(list(drafts), self.device, None if shape.is_chain() else list(parents), shape.branching)
 
     def commit(self, outcome):
         for table, tokens in zip(self.tables, outcome.new_tokens):
@@ -309,7 +399,8 @@ class ReplayDrafter(Drafter):
                 raise ValueError(f"replay drafter: no reference continuation for a prompt of {len(prompt)} tokens "
                                  f"(it has {len(self.continuations)}); the reference must hold every request")
             references.append(list(self.continuations[prompt]))
-        inner = _ModelDraftSession(self.model, input_ids, attention_mask, sampler, vocab_size) if self.model is not None else None
+        inner = (_ModelDraftSession(ModelDrafter(self.model), input_ids, attention_mask, sampler, vocab_size)
+                 if self.model is not None else None)
         # One generator per session, seeded from the drafter's seed and the session count:
         # a run that starts the same sessions in the same order corrupts the same tokens.
         generator = torch.Generator(device=input_ids.device).manual_seed(self.seed + self.sessions)

@@ -2,8 +2,11 @@
 proposes, the target verifies) over a left-padded batch.
 
 Each step the target scores [last emitted token, drafts ...] in one forward, `verify` keeps a
-prefix of each row's drafts plus one target token, and the kept tokens go to the host in one
-transfer (the only synchronisation of a step), timestamped as they arrive. Rows advance by what
+root path of each row's draft plus one target token, and the kept tokens go to the host in one
+transfer (the only synchronisation of a step), timestamped as they arrive. A draft is a chain
+or a token tree (trees.py: scored in the same one forward under a tree attention mask; a
+chain is the tree of width 1), and a tree's accepted path is gathered to the front of the
+step's cache slots (`KVCache.rollback`), no recompute. Rows advance by what
 they kept (1 .. gamma + 1 tokens), never by a fixed gamma: `cache.KVCache` explains how both
 models' caches follow rows that accept different counts; a model set up with a static cache
 (`cache.use_static_cache`, compiled or not: compiled.py) runs the same loop on preallocated
@@ -63,9 +66,11 @@ class RowResult:
     """One batch row's output and counts.
 
     emissions: (time.perf_counter_ns() once the tokens were on the host, tokens emitted).
-    drafted_per_position[i] / accepted_per_position[i]: how often draft position i + 1 was
-    proposed / accepted (empty for AR). accepted_tokens counts what the verifier accepted;
-    tokens per target forward is len(output_ids) / target_forwards (the prefill is a forward).
+    drafted_per_position[i] / accepted_per_position[i]: how often a draft reached depth i + 1
+    / had its node at depth i + 1 accepted (a chain's position i + 1; empty for AR).
+    drafted_tokens counts the nodes proposed (a chain's tokens), accepted_tokens what the
+    verifier accepted; tokens per target forward is len(output_ids) / target_forwards (the
+    prefill is a forward).
     """
 
     output_ids: list[int] = field(default_factory=list)
@@ -82,15 +87,15 @@ class RowResult:
         """A row before decoding; per-position counts for `gamma` draft positions (0: AR)."""
         return cls(drafted_per_position=[0] * gamma, accepted_per_position=[0] * gamma)
 
-    def count_draft(self, drafted: int, accepted: int) -> None:
-        """Count one verification: `drafted` tokens proposed, the first `accepted` kept."""
-        self.drafted_tokens += drafted
+    def count_draft(self, nodes: int, depth: int, accepted: int) -> None:
+        """Count one verification: `nodes` proposed, `depth` deep, a path of `accepted` kept."""
+        self.drafted_tokens += nodes
         self.accepted_tokens += accepted
-        missing = drafted - len(self.drafted_per_position)
+        missing = depth - len(self.drafted_per_position)
         if missing > 0:
             self.drafted_per_position += [0] * missing
             self.accepted_per_position += [0] * missing
-        for i in range(drafted):
+        for i in range(depth):
             self.drafted_per_position[i] += 1
         for i in range(accepted):
             self.accepted_per_position[i] += 1
@@ -151,7 +156,8 @@ def generate(
     eager = [m for m in (target, drafter.model if drafter is not None else None)
              if m is not None and not getattr(static_setup(m), "compiled", False)]
     with torch.inference_mode(), decode_kernels(*eager):
-        cache, logits = open_cache(target, input_ids, attention_mask, "target", room=settings.max_new_tokens + gamma + 1,
+        nodes = drafter.max_nodes(gamma) if drafter is not None else 0
+        cache, logits = open_cache(target, input_ids, attention_mask, "target", room=settings.max_new_tokens + nodes + 1,
                                    hidden_ids=drafter.hidden_ids if drafter is not None else ())
         logits = logits[:, None]
         draft = Draft.empty(input_ids.shape[0], input_ids.device)
@@ -159,17 +165,20 @@ def generate(
         running = list(range(input_ids.shape[0]))  # result index of each batch row
         while True:
             with accept_span():
-                accepted, next_tokens = verify(logits, draft, sampler)
-                kept = torch.cat([draft.tokens, next_tokens[:, None]], dim=1)
+                accepted, next_tokens, path = verify(logits, draft, sampler)
+                kept = torch.cat([draft.tokens.gather(1, path), next_tokens[:, None]], dim=1)
                 kept.scatter_(1, accepted[:, None], next_tokens[:, None])
-                step = torch.cat([accepted[:, None], draft.lengths[:, None], kept], dim=1)
+                step = torch.cat([accepted[:, None], draft.lengths[:, None], draft.depths[:, None], kept, path], dim=1)
             host = step.tolist()
             now = time.perf_counter_ns()
-            outcome = StepOutcome(accepted, [h[0] for h in host], next_tokens, [h[2 : h[0] + 3] for h in host], cache.hidden,
-                                  logits)
+            width = draft.tokens.shape[1]
+            outcome = StepOutcome(accepted, [h[0] for h in host], next_tokens, [h[3 : h[0] + 4] for h in host], cache.hidden,
+                                  logits, path, [h[width + 4 : width + 4 + h[0]] for h in host])
+            # A path that is not the draft's first nodes (a tree's) is moved to the front of its slots.
+            moved = any(p != list(range(len(p))) for p in outcome.path_host)
             finished = []
             for r, h, new in zip(running, host, outcome.new_tokens):
-                results[r].count_draft(h[1], h[0])
+                results[r].count_draft(h[1], h[2], h[0])
                 finished.append(results[r].emit(new, now, settings))
             if session is not None and any(finished):
                 session.finish({i: results[r].output_ids for i, (r, done) in enumerate(zip(running, finished)) if done})
@@ -183,10 +192,11 @@ def generate(
                 running = [running[i] for i in rows]
                 if session is not None:
                     session.select(rows)
-            if draft.tokens.shape[1]:
-                # The step fed [last token, drafts]: keep the last token and the accepted drafts.
-                width = draft.tokens.shape[1] + 1
-                cache.rollback(outcome.accepted + 1, width, max(outcome.accepted_host) + 1)
+            if width:
+                # The step fed [last token, drafts]: keep the last token and the accepted path.
+                keep = max(outcome.accepted_host) + 1
+                order = outcome.fed_path(keep) if moved else None
+                cache.rollback(outcome.accepted + 1, width + 1, keep, order)
             if drafter is not None and session is None:
                 # Drafter prefill after the first emission: TTFT is the target's alone.
                 session = drafter.start(input_ids, attention_mask, sampler, logits.shape[-1])
@@ -199,4 +209,4 @@ def generate(
             else:
                 draft = Draft.empty(len(running), input_ids.device)
             tokens = torch.cat([outcome.next_tokens[:, None], draft.tokens], dim=1)
-            logits = cache.extend(tokens, torch.ones_like(tokens, dtype=torch.bool))
+            logits = cache.extend(tokens, torch.ones_like(tokens, dtype=torch.bool), ancestry=draft.attention())

@@ -1,35 +1,81 @@
-"""Token distributions and the one acceptance rule every drafter is verified with.
+"""Token distributions and the one acceptance rule every drafter is verified with, for a
+chain of draft tokens or a tree of them (trees.py; a chain is the tree of width 1).
 
-Greedy decoding is the temperature -> 0 limit of the rule: a draft token survives when it is
-the target's argmax, and the first mismatch is replaced by the target's argmax.
-Sampling follows Leviathan et al. (2023) / Chen et al. (2023): accept a draft token d with
-probability min(1, p(d)/q(d)); at the first rejection draw from norm(max(0, p - q)); when
-every draft survives draw a bonus token from p. p and q are warped (temperature, top-k,
-top-p) the same way, with transformers' own logits warpers, so our sampling matches
-`generate()`'s.
+Greedy decoding is the temperature -> 0 limit of the rule: a draft node survives when it is
+the target's argmax after its parent, and the deepest surviving root path is kept, followed
+by the target's argmax after it.
+Sampling follows Leviathan et al. (2023) / Chen et al. (2023) on a chain, and SpecInfer's
+multi-candidate rule (Miao et al., 2024), recursive rejection over siblings, on a tree: at a
+reached node its children are tried in order; child x drawn from q is accepted with
+probability min(1, r(x)/q(x)), where r is the target's distribution p at the node after the
+earlier siblings' rejections (r <- norm(max(0, r - q)) per rejected sibling, q the
+distribution that sibling was drawn from); when every child is rejected the next token is
+drawn from the last r (from p at a node without children: the bonus token). Each child's q
+is the distribution it was drawn from given its earlier siblings, so siblings drawn with
+replacement (the same q) and without it (q with the earlier siblings removed) are both
+exact (docs/methodology.md, "Token trees"). p and q are warped (temperature, top-k, top-p)
+the same way, with transformers' own logits warpers, so our sampling matches `generate()`'s.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from .trees import ancestry, chain_parents, first_among_siblings, sibling_rank
+
 
 @dataclass
 class Draft:
-    """Up to gamma proposed tokens per row, on the verifier's device.
+    """Up to g proposed nodes per row, on the verifier's device: a chain, or a tree (trees.py).
 
-    tokens: (B, g) long; a row's tokens past its length are filler and never accepted.
-    lengths: (B,) long, tokens proposed per row.
-    probs: (B, g, V) float32, the distribution each token was drawn from; None for a point
-    mass (a deterministic drafter, or any drafter under greedy decoding).
+    tokens: (B, g) long; a row's nodes past its length are filler and never accepted.
+    lengths: (B,) long, nodes proposed per row.
+    probs: (B, g, V) float32, the distribution each node was drawn from (given its earlier
+    siblings); None for a point mass (a deterministic drafter, or any drafter under greedy).
+    parents: (B, g) long, each node's parent as a fed index (0: the last emitted token; a
+    filler node's is 0); None: a chain. branching: the most children of one node (host).
     """
 
     tokens: torch.Tensor
     lengths: torch.Tensor
     probs: torch.Tensor | None = None
+    parents: torch.Tensor | None = None
+    branching: int = 1
+
+    @cached_property
+    def tree_parents(self) -> torch.Tensor:
+        if self.parents is not None:
+            return self.parents
+        return chain_parents(*self.tokens.shape, self.tokens.device)
+
+    @cached_property
+    def ancestry(self) -> torch.Tensor:
+        """(B, g + 1, g + 1) which fed tokens each one sees (trees.ancestry; a chain's: causal)."""
+        if self.parents is None:
+            fed = self.tokens.shape[1] + 1
+            return torch.ones(fed, fed, dtype=torch.bool, device=self.tokens.device).tril_().expand(len(self.tokens), -1, -1)
+        return ancestry(self.parents)
+
+    @cached_property
+    def in_draft(self) -> torch.Tensor:
+        return torch.arange(self.tokens.shape[1], device=self.tokens.device) < self.lengths[:, None]
+
+    @cached_property
+    def depths(self) -> torch.Tensor:
+        """(B,) the depth of each row's draft (its length, for a chain)."""
+        if self.parents is None:
+            return self.lengths
+        depth = torch.where(self.in_draft, self.ancestry[:, 1:].sum(-1) - 1, 0)
+        return torch.cat([torch.zeros_like(self.lengths)[:, None], depth], 1).amax(1)
+
+    def attention(self) -> torch.Tensor | None:
+        """What the target's step over [last token, nodes] attends to among those tokens, as
+        `cache.KVCache.extend` takes it: None for a chain (causal)."""
+        return None if self.parents is None else self.ancestry
 
     @classmethod
     def empty(cls, batch: int, device: torch.device) -> Draft:
@@ -88,46 +134,82 @@ class Sampler:
         probs = self.probs(logits)
         return self.sample(probs), probs
 
+    def children(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """k distinct children per row of (..., V) logits: (tokens (..., k), probs (..., k, V)
+        or None under greedy). Greedy: the best k. Sampling: k draws without replacement,
+        each with the distribution it was drawn from (the earlier draws removed), which is
+        what `verify` takes as its q (a single child is `pick`'s draw)."""
+        if self.greedy:
+            return logits.topk(k, dim=-1).indices, None
+        q = self.probs(logits)
+        tokens, probs = [], []
+        for _ in range(k):
+            token = self.sample(q)
+            tokens.append(token)
+            probs.append(q)
+            q = q.scatter(-1, token[..., None], 0.0)
+            q = q / q.sum(-1, keepdim=True).clamp(min=1e-30)
+        return torch.stack(tokens, -1), torch.stack(probs, -2)
 
-def verify(logits: torch.Tensor, draft: Draft, sampler: Sampler) -> tuple[torch.Tensor, torch.Tensor]:
-    """Accept a prefix of each row's draft and choose the token that follows it.
 
-    logits: (B, g + 1, V) target logits; position i scores the token after the i-th input
-    (the last emitted token, then the g draft tokens). Returns (accepted (B,), next (B,)):
-    row b keeps draft.tokens[b, :accepted[b]] followed by next[b]. With g == 0 this is plain
-    autoregressive sampling from the target.
+def verify(logits: torch.Tensor, draft: Draft, sampler: Sampler) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Accept a root path of each row's draft and choose the token that follows it.
+
+    logits: (B, g + 1, V) target logits; position i scores the token after fed token i (the
+    last emitted token, then the g draft nodes). Returns (accepted (B,), next (B,), path
+    (B, g)): row b keeps the nodes path[b, :accepted[b]] (indices into draft.tokens, root
+    to leaf; the rest 0) followed by next[b]. With g == 0 this is plain autoregressive
+    sampling from the target.
     """
     batch, width, vocab = logits.shape
-    g = width - 1
     rows = torch.arange(batch, device=logits.device)
-    in_draft = torch.arange(g, device=logits.device) < draft.lengths[:, None]
+    parents = draft.tree_parents
     if sampler.greedy:
         best = logits.argmax(-1)
-        ok = (draft.tokens == best[:, :g]) & in_draft
-        accepted = ok.long().cumprod(1).sum(1)
-        return accepted, best[rows, accepted]
+        passed = (draft.tokens == best.gather(1, parents)) & draft.in_draft
+        accepted, end, path = _accepted_path(draft, passed)
+        return accepted, best[rows, end], path
 
     p = sampler.probs(logits)
-    p_draft = p[:, :g].gather(2, draft.tokens[..., None]).squeeze(-1)
-    if draft.probs is None:
-        q_draft = torch.ones_like(p_draft)
-    else:
-        q_draft = draft.probs.gather(2, draft.tokens[..., None]).squeeze(-1)
-    u = torch.rand(p_draft.shape, generator=sampler.generator, device=p.device)
-    ok = (u * q_draft < p_draft) & in_draft  # u < p/q without dividing by q
-    accepted = ok.long().cumprod(1).sum(1)
-
-    p_next = p[rows, accepted]
-    q_next = torch.zeros_like(p_next)  # stays zero for the bonus token (all drafts accepted)
-    if g > 0:
-        rejected = accepted < draft.lengths
-        at = accepted.clamp(max=g - 1)
+    q_token = (torch.ones_like(draft.tokens, dtype=p.dtype) if draft.probs is None
+               else draft.probs.gather(2, draft.tokens[..., None]).squeeze(-1))
+    u = torch.rand(draft.tokens.shape, generator=sampler.generator, device=p.device)
+    # residual[:, i]: the target's distribution at fed token i after the rejections of the
+    # children of i tried so far (rank by rank: every node's k-th child is tried at once).
+    residual, passed = p, torch.zeros_like(draft.in_draft)
+    rank = sibling_rank(parents, draft.in_draft) if draft.branching > 1 else torch.zeros_like(parents)
+    at_parent = parents[..., None].expand(-1, -1, vocab)
+    for k in range(draft.branching):
+        r = residual.gather(1, at_parent)  # (B, g, V) at each node's parent
+        tried = (rank == k) & draft.in_draft
+        passed |= tried & (u * q_token < r.gather(2, draft.tokens[..., None]).squeeze(-1))  # u < r/q, no division
         if draft.probs is None:
-            q_next[rows, draft.tokens[rows, at]] = 1.0
+            left = r.scatter(2, draft.tokens[..., None], 0.0)  # max(0, r - point mass)
         else:
-            q_next = draft.probs[rows, at]
-        q_next = q_next * rejected[:, None]
-    residual = (p_next - q_next).clamp_(min=0)
-    # p == q leaves no residual mass (then any rejection had probability zero): draw from p.
-    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_next)
-    return accepted, sampler.sample(residual)
+            left = (r - draft.probs).clamp_(min=0)
+        total = left.sum(-1, keepdim=True)
+        # r == q leaves no residual (the rejection had probability zero): keep r.
+        left = torch.where(total > 0, left / total.clamp(min=1e-30), r)
+        residual = residual.scatter_add(1, at_parent, torch.where(tried[..., None], left - r, 0.0))
+    accepted, end, path = _accepted_path(draft, passed)
+    return accepted, sampler.sample(residual[rows, end]), path
+
+
+def _accepted_path(draft: Draft, passed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From the nodes that passed their test: the walk from the root takes each reached
+    node's first passing child. Returns (accepted depth (B,), the path's last fed index (B,),
+    the path's nodes (B, g) root to leaf, then 0)."""
+    batch, g = passed.shape
+    index = torch.arange(g, device=passed.device)
+    if draft.parents is None:  # a chain: the same rule in closed form, its path its first nodes
+        accepted = passed.long().cumprod(1).sum(1)
+        return accepted, accepted, index.expand(batch, g)
+    chosen = first_among_siblings(draft.parents, passed) if draft.branching > 1 else passed
+    nodes = draft.ancestry[:, 1:, 1:]
+    kept = ~(nodes & ~chosen[:, None, :]).any(-1)  # every node from the root to it was chosen
+    depth = nodes.sum(-1)
+    reach = torch.cat([torch.zeros(batch, 1, dtype=depth.dtype, device=depth.device), torch.where(kept, depth, 0)], 1)
+    accepted, end = reach.max(1)  # the first maximum: the root when nothing was kept
+    on_path = draft.ancestry[torch.arange(batch, device=passed.device), end, 1:]
+    path = torch.where(on_path, index, g).sort(1).values  # topological order: root to leaf
+    return accepted, end, path.masked_fill_(path == g, 0)

@@ -70,7 +70,7 @@ def _row_result(chunks, row: int, drafted: list[int] | None, settings: Generatio
     result = RowResult.empty(settings.gamma if drafted is not None else 0)
     for step, (now, tokens) in enumerate(chunks):
         if drafted is not None:
-            result.count_draft(drafted[step], len(tokens[row]) - 1)
+            result.count_draft(drafted[step], drafted[step], len(tokens[row]) - 1)  # chains: nodes = depth
         if result.emit(tokens[row], now, settings):
             break
     return result

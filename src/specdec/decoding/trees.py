@@ -1,0 +1,180 @@
+"""Token trees: the shape of a draft (each node's parent), which nodes a node sees, and the
+static tree templates drafters expand.
+
+A draft of g nodes is scored by the target in one forward over [last emitted token, node 1
+.. node g]; the last emitted token is the root (fed index 0) and node i has fed index i. A
+node's parent is a fed index before its own (nodes are in topological order), so a chain is
+the tree whose node i hangs from fed index i - 1. A node sees the root, its ancestors and
+itself (`ancestry`), and sits at position (tokens before the root) + its depth: exactly the
+keys and positions it would have were its root path decoded alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property, lru_cache
+from typing import Iterable, Sequence
+
+import torch
+
+
+def chain_parents(batch: int, nodes: int, device: torch.device) -> torch.Tensor:
+    """(batch, nodes) parents of a chain: node i hangs from fed index i - 1."""
+    return torch.arange(nodes, device=device).expand(batch, nodes)
+
+
+def ancestry(parents: torch.Tensor) -> torch.Tensor:
+    """(B, g + 1, g + 1) bool from (B, g) parents: [b, j, a] is True when fed index a is j or
+    one of j's ancestors (the root included). Closed by squaring the one-step relation, so
+    log2(depth) batched products instead of a loop over nodes."""
+    batch, g = parents.shape
+    fed = g + 1
+    step = torch.eye(fed, device=parents.device).expand(batch, fed, fed).clone()
+    step[:, 1:].scatter_(2, parents[..., None], 1.0)
+    reach = step
+    for _ in range(max(1, (fed - 1).bit_length())):
+        reach = (reach @ reach).clamp_(max=1.0)
+    return reach.bool()
+
+
+def first_among_siblings(parents: torch.Tensor, passed: torch.Tensor) -> torch.Tensor:
+    """(B, g) bool: the node passed and no earlier sibling (same parent, lower index) did."""
+    g = parents.shape[1]
+    earlier = torch.ones(g, g, dtype=torch.bool, device=parents.device).tril(-1)
+    siblings = (parents[:, :, None] == parents[:, None, :]) & earlier
+    return passed & ~(siblings & passed[:, None, :]).any(-1)
+
+
+def sibling_rank(parents: torch.Tensor, in_draft: torch.Tensor) -> torch.Tensor:
+    """(B, g) long: how many earlier nodes of the draft share each node's parent."""
+    g = parents.shape[1]
+    earlier = torch.ones(g, g, dtype=torch.bool, device=parents.device).tril(-1)
+    siblings = (parents[:, :, None] == parents[:, None, :]) & earlier & in_draft[:, None, :]
+    return siblings.sum(-1)
+
+
+@dataclass(frozen=True)
+class TreeShape:
+    """A static tree template: `paths`, each a tuple of child ranks from the root ((0,) is the
+    root's best child, (0, 1) that child's second best, ...), every path's prefix present.
+    Nodes are numbered breadth-first (by depth, then path): a parent before its children.
+    A node's children are ranks 0 .. k - 1. A chain of gamma tokens is `TreeShape.chain(gamma)`,
+    the tree of width 1."""
+
+    paths: tuple[tuple[int, ...], ...]
+
+    def __post_init__(self):
+        paths = tuple(sorted({tuple(p) for p in self.paths}, key=lambda p: (len(p), p)))
+        if not paths:
+            raise ValueError("a token tree needs at least one path")
+        for path in paths:
+            if not path or min(path) < 0:
+                raise ValueError(f"a tree path is a non-empty tuple of child ranks >= 0, got {path}")
+            if len(path) > 1 and path[:-1] not in paths:
+                raise ValueError(f"tree path {list(path)} has no parent path {list(path[:-1])}")
+            if path[-1] > 0 and path[:-1] + (path[-1] - 1,) not in paths:
+                # Children are a node's best k (greedy) or its first k draws (sampling): a rank
+                # drawn but not proposed would change the later siblings' distributions.
+                raise ValueError(f"tree path {list(path)} has no elder sibling {list(path[:-1] + (path[-1] - 1,))}")
+        object.__setattr__(self, "paths", paths)
+
+    @classmethod
+    def chain(cls, gamma: int) -> TreeShape:
+        return _chain(gamma)
+
+    @classmethod
+    def from_branching(cls, branching: Sequence[int]) -> TreeShape:
+        """Every node at depth d - 1 gets `branching[d - 1]` children (the full tree)."""
+        if not branching or min(branching) < 1:
+            raise ValueError(f"tree branching needs depths of >= 1 children each, got {list(branching)}")
+        paths, level = [], [()]
+        for width in branching:
+            level = [p + (r,) for p in level for r in range(width)]
+            paths += level
+        return cls(tuple(paths))
+
+    @classmethod
+    def of(cls, paths: Iterable[Sequence[int]]) -> TreeShape:
+        return cls(tuple(tuple(p) for p in paths))
+
+    @cached_property
+    def parents(self) -> tuple[int, ...]:
+        """Each node's parent as a fed index (0: the root)."""
+        index = {p: i + 1 for i, p in enumerate(self.paths)}
+        return tuple(index.get(p[:-1], 0) for p in self.paths)
+
+    @property
+    def depth(self) -> int:
+        return len(self.paths[-1])
+
+    @property
+    def nodes(self) -> int:
+        return len(self.paths)
+
+    @cached_property
+    def branching(self) -> int:
+        """The most children of one node (1: a chain)."""
+        counts: dict[tuple[int, ...], int] = {}
+        for p in self.paths:
+            counts[p[:-1]] = counts.get(p[:-1], 0) + 1
+        return max(counts.values())
+
+    def truncated(self, depth: int) -> TreeShape:
+        """The nodes at most `depth` deep."""
+        return self if depth >= self.depth else _truncated(self, depth)
+
+    def is_chain(self) -> bool:
+        return self.branching == 1
+
+    def ancestry(self) -> list[list[bool]]:
+        """(nodes + 1) x (nodes + 1): [j][a] is True when fed index a is j or an ancestor of j."""
+        rows = [[a == 0 for a in range(self.nodes + 1)]]
+        for j, parent in enumerate(self.parents, start=1):
+            rows.append([a == j or rows[parent][a] for a in range(self.nodes + 1)])
+        return rows
+
+    def children(self, node: int) -> list[int]:
+        """The fed indices of the children of fed index `node` (0: the root), in rank order."""
+        return [j for j, parent in enumerate(self.parents, start=1) if parent == node]
+
+
+# A drafter asks for its shape at every proposal: made once per (shape, depth).
+@lru_cache(maxsize=64)
+def _chain(gamma: int) -> TreeShape:
+    return TreeShape.from_branching([1] * gamma)
+
+
+@lru_cache(maxsize=64)
+def _truncated(shape: TreeShape, depth: int) -> TreeShape:
+    return TreeShape(tuple(p for p in shape.paths if len(p) <= depth))
+
+
+@dataclass(frozen=True)
+class Level:
+    """One forward of a drafter growing a tree in its own cache: the fed indices of the
+    nodes at one depth that have children (the root at depth 0), what each sees of the
+    window [root, nodes fed at earlier levels, these] (None: all of it, as in a chain), and
+    each node's children (fed indices, in rank order)."""
+
+    nodes: tuple[int, ...]
+    sees: tuple[tuple[bool, ...], ...] | None
+    children: tuple[tuple[int, ...], ...]
+
+
+@lru_cache(maxsize=64)
+def expansion(shape: TreeShape) -> tuple[tuple[Level, ...], dict[int, int]]:
+    """How a drafter grows `shape` a level at a time, feeding only nodes with children
+    (leaves are drawn, never fed): the levels, and each fed node's window slot (root: 0)."""
+    views = shape.ancestry()
+    depth = [0] + [len(p) for p in shape.paths]
+    slots, window, levels = {0: 0}, [0], []
+    for d in range(shape.depth):
+        nodes = [j for j in range(shape.nodes + 1) if depth[j] == d and shape.children(j)]
+        if d:
+            for j in nodes:
+                slots[j] = len(window)
+                window.append(j)
+        sees = tuple(tuple(views[j][w] for w in window) for j in nodes)
+        levels.append(Level(tuple(nodes), None if all(all(row) for row in sees) else sees,
+                            tuple(tuple(shape.children(j)) for j in nodes)))
+    return tuple(levels), slots
