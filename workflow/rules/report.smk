@@ -170,6 +170,7 @@ rule figures:
 rule heads_report:
     input:
         summary=f"{RESULTS}/tables/{{experiment}}/summary.csv",
+        runs=f"{RESULTS}/tables/{{experiment}}/runs.csv",
         trainings=experiment_trainings,
     output:
         table=report(

@@ -16,6 +16,7 @@ trainings = {
 written = write_heads(
     trainings,
     pd.read_csv(snakemake.input.summary),
+    pd.read_csv(snakemake.input.runs),
     Path(snakemake.output.csv).with_suffix(""),
     snakemake.output.curve,
     snakemake.wildcards.experiment,

@@ -13,9 +13,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from specdec.io import atomic_open  # noqa: E402
+from specdec.job.leviathan import expected_tokens_per_step  # noqa: E402
 from specdec.report import columns as col  # noqa: E402
 from specdec.report.tables import write_table  # noqa: E402
 
@@ -24,7 +26,8 @@ COLUMNS = {
     "head": "head", "kind": "kind", col.DATASET: "dataset", col.ENGINE: "engine", col.GAMMA: "γ",
     "training_text": "trained on", "training_tokens": "training tokens", "training_s": "training time (s)",
     "parameters": "parameters trained", "held_out_acceptance": "held-out acceptance (position 1)",
-    col.THEORY_COST_RATIO: "cost ratio c", col.ACCEPTANCE_RATE: "acceptance", col.MEAN_ACCEPTED_LENGTH: "τ (tokens per step)",
+    col.THEORY_COST_RATIO: "cost ratio c", "needed_alpha": "α it needs to pay", "alpha": "α measured",
+    col.ACCEPTANCE_RATE: "acceptance", col.MEAN_ACCEPTED_LENGTH: "τ (tokens per step)",
     col.SPEEDUP: "speedup", "payback_tokens": "tokens to pay back the training",
 }
 
@@ -38,18 +41,30 @@ def payback_tokens(training_s: float, throughput_tok_s: float, speedup: float) -
     return training_s / saved_per_token
 
 
-def heads_table(trainings: Mapping[str, dict], summary: pd.DataFrame) -> pd.DataFrame:
+def alpha_to_pay(c: float, verify_cost: float, gamma: int) -> float:
+    """The per-token acceptance alpha above which drafting gamma tokens at cost ratio `c`,
+    verified at `verify_cost` (both in target steps), pays (Leviathan et al.); 1 where none does."""
+    if not (c >= 0 and verify_cost > 0 and gamma >= 1):
+        return math.nan
+    pays = [a for a in np.linspace(0.0, 0.999, 1000) if expected_tokens_per_step(a, gamma) > gamma * c + verify_cost]
+    return float(pays[0]) if pays else 1.0
+
+
+def heads_table(trainings: Mapping[str, dict], summary: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     """One row per summary row that drafts with a trained head (`trainings`: drafter name ->
-    its training.json record)."""
+    its training.json record); `runs` gives each cell's alpha and verification cost."""
     rows = []
     for _, row in summary[summary[col.DRAFTER].isin(list(trainings))].iterrows():
         record = trainings[row[col.DRAFTER]]
+        own = runs[(runs[col.GROUP_ID] == row[col.GROUP_ID]) & (runs[col.STATUS] == "ok")]
+        verify, alpha = (own[name].median() if name in own else math.nan for name in ("theory_verify_cost_ratio", "theory_alpha"))
         first = record["curve"][-1]["acceptance"][0] if record["curve"][-1]["acceptance"] else None
         rows.append({
             "head": row[col.DRAFTER], "kind": record["kind"], col.DATASET: row[col.DATASET], col.ENGINE: row[col.ENGINE],
             col.GAMMA: row[col.GAMMA], "training_text": ", ".join(record["corpus"]["sources"]),
             "training_tokens": record["tokens"], "training_s": record["seconds"], "parameters": record["parameters"],
             "held_out_acceptance": first, col.THEORY_COST_RATIO: row.get(col.THEORY_COST_RATIO),
+            "needed_alpha": alpha_to_pay(row.get(col.THEORY_COST_RATIO, math.nan), verify, int(row[col.GAMMA])), "alpha": alpha,
             col.ACCEPTANCE_RATE: row.get(col.ACCEPTANCE_RATE), col.MEAN_ACCEPTED_LENGTH: row.get(col.MEAN_ACCEPTED_LENGTH),
             col.SPEEDUP: row.get(col.SPEEDUP),
             "payback_tokens": payback_tokens(record["seconds"], row.get(col.THROUGHPUT_TOK_S, math.nan), row.get(col.SPEEDUP, math.nan)),
@@ -61,7 +76,8 @@ def display(table: pd.DataFrame) -> pd.DataFrame:
     shown = table.copy()
     shown["payback_tokens"] = [("never (speedup ≤ 1)" if math.isinf(v) else f"{v:,.0f}") if pd.notna(v) else None
                                for v in shown["payback_tokens"]]
-    for column in ("held_out_acceptance", col.THEORY_COST_RATIO, col.ACCEPTANCE_RATE, col.MEAN_ACCEPTED_LENGTH, col.SPEEDUP):
+    for column in ("held_out_acceptance", col.THEORY_COST_RATIO, "needed_alpha", "alpha", col.ACCEPTANCE_RATE,
+                   col.MEAN_ACCEPTED_LENGTH, col.SPEEDUP):
         shown[column] = [f"{v:.3g}" if pd.notna(v) else None for v in shown[column]]
     return shown.rename(columns=COLUMNS)
 
@@ -85,12 +101,14 @@ def curve_figure(trainings: Mapping[str, dict]) -> plt.Figure:
     return fig
 
 
-def write_heads(trainings: Mapping[str, dict], summary: pd.DataFrame, stem: str | Path, figure_dir: str | Path,
-                experiment: str) -> list[Path]:
+def write_heads(trainings: Mapping[str, dict], summary: pd.DataFrame, runs: pd.DataFrame, stem: str | Path,
+                figure_dir: str | Path, experiment: str) -> list[Path]:
     """The table (`stem`.csv, .md, .html) and the curve figure (`figure_dir`/training_curve.png, .svg)."""
-    table = heads_table(trainings, summary)
+    table = heads_table(trainings, summary, runs)
     note = ("Heads the pipeline trained for this experiment's target (self-distilled on text that shares no prompt with "
-            "its datasets), beside what their cells measured. Payback: generated tokens at the measured throughput "
+            "its datasets), beside what their cells measured. α it needs to pay: the per-token acceptance above which "
+            "drafting γ tokens at the measured c and verification cost beats AR (Leviathan et al.); α measured: the "
+            "cell's. Payback: generated tokens at the measured throughput "
             "after which the time saved equals the training time.")
     written = write_table(table, stem, f"{experiment}: what training a head bought", display(table), note,
                           empty="No cell drafted with a trained head.")
