@@ -348,7 +348,7 @@ def test_bad_head_settings_fail_at_the_gate(default_config, mutate, key, message
 
 def test_a_trained_head_is_a_typed_job_whose_cells_read_the_folder_it_writes(default_config):
     job = head_jobs(validate(default_config))["eagle"]
-    assert job.drafter.train.tokens == 60000 and job.target.name == "smollm2" and job.seed == default_config["seed"]
+    assert job.drafter.train.tokens == 40000 and job.target.name == "smollm2" and job.seed == default_config["seed"]
     assert job.drafter.source == "results/heads/eagle"
     assert head_job_from_json(json.dumps(job.to_dict()), "test") == job
     cell = next(c for c in expand_matrix(default_config) if c.method == "eagle3" and c.experiment == "default")
