@@ -17,7 +17,7 @@ VLLM_BIN := $(abspath $(VLLM_VENV))/bin
 export PATH := $(BIN):$(PATH)
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install install-vllm run engines sweep heads report test dag lock lock-vllm
+.PHONY: install install-vllm run engines sweep heads trees report test dag lock lock-vllm
 
 install: $(VENV)/.installed
 
@@ -62,6 +62,11 @@ sweep: install
 heads: install
 	$(BIN)/snakemake --cores all --config 'run=[heads]'
 	$(BIN)/snakemake --config 'run=[heads]' --report results/report-heads.html
+
+# Static token trees against chains, for a draft model and n-gram (~15 min here).
+trees: install
+	$(BIN)/snakemake --cores all --config 'run=[trees]'
+	$(BIN)/snakemake --config 'run=[trees]' --report results/report-trees.html
 
 test: install install-vllm
 	$(BIN)/python -m pytest

@@ -34,7 +34,7 @@ def test_default_config_expands_to_named_cells():
     assert "humaneval--specdec-ar--b1-n32-t0-cpu--r0" in names
     assert "sample--specdec-speculative-int8-g4--b1-n32-t0-cpu--r0" in names
     assert "sample--specdec-ngram-ngram-g4--b1-n32-t0-cpu--r0" in names
-    assert len(names) == len(set(names)) == 8
+    assert len(names) == len(set(names)) == 10
     ar = next(c for c in cells if c.method == "ar")
     assert ar.gamma == 0 and ar.drafter is None and not ar.drafts and ar.greedy
     assert ar.id == f"default/{ar.name}" and ar.group_id == "default/humaneval--specdec-ar--b1-n32-t0-cpu"
@@ -298,8 +298,8 @@ def test_a_replay_drafter_is_a_typed_measurement_tool(default_config):
         (lambda c: c["drafters"]["replay80"].update(model="nope"), "drafters.replay80.model", "not defined"),
         (lambda c: c["drafters"]["replay80"].update(model="smollm2", cost_ms_per_token=2), "drafters.replay80.cost_ms_per_token", "not both"),
         (lambda c: c["drafters"]["int8"].update(error_rate=0.1), "drafters.int8", None),
-        (_experiment(temperature=0.7), "experiments.default.methods.3.drafter", "greedy only"),
-        (lambda c: c["experiments"]["default"]["methods"].pop(0), "experiments.default.methods.2.drafter", "AR cell"),
+        (_experiment(temperature=0.7), "experiments.default.methods.4.drafter", "greedy only"),
+        (lambda c: c["experiments"]["default"]["methods"].pop(0), "experiments.default.methods.3.drafter", "AR cell"),
     ],
 )
 def test_bad_replay_settings_fail_at_the_gate(default_config, mutate, key, message):
@@ -369,3 +369,32 @@ def test_a_checkpoint_that_does_not_fit_the_target_is_refused_at_the_gate(defaul
     validate(default_config)
     with pytest.raises(ConfigError, match="'drafters.eagle.source': .*hidden_size 64 does not fit the target \\(hidden_size 576\\)"):
         check_inputs(default_config)
+
+
+@pytest.mark.parametrize(
+    "tree, kind, message",
+    [
+        ({"paths": [[0], [0, 1]]}, "ngram", "tree path \\[0, 1\\] has no elder sibling \\[0, 0\\]"),
+        ({"paths": [[1]]}, "ngram", "tree path \\[1\\] has no elder sibling \\[0\\]"),
+        ({"branching": [2]}, "suffix", "a suffix drafter drafts chains here"),
+    ],
+)
+def test_a_token_tree_is_checked_at_the_gate(default_config, tree, kind, message):
+    name = {"ngram": "ngram", "suffix": "suffix"}[kind]
+    default_config["drafters"][name]["tree"] = tree
+    with pytest.raises(ConfigError, match=message) as info:
+        validate(default_config)
+    assert f"'drafters.{name}.tree'" in str(info.value)
+
+
+def test_a_token_tree_is_typed_by_its_paths_and_runs_on_our_engine_only(default_config):
+    from specdec.engines import unsupported
+
+    cells = [c for c in expand_matrix(validate(default_config)) if c.experiment == "trees"]
+    tree = next(c for c in cells if c.drafter is not None and c.drafter.name == "ngram_tree")
+    assert tree.drafter.tree == ((0,), (1,), (2,), (0, 0), (1, 0), (2, 0), (0, 0, 0), (1, 0, 0), (2, 0, 0),
+                                 (0, 0, 0, 0), (1, 0, 0, 0), (2, 0, 0, 0))
+    assert Cell.from_dict(json.loads(json.dumps(tree.to_dict()))) == tree
+    assert unsupported(tree) is None
+    for engine in ("transformers", "vllm"):
+        assert unsupported(dataclasses.replace(tree, engine=engine)) == f"drafter 'ngram_tree' drafts a token tree; {engine} verifies chains here"

@@ -236,3 +236,31 @@ def test_tree_sampling_through_generation_keeps_the_target_distribution(kind, ca
     pair_counts = torch.bincount(tokens[:, 1] * VOCAB + tokens[:, 2], minlength=VOCAB**2)
     assert chi_square_p(pair_counts, joint.sum(0).reshape(-1)) > 1e-3
     assert sum(r.accepted_tokens for r in rows) > 0
+
+
+def test_a_configs_token_tree_reaches_our_engine_and_decodes_as_ar(tmp_path, embedded_model_dir):
+    """`drafters.NAME.tree` in a config, through the gate and the job: an n-gram tree cell on
+    the embedded model decodes its prompts token for token as the AR cell (the job's greedy
+    check), eagerly, with more nodes verified than a chain of its depth would hold."""
+    from conftest import cell_inputs
+
+    from specdec.gate.config import expand_matrix, validate
+    from specdec.job import runner
+
+    config = validate({
+        "seed": 3, "models": {"smollm2": {"source": "embedded"}},
+        "drafters": {"tree": {"kind": "ngram", "n": 4, "min_context": 1, "top_k": 3, "tree": {"branching": [3, 1, 1]}}},
+        "datasets": {"edit": {"source": "humaneval_edit", "num_prompts": 2, "max_prompt_tokens": 384}},
+        "experiments": {"t": {"target": "smollm2", "datasets": ["edit"], "max_new_tokens": 24, "warmup": 0,
+                              "methods": [{"method": "ar"}, {"method": "ngram", "drafter": "tree", "gamma": 3,
+                                                              "reference": "separate"}]}},
+        "power": {"enabled": False},
+    })
+    ar, tree = sorted(expand_matrix(config), key=lambda cell: cell.drafts)
+    models_dir, prompts = cell_inputs(tmp_path, embedded_model_dir, config["datasets"]["edit"], seed=3)
+    assert runner.run_cell(ar, prompts, tmp_path / "ar", models_dir=models_dir)["status"] == "ok"
+    result = runner.run_cell(tree, prompts, tmp_path / "tree", models_dir=models_dir, reference=tmp_path / "ar" / "requests.jsonl")
+    assert result["status"] == "ok" and result["correctness"]["identical"], result.get("failure")
+    assert result["engine"]["settings"]["compile"]["target"]["reason"] == "token trees run eagerly"
+    acceptance = result["acceptance"]
+    assert acceptance["drafted_tokens"] > acceptance["num_drafts"] * 3  # several continuations a step, not one chain

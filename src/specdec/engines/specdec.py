@@ -14,6 +14,7 @@ import specdec
 from specdec.decoding import ModelDrafter, NgramDrafter, RecyclingDrafter, ReplayDrafter, RowResult, SuffixDrafter, generate
 from specdec.decoding.compiled import compile_steps, step_widths
 from specdec.decoding.head_formats import load_head
+from specdec.decoding.trees import TreeShape
 from specdec.decoding.kernels import choose, tuned_linears
 from specdec.engines.inprocess import InProcessEngine
 from specdec.engines.session import load_models
@@ -30,6 +31,7 @@ class SpecdecEngine(InProcessEngine):
     replays = True
     model_free_drafters = ("ngram", "suffix", "recycling")
     head_drafters = ("eagle3", "medusa")
+    token_trees = True
     parity_reference = True
 
     kernels: dict = field(default_factory=dict)  # role -> the CPU kernel choice our engine runs it with
@@ -66,12 +68,13 @@ class SpecdecEngine(InProcessEngine):
         loaded = load_models(cell, models_dir)
         chosen = _apply_kernel_choices({"target": loaded.target, "drafter": loaded.drafter_model}, kernels or {})
         spec = cell.drafter
+        tree = TreeShape.of(spec.tree) if spec is not None and spec.tree else None
         if replayed is not None:
             drafter = ReplayDrafter({}, spec.error_rate, spec.cost_ms_per_token / 1000, model=loaded.drafter_model, seed=cell.seed)
         elif cell.method == "speculative":
-            drafter = ModelDrafter(loaded.drafter_model)
+            drafter = ModelDrafter(loaded.drafter_model, tree=tree)
         elif cell.method == "ngram":
-            drafter = NgramDrafter(n=spec.n, top_k=spec.top_k, min_context=spec.min_context)
+            drafter = NgramDrafter(n=spec.n, top_k=spec.top_k, min_context=spec.min_context, tree=tree)
         elif cell.method == "suffix":
             drafter = SuffixDrafter(spec.max_depth, spec.max_spec_factor, spec.min_token_prob, spec.cache_tokens)
         elif cell.method == "recycling":
@@ -103,16 +106,19 @@ class SpecdecEngine(InProcessEngine):
         """Our engine's step path per model: a model whose `compile` is on (absent: on for
         CUDA) gets a static cache of room for `context` tokens (the longest conversation's,
         `session.check_context`) plus one step, and its steps compiled for every shape now,
-        before any request; the others keep the growing cache. `cache_dir`: the compile cache
-        shared by every cell."""
+        before any request; the others keep the growing cache, as every model of a cell whose
+        drafter proposes token trees does. `cache_dir`: the compile cache shared by every cell."""
         roles = {"target": (self.target, self.cell.target.compile)}
         if self.drafter_model is not None:  # a quantised copy, or a model drafter's (or replay pacer's) own model
             spec = self.cell.drafter
             roles["drafter"] = (self.drafter_model, spec.compile if spec.kind == "quantized" else spec.model.compile)
         max_length = -(-(context + self.cell.gamma + 1) // 256) * 256  # shapes shared by cells of similar contexts
+        tree = self.cell.drafter is not None and self.cell.drafter.tree is not None
         for role, (model, wanted) in roles.items():
             device = model.get_input_embeddings().weight.device
-            if wanted if wanted is not None else device.type == "cuda":
+            if tree:  # the compiled steps are traced for chains: a tree's mask would recompile them mid-request
+                record = {"enabled": False, "static_cache": False, "reason": "token trees run eagerly"}
+            elif wanted if wanted is not None else device.type == "cuda":
                 hidden = {"target": self.drafter.hidden_ids} if role == "target" and self.drafter is not None else {}
                 record = compile_steps(model, max_length, self.cell.batch_size, {role: step_widths(self.cell.gamma, role)}, cache_dir,
                                        hidden_ids=hidden)

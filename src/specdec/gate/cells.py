@@ -123,6 +123,8 @@ class DrafterSpec:
     # training rule writes), and how the pipeline trains it, if it does.
     source: str | None = None
     train: HeadTraining | None = None
+    # kind model | quantized | ngram: a static token tree (paths of child ranks, decoding.trees)
+    tree: tuple[tuple[int, ...], ...] | None = None
 
     @property
     def is_head(self) -> bool:
@@ -295,14 +297,13 @@ class Cell:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (schema `cell.schema.json`), with the derived `cell` name beside it;
-        `endpoint` and a head's `source` and `train` only where there are some (other cells'
-        forms stay as they were)."""
+        `endpoint`, a head's `source` and `train` and a drafter's `tree` only where there are
+        some (other cells' forms stay as they were)."""
         data = _plain(dataclasses.asdict(self))
         if data["endpoint"] is None:
             del data["endpoint"]
-        for key in ("source", "train"):  # a head's only
-            if data["drafter"] is not None and data["drafter"][key] is None:
-                del data["drafter"][key]
+        if data["drafter"] is not None:
+            data["drafter"] = _drafter_dict(data["drafter"])
         return data | {"cell": self.name}
 
     @classmethod
@@ -311,9 +312,10 @@ class Cell:
         fields = {k: v for k, v in data.items() if k != "cell"}
         drafter = fields["drafter"]
         if drafter is not None:
-            model, train = drafter.get("model"), drafter.get("train")
+            model, train, tree = drafter.get("model"), drafter.get("train"), drafter.get("tree")
             drafter = DrafterSpec(**(drafter | {"model": ModelSpec(**model) if model else None,
-                                                "train": HeadTraining(**train | {"corpus": tuple(train["corpus"])}) if train else None}))
+                                                "train": HeadTraining(**train | {"corpus": tuple(train["corpus"])}) if train else None,
+                                                "tree": tuple(map(tuple, tree)) if tree else None}))
         placement = fields["placement"]
         if placement.get("ratio") is not None:
             placement = placement | {"ratio": tuple(placement["ratio"])}
@@ -330,6 +332,12 @@ class Cell:
                 if fields.get("endpoint") else None,
             }
         )
+
+
+def _drafter_dict(drafter: dict[str, Any]) -> dict[str, Any]:
+    """A drafter's JSON form: a head's `source` and `train` and a tree drafter's `tree` only
+    where they are set (other drafters' forms stay as they were before those keys)."""
+    return {k: v for k, v in drafter.items() if k not in ("source", "train", "tree") or v is not None}
 
 
 def _plain(value: Any) -> Any:
@@ -374,7 +382,7 @@ class HeadJob:
     seed: int
 
     def to_dict(self) -> dict[str, Any]:
-        drafter = _plain(dataclasses.asdict(self.drafter))
+        drafter = _drafter_dict(_plain(dataclasses.asdict(self.drafter)))
         return {"drafter": drafter, "target": _plain(dataclasses.asdict(self.target)), "seed": self.seed}
 
     @classmethod

@@ -46,6 +46,7 @@ from specdec.gate.cells import (
 )
 from specdec.prepare import datasets as dataset_entries
 from specdec.decoding.head_formats import HeadMismatch, head_spec
+from specdec.decoding.trees import TreeShape
 from specdec.prepare.models import EMBEDDED_DIR, ModelError, local_folder, read_config
 
 
@@ -225,6 +226,14 @@ def check_references(config: dict) -> None:
         for key in ("source", "train"):
             if key in drafter and drafter["kind"] not in HEAD_KINDS:
                 raise ConfigError(f"config key 'drafters.{name}.{key}': only a learned head (kind eagle3 or medusa) takes {key}")
+        if "tree" in drafter:
+            if drafter["kind"] not in TREE_KINDS:
+                raise ConfigError(f"config key 'drafters.{name}.tree': a {drafter['kind']} drafter drafts chains here; "
+                                  f"token trees: kinds {', '.join(sorted(TREE_KINDS))}")
+            try:
+                tree_shape(drafter["tree"])
+            except ValueError as error:
+                raise ConfigError(f"config key 'drafters.{name}.tree': {error}") from None
         if drafter["kind"] == "ngram" and drafter["min_context"] > drafter["n"] - 1:
             raise ConfigError(f"config key 'drafters.{name}.min_context': {drafter['min_context']} exceeds n - 1 = {drafter['n'] - 1}, the longest context")
     for name, target in _head_targets(config).items():
@@ -392,8 +401,18 @@ def _model(name: str, spec: dict) -> ModelSpec:
     return ModelSpec(name=name, **spec)
 
 
+# The drafters that grow static token trees (decoding.trees), and a config's tree as a shape.
+TREE_KINDS = frozenset({"model", "quantized", "ngram"})
+
+
+def tree_shape(tree: dict) -> TreeShape:
+    return TreeShape.from_branching(tree["branching"]) if "branching" in tree else TreeShape.of(tree["paths"])
+
+
 def _drafter(name: str, spec: dict, config: dict) -> DrafterSpec:
     fields = dict(spec)
+    if "tree" in spec:
+        fields["tree"] = tree_shape(spec["tree"]).paths
     if "model" in spec:
         fields["model"] = _model(spec["model"], config["models"][spec["model"]])
     if "train" in spec:
