@@ -308,6 +308,14 @@ def experiment_slo(wildcards):
 
 def experiment_runs(wildcards, name="result.json"):
     return [f"{RESULTS}/runs/{cell.id}/{name}" for cell in CELLS.values() if cell.experiment == wildcards.experiment]
+
+
+def experiment_trainings(wildcards):
+    return []
+
+
+def heads_reports():
+    return []
 """
 
 

@@ -221,10 +221,11 @@ def test_the_gate_types_the_drafters_and_only_our_engine_runs_them():
     assert (recycling.top_k, recycling.max_depth) == (8, None)
     for (engine, method), cell in cells.items():
         assert cell.drafter_model is None  # model-free: nothing to load
-        assert (unsupported(cell) is None) == (engine == "specdec")
+        assert (unsupported(cell) is None) == (engine == "specdec" or (engine, method) == ("vllm", "suffix"))
         records.validate("cell", cell.to_dict(), cell.name)
         assert Cell.from_dict(cell.to_dict()) == cell
-    assert "(suffix) runs through our engine's Drafter interface; vllm" in unsupported(cells["vllm", "suffix"])
+    assert "(recycling) runs through our engine's Drafter interface; vllm" in unsupported(cells["vllm", "recycling"])
+    assert "(suffix) runs through our engine's Drafter interface; transformers" in unsupported(cells["transformers", "suffix"])
 
 
 def test_a_cell_forgets_the_warm_up_and_reports_its_cap(tmp_path, embedded_model_dir):
