@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import ClassVar
 
-from specdec.engines import placement
+from specdec.engines.placement import gpus_required
 from specdec.gate.cells import HEAD_KINDS, MODEL_FREE_KINDS, Cell
 from specdec.job.load import Server
 
@@ -73,7 +73,7 @@ class Engine(ABC):
     def gpus_required(cls, cell: Cell) -> int:
         """The GPUs the cell's job holds (Snakemake's `resources: gpu=`, the job's lease):
         its placement's."""
-        return placement.gpus_required(cell.placement, has_drafter=cell.drafter is not None)
+        return gpus_required(cell.placement, has_drafter=cell.drafter is not None)
 
     @classmethod
     def unsupported(cls, cell: Cell) -> str | None:
