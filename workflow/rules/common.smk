@@ -322,18 +322,12 @@ def head_evaluation_prompts(wildcards):
     text must share none of them."""
     datasets = {
         dataset
-        for experiment in config["experiments"].values()
-        if any(
-            wildcards.drafter in _names(entry.get("drafter", []))
-            for entry in experiment["methods"]
+        for experiment in specdec.gate.config.experiments_using(
+            config, wildcards.drafter
         )
         for dataset in experiment["datasets"]
     }
     return [f"{RESULTS}/prompts/{dataset}.jsonl" for dataset in sorted(datasets)]
-
-
-def _names(value):
-    return value if isinstance(value, list) else [value]
 
 
 def head_gpus(wildcards):

@@ -71,7 +71,7 @@ class ModelSpec:
 class HeadTraining:
     """How the pipeline trains a head (`drafters.NAME.train`; prepare/head_training.py).
 
-    corpus: the offline text sources (`TRAINING_CORPORA`), or `path`, a JSONL file of
+    corpus: the offline text sources (`training_corpus.SOURCES`), or `path`, a JSONL file of
     {"text": ...} lines, in their place. tokens: the corpus tokens the target labels (the
     budget), max_minutes: a wall-time budget beside it (whichever ends first). draft_vocab
     (eagle3): the draft vocabulary's size; num_heads (medusa); steps (eagle3): the
@@ -92,10 +92,9 @@ class HeadTraining:
     held_out_tokens: int = 8192
     evaluations: int = 5
 
-
-# Offline text a head may be trained on: chitchat-dataset's conversations (a wheel), and the
-# Python standard library's own source (on every machine with Python), for code prompts.
-TRAINING_CORPORA = ("chitchat", "python_stdlib")
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HeadTraining:
+        return cls(**data | {"corpus": tuple(data["corpus"])})
 
 
 @dataclass(frozen=True)
@@ -125,6 +124,14 @@ class DrafterSpec:
     train: HeadTraining | None = None
     # kind model | quantized | ngram: a static token tree (paths of child ranks, decoding.trees)
     tree: tuple[tuple[int, ...], ...] | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DrafterSpec:
+        """The inverse of its JSON form (`_drafter_dict`), for data that passed its schema."""
+        model, train, tree = data.get("model"), data.get("train"), data.get("tree")
+        return cls(**data | {"model": ModelSpec(**model) if model else None,
+                             "train": HeadTraining.from_dict(train) if train else None,
+                             "tree": tuple(map(tuple, tree)) if tree else None})
 
     @property
     def is_head(self) -> bool:
@@ -310,12 +317,7 @@ class Cell:
     def from_dict(cls, data: dict[str, Any]) -> Cell:
         """The inverse of `to_dict`, for data that passed `cell.schema.json` (`records`)."""
         fields = {k: v for k, v in data.items() if k != "cell"}
-        drafter = fields["drafter"]
-        if drafter is not None:
-            model, train, tree = drafter.get("model"), drafter.get("train"), drafter.get("tree")
-            drafter = DrafterSpec(**(drafter | {"model": ModelSpec(**model) if model else None,
-                                                "train": HeadTraining(**train | {"corpus": tuple(train["corpus"])}) if train else None,
-                                                "tree": tuple(map(tuple, tree)) if tree else None}))
+        drafter = DrafterSpec.from_dict(fields["drafter"]) if fields["drafter"] is not None else None
         placement = fields["placement"]
         if placement.get("ratio") is not None:
             placement = placement | {"ratio": tuple(placement["ratio"])}
@@ -388,6 +390,4 @@ class HeadJob:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> HeadJob:
         """The inverse of `to_dict`, for data that passed `head_job.schema.json` (`records`)."""
-        drafter, train = data["drafter"], data["drafter"]["train"]
-        spec = DrafterSpec(**drafter | {"model": None, "train": HeadTraining(**train | {"corpus": tuple(train["corpus"])})})
-        return cls(spec, ModelSpec(**data["target"]), data["seed"])
+        return cls(DrafterSpec.from_dict(data["drafter"]), ModelSpec(**data["target"]), data["seed"])

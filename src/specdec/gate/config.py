@@ -268,15 +268,16 @@ def check_references(config: dict) -> None:
                     raise ConfigError(f"config key '{where}.placement': drafter {name!r} is an int8 dynamic quantisation, which runs on the CPU only; use placement cpu or a bf16 drafter")
 
 
+def experiments_using(config: dict, drafter: str) -> list[dict]:
+    """The experiments (their config entries) with a method that drafts with `drafter`."""
+    return [exp for exp in config["experiments"].values()
+            if any(drafter in _as_list(entry.get("drafter", [])) for entry in exp["methods"])]
+
+
 def _head_targets(config: dict) -> dict[str, set[str]]:
     """The targets each trained head is used with, by drafter name."""
-    targets: dict[str, set[str]] = {name: set() for name, d in config.get("drafters", {}).items() if "train" in d}
-    for exp in config["experiments"].values():
-        for entry in exp["methods"]:
-            for name in _as_list(entry.get("drafter", [])):
-                if name in targets:
-                    targets[name].add(exp["target"])
-    return targets
+    return {name: {exp["target"] for exp in experiments_using(config, name)}
+            for name, drafter in config.get("drafters", {}).items() if "train" in drafter}
 
 
 def head_folder(config: dict, name: str) -> str:
@@ -323,9 +324,7 @@ def _check_heads(config: dict) -> None:
     for name, drafter in config.get("drafters", {}).items():
         if "source" not in drafter:
             continue
-        for exp in config["experiments"].values():
-            if not any(name in _as_list(e.get("drafter", [])) for e in exp["methods"]):
-                continue
+        for exp in experiments_using(config, name):
             target = config["models"][exp["target"]]
             folder = Path(target["path"]) if target["source"] == "local" else EMBEDDED_DIR.parent / exp["target"] if target["source"] == "embedded" else None
             if folder is None or not (folder / "config.json").is_file():
@@ -417,8 +416,8 @@ def _drafter(name: str, spec: dict, config: dict) -> DrafterSpec:
         fields["model"] = _model(spec["model"], config["models"][spec["model"]])
     if "train" in spec:
         target = next(iter(_head_targets(config)[name]), None)
-        train = spec["train"] | {"corpus": tuple(spec["train"]["corpus"])}
-        fields |= {"source": head_folder(config, name), "train": HeadTraining(target=target, **train) if target else None}
+        fields |= {"source": head_folder(config, name),
+                   "train": HeadTraining.from_dict(spec["train"] | {"target": target}) if target else None}
     return DrafterSpec(name=name, **fields)
 
 

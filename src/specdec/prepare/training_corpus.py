@@ -2,7 +2,7 @@
 cut into held-out and training sequences, and refused where it shares a prompt with any
 evaluation dataset of the experiments that use the head.
 
-Sources (`cells.TRAINING_CORPORA`): chitchat-dataset's conversations as chats (the first
+Sources (`SOURCES`, the schema's `train.corpus` choices): chitchat-dataset's conversations as chats (the first
 sender is the user), and the Python standard library's modules as answers in a code block
 (the evaluation's code prompts are HumanEval's, which the standard library does not hold);
 or a user's JSONL file of {"text": ...} lines, taken as they are. Documents are shuffled by
@@ -56,7 +56,7 @@ def documents(training: HeadTraining, tokenizer, seed: int) -> Iterator[Document
     rng = random.Random(seed)
     sources = []
     for name in training.corpus:
-        docs = list({"chitchat": _chitchat_documents, "python_stdlib": _stdlib_documents}[name](tokenizer))
+        docs = list(SOURCES[name](tokenizer))
         rng.shuffle(docs)
         sources.append(docs)
     for group in zip_longest(*sources):
@@ -98,6 +98,11 @@ def _stdlib_documents(tokenizer) -> Iterator[Document]:
             messages = [{"role": "user", "content": f"Show lines {start + 1}-{start + STDLIB_LINES} of Python's {path.stem} module."},
                         {"role": "assistant", "content": f"```python\n{piece}\n```"}]
             yield Document("python_stdlib", f"{path.name}:{start + 1}", _chat(tokenizer, messages), (piece,))
+
+
+# Offline text a head may be trained on: chitchat-dataset's conversations (a wheel), and the
+# Python standard library's own source (on every machine with Python), for code prompts.
+SOURCES = {"chitchat": _chitchat_documents, "python_stdlib": _stdlib_documents}
 
 
 def _jsonl_documents(path: Path) -> Iterator[Document]:
