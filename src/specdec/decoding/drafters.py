@@ -86,6 +86,7 @@ class DraftSession(ABC):
 class Drafter(ABC):
     model = None  # the draft model, for drafters that run one
     hidden_ids: tuple[int, ...] = ()  # the target's hidden states it reads (cache.py's ids)
+    tree: TreeShape | None = None  # the static token tree it proposes (None: chains)
 
     @property
     def module(self):
@@ -98,10 +99,14 @@ class Drafter(ABC):
     ) -> DraftSession:
         """Begin drafting for a left-padded prompt batch (on the verifier's device)."""
 
+    def shape(self, gamma: int) -> TreeShape:
+        """The shape of a proposal of depth `gamma`: its tree cut there, or a chain."""
+        return TreeShape.chain(gamma) if self.tree is None else self.tree.truncated(gamma)
+
     def max_nodes(self, gamma: int) -> int:
         """The most draft nodes a proposal of depth `gamma` holds (a chain's: gamma): the
         target's step widths and its cache's room follow."""
-        return gamma
+        return self.shape(gamma).nodes
 
     def forget(self) -> None:
         """Drop what was learnt across requests. Called as the measured window opens, so that
@@ -144,12 +149,6 @@ class ModelDrafter(Drafter):
     def __init__(self, model, tree: TreeShape | None = None):
         self.model = model
         self.tree = tree
-
-    def shape(self, gamma: int) -> TreeShape:
-        return TreeShape.chain(gamma) if self.tree is None else self.tree.truncated(gamma)
-
-    def max_nodes(self, gamma: int) -> int:
-        return self.shape(gamma).nodes
 
     def start(self, input_ids, attention_mask, sampler, vocab_size):
         return _ModelDraftSession(self, input_ids, attention_mask, sampler, vocab_size)
@@ -283,12 +282,6 @@ class NgramDrafter(Drafter):
         if not 1 <= min_context <= n - 1:
             raise ValueError(f"NgramDrafter min_context must be in 1 .. n - 1 = {n - 1}, got {min_context}")
         self.n, self.top_k, self.min_context, self.tree = n, top_k, min_context, tree
-
-    def shape(self, gamma: int) -> TreeShape:
-        return TreeShape.chain(gamma) if self.tree is None else self.tree.truncated(gamma)
-
-    def max_nodes(self, gamma: int) -> int:
-        return self.shape(gamma).nodes
 
     def start(self, input_ids, attention_mask, sampler, vocab_size):
         return _NgramSession(self, unpadded_prompts(input_ids, attention_mask), input_ids.device)

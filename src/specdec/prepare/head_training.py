@@ -59,11 +59,10 @@ def _decoder(target):
     return target.get_decoder(), target.get_output_embeddings()
 
 
-def new_eagle3(target, draft_ids: torch.Tensor, aux_ids: tuple[int, ...] | None = None,
-               from_target: bool = True) -> Eagle3Drafter:
+def new_eagle3(target, draft_ids: torch.Tensor, aux_ids: tuple[int, ...] | None = None) -> Eagle3Drafter:
     """An EAGLE-3 head for `target` over the draft vocabulary `draft_ids` (ascending), its
-    layer shaped like the target's and its embedding the target's; `from_target`: started
-    from the target's weights (the module's docstring), else at random."""
+    layer shaped like the target's and its embedding the target's, started from the target's
+    weights (the module's docstring)."""
     text = target.config.get_text_config()
     fields = {k: v for k, v in text.to_dict().items() if k not in ("architectures", "model_type")}
     layer = LlamaConfig(**{**fields, "num_hidden_layers": 1, "attn_implementation": "sdpa"})
@@ -74,8 +73,7 @@ def new_eagle3(target, draft_ids: torch.Tensor, aux_ids: tuple[int, ...] | None 
     head.d2t.copy_(draft_ids - torch.arange(len(draft_ids), device=draft_ids.device))
     head.t2d.zero_()
     head.t2d[draft_ids] = True
-    if from_target:
-        _start_eagle3_from(head, target, draft_ids)
+    _start_eagle3_from(head, target, draft_ids)
     return Eagle3Drafter(head)
 
 
@@ -102,18 +100,17 @@ def _start_eagle3_from(head: Eagle3Head, target, draft_ids: torch.Tensor) -> Non
             mine.bias.copy_(theirs.bias)
 
 
-def new_medusa(target, num_heads: int, from_target: bool = True) -> MedusaDrafter:
+def new_medusa(target, num_heads: int) -> MedusaDrafter:
     """Medusa heads for `target` (one residual block each), started as the identity with the
-    target's output layer (`from_target`), else at random."""
+    target's output layer."""
     text = target.config.get_text_config()
     heads = MedusaHeads(MedusaSpec(text.hidden_size, text.vocab_size, num_heads, 1))
     embedding = target.get_input_embeddings().weight
     heads.to(device=embedding.device, dtype=embedding.dtype)
-    if from_target:
-        with torch.no_grad():
-            for block, lm_head in zip(heads.blocks, heads.lm_heads):
-                block.layers[0].weight.zero_()
-                lm_head.weight.copy_(_decoder(target)[1].weight)
+    with torch.no_grad():
+        for block, lm_head in zip(heads.blocks, heads.lm_heads):
+            block.layers[0].weight.zero_()
+            lm_head.weight.copy_(_decoder(target)[1].weight)
     return MedusaDrafter(heads, text.num_hidden_layers)
 
 
@@ -308,7 +305,7 @@ def train_head(target, tokenizer, kind: str, training: HeadTraining, seed: int, 
         "corpus": {"sources": list(training.corpus) if training.path is None else [training.path],
                    "documents": split.documents, "held_out_tokens": training_corpus.token_count(split.held_out),
                    "excluded_datasets": sorted(prompts)},
-        "draft_vocab": training.draft_vocab if kind == "eagle3" else vocab,
+        "draft_vocab": drafter.head.spec.draft_vocab_size if kind == "eagle3" else vocab,
         "tokens": progress.tokens, "seconds": round(progress.seconds, 1),
         "tokens_per_s": round(progress.tokens / progress.seconds, 1) if progress.seconds else None,
         "resumed": progress.resumed, "curve": progress.curve,
