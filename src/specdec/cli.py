@@ -21,6 +21,7 @@ from specdec.decoding.kernels import probe  # noqa: E402
 from specdec.engines import unsupported  # noqa: E402
 from specdec.gate.cells import ModelSpec  # noqa: E402
 from specdec.gate.config import ConfigError, check_inputs, expand_matrix, load_config  # noqa: E402
+from specdec.job.gpus import lease_gpus  # noqa: E402
 from specdec.job.runner import now_iso, run_cell  # noqa: E402
 from specdec.metadata import cpu_model  # noqa: E402
 from specdec.prepare.datasets import prepare_dataset_file  # noqa: E402
@@ -123,9 +124,8 @@ def _train_head(args) -> int:
         torch.set_num_threads(args.threads)
     job = head_job_from_json(args.spec, "--spec")
     prompts = {Path(path).stem: read_prompts(path) for path in args.prompts}
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    target, tokenizer = load_model(job.target, Path(args.models_dir), device_map=device)
     out = Path(job.drafter.source)
+    device = "cuda" if args.gpus else "cpu"
 
     def say(line: str) -> None:
         print(line, flush=True)
@@ -134,7 +134,9 @@ def _train_head(args) -> int:
 
     columns = (TextColumn(f"train {job.drafter.name}"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,} tokens"),
                TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(file=console)) as bar:
+    # the GPUs the rule declared, held as a benchmark cell holds its own (Snakemake pins none)
+    with lease_gpus(args.gpus, label=f"train {job.drafter.name}"), Progress(*columns, console=Console(file=console)) as bar:
+        target, tokenizer = load_model(job.target, Path(args.models_dir), device_map=device)
         task = bar.add_task("train", total=job.drafter.train.tokens)
         record = train_head(target, tokenizer, job.drafter.kind, job.drafter.train, job.seed, prompts, out,
                             out.with_name(out.name + ".state.pt"),
@@ -218,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", nargs="*", default=[], help="prompts JSONL of every evaluation dataset: none may share a prompt with the training text")
     p.add_argument("--models-dir", default="resources/models")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--gpus", type=int, default=0, help="GPUs to hold and train on (0: the CPU)")
     p.add_argument("--log", help="write the full log here; the console gets the progress bar and the curve's points")
     p.set_defaults(func=_train_head)
 

@@ -26,4 +26,4 @@ rule train_drafter:
         specdec=SPECDEC,
     shell:
         "{params.specdec} train-head --spec {params.job:q} --prompts {input.prompts:q}"
-        " --threads {threads} --log {log:q}"
+        " --threads {threads} --gpus {resources.gpu} --log {log:q}"
