@@ -1,12 +1,14 @@
 """Model-free drafters from earlier text: the suffix tries and output cache of suffix decoding,
-the adjacency table of token recycling, each lossless on a tiny model and exact under
-sampling (the embedded model's greedy check is in test_decoding.py)."""
+the adjacency table of token recycling, the chains and token trees they draft, each lossless
+on a tiny model and exact under sampling, trees through the tree verifier (the embedded
+model's greedy check is in test_decoding.py)."""
 
 import pytest
 import torch
 
 from specdec.decoding import GenerationSettings, RecyclingDrafter, StepOutcome, SuffixDrafter, generate
 from specdec.decoding.suffix import OutputCache, SuffixTrie
+from specdec.decoding.trees import TreeShape
 
 from conftest import chi_square_p, exact_joint
 from test_sampling import PROMPT, VOCAB, tiny_model
@@ -63,22 +65,47 @@ def test_match_is_the_longest_suffix_with_a_continuation():
     assert trie.match([5, 6])[1] == 0  # nothing matches: the root
 
 
-def test_continuation_follows_the_most_frequent_token_and_its_probability():
+def chain(trie: SuffixTrie, text: list[int], gamma: int, factor: float, min_prob: float) -> tuple[list[int], float]:
+    """A chain draft's tokens (each hanging from the one before) and score."""
+    tokens, parents, score = trie.draft(text, TreeShape.chain(gamma), factor, min_prob)
+    assert parents == list(range(len(tokens)))
+    return tokens, score
+
+
+def test_a_chain_follows_the_most_frequent_token_and_its_probability():
     trie = SuffixTrie(8)
     trie.extend([1, 2, 3, 0, 1, 2, 4, 0, 1, 2, 3, 0])
     # after "1 2": 3 twice, 4 once -> 3 (p 2/3), then "1 2 3" -> 0 (p 2/3 x 1)
-    drafted, score = trie.continuation([5, 1, 2], gamma=8, factor=1.0, min_prob=0.0)
+    drafted, score = chain(trie, [5, 1, 2], gamma=8, factor=1.0, min_prob=0.0)
     assert drafted == [3, 0] and score == pytest.approx(4 / 3)  # at most factor x match length = 2
-    assert trie.continuation([5, 1, 2], gamma=8, factor=2.0, min_prob=0.0)[0] == [3, 0, 1, 2]
-    assert trie.continuation([5, 1, 2], gamma=1, factor=2.0, min_prob=0.0)[0] == [3]
-    assert trie.continuation([5, 1, 2], gamma=8, factor=2.0, min_prob=0.7)[0] == []  # 2/3 < 0.7
+    assert chain(trie, [5, 1, 2], gamma=8, factor=2.0, min_prob=0.0)[0] == [3, 0, 1, 2]
+    assert chain(trie, [5, 1, 2], gamma=1, factor=2.0, min_prob=0.0)[0] == [3]
+    assert chain(trie, [5, 1, 2], gamma=8, factor=2.0, min_prob=0.7)[0] == []  # 2/3 < 0.7
 
 
-def test_continuation_goes_on_past_the_tries_depth():
+def test_a_chain_goes_on_past_the_tries_depth():
     trie = SuffixTrie(3)
     trie.extend([1, 2, 3, 4, 5, 6])
     # depth 3 holds "2 3 4" but nothing longer: the path re-matches as it goes
-    assert trie.continuation([9, 1, 2], gamma=4, factor=2.0, min_prob=0.0)[0] == [3, 4, 5, 6]
+    assert chain(trie, [9, 1, 2], gamma=4, factor=2.0, min_prob=0.0)[0] == [3, 4, 5, 6]
+
+
+def test_a_tree_branches_over_the_most_frequent_continuations_in_rank_order():
+    """After "1 2": 3 (x3, first seen), 4 (x3), 5 (x1); after "1 2 3": 7 (x2), 8 (x1); after
+    "1 2 4": 9 (x3). Template: 3 children of the root, 2 of each: the ranks fill breadth-first,
+    a rank with no continuation (the second child of 4, any child of 5 below min_prob) is left
+    out with its subtree, and nothing goes deeper than factor x the match length."""
+    trie = SuffixTrie(8)
+    trie.extend([1, 2, 3, 7, 0, 1, 2, 4, 9, 0, 1, 2, 3, 8, 0, 1, 2, 4, 9, 0, 1, 2, 3, 7, 0, 1, 2, 4, 9, 0, 1, 2, 5, 6])
+    shape = TreeShape.from_branching([3, 2, 1])
+    tokens, parents, score = trie.draft([6, 1, 2], shape, factor=1.0, min_prob=0.0)
+    assert tokens == [3, 4, 5, 7, 8, 9, 6] and parents == [0, 0, 0, 1, 1, 2, 3]  # 5's one child: 6
+    assert score == pytest.approx(3 / 7 + 3 / 7 + 1 / 7 + 3 / 7 * 2 / 3 + 3 / 7 * 1 / 3 + 3 / 7 + 1 / 7)
+    tokens, parents, _ = trie.draft([6, 1, 2], shape, factor=1.0, min_prob=0.2)
+    assert tokens == [3, 4, 7, 9] and parents == [0, 0, 1, 2]  # 5 (1/7) and 8 (1/7) fall, 6 with 5
+    tokens, parents, _ = trie.draft([6, 1, 2], shape, factor=1.5, min_prob=0.2)  # 1.5 x 2: depth 3
+    assert tokens == [3, 4, 7, 9, 0, 0] and parents == [0, 0, 1, 2, 3, 4]
+    assert trie.draft([6, 1, 2], shape, factor=0.4, min_prob=0.0)[0] == []  # 0.4 x 2 < one token
 
 
 def test_output_cache_evicts_the_oldest_outputs_and_holds_its_cap_over_a_long_run():
@@ -109,6 +136,10 @@ def test_suffix_drafter_drafts_from_earlier_outputs_and_forgets_them():
     drafter.start(ids, torch.ones_like(ids), None, 20).finish({0: [4, 5, 6, 7, 8]})  # an earlier request's output
     assert session.propose(torch.tensor([4]), 4).tokens.tolist() == [[5, 6, 7, 8]]
     assert drafter.state()["cached_outputs"] == 1
+    drafter.cache.add([4, 9, 6])
+    drafter.tree = TreeShape.from_branching([2, 2])  # after "4": 5 (first seen), 9; each then 6
+    draft = session.propose(torch.tensor([4]), 4)
+    assert draft.tokens.tolist() == [[5, 9, 6, 6]] and draft.parents.tolist() == [[0, 0, 1, 2]] and draft.branching == 2
     drafter.forget()
     assert session.propose(torch.tensor([4]), 4).lengths.tolist() == [0]
     assert drafter.state()["cached_outputs"] == 0
@@ -146,6 +177,31 @@ def test_recycling_table_takes_the_targets_top_k_after_each_fed_token():
     assert drafter.state()["tokens_seen"] == 0
 
 
+def test_recycling_tree_expands_its_template_over_the_table_and_learns_from_every_node():
+    """Template 2 x 2: a node's children are its token's first and second successors; a
+    token never seen has none, so its subtree is left out and the nodes after it move up,
+    their parents renumbered; a row whose last token was never seen drafts nothing."""
+    drafter = RecyclingDrafter(top_k=2, tree=TreeShape.from_branching([2, 2]))
+    ids = torch.tensor([[1, 5], [1, 8], [1, 9]])
+    session = drafter.start(ids, torch.ones_like(ids), None, 12)
+    for token, successors in {5: [3, 4], 3: [6, 7], 8: [1, 2], 2: [10, 11]}.items():  # 4, 1, 9 never seen
+        drafter.table[token] = torch.tensor(successors)
+    draft = session.propose(torch.tensor([5, 8, 9]), 2)
+    assert draft.lengths.tolist() == [4, 4, 0] and draft.branching == 2
+    assert draft.tokens.tolist() == [[3, 4, 6, 7], [1, 2, 10, 11], [0, 0, 0, 0]]
+    assert draft.parents.tolist() == [[0, 0, 1, 1], [0, 0, 2, 2], [0, 0, 0, 0]]
+    assert session.propose(torch.tensor([5, 8, 9]), 1).tokens.tolist() == [[3, 4], [1, 2], [0, 0]]  # cut at depth 1
+    draft = session.propose(torch.tensor([5, 8, 9]), 2)
+    logits = torch.randn(3, 5, 12, generator=torch.Generator().manual_seed(0))
+    session.commit(StepOutcome(torch.tensor([0, 0, 0]), [0, 0, 0], torch.tensor([0, 0, 0]), [[0]] * 3, logits=logits))
+    for row, fed in enumerate([[5, 3, 4, 6, 7], [8, 1, 2, 10, 11], [9]]):  # every node, on or off the kept path
+        for position, token in enumerate(fed):
+            assert drafter.table[token].tolist() == logits[row, position].topk(2).indices.tolist()
+    assert drafter.table[0].tolist() == [-1, -1]  # the empty row's filler taught nothing
+    with pytest.raises(ValueError, match="RecyclingDrafter tree: a node with 3 children needs as many successors per token, top_k is 2"):
+        RecyclingDrafter(top_k=2, tree=TreeShape.from_branching([3]))
+
+
 @pytest.mark.parametrize("kwargs", [{"max_spec_factor": 0}, {"min_token_prob": 1.5}, {"max_depth": 1}, {"cache_tokens": -1}])
 def test_suffix_drafter_rejects_bad_settings(kwargs):
     with pytest.raises(ValueError, match="SuffixDrafter|SuffixTrie|OutputCache"):
@@ -162,13 +218,22 @@ def target():
     return tiny_model(0)
 
 
-def drafters():
-    return [SuffixDrafter(max_depth=6, min_token_prob=0.0), RecyclingDrafter(top_k=2)]
+TREE = TreeShape.from_branching([2, 2, 1])
+DRAFTERS = {"suffix": lambda: SuffixDrafter(max_depth=6, min_token_prob=0.0),
+            "recycling": lambda: RecyclingDrafter(top_k=2),
+            "suffix_tree": lambda: SuffixDrafter(max_depth=6, max_spec_factor=2.0, min_token_prob=0.0, tree=TREE),
+            "recycling_tree": lambda: RecyclingDrafter(top_k=2, tree=TREE)}
 
 
-@pytest.mark.parametrize("drafter", drafters(), ids=["suffix", "recycling"])
-def test_greedy_output_is_the_targets_alone_request_after_request(target, drafter):
+def branched(rows) -> bool:
+    """Whether some step verified more nodes than its depth: siblings, a tree's."""
+    return sum(r.drafted_tokens for r in rows) > sum(sum(r.drafted_per_position) for r in rows)
+
+
+@pytest.mark.parametrize("name", DRAFTERS)
+def test_greedy_output_is_the_targets_alone_request_after_request(target, name):
     """Each request drafts from what earlier ones left (cache, table): still the AR tokens."""
+    drafter = DRAFTERS[name]()
     settings = GenerationSettings(max_new_tokens=24, gamma=4)
     ids = torch.tensor([PROMPT, PROMPT[::-1]])
     reference = [r.output_ids for r in generate(target, ids, torch.ones_like(ids), settings)]
@@ -178,18 +243,22 @@ def test_greedy_output_is_the_targets_alone_request_after_request(target, drafte
         assert [r.output_ids for r in rows] == reference
         accepted.append(sum(r.accepted_tokens for r in rows))
     assert accepted[1] > 0
+    assert branched(rows) == name.endswith("_tree")
 
 
-@pytest.mark.parametrize("drafter", drafters(), ids=["suffix", "recycling"])
-def test_sampling_keeps_the_target_distribution(target, drafter):
+@pytest.mark.parametrize("name", DRAFTERS)
+def test_sampling_keeps_the_target_distribution(target, name):
     """Warmed by one run (so that the first speculative step drafts), then 6000 draws: the
-    joint of tokens 2 and 3 (the first speculative step's) is the target's."""
+    joint of tokens 2 and 3 (the first speculative step's) is the target's; through the
+    tree verifier for a tree."""
+    drafter = DRAFTERS[name]()
     settings = GenerationSettings(max_new_tokens=3, gamma=3, temperature=1.0)
     ids = torch.tensor([PROMPT] * 64)
     generate(target, ids, torch.ones_like(ids), settings, drafter, torch.Generator().manual_seed(3))
     ids = torch.tensor([PROMPT] * 6000)
     rows = generate(target, ids, torch.ones_like(ids), settings, drafter, torch.Generator().manual_seed(11))
     assert sum(r.drafted_tokens for r in rows) > 1000  # the test exercises the drafts
+    assert branched(rows) == name.endswith("_tree")
     tokens = torch.tensor([r.output_ids for r in rows])
     joint = exact_joint(target, settings, PROMPT, 3).reshape(VOCAB, VOCAB, VOCAB)
     assert chi_square_p(torch.bincount(tokens[:, 1] * VOCAB + tokens[:, 2], minlength=VOCAB**2), joint.sum(0).reshape(-1)) > 1e-3

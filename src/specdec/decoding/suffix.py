@@ -4,21 +4,22 @@ the request's own text and over the outputs earlier requests of the cell produce
 Each row keeps a trie of its prompt and output so far; the drafter keeps one more, over the
 outputs of the requests that finished before (`OutputCache`), bounded by `cache_tokens`
 tokens, the oldest outputs evicted first. A proposal matches the longest suffix of the row's
-text (at most `max_depth` - 1 tokens) that has a continuation in a trie, then follows the most
-frequent continuation token by token (ties: the first seen) while its estimated probability,
-the product of each step's count / the counts of its siblings, stays at or above
-`min_token_prob`; the draft is at most `max_spec_factor` x the match length (the paper's adaptive
-speculation length: long matches earn long drafts) and gamma. Of the two tries' drafts the one
-with the higher score (the sum of its tokens' probabilities: the expected accepted count)
+text (at most `max_depth` - 1 tokens) that has a continuation in a trie, then expands a
+static tree template from the matched node (`Drafter.shape`: the config's `tree` cut at
+gamma, or a chain of gamma): a node's child of rank r is its r-th most frequent continuation
+(ties: the first seen), so a chain follows the most frequent continuation token by token.
+A node is kept while its estimated probability, the product of each step's count / the
+counts of its siblings, stays at or above `min_token_prob`, and while its depth is at most
+`max_spec_factor` x the match length (the paper's adaptive speculation length: long matches
+earn long drafts); a node left out takes its subtree with it. Of the two tries' drafts the
+one with the higher score (the sum of its nodes' probabilities: the expected accepted count)
 wins. Drafts are a point mass for the verifier, so the method is lossless like every other.
 
 Warm-up rule: `forget()` empties the output cache as the measured window opens, so warm-up
 outputs (of the first measured prompts) never feed a measured request; within the window
 every finished request's output is cached, in finishing order, including repeats of a prompt
-a load sends again. Chains only, for now: a draft tree would follow more than one child of
-the matched node (`SuffixTrie.continuation` is where it branches).
+a load sends again.
 """
-
 from __future__ import annotations
 
 from collections import deque
@@ -27,6 +28,7 @@ from typing import Iterable, Sequence
 import torch
 
 from .drafters import Drafter, DraftSession, point_mass_draft, unpadded_prompts
+from .trees import TreeShape
 
 
 class _Node:
@@ -105,27 +107,50 @@ class SuffixTrie:
                 high = middle - 1
         return best, low
 
-    def continuation(self, text: Sequence[int], gamma: int, factor: float, min_prob: float) -> tuple[list[int], float]:
-        """Tokens continuing `text` by the most frequent path from its longest match, at most
-        `factor` x the match length and `gamma`, while the path's estimated probability stays
-        >= `min_prob`; and the draft's score, the sum of its tokens' probabilities. Where the
-        path reaches the trie's depth it goes on from the longest match of the text with the
-        drafted tokens appended."""
+    def draft(self, text: Sequence[int], shape: TreeShape, factor: float, min_prob: float) -> tuple[list[int], list[int], float]:
+        """The nodes of `shape` that continue `text` from its longest match, breadth-first:
+        (tokens, parents as fed indices, score). A node's child of rank r is its r-th most
+        frequent continuation (ties: the first seen), kept while its estimated probability
+        (the product of each step's count / its siblings' counts) stays >= `min_prob` and its
+        depth <= `factor` x the match length; a node left out takes its subtree with it. The
+        score is the sum of the nodes' probabilities (the expected accepted count). Where a
+        node reaches the trie's depth, its children continue from the longest match of the
+        text with the node's path appended."""
         node, length = self.match(text)
-        limit = min(gamma, int(factor * length))
-        drafted: list[int] = []
-        probability, score = 1.0, 0.0
-        while length and len(drafted) < limit:
-            token, child = max(node.children.items(), key=lambda item: item[1].count)
-            probability *= child.count / sum(c.count for c in node.children.values())
+        limit = int(factor * length)
+        tokens, parents, score = [], [], 0.0
+        reached = {(): (0, node, 1.0, [])}  # path -> (fed index, trie node, probability, its tokens)
+        options: dict[tuple[int, ...], tuple[list[tuple[int, _Node]], int]] = {}  # path -> ranked children, their total
+        for path in shape.paths:
+            parent = path[:-1]
+            if len(path) > limit or parent not in reached:
+                continue
+            fed, node, probability, spelled = reached[parent]
+            if parent not in options:
+                options[parent] = self._ranked(node, [*text[-self.depth :], *spelled])
+            ranked, total = options[parent]
+            if path[-1] >= len(ranked):
+                continue
+            token, child = ranked[path[-1]]
+            probability *= child.count / total
             if probability < min_prob:
-                break
-            drafted.append(token)
+                continue
+            tokens.append(token)
+            parents.append(fed)
             score += probability
-            node = child
-            if not node.children:
-                node, length = self.match([*text[-self.depth :], *drafted])
-        return drafted, score
+            reached[path] = (len(tokens), child, probability, [*spelled, token])
+        return tokens, parents, score
+
+    def _ranked(self, node: _Node, text: list[int]) -> tuple[list[tuple[int, _Node]], int]:
+        """The continuations of `node`, which spells the end of `text`, most frequent first
+        (ties: the first seen), and their total count; a node without any (at the trie's
+        depth) gives those of the longest match of `text` (none when nothing matches)."""
+        if not node.children:
+            node, length = self.match(text)
+            if not length:
+                return [], 0
+        ranked = sorted(node.children.items(), key=lambda item: -item[1].count)  # a stable sort
+        return ranked, sum(child.count for _, child in ranked)
 
 
 class OutputCache:
@@ -164,12 +189,12 @@ class SuffixDrafter(Drafter):
     """Suffix decoding over the request's text and the cell's earlier outputs (module docstring)."""
 
     def __init__(self, max_depth: int = 24, max_spec_factor: float = 1.0, min_token_prob: float = 0.1,
-                 cache_tokens: int = 10_000):
+                 cache_tokens: int = 10_000, tree: TreeShape | None = None):
         if max_spec_factor <= 0:
             raise ValueError(f"SuffixDrafter max_spec_factor must be > 0, got {max_spec_factor}")
         if not 0 <= min_token_prob <= 1:
             raise ValueError(f"SuffixDrafter min_token_prob must be in [0, 1], got {min_token_prob}")
-        self.depth, self.factor, self.min_token_prob = max_depth, max_spec_factor, min_token_prob
+        self.depth, self.factor, self.min_token_prob, self.tree = max_depth, max_spec_factor, min_token_prob, tree
         self.cache = OutputCache(max_depth, cache_tokens)
 
     def start(self, input_ids, attention_mask, sampler, vocab_size):
@@ -181,11 +206,13 @@ class SuffixDrafter(Drafter):
     def state(self) -> dict:
         return {"output_cache": "per cell, emptied as the measured window opens"} | self.cache.state()
 
-    def propose(self, trie: SuffixTrie, text: list[int], gamma: int) -> list[int]:
-        """The better of the request trie's and the output cache's drafts for `text`."""
+    def propose(self, trie: SuffixTrie, text: list[int], shape: TreeShape) -> tuple[list[int], list[int]]:
+        """The better of the request trie's and the output cache's drafts for `text`: (tokens,
+        parents as fed indices)."""
         recent = text[-self.depth :]
-        drafts = [source.continuation(recent, gamma, self.factor, self.min_token_prob) for source in (trie, self.cache.trie)]
-        return max(drafts, key=lambda draft: draft[1])[0]  # a tie goes to the request's own text
+        drafts = [source.draft(recent, shape, self.factor, self.min_token_prob) for source in (trie, self.cache.trie)]
+        tokens, parents, _ = max(drafts, key=lambda draft: draft[2])  # a tie goes to the request's own text
+        return tokens, parents
 
 
 class _SuffixSession(DraftSession):
@@ -200,8 +227,9 @@ class _SuffixSession(DraftSession):
 
     def propose(self, last_tokens, gamma):
         # `last_tokens` is already in each row's text (committed on the host).
-        return point_mass_draft([self.drafter.propose(t, text, gamma) for t, text in zip(self.tries, self.texts)],
-                                self.device)
+        shape = self.drafter.shape(gamma)
+        drafts, parents = zip(*(self.drafter.propose(t, text, shape) for t, text in zip(self.tries, self.texts)))
+        return point_mass_draft(list(drafts), self.device, None if shape.is_chain() else list(parents), shape.branching)
 
     def commit(self, outcome):
         for trie, text, tokens in zip(self.tries, self.texts, outcome.new_tokens):
