@@ -17,7 +17,7 @@ VLLM_BIN := $(abspath $(VLLM_VENV))/bin
 export PATH := $(BIN):$(PATH)
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install install-vllm run engines sweep heads trees report test dag lock lock-vllm
+.PHONY: install install-vllm run engines copying sweep heads trees report test dag lock lock-vllm
 
 install: $(VENV)/.installed
 
@@ -52,6 +52,13 @@ run: install
 engines: install install-vllm
 	$(BIN)/snakemake --cores all --config 'run=[engines]'
 	$(BIN)/snakemake --config 'run=[engines]' --report results/report-engines.html
+
+# The `copying` experiment: model-free drafting (n-gram, suffix, recycling; chains and trees) on
+# answers that copy their input, beside transformers' prompt lookup and vLLM's ngram and suffix
+# (vLLM's suffix needs ARCTIC at install-vllm, else its cells are not_supported).
+copying: install install-vllm
+	$(BIN)/snakemake --cores all --config 'run=[copying]'
+	$(BIN)/snakemake --config 'run=[copying]' --report results/report-copying.html
 
 # Where speculation stops paying: batch sizes 1-8 and request rates, gamma 2 and 4 (~20 min here).
 sweep: install

@@ -372,15 +372,19 @@ def test_a_checkpoint_that_does_not_fit_the_target_is_refused_at_the_gate(defaul
 
 
 @pytest.mark.parametrize(
-    "tree, kind, message",
+    "tree, name, message",
     [
         ({"paths": [[0], [0, 1]]}, "ngram", "tree path \\[0, 1\\] has no elder sibling \\[0, 0\\]"),
         ({"paths": [[1]]}, "ngram", "tree path \\[1\\] has no elder sibling \\[0\\]"),
-        ({"branching": [2]}, "suffix", "a suffix drafter drafts chains here"),
+        ({"branching": [2]}, "replay", "a replay drafter drafts chains here"),
+        # nodes the drafter could never fill: a suffix draft is at most int(1.0 x (24 - 1)) deep,
+        # a recycled node has top_k = 8 successors
+        ({"branching": [1] * 24}, "suffix", "a tree 24 deep reaches past the longest draft, .* = 23 tokens"),
+        ({"branching": [9]}, "recycling", "a node with 9 children needs as many successors per token; top_k is 8"),
     ],
 )
-def test_a_token_tree_is_checked_at_the_gate(default_config, tree, kind, message):
-    name = {"ngram": "ngram", "suffix": "suffix"}[kind]
+def test_a_token_tree_is_checked_at_the_gate(default_config, tree, name, message):
+    default_config["drafters"]["replay"] = {"kind": "replay", "error_rate": 0.2}
     default_config["drafters"][name]["tree"] = tree
     with pytest.raises(ConfigError, match=message) as info:
         validate(default_config)

@@ -17,6 +17,7 @@ from specdec.prepare.datasets import MAX_FILE_BYTES, prepare_prompts
 from specdec.decoding.drafters import NgramDrafter, ReplayDrafter
 from specdec.decoding.recycling import RecyclingDrafter
 from specdec.decoding.suffix import SuffixDrafter
+from specdec.decoding.trees import TreeShape
 from specdec.decoding.engine import GenerationSettings
 from specdec.report.figures import DEFAULT_OPTIONS
 from specdec.report.goodput import Slo
@@ -181,6 +182,10 @@ LATER_REFUSALS = [
                  lambda c: SuffixDrafter(cache_tokens=-1), id="OutputCache: a negative cap"),
     pytest.param(at("drafters.recycling.top_k", 0), "drafters.recycling.top_k",
                  lambda c: RecyclingDrafter(top_k=0), id="RecyclingDrafter: top_k 0"),
+    pytest.param(at("drafters.suffix.tree", {"branching": [1] * 24}), "drafters.suffix.tree",
+                 lambda c: SuffixDrafter(tree=TreeShape.chain(24)), id="SuffixDrafter: a tree deeper than its longest draft"),
+    pytest.param(at("drafters.recycling.tree", {"branching": [9]}), "drafters.recycling.tree",
+                 lambda c: RecyclingDrafter(tree=TreeShape.from_branching([9])), id="RecyclingDrafter: more children than top_k"),
     pytest.param(_both(_replay, at("drafters.replay80.error_rate", 1.5)), "drafters.replay80.error_rate",
                  lambda c: ReplayDrafter({}, 1.5), id="ReplayDrafter: error_rate above 1"),
     pytest.param(_both(_replay, at("experiments.default.temperature", 0.7)), "experiments.default.methods.4.drafter",

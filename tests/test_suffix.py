@@ -106,6 +106,8 @@ def test_a_tree_branches_over_the_most_frequent_continuations_in_rank_order():
     tokens, parents, _ = trie.draft([6, 1, 2], shape, factor=1.5, min_prob=0.2)  # 1.5 x 2: depth 3
     assert tokens == [3, 4, 7, 9, 0, 0] and parents == [0, 0, 1, 2, 3, 4]
     assert trie.draft([6, 1, 2], shape, factor=0.4, min_prob=0.0)[0] == []  # 0.4 x 2 < one token
+    with pytest.raises(ValueError, match=r"a tree 3 deep reaches past the longest draft, int\(max_spec_factor x \(max_depth - 1\)\) = 2 tokens"):
+        SuffixDrafter(max_depth=5, max_spec_factor=0.6, tree=shape)  # matches of <= 4 tokens, drafts of <= 2
 
 
 def test_output_cache_evicts_the_oldest_outputs_and_holds_its_cap_over_a_long_run():
@@ -198,7 +200,7 @@ def test_recycling_tree_expands_its_template_over_the_table_and_learns_from_ever
         for position, token in enumerate(fed):
             assert drafter.table[token].tolist() == logits[row, position].topk(2).indices.tolist()
     assert drafter.table[0].tolist() == [-1, -1]  # the empty row's filler taught nothing
-    with pytest.raises(ValueError, match="RecyclingDrafter tree: a node with 3 children needs as many successors per token, top_k is 2"):
+    with pytest.raises(ValueError, match="a node with 3 children needs as many successors per token; top_k is 2"):
         RecyclingDrafter(top_k=2, tree=TreeShape.from_branching([3]))
 
 

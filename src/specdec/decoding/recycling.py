@@ -30,13 +30,18 @@ from .sampling import Draft
 from .trees import TreeShape
 
 
+def check_tree(tree: TreeShape, top_k: int) -> None:
+    """Refuse a tree with nodes no table could fill: more children than successors per token."""
+    if tree.branching > top_k:
+        raise ValueError(f"a node with {tree.branching} children needs as many successors per token; top_k is {top_k}")
+
+
 class RecyclingDrafter(Drafter):
     def __init__(self, top_k: int = 8, tree: TreeShape | None = None):
         if top_k < 1:
             raise ValueError(f"RecyclingDrafter top_k must be >= 1, got {top_k}")
-        if tree is not None and tree.branching > top_k:
-            raise ValueError(f"RecyclingDrafter tree: a node with {tree.branching} children needs as many successors "
-                             f"per token, top_k is {top_k}")
+        if tree is not None:
+            check_tree(tree, top_k)
         self.top_k, self.tree = top_k, tree
         self.table: torch.Tensor | None = None  # (V, top_k) long, -1: never seen
 

@@ -185,6 +185,14 @@ class OutputCache:
                 "outputs_added": self.added, "outputs_evicted": self.evicted, "trie_nodes": self.trie.nodes}
 
 
+def check_tree(tree: TreeShape, max_depth: int, max_spec_factor: float) -> None:
+    """Refuse a tree deeper than any draft: a match is at most max_depth - 1 tokens long."""
+    reach = int(max_spec_factor * (max_depth - 1))
+    if tree.depth > reach:
+        raise ValueError(f"a tree {tree.depth} deep reaches past the longest draft, "
+                         f"int(max_spec_factor x (max_depth - 1)) = {reach} tokens")
+
+
 class SuffixDrafter(Drafter):
     """Suffix decoding over the request's text and the cell's earlier outputs (module docstring)."""
 
@@ -194,6 +202,8 @@ class SuffixDrafter(Drafter):
             raise ValueError(f"SuffixDrafter max_spec_factor must be > 0, got {max_spec_factor}")
         if not 0 <= min_token_prob <= 1:
             raise ValueError(f"SuffixDrafter min_token_prob must be in [0, 1], got {min_token_prob}")
+        if tree is not None:
+            check_tree(tree, max_depth, max_spec_factor)
         self.depth, self.factor, self.min_token_prob, self.tree = max_depth, max_spec_factor, min_token_prob, tree
         self.cache = OutputCache(max_depth, cache_tokens)
 

@@ -76,9 +76,9 @@ class SpecdecEngine(InProcessEngine):
         elif cell.method == "ngram":
             drafter = NgramDrafter(n=spec.n, top_k=spec.top_k, min_context=spec.min_context, tree=tree)
         elif cell.method == "suffix":
-            drafter = SuffixDrafter(spec.max_depth, spec.max_spec_factor, spec.min_token_prob, spec.cache_tokens)
+            drafter = SuffixDrafter(spec.max_depth, spec.max_spec_factor, spec.min_token_prob, spec.cache_tokens, tree=tree)
         elif cell.method == "recycling":
-            drafter = RecyclingDrafter(top_k=spec.top_k)
+            drafter = RecyclingDrafter(top_k=spec.top_k, tree=tree)
         elif spec is not None and spec.is_head:
             drafter = load_head(spec.source, loaded.target, spec.kind)
         else:

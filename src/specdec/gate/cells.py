@@ -122,7 +122,7 @@ class DrafterSpec:
     # training rule writes), and how the pipeline trains it, if it does.
     source: str | None = None
     train: HeadTraining | None = None
-    # kind model | quantized | ngram: a static token tree (paths of child ranks, decoding.trees)
+    # kind model | quantized | ngram | suffix | recycling: a static token tree (paths of child ranks, decoding.trees)
     tree: tuple[tuple[int, ...], ...] | None = None
 
     @classmethod

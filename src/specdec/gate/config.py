@@ -46,6 +46,7 @@ from specdec.gate.cells import (
 )
 from specdec.prepare import datasets as dataset_entries
 from specdec.decoding.head_formats import HeadMismatch, head_spec
+from specdec.decoding import recycling, suffix
 from specdec.decoding.trees import TreeShape
 from specdec.prepare.models import EMBEDDED_DIR, ModelError, local_folder, read_config
 
@@ -231,7 +232,9 @@ def check_references(config: dict) -> None:
                 raise ConfigError(f"config key 'drafters.{name}.tree': a {drafter['kind']} drafter drafts chains here; "
                                   f"token trees: kinds {', '.join(sorted(TREE_KINDS))}")
             try:
-                tree_shape(drafter["tree"])
+                shape = tree_shape(drafter["tree"])
+                if drafter["kind"] in TREE_REACH:
+                    TREE_REACH[drafter["kind"]](shape, drafter)
             except ValueError as error:
                 raise ConfigError(f"config key 'drafters.{name}.tree': {error}") from None
         if drafter["kind"] == "ngram" and drafter["min_context"] > drafter["n"] - 1:
@@ -401,7 +404,10 @@ def _model(name: str, spec: dict) -> ModelSpec:
 
 
 # The drafters that grow static token trees (decoding.trees), and a config's tree as a shape.
-TREE_KINDS = frozenset({"model", "quantized", "ngram"})
+TREE_KINDS = frozenset({"model", "quantized", "ngram", "suffix", "recycling"})
+# Their checks that a tree has no node they could never fill (ValueError).
+TREE_REACH = {"suffix": lambda shape, d: suffix.check_tree(shape, d["max_depth"], d["max_spec_factor"]),
+              "recycling": lambda shape, d: recycling.check_tree(shape, d["top_k"])}
 
 
 def tree_shape(tree: dict) -> TreeShape:
