@@ -391,6 +391,20 @@ def test_a_token_tree_is_checked_at_the_gate(default_config, tree, name, message
     assert f"'drafters.{name}.tree'" in str(info.value)
 
 
+def test_the_copying_experiment_puts_our_model_free_drafters_beside_the_peers(default_config):
+    """Every dataset on three engines: transformers runs AR and prompt lookup, vLLM AR, ngram
+    and suffix (its cells are not_supported at start without arctic-inference); the rest,
+    recycling and every tree off our engine, is not_supported at the gate."""
+    from specdec.engines import unsupported
+
+    cells = [c for c in expand_matrix(validate(default_config)) if c.experiment == "copying"]
+    runs = {(c.engine, c.drafter.name if c.drafter else "ar") for c in cells if unsupported(c) is None}
+    ours = {"ar", "ngram", "suffix", "suffix_tree", "recycling", "recycling_tree"}
+    assert runs == {("specdec", d) for d in ours} | {("transformers", "ar"), ("transformers", "ngram"),
+                                                      ("vllm", "ar"), ("vllm", "ngram"), ("vllm", "suffix")}
+    assert len(cells) == 3 * 3 * len(ours)  # datasets x engines x methods, the same prompts for each
+
+
 def test_a_token_tree_is_typed_by_its_paths_and_runs_on_our_engine_only(default_config):
     from specdec.engines import unsupported
 

@@ -300,18 +300,24 @@ def test_the_gate_types_the_drafters_and_only_our_engine_runs_them():
 
 
 def test_a_cell_forgets_the_warm_up_and_reports_its_cap(tmp_path, embedded_model_dir):
-    """Through the runner: lossless against the interleaved AR reference; the suffix cache
-    holds the measured requests' outputs only (the warm-up's were forgotten), with its cap."""
+    """Through the runner, with the config's token trees (`drafters.NAME.tree`): lossless
+    against the interleaved AR reference on the embedded model, more nodes verified than
+    depths (siblings); the suffix cache holds the measured requests' outputs only (the
+    warm-up's were forgotten), with its cap."""
     from conftest import cell_inputs
 
     from specdec.job import runner
     from specdec.gate.config import expand_matrix, validate
 
-    config = ENGINES_CONFIG | {"experiments": {"e": ENGINES_CONFIG["experiments"]["e"] | {"engine": "specdec"}}}
+    trees = {"suffix": {"kind": "suffix", "tree": {"branching": [2, 1, 1, 1]}},
+             "recycling": {"kind": "recycling", "tree": {"branching": [2, 2]}}}
+    config = ENGINES_CONFIG | {"drafters": trees, "experiments": {"e": ENGINES_CONFIG["experiments"]["e"] | {"engine": "specdec"}}}
     models_dir, prompts = cell_inputs(tmp_path, embedded_model_dir, config["datasets"]["sample"], seed=0)
     for cell in expand_matrix(validate(config)):
         result = runner.run_cell(cell, prompts, tmp_path / cell.method, models_dir=models_dir)
         assert result["status"] == "ok" and result["correctness"]["identical"], result.get("correctness")
+        acceptance = result["acceptance"]
+        assert acceptance["drafted_tokens"] > sum(p["drafted"] for p in acceptance["per_position"]), acceptance
         state = result["engine"]["settings"]["drafter"]
         if cell.method == "suffix":
             assert state["outputs_added"] == 2 and state["cache_tokens_cap"] == 10000

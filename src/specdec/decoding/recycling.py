@@ -60,15 +60,18 @@ class RecyclingDrafter(Drafter):
 
 
 @lru_cache(maxsize=64)
-def _depths(shape: TreeShape) -> tuple[tuple[int, int, tuple[int, ...], tuple[int, ...]], ...]:
-    """The template a depth at a time: (first fed index, end, the nodes' parents as fed
-    indices, their child ranks); nodes are numbered breadth-first, so a depth is a range."""
+def _template(shape: TreeShape, device: torch.device) -> tuple[list[tuple[int, int, torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """The template a depth at a time, on `device` (made once per shape: a proposal reads it
+    every step): (first fed index, end, the nodes' parents as fed indices, their child
+    ranks) per depth, nodes being numbered breadth-first; and every node's parent (nodes,)."""
     levels, start = [], 1
     for depth in range(1, shape.depth + 1):
         end = start + sum(len(p) == depth for p in shape.paths)
-        levels.append((start, end, shape.parents[start - 1 : end - 1], tuple(p[-1] for p in shape.paths[start - 1 : end - 1])))
+        nodes = range(start - 1, end - 1)
+        levels.append((start, end, torch.tensor([shape.parents[i] for i in nodes], device=device),
+                       torch.tensor([shape.paths[i][-1] for i in nodes], device=device)))
         start = end
-    return tuple(levels)
+    return levels, torch.tensor(shape.parents, device=device)
 
 
 class _RecyclingSession(DraftSession):
@@ -89,15 +92,15 @@ class _RecyclingSession(DraftSession):
         tokens = torch.zeros(batch, shape.nodes + 1, dtype=torch.long, device=device)  # [root, nodes] by fed index
         tokens[:, 0] = last_tokens
         alive = torch.ones_like(tokens, dtype=torch.bool)
-        for start, end, parents, ranks in _depths(shape):
-            parents = torch.tensor(parents, device=device)
-            successors = self.table[tokens[:, parents].clamp(min=0), torch.tensor(ranks, device=device)]
+        levels, parents = _template(shape, device)
+        for start, end, above, ranks in levels:
+            successors = self.table[tokens[:, above].clamp(min=0), ranks]
             tokens[:, start:end] = successors
-            alive[:, start:end] = alive[:, parents] & (successors >= 0)  # a node never seen has no children
+            alive[:, start:end] = alive[:, above] & (successors >= 0)  # a node never seen has no children
         tokens, alive = tokens[:, 1:], alive[:, 1:]
         # The kept nodes to the front, in order (a parent before its children), parents renumbered.
         renumbered = torch.cat([torch.zeros_like(tokens[:, :1]), alive.long().cumsum(1)], dim=1)
-        parents = renumbered.gather(1, torch.tensor(shape.parents, device=device).expand(batch, -1))
+        parents = renumbered.gather(1, parents.expand(batch, -1))
         order = torch.sort((~alive).to(torch.int8), dim=1, stable=True).indices
         self.lengths = alive.sum(1)
         # No wider than the longest draft: filler positions would widen the target's forward.
