@@ -12,13 +12,13 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
 from .cache import model_device, open_cache
 from .sampling import Draft, Sampler
-from .trees import TreeShape, expansion
+from .trees import Level, TreeShape, expansion
 
 
 @dataclass
@@ -155,11 +155,41 @@ class ModelDrafter(Drafter):
 
 
 def on_target_vocab(logits: torch.Tensor, target_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """(B, V) logits over the target's vocabulary from (B, D) logits over a reduced draft
+    """(..., V) logits over the target's vocabulary from (..., D) logits over a reduced draft
     vocabulary whose entry i is target token target_ids[i]: -inf elsewhere, so the draft's
     probabilities are zero outside its vocabulary and the verifier's rule applies as is."""
-    full = logits.new_full((logits.shape[0], vocab_size), float("-inf"))
-    return full.index_copy_(1, target_ids, logits)
+    full = logits.new_full(logits.shape[:-1] + (vocab_size,), float("-inf"))
+    return full.index_copy_(-1, target_ids, logits)
+
+
+def grow_tree(shape: TreeShape, sampler: Sampler, batch: int, device: torch.device,
+              score: Callable[[int, Level, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Draw the nodes of a static tree a level at a time (`trees.expansion`).
+
+    `score(depth, level, fed)` returns the (B, len(level.nodes), V) logits after each of the
+    level's nodes, given `fed` (B, nodes + 1): the root, then every node drawn so far. A
+    node's children are its best k tokens (greedy) or k draws without replacement
+    (sampling, `Sampler.children`). Returns (the nodes' tokens (B, nodes); the distribution
+    each was drawn from (B, nodes, V), or None under greedy)."""
+    levels, _ = expansion(shape)
+    fed = torch.zeros(batch, shape.nodes + 1, dtype=torch.long, device=device)
+    probs: list[torch.Tensor | None] = [None] * (shape.nodes + 1)
+    for depth, level in enumerate(levels):
+        children, child_probs = sampler.children(score(depth, level, fed), max(map(len, level.children)))
+        for i, kids in enumerate(level.children):
+            for rank, node in enumerate(kids):
+                fed[:, node] = children[:, i, rank]
+                if child_probs is not None:
+                    probs[node] = child_probs[:, i, rank]
+    return fed[:, 1:], None if sampler.greedy else torch.stack(probs[1:], dim=1)
+
+
+def static_draft(shape: TreeShape, tokens: torch.Tensor, probs: torch.Tensor | None, device: torch.device) -> Draft:
+    """The Draft of a static tree's nodes (`grow_tree`), every row the whole tree, on `device`."""
+    batch = tokens.shape[0]
+    parents = None if shape.is_chain() else torch.tensor(shape.parents, device=device).expand(batch, -1)
+    lengths = torch.full((batch,), shape.nodes, dtype=torch.long, device=device)
+    return Draft(tokens.to(device), lengths, None if probs is None else probs.to(device), parents, shape.branching)
 
 
 def _fit_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -196,33 +226,22 @@ class _ModelDraftSession(DraftSession):
 
     def propose(self, last_tokens, gamma):
         self.shape = shape = self.drafter.shape(gamma)
-        levels, _ = expansion(shape)
         tokens = last_tokens.to(self.device)[:, None]
         valid = torch.ones_like(tokens, dtype=torch.bool)
         if self.carry is not None:
             tokens = torch.cat([self.carry, tokens], dim=1)
             valid = torch.cat([self.carry_valid, valid], dim=1)
         batch = tokens.shape[0]
-        fed = torch.zeros(batch, shape.nodes + 1, dtype=torch.long, device=self.device)  # [root, nodes]
-        probs: list[torch.Tensor | None] = [None] * (shape.nodes + 1)
-        for depth, level in enumerate(levels):
+
+        def score(depth: int, level: Level, fed: torch.Tensor) -> torch.Tensor:
             if depth == 0:
-                logits = self.cache.extend(tokens, valid, logits_to_keep=1)
-            else:
-                sees = None if level.sees is None else torch.tensor(level.sees, device=self.device).expand(batch, -1, -1)
-                nodes = fed[:, list(level.nodes)]
-                logits = self.cache.extend(nodes, torch.ones_like(nodes, dtype=torch.bool), ancestry=sees)
-            width = max(map(len, level.children))
-            children, child_probs = self.sampler.children(_fit_vocab(logits, self.vocab_size), width)
-            for i, kids in enumerate(level.children):
-                for rank, node in enumerate(kids):
-                    fed[:, node] = children[:, i, rank]
-                    if child_probs is not None:
-                        probs[node] = child_probs[:, i, rank]
-        stacked = None if self.sampler.greedy else torch.stack(probs[1:], dim=1).to(self.target_device)
-        parents = None if shape.is_chain() else torch.tensor(shape.parents, device=self.target_device).expand(batch, -1)
-        lengths = torch.full((batch,), shape.nodes, dtype=torch.long, device=self.target_device)
-        return Draft(fed[:, 1:].to(self.target_device), lengths, stacked, parents, shape.branching)
+                return _fit_vocab(self.cache.extend(tokens, valid, logits_to_keep=1), self.vocab_size)
+            sees = None if level.sees is None else torch.tensor(level.sees, device=self.device).expand(batch, -1, -1)
+            nodes = fed[:, list(level.nodes)]
+            return _fit_vocab(self.cache.extend(nodes, torch.ones_like(nodes, dtype=torch.bool), ancestry=sees), self.vocab_size)
+
+        drafts, probs = grow_tree(shape, self.sampler, batch, self.device, score)
+        return static_draft(shape, drafts, probs, self.target_device)
 
     def commit(self, outcome):
         if self.shape is None:  # the first token: nothing was proposed
