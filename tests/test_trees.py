@@ -11,7 +11,7 @@ import torch
 
 from specdec.decoding import Draft, GenerationSettings, ModelDrafter, NgramDrafter, Sampler, generate, verify
 from specdec.decoding.cache import open_cache
-from specdec.decoding.trees import TreeShape, ancestry, expansion
+from specdec.decoding.trees import DynamicTree, TreeShape, ancestry, best_nodes, expansion
 
 from conftest import chi_square_p, exact_joint, static_caches
 from test_decoding import tiny_random_llama
@@ -36,6 +36,23 @@ def test_shapes_number_nodes_breadth_first_and_refuse_what_is_not_a_tree():
     assert [level.nodes for level in levels] == [(0,), (1, 2)] and slots == {0: 0, 1: 1, 2: 2}
     assert levels[1].sees == ((True, True, False), (True, False, True)) and levels[1].children == ((3, 4), (5, 6))
     assert expansion(TreeShape.chain(3))[0][2].sees is None  # a chain's levels see their whole window
+
+
+def test_a_dynamic_tree_keeps_its_best_nodes_by_joint_probability():
+    """Candidates numbered depth by depth (root children a b c, then a's a0 a1, b's b0): the
+    best N by joint probability, in candidate order, each parent's fed index; b0 ties its
+    parent b (a child of probability 1) and is never chosen without it."""
+    joint = torch.tensor([[0.6, 0.3, 0.1, 0.3, 0.24, 0.3],  # a b c a0 a1 b0
+                          [0.2, 0.5, 0.3, 0.1, 0.05, 0.45]]).log()
+    parents = torch.tensor([[-1, -1, -1, 0, 0, 1]] * 2)
+    chosen, fed_parents = best_nodes(joint, parents, 4)
+    assert chosen.tolist() == [[0, 1, 3, 5], [0, 1, 2, 5]]
+    assert fed_parents.tolist() == [[0, 0, 1, 2], [0, 0, 0, 2]]
+    assert best_nodes(joint, parents, 2)[0].tolist() == [[0, 1], [1, 5]]
+    tree = DynamicTree(top_k=3, depth=4, nodes=20)
+    assert tree.candidates == 30 and tree.truncated(2) == DynamicTree(3, 2, 12) and tree.truncated(9) is tree
+    with pytest.raises(ValueError, match="dynamic.nodes 31 exceeds the 30 candidates"):
+        DynamicTree(top_k=3, depth=4, nodes=31)
 
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
