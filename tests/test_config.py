@@ -380,8 +380,9 @@ def test_a_checkpoint_that_does_not_fit_the_target_is_refused_at_the_gate(defaul
         ("suffix", {"branching": [2]}, "tree", "a suffix drafter drafts chains here"),
         ("medusa", {"branching": [2, 2, 1, 1]}, "tree", "4 deep, but a Medusa head drafts one depth per head and this one has 3 "
                                                         "\\(train.num_heads is 3\\)"),
-        ("bf16", {"dynamic": {"top_k": 2, "depth": 3, "nodes": 8}}, "tree.dynamic",
-         "a quantized drafter drafts static trees or chains here; EAGLE-2's dynamic trees .*: kinds eagle3"),
+        ("ngram", {"dynamic": {"top_k": 2, "depth": 3, "nodes": 8}}, "tree.dynamic",
+         "a ngram drafter drafts static trees or chains here; EAGLE-2's dynamic trees .*: kinds eagle3, model, quantized"),
+        ("medusa", {"dynamic": {"top_k": 2, "depth": 3, "nodes": 8}}, "tree.dynamic", "a medusa drafter drafts static trees or chains"),
         ("eagle", {"dynamic": {"top_k": 2, "depth": 2, "nodes": 7}}, "tree.dynamic.nodes",
          "dynamic.nodes 7 exceeds the 6 candidates that top_k 2 and depth 2 grow"),
     ],

@@ -213,15 +213,16 @@ def node_paths(tokens: list[int], parents: list[int]) -> list[list[int]]:
     return paths
 
 
-def dynamic_reference(drafter: Eagle3Drafter, target, text: list[int], tree: DynamicTree) -> set[tuple[int, ...]]:
-    """EAGLE-2's tree after `text` from the head run from scratch, as root paths: the top_k
-    nodes of each depth by joint draft probability expanded into their top_k children, the
-    best `nodes` of all candidates kept."""
+def dynamic_reference(logits_after, tree: DynamicTree) -> set[tuple[int, ...]]:
+    """EAGLE-2's tree from a drafter run from scratch (`logits_after(path)`: its logits (V,)
+    after the row's text and the draft tokens `path`), as root paths: the top_k nodes of
+    each depth by joint draft probability expanded into their top_k children, the best
+    `nodes` of all candidates kept."""
     scores, frontier = {(): 0.0}, [()]
     for _ in range(tree.depth):
         grown = {}
         for path in frontier:
-            best = torch.log_softmax(uncached_logits(drafter, target, text, list(path)), -1).topk(tree.top_k)
+            best = torch.log_softmax(logits_after(list(path)), -1).topk(tree.top_k)
             grown |= {path + (int(t),): scores[path] + float(v) for v, t in zip(best.values, best.indices)}
         scores |= grown
         frontier = sorted(grown, key=grown.get, reverse=True)[: tree.top_k]
@@ -244,7 +245,8 @@ def test_eagle3_cached_drafts_equal_the_head_run_from_scratch(target, early_stop
         for (text, tokens), (parents, gamma) in zip(recorded.proposals, recorded.shapes):
             paths = node_paths(tokens, parents)
             if tree == "dynamic":
-                assert set(map(tuple, paths[1:])) == dynamic_reference(recorded.drafter, target, text, TREES[tree].truncated(gamma))
+                logits_after = functools.partial(uncached_logits, recorded.drafter, target, text)
+                assert set(map(tuple, paths[1:])) == dynamic_reference(logits_after, TREES[tree].truncated(gamma))
                 continue
             for node, path in enumerate(paths):
                 children = [paths[j + 1][-1] for j, parent in enumerate(parents) if parent == node]

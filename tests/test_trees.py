@@ -15,10 +15,11 @@ from specdec.decoding.trees import DynamicTree, TreeShape, ancestry, best_nodes,
 
 from conftest import chi_square_p, exact_joint, static_caches
 from test_decoding import tiny_random_llama
-from test_heads import _Recorded
+from test_heads import _Recorded, dynamic_reference, node_paths
 from test_sampling import PROMPT, VOCAB, tiny_model
 
 TREE = TreeShape.from_branching([2, 2])  # fed: root, 1 2 (its children), 3 4 (of 1), 5 6 (of 2)
+DYNAMIC = DynamicTree(top_k=3, depth=3, nodes=8)  # EAGLE-2's, for the model drafter
 
 
 def test_shapes_number_nodes_breadth_first_and_refuse_what_is_not_a_tree():
@@ -196,16 +197,19 @@ def early_stopping(target):
     return ids, mask, settings, generate(target, ids, mask, settings)
 
 
-@pytest.mark.parametrize("kind, cache", [("model", "dynamic"), ("model", "static"), ("self", "static"), ("ngram", "dynamic")])
+@pytest.mark.parametrize("kind, cache", [("model", "dynamic"), ("model", "static"), ("self", "static"), ("ngram", "dynamic"),
+                                         ("model dynamic", "dynamic"), ("model dynamic", "static")])
 def test_greedy_trees_decode_tokens_identical_to_ar(kind, cache):
     """Batch 2, left-padded, rows keeping different paths, row 0 leaving early."""
     target = tiny_model(0)
     ids, mask, settings, ar = early_stopping(target)
     tree = TreeShape.from_branching([3, 2, 1])
     drafter = {"model": lambda: ModelDrafter(tiny_model(1), tree), "self": lambda: ModelDrafter(target, tree),
-               "ngram": lambda: NgramDrafter(n=3, min_context=1, tree=tree)}[kind]()
-    models = [target] + ([drafter.model] if kind == "model" else [])
-    with static_caches(*models, max_length=ids.shape[1] + 30 + tree.nodes + 1) if cache == "static" else contextlib.nullcontext():
+               "ngram": lambda: NgramDrafter(n=3, min_context=1, tree=tree),
+               "model dynamic": lambda: ModelDrafter(tiny_model(1), DYNAMIC)}[kind]()
+    models = [target] + ([drafter.model] if kind.startswith("model") else [])
+    room = drafter.max_nodes(settings.gamma)
+    with static_caches(*models, max_length=ids.shape[1] + 30 + room + 1) if cache == "static" else contextlib.nullcontext():
         rows = generate(target, ids, mask, settings, drafter)
     assert [r.output_ids for r in rows] == [r.output_ids for r in ar]
     assert [r.finish_reason for r in rows] == ["eos", "length"]
@@ -238,12 +242,29 @@ def test_the_model_drafters_cached_tree_equals_its_drafts_from_scratch():
                     assert [fed[c] for c in children] == logits.topk(len(children)).indices.tolist()
 
 
-@pytest.mark.parametrize("kind, cache", [("model", "dynamic"), ("ngram", "static")])
+def test_the_model_drafters_dynamic_tree_is_eagle2s_choice_from_scratch():
+    """A dynamic tree grown through the drafter's ragged cache (frontiers fed under their
+    ancestry, the kept path gathered, a node never fed carried, a row leaving) is the tree
+    EAGLE-2's rule picks from the draft model run on each row's text from scratch."""
+    target, draft_model = tiny_model(0), tiny_model(1)
+    ids, mask, settings, _ = early_stopping(target)
+    recorded = _Recorded(ModelDrafter(draft_model, DYNAMIC))
+    generate(target, ids, mask, settings, recorded)
+    assert len(recorded.proposals) > 5
+    with torch.no_grad():
+        for (text, tokens), (parents, gamma) in zip(recorded.proposals, recorded.shapes):
+            logits_after = lambda path: draft_model(torch.tensor([text + path])).logits[0, -1]
+            assert set(map(tuple, node_paths(tokens, parents)[1:])) == dynamic_reference(logits_after, DYNAMIC.truncated(gamma))
+
+
+@pytest.mark.parametrize("kind, cache", [("model", "dynamic"), ("ngram", "static"), ("model dynamic", "dynamic")])
 def test_tree_sampling_through_generation_keeps_the_target_distribution(kind, cache):
-    """As test_sampling's chains: tokens 2 and 3 come from the first tree step."""
+    """As test_sampling's chains: tokens 2 and 3 come from the first tree step (a dynamic
+    tree's nodes are point masses)."""
     target, draft_model = tiny_model(0), tiny_model(1)
     tree = TreeShape.from_branching([3, 2])
-    drafter = ModelDrafter(draft_model, tree) if kind == "model" else NgramDrafter(n=2, min_context=1, tree=tree)
+    drafter = {"model": lambda: ModelDrafter(draft_model, tree), "ngram": lambda: NgramDrafter(n=2, min_context=1, tree=tree),
+               "model dynamic": lambda: ModelDrafter(draft_model, DYNAMIC)}[kind]()
     settings = GenerationSettings(max_new_tokens=3, gamma=3, temperature=1.0)
     ids = torch.tensor([PROMPT] * 6000)
     with static_caches(target, draft_model, max_length=len(PROMPT) + 3 + tree.nodes + 1) if cache == "static" else contextlib.nullcontext():

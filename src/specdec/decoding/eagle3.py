@@ -38,9 +38,10 @@ from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
 
 from .cache import RaggedCache
-from .drafters import Drafter, DraftSession, StepOutcome, grow_tree, on_target_vocab, static_draft
+from .drafters import (Drafter, DraftSession, StepOutcome, grow_dynamic, grow_tree, on_target_vocab, static_draft,
+                       static_or_dynamic)
 from .sampling import Draft, Sampler
-from .trees import DynamicTree, Level, TreeShape, best_nodes
+from .trees import DynamicTree, Level, TreeShape
 
 
 def default_aux_ids(num_layers: int) -> tuple[int, ...]:
@@ -136,14 +137,11 @@ class Eagle3Drafter(Drafter):
     def __init__(self, head: Eagle3Head, tree: TreeShape | DynamicTree | None = None):
         self.head = head
         self.hidden_ids = head.spec.aux_ids
-        self.tree, self.dynamic = (None, tree) if isinstance(tree, DynamicTree) else (tree, None)
+        self.tree, self.dynamic = static_or_dynamic(tree)
 
     @property
     def module(self):
         return self.head
-
-    def max_nodes(self, gamma: int) -> int:
-        return super().max_nodes(gamma) if self.dynamic is None else self.dynamic.truncated(gamma).nodes
 
     def start(self, input_ids, attention_mask, sampler, vocab_size):
         return _Eagle3Session(self, input_ids, attention_mask, sampler, vocab_size)
@@ -232,36 +230,18 @@ class _Eagle3Session(DraftSession):
         return score
 
     def _dynamic(self, tree: DynamicTree) -> Draft:
-        """EAGLE-2's expansion: the frontier (the top_k nodes of a depth by joint draft
-        log-probability, the root's top_k children first) is fed in one forward, each node
-        with its parent's output state and seeing its ancestors; each frontier node's top_k
-        children are candidates, the best top_k of them the next frontier. Candidates are
-        numbered depth by depth; the best `tree.nodes` are verified (`best_nodes`)."""
-        k, batch, device = tree.top_k, self.logits.shape[0], self.logits.device
-        scores, tokens = torch.log_softmax(self._on_target(self.logits).float(), -1).topk(k, dim=-1)
-        candidates = [(scores, tokens, torch.full_like(tokens, -1))]  # (joint log-prob, token, parent candidate)
-        frontier = torch.arange(k, device=device).expand(batch, k)  # the candidates fed next
-        states = self.state.expand(-1, k, -1)
-        sees = torch.zeros(batch, k, 0, dtype=torch.bool, device=device)  # each frontier node's parent's ancestry
-        eye = torch.eye(k, dtype=torch.bool, device=device).expand(batch, k, k)
-        numbered = k
-        for _ in range(1, tree.depth):
-            sees = torch.cat([sees, eye], dim=-1)  # the frontier's own rows: its parent's, and itself
-            logits, state = self._run(tokens, torch.ones_like(tokens, dtype=torch.bool), states, 0, sees)
-            self.speculative += k
-            child_scores, child_tokens = torch.log_softmax(self._on_target(logits).float(), -1).topk(k, dim=-1)
-            joint, child_tokens = (scores[..., None] + child_scores).flatten(1), child_tokens.flatten(1)
-            candidates.append((joint, child_tokens, frontier.repeat_interleave(k, dim=1)))
-            scores, pick = joint.topk(k, dim=-1)
-            parent = pick // k  # the frontier node each new frontier node hangs from
-            frontier, tokens = numbered + pick, child_tokens.gather(1, pick)
-            states = state.gather(1, parent[..., None].expand(-1, -1, state.shape[-1]))
-            sees = sees.gather(1, parent[..., None].expand(-1, -1, sees.shape[-1]))
-            numbered += k * k
-        scores, tokens, parents = (torch.cat(parts, dim=1) for parts in zip(*candidates))
-        chosen, chosen_parents = best_nodes(scores, parents, tree.nodes)
-        lengths = torch.full((batch,), tree.nodes, dtype=torch.long, device=device)
-        return Draft(tokens.gather(1, chosen), lengths, None, chosen_parents, k)
+        """EAGLE-2's tree (`grow_dynamic`): each frontier node is fed with its parent's output
+        state (the root's: `state`)."""
+        states = self.state  # the output states of the frontier fed last
+
+        def feed(tokens: torch.Tensor, parents: torch.Tensor, sees: torch.Tensor) -> torch.Tensor:
+            nonlocal states
+            inputs = states.gather(1, parents[..., None].expand(-1, -1, states.shape[-1]))
+            logits, states = self._run(tokens, torch.ones_like(tokens, dtype=torch.bool), inputs, 0, sees)
+            self.speculative += tokens.shape[1]
+            return self._on_target(logits)
+
+        return grow_dynamic(tree, self._on_target(self.logits), feed)[0]
 
     def select(self, rows):
         index = torch.tensor(rows, device=self.target_ids.device)

@@ -69,7 +69,8 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class DynamicTreeSpec:
-    """A drafter's EAGLE-2 dynamic token tree (`drafters.NAME.tree.dynamic`, kind eagle3):
+    """A drafter's EAGLE-2 dynamic token tree (`drafters.NAME.tree.dynamic`; kinds model,
+    quantized, eagle3):
     expand the `top_k` best nodes of each depth down to `depth`, verify the best `nodes`
     (decoding.trees.DynamicTree grows it)."""
 
@@ -134,7 +135,7 @@ class DrafterSpec:
     source: str | None = None
     train: HeadTraining | None = None
     # kind model | quantized | ngram | eagle3 | medusa: a static token tree (paths of child
-    # ranks, decoding.trees); kind eagle3: or EAGLE-2's dynamic tree
+    # ranks, decoding.trees); kinds model | quantized | eagle3: or EAGLE-2's dynamic tree
     tree: tuple[tuple[int, ...], ...] | DynamicTreeSpec | None = None
 
     @classmethod

@@ -321,7 +321,7 @@ def _check_tree(name: str, drafter: dict) -> None:
     key = f"drafters.{name}.tree" + (".dynamic" if "dynamic" in tree else "")
     kinds = DYNAMIC_TREE_KINDS if "dynamic" in tree else TREE_KINDS
     if kind not in kinds:
-        what = "EAGLE-2's dynamic trees grow from a head's joint draft probabilities" if "dynamic" in tree else "token trees"
+        what = "EAGLE-2's dynamic trees grow from a draft model's or head's joint probabilities" if "dynamic" in tree else "token trees"
         raise ConfigError(f"config key '{key}': a {kind} drafter drafts {'static trees or ' if kind in TREE_KINDS else ''}chains here; "
                           f"{what}: kinds {', '.join(sorted(kinds))}")
     try:
@@ -427,7 +427,7 @@ def _model(name: str, spec: dict) -> ModelSpec:
 # The drafters that grow static token trees (decoding.trees) and EAGLE-2's dynamic trees, and
 # a config's tree as what grows it.
 TREE_KINDS = frozenset({"model", "quantized", "ngram", "eagle3", "medusa"})
-DYNAMIC_TREE_KINDS = frozenset({"eagle3"})
+DYNAMIC_TREE_KINDS = frozenset({"model", "quantized", "eagle3"})
 
 
 def tree_shape(tree: dict) -> TreeShape | DynamicTree:
