@@ -1,19 +1,25 @@
 """Token trees: a tree is scored in one target forward as each of its root paths alone
 (growing and static cache, ragged rows) and its accepted path kept without recompute; greedy
-tree decoding equals AR for the model and n-gram drafters; the model drafter's cached tree
-equals its drafts from scratch; multi-candidate verification keeps the target distribution
+tree decoding equals AR for the model and n-gram drafters (static and EAGLE-2's dynamic
+trees) and through a config's cells; the model drafter's cached tree equals its drafts from
+scratch, a dynamic tree EAGLE-2's choice; multi-candidate verification keeps the target distribution
 exactly (siblings with and without replacement, point masses, ragged rows, end to end)."""
 
 import contextlib
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from specdec.decoding import Draft, GenerationSettings, ModelDrafter, NgramDrafter, Sampler, generate, verify
 from specdec.decoding.cache import open_cache
+from specdec.decoding.head_formats import save_eagle3
 from specdec.decoding.trees import DynamicTree, TreeShape, ancestry, best_nodes, expansion
+from specdec.gate.config import expand_matrix, validate
+from specdec.job import runner
+from specdec.prepare.head_training import new_eagle3
 
-from conftest import chi_square_p, exact_joint, static_caches
+from conftest import cell_inputs, chi_square_p, exact_joint, static_caches
 from test_decoding import tiny_random_llama
 from test_heads import _Recorded, dynamic_reference, node_paths
 from test_sampling import PROMPT, VOCAB, tiny_model
@@ -276,29 +282,29 @@ def test_tree_sampling_through_generation_keeps_the_target_distribution(kind, ca
     assert sum(r.accepted_tokens for r in rows) > 0
 
 
-def test_a_configs_token_tree_reaches_our_engine_and_decodes_as_ar(tmp_path, embedded_model_dir):
-    """`drafters.NAME.tree` in a config, through the gate and the job: an n-gram tree cell on
-    the embedded model decodes its prompts token for token as the AR cell (the job's greedy
-    check), eagerly, with more nodes verified than a chain of its depth would hold."""
-    from conftest import cell_inputs
-
-    from specdec.gate.config import expand_matrix, validate
-    from specdec.job import runner
-
+def test_a_configs_token_trees_reach_our_engine_and_decode_as_ar(tmp_path, embedded_model_dir):
+    """`drafters.NAME.tree` in a config, through the gate and the job: an n-gram tree cell and
+    an EAGLE-3 head's dynamic tree cell (a head started from the target's own layers) on the
+    embedded model decode their prompts token for token as the AR cell (the job's greedy
+    check), eagerly, with more nodes verified than a chain of their depth would hold."""
+    target = AutoModelForCausalLM.from_pretrained(embedded_model_dir, dtype=torch.float32)
+    head = save_eagle3(new_eagle3(target, torch.arange(2048)), tmp_path / "eagle")
     config = validate({
         "seed": 3, "models": {"smollm2": {"source": "embedded"}},
-        "drafters": {"tree": {"kind": "ngram", "n": 4, "min_context": 1, "top_k": 3, "tree": {"branching": [3, 1, 1]}}},
+        "drafters": {"tree": {"kind": "ngram", "n": 4, "min_context": 1, "top_k": 3, "tree": {"branching": [3, 1, 1]}},
+                     "eagle2": {"kind": "eagle3", "source": str(head), "tree": {"dynamic": {"top_k": 3, "depth": 3, "nodes": 8}}}},
         "datasets": {"edit": {"source": "humaneval_edit", "num_prompts": 2, "max_prompt_tokens": 384}},
-        "experiments": {"t": {"target": "smollm2", "datasets": ["edit"], "max_new_tokens": 24, "warmup": 0,
-                              "methods": [{"method": "ar"}, {"method": "ngram", "drafter": "tree", "gamma": 3,
-                                                              "reference": "separate"}]}},
+        "experiments": {"t": {"target": "smollm2", "datasets": ["edit"], "max_new_tokens": 16, "warmup": 0, "reference": "separate",
+                              "methods": [{"method": "ar"}, {"method": "ngram", "drafter": "tree", "gamma": 3},
+                                          {"method": "eagle3", "drafter": "eagle2", "gamma": 3}]}},
         "power": {"enabled": False},
     })
-    ar, tree = sorted(expand_matrix(config), key=lambda cell: cell.drafts)
+    ar, *trees = sorted(expand_matrix(config), key=lambda cell: cell.drafts)
     models_dir, prompts = cell_inputs(tmp_path, embedded_model_dir, config["datasets"]["edit"], seed=3)
     assert runner.run_cell(ar, prompts, tmp_path / "ar", models_dir=models_dir)["status"] == "ok"
-    result = runner.run_cell(tree, prompts, tmp_path / "tree", models_dir=models_dir, reference=tmp_path / "ar" / "requests.jsonl")
-    assert result["status"] == "ok" and result["correctness"]["identical"], result.get("failure")
-    assert result["engine"]["settings"]["compile"]["target"]["reason"] == "token trees run eagerly"
-    acceptance = result["acceptance"]
-    assert acceptance["drafted_tokens"] > acceptance["num_drafts"] * 3  # several continuations a step, not one chain
+    for cell in trees:
+        result = runner.run_cell(cell, prompts, tmp_path / cell.method, models_dir=models_dir, reference=tmp_path / "ar" / "requests.jsonl")
+        assert result["status"] == "ok" and result["correctness"]["identical"], result.get("failure")
+        assert result["engine"]["settings"]["compile"]["target"]["reason"] == "token trees run eagerly"
+        acceptance = result["acceptance"]
+        assert acceptance["drafted_tokens"] > acceptance["num_drafts"] * 3  # several continuations a step, not one chain
