@@ -315,6 +315,8 @@ def test_medusa_checkpoints_round_trip(target, tmp_path):
     assert load_head(folder, target, "medusa", TREES["static"]).tree == TREES["static"]
     with pytest.raises(ValueError, match="this tree is 4 deep, the head has 3 heads"):
         load_head(folder, target, "medusa", TreeShape.from_branching([1, 1, 1, 1]))
+    with pytest.raises(ValueError, match="Medusa drafts static token trees"):
+        load_head(folder, target, "medusa", TREES["dynamic"])
     original = drafter.heads.state_dict()
     assert all(torch.equal(tensor, original[name]) for name, tensor in loaded.heads.state_dict().items())
 

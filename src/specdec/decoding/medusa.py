@@ -72,6 +72,8 @@ class MedusaDrafter(Drafter):
     layers (its final normed state is id L)."""
 
     def __init__(self, heads: MedusaHeads, target_layers: int, tree: TreeShape | None = None):
+        if tree is not None and not isinstance(tree, TreeShape):
+            raise ValueError(f"Medusa drafts static token trees here (trees.TreeShape), not a {type(tree).__name__}")
         if tree is not None and tree.depth > heads.spec.num_heads:
             raise ValueError(f"a Medusa tree reaches one depth per head: this tree is {tree.depth} deep, "
                              f"the head has {heads.spec.num_heads} heads")
