@@ -6,7 +6,8 @@ import pytest
 import yaml
 from conftest import alias_bomb
 
-from specdec.gate.cells import Cell, Load
+from specdec.engines import unsupported
+from specdec.gate.cells import Cell, DynamicTreeSpec, Load
 from specdec.gate.config import (
     ConfigError,
     check_inputs,
@@ -17,7 +18,7 @@ from specdec.gate.config import (
     reference_cell,
     validate,
 )
-from specdec.records import RecordError, head_job_from_json
+from specdec.records import RecordError, cell_from_dict, head_job_from_json
 
 REPO = Path(__file__).resolve().parents[1]
 GPU8 = REPO / "tests" / "fixtures" / "configs" / "gpu8.yaml"
@@ -372,23 +373,57 @@ def test_a_checkpoint_that_does_not_fit_the_target_is_refused_at_the_gate(defaul
 
 
 @pytest.mark.parametrize(
-    "tree, name, message",
+    "name, tree, key, message",
     [
-        ({"paths": [[0], [0, 1]]}, "ngram", "tree path \\[0, 1\\] has no elder sibling \\[0, 0\\]"),
-        ({"paths": [[1]]}, "ngram", "tree path \\[1\\] has no elder sibling \\[0\\]"),
-        ({"branching": [2]}, "replay", "a replay drafter drafts chains here"),
+        ("ngram", {"paths": [[0], [0, 1]]}, "tree", "tree path \\[0, 1\\] has no elder sibling \\[0, 0\\]"),
+        ("ngram", {"paths": [[1]]}, "tree", "tree path \\[1\\] has no elder sibling \\[0\\]"),
+        ("replay", {"branching": [2]}, "tree", "a replay drafter drafts chains here"),
         # nodes the drafter could never fill: a suffix draft is at most int(1.0 x (24 - 1)) deep,
         # a recycled node has top_k = 8 successors
-        ({"branching": [1] * 24}, "suffix", "a tree 24 deep reaches past the longest draft, .* = 23 tokens"),
-        ({"branching": [9]}, "recycling", "a node with 9 children needs as many successors per token; top_k is 8"),
+        ("suffix", {"branching": [1] * 24}, "tree", "a tree 24 deep reaches past the longest draft, .* = 23 tokens"),
+        ("recycling", {"branching": [9]}, "tree", "a node with 9 children needs as many successors per token; top_k is 8"),
+        ("medusa", {"branching": [2, 2, 1, 1]}, "tree", "4 deep, but a Medusa head drafts one depth per head and this one has 3 "
+                                                        "\\(train.num_heads is 3\\)"),
+        ("ngram", {"dynamic": {"top_k": 2, "depth": 3, "nodes": 8}}, "tree.dynamic",
+         "a ngram drafter drafts static trees or chains here; EAGLE-2's dynamic trees .*: kinds eagle3, model, quantized"),
+        ("medusa", {"dynamic": {"top_k": 2, "depth": 3, "nodes": 8}}, "tree.dynamic", "a medusa drafter drafts static trees or chains"),
+        ("eagle", {"dynamic": {"top_k": 2, "depth": 2, "nodes": 7}}, "tree.dynamic.nodes",
+         "dynamic.nodes 7 exceeds the 6 candidates that top_k 2 and depth 2 grow"),
     ],
 )
-def test_a_token_tree_is_checked_at_the_gate(default_config, tree, name, message):
+def test_a_token_tree_is_checked_at_the_gate(default_config, name, tree, key, message):
     default_config["drafters"]["replay"] = {"kind": "replay", "error_rate": 0.2}
     default_config["drafters"][name]["tree"] = tree
     with pytest.raises(ConfigError, match=message) as info:
         validate(default_config)
-    assert f"'drafters.{name}.tree'" in str(info.value)
+    assert f"'drafters.{name}.{key}'" in str(info.value)
+
+
+def test_a_medusa_checkpoints_heads_bound_its_tree_at_the_gate(default_config, tmp_path, embedded_model_dir):
+    """A Medusa named by `source` is read (config only): its tree reaches one depth per head."""
+    folder = tmp_path / "medusa"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architectures": ["MedusaModel"], "model_type": "medusa", "hidden_size": 576,
+                                                    "vocab_size": 49152, "num_heads": 2, "num_hidden_layers": 1}))
+    default_config["drafters"]["medusa"] = {"kind": "medusa", "source": str(folder), "tree": {"branching": [2, 2, 1]}}
+    validate(default_config)
+    with pytest.raises(ConfigError, match="'drafters.medusa.tree': 3 deep, but a Medusa head .* has 2 \\(source "):
+        check_inputs(default_config)
+
+
+def test_head_trees_are_typed_in_the_cell_and_run_on_our_engine_only(default_config):
+    """A static tree for the heads, a dynamic one for EAGLE-3: carried by the cell through its
+    JSON form (schema-checked), not_supported on the other engines."""
+    default_config["drafters"]["eagle_300k"]["tree"] = {"dynamic": {"top_k": 4, "depth": 4, "nodes": 24}}
+    default_config["drafters"]["medusa"]["tree"] = {"paths": [[0], [1], [0, 0]]}
+    cells = [c for c in expand_matrix(validate(default_config)) if c.experiment == "heads" and c.drafter is not None]
+    dynamic = next(c for c in cells if c.drafter.name == "eagle_300k")
+    medusa = next(c for c in cells if c.drafter.name == "medusa")
+    assert dynamic.drafter.tree == DynamicTreeSpec(top_k=4, depth=4, nodes=24) and medusa.drafter.tree == ((0,), (1,), (0, 0))
+    for cell in (dynamic, medusa):
+        assert cell_from_dict(json.loads(json.dumps(cell.to_dict())), "test") == cell
+        assert unsupported(cell) is None
+        assert unsupported(dataclasses.replace(cell, engine="vllm")) == f"drafter {cell.drafter.name!r} drafts a token tree; vllm verifies chains here"
 
 
 def test_the_copying_experiment_puts_our_model_free_drafters_beside_the_peers(default_config):

@@ -1,10 +1,12 @@
 """Learned draft heads on a tiny random Llama: the target's hidden states equal transformers',
 EAGLE-3 and Medusa heads decode greedy tokens identical to AR (batched, ragged, growing and
-static caches) and sample the target's distribution exactly (a reduced draft vocabulary
-included), the EAGLE-3 session's cached drafts equal the head run from scratch, checkpoints
-round-trip in vLLM's and the speculators' forms, and heads that do not fit are refused."""
+static caches; chains, static token trees and EAGLE-2's dynamic trees) and sample the
+target's distribution exactly (a reduced draft vocabulary included), the EAGLE-3 session's
+cached drafts (chains and trees) equal the head run from scratch, checkpoints round-trip in
+vLLM's and the speculators' forms, and heads that do not fit are refused."""
 
 import contextlib
+import functools
 import json
 from dataclasses import replace
 
@@ -19,6 +21,7 @@ from specdec.decoding.drafters import on_target_vocab
 from specdec.decoding.eagle3 import Eagle3Drafter, Eagle3Head, Eagle3Spec, default_aux_ids
 from specdec.decoding.head_formats import EAGLE3_FORMS, HeadMismatch, head_spec, load_head, save_eagle3, save_medusa
 from specdec.decoding.medusa import MedusaDrafter, MedusaHeads, MedusaSpec
+from specdec.decoding.trees import DynamicTree, TreeShape
 from specdec.gate.cells import HeadTraining
 from specdec.prepare.head_training import draft_vocabulary, train_head
 from specdec.prepare.training_corpus import TrainingDataError
@@ -28,6 +31,8 @@ from conftest import chi_square_p, exact_joint, static_caches
 VOCAB, HIDDEN, LAYERS = 16, 32, 8  # 8 layers: vLLM's default aux ids (2, 4, 5) are distinct
 PROMPT = [5, 9, 3, 7, 5, 9, 3]
 NEW_TOKENS = 40
+# What the heads draft: chains, a static tree (3 deep: a 3-head Medusa's reach), EAGLE-2's dynamic tree.
+TREES = {"chain": None, "static": TreeShape.from_branching([2, 2, 1]), "dynamic": DynamicTree(top_k=3, depth=3, nodes=8)}
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +45,7 @@ def target():
     return LlamaForCausalLM(config).eval()
 
 
-def random_eagle3(target, draft_vocab: int, seed: int = 1) -> Eagle3Drafter:
+def random_eagle3(target, draft_vocab: int, seed: int = 1, tree=None) -> Eagle3Drafter:
     """A random-weight EAGLE-3 head sharing `target`'s embedding; its draft vocabulary is a
     random subset of the target's (all of it when `draft_vocab` is the target's)."""
     torch.manual_seed(seed)
@@ -53,10 +58,10 @@ def random_eagle3(target, draft_vocab: int, seed: int = 1) -> Eagle3Drafter:
     kept = torch.randperm(VOCAB)[:draft_vocab].sort().values
     head.d2t.copy_(kept - torch.arange(draft_vocab))
     head.t2d[kept] = True
-    return Eagle3Drafter(head.eval())
+    return Eagle3Drafter(head.eval(), tree)
 
 
-def random_medusa(target, heads: int = 3, seed: int = 2, as_initialised: bool = False) -> MedusaDrafter:
+def random_medusa(target, heads: int = 3, seed: int = 2, as_initialised: bool = False, tree=None) -> MedusaDrafter:
     """Random-weight Medusa heads, or, `as_initialised`, heads as Medusa training starts them
     (zero blocks, the target's lm_head): they guess the target's next token again."""
     torch.manual_seed(seed)
@@ -67,7 +72,7 @@ def random_medusa(target, heads: int = 3, seed: int = 2, as_initialised: bool = 
                 torch.nn.init.normal_(weight, std=0.3)
             else:
                 weight.copy_(target.lm_head.weight if name.startswith("lm_heads.") else torch.zeros_like(weight))
-    return MedusaDrafter(medusa.eval(), LAYERS)
+    return MedusaDrafter(medusa.eval(), LAYERS, tree)
 
 
 def ragged_batch():
@@ -117,15 +122,17 @@ def test_the_target_steps_return_the_hidden_states_transformers_does(target, cac
 
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
-@pytest.mark.parametrize("kind", ["eagle3", "eagle3 reduced", "medusa"])
-def test_heads_decode_greedy_tokens_identical_to_ar(target, early_stop, kind, cache):
-    """Batch 2, left-padded, rows accepting different counts, row 0 leaving early: each row's
-    tokens equal AR's."""
+@pytest.mark.parametrize("kind, tree", [(kind, tree) for kind in ("eagle3", "eagle3 reduced", "medusa") for tree in TREES
+                                        if (kind, tree) != ("medusa", "dynamic")])
+def test_heads_decode_greedy_tokens_identical_to_ar(target, early_stop, kind, tree, cache):
+    """Batch 2, left-padded, rows accepting different counts (trees: different paths), row 0
+    leaving early: each row's tokens equal AR's."""
     ids, mask = ragged_batch()
     settings, ar = early_stop
-    drafter = (random_medusa(target, as_initialised=True) if kind == "medusa"
-               else random_eagle3(target, 8 if "reduced" in kind else VOCAB))
-    with static_caches(target, max_length=ids.shape[1] + NEW_TOKENS + 3 + 1) if cache == "static" else contextlib.nullcontext():
+    drafter = (random_medusa(target, as_initialised=True, tree=TREES[tree]) if kind == "medusa"
+               else random_eagle3(target, 8 if "reduced" in kind else VOCAB, tree=TREES[tree]))
+    room = drafter.max_nodes(settings.gamma)
+    with static_caches(target, max_length=ids.shape[1] + NEW_TOKENS + room + 1) if cache == "static" else contextlib.nullcontext():
         rows = generate(target, ids, mask, settings, drafter)
     assert [r.output_ids for r in rows] == [r.output_ids for r in ar]
     assert [r.finish_reason for r in rows] == ["eos", "length"]
@@ -133,15 +140,18 @@ def test_heads_decode_greedy_tokens_identical_to_ar(target, early_stop, kind, ca
     assert sum(r.target_forwards for r in rows) < sum(r.target_forwards for r in ar)
     for row in rows:
         assert row.accepted_per_position == sorted(row.accepted_per_position, reverse=True)
+    if tree != "chain":  # several candidates a step, not one chain
+        assert sum(r.drafted_tokens for r in rows) > settings.gamma * sum(r.target_forwards - 1 for r in rows)
 
 
 class _Recorded:
-    """Wraps a drafter's sessions: each proposal with each row's text at that time."""
+    """Wraps a drafter's sessions: each proposal with each row's text at that time (and, in
+    `shapes`, each proposal's node parents and the gamma it was asked for)."""
 
     model = None
 
     def __init__(self, drafter):
-        self.drafter, self.hidden_ids, self.proposals = drafter, drafter.hidden_ids, []
+        self.drafter, self.hidden_ids, self.proposals, self.shapes = drafter, drafter.hidden_ids, [], []
 
     def max_nodes(self, gamma):
         return self.drafter.max_nodes(gamma)
@@ -155,6 +165,7 @@ class _Recorded:
             def propose(self, last_tokens, gamma):
                 draft = session.propose(last_tokens, gamma)
                 recorded.proposals += [(list(t), d) for t, d in zip(texts, draft.tokens.tolist())]
+                recorded.shapes += [(parents, gamma) for parents in draft.tree_parents.tolist()]
                 return draft
 
             def commit(self, outcome):
@@ -172,42 +183,86 @@ class _Recorded:
         return Session()
 
 
-def uncached_drafts(drafter: Eagle3Drafter, target, text: list[int], gamma: int) -> list[int]:
-    """The head's greedy chain after `text`, run from scratch: slot j pairs the target's state
-    at token j with token j + 1; later drafts read the head's own output."""
+@functools.lru_cache(maxsize=4)
+def fused_states(drafter: Eagle3Drafter, target, text: tuple[int, ...]) -> torch.Tensor:
+    """(1, len(text) - 1, H) the head's fused target states of `text` but its last token
+    (cached: a proposal's nodes share their row's text)."""
+    return drafter.head.fc(reference_states(target, list(text), drafter.head.spec.aux_ids)[None, :-1])
+
+
+def uncached_logits(drafter: Eagle3Drafter, target, text: list[int], path: list[int]) -> torch.Tensor:
+    """The head's logits (V,) on the target's vocabulary after `text` and then the draft tokens
+    `path`, run from scratch: slot j pairs the target's state at token j with token j + 1;
+    each draft token is fed with the head's own state of the slot before it."""
     head = drafter.head
-    fused = head.fc(reference_states(target, text, head.spec.aux_ids)[None, :-1])
+    fused = fused_states(drafter, target, tuple(text))
     cache = DynamicCache(config=head.config)
-    tokens, drafts = torch.tensor([text[1:]]), []
-    positions = torch.arange(len(text) - 1)[None]
-    for _ in range(gamma):
-        mask = torch.ones(1, int(positions[0, -1]) + 1, dtype=torch.bool)
-        logits, state = head(tokens, mask, positions, cache, fused)
-        token = on_target_vocab(logits[:, -1], head.target_ids(), VOCAB).argmax(-1)
-        drafts.append(int(token))
-        tokens, fused, positions = token[:, None], state[:, -1:], positions[:, -1:] + 1
-    return drafts
+    tokens, positions = torch.tensor([text[1:]]), torch.arange(len(text) - 1)[None]
+    for token in path:
+        _, state = head(tokens, torch.ones(1, int(positions[0, -1]) + 1, dtype=torch.bool), positions, cache, fused)
+        tokens, fused, positions = torch.tensor([[token]]), state[:, -1:], positions[:, -1:] + 1
+    logits, _ = head(tokens, torch.ones(1, int(positions[0, -1]) + 1, dtype=torch.bool), positions, cache, fused)
+    return on_target_vocab(logits[0, -1], head.target_ids(), VOCAB)
 
 
-def test_eagle3_cached_drafts_equal_the_head_run_from_scratch(target, early_stop):
+def node_paths(tokens: list[int], parents: list[int]) -> list[list[int]]:
+    """Each fed index's root path of draft tokens (the root's: empty)."""
+    paths = [[]]
+    for token, parent in zip(tokens, parents):
+        paths.append(paths[parent] + [token])
+    return paths
+
+
+def dynamic_reference(logits_after, tree: DynamicTree) -> set[tuple[int, ...]]:
+    """EAGLE-2's tree from a drafter run from scratch (`logits_after(path)`: its logits (V,)
+    after the row's text and the draft tokens `path`), as root paths: the top_k nodes of
+    each depth by joint draft probability expanded into their top_k children, the best
+    `nodes` of all candidates kept."""
+    scores, frontier = {(): 0.0}, [()]
+    for _ in range(tree.depth):
+        grown = {}
+        for path in frontier:
+            best = torch.log_softmax(logits_after(list(path)), -1).topk(tree.top_k)
+            grown |= {path + (int(t),): scores[path] + float(v) for v, t in zip(best.values, best.indices)}
+        scores |= grown
+        frontier = sorted(grown, key=grown.get, reverse=True)[: tree.top_k]
+    del scores[()]
+    return set(sorted(scores, key=scores.get, reverse=True)[: tree.nodes])
+
+
+@pytest.mark.parametrize("tree", list(TREES))
+def test_eagle3_cached_drafts_equal_the_head_run_from_scratch(target, early_stop, tree):
     """What the session drafts through its ragged cache (rolled back, re-fed with the target's
-    states, rows leaving) is what the head computes on each row's text from scratch."""
+    states along the kept path, rows leaving) is what the head computes on each row's text
+    from scratch: each node's children are the best tokens after its path (a chain's, the
+    best one), and a dynamic tree is EAGLE-2's choice."""
     ids, mask = ragged_batch()
-    recorded = _Recorded(random_eagle3(target, 8))
+    recorded = _Recorded(random_eagle3(target, 8, tree=TREES[tree]))
     rows = generate(target, ids, mask, early_stop[0], recorded)
     assert [r.finish_reason for r in rows] == ["eos", "length"]
     assert len(recorded.proposals) > 10 and sum(r.accepted_tokens for r in rows) > 0
     with torch.no_grad():
-        for text, drafts in recorded.proposals:
-            assert drafts == uncached_drafts(recorded.drafter, target, text, len(drafts))
+        for (text, tokens), (parents, gamma) in zip(recorded.proposals, recorded.shapes):
+            paths = node_paths(tokens, parents)
+            if tree == "dynamic":
+                logits_after = functools.partial(uncached_logits, recorded.drafter, target, text)
+                assert set(map(tuple, paths[1:])) == dynamic_reference(logits_after, TREES[tree].truncated(gamma))
+                continue
+            for node, path in enumerate(paths):
+                children = [paths[j + 1][-1] for j, parent in enumerate(parents) if parent == node]
+                if children:
+                    logits = uncached_logits(recorded.drafter, target, text, path)
+                    assert children == logits.topk(len(children)).indices.tolist()
 
 
-@pytest.mark.parametrize("kind", ["eagle3 reduced", "medusa"])
-def test_heads_sample_the_target_distribution_exactly(target, kind):
+@pytest.mark.parametrize("kind, tree", [("eagle3 reduced", "chain"), ("medusa", "chain"), ("eagle3 reduced", "static"),
+                                        ("eagle3 reduced", "dynamic"), ("medusa", "static")])
+def test_heads_sample_the_target_distribution_exactly(target, kind, tree):
     """Draft probabilities live on the full vocabulary (zero outside a reduced draft
-    vocabulary): the verifier keeps the target's joint distribution of tokens 1-3."""
+    vocabulary); a static tree's siblings are draws without replacement, a dynamic tree's
+    nodes point masses: the verifier keeps the target's joint distribution of tokens 1-3."""
     settings = GenerationSettings(max_new_tokens=3, gamma=3, temperature=1.0)
-    drafter = random_medusa(target) if kind == "medusa" else random_eagle3(target, 8)
+    drafter = random_medusa(target, tree=TREES[tree]) if kind == "medusa" else random_eagle3(target, 8, tree=TREES[tree])
     draws = 6000
     ids = torch.tensor([PROMPT] * draws)
     rows = generate(target, ids, torch.ones_like(ids), settings, drafter, torch.Generator().manual_seed(11))
@@ -241,6 +296,7 @@ def test_eagle3_checkpoints_round_trip_in_both_forms(target, tmp_path, form):
         assert config["transformer_layer_config"]["hidden_size"] == HIDDEN
     loaded = load_head(folder, target, kind="eagle3")
     assert loaded.head.embed_tokens is target.get_input_embeddings() and loaded.hidden_ids == (2, 4, 5)
+    assert load_head(folder, target, "eagle3", TREES["dynamic"]).dynamic == TREES["dynamic"]
     assert replace(loaded.head.spec, layer=None) == replace(drafter.head.spec, layer=None)
     assert loaded.head.spec.layer.to_dict() == drafter.head.spec.layer.to_dict()
     original = drafter.head.state_dict()
@@ -256,6 +312,11 @@ def test_medusa_checkpoints_round_trip(target, tmp_path):
     assert sorted(load_file(folder / "model.safetensors"))[:2] == ["blocks.0.layers.0.weight", "blocks.1.layers.0.weight"]
     loaded = load_head(folder, target)
     assert loaded.hidden_ids == (LAYERS,) and loaded.heads.spec == drafter.heads.spec
+    assert load_head(folder, target, "medusa", TREES["static"]).tree == TREES["static"]
+    with pytest.raises(ValueError, match="this tree is 4 deep, the head has 3 heads"):
+        load_head(folder, target, "medusa", TreeShape.from_branching([1, 1, 1, 1]))
+    with pytest.raises(ValueError, match="Medusa drafts static token trees"):
+        load_head(folder, target, "medusa", TREES["dynamic"])
     original = drafter.heads.state_dict()
     assert all(torch.equal(tensor, original[name]) for name, tensor in loaded.heads.state_dict().items())
 

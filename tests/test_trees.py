@@ -1,24 +1,31 @@
 """Token trees: a tree is scored in one target forward as each of its root paths alone
 (growing and static cache, ragged rows) and its accepted path kept without recompute; greedy
-tree decoding equals AR for the model and n-gram drafters; the model drafter's cached tree
-equals its drafts from scratch; multi-candidate verification keeps the target distribution
+tree decoding equals AR for the model and n-gram drafters (static and EAGLE-2's dynamic
+trees) and through a config's cells; the model drafter's cached tree equals its drafts from
+scratch, a dynamic tree EAGLE-2's choice; multi-candidate verification keeps the target distribution
 exactly (siblings with and without replacement, point masses, ragged rows, end to end)."""
 
 import contextlib
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from specdec.decoding import Draft, GenerationSettings, ModelDrafter, NgramDrafter, Sampler, generate, verify
 from specdec.decoding.cache import open_cache
-from specdec.decoding.trees import TreeShape, ancestry, expansion
+from specdec.decoding.head_formats import save_eagle3
+from specdec.decoding.trees import DynamicTree, TreeShape, ancestry, best_nodes, expansion
+from specdec.gate.config import expand_matrix, validate
+from specdec.job import runner
+from specdec.prepare.head_training import new_eagle3
 
-from conftest import chi_square_p, exact_joint, static_caches
+from conftest import cell_inputs, chi_square_p, exact_joint, static_caches
 from test_decoding import tiny_random_llama
-from test_heads import _Recorded
+from test_heads import _Recorded, dynamic_reference, node_paths
 from test_sampling import PROMPT, VOCAB, tiny_model
 
 TREE = TreeShape.from_branching([2, 2])  # fed: root, 1 2 (its children), 3 4 (of 1), 5 6 (of 2)
+DYNAMIC = DynamicTree(top_k=3, depth=3, nodes=8)  # EAGLE-2's, for the model drafter
 
 
 def test_shapes_number_nodes_breadth_first_and_refuse_what_is_not_a_tree():
@@ -36,6 +43,23 @@ def test_shapes_number_nodes_breadth_first_and_refuse_what_is_not_a_tree():
     assert [level.nodes for level in levels] == [(0,), (1, 2)] and slots == {0: 0, 1: 1, 2: 2}
     assert levels[1].sees == ((True, True, False), (True, False, True)) and levels[1].children == ((3, 4), (5, 6))
     assert expansion(TreeShape.chain(3))[0][2].sees is None  # a chain's levels see their whole window
+
+
+def test_a_dynamic_tree_keeps_its_best_nodes_by_joint_probability():
+    """Candidates numbered depth by depth (root children a b c, then a's a0 a1, b's b0): the
+    best N by joint probability, in candidate order, each parent's fed index; b0 ties its
+    parent b (a child of probability 1) and is never chosen without it."""
+    joint = torch.tensor([[0.6, 0.3, 0.1, 0.3, 0.24, 0.3],  # a b c a0 a1 b0
+                          [0.2, 0.5, 0.3, 0.1, 0.05, 0.45]]).log()
+    parents = torch.tensor([[-1, -1, -1, 0, 0, 1]] * 2)
+    chosen, fed_parents = best_nodes(joint, parents, 4)
+    assert chosen.tolist() == [[0, 1, 3, 5], [0, 1, 2, 5]]
+    assert fed_parents.tolist() == [[0, 0, 1, 2], [0, 0, 0, 2]]
+    assert best_nodes(joint, parents, 2)[0].tolist() == [[0, 1], [1, 5]]
+    tree = DynamicTree(top_k=3, depth=4, nodes=20)
+    assert tree.candidates == 30 and tree.truncated(2) == DynamicTree(3, 2, 12) and tree.truncated(9) is tree
+    with pytest.raises(ValueError, match="dynamic.nodes 31 exceeds the 30 candidates"):
+        DynamicTree(top_k=3, depth=4, nodes=31)
 
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
@@ -179,16 +203,19 @@ def early_stopping(target):
     return ids, mask, settings, generate(target, ids, mask, settings)
 
 
-@pytest.mark.parametrize("kind, cache", [("model", "dynamic"), ("model", "static"), ("self", "static"), ("ngram", "dynamic")])
+@pytest.mark.parametrize("kind, cache", [("model", "dynamic"), ("model", "static"), ("self", "static"), ("ngram", "dynamic"),
+                                         ("model dynamic", "dynamic"), ("model dynamic", "static")])
 def test_greedy_trees_decode_tokens_identical_to_ar(kind, cache):
     """Batch 2, left-padded, rows keeping different paths, row 0 leaving early."""
     target = tiny_model(0)
     ids, mask, settings, ar = early_stopping(target)
     tree = TreeShape.from_branching([3, 2, 1])
     drafter = {"model": lambda: ModelDrafter(tiny_model(1), tree), "self": lambda: ModelDrafter(target, tree),
-               "ngram": lambda: NgramDrafter(n=3, min_context=1, tree=tree)}[kind]()
-    models = [target] + ([drafter.model] if kind == "model" else [])
-    with static_caches(*models, max_length=ids.shape[1] + 30 + tree.nodes + 1) if cache == "static" else contextlib.nullcontext():
+               "ngram": lambda: NgramDrafter(n=3, min_context=1, tree=tree),
+               "model dynamic": lambda: ModelDrafter(tiny_model(1), DYNAMIC)}[kind]()
+    models = [target] + ([drafter.model] if kind.startswith("model") else [])
+    room = drafter.max_nodes(settings.gamma)
+    with static_caches(*models, max_length=ids.shape[1] + 30 + room + 1) if cache == "static" else contextlib.nullcontext():
         rows = generate(target, ids, mask, settings, drafter)
     assert [r.output_ids for r in rows] == [r.output_ids for r in ar]
     assert [r.finish_reason for r in rows] == ["eos", "length"]
@@ -221,12 +248,29 @@ def test_the_model_drafters_cached_tree_equals_its_drafts_from_scratch():
                     assert [fed[c] for c in children] == logits.topk(len(children)).indices.tolist()
 
 
-@pytest.mark.parametrize("kind, cache", [("model", "dynamic"), ("ngram", "static")])
+def test_the_model_drafters_dynamic_tree_is_eagle2s_choice_from_scratch():
+    """A dynamic tree grown through the drafter's ragged cache (frontiers fed under their
+    ancestry, the kept path gathered, a node never fed carried, a row leaving) is the tree
+    EAGLE-2's rule picks from the draft model run on each row's text from scratch."""
+    target, draft_model = tiny_model(0), tiny_model(1)
+    ids, mask, settings, _ = early_stopping(target)
+    recorded = _Recorded(ModelDrafter(draft_model, DYNAMIC))
+    generate(target, ids, mask, settings, recorded)
+    assert len(recorded.proposals) > 5
+    with torch.no_grad():
+        for (text, tokens), (parents, gamma) in zip(recorded.proposals, recorded.shapes):
+            logits_after = lambda path: draft_model(torch.tensor([text + path])).logits[0, -1]
+            assert set(map(tuple, node_paths(tokens, parents)[1:])) == dynamic_reference(logits_after, DYNAMIC.truncated(gamma))
+
+
+@pytest.mark.parametrize("kind, cache", [("model", "dynamic"), ("ngram", "static"), ("model dynamic", "dynamic")])
 def test_tree_sampling_through_generation_keeps_the_target_distribution(kind, cache):
-    """As test_sampling's chains: tokens 2 and 3 come from the first tree step."""
+    """As test_sampling's chains: tokens 2 and 3 come from the first tree step (a dynamic
+    tree's nodes are point masses)."""
     target, draft_model = tiny_model(0), tiny_model(1)
     tree = TreeShape.from_branching([3, 2])
-    drafter = ModelDrafter(draft_model, tree) if kind == "model" else NgramDrafter(n=2, min_context=1, tree=tree)
+    drafter = {"model": lambda: ModelDrafter(draft_model, tree), "ngram": lambda: NgramDrafter(n=2, min_context=1, tree=tree),
+               "model dynamic": lambda: ModelDrafter(draft_model, DYNAMIC)}[kind]()
     settings = GenerationSettings(max_new_tokens=3, gamma=3, temperature=1.0)
     ids = torch.tensor([PROMPT] * 6000)
     with static_caches(target, draft_model, max_length=len(PROMPT) + 3 + tree.nodes + 1) if cache == "static" else contextlib.nullcontext():
@@ -238,29 +282,29 @@ def test_tree_sampling_through_generation_keeps_the_target_distribution(kind, ca
     assert sum(r.accepted_tokens for r in rows) > 0
 
 
-def test_a_configs_token_tree_reaches_our_engine_and_decodes_as_ar(tmp_path, embedded_model_dir):
-    """`drafters.NAME.tree` in a config, through the gate and the job: an n-gram tree cell on
-    the embedded model decodes its prompts token for token as the AR cell (the job's greedy
-    check), eagerly, with more nodes verified than a chain of its depth would hold."""
-    from conftest import cell_inputs
-
-    from specdec.gate.config import expand_matrix, validate
-    from specdec.job import runner
-
+def test_a_configs_token_trees_reach_our_engine_and_decode_as_ar(tmp_path, embedded_model_dir):
+    """`drafters.NAME.tree` in a config, through the gate and the job: an n-gram tree cell and
+    an EAGLE-3 head's dynamic tree cell (a head started from the target's own layers) on the
+    embedded model decode their prompts token for token as the AR cell (the job's greedy
+    check), eagerly, with more nodes verified than a chain of their depth would hold."""
+    target = AutoModelForCausalLM.from_pretrained(embedded_model_dir, dtype=torch.float32)
+    head = save_eagle3(new_eagle3(target, torch.arange(2048)), tmp_path / "eagle")
     config = validate({
         "seed": 3, "models": {"smollm2": {"source": "embedded"}},
-        "drafters": {"tree": {"kind": "ngram", "n": 4, "min_context": 1, "top_k": 3, "tree": {"branching": [3, 1, 1]}}},
+        "drafters": {"tree": {"kind": "ngram", "n": 4, "min_context": 1, "top_k": 3, "tree": {"branching": [3, 1, 1]}},
+                     "eagle2": {"kind": "eagle3", "source": str(head), "tree": {"dynamic": {"top_k": 3, "depth": 3, "nodes": 8}}}},
         "datasets": {"edit": {"source": "humaneval_edit", "num_prompts": 2, "max_prompt_tokens": 384}},
-        "experiments": {"t": {"target": "smollm2", "datasets": ["edit"], "max_new_tokens": 24, "warmup": 0,
-                              "methods": [{"method": "ar"}, {"method": "ngram", "drafter": "tree", "gamma": 3,
-                                                              "reference": "separate"}]}},
+        "experiments": {"t": {"target": "smollm2", "datasets": ["edit"], "max_new_tokens": 16, "warmup": 0, "reference": "separate",
+                              "methods": [{"method": "ar"}, {"method": "ngram", "drafter": "tree", "gamma": 3},
+                                          {"method": "eagle3", "drafter": "eagle2", "gamma": 3}]}},
         "power": {"enabled": False},
     })
-    ar, tree = sorted(expand_matrix(config), key=lambda cell: cell.drafts)
+    ar, *trees = sorted(expand_matrix(config), key=lambda cell: cell.drafts)
     models_dir, prompts = cell_inputs(tmp_path, embedded_model_dir, config["datasets"]["edit"], seed=3)
     assert runner.run_cell(ar, prompts, tmp_path / "ar", models_dir=models_dir)["status"] == "ok"
-    result = runner.run_cell(tree, prompts, tmp_path / "tree", models_dir=models_dir, reference=tmp_path / "ar" / "requests.jsonl")
-    assert result["status"] == "ok" and result["correctness"]["identical"], result.get("failure")
-    assert result["engine"]["settings"]["compile"]["target"]["reason"] == "token trees run eagerly"
-    acceptance = result["acceptance"]
-    assert acceptance["drafted_tokens"] > acceptance["num_drafts"] * 3  # several continuations a step, not one chain
+    for cell in trees:
+        result = runner.run_cell(cell, prompts, tmp_path / cell.method, models_dir=models_dir, reference=tmp_path / "ar" / "requests.jsonl")
+        assert result["status"] == "ok" and result["correctness"]["identical"], result.get("failure")
+        assert result["engine"]["settings"]["compile"]["target"]["reason"] == "token trees run eagerly"
+        acceptance = result["acceptance"]
+        assert acceptance["drafted_tokens"] > acceptance["num_drafts"] * 3  # several continuations a step, not one chain

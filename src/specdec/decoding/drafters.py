@@ -12,13 +12,13 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
 from .cache import model_device, open_cache
 from .sampling import Draft, Sampler
-from .trees import TreeShape, expansion
+from .trees import DynamicTree, Level, TreeShape, best_nodes, expansion
 
 
 @dataclass
@@ -87,6 +87,7 @@ class Drafter(ABC):
     model = None  # the draft model, for drafters that run one
     hidden_ids: tuple[int, ...] = ()  # the target's hidden states it reads (cache.py's ids)
     tree: TreeShape | None = None  # the static token tree it proposes (None: chains)
+    dynamic: DynamicTree | None = None  # or the EAGLE-2 tree it grows (kinds that can)
 
     @property
     def module(self):
@@ -106,7 +107,7 @@ class Drafter(ABC):
     def max_nodes(self, gamma: int) -> int:
         """The most draft nodes a proposal of depth `gamma` holds (a chain's: gamma): the
         target's step widths and its cache's room follow."""
-        return self.shape(gamma).nodes
+        return self.shape(gamma).nodes if self.dynamic is None else self.dynamic.truncated(gamma).nodes
 
     def forget(self) -> None:
         """Drop what was learnt across requests. Called as the measured window opens, so that
@@ -143,23 +144,99 @@ def point_mass_draft(drafts: list[list[int]], device: torch.device, parents: lis
 
 class ModelDrafter(Drafter):
     """A small causal LM sharing the target's tokenizer, on any device and dtype. It drafts a
-    chain of gamma tokens, or, given `tree`, that token tree cut at depth gamma: each node's
-    children are its k best tokens (greedy) or k draws without replacement (sampling)."""
+    chain of gamma tokens, or, given `tree`, that token tree cut at depth gamma: a static
+    tree's nodes have as children their k best tokens (greedy) or k draws without
+    replacement (sampling); a dynamic tree is EAGLE-2's (`grow_dynamic`)."""
 
-    def __init__(self, model, tree: TreeShape | None = None):
+    def __init__(self, model, tree: TreeShape | DynamicTree | None = None):
         self.model = model
-        self.tree = tree
+        self.tree, self.dynamic = static_or_dynamic(tree)
 
     def start(self, input_ids, attention_mask, sampler, vocab_size):
         return _ModelDraftSession(self, input_ids, attention_mask, sampler, vocab_size)
 
 
 def on_target_vocab(logits: torch.Tensor, target_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """(B, V) logits over the target's vocabulary from (B, D) logits over a reduced draft
+    """(..., V) logits over the target's vocabulary from (..., D) logits over a reduced draft
     vocabulary whose entry i is target token target_ids[i]: -inf elsewhere, so the draft's
     probabilities are zero outside its vocabulary and the verifier's rule applies as is."""
-    full = logits.new_full((logits.shape[0], vocab_size), float("-inf"))
-    return full.index_copy_(1, target_ids, logits)
+    full = logits.new_full(logits.shape[:-1] + (vocab_size,), float("-inf"))
+    return full.index_copy_(-1, target_ids, logits)
+
+
+def grow_tree(shape: TreeShape, sampler: Sampler, batch: int, device: torch.device,
+              score: Callable[[int, Level, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Draw the nodes of a static tree a level at a time (`trees.expansion`).
+
+    `score(depth, level, fed)` returns the (B, len(level.nodes), V) logits after each of the
+    level's nodes, given `fed` (B, nodes + 1): the root, then every node drawn so far. A
+    node's children are its best k tokens (greedy) or k draws without replacement
+    (sampling, `Sampler.children`). Returns (the nodes' tokens (B, nodes); the distribution
+    each was drawn from (B, nodes, V), or None under greedy)."""
+    levels, _ = expansion(shape)
+    fed = torch.zeros(batch, shape.nodes + 1, dtype=torch.long, device=device)
+    probs: list[torch.Tensor | None] = [None] * (shape.nodes + 1)
+    for depth, level in enumerate(levels):
+        children, child_probs = sampler.children(score(depth, level, fed), max(map(len, level.children)))
+        for i, kids in enumerate(level.children):
+            for rank, node in enumerate(kids):
+                fed[:, node] = children[:, i, rank]
+                if child_probs is not None:
+                    probs[node] = child_probs[:, i, rank]
+    return fed[:, 1:], None if sampler.greedy else torch.stack(probs[1:], dim=1)
+
+
+def static_or_dynamic(tree: TreeShape | DynamicTree | None) -> tuple[TreeShape | None, DynamicTree | None]:
+    """A drafter's `tree` and `dynamic` from the one tree it was given."""
+    return (None, tree) if isinstance(tree, DynamicTree) else (tree, None)
+
+
+def grow_dynamic(tree: DynamicTree, root_logits: torch.Tensor,
+                 feed: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple[Draft, torch.Tensor]:
+    """EAGLE-2's expansion (trees.DynamicTree) from the root's logits (B, V).
+
+    The frontier, the top_k nodes of a depth by joint draft log-probability (first the
+    root's top_k children), is fed in one forward: `feed(tokens (B, k), parents (B, k): each
+    node's place in the frontier fed before it (0 .. k - 1; zeros at the first), sees
+    (B, k, S): which of the S speculative slots fed so far, these k last, each node sees
+    (its ancestors and itself))` returns the logits after each (B, k, V). Each frontier
+    node's top_k children are candidates, the best top_k of them the next frontier;
+    candidates are numbered depth by depth, and the best `tree.nodes` are verified
+    (`best_nodes`). Returns (their Draft: point masses, their tokens a deterministic
+    function of the draft distributions; each node's speculative slot (B, nodes), -1 for a
+    node never fed)."""
+    k, (batch, _) = tree.top_k, root_logits.shape
+    device = root_logits.device
+    scores, tokens = torch.log_softmax(root_logits.float(), -1).topk(k, dim=-1)
+    candidates = [(scores, tokens, torch.full_like(tokens, -1))]  # (joint log-prob, token, parent candidate)
+    frontier, parents = torch.arange(k, device=device).expand(batch, k), torch.zeros_like(tokens)
+    slots = torch.full((batch, tree.candidates), -1, dtype=torch.long, device=device)  # each candidate's, if fed
+    sees = torch.zeros(batch, k, 0, dtype=torch.bool, device=device)  # each frontier node's parent's row
+    eye = torch.eye(k, dtype=torch.bool, device=device).expand(batch, k, k)
+    numbered = k
+    for _ in range(1, tree.depth):
+        slots.scatter_(1, frontier, sees.shape[-1] + torch.arange(k, device=device).expand(batch, k))
+        sees = torch.cat([sees, eye], dim=-1)  # the frontier's own rows: its parent's, and itself
+        child_scores, child_tokens = torch.log_softmax(feed(tokens, parents, sees).float(), -1).topk(k, dim=-1)
+        joint, child_tokens = (scores[..., None] + child_scores).flatten(1), child_tokens.flatten(1)
+        candidates.append((joint, child_tokens, frontier.repeat_interleave(k, dim=1)))
+        scores, pick = joint.topk(k, dim=-1)
+        parents = pick // k
+        frontier, tokens = numbered + pick, child_tokens.gather(1, pick)
+        sees = sees.gather(1, parents[..., None].expand(-1, -1, sees.shape[-1]))
+        numbered += k * k
+    scores, tokens, parents = (torch.cat(parts, dim=1) for parts in zip(*candidates))
+    chosen, chosen_parents = best_nodes(scores, parents, tree.nodes)
+    lengths = torch.full((batch,), tree.nodes, dtype=torch.long, device=device)
+    return Draft(tokens.gather(1, chosen), lengths, None, chosen_parents, k), slots.gather(1, chosen)
+
+
+def static_draft(shape: TreeShape, tokens: torch.Tensor, probs: torch.Tensor | None, device: torch.device) -> Draft:
+    """The Draft of a static tree's nodes (`grow_tree`), every row the whole tree, on `device`."""
+    batch = tokens.shape[0]
+    parents = None if shape.is_chain() else torch.tensor(shape.parents, device=device).expand(batch, -1)
+    lengths = torch.full((batch,), shape.nodes, dtype=torch.long, device=device)
+    return Draft(tokens.to(device), lengths, None if probs is None else probs.to(device), parents, shape.branching)
 
 
 def _fit_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -177,10 +254,11 @@ class _ModelDraftSession(DraftSession):
 
     The cache holds every committed token except the last one. A proposal feeds the last
     token, then each depth's nodes that have children under the tree's attention
-    (trees.expansion); leaves are drawn, never fed. After verification the cache keeps the
-    last token and the accepted path's fed nodes, gathered into place (`KVCache.rollback`);
-    when the path ends on a leaf, that token is fed in front of the next proposal (a hole for
-    the other rows), so no extra drafter forward is spent on it.
+    (trees.expansion; a dynamic tree: each depth's frontier, `grow_dynamic`); leaves are
+    drawn, never fed. After verification the cache keeps the last token and the accepted
+    path's fed nodes, gathered into place (`KVCache.rollback`); when the path ends on a
+    node never fed, that token is fed in front of the next proposal (a hole for the other
+    rows), so no extra drafter forward is spent on it.
     """
 
     def __init__(self, drafter: ModelDrafter, input_ids, attention_mask, sampler: Sampler, vocab_size: int):
@@ -192,47 +270,48 @@ class _ModelDraftSession(DraftSession):
         self.cache, _ = open_cache(drafter.model, input_ids.to(self.device), attention_mask.to(self.device), "drafter")
         self.carry: torch.Tensor | None = None  # (B, 1) last draft to feed first, or None
         self.carry_valid: torch.Tensor | None = None
-        self.shape: TreeShape | None = None  # the last proposal's
+        # The last proposal's window of slots (the last token and the nodes fed), and per
+        # row its nodes' slots in it (host), -1 for a node never fed.
+        self.window = 0
+        self.node_slots: list[list[int]] | None = None
 
     def propose(self, last_tokens, gamma):
-        self.shape = shape = self.drafter.shape(gamma)
-        levels, _ = expansion(shape)
         tokens = last_tokens.to(self.device)[:, None]
         valid = torch.ones_like(tokens, dtype=torch.bool)
         if self.carry is not None:
             tokens = torch.cat([self.carry, tokens], dim=1)
             valid = torch.cat([self.carry_valid, valid], dim=1)
         batch = tokens.shape[0]
-        fed = torch.zeros(batch, shape.nodes + 1, dtype=torch.long, device=self.device)  # [root, nodes]
-        probs: list[torch.Tensor | None] = [None] * (shape.nodes + 1)
-        for depth, level in enumerate(levels):
+        if self.drafter.dynamic is not None:
+            tree = self.drafter.dynamic.truncated(gamma)
+            root = _fit_vocab(self.cache.extend(tokens, valid, logits_to_keep=1), self.vocab_size)[:, -1]
+            draft, slots = grow_dynamic(tree, root, lambda nodes, parents, sees: _fit_vocab(
+                self.cache.extend(nodes, torch.ones_like(nodes, dtype=torch.bool), ancestry=sees), self.vocab_size))
+            self.window, self.node_slots = 1 + (tree.depth - 1) * tree.top_k, torch.where(slots >= 0, slots + 1, -1).tolist()
+            target = self.target_device
+            return Draft(draft.tokens.to(target), draft.lengths.to(target), None, draft.parents.to(target), draft.branching)
+        shape = self.drafter.shape(gamma)
+
+        def score(depth: int, level: Level, fed: torch.Tensor) -> torch.Tensor:
             if depth == 0:
-                logits = self.cache.extend(tokens, valid, logits_to_keep=1)
-            else:
-                sees = None if level.sees is None else torch.tensor(level.sees, device=self.device).expand(batch, -1, -1)
-                nodes = fed[:, list(level.nodes)]
-                logits = self.cache.extend(nodes, torch.ones_like(nodes, dtype=torch.bool), ancestry=sees)
-            width = max(map(len, level.children))
-            children, child_probs = self.sampler.children(_fit_vocab(logits, self.vocab_size), width)
-            for i, kids in enumerate(level.children):
-                for rank, node in enumerate(kids):
-                    fed[:, node] = children[:, i, rank]
-                    if child_probs is not None:
-                        probs[node] = child_probs[:, i, rank]
-        stacked = None if self.sampler.greedy else torch.stack(probs[1:], dim=1).to(self.target_device)
-        parents = None if shape.is_chain() else torch.tensor(shape.parents, device=self.target_device).expand(batch, -1)
-        lengths = torch.full((batch,), shape.nodes, dtype=torch.long, device=self.target_device)
-        return Draft(fed[:, 1:].to(self.target_device), lengths, stacked, parents, shape.branching)
+                return _fit_vocab(self.cache.extend(tokens, valid, logits_to_keep=1), self.vocab_size)
+            sees = None if level.sees is None else torch.tensor(level.sees, device=self.device).expand(batch, -1, -1)
+            nodes = fed[:, list(level.nodes)]
+            return _fit_vocab(self.cache.extend(nodes, torch.ones_like(nodes, dtype=torch.bool), ancestry=sees), self.vocab_size)
+
+        drafts, probs = grow_tree(shape, self.sampler, batch, self.device, score)
+        _, slots = expansion(shape)
+        self.window, self.node_slots = len(slots), [[slots.get(node, -1) for node in range(1, shape.nodes + 1)]] * batch
+        return static_draft(shape, drafts, probs, self.target_device)
 
     def commit(self, outcome):
-        if self.shape is None:  # the first token: nothing was proposed
+        if self.node_slots is None:  # the first token: nothing was proposed
             return
-        _, slots = expansion(self.shape)
         # The cache ends with the window [last token, fed nodes]; each row keeps the last token
         # and its path's fed nodes (a prefix of the path: a node is fed only if it has children).
         kept, carried = [], []
-        for path in outcome.path_host:
-            fed_path = [slots[node + 1] for node in path if node + 1 in slots]
+        for path, slots in zip(outcome.path_host, self.node_slots):
+            fed_path = [slots[node] for node in path if slots[node] >= 0]
             kept.append([0] + fed_path)
             carried.append(len(path) > len(fed_path))
         keep = max(map(len, kept))
@@ -240,20 +319,22 @@ class _ModelDraftSession(DraftSession):
         order = None
         if any(k != list(range(len(k))) for k in kept):
             order = torch.tensor([k + [0] * (keep - len(k)) for k in kept], device=self.device)
-        self.cache.rollback(lengths, len(slots), keep, order)
+        self.cache.rollback(lengths, self.window, keep, order)
         if any(carried):
             last = [new[len(path) - 1] if carry else 0 for new, path, carry in zip(outcome.new_tokens, outcome.path_host, carried)]
             self.carry = torch.tensor(last, device=self.device)[:, None]
             self.carry_valid = torch.tensor(carried, device=self.device)[:, None]
         else:
             self.carry = self.carry_valid = None
-        self.shape = None
+        self.node_slots = None
 
     def select(self, rows):
         index = torch.tensor(rows, device=self.device)
         self.cache.select(index)
         if self.carry is not None:
             self.carry, self.carry_valid = self.carry[index], self.carry_valid[index]
+        if self.node_slots is not None:
+            self.node_slots = [self.node_slots[r] for r in rows]
 
 
 class NgramDrafter(Drafter):

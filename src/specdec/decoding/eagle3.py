@@ -13,6 +13,17 @@ slot holding the last emitted token predicts the first draft; each later draft f
 previous draft token with the head's own pre-norm output instead of a target state. After
 verification those speculative slots are dropped and the kept tokens are fed again with the
 target's states of the step just verified, as vLLM does.
+
+A token tree is drafted a level at a time in the head's cache, as the model drafter grows
+one (drafters.grow_tree): each node with children is fed with its parent's output state,
+under the tree's attention over the speculative slots, at the position of its depth. The
+tree is static (trees.TreeShape: a node's children are its best k tokens, or k draws
+without replacement) or EAGLE-2's dynamic tree (trees.DynamicTree: the top_k nodes of each
+depth by joint draft probability are expanded, the best `nodes` verified). A dynamic tree
+is a point mass for the verifier: its nodes are a deterministic function of the head's
+distributions, which is exact under sampling too (docs/methodology.md, "Token trees").
+After verification the accepted path's tokens are fed again with the target's states of
+their fed positions (the tree's path gathered, `StepOutcome.fed_path`).
 """
 
 from __future__ import annotations
@@ -27,8 +38,10 @@ from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
 
 from .cache import RaggedCache
-from .drafters import Drafter, DraftSession, StepOutcome, on_target_vocab
+from .drafters import (Drafter, DraftSession, StepOutcome, grow_dynamic, grow_tree, on_target_vocab, static_draft,
+                       static_or_dynamic)
 from .sampling import Draft, Sampler
+from .trees import DynamicTree, Level, TreeShape
 
 
 def default_aux_ids(num_layers: int) -> tuple[int, ...]:
@@ -118,78 +131,117 @@ class Eagle3Head(nn.Module):
 
 
 class Eagle3Drafter(Drafter):
-    """Drafts a chain of gamma tokens with an `Eagle3Head` on the target's device and dtype."""
+    """Drafts a chain of gamma tokens, or `tree` (static, or EAGLE-2's dynamic) cut at depth
+    gamma, with an `Eagle3Head` on the target's device and dtype."""
 
-    def __init__(self, head: Eagle3Head):
+    def __init__(self, head: Eagle3Head, tree: TreeShape | DynamicTree | None = None):
         self.head = head
         self.hidden_ids = head.spec.aux_ids
+        self.tree, self.dynamic = static_or_dynamic(tree)
 
     @property
     def module(self):
         return self.head
 
     def start(self, input_ids, attention_mask, sampler, vocab_size):
-        return _Eagle3Session(self.head, input_ids, attention_mask, sampler, vocab_size)
+        return _Eagle3Session(self, input_ids, attention_mask, sampler, vocab_size)
 
 
 class _Eagle3Session(DraftSession):
     """The head's cache (`RaggedCache`: ragged rows, rollback, rows leaving) holds one slot
-    per target token whose hidden state is known, then, during a proposal, the gamma - 1
-    speculative slots. `logits`/`state`: each row's head output at its last kept slot, which
-    scores the first draft of the next proposal."""
+    per target token whose hidden state is known, then, during a proposal, the slots of the
+    draft nodes it fed (`speculative`: a chain's gamma - 1). `logits`/`state`: each row's
+    head output at its last kept slot, which scores the first depth of the next proposal."""
 
-    def __init__(self, head: Eagle3Head, input_ids, attention_mask, sampler: Sampler, vocab_size: int):
-        self.head, self.sampler, self.vocab_size = head, sampler, vocab_size
-        self.target_ids = head.target_ids()
+    def __init__(self, drafter: Eagle3Drafter, input_ids, attention_mask, sampler: Sampler, vocab_size: int):
+        self.drafter, self.head, self.sampler, self.vocab_size = drafter, drafter.head, sampler, vocab_size
+        self.target_ids = self.head.target_ids()
         self.prompt: tuple[torch.Tensor, torch.Tensor] | None = (input_ids, attention_mask)
         self.cache: RaggedCache | None = None
         self.logits: torch.Tensor | None = None  # (B, D)
         self.state: torch.Tensor | None = None  # (B, 1, H)
         self.drafts: torch.Tensor | None = None  # (B, g) the last proposal
+        self.speculative = 0
 
-    def _run(self, tokens, valid, hidden, logits_to_keep):
-        logits = self.cache.feed(partial(self.head, hidden=hidden), tokens, valid, logits_to_keep)
+    def _run(self, tokens, valid, hidden, logits_to_keep, ancestry=None):
+        logits = self.cache.feed(partial(self.head, hidden=hidden), tokens, valid, logits_to_keep, ancestry)
         return logits, self.cache.hidden
 
+    def _on_target(self, logits: torch.Tensor) -> torch.Tensor:
+        return on_target_vocab(logits, self.target_ids, self.vocab_size)
+
     def commit(self, outcome: StepOutcome):
-        fused = self.head.fc(outcome.hidden)
         if self.cache is None:
             # The prompt's states: slot j pairs prompt token j's state with token j + 1 (the
             # last slot with the first emitted token); a left pad's slot is a hole.
             ids, mask = self.prompt
             self.cache = RaggedCache(self.head, ids.shape[0], ids.device)
             tokens = torch.cat([ids[:, 1:], outcome.next_tokens[:, None]], dim=1)
-            logits, state = self._run(tokens, mask.bool(), fused, 1)
+            logits, state = self._run(tokens, mask.bool(), self.head.fc(outcome.hidden), 1)
             self.logits, self.state, self.prompt = logits[:, -1], state[:, -1:], None
             return
-        g = self.drafts.shape[1]
-        if g > 1:  # the proposal's own slots, fed with the head's states
-            self.cache.rollback(torch.zeros_like(outcome.accepted), g - 1, 0)
-        # The step scored [last token, d1 .. dg]: the state at position i pairs with token
-        # i + 1 of the kept text, i.e. d(i+1) while accepted, then the next token.
-        rows = torch.arange(g + 1, device=fused.device)
-        tokens = torch.cat([self.drafts, outcome.next_tokens[:, None]], dim=1)
+        if self.speculative:  # the proposal's own slots, fed with the head's states
+            self.cache.rollback(torch.zeros_like(outcome.accepted), self.speculative, 0)
+        # The step scored [last token, nodes]; along the kept path, the state at its i-th fed
+        # position pairs with token i + 1 of the kept text: the path's next node while
+        # accepted, then the next token.
+        keep = max(outcome.accepted_host) + 1
+        fed = outcome.fed_path(keep)
+        fused = self.head.fc(outcome.hidden.gather(1, fed[..., None].expand(-1, -1, outcome.hidden.shape[-1])))
+        tokens = torch.cat([self.drafts.gather(1, outcome.path[:, : keep - 1]), outcome.next_tokens[:, None]], dim=1)
         tokens.scatter_(1, outcome.accepted[:, None], outcome.next_tokens[:, None])
-        logits, state = self._run(tokens, rows <= outcome.accepted[:, None], fused, 0)
+        valid = torch.arange(keep, device=fused.device) <= outcome.accepted[:, None]  # the rest: holes
+        logits, state = self._run(tokens, valid, fused, 0)
         batch = torch.arange(tokens.shape[0], device=fused.device)
         self.logits, self.state = logits[batch, outcome.accepted], state[batch, outcome.accepted][:, None]
-        self.cache.rollback(outcome.accepted + 1, g + 1, max(outcome.accepted_host) + 1)
-        self.drafts = None
+        self.drafts, self.speculative = None, 0
 
     def propose(self, last_tokens, gamma):
         # `last_tokens` is in the head's cache already: its slot made `logits`.
-        logits, state = self.logits, self.state
-        drafts, probs = [], []
-        for k in range(gamma):
-            token, prob = self.sampler.pick(on_target_vocab(logits, self.target_ids, self.vocab_size))
-            drafts.append(token)
-            probs.append(prob)
-            if k + 1 < gamma:
-                logits, state = self._run(token[:, None], torch.ones_like(token[:, None], dtype=torch.bool), state, 1)
-                logits = logits[:, -1]
-        self.drafts = torch.stack(drafts, dim=1)
-        lengths = torch.full((self.drafts.shape[0],), gamma, dtype=torch.long, device=self.drafts.device)
-        return Draft(self.drafts, lengths, None if self.sampler.greedy else torch.stack(probs, dim=1))
+        if self.drafter.dynamic is not None:
+            draft = self._dynamic(self.drafter.dynamic.truncated(gamma))
+        else:
+            shape = self.drafter.shape(gamma)
+            tokens, probs = grow_tree(shape, self.sampler, self.logits.shape[0], self.logits.device, self._static_level(shape))
+            draft = static_draft(shape, tokens, probs, self.logits.device)
+        self.drafts = draft.tokens
+        return draft
+
+    def _static_level(self, shape: TreeShape):
+        """`grow_tree`'s score for `shape`: the root's children from `logits`; a level's nodes
+        fed with their parents' output states (`outputs`, by fed index), each seeing its
+        ancestors among the speculative slots (the root and the text before it: the cache)."""
+        batch = self.logits.shape[0]
+        outputs = self.state.new_zeros(batch, shape.nodes + 1, self.state.shape[-1])
+        outputs[:, 0] = self.state[:, 0]
+
+        def score(depth: int, level: Level, fed: torch.Tensor) -> torch.Tensor:
+            if depth == 0:
+                return self._on_target(self.logits[:, None])
+            nodes = list(level.nodes)
+            sees = None if level.sees is None else torch.tensor([row[1:] for row in level.sees], device=fed.device)
+            parents = [shape.parents[j - 1] for j in nodes]
+            logits, state = self._run(fed[:, nodes], torch.ones(batch, len(nodes), dtype=torch.bool, device=fed.device),
+                                      outputs[:, parents], 0, None if sees is None else sees.expand(batch, -1, -1))
+            outputs[:, nodes] = state
+            self.speculative += len(nodes)
+            return self._on_target(logits)
+
+        return score
+
+    def _dynamic(self, tree: DynamicTree) -> Draft:
+        """EAGLE-2's tree (`grow_dynamic`): each frontier node is fed with its parent's output
+        state (the root's: `state`)."""
+        states = self.state  # the output states of the frontier fed last
+
+        def feed(tokens: torch.Tensor, parents: torch.Tensor, sees: torch.Tensor) -> torch.Tensor:
+            nonlocal states
+            inputs = states.gather(1, parents[..., None].expand(-1, -1, states.shape[-1]))
+            logits, states = self._run(tokens, torch.ones_like(tokens, dtype=torch.bool), inputs, 0, sees)
+            self.speculative += tokens.shape[1]
+            return self._on_target(logits)
+
+        return grow_dynamic(tree, self._on_target(self.logits), feed)[0]
 
     def select(self, rows):
         index = torch.tensor(rows, device=self.target_ids.device)

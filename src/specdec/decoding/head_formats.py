@@ -36,6 +36,7 @@ from ..io import atomic_open, write_json
 from .drafters import Drafter
 from .eagle3 import Eagle3Drafter, Eagle3Head, Eagle3Spec, default_aux_ids
 from .medusa import MedusaDrafter, MedusaHeads, MedusaSpec
+from .trees import DynamicTree, TreeShape
 
 KINDS = ("eagle3", "medusa")
 EAGLE3_ARCHITECTURES = ("LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM")
@@ -72,9 +73,10 @@ def head_spec(source: str | Path, target_config, kind: str | None = None) -> tup
     return folder, eagle3_spec(config, text, folder) if found == "eagle3" else medusa_spec(config, text, folder)
 
 
-def load_head(source: str | Path, target, kind: str | None = None) -> Drafter:
+def load_head(source: str | Path, target, kind: str | None = None, tree: TreeShape | DynamicTree | None = None) -> Drafter:
     """The drafter of the head at `source` (folder or hub id) for `target` (a transformers
-    causal LM), on the target's device and dtype (`head_spec` checks it first)."""
+    causal LM), on the target's device and dtype (`head_spec` checks it first), drafting
+    `tree` (trees.py; None: chains)."""
     folder, spec = head_spec(source, target.config, kind)
     weights = _read_weights(folder)
     text = target.config.get_text_config()
@@ -87,10 +89,10 @@ def load_head(source: str | Path, target, kind: str | None = None) -> Drafter:
         _check_d2t(weights.get("d2t"), text.vocab_size, folder)
         weights.setdefault("t2d", _t2d(weights.get("d2t"), text.vocab_size))
         _load_weights(head, weights, folder, shared=() if head.own_embedding else ("embed_tokens.",))
-        return Eagle3Drafter(head.to(device=device, dtype=dtype).eval())
+        return Eagle3Drafter(head.to(device=device, dtype=dtype).eval(), tree)
     heads = MedusaHeads(spec)
     _load_weights(heads, {k.removeprefix("medusa_heads."): v for k, v in weights.items()}, folder)
-    return MedusaDrafter(heads.to(device=device, dtype=dtype).eval(), text.num_hidden_layers)
+    return MedusaDrafter(heads.to(device=device, dtype=dtype).eval(), text.num_hidden_layers, tree)
 
 
 def eagle3_spec(config: dict, target_config, folder: Path) -> Eagle3Spec:

@@ -7,6 +7,12 @@ position whose logits chose the last emitted token. The heads draft independentl
 other, so a proposal costs no forward of anything but the heads, and a proposal holds at most
 k tokens. Under sampling head i's draft is drawn from head i's distribution: the verifier's
 rule needs no more (a draft distribution may ignore the earlier drafts).
+
+Given a static token tree (trees.py, the Medusa paper's trees), a node at depth d + 1 with
+child rank r takes head d's r-th best token (greedy), or the r-th of its parent's draws
+without replacement from head d (sampling: siblings as the model drafter draws them, each
+with the distribution it was drawn from); a tree reaches at most k deep. The heads keep no
+cache, so nothing is rolled back.
 """
 
 from __future__ import annotations
@@ -16,8 +22,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .drafters import Drafter, DraftSession, StepOutcome
-from .sampling import Draft, Sampler
+from .drafters import Drafter, DraftSession, StepOutcome, grow_tree, static_draft
+from .sampling import Sampler
+from .trees import TreeShape
 
 
 @dataclass(frozen=True)
@@ -60,24 +67,33 @@ class MedusaHeads(nn.Module):
 
 
 class MedusaDrafter(Drafter):
-    """Drafts min(gamma, num_heads) tokens with `MedusaHeads` on the target's device and dtype;
-    `target_layers`: the target's decoder layers (its final normed state is id L)."""
+    """Drafts a chain of min(gamma, num_heads) tokens, or `tree` cut at that depth, with
+    `MedusaHeads` on the target's device and dtype; `target_layers`: the target's decoder
+    layers (its final normed state is id L)."""
 
-    def __init__(self, heads: MedusaHeads, target_layers: int):
-        self.heads = heads
+    def __init__(self, heads: MedusaHeads, target_layers: int, tree: TreeShape | None = None):
+        if tree is not None and not isinstance(tree, TreeShape):
+            raise ValueError(f"Medusa drafts static token trees here (trees.TreeShape), not a {type(tree).__name__}")
+        if tree is not None and tree.depth > heads.spec.num_heads:
+            raise ValueError(f"a Medusa tree reaches one depth per head: this tree is {tree.depth} deep, "
+                             f"the head has {heads.spec.num_heads} heads")
+        self.heads, self.tree = heads, tree
         self.hidden_ids = (target_layers,)
 
     @property
     def module(self):
         return self.heads
 
+    def shape(self, gamma: int) -> TreeShape:
+        return super().shape(min(gamma, self.heads.spec.num_heads))
+
     def start(self, input_ids, attention_mask, sampler, vocab_size):
-        return _MedusaSession(self.heads, sampler)
+        return _MedusaSession(self, sampler)
 
 
 class _MedusaSession(DraftSession):
-    def __init__(self, heads: MedusaHeads, sampler: Sampler):
-        self.heads, self.sampler = heads, sampler
+    def __init__(self, drafter: MedusaDrafter, sampler: Sampler):
+        self.drafter, self.heads, self.sampler = drafter, drafter.heads, sampler
         self.state: torch.Tensor | None = None  # (B, H) the target's state that chose the last token
 
     def commit(self, outcome: StepOutcome):
@@ -88,10 +104,12 @@ class _MedusaSession(DraftSession):
             self.state = outcome.hidden[rows, outcome.accepted]
 
     def propose(self, last_tokens, gamma):
-        picks = [self.sampler.pick(logits[:, 0]) for logits in self.heads(self.state[:, None], min(gamma, self.heads.spec.num_heads))]
-        tokens = torch.stack([token for token, _ in picks], dim=1)
-        lengths = torch.full((tokens.shape[0],), tokens.shape[1], dtype=torch.long, device=tokens.device)
-        return Draft(tokens, lengths, None if self.sampler.greedy else torch.stack([p for _, p in picks], dim=1))
+        shape = self.drafter.shape(gamma)
+        heads = self.heads(self.state[:, None], shape.depth)  # head d scores the children of depth d's nodes
+        device = self.state.device
+        tokens, probs = grow_tree(shape, self.sampler, self.state.shape[0], device,
+                                  lambda depth, level, fed: heads[depth].expand(-1, len(level.nodes), -1))
+        return static_draft(shape, tokens, probs, device)
 
     def select(self, rows):
         if self.state is not None:

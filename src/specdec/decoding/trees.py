@@ -1,5 +1,5 @@
-"""Token trees: the shape of a draft (each node's parent), which nodes a node sees, and the
-static tree templates drafters expand.
+"""Token trees: the shape of a draft (each node's parent), which nodes a node sees, the
+static tree templates drafters expand, and EAGLE-2's dynamic trees (`DynamicTree`).
 
 A draft of g nodes is scored by the target in one forward over [last emitted token, node 1
 .. node g]; the last emitted token is the root (fed index 0) and node i has fed index i. A
@@ -178,3 +178,48 @@ def expansion(shape: TreeShape) -> tuple[tuple[Level, ...], dict[int, int]]:
         levels.append(Level(tuple(nodes), None if all(all(row) for row in sees) else sees,
                             tuple(tuple(shape.children(j)) for j in nodes)))
     return tuple(levels), slots
+
+
+@dataclass(frozen=True)
+class DynamicTree:
+    """EAGLE-2's dynamic token tree (Li et al., 2024): the root's `top_k` best children, then,
+    at each later depth down to `depth`, the `top_k` nodes of best joint draft probability
+    (the product along their path) each expanded into its `top_k` best children; of all these
+    candidates the `nodes` best by joint probability are verified (`best_nodes`)."""
+
+    top_k: int
+    depth: int
+    nodes: int
+
+    def __post_init__(self):
+        if min(self.top_k, self.depth, self.nodes) < 1:
+            raise ValueError(f"a dynamic tree needs top_k, depth and nodes >= 1, got {self.top_k}, {self.depth}, {self.nodes}")
+        if self.nodes > self.candidates:
+            raise ValueError(f"dynamic.nodes {self.nodes} exceeds the {self.candidates} candidates that top_k {self.top_k} "
+                             f"and depth {self.depth} grow (top_k + (depth - 1) * top_k^2)")
+
+    @property
+    def candidates(self) -> int:
+        return self.top_k + (self.depth - 1) * self.top_k**2
+
+    def truncated(self, depth: int) -> DynamicTree:
+        """The tree grown at most `depth` deep (its node budget capped by what that grows)."""
+        if depth >= self.depth:
+            return self
+        depth = max(1, depth)
+        return DynamicTree(self.top_k, depth, min(self.nodes, self.top_k + (depth - 1) * self.top_k**2))
+
+
+def best_nodes(scores: torch.Tensor, parents: torch.Tensor, nodes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `nodes` best of a dynamic tree's candidates by joint draft log-probability.
+
+    scores: (B, C), candidates in topological order (a parent before its children);
+    parents: (B, C) each candidate's parent candidate (-1: the root). Returns (the chosen
+    candidates (B, nodes), ascending: a draft's node order; their parents as fed indices
+    (B, nodes), trees.py's convention). A child's joint probability never exceeds its
+    parent's, and a stable sort keeps a parent ahead of a child it ties with, so every chosen
+    node's parent is chosen too: the choice is a tree."""
+    chosen = scores.sort(dim=1, descending=True, stable=True).indices[:, :nodes].sort(dim=1).values
+    parent = parents.gather(1, chosen)
+    fed = torch.searchsorted(chosen, parent.clamp(min=0)) + 1
+    return chosen, torch.where(parent < 0, 0, fed)

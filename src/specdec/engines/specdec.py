@@ -14,11 +14,11 @@ import specdec
 from specdec.decoding import ModelDrafter, NgramDrafter, RecyclingDrafter, ReplayDrafter, RowResult, SuffixDrafter, generate
 from specdec.decoding.compiled import compile_steps, step_widths
 from specdec.decoding.head_formats import load_head
-from specdec.decoding.trees import TreeShape
+from specdec.decoding.trees import DynamicTree, TreeShape
 from specdec.decoding.kernels import choose, tuned_linears
 from specdec.engines.inprocess import InProcessEngine
 from specdec.engines.session import load_models
-from specdec.gate.cells import Cell
+from specdec.gate.cells import Cell, DynamicTreeSpec
 from specdec.records import read_kernel_choice, read_reference_outputs
 
 log = logging.getLogger("specdec.run")
@@ -68,7 +68,9 @@ class SpecdecEngine(InProcessEngine):
         loaded = load_models(cell, models_dir)
         chosen = _apply_kernel_choices({"target": loaded.target, "drafter": loaded.drafter_model}, kernels or {})
         spec = cell.drafter
-        tree = TreeShape.of(spec.tree) if spec is not None and spec.tree else None
+        tree = None
+        if spec is not None and spec.tree:
+            tree = DynamicTree(**dataclasses.asdict(spec.tree)) if isinstance(spec.tree, DynamicTreeSpec) else TreeShape.of(spec.tree)
         if replayed is not None:
             drafter = ReplayDrafter({}, spec.error_rate, spec.cost_ms_per_token / 1000, model=loaded.drafter_model, seed=cell.seed)
         elif cell.method == "speculative":
@@ -80,7 +82,7 @@ class SpecdecEngine(InProcessEngine):
         elif cell.method == "recycling":
             drafter = RecyclingDrafter(top_k=spec.top_k, tree=tree)
         elif spec is not None and spec.is_head:
-            drafter = load_head(spec.source, loaded.target, spec.kind)
+            drafter = load_head(spec.source, loaded.target, spec.kind, tree)
         else:
             drafter = None
         return cls(cell, loaded.target, loaded.tokenizer, drafter, loaded.drafter_model, loaded.plan, loaded.settings,

@@ -68,6 +68,18 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class DynamicTreeSpec:
+    """A drafter's EAGLE-2 dynamic token tree (`drafters.NAME.tree.dynamic`; kinds model,
+    quantized, eagle3):
+    expand the `top_k` best nodes of each depth down to `depth`, verify the best `nodes`
+    (decoding.trees.DynamicTree grows it)."""
+
+    top_k: int
+    depth: int
+    nodes: int
+
+
+@dataclass(frozen=True)
 class HeadTraining:
     """How the pipeline trains a head (`drafters.NAME.train`; prepare/head_training.py).
 
@@ -122,8 +134,10 @@ class DrafterSpec:
     # training rule writes), and how the pipeline trains it, if it does.
     source: str | None = None
     train: HeadTraining | None = None
-    # kind model | quantized | ngram | suffix | recycling: a static token tree (paths of child ranks, decoding.trees)
-    tree: tuple[tuple[int, ...], ...] | None = None
+    # kind model | quantized | ngram | suffix | recycling | eagle3 | medusa: a static token
+    # tree (paths of child ranks, decoding.trees); kinds model | quantized | eagle3: or
+    # EAGLE-2's dynamic tree
+    tree: tuple[tuple[int, ...], ...] | DynamicTreeSpec | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DrafterSpec:
@@ -131,7 +145,7 @@ class DrafterSpec:
         model, train, tree = data.get("model"), data.get("train"), data.get("tree")
         return cls(**data | {"model": ModelSpec(**model) if model else None,
                              "train": HeadTraining.from_dict(train) if train else None,
-                             "tree": tuple(map(tuple, tree)) if tree else None})
+                             "tree": DynamicTreeSpec(**tree) if isinstance(tree, dict) else tuple(map(tuple, tree)) if tree else None})
 
     @property
     def is_head(self) -> bool:

@@ -34,6 +34,7 @@ from specdec.gate.cells import (
     SCHEMA_TYPES,
     Cell,
     DrafterSpec,
+    DynamicTreeSpec,
     HeadJob,
     HeadTraining,
     Endpoint,
@@ -47,7 +48,8 @@ from specdec.gate.cells import (
 from specdec.prepare import datasets as dataset_entries
 from specdec.decoding.head_formats import HeadMismatch, head_spec
 from specdec.decoding import recycling, suffix
-from specdec.decoding.trees import TreeShape
+from specdec.decoding.medusa import MedusaSpec
+from specdec.decoding.trees import DynamicTree, TreeShape
 from specdec.prepare.models import EMBEDDED_DIR, ModelError, local_folder, read_config
 
 
@@ -228,15 +230,7 @@ def check_references(config: dict) -> None:
             if key in drafter and drafter["kind"] not in HEAD_KINDS:
                 raise ConfigError(f"config key 'drafters.{name}.{key}': only a learned head (kind eagle3 or medusa) takes {key}")
         if "tree" in drafter:
-            if drafter["kind"] not in TREE_KINDS:
-                raise ConfigError(f"config key 'drafters.{name}.tree': a {drafter['kind']} drafter drafts chains here; "
-                                  f"token trees: kinds {', '.join(sorted(TREE_KINDS))}")
-            try:
-                shape = tree_shape(drafter["tree"])
-                if drafter["kind"] in TREE_REACH:
-                    TREE_REACH[drafter["kind"]](shape, drafter)
-            except ValueError as error:
-                raise ConfigError(f"config key 'drafters.{name}.tree': {error}") from None
+            _check_tree(name, drafter)
         if drafter["kind"] == "ngram" and drafter["min_context"] > drafter["n"] - 1:
             raise ConfigError(f"config key 'drafters.{name}.min_context': {drafter['min_context']} exceeds n - 1 = {drafter['n'] - 1}, the longest context")
     for name, target in _head_targets(config).items():
@@ -320,10 +314,38 @@ def check_inputs(config: dict) -> None:
     _check_heads(config)
 
 
+def _check_tree(name: str, drafter: dict) -> None:
+    """A drafter's token tree is a tree its kind can draft: static trees for TREE_KINDS, with
+    no node the drafter could never fill (TREE_REACH; a trained Medusa: no deeper than its
+    heads); dynamic trees for DYNAMIC_TREE_KINDS, with no more nodes than they grow."""
+    kind, tree = drafter["kind"], drafter["tree"]
+    key = f"drafters.{name}.tree" + (".dynamic" if "dynamic" in tree else "")
+    kinds = DYNAMIC_TREE_KINDS if "dynamic" in tree else TREE_KINDS
+    if kind not in kinds:
+        what = "EAGLE-2's dynamic trees grow from a draft model's or head's joint probabilities" if "dynamic" in tree else "token trees"
+        raise ConfigError(f"config key '{key}': a {kind} drafter drafts {'static trees or ' if kind in TREE_KINDS else ''}chains here; "
+                          f"{what}: kinds {', '.join(sorted(kinds))}")
+    try:
+        shape = tree_shape(tree)
+        if kind in TREE_REACH:
+            TREE_REACH[kind](shape, drafter)
+    except ValueError as error:
+        raise ConfigError(f"config key '{key}{'.nodes' if 'dynamic' in tree else ''}': {error}") from None
+    if kind == "medusa" and "train" in drafter:
+        _check_medusa_depth(name, shape, drafter["train"]["num_heads"], f"train.num_heads is {drafter['train']['num_heads']}")
+
+
+def _check_medusa_depth(name: str, shape: TreeShape, heads: int, why: str) -> None:
+    if shape.depth > heads:
+        raise ConfigError(f"config key 'drafters.{name}.tree': {shape.depth} deep, but a Medusa head drafts one depth per head "
+                          f"and this one has {heads} ({why})")
+
+
 def _check_heads(config: dict) -> None:
     """Each head a config names by `source` is read (config only) and checked against every
     target it drafts for, where that target's config is at hand (a local folder, or the
-    embedded model once prepared; a hub target's head is checked when the cell loads)."""
+    embedded model once prepared; a hub target's head is checked when the cell loads); a
+    Medusa's tree against its heads."""
     for name, drafter in config.get("drafters", {}).items():
         if "source" not in drafter:
             continue
@@ -334,9 +356,11 @@ def _check_heads(config: dict) -> None:
                 continue
             try:
                 target_config = read_config(str(folder), exp["target"], trust_remote_code=target.get("trust_remote_code", False))
-                head_spec(drafter["source"], target_config, drafter["kind"])
+                _, spec = head_spec(drafter["source"], target_config, drafter["kind"])
             except (HeadMismatch, ModelError) as err:
                 raise ConfigError(f"config key 'drafters.{name}.source': {err}") from None
+            if isinstance(spec, MedusaSpec) and "tree" in drafter:
+                _check_medusa_depth(name, tree_shape(drafter["tree"]), spec.num_heads, f"source {drafter['source']}")
 
 
 def _check_method(entry: dict, drafters: dict, where: str) -> None:
@@ -403,21 +427,25 @@ def _model(name: str, spec: dict) -> ModelSpec:
     return ModelSpec(name=name, **spec)
 
 
-# The drafters that grow static token trees (decoding.trees), and a config's tree as a shape.
-TREE_KINDS = frozenset({"model", "quantized", "ngram", "suffix", "recycling"})
-# Their checks that a tree has no node they could never fill (ValueError).
+# The drafters that grow static token trees (decoding.trees) and EAGLE-2's dynamic trees, and
+# a config's tree as what grows it.
+TREE_KINDS = frozenset({"model", "quantized", "ngram", "suffix", "recycling", "eagle3", "medusa"})
+DYNAMIC_TREE_KINDS = frozenset({"model", "quantized", "eagle3"})
+# Checks that a static tree has no node the drafter could never fill (ValueError).
 TREE_REACH = {"suffix": lambda shape, d: suffix.check_tree(shape, d["max_depth"], d["max_spec_factor"]),
               "recycling": lambda shape, d: recycling.check_tree(shape, d["top_k"])}
 
 
-def tree_shape(tree: dict) -> TreeShape:
+def tree_shape(tree: dict) -> TreeShape | DynamicTree:
+    if "dynamic" in tree:
+        return DynamicTree(**tree["dynamic"])
     return TreeShape.from_branching(tree["branching"]) if "branching" in tree else TreeShape.of(tree["paths"])
 
 
 def _drafter(name: str, spec: dict, config: dict) -> DrafterSpec:
     fields = dict(spec)
     if "tree" in spec:
-        fields["tree"] = tree_shape(spec["tree"]).paths
+        fields["tree"] = DynamicTreeSpec(**spec["tree"]["dynamic"]) if "dynamic" in spec["tree"] else tree_shape(spec["tree"]).paths
     if "model" in spec:
         fields["model"] = _model(spec["model"], config["models"][spec["model"]])
     if "train" in spec:
