@@ -11,6 +11,7 @@ from specdec.gate.cells import Cell, DynamicTreeSpec, Load
 from specdec.gate.config import (
     ConfigError,
     check_inputs,
+    experiments_using,
     expand_matrix,
     head_jobs,
     load_config,
@@ -312,8 +313,6 @@ def test_bad_replay_settings_fail_at_the_gate(default_config, mutate, key, messa
 
 
 def test_a_replay_cell_on_another_engine_is_not_supported(default_config):
-    from specdec.engines import unsupported
-
     cell = next(c for c in expand_matrix(validate(_with_replay(default_config))) if c.drafter and c.drafter.kind == "replay")
     assert "measurement tool" in unsupported(dataclasses.replace(cell, engine="transformers"))
     assert unsupported(cell) is None
@@ -327,8 +326,13 @@ def _other_target(config):
 @pytest.mark.parametrize(
     "mutate, key, message",
     [
-        (lambda c: c["drafters"]["eagle"].pop("train"), "drafters.eagle", "give source or train"),
-        (lambda c: c["drafters"]["eagle"].update(source="some/head"), "drafters.eagle", "give one of them"),
+        (lambda c: c["drafters"]["eagle"].pop("train"), "drafters.eagle", "or from another head drafter \\(head: NAME\\); give one of them"),
+        (lambda c: c["drafters"]["eagle"].update(source="some/head"), "drafters.eagle", "give one of source and train"),
+        (lambda c: c["drafters"]["eagle_tree"].update(train={"tokens": 5000}), "drafters.eagle_tree", "give one of train and head"),
+        (lambda c: c["drafters"]["eagle_tree"].update(head="medusa"), "drafters.eagle_tree.head",
+         "'medusa' is not a eagle3 drafter with a source or train of its own; eagle3 heads here: eagle, eagle_100k"),
+        (lambda c: c["drafters"]["eagle_tree"].update(head="eagle_eagle2"), "drafters.eagle_tree.head", "not a eagle3 drafter"),
+        (lambda c: c["drafters"]["ngram"].update(head="eagle"), "drafters.ngram.head", "only a learned head"),
         (lambda c: c["drafters"]["ngram"].update(source="some/head"), "drafters.ngram.source", "only a learned head"),
         (lambda c: c["drafters"]["eagle"]["train"].update(tokens=10.0), "drafters.eagle.train.tokens", "integer"),
         (lambda c: c["drafters"]["eagle"]["train"].update(corpus=["wikipedia"]), "drafters.eagle.train.corpus.0", None),
@@ -358,6 +362,21 @@ def test_a_trained_head_is_a_typed_job_whose_cells_read_the_folder_it_writes(def
     assert "train" not in next(c for c in expand_matrix(default_config) if c.method == "ngram").to_dict()["drafter"]
     with pytest.raises(RecordError, match="test: \\$.drafter.kind"):
         head_job_from_json(json.dumps(job.to_dict() | {"drafter": job.to_dict()["drafter"] | {"kind": "ngram"}}), "test")
+
+
+def test_a_drafter_that_borrows_a_head_drafts_with_its_training_and_folder(default_config):
+    """`head: eagle`: a tree on the chain's head, trained once (one job), read from its folder;
+    the head's training text keeps clear of the borrowers' datasets too."""
+    config = validate(default_config)
+    config["experiments"]["trees"]["datasets"] = ["humaneval", "code_edit"]
+    jobs = head_jobs(config)
+    assert "eagle_tree" not in jobs and "eagle_eagle2" not in jobs
+    cells = {c.drafter.name: c for c in expand_matrix(config) if c.experiment == "trees" and c.drafter is not None}
+    assert cells["eagle_tree"].drafter.source == cells["eagle"].drafter.source == "results/heads/eagle"
+    assert cells["eagle_tree"].drafter.train == jobs["eagle"].drafter.train
+    assert cells["eagle_tree"].drafter.tree == ((0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1),
+                                                (0, 0, 0), (0, 1, 0), (1, 0, 0), (1, 1, 0), (2, 0, 0), (2, 1, 0))
+    assert "code_edit" in {d for exp in experiments_using(config, "eagle") for d in exp["datasets"]}
 
 
 def test_a_checkpoint_that_does_not_fit_the_target_is_refused_at_the_gate(default_config, tmp_path, embedded_model_dir):
@@ -430,8 +449,6 @@ def test_the_copying_experiment_puts_our_model_free_drafters_beside_the_peers(de
     """Every dataset on three engines: transformers runs AR and prompt lookup, vLLM AR, ngram
     and suffix (its cells are not_supported at start without arctic-inference); the rest,
     recycling and every tree off our engine, is not_supported at the gate."""
-    from specdec.engines import unsupported
-
     cells = [c for c in expand_matrix(validate(default_config)) if c.experiment == "copying"]
     runs = {(c.engine, c.drafter.name if c.drafter else "ar") for c in cells if unsupported(c) is None}
     ours = {"ar", "ngram", "suffix", "suffix_tree", "recycling", "recycling_tree"}
@@ -441,8 +458,6 @@ def test_the_copying_experiment_puts_our_model_free_drafters_beside_the_peers(de
 
 
 def test_a_token_tree_is_typed_by_its_paths_and_runs_on_our_engine_only(default_config):
-    from specdec.engines import unsupported
-
     cells = [c for c in expand_matrix(validate(default_config)) if c.experiment == "trees"]
     tree = next(c for c in cells if c.drafter is not None and c.drafter.name == "ngram_tree")
     assert tree.drafter.tree == ((0,), (1,), (2,), (0, 0), (1, 0), (2, 0), (0, 0, 0), (1, 0, 0), (2, 0, 0),

@@ -7,7 +7,9 @@ vLLM's and the speculators' forms, and heads that do not fit are refused."""
 
 import contextlib
 import functools
+import itertools
 import json
+import random
 from dataclasses import replace
 
 import pytest
@@ -24,6 +26,7 @@ from specdec.decoding.medusa import MedusaDrafter, MedusaHeads, MedusaSpec
 from specdec.decoding.trees import DynamicTree, TreeShape
 from specdec.gate.cells import HeadTraining
 from specdec.prepare.head_training import draft_vocabulary, train_head
+from specdec.prepare import training_corpus
 from specdec.prepare.training_corpus import TrainingDataError
 
 from conftest import chi_square_p, exact_joint, static_caches
@@ -464,3 +467,20 @@ def test_a_killed_training_resumes_where_it_stopped_and_ends_as_an_uninterrupted
     assert [p["held_out_loss"] for p in resumed["curve"]] == pytest.approx([p["held_out_loss"] for p in whole["curve"]], rel=1e-4)
     ours, theirs = load_file(tmp_path / "killed" / "model.safetensors"), load_file(tmp_path / "whole" / "model.safetensors")
     assert all(torch.allclose(ours[k], theirs[k], atol=1e-5) for k in theirs)
+
+
+def test_the_targets_own_answers_are_its_greedy_continuations_of_each_prompt(embedded_model):
+    """Source `responses`: each document is a prompt's chat and the answer the target writes to
+    it alone (left-padded batches change nothing), made lazily in the seed's order, and its
+    prompt is the passage checked against the evaluation datasets."""
+    target, tokenizer = embedded_model
+    docs = list(itertools.islice(training_corpus.responses(tokenizer, target, random.Random(3), batch=3, max_tokens=6), 3))
+    assert len({doc.id for doc in docs}) == 3 and all(doc.source == "responses" for doc in docs)
+    for doc in docs:
+        chat = tokenizer.apply_chat_template([{"role": "user", "content": doc.passages[0]}], tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(chat, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        alone = target.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                                pad_token_id=tokenizer.pad_token_id)
+        assert doc.text == chat + tokenizer.decode(alone[0, ids.shape[1]:])
+    again = itertools.islice(training_corpus.responses(tokenizer, target, random.Random(3), batch=3, max_tokens=6), 1)
+    assert next(again) == docs[0]

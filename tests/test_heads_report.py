@@ -45,6 +45,10 @@ def test_the_table_pairs_each_trained_heads_cells_with_its_training(tmp_path):
     assert table.loc[0, "held_out_acceptance"] == 0.18 and table.loc[0, "alpha"] == 0.04
     assert table.loc[0, "needed_alpha"] == pytest.approx(alpha_to_pay(0.045, 1.3, 3))
     assert math.isinf(table.loc[0, "payback_tokens"])  # 2x, but not distinguishable from AR: nothing is paid back
+    # a tree that drafts with eagle's head (`head: eagle`) gets eagle's training beside its own cell
+    tree = summary.iloc[[0]].assign(**{col.GROUP_ID: "default/h--eagle_tree", col.DRAFTER: "eagle_tree"})
+    both = heads_table({"eagle": RECORD}, pd.concat([summary, tree]), runs, {"eagle_tree": "eagle"})
+    assert list(both["head"]) == ["eagle", "eagle_tree"] and list(both["training_tokens"]) == [49176, 49176]
     written = write_heads({"eagle": RECORD}, summary, runs, tmp_path / "heads", tmp_path / "curve", "default")
     assert "never (not faster than AR)" in (tmp_path / "heads.md").read_text()
     assert (tmp_path / "curve" / "training_curve.png").stat().st_size > 0 and len(written) == 5

@@ -332,11 +332,11 @@ def head_evaluation_prompts(wildcards):
 
 def head_gpus(wildcards):
     """A GPU where any cell that uses the head is placed on GPUs; the CPU otherwise."""
-    name = wildcards.drafter
+    folder = HEADS[wildcards.drafter].drafter.source
     placed = [
         cell.placement
         for cell in CELLS.values()
-        if cell.drafter is not None and cell.drafter.name == name
+        if cell.drafter is not None and cell.drafter.source == folder
     ]
     return int(any(p.strategy != "cpu" for p in placed))
 
@@ -344,7 +344,7 @@ def head_gpus(wildcards):
 def cell_head(wildcards):
     """A trained head's files, inputs of the cells that draft with it."""
     drafter = cell_of(wildcards).drafter
-    if drafter is None or drafter.name not in HEADS:
+    if drafter is None or drafter.train is None:
         return []
     return [f"{drafter.source}/config.json", f"{drafter.source}/model.safetensors"]
 
@@ -357,13 +357,26 @@ def trainings_of(experiment):
             for cell in CELLS.values()
             if cell.experiment == experiment
             and cell.drafter is not None
-            and cell.drafter.name in HEADS
+            and cell.drafter.train is not None
         }
     )
 
 
 def experiment_trainings(wildcards):
     return trainings_of(wildcards.experiment)
+
+
+def experiment_borrowed_heads(wildcards):
+    """Drafter name -> the trained head it drafts with, where that head is another drafter's
+    (`drafters.NAME.head`), for the experiment's cells."""
+    return {
+        cell.drafter.name: Path(cell.drafter.source).name
+        for cell in CELLS.values()
+        if cell.experiment == wildcards.experiment
+        and cell.drafter is not None
+        and cell.drafter.train is not None
+        and Path(cell.drafter.source).name != cell.drafter.name
+    }
 
 
 def heads_reports():

@@ -192,5 +192,7 @@ rule heads_report:
         "logs/report/heads_{experiment}.log",
     conda:
         "../../envs/specdec.yaml"
+    params:
+        heads=experiment_borrowed_heads,
     script:
         "../scripts/heads.py"

@@ -20,5 +20,6 @@ written = write_heads(
     Path(snakemake.output.csv).with_suffix(""),
     snakemake.output.curve,
     snakemake.wildcards.experiment,
+    snakemake.params.heads,
 )
 logging.info("wrote %s", [str(p) for p in written])

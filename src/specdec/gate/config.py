@@ -223,14 +223,18 @@ def check_references(config: dict) -> None:
         if drafter["kind"] == "replay" and "model" in drafter and drafter["cost_ms_per_token"]:
             raise ConfigError(f"config key 'drafters.{name}.cost_ms_per_token': a replay drafter is paced either by its model's "
                               "forwards (model) or by a set cost per draft token, not both; drop one of the two")
-        if drafter["kind"] in HEAD_KINDS and ("source" in drafter) == ("train" in drafter):
-            raise ConfigError(f"config key 'drafters.{name}': a learned head ({drafter['kind']}) comes either from a checkpoint (source: folder or hub id) "
-                              "or from the pipeline's training (train: {...}); give " + ("one of them" if "source" in drafter else "source or train"))
-        for key in ("source", "train"):
+        origins = [key for key in HEAD_ORIGINS if key in drafter]
+        if drafter["kind"] in HEAD_KINDS and len(origins) != 1:
+            raise ConfigError(f"config key 'drafters.{name}': a learned head ({drafter['kind']}) comes from a checkpoint (source: folder or hub id), "
+                              "from the pipeline's training (train: {...}) or from another head drafter (head: NAME); give "
+                              + (f"one of {' and '.join(origins)}" if origins else "one of them"))
+        for key in HEAD_ORIGINS:
             if key in drafter and drafter["kind"] not in HEAD_KINDS:
                 raise ConfigError(f"config key 'drafters.{name}.{key}': only a learned head (kind eagle3 or medusa) takes {key}")
+        if "head" in drafter:
+            _check_borrowed_head(name, drafter, drafters)
         if "tree" in drafter:
-            _check_tree(name, drafter)
+            _check_tree(name, drafter, drafters)
         if drafter["kind"] == "ngram" and drafter["min_context"] > drafter["n"] - 1:
             raise ConfigError(f"config key 'drafters.{name}.min_context': {drafter['min_context']} exceeds n - 1 = {drafter['n'] - 1}, the longest context")
     for name, target in _head_targets(config).items():
@@ -266,9 +270,26 @@ def check_references(config: dict) -> None:
 
 
 def experiments_using(config: dict, drafter: str) -> list[dict]:
-    """The experiments (their config entries) with a method that drafts with `drafter`."""
+    """The experiments (their config entries) with a method that drafts with `drafter`, or
+    with a drafter that borrows its head (`drafters.NAME.head`)."""
+    names = {drafter} | {name for name, spec in config.get("drafters", {}).items() if spec.get("head") == drafter}
     return [exp for exp in config["experiments"].values()
-            if any(drafter in _as_list(entry.get("drafter", [])) for entry in exp["methods"])]
+            if any(names & set(_as_list(entry.get("drafter", []))) for entry in exp["methods"])]
+
+
+def _head_owner(drafters: dict, name: str) -> tuple[str, dict]:
+    """The drafter whose `source` or `train` a head drafter draws with: itself, or the one its
+    `head` names."""
+    owner = drafters[name].get("head", name)
+    return owner, drafters[owner]
+
+
+def _check_borrowed_head(name: str, drafter: dict, drafters: dict) -> None:
+    owner = drafters.get(drafter["head"])
+    if owner is None or owner["kind"] != drafter["kind"] or "head" in owner:
+        heads = sorted(n for n, d in drafters.items() if d["kind"] == drafter["kind"] and "head" not in d)
+        raise ConfigError(f"config key 'drafters.{name}.head': {drafter['head']!r} is not a {drafter['kind']} drafter with a source or train "
+                          f"of its own; {drafter['kind']} heads here: {', '.join(heads) or 'none'}")
 
 
 def _head_targets(config: dict) -> dict[str, set[str]]:
@@ -314,7 +335,7 @@ def check_inputs(config: dict) -> None:
     _check_heads(config)
 
 
-def _check_tree(name: str, drafter: dict) -> None:
+def _check_tree(name: str, drafter: dict, drafters: dict) -> None:
     """A drafter's token tree is a tree its kind can draft: static trees for TREE_KINDS, with
     no node the drafter could never fill (TREE_REACH; a trained Medusa: no deeper than its
     heads); dynamic trees for DYNAMIC_TREE_KINDS, with no more nodes than they grow."""
@@ -331,8 +352,9 @@ def _check_tree(name: str, drafter: dict) -> None:
             TREE_REACH[kind](shape, drafter)
     except ValueError as error:
         raise ConfigError(f"config key '{key}{'.nodes' if 'dynamic' in tree else ''}': {error}") from None
-    if kind == "medusa" and "train" in drafter:
-        _check_medusa_depth(name, shape, drafter["train"]["num_heads"], f"train.num_heads is {drafter['train']['num_heads']}")
+    trained = drafters[drafter["head"]] if "head" in drafter else drafter
+    if kind == "medusa" and "train" in trained:
+        _check_medusa_depth(name, shape, trained["train"]["num_heads"], f"train.num_heads is {trained['train']['num_heads']}")
 
 
 def _check_medusa_depth(name: str, shape: TreeShape, heads: int, why: str) -> None:
@@ -345,9 +367,11 @@ def _check_heads(config: dict) -> None:
     """Each head a config names by `source` is read (config only) and checked against every
     target it drafts for, where that target's config is at hand (a local folder, or the
     embedded model once prepared; a hub target's head is checked when the cell loads); a
-    Medusa's tree against its heads."""
-    for name, drafter in config.get("drafters", {}).items():
-        if "source" not in drafter:
+    Medusa's tree against its heads (a drafter that borrows the head, by its own tree)."""
+    drafters = config.get("drafters", {})
+    for name, drafter in drafters.items():
+        owner, origin = _head_owner(drafters, name)
+        if drafter["kind"] not in HEAD_KINDS or "source" not in origin:
             continue
         for exp in experiments_using(config, name):
             target = config["models"][exp["target"]]
@@ -356,11 +380,11 @@ def _check_heads(config: dict) -> None:
                 continue
             try:
                 target_config = read_config(str(folder), exp["target"], trust_remote_code=target.get("trust_remote_code", False))
-                _, spec = head_spec(drafter["source"], target_config, drafter["kind"])
+                _, spec = head_spec(origin["source"], target_config, drafter["kind"])
             except (HeadMismatch, ModelError) as err:
-                raise ConfigError(f"config key 'drafters.{name}.source': {err}") from None
+                raise ConfigError(f"config key 'drafters.{owner}.source': {err}") from None
             if isinstance(spec, MedusaSpec) and "tree" in drafter:
-                _check_medusa_depth(name, tree_shape(drafter["tree"]), spec.num_heads, f"source {drafter['source']}")
+                _check_medusa_depth(name, tree_shape(drafter["tree"]), spec.num_heads, f"source {origin['source']}")
 
 
 def _check_method(entry: dict, drafters: dict, where: str) -> None:
@@ -427,6 +451,8 @@ def _model(name: str, spec: dict) -> ModelSpec:
     return ModelSpec(name=name, **spec)
 
 
+# Where a learned head comes from: a checkpoint, the pipeline's training, another head drafter.
+HEAD_ORIGINS = ("source", "train", "head")
 # The drafters that grow static token trees (decoding.trees) and EAGLE-2's dynamic trees, and
 # a config's tree as what grows it.
 TREE_KINDS = frozenset({"model", "quantized", "ngram", "suffix", "recycling", "eagle3", "medusa"})
@@ -448,10 +474,14 @@ def _drafter(name: str, spec: dict, config: dict) -> DrafterSpec:
         fields["tree"] = DynamicTreeSpec(**spec["tree"]["dynamic"]) if "dynamic" in spec["tree"] else tree_shape(spec["tree"]).paths
     if "model" in spec:
         fields["model"] = _model(spec["model"], config["models"][spec["model"]])
-    if "train" in spec:
-        target = next(iter(_head_targets(config)[name]), None)
-        fields |= {"source": head_folder(config, name),
-                   "train": HeadTraining.from_dict(spec["train"] | {"target": target}) if target else None}
+    owner, origin = _head_owner(config.get("drafters", {}), name) if "head" in spec else (name, spec)
+    fields.pop("head", None)
+    if "source" in origin:
+        fields["source"] = origin["source"]
+    if "train" in origin:
+        target = next(iter(_head_targets(config)[owner]), None)
+        fields |= {"source": head_folder(config, owner),
+                   "train": HeadTraining.from_dict(origin["train"] | {"target": target}) if target else None}
     return DrafterSpec(name=name, **fields)
 
 

@@ -241,7 +241,7 @@ def train_head(target, tokenizer, kind: str, training: HeadTraining, seed: int, 
     the training record. `state_file` holds the resumable state (kept after a kill, removed
     once the head is written); `report(tokens done, budget)` follows progress."""
     torch.manual_seed(seed)
-    split = training_corpus.split(training, tokenizer, seed, prompts)
+    split = training_corpus.split(training, tokenizer, target, seed, prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     vocab = target.config.get_text_config().vocab_size
     if kind == "eagle3":
@@ -304,6 +304,7 @@ def train_head(target, tokenizer, kind: str, training: HeadTraining, seed: int, 
         "kind": kind, "parameters": sum(p.numel() for p in trained),
         "corpus": {"sources": list(training.corpus) if training.path is None else [training.path],
                    "documents": split.documents, "held_out_tokens": training_corpus.token_count(split.held_out),
+                   "seconds": round(split.seconds, 1),
                    "excluded_datasets": sorted(prompts)},
         "draft_vocab": drafter.head.spec.draft_vocab_size if kind == "eagle3" else vocab,
         "tokens": progress.tokens, "seconds": round(progress.seconds, 1),

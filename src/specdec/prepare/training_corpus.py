@@ -5,20 +5,25 @@ evaluation dataset of the experiments that use the head.
 Sources (`SOURCES`, the schema's `train.corpus` choices): chitchat-dataset's conversations as chats (the first
 sender is the user), and the Python standard library's modules as answers in a code block
 (the evaluation's code prompts are HumanEval's, which the standard library does not hold);
-or a user's JSONL file of {"text": ...} lines, taken as they are. Documents are shuffled by
-the seed within each source and interleaved across sources, so that any budget sees each.
+`responses`, the target's own greedy answers to chitchat's opening messages and to requests
+for standard-library functions (signature and docstring), written in batches as the budget
+asks (the text a drafter meets when it decodes, at a generation's price); or a user's JSONL
+file of {"text": ...} lines, taken as they are. Documents are shuffled by the seed within
+each source and interleaved across sources, so that any budget sees each.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import random
 import re
 import sysconfig
+import time
 from dataclasses import dataclass
 from itertools import chain, zip_longest
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -30,6 +35,10 @@ from specdec.prepare.datasets import package_file
 MIN_SHARED_CHARS = 40
 # Standard library modules are cut into pieces of this many lines: one answer each.
 STDLIB_LINES = 80
+# The target writes its answers (source `responses`) this many prompts at a time, each at
+# most this many tokens (most of SmolLM2's answers end well before).
+ANSWER_BATCH = 32
+ANSWER_TOKENS = 160
 _WORDS = re.compile(r"\s+")
 
 
@@ -48,19 +57,25 @@ class Document:
     passages: tuple[str, ...]
 
 
-def documents(training: HeadTraining, tokenizer, seed: int) -> Iterator[Document]:
-    """The training documents in training order (see the module's docstring)."""
+def documents(training: HeadTraining, tokenizer, target, seed: int) -> Iterator[Document]:
+    """The training documents in training order (see the module's docstring), made as they
+    are consumed (a `responses` answer is written only when the budget reaches it)."""
     if training.path is not None:
         yield from _jsonl_documents(Path(training.path))
         return
     rng = random.Random(seed)
-    sources = []
-    for name in training.corpus:
-        docs = list(SOURCES[name](tokenizer))
-        rng.shuffle(docs)
-        sources.append(docs)
+    sources = [SOURCES[name](tokenizer, target, rng) for name in training.corpus]
     for group in zip_longest(*sources):
         yield from (doc for doc in group if doc is not None)
+
+
+def _shuffled(source: Callable[..., Iterator[Document]]):
+    """An offline source as SOURCES takes it: its documents in the seed's order."""
+    def documents_in_order(tokenizer, target, rng: random.Random) -> Iterator[Document]:
+        docs = list(source(tokenizer))
+        rng.shuffle(docs)
+        return iter(docs)
+    return documents_in_order
 
 
 def _chat(tokenizer, messages: list[dict]) -> str:
@@ -100,9 +115,55 @@ def _stdlib_documents(tokenizer) -> Iterator[Document]:
             yield Document("python_stdlib", f"{path.name}:{start + 1}", _chat(tokenizer, messages), (piece,))
 
 
-# Offline text a head may be trained on: chitchat-dataset's conversations (a wheel), and the
-# Python standard library's own source (on every machine with Python), for code prompts.
-SOURCES = {"chitchat": _chitchat_documents, "python_stdlib": _stdlib_documents}
+def _answer_prompts() -> Iterator[tuple[str, str]]:
+    """(id, user message) prompts the target answers: chitchat's opening messages, and requests
+    for the standard library's documented functions."""
+    path = package_file("chitchat_dataset", "dataset.json", "training on responses needs the chitchat-dataset package "
+                         "(pip install chitchat-dataset)")
+    for key, conversation in json.loads(path.read_text()).items():
+        opening = next((m["text"].strip() for group in conversation["messages"] for m in group if m["text"].strip()), None)
+        if opening:
+            yield f"chitchat:{key}", opening
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        try:
+            tree = ast.parse(path.read_text(errors="replace"))
+        except (SyntaxError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            doc = ast.get_docstring(node) if isinstance(node, ast.FunctionDef) else None
+            if doc and len(doc) >= MIN_SHARED_CHARS:
+                body = "\n".join(f"    {line}" for line in doc.replace('"""', "'''").splitlines())
+                yield (f"{path.name}:{node.lineno}", "Write this Python function. Give the full function in a Python code block."
+                       f'\n\n```python\ndef {node.name}({ast.unparse(node.args)}):\n    """\n{body}\n    """\n```')
+
+
+def responses(tokenizer, target, rng: random.Random, batch: int = ANSWER_BATCH,
+              max_tokens: int = ANSWER_TOKENS) -> Iterator[Document]:
+    """The target's greedy answers to `_answer_prompts` in the seed's order, `batch` at a time,
+    each document the chat with its answer (the prompt is what must not be an evaluation's)."""
+    prompts = list(_answer_prompts())
+    rng.shuffle(prompts)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    stop = target.generation_config.eos_token_id
+    stops = set(stop if isinstance(stop, list) else [stop] if stop is not None else [])
+    for start in range(0, len(prompts), batch):
+        group = prompts[start : start + batch]
+        chats = [tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+                 for _, text in group]
+        tokens, mask = next(batches([tokenizer(chat, add_special_tokens=False)["input_ids"] for chat in chats], batch, pad))
+        with torch.no_grad():
+            out = target.generate(input_ids=tokens.to(target.device), attention_mask=mask.to(target.device),
+                                  max_new_tokens=max_tokens, do_sample=False, pad_token_id=pad)
+        for (key, text), chat, row in zip(group, chats, out[:, tokens.shape[1] :].tolist()):
+            ends = [i for i, token in enumerate(row) if token in stops]
+            answer = row[: ends[0] + 1] if ends else row
+            yield Document("responses", key, chat + tokenizer.decode(answer), (text,))
+
+
+# Text a head may be trained on, each a function (tokenizer, target, rng) of documents in
+# training order: chitchat-dataset's conversations (a wheel), the Python standard library's
+# own source (on every machine with Python), for code prompts; the target's own answers.
+SOURCES = {"chitchat": _shuffled(_chitchat_documents), "python_stdlib": _shuffled(_stdlib_documents), "responses": responses}
 
 
 def _jsonl_documents(path: Path) -> Iterator[Document]:
@@ -145,21 +206,24 @@ def _normalised(text: str) -> str:
 @dataclass
 class Split:
     """The corpus as token sequences: the held-out ones first (evaluated, never trained on),
-    then the training ones, up to the budget; `documents`: how many documents each used."""
+    then the training ones, up to the budget; `documents`: how many documents each used;
+    `seconds`: the time making them took (the target writing its answers, most of it)."""
 
     held_out: list[list[int]]
     training: list[list[int]]
     documents: dict[str, int]
+    seconds: float
 
 
-def split(training: HeadTraining, tokenizer, seed: int, prompts: dict[str, list[dict]]) -> Split:
+def split(training: HeadTraining, tokenizer, target, seed: int, prompts: dict[str, list[dict]]) -> Split:
     """Tokenise documents into sequences of at most `sequence_tokens` until the held-out and
     the training budgets are met, checking every document used against the prompts."""
     held_out: list[list[int]] = []
     trained: list[list[int]] = []
     used: list[Document] = []
     held, budget = 0, 0
-    for doc in documents(training, tokenizer, seed):
+    started = time.monotonic()
+    for doc in documents(training, tokenizer, target, seed):
         ids = tokenizer(doc.text, add_special_tokens=False)["input_ids"]
         used.append(doc)
         for start in range(0, len(ids), training.sequence_tokens):
@@ -181,7 +245,7 @@ def split(training: HeadTraining, tokenizer, seed: int, prompts: dict[str, list[
     counts: dict[str, int] = {}
     for doc in used:
         counts[doc.source] = counts.get(doc.source, 0) + 1
-    return Split(held_out, trained, counts)
+    return Split(held_out, trained, counts, time.monotonic() - started)
 
 
 def batches(sequences: list[list[int]], batch_size: int, pad_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -50,12 +50,16 @@ def alpha_to_pay(c: float, verify_cost: float, gamma: int) -> float:
     return float(pays[0]) if pays else 1.0
 
 
-def heads_table(trainings: Mapping[str, dict], summary: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per summary row that drafts with a trained head (`trainings`: drafter name ->
-    its training.json record); `runs` gives each cell's alpha and verification cost."""
+def heads_table(trainings: Mapping[str, dict], summary: pd.DataFrame, runs: pd.DataFrame,
+                heads: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """One row per summary row that drafts with a trained head (`trainings`: head name, the
+    drafter that trains it -> its training.json record; `heads`: drafter name -> the head it
+    drafts with where that is another drafter's, `drafters.NAME.head`); `runs` gives each
+    cell's alpha and verification cost."""
+    head_of = {name: name for name in trainings} | dict(heads or {})
     rows = []
-    for _, row in summary[summary[col.DRAFTER].isin(list(trainings))].iterrows():
-        record = trainings[row[col.DRAFTER]]
+    for _, row in summary[summary[col.DRAFTER].isin([d for d, h in head_of.items() if h in trainings])].iterrows():
+        record = trainings[head_of[row[col.DRAFTER]]]
         own = runs[(runs[col.GROUP_ID] == row[col.GROUP_ID]) & (runs[col.STATUS] == "ok")]
         verify, alpha = (own[name].median() if name in own else math.nan for name in ("theory_verify_cost_ratio", "theory_alpha"))
         first = record["curve"][-1]["acceptance"][0] if record["curve"][-1]["acceptance"] else None
@@ -104,9 +108,9 @@ def curve_figure(trainings: Mapping[str, dict]) -> plt.Figure:
 
 
 def write_heads(trainings: Mapping[str, dict], summary: pd.DataFrame, runs: pd.DataFrame, stem: str | Path,
-                figure_dir: str | Path, experiment: str) -> list[Path]:
+                figure_dir: str | Path, experiment: str, heads: Mapping[str, str] | None = None) -> list[Path]:
     """The table (`stem`.csv, .md, .html) and the curve figure (`figure_dir`/training_curve.png, .svg)."""
-    table = heads_table(trainings, summary, runs)
+    table = heads_table(trainings, summary, runs, heads)
     note = ("Heads the pipeline trained for this experiment's target (self-distilled on text that shares no prompt with "
             "its datasets), beside what their cells measured. α it needs to pay: the per-token acceptance above which "
             "drafting γ tokens at the measured c and verification cost beats AR (Leviathan et al.); α measured: the "
