@@ -70,7 +70,8 @@ heads: install
 	$(BIN)/snakemake --cores all --config 'run=[heads]'
 	$(BIN)/snakemake --config 'run=[heads]' --report results/report-heads.html
 
-# Static token trees against chains, for a draft model and n-gram (~15 min here).
+# Token trees (static, EAGLE-2 dynamic) against chains for the bf16 draft, the EAGLE-3 and Medusa heads
+# (trained first, if not yet) and n-gram.
 trees: install
 	$(BIN)/snakemake --cores all --config 'run=[trees]'
 	$(BIN)/snakemake --config 'run=[trees]' --report results/report-trees.html
