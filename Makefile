@@ -48,7 +48,7 @@ run: install
 	$(BIN)/snakemake --cores all
 	$(BIN)/snakemake --report results/report.html
 
-# The `engines` experiment: AR, a model drafter and n-gram on our engine, transformers and vLLM.
+# The `engines` experiment: AR, a model drafter, n-gram and the EAGLE-3 head on our engine, transformers and vLLM.
 engines: install install-vllm
 	$(BIN)/snakemake --cores all --config 'run=[engines]'
 	$(BIN)/snakemake --config 'run=[engines]' --report results/report-engines.html

@@ -206,4 +206,4 @@ def test_the_shipped_engines_experiment_is_not_in_the_default_target():
     engines = [c for c in expand_matrix(config) if c.experiment == "engines"]
     assert {c.engine for c in engines} == {"specdec", "transformers", "vllm"}
     assert {(c.method, c.drafter.name if c.drafter else None) for c in engines} == {
-        ("ar", None), ("speculative", "bf16"), ("speculative", "self"), ("ngram", "ngram")}
+        ("ar", None), ("speculative", "bf16"), ("speculative", "self"), ("ngram", "ngram"), ("eagle3", "eagle")}

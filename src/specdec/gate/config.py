@@ -237,10 +237,6 @@ def check_references(config: dict) -> None:
             _check_tree(name, drafter, drafters)
         if drafter["kind"] == "ngram" and drafter["min_context"] > drafter["n"] - 1:
             raise ConfigError(f"config key 'drafters.{name}.min_context': {drafter['min_context']} exceeds n - 1 = {drafter['n'] - 1}, the longest context")
-    for name, target in _head_targets(config).items():
-        if len(target) > 1:
-            raise ConfigError(f"config key 'drafters.{name}.train': a head is trained for one target; "
-                              f"experiments use it with {sorted(target)} (define one drafter per target)")
     for name in config.get("run", []):
         if name not in config["experiments"]:
             raise ConfigError(f"config key 'run': experiment {name!r} is not defined under experiments")
@@ -267,6 +263,11 @@ def check_references(config: dict) -> None:
                                       f"models.{exp['target']}.dtype is {target_dtype!r} (use a bf16 drafter, or a float32 target)")
                 if drafters[name].get("dtype") == "int8" and any(_placement_dict(p)["strategy"] != "cpu" for p in _as_list(exp["placement"])):
                     raise ConfigError(f"config key '{where}.placement': drafter {name!r} is an int8 dynamic quantisation, which runs on the CPU only; use placement cpu or a bf16 drafter")
+    # after the experiments' targets are known to exist
+    for name, target in _head_targets(config).items():
+        if len(target) > 1:
+            raise ConfigError(f"config key 'drafters.{name}.train': a head is trained for one target; "
+                              f"experiments use it with {sorted(target)} (define one drafter per target)")
 
 
 def experiments_using(config: dict, drafter: str) -> list[dict]:
