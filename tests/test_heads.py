@@ -316,7 +316,7 @@ def test_medusa_checkpoints_round_trip(target, tmp_path):
     loaded = load_head(folder, target)
     assert loaded.hidden_ids == (LAYERS,) and loaded.heads.spec == drafter.heads.spec
     assert load_head(folder, target, "medusa", TREES["static"]).tree == TREES["static"]
-    with pytest.raises(ValueError, match="this tree is 4 deep, the head has 3 heads"):
+    with pytest.raises(ValueError, match="4 deep, but a Medusa head drafts one depth per head and this one has 3"):
         load_head(folder, target, "medusa", TreeShape.from_branching([1, 1, 1, 1]))
     with pytest.raises(ValueError, match="Medusa drafts static token trees"):
         load_head(folder, target, "medusa", TREES["dynamic"])

@@ -66,6 +66,12 @@ class MedusaHeads(nn.Module):
         return [lm_head(block(hidden)) for block, lm_head in zip(self.blocks[:count], self.lm_heads[:count])]
 
 
+def check_tree(tree: TreeShape, num_heads: int) -> None:
+    """Refuse a tree deeper than the heads: each depth is one head's."""
+    if tree.depth > num_heads:
+        raise ValueError(f"{tree.depth} deep, but a Medusa head drafts one depth per head and this one has {num_heads}")
+
+
 class MedusaDrafter(Drafter):
     """Drafts a chain of min(gamma, num_heads) tokens, or `tree` cut at that depth, with
     `MedusaHeads` on the target's device and dtype; `target_layers`: the target's decoder
@@ -74,9 +80,8 @@ class MedusaDrafter(Drafter):
     def __init__(self, heads: MedusaHeads, target_layers: int, tree: TreeShape | None = None):
         if tree is not None and not isinstance(tree, TreeShape):
             raise ValueError(f"Medusa drafts static token trees here (trees.TreeShape), not a {type(tree).__name__}")
-        if tree is not None and tree.depth > heads.spec.num_heads:
-            raise ValueError(f"a Medusa tree reaches one depth per head: this tree is {tree.depth} deep, "
-                             f"the head has {heads.spec.num_heads} heads")
+        if tree is not None:
+            check_tree(tree, heads.spec.num_heads)
         self.heads, self.tree = heads, tree
         self.hidden_ids = (target_layers,)
 

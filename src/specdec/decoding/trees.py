@@ -200,14 +200,20 @@ class DynamicTree:
 
     @property
     def candidates(self) -> int:
-        return self.top_k + (self.depth - 1) * self.top_k**2
+        return grown(self.top_k, self.depth)
 
     def truncated(self, depth: int) -> DynamicTree:
         """The tree grown at most `depth` deep (its node budget capped by what that grows)."""
         if depth >= self.depth:
             return self
         depth = max(1, depth)
-        return DynamicTree(self.top_k, depth, min(self.nodes, self.top_k + (depth - 1) * self.top_k**2))
+        return DynamicTree(self.top_k, depth, min(self.nodes, grown(self.top_k, depth)))
+
+
+def grown(top_k: int, depth: int) -> int:
+    """The candidates a dynamic tree of `top_k` and `depth` grows: the root's top_k children,
+    then top_k children of each of top_k frontier nodes per later depth."""
+    return top_k + (depth - 1) * top_k**2
 
 
 def best_nodes(scores: torch.Tensor, parents: torch.Tensor, nodes: int) -> tuple[torch.Tensor, torch.Tensor]:

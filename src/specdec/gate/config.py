@@ -47,7 +47,7 @@ from specdec.gate.cells import (
 )
 from specdec.prepare import datasets as dataset_entries
 from specdec.decoding.head_formats import HeadMismatch, head_spec
-from specdec.decoding import recycling, suffix
+from specdec.decoding import medusa, recycling, suffix
 from specdec.decoding.medusa import MedusaSpec
 from specdec.decoding.trees import DynamicTree, TreeShape
 from specdec.prepare.models import EMBEDDED_DIR, ModelError, local_folder, read_config
@@ -353,15 +353,16 @@ def _check_tree(name: str, drafter: dict, drafters: dict) -> None:
             TREE_REACH[kind](shape, drafter)
     except ValueError as error:
         raise ConfigError(f"config key '{key}{'.nodes' if 'dynamic' in tree else ''}': {error}") from None
-    trained = drafters[drafter["head"]] if "head" in drafter else drafter
+    trained = _head_owner(drafters, name)[1]
     if kind == "medusa" and "train" in trained:
         _check_medusa_depth(name, shape, trained["train"]["num_heads"], f"train.num_heads is {trained['train']['num_heads']}")
 
 
 def _check_medusa_depth(name: str, shape: TreeShape, heads: int, why: str) -> None:
-    if shape.depth > heads:
-        raise ConfigError(f"config key 'drafters.{name}.tree': {shape.depth} deep, but a Medusa head drafts one depth per head "
-                          f"and this one has {heads} ({why})")
+    try:
+        medusa.check_tree(shape, heads)
+    except ValueError as error:
+        raise ConfigError(f"config key 'drafters.{name}.tree': {error} ({why})") from None
 
 
 def _check_heads(config: dict) -> None:
@@ -475,7 +476,7 @@ def _drafter(name: str, spec: dict, config: dict) -> DrafterSpec:
         fields["tree"] = DynamicTreeSpec(**spec["tree"]["dynamic"]) if "dynamic" in spec["tree"] else tree_shape(spec["tree"]).paths
     if "model" in spec:
         fields["model"] = _model(spec["model"], config["models"][spec["model"]])
-    owner, origin = _head_owner(config.get("drafters", {}), name) if "head" in spec else (name, spec)
+    owner, origin = _head_owner(config["drafters"], name)
     fields.pop("head", None)
     if "source" in origin:
         fields["source"] = origin["source"]

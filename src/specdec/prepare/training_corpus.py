@@ -82,10 +82,21 @@ def _chat(tokenizer, messages: list[dict]) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False)
 
 
-def _chitchat_documents(tokenizer) -> Iterator[Document]:
-    path = package_file("chitchat_dataset", "dataset.json", "training on chitchat needs the chitchat-dataset package "
+def _chitchat_conversations(source: str) -> dict:
+    """chitchat-dataset's conversations by id (the wheel's dataset.json), for corpus `source`."""
+    path = package_file("chitchat_dataset", "dataset.json", f"training on {source} needs the chitchat-dataset package "
                          "(pip install chitchat-dataset)")
-    for key, conversation in json.loads(path.read_text()).items():
+    return json.loads(path.read_text())
+
+
+def _stdlib_modules() -> Iterator[tuple[Path, str]]:
+    """The Python standard library's top-level modules and their source, by file name."""
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        yield path, path.read_text(errors="replace")
+
+
+def _chitchat_documents(tokenizer) -> Iterator[Document]:
+    for key, conversation in _chitchat_conversations("chitchat").items():
         senders: dict[str, str] = {}
         messages = []
         for group in conversation["messages"]:
@@ -103,9 +114,8 @@ def _chitchat_documents(tokenizer) -> Iterator[Document]:
 
 
 def _stdlib_documents(tokenizer) -> Iterator[Document]:
-    folder = Path(sysconfig.get_paths()["stdlib"])
-    for path in sorted(folder.glob("*.py")):
-        lines = path.read_text(errors="replace").splitlines()
+    for path, source in _stdlib_modules():
+        lines = source.splitlines()
         for start in range(0, len(lines), STDLIB_LINES):
             piece = "\n".join(lines[start : start + STDLIB_LINES]).strip()
             if not piece:
@@ -118,15 +128,13 @@ def _stdlib_documents(tokenizer) -> Iterator[Document]:
 def _answer_prompts() -> Iterator[tuple[str, str]]:
     """(id, user message) prompts the target answers: chitchat's opening messages, and requests
     for the standard library's documented functions."""
-    path = package_file("chitchat_dataset", "dataset.json", "training on responses needs the chitchat-dataset package "
-                         "(pip install chitchat-dataset)")
-    for key, conversation in json.loads(path.read_text()).items():
+    for key, conversation in _chitchat_conversations("responses").items():
         opening = next((m["text"].strip() for group in conversation["messages"] for m in group if m["text"].strip()), None)
         if opening:
             yield f"chitchat:{key}", opening
-    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+    for path, source in _stdlib_modules():
         try:
-            tree = ast.parse(path.read_text(errors="replace"))
+            tree = ast.parse(source)
         except (SyntaxError, ValueError):
             continue
         for node in ast.walk(tree):
