@@ -55,10 +55,11 @@ engines: install install-vllm
 
 # The `copying` experiment: model-free drafting (n-gram, suffix, recycling; chains and trees) on
 # answers that copy their input, beside transformers' prompt lookup and vLLM's ngram and suffix
-# (vLLM's suffix needs ARCTIC at install-vllm, else its cells are not_supported).
+# (vLLM's suffix needs ARCTIC at install-vllm, else its cells are not_supported), and the same
+# drafters on the default datasets (copying_control).
 copying: install install-vllm
-	$(BIN)/snakemake --cores all --config 'run=[copying]'
-	$(BIN)/snakemake --config 'run=[copying]' --report results/report-copying.html
+	$(BIN)/snakemake --cores all --config 'run=[copying,copying_control]'
+	$(BIN)/snakemake --config 'run=[copying,copying_control]' --report results/report-copying.html
 
 # Where speculation stops paying: batch sizes 1-8 and request rates, gamma 2 and 4 (~20 min here).
 sweep: install
