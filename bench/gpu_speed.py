@@ -29,7 +29,13 @@ public heads for Llama-3.1-8B are (one layer, draft vocabulary 32,000, auxiliary
 (2, 16, 29)): its draft step over the target's decode step (the cost ratio c) at batch 1
 and larger batches, the target's step with the head's hidden states over its step without,
 and a short speculative decode with the head on our engine (lossless: its outputs are AR's;
-random weights accept nothing, so its speed is the head's overhead, not a speedup).
+random weights accept nothing, so its speed is the head's overhead, not a speedup); and the
+verify cost of token trees v(N) (`decoding.verify_cost`): the target's verification step over
+[last token, N tree nodes] under the tree's mask over its one-token step, for N = 1 .. 64
+(`--tree-nodes`), on each of our step paths (on CUDA the compiled path compiles each new
+width in the untimed warm-up), printed as its own table.
+
+`--out FILE` writes every row and the v(N) sweep as JSON.
 """
 
 from __future__ import annotations
@@ -61,7 +67,9 @@ from specdec.decoding.cache import (  # noqa: E402
 from specdec.decoding.compiled import compile_steps, step_widths  # noqa: E402
 from specdec.decoding.drafters import on_target_vocab  # noqa: E402
 from specdec.decoding.eagle3 import Eagle3Drafter, default_aux_ids  # noqa: E402
+from specdec.decoding.verify_cost import NODES, verify_costs  # noqa: E402
 from specdec.engines.transformers import hf_generate  # noqa: E402
+from specdec.io import write_json  # noqa: E402
 from specdec.job.leviathan import draft_length_shares, per_token_alpha, predicted_speedup  # noqa: E402
 from specdec.metadata import cpu_description, nvidia_driver  # noqa: E402
 from specdec.prepare.head_training import new_eagle3  # noqa: E402
@@ -331,6 +339,26 @@ def eagle3_rows(table, target, prompt_len: int, new_tokens: int, batches: tuple[
     return {"steps": steps, "c": c, "hidden_cost": hidden_cost, "identical": identical, "spec_over_ar": spec_over_ar}
 
 
+def tree_rows(table, target, prompt: torch.Tensor, paths: dict, max_length: int, nodes: tuple[int, ...], repeats: int) -> dict:
+    """v(N) on each of our step paths (`verify_costs`), one row per path and a table of its
+    own; returns path name -> `verify_costs`."""
+    sweep = {}
+    for name, path in paths.items():
+        began = time.perf_counter()
+        with path.on({"target": target}, max_length):
+            sweep[name] = costs = verify_costs(target, prompt, torch.ones_like(prompt), nodes, repeats)
+        table.add(f"{name} tree verify step v(N) / AR step, N = {', '.join(map(str, nodes))}",
+                  " ".join(f"{cost['v']:.2f}" for cost in costs["nodes"].values()),
+                  f"AR step {costs['ar_s'] * 1e3:.3f} ms (sweep {time.perf_counter() - began:.0f} s, warm-ups included)", None, "-")
+    print(f"\nv(N): median of {repeats} steps, batch {prompt.shape[0]}, after a {prompt.shape[1]}-token prompt")
+    print(f"{'path':<16}{'N nodes':>8}{'tree ms':>10}{'v(N)':>7}{'causal ms':>11}{'tree/causal':>13}")
+    for name, costs in sweep.items():
+        for n, cost in costs["nodes"].items():
+            print(f"{name:<16}{n:>8}{cost['tree_s'] * 1e3:>10.3f}{cost['v']:>7.2f}{cost['causal_s'] * 1e3:>11.3f}"
+                  f"{cost['tree_over_causal']:>13.2f}")
+    return sweep
+
+
 class Table:
     def __init__(self):
         self.rows = []
@@ -338,6 +366,9 @@ class Table:
     def add(self, name: str, measured: str, against: str, ratio: float | None, goal: str) -> None:
         self.rows.append((name, measured, against, "-" if ratio is None else f"{ratio:.2f}x", goal))
         print(f"  measured: {name}: {measured} / {against}", flush=True)
+
+    def as_json(self) -> list[dict]:
+        return [dict(zip(("row", "measured", "against", "ratio", "goal"), row)) for row in self.rows]
 
     def print(self) -> None:
         widths = [max(len(str(r[i])) for r in [("row", "measured", "against", "ratio", "goal"), *self.rows]) for i in range(5)]
@@ -352,6 +383,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--smoke", action="store_true", help="the CPU part at its smallest: 1 round, 8 new tokens")
     parser.add_argument("--rounds", type=int, help="interleaved rounds per comparison (default: 3 on CUDA, 1 on the CPU)")
+    parser.add_argument("--tree-nodes", type=int, nargs="+", default=list(NODES), help="the N of the v(N) sweep")
+    parser.add_argument("--out", type=Path, help="write the rows and the v(N) sweep to this JSON file")
     args = parser.parse_args()
     on_gpu = torch.device(args.device).type == "cuda"
     rounds = args.rounds or (3 if on_gpu else 1)
@@ -384,7 +417,7 @@ def main() -> None:
     settings = GenerationSettings(max_new_tokens=new_tokens, gamma=GAMMA)
 
     paths = {name: path for name, make in ENGINE_VARIANTS.items() if (path := make(on_gpu)) is not None}
-    max_length = prompt_len + new_tokens + GAMMA + 1
+    max_length = prompt_len + max(new_tokens + GAMMA, max(args.tree_nodes)) + 1  # a decode, or the widest tree step
 
     def ours(variant, drafter=None, model=target):
         def run():
@@ -450,8 +483,12 @@ def main() -> None:
     eagle3_rows(table, target, prompt_len, new_tokens, HEAD_BATCHES[torch.device(args.device).type], repeats=20 if on_gpu else 5,
                 rounds=rounds)
     _embedded_row(table, args.device, new_tokens, rounds, paths)
+    sweep = tree_rows(table, target, prompt, paths, max_length, tuple(args.tree_nodes), repeats=20 if on_gpu else 3)
     print(f"\none table, measured side by side in one process ({time.perf_counter() - began:.0f} s):")
     table.print()
+    if args.out:
+        write_json(args.out, {"device": device_name, "target": args.target, "drafter": args.drafter, "dtype": str(dtype),
+                              "torch": torch.__version__, "rows": table.as_json(), "verify_cost": sweep})
 
 
 def _alpha(rows) -> float:

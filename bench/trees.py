@@ -8,9 +8,10 @@ verify cost v(N) of scoring N draft nodes in one target forward.
    tree mask (a 4D mask and the path gather, as a tree of width 1 would run without the
    causal shortcut). Prints tokens/s per variant, the ratios and whether outputs are equal.
 2. v(N): one verification step (the target forward over [last token, N nodes] under the
-   tree mask, `verify`, and keeping the accepted path) for N = 1, 2, 4, 8, 16, 32, the tree
+   tree mask, `verify`, and keeping the accepted path) for N = 1, 2, 4, ..., 64, the tree
    a breadth-first binary tree; beside it the same width as a causal chain. Median of
-   `--reps` after a warm-up, relative to an AR step (one token).
+   `--reps` after a warm-up, relative to an AR step (one token): `decoding.verify_cost`,
+   which bench/gpu_speed.py runs on an 8B-shaped target.
 
     python bench/trees.py                 # 2 prompts, 64 new tokens, 2 rounds; reps 20
     python bench/trees.py --quick         # 1 prompt, 32 new tokens, 1 round; reps 8
@@ -22,7 +23,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,11 +35,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from specdec.decoding import GenerationSettings, ModelDrafter, NgramDrafter, Sampler, generate, verify  # noqa: E402
-from specdec.decoding.cache import open_cache  # noqa: E402
+from specdec.decoding import GenerationSettings, ModelDrafter, NgramDrafter, generate  # noqa: E402
 from specdec.decoding.kernels import decode_kernels  # noqa: E402
 from specdec.decoding.sampling import Draft  # noqa: E402
-from specdec.decoding.trees import TreeShape, chain_parents  # noqa: E402
+from specdec.decoding.trees import chain_parents  # noqa: E402
+from specdec.decoding.verify_cost import NODES, verify_costs  # noqa: E402
 from specdec.metadata import cpu_description  # noqa: E402
 from specdec.prepare.models import load_tokenizer, prepare_embedded, quantized_copy  # noqa: E402
 
@@ -130,50 +130,13 @@ def chain_costs(target, tokenizer, bf16, old, args) -> None:
             print(f"{name + ' / before trees':<46}{ratio:>7.3f}x  outputs identical: {outputs[name] == outputs[base]}")
 
 
-def bfs_binary(nodes: int) -> TreeShape:
-    return TreeShape(TreeShape.from_branching([2] * 6).paths[:nodes])
-
-
-def verify_costs(target, tokenizer, args) -> None:
+def print_verify_costs(target, tokenizer, args) -> None:
     ids = tokenizer([PROMPTS[0]], return_tensors="pt")
-    sampler = Sampler(0.0, 0, 1.0, None)
-
-    def step(cache, draft: Draft | None, width: int) -> None:
-        """One verification: the forward, and for a tree `verify` and keeping its path."""
-        tokens = torch.randint(100, 1000, (1, width))
-        logits = cache.extend(tokens, torch.ones_like(tokens, dtype=torch.bool),
-                              ancestry=None if draft is None else draft.attention())
-        if draft is not None:
-            accepted, _, path = verify(logits, draft, sampler)
-            keep = int(accepted) + 1
-            order = torch.cat([torch.zeros(1, 1, dtype=torch.long), path[:, : keep - 1] + 1], 1)
-            cache.rollback(accepted + 1, width, keep, order)
-
-    def median_ms(draft_of, width: int) -> float:
-        cache, _ = open_cache(target, ids.input_ids, ids.attention_mask, "target")
-        prompt, times = cache.used, []
-        for rep in range(args.reps + 2):
-            draft = draft_of()
-            started = time.perf_counter()
-            step(cache, draft, width)
-            if rep >= 2:
-                times.append(time.perf_counter() - started)
-            cache.rollback(torch.zeros(1, dtype=torch.long), cache.used - prompt, 0)  # back to the prompt
-        return 1e3 * statistics.median(times)
-
-    ar = median_ms(lambda: None, 1)
-    print(f"\n2. v(N) on the embedded model, batch 1 (median of {args.reps}); AR step {ar:.1f} ms")
+    costs = verify_costs(target, ids.input_ids, ids.attention_mask, NODES, args.reps)
+    print(f"\n2. v(N) on the embedded model, batch 1 (median of {args.reps}); AR step {costs['ar_s'] * 1e3:.1f} ms")
     print(f"{'N nodes':>8}{'tree step ms':>14}{'v(N)/AR':>9}{'causal ms':>11}{'tree/causal':>13}")
-    for n in (1, 2, 4, 8, 16, 32):
-        shape = bfs_binary(n)
-
-        def tree_draft(shape=shape):
-            tokens = torch.randint(100, 1000, (1, shape.nodes))
-            return Draft(tokens, torch.tensor([shape.nodes]), parents=torch.tensor([shape.parents]), branching=shape.branching)
-
-        tree = median_ms(tree_draft, n + 1)
-        causal = median_ms(lambda: None, n + 1)
-        print(f"{n:>8}{tree:>14.1f}{tree / ar:>9.2f}{causal:>11.1f}{tree / causal:>13.2f}")
+    for n, cost in costs["nodes"].items():
+        print(f"{n:>8}{cost['tree_s'] * 1e3:>14.1f}{cost['v']:>9.2f}{cost['causal_s'] * 1e3:>11.1f}{cost['tree_over_causal']:>13.2f}")
 
 
 def main() -> None:
@@ -200,7 +163,7 @@ def main() -> None:
         with torch.inference_mode():
             chain_costs(target, tokenizer, bf16, old, args)
             with decode_kernels(target):
-                verify_costs(target, tokenizer, args)
+                print_verify_costs(target, tokenizer, args)
 
 
 if __name__ == "__main__":

@@ -432,7 +432,8 @@ def test_a_medusa_checkpoints_heads_bound_its_tree_at_the_gate(default_config, t
 
 def test_head_trees_are_typed_in_the_cell_and_run_on_our_engine_only(default_config):
     """A static tree for the heads, a dynamic one for EAGLE-3: carried by the cell through its
-    JSON form (schema-checked), not_supported on the other engines."""
+    JSON form (schema-checked), not_supported on the other engines (vLLM is handed an EAGLE-3
+    head's static tree only: test_engines.py)."""
     default_config["drafters"]["eagle_300k"]["tree"] = {"dynamic": {"top_k": 4, "depth": 4, "nodes": 24}}
     default_config["drafters"]["medusa"]["tree"] = {"paths": [[0], [1], [0, 0]]}
     cells = [c for c in expand_matrix(validate(default_config)) if c.experiment == "heads" and c.drafter is not None]
@@ -442,7 +443,10 @@ def test_head_trees_are_typed_in_the_cell_and_run_on_our_engine_only(default_con
     for cell in (dynamic, medusa):
         assert cell_from_dict(json.loads(json.dumps(cell.to_dict())), "test") == cell
         assert unsupported(cell) is None
-        assert unsupported(dataclasses.replace(cell, engine="vllm")) == f"drafter {cell.drafter.name!r} drafts a token tree; vllm verifies chains here"
+        assert unsupported(dataclasses.replace(cell, engine="vllm")) == (
+            f"drafter {cell.drafter.name!r} drafts a token tree; vllm takes only an EAGLE-3 head's static tree (vLLM's speculative_token_tree)")
+        assert unsupported(dataclasses.replace(cell, engine="transformers")) == (
+            f"drafter {cell.drafter.name!r} drafts a token tree; transformers verifies chains here")
 
 
 def test_the_copying_experiment_puts_our_model_free_drafters_beside_the_peers(default_config):
@@ -464,5 +468,6 @@ def test_a_token_tree_is_typed_by_its_paths_and_runs_on_our_engine_only(default_
                                  (0, 0, 0, 0), (1, 0, 0, 0), (2, 0, 0, 0))
     assert Cell.from_dict(json.loads(json.dumps(tree.to_dict()))) == tree
     assert unsupported(tree) is None
-    for engine in ("transformers", "vllm"):
-        assert unsupported(dataclasses.replace(tree, engine=engine)) == f"drafter 'ngram_tree' drafts a token tree; {engine} verifies chains here"
+    assert unsupported(dataclasses.replace(tree, engine="transformers")) == "drafter 'ngram_tree' drafts a token tree; transformers verifies chains here"
+    assert unsupported(dataclasses.replace(tree, engine="vllm")) == (
+        "drafter 'ngram_tree' drafts a token tree; vllm takes only an EAGLE-3 head's static tree (vLLM's speculative_token_tree)")

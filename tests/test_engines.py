@@ -13,7 +13,7 @@ import yaml
 from conftest import REPO
 
 from specdec.gate.config import ConfigError, expand_matrix, load_config, reference_cell, schema_path, validate
-from specdec.gate.cells import ENGINES, DrafterSpec
+from specdec.gate.cells import ENGINES, DrafterSpec, DynamicTreeSpec
 from specdec.engines import REFERENCE, REGISTRY, unsupported
 from specdec.engines.transformers import transformers_settings
 from specdec.engines.vllm import counter_difference, cpu_environment, engine_args, per_request_drafts, spec_counters
@@ -145,6 +145,22 @@ def test_learned_heads_run_on_ours_and_as_vllms_methods_of_the_same_name(cells):
         "num_speculative_tokens"] == 2
 
 
+def test_an_eagle3_heads_static_tree_goes_to_vllm_as_its_speculative_token_tree(cells):
+    """vLLM checks the tree itself when the cell starts (0.32 refuses the key:
+    tests/test_vllm.py); a dynamic tree, or a Medusa head's, is not_supported at the gate."""
+    base = cells["sample--vllm-speculative-self-g3--b1-n64-t0-cpu--r0"]
+    spec = DrafterSpec(name="t", kind="eagle3", source="heads/h", tree=((0,), (1,), (0, 0), (1, 0)))
+    eagle = dataclasses.replace(base, method="eagle3", drafter=spec)
+    assert unsupported(eagle) is None
+    assert engine_args(eagle, "m", "/runs/heads/h", 4096, on_gpu=False)["speculative_config"] == {
+        "method": "eagle3", "model": "/runs/heads/h", "num_speculative_tokens": 4,  # a drafted token per node
+        "speculative_token_tree": "[(0,), (1,), (0, 0), (1, 0)]"}
+    medusa = dataclasses.replace(eagle, method="medusa", drafter=dataclasses.replace(spec, kind="medusa"))
+    dynamic = dataclasses.replace(eagle, drafter=dataclasses.replace(spec, tree=DynamicTreeSpec(top_k=2, depth=2, nodes=4)))
+    for cell in (medusa, dynamic):
+        assert unsupported(cell) == "drafter 't' drafts a token tree; vllm takes only an EAGLE-3 head's static tree (vLLM's speculative_token_tree)"
+
+
 def test_vllm_engine_args_for_ar_and_a_draft_model_on_gpus(cells):
     ar = cells["sample--vllm-ar--b2-n64-t0-cpu--r0"]
     args = engine_args(ar, "m", None, 4096, on_gpu=False)
@@ -206,4 +222,5 @@ def test_the_shipped_engines_experiment_is_not_in_the_default_target():
     engines = [c for c in expand_matrix(config) if c.experiment == "engines"]
     assert {c.engine for c in engines} == {"specdec", "transformers", "vllm"}
     assert {(c.method, c.drafter.name if c.drafter else None) for c in engines} == {
-        ("ar", None), ("speculative", "bf16"), ("speculative", "self"), ("ngram", "ngram"), ("eagle3", "eagle")}
+        ("ar", None), ("speculative", "bf16"), ("speculative", "self"), ("ngram", "ngram"), ("eagle3", "eagle"),
+        ("eagle3", "eagle_tree")}

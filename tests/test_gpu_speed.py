@@ -1,16 +1,20 @@
 """bench/gpu_speed.py's pieces on the CPU: the real-architecture configs give models of the
 published sizes, transformers' assisted generation with the replay assistant accepts
 the replayed reference (all of it at error rate 0, none at 1) and stays lossless, and the
-EAGLE-3 head's rows run at a shrunken shape (the head of the public 8B heads' shape)."""
+EAGLE-3 head's rows run at a shrunken shape (the head of the public 8B heads' shape), and so
+does the token trees' v(N) sweep."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
 from specdec.decoding import GenerationSettings, generate
+from specdec.decoding.verify_cost import binary_tree
 from specdec.engines.transformers import hf_generate
+from specdec.io import write_json
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "gpu_speed.py"
 
@@ -62,3 +66,29 @@ def test_the_eagle3_head_rows_run_at_a_shrunken_shape(bench):
         "EAGLE-3 head step / target step (c), batch 1", "target step with the head's hidden states (0, 1, 2) / without, batch 1",
         "EAGLE-3 head step / target step (c), batch 3", "target step with the head's hidden states (0, 1, 2) / without, batch 3",
         "ours spec EAGLE-3 head (random weights, gamma 4) / ours AR, batch 1"]
+
+
+def test_the_tree_sweep_measures_v_of_n_on_each_step_path(bench, tmp_path):
+    """v(N) on a shrunken 8B, through the growing and the static cache (the compiled path is
+    CUDA only): a row per path, every N's tree, causal and AR step, and the rows as JSON.
+    Only that they ran and what they hold, never a timing."""
+    torch.manual_seed(0)
+    target = bench.random_model(bench.shrink(bench.model_config("llama-3.1-8b"), layers=1, hidden=64, vocab=256), "cpu", torch.float32)
+    prompt = torch.randint(0, 256, (1, 6))
+    paths = {name: path for name, make in bench.ENGINE_VARIANTS.items() if (path := make(False)) is not None}
+    assert set(paths) == {"ours", "ours static"}
+    table = bench.Table()
+    sweep = bench.tree_rows(table, target, prompt, paths, max_length=6 + 9, nodes=(1, 2, 8), repeats=1)
+    assert [row[0] for row in table.rows] == [f"{name} tree verify step v(N) / AR step, N = 1, 2, 8" for name in paths]
+    for costs in sweep.values():
+        assert list(costs["nodes"]) == [1, 2, 8] and costs["ar_s"] > 0
+        assert all(cost["tree_s"] > 0 and cost["causal_s"] > 0 and cost["v"] == cost["tree_s"] / costs["ar_s"]
+                   for cost in costs["nodes"].values())
+    write_json(tmp_path / "gpu.json", {"rows": table.as_json(), "verify_cost": sweep})
+    assert json.loads((tmp_path / "gpu.json").read_text())["verify_cost"]["ours static"]["nodes"]["8"]["causal_s"] > 0
+
+
+def test_the_binary_tree_of_n_nodes_is_breadth_first():
+    assert binary_tree(1).paths == ((0,),)
+    assert binary_tree(4).paths == ((0,), (1,), (0, 0), (0, 1))
+    assert binary_tree(64).nodes == 64 and binary_tree(64).depth == 6

@@ -281,16 +281,18 @@ CHECKED = textwrap.dedent('''
         medusa = VllmEngine.open(read_cell(sys.argv[2]), Path(sys.argv[3]))
         speculative = EngineArgs(**medusa.args).create_engine_config().speculative_config
         print("ACCEPTED", speculative.method, speculative.num_speculative_tokens, speculative.draft_model_config.architecture)
-        suffix = VllmEngine.open(read_cell(sys.argv[4]), Path(sys.argv[3]))
-        try:
-            suffix.start(Path("."))
-        except NotSupported as exc:  # arctic-inference is not in the lock: it builds from source only
-            print("SUFFIX", exc)
+        # vLLM 0.32 has no token trees; arctic-inference is not in the lock (it builds from source only)
+        for label, path in (("TREE", sys.argv[5]), ("SUFFIX", sys.argv[4])):
+            try:
+                VllmEngine.open(read_cell(path), Path(sys.argv[3])).start(Path("."))
+            except NotSupported as exc:
+                print(label, exc)
 ''')
 
 
 def test_vllm_checks_a_speculative_config_before_its_engine_starts(tmp_path, embedded_model_dir):
-    """A setting it refuses is not_supported with its words, no engine started; a Medusa head
+    """A setting it refuses is not_supported with its words, no engine started (so is an
+    EAGLE-3 head's static tree: speculative_token_tree is no key of vLLM 0.32's); a Medusa head
     of fewer heads than the cell's gamma passes vLLM's own check, drafting a token per head (a
     Medusa head ran in vLLM here, its drafts and outputs as ours: NOTES.md)."""
     from specdec.gate.config import expand_matrix, validate
@@ -308,12 +310,18 @@ def test_vllm_checks_a_speculative_config_before_its_engine_starts(tmp_path, emb
     ngram = next(c for c in cells if c.engine == "vllm" and c.method == "ngram")
     suffix = DrafterSpec(name="suffix", kind="suffix", max_depth=24, max_spec_factor=1.0, min_token_prob=0.1, cache_tokens=100)
     write_cell(replace(ngram, method="suffix", drafter=suffix), tmp_path / "suffix.json")
-    run = subprocess.run([str(VLLM_VENV / "bin" / "python"), "checked.py", "ngram.json", "medusa.json", "models", "suffix.json"],
+    eagle = next(c for c in cells if c.engine == "vllm" and c.method == "eagle3")
+    write_cell(replace(eagle, drafter=replace(eagle.drafter, tree=((0,), (1,), (0, 0)))), tmp_path / "tree.json")
+    run = subprocess.run([str(VLLM_VENV / "bin" / "python"), "checked.py", "ngram.json", "medusa.json", "models", "suffix.json",
+                          "tree.json"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     refused, accepted = (line for line in run.stdout.splitlines() if line.startswith(("REFUSED", "ACCEPTED")))
     assert refused.startswith("REFUSED vLLM 0.32.0 refuses the cell's settings (speculative_config {'method': 'ngram'")
     assert "prompt_lookup" in refused and refused.endswith("ENGINE None")  # no engine process was started
     assert accepted == "ACCEPTED medusa 2 MedusaModel"  # a token per head, as ours drafts min(gamma, heads)
+    tree_line = next(line for line in run.stdout.splitlines() if line.startswith("TREE"))
+    assert "'speculative_token_tree': '[(0,), (1,), (0, 0)]'" in tree_line
+    assert tree_line.endswith("): speculative_token_tree: Unexpected keyword argument")
     suffix_line = next(line for line in run.stdout.splitlines() if line.startswith("SUFFIX"))
     assert "'method': 'suffix'" in suffix_line and "Arctic Inference is required for suffix decoding" in suffix_line

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from specdec.engines.placement import gpus_required
-from specdec.gate.cells import HEAD_KINDS, MODEL_FREE_KINDS, Cell
+from specdec.gate.cells import HEAD_KINDS, MODEL_FREE_KINDS, Cell, DynamicTreeSpec
 from specdec.job.load import Server
 
 
@@ -47,6 +47,10 @@ class Engine(ABC):
     model_free_drafters: ClassVar[tuple[str, ...]] = ("ngram",)  # the model-free drafter kinds it runs
     head_drafters: ClassVar[tuple[str, ...]] = ()  # the learned head kinds it runs (eagle3, medusa)
     token_trees: ClassVar[bool] = False  # verifies a drafter's static token tree (drafters.NAME.tree)
+    # Else the head kinds whose static tree it hands to the engine, whose own check at start may
+    # refuse it (vLLM's speculative_token_tree), and why any other tree is not its.
+    static_tree_heads: ClassVar[tuple[str, ...]] = ()
+    tree_reason: ClassVar[str] = "verifies chains here"
     max_drafting_batch: ClassVar[int | None] = None  # drafts at batch sizes up to this only (None: any)
     drafting_batch_reason: ClassVar[str] = ""
     placements: ClassVar[tuple[str, ...] | None] = None  # the placement strategies it runs (None: all)
@@ -85,8 +89,9 @@ class Engine(ABC):
         if drafter is not None and drafter.kind in MODEL_FREE_KINDS and drafter.kind not in cls.model_free_drafters:
             return (f"drafter {drafter.name!r} ({drafter.kind}) runs through our engine's Drafter interface; "
                     f"{cls.name} has no such drafter here")
-        if drafter is not None and drafter.tree is not None and not cls.token_trees:
-            return f"drafter {drafter.name!r} drafts a token tree; {cls.name} verifies chains here"
+        if drafter is not None and drafter.tree is not None and not cls.token_trees and not (
+                drafter.kind in cls.static_tree_heads and not isinstance(drafter.tree, DynamicTreeSpec)):
+            return f"drafter {drafter.name!r} drafts a token tree; {cls.name} {cls.tree_reason}"
         if drafter is not None and drafter.kind in HEAD_KINDS and drafter.kind not in cls.head_drafters:
             return f"drafter {drafter.name!r} is a learned {drafter.kind} head; {cls.name} runs no such head here"
         if cls.max_drafting_batch is not None and cell.drafts and cell.batch_size > cls.max_drafting_batch:

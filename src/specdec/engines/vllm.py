@@ -70,7 +70,8 @@ def engine_args(cell: Cell, target: str, drafter: str | None, max_model_len: int
     prompt, and a warm-up of the same conversation would otherwise shorten the measured
     prefill. A model drafter is the folder vLLM loads, and so is a learned head, run as vLLM's
     method of the same name (named: vLLM guesses the method from the folder's name otherwise);
-    Medusa's `medusa_heads` heads draft min(gamma, heads) tokens, as on our engine. An n-gram
+    Medusa's `medusa_heads` heads draft min(gamma, heads) tokens, as on our engine; an EAGLE-3
+    head's static tree is vLLM's `speculative_token_tree` (`token_tree`). An n-gram
     drafter maps onto prompt lookup over contexts of `min_context` .. n - 1 tokens (vLLM
     follows the latest match of the longest context, so `top_k` has no counterpart)."""
     args = {
@@ -99,9 +100,19 @@ def engine_args(cell: Cell, target: str, drafter: str | None, max_model_len: int
     elif cell.method in HEAD_METHODS:
         args["speculative_config"] = {"method": cell.method, "model": drafter,
                                       "num_speculative_tokens": min(cell.gamma, medusa_heads or cell.gamma)}
+        if cell.drafter.tree is not None:  # static: the gate passes no other (static_tree_heads)
+            args["speculative_config"] |= token_tree(cell.drafter.tree)
     if cell.drafts:  # drafted and accepted per verify step, per request
         args["per_request_spec_decode_metrics"] = "detailed"
     return args
+
+
+def token_tree(paths: tuple[tuple[int, ...], ...]) -> dict:
+    """A static tree as vLLM's speculative config took one (from vLLM PR #20401, 2025,
+    until PR #42121 removed tree attention in 2026; 0.32 refuses the key): `speculative_token_tree`,
+    every node as its path of child ranks (ours too) in a Python literal, a drafted token
+    per node."""
+    return {"num_speculative_tokens": len(paths), "speculative_token_tree": str(list(paths))}
 
 
 def cpu_environment(threads: int, prefix: Path = Path(sys.prefix)) -> dict[str, str]:
@@ -254,6 +265,8 @@ class VllmEngine(Engine):
     quantized_drafters = False
     model_free_drafters = ("ngram", "suffix")  # suffix: through arctic-inference, where it is installed
     head_drafters = ("eagle3", "medusa")  # vLLM's methods of the same names load the same checkpoints
+    static_tree_heads = ("eagle3",)  # vLLM's EAGLE proposer alone took a tree, a static one
+    tree_reason = "takes only an EAGLE-3 head's static tree (vLLM's speculative_token_tree)"
     interleaves = False
     interleave_reason = "vLLM's engine runs in a process of its own and batches continuously"
     # vLLM's counts of target forwards are its scheduler's: no theory for its cells.
@@ -413,9 +426,11 @@ def _raise_when_dead(client, stop: threading.Event, interval_s: float = 0.5) -> 
 
 
 def _reason(exc: Exception) -> str:
-    """vLLM's own words: the messages of a pydantic validation error, else the first line."""
+    """vLLM's own words: the messages of a pydantic validation error, each after the field it
+    names (an unknown key names only itself), else the first line."""
     errors = getattr(exc, "errors", None)
     if callable(errors):
-        return "; ".join(error["msg"].removeprefix("Value error, ") for error in errors())
+        return "; ".join(": ".join([*map(str, error["loc"][:1]), error["msg"].removeprefix("Value error, ")])
+                         for error in errors())
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
