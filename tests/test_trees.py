@@ -336,3 +336,7 @@ def test_a_configs_token_trees_reach_our_engine_and_decode_as_ar(tmp_path, embed
         assert result["engine"]["settings"]["compile"]["target"]["reason"] == "token trees run eagerly"
         acceptance = result["acceptance"]
         assert acceptance["drafted_tokens"] > acceptance["num_drafts"] * 3  # several continuations a step, not one chain
+        assert acceptance["nodes_per_draft"] == acceptance["drafted_tokens"] / acceptance["num_drafts"]
+        nodes = acceptance["per_node"]  # through the request records into the result
+        assert sum(n["drafted"] for n in nodes) == acceptance["drafted_tokens"]
+        assert sum(n["accepted"] for n in nodes) == acceptance["accepted_tokens"]

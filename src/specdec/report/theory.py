@@ -29,7 +29,8 @@ from specdec.gate.cells import GAMMA_MAX, Cell
 from specdec.job.leviathan import expected_tokens, expected_tokens_per_step, predicted_speedup
 from specdec.job.metrics import MetricsError
 from specdec.report import columns as col
-from specdec.result import Attribution, Result
+from specdec.report import tree_theory
+from specdec.result import Attribution, NodeCount, Result
 
 # The speedup after each step of the waterfall (speedup_waterfall figure), in order.
 WATERFALL = {
@@ -38,7 +39,8 @@ WATERFALL = {
     "waterfall_verify": "− verification",
     "waterfall_overhead": "− overhead",
 }
-RUN_COLUMNS = (col.THEORY_COST_RATIO, "theory_verify_cost_ratio", "predicted_decode_speedup", col.PREDICTED_SPEEDUP, *WATERFALL)
+RUN_COLUMNS = (col.THEORY_COST_RATIO, col.VERIFY_COST_RATIO, "predicted_decode_speedup", col.PREDICTED_SPEEDUP,
+               col.PREDICTED_TAU, *WATERFALL)
 GAMMA_COLUMNS = (
     col.EXPERIMENT, col.DATASET, col.ENGINE, col.DRAFTER, col.BATCH_SIZE, col.LOAD, "alpha", "cost_ratio",
     "verify_cost_per_token", "measured", "best_measured_gamma", "predicted", "best_predicted_gamma",
@@ -74,30 +76,85 @@ def _paced_s(cell: Cell) -> float:
     return (spec.cost_ms_per_token or 0.0) / 1000 if paced else 0.0
 
 
+def drafts_trees(cell: Cell) -> bool:
+    """Whether the cell's drafter proposes token trees (static or dynamic), not chains."""
+    return cell.drafter is not None and cell.drafter.tree is not None
+
+
+def _chain_costs(result: Result, unit: float) -> tuple[float, float, float, float] | None:
+    """A chain's (tokens per decode step, c, v, decode speedup): Leviathan's model over the
+    draft lengths that happened, verified at the longest draft's width."""
+    theory, ours = result.theory, result.attribution
+    alpha, shares = theory.alpha, theory.draft_length_shares
+    drafter = mean_forward(ours, "drafter", 1) or _paced_s(result.config)  # an n-gram drafter runs no model
+    verify = mean_forward(ours, "target_decode", theory.longest_draft + 1)
+    if verify is None:
+        return None
+    c, v = drafter / unit, verify / unit
+    return expected_tokens(alpha, shares), c, v, predicted_speedup(alpha, c, v, shares)
+
+
+def drafting_tau(result: Result) -> float:
+    """The tokens a drafting step is predicted to yield (`tree_theory`): from the per-node
+    counts of a tree drafter (Sequoia's positional acceptance, each node weighted by how
+    often it was drafted); for a chain, or a tree result without per-node counts, Leviathan's
+    alpha over the depths the drafts reached (the draft lengths that happened)."""
+    acceptance, theory = result.acceptance, result.theory
+    if acceptance is not None and acceptance.per_node:
+        p = tree_theory.positional_acceptance(acceptance.per_node)
+        present = tree_theory.presence(acceptance.per_node, acceptance.num_drafts)
+        return tree_theory.tree_tau([node.path for node in acceptance.per_node if present[node.path]], p, present)
+    shares = theory.draft_length_shares
+    if shares[0] >= 1:
+        return math.nan  # no step drafted
+    return (expected_tokens(theory.alpha, shares) - shares[0]) / (1 - shares[0])
+
+
+def verify_costs(attribution: Attribution, unit: float) -> dict[int, float]:
+    """v(w): the cell's verification forwards of each width w > 1, relative to `unit`."""
+    return {w: bucket.mean_s / unit for w, bucket in attribution.widths("target_decode").items() if w > 1 and bucket.count}
+
+
+def _tree_costs(result: Result, unit: float) -> tuple[float, float, float, float] | None:
+    """A token tree's (tokens per decode step, c, v, decode speedup): `drafting_tau` over the
+    cost of a drafting step, the drafter's forwards (c: per level of the tree, the draft's
+    depth) and the verification forwards the cell ran (v: their mean, the widths N + 1 of
+    its drafts), against a step without a draft (one target forward)."""
+    ours, acceptance, theory = result.attribution, result.acceptance, result.theory
+    verify = ours.widths("target_decode")
+    wide = [bucket for w, bucket in verify.items() if w > 1 and bucket.count]
+    if not wide or not acceptance.num_drafts:
+        return None
+    v = sum(b.total_s for b in wide) / sum(b.count for b in wide) / unit
+    drafter = sum(b.total_s for b in ours.widths("drafter").values()) / acceptance.num_drafts / unit
+    c = drafter / max(theory.longest_draft, 1)
+    undrafted = theory.draft_length_shares[0]
+    tokens = undrafted + (1 - undrafted) * drafting_tau(result)
+    return tokens, c, v, tokens / (undrafted + (1 - undrafted) * (drafter + v))
+
+
 def run_theory(result: Result, baseline: Result | None) -> dict[str, Any]:
     """The theory's columns of one drafting run paired with its AR run (`RUN_COLUMNS`);
-    missing where either run has no timed forwards to draw on."""
+    missing where either run has no timed forwards to draw on. A tree drafter's cell is
+    priced as a tree (`_tree_costs`), a chain's as Leviathan's chain (`_chain_costs`)."""
     columns = dict.fromkeys(RUN_COLUMNS, math.nan)
     theory, ours = result.theory, result.attribution
     theirs = baseline.attribution if baseline is not None else None
     unit = mean_forward(theirs, "target_decode", 1)
     if theory is None or unit is None:
         return columns
-    alpha, shares = theory.alpha, theory.draft_length_shares
-    drafter = mean_forward(ours, "drafter", 1) or _paced_s(result.config)  # an n-gram drafter runs no model
-    verify = mean_forward(ours, "target_decode", theory.longest_draft + 1)
-    if verify is None:
+    costs = (_tree_costs if drafts_trees(result.config) else _chain_costs)(result, unit)
+    if costs is None:
         return columns
-    c, v = drafter / unit, verify / unit
-    decode = predicted_speedup(alpha, c, v, shares)
+    ideal, c, v, decode = costs
     columns.update(theory_cost_ratio=c, theory_verify_cost_ratio=v, predicted_decode_speedup=decode,
-                   predicted_speedup=with_prefills(decode, result, baseline))
+                   predicted_speedup=with_prefills(decode, result, baseline), predicted_tau=drafting_tau(result))
     step, ar_step = _step_seconds(ours), _step_seconds(theirs)
     if step is not None and ar_step is not None:
         # The ideal step costs one AR step; then the drafter's time is added, the target's
         # one-token forward becomes the verification, and the AR step's remaining host
         # time becomes this cell's (the accept step and everything else).
-        ideal, ar = expected_tokens(alpha, shares), ar_step["step"]
+        ar = ar_step["step"]
         columns.update(
             waterfall_ideal=ideal,
             waterfall_drafter=ideal * ar / (ar + step["drafter"]),
@@ -130,18 +187,24 @@ def with_prefills(decode_speedup: float, result: Result, baseline: Result) -> fl
 def theory_columns(runs: Sequence[Result]) -> list[dict[str, Any]]:
     """`run_theory` of each run against its AR run: the same repeat of the cell's
     `ar_counterpart`, else its first repeat."""
+    ar_runs = _ar_runs(runs)
+    return [run_theory(result, _baseline(result, ar_runs)) if result.config.drafts and result.ok
+            else dict.fromkeys(RUN_COLUMNS, math.nan) for result in runs]
+
+
+def _ar_runs(runs: Sequence[Result]) -> dict[str, dict[int, Result]]:
+    """The ok AR runs by group and repeat."""
     ar_runs: dict[str, dict[int, Result]] = {}
     for result in runs:
         if result.config.method == "ar" and result.ok:
             ar_runs.setdefault(result.config.group_id, {})[result.config.repeat] = result
-    columns = []
-    for result in runs:
-        cell = result.config
-        repeats = ar_runs.get(cell.ar_counterpart().group_id, {})
-        baseline = repeats.get(cell.repeat) or next(iter(repeats.values()), None)
-        drafting = cell.drafts and result.ok
-        columns.append(run_theory(result, baseline) if drafting else dict.fromkeys(RUN_COLUMNS, math.nan))
-    return columns
+    return ar_runs
+
+
+def _baseline(result: Result, ar_runs: dict[str, dict[int, Result]]) -> Result | None:
+    """A run's AR run: the same repeat of its cell's `ar_counterpart`, else its first repeat."""
+    repeats = ar_runs.get(result.config.ar_counterpart().group_id, {})
+    return repeats.get(result.config.repeat) or next(iter(repeats.values()), None)
 
 
 def verify_cost_per_token(points: Iterable[tuple[int, float]]) -> float:
@@ -167,6 +230,7 @@ def best_gamma_table(runs: Sequence[Result], summary: pd.DataFrame) -> pd.DataFr
         {col.GROUP_ID: result.config.group_id, "alpha": result.theory.alpha, "cell": result.config, "result": result, **row}
         for result, row in zip(runs, theory_columns(runs))
         if result.config.drafts and result.ok and result.theory and not math.isnan(row[col.THEORY_COST_RATIO])
+        and not drafts_trees(result.config)  # chains: trees pick their size in `best_tree_table`
     ])
     if theory.empty:
         return pd.DataFrame(columns=GAMMA_COLUMNS)
@@ -193,3 +257,119 @@ def best_gamma_table(runs: Sequence[Result], summary: pd.DataFrame) -> pd.DataFr
             "best_predicted_gamma": best, "best_predicted_speedup": predicted[best],
         })
     return pd.DataFrame(table, columns=GAMMA_COLUMNS)
+
+
+# The largest tree the theory sizes (nodes verified per step).
+TREE_NODES_MAX = 64
+TREE_COLUMNS = (
+    col.EXPERIMENT, col.DATASET, col.ENGINE, col.DRAFTER, col.BATCH_SIZE, col.LOAD, "acceptance_by_rank", "cost_ratio",
+    "verify_cost_per_token", "measured", "predicted", "best_predicted_nodes", "best_tree_per_depth",
+    "best_predicted_tau", "best_predicted_speedup",
+)
+# The speedup_vs_tree_size figure's points: measured per cell, predicted per tree size.
+TREE_SIZE_COLUMNS = (col.EXPERIMENT, col.DATASET, col.DRAFTER, "family", "kind", "nodes", col.SPEEDUP,
+                     f"{col.SPEEDUP}_ci_low", f"{col.SPEEDUP}_ci_high", "tau")
+
+
+def _family(cell: Cell) -> tuple:
+    """A drafter's setup, whatever its tree and table sizes: the chain and the trees of one
+    draft model, head or model-free kind side by side."""
+    drafter = cell.drafter
+    return (cell.experiment, cell.dataset, cell.target, cell.engine, drafter.kind, drafter.model, drafter.dtype, drafter.source,
+            cell.batch_size, cell.generation, cell.placement, cell.load)
+
+
+def _node_counts(result: Result) -> list[NodeCount]:
+    """A run's nodes for the positional acceptance: a tree drafter's per-node counts, a
+    chain's positions; none for a tree result written before per-node counts."""
+    acceptance = result.acceptance
+    if acceptance.per_node:
+        return list(acceptance.per_node)
+    return [] if drafts_trees(result.config) else tree_theory.chain_nodes(acceptance.per_position)
+
+
+def _tree_size(nodes: float) -> int:
+    return max(1, min(TREE_NODES_MAX, round(nodes)))
+
+
+def best_tree_table(runs: Sequence[Result], summary: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per drafter (its chain and trees pooled: `_family`) and setup, the best tree of each
+    size N = 1 .. TREE_NODES_MAX for the pooled positional acceptance (`tree_theory.best_tree`,
+    at most as deep as the drafts went), its predicted speedup
+
+        tau(N) / (c depth(N) + 1 + b N),  prefills added (`with_prefills`, the family's first run),
+
+    with c the drafter's cost per level (0 without a draft model) and b the slope of v(w)
+    fitted to every verification the runs timed, and the best N; beside the measured speedup
+    of each cell at its nodes per draft. Returns the table and the figure's points."""
+    rows = [
+        (result, row) for result, row in zip(runs, theory_columns(runs))
+        if result.config.drafts and result.ok and result.theory and not math.isnan(row[col.THEORY_COST_RATIO])
+    ]
+    families: dict[tuple, list] = {}
+    for result, row in rows:
+        families.setdefault(_family(result.config), []).append((result, row))
+    measured, ar_runs = summary.set_index(col.GROUP_ID), _ar_runs(runs)
+    table, points = [], []
+    for members in families.values():
+        nodes = [node for result, _ in members for node in _node_counts(result)]
+        p = tree_theory.positional_acceptance(nodes)
+        first, baseline = members[0][0], _baseline(members[0][0], ar_runs)
+        if not p or baseline is None:
+            continue
+        unit = mean_forward(baseline.attribution, "target_decode", 1)
+        slope = verify_cost_per_token(
+            point for result, _ in members for point in verify_costs(result.attribution, unit).items()
+        )
+        c = float(np.mean([row[col.THEORY_COST_RATIO] for _, row in members]))
+        depth = max(result.theory.longest_draft for result, _ in members)
+        tree = tree_theory.best_tree(p, TREE_NODES_MAX, depth)
+        taus = 1 + np.cumsum([reach for _, reach in tree])
+        depths = np.maximum.accumulate([len(path) for path, _ in tree])
+        decode = [tau / (c * d + 1 + slope * n) for n, (tau, d) in enumerate(zip(taus, depths), start=1)]
+        speedups = [with_prefills(speedup, first, baseline) for speedup in decode]
+        cell = first.config
+        name = next((r.config.drafter.name for r, _ in members if not drafts_trees(r.config)), cell.drafter.name)
+        family = {col.EXPERIMENT: cell.experiment, col.DATASET: cell.dataset, col.DRAFTER: name}
+        members.sort(key=lambda member: member[0].acceptance.nodes_verified or 0)
+        cells = []  # (drafter, nodes per draft, the summary's row) per measured cell
+        for group in dict.fromkeys(result.config.group_id for result, _ in members):
+            if group in measured.index and not pd.isna(measured.at[group, col.SPEEDUP]):
+                at = measured.loc[group]
+                cells.append((at[col.DRAFTER], at[col.NODES_PER_DRAFT], at))
+                points.append({**family, "family": name, "kind": at[col.DRAFTER], "nodes": at[col.NODES_PER_DRAFT],
+                               **{key: at[key] for key in (col.SPEEDUP, f"{col.SPEEDUP}_ci_low", f"{col.SPEEDUP}_ci_high")},
+                               "tau": at[col.MEAN_ACCEPTANCE_LENGTH]})
+        points += [{**family, "family": name, "kind": "predicted", "nodes": n, col.SPEEDUP: s, "tau": tau}
+                   for n, (s, tau) in enumerate(zip(speedups, taus), start=1)]
+        best = int(np.argmax(decode))  # adding the prefills keeps the order
+        per_depth = np.bincount([len(path) for path, _ in tree[: best + 1]])[1:]
+        table.append({
+            **family, col.ENGINE: cell.engine, col.BATCH_SIZE: cell.batch_size, col.LOAD: cell.load.mode,
+            "acceptance_by_rank": " ".join(f"p{k} {q:.2f}" for k, q in enumerate(p)), "cost_ratio": c,
+            "verify_cost_per_token": slope,
+            "measured": "; ".join(f"{drafter} N{n:.1f}: {at[col.SPEEDUP]:.2f}" for drafter, n, at in cells),
+            # n/a past the largest tree the measured ranks and depths span
+            "predicted": "; ".join(f"N{_tree_size(n)}: " + (f"{speedups[_tree_size(n) - 1]:.2f}" if _tree_size(n) <= len(tree) else "n/a")
+                                   for _, n, _ in cells),
+            "best_predicted_nodes": best + 1, "best_tree_per_depth": " ".join(map(str, per_depth)),
+            "best_predicted_tau": taus[best], "best_predicted_speedup": speedups[best],
+        })
+    table = pd.DataFrame(table, columns=TREE_COLUMNS).sort_values([col.EXPERIMENT, col.DATASET, col.DRAFTER], kind="stable")
+    return table, pd.DataFrame(points, columns=TREE_SIZE_COLUMNS)
+
+
+TREE_CELL_COLUMNS = {  # the summary's column -> its heading in the per-cell table
+    col.EXPERIMENT: "experiment", col.DATASET: "dataset", col.ENGINE: "engine", col.DRAFTER: "drafter", col.GAMMA: "γ",
+    col.BATCH_SIZE: "batch", col.NODES_PER_DRAFT: "nodes per draft N", col.VERIFY_COST_RATIO: "v(N)",
+    col.THEORY_COST_RATIO: "c (per level)", col.MEAN_ACCEPTANCE_LENGTH: "τ measured", col.PREDICTED_TAU: "τ predicted",
+    col.SPEEDUP: "speedup", col.PREDICTED_SPEEDUP: "predicted speedup",
+}
+
+
+def tree_cells_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """Per drafting cell (chains and trees): the nodes a drafting step verified, the cost v of
+    that verification, tokens per drafting step measured beside predicted, and the speedup
+    measured beside predicted (medians over repeats)."""
+    cells = summary[summary[col.GAMMA] > 0].sort_values([col.EXPERIMENT, col.DATASET, col.DRAFTER, col.NODES_PER_DRAFT])
+    return cells[list(TREE_CELL_COLUMNS)].rename(columns=TREE_CELL_COLUMNS).reset_index(drop=True)
