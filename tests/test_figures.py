@@ -1,5 +1,6 @@
 """Figures and the report rules on the synthetic results in tests/fixtures/results."""
 
+import dataclasses
 import io
 import json
 import os
@@ -33,6 +34,7 @@ from specdec.report.figures import (
     power_timeline,
     speedup_vs_gamma,
     speedup_vs_load,
+    speedup_vs_tree_size,
     speedup_waterfall,
     swept,
     throughput_vs_batch,
@@ -124,6 +126,22 @@ def test_an_axis_with_one_value_draws_a_bar_per_cell_not_a_line(data, one_point)
     # two or more values: lines over the axis, no bars
     assert not speedup_vs_gamma(data).axes[0].patches and not throughput_vs_batch(data).axes[0].patches
     assert throughput_vs_batch(data).axes[0].get_xscale() == "log"
+
+
+def test_speedup_against_tree_size_draws_each_drafters_cells_beside_the_predicted_curve(data):
+    """A panel per drafter and setup: its measured cells with their intervals at their nodes
+    per draft, and the tree theory's curve over the best tree of each size."""
+    frame = data.tree_sizes
+    fig = speedup_vs_tree_size(data)
+    shown = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(shown) == frame["family"].nunique() > 1
+    drawn = lines_of(fig)
+    for _, rows in frame.groupby("family"):
+        curve = rows[rows["kind"] == "predicted"]
+        assert (tuple(curve["nodes"]), tuple(round(y, 6) for y in curve["speedup"])) in drawn
+    measured = frame[frame["kind"] != "predicted"]
+    assert sum(len(ax.containers) for ax in shown) == len(measured.drop_duplicates(["family", "kind"]))
+    assert "no drafting cell" in speedup_vs_tree_size(dataclasses.replace(data, tree_sizes=frame.iloc[:0]))
 
 
 def test_speedup_along_batch_size_and_rate_with_break_even(data):

@@ -335,12 +335,12 @@ def speedup_vs_tree_size(data: PlotData) -> plt.Figure | str:
     trees) and dataset: each measured cell with its interval, and the speedup the tree theory
     predicts for the best tree of each size (`theory.best_tree_table`)."""
     frame = data.tree_sizes
-    panels = list(frame.groupby([col.DRAFTER, col.DATASET], sort=True))
+    panels = list(frame.groupby("family", sort=True))
     if not panels:
         return "no drafting cell with timed forwards, node or position counts, and an AR cell"
     columns = min(len(panels), 2)
     fig, axes = _figure(data, ncols=columns, nrows=-(-len(panels) // columns))
-    for ax, ((drafter, dataset), rows) in zip(axes.flat, panels):
+    for ax, (_, rows) in zip(axes.flat, panels):
         curve = rows[rows["kind"] == "predicted"]
         ax.plot(curve["nodes"], curve[col.SPEEDUP], color="0.45", linestyle=(0, (1, 1)), label="predicted, best tree of N")
         for i, (kind, cell) in enumerate(rows[rows["kind"] != "predicted"].groupby("kind", sort=False)):
@@ -348,7 +348,7 @@ def speedup_vs_tree_size(data: PlotData) -> plt.Figure | str:
             ax.errorbar(cell["nodes"], cell[col.SPEEDUP], yerr=np.abs(error), fmt=MARKERS[i % len(MARKERS)],
                         color=PALETTE[(i + 1) % len(PALETTE)], capsize=3, label=f"{kind} (measured)")
         ax.axhline(1.0, color="0.4", linewidth=0.8)
-        ax.set(xlabel="draft nodes verified per step N", ylabel="speedup over AR (tokens/s ratio)", title=f"{drafter} · {dataset}")
+        ax.set(xlabel="draft nodes verified per step N", ylabel="speedup over AR (tokens/s ratio)", title=rows["label"].iloc[0])
         ax.legend(fontsize="small")
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)

@@ -267,7 +267,7 @@ TREE_COLUMNS = (
     "best_predicted_tau", "best_predicted_speedup",
 )
 # The speedup_vs_tree_size figure's points: measured per cell, predicted per tree size.
-TREE_SIZE_COLUMNS = (col.EXPERIMENT, col.DATASET, col.DRAFTER, "family", "kind", "nodes", col.SPEEDUP,
+TREE_SIZE_COLUMNS = (col.EXPERIMENT, col.DATASET, col.DRAFTER, "family", "label", "kind", "nodes", col.SPEEDUP,
                      f"{col.SPEEDUP}_ci_low", f"{col.SPEEDUP}_ci_high", "tau")
 
 
@@ -311,7 +311,7 @@ def best_tree_table(runs: Sequence[Result], summary: pd.DataFrame) -> tuple[pd.D
         families.setdefault(_family(result.config), []).append((result, row))
     measured, ar_runs = summary.set_index(col.GROUP_ID), _ar_runs(runs)
     table, points = [], []
-    for members in families.values():
+    for index, members in enumerate(families.values()):
         nodes = [node for result, _ in members for node in _node_counts(result)]
         p = tree_theory.positional_acceptance(nodes)
         first, baseline = members[0][0], _baseline(members[0][0], ar_runs)
@@ -331,16 +331,18 @@ def best_tree_table(runs: Sequence[Result], summary: pd.DataFrame) -> tuple[pd.D
         cell = first.config
         name = next((r.config.drafter.name for r, _ in members if not drafts_trees(r.config)), cell.drafter.name)
         family = {col.EXPERIMENT: cell.experiment, col.DATASET: cell.dataset, col.DRAFTER: name}
+        figure = {**family, "family": index,
+                  "label": f"{name} · {cell.dataset} · batch {cell.batch_size} · {cell.load.mode} · T {cell.generation.temperature:g}"}
         members.sort(key=lambda member: member[0].acceptance.nodes_verified or 0)
         cells = []  # (drafter, nodes per draft, the summary's row) per measured cell
         for group in dict.fromkeys(result.config.group_id for result, _ in members):
             if group in measured.index and not pd.isna(measured.at[group, col.SPEEDUP]):
                 at = measured.loc[group]
                 cells.append((at[col.DRAFTER], at[col.NODES_PER_DRAFT], at))
-                points.append({**family, "family": name, "kind": at[col.DRAFTER], "nodes": at[col.NODES_PER_DRAFT],
+                points.append({**figure, "kind": at[col.DRAFTER], "nodes": at[col.NODES_PER_DRAFT],
                                **{key: at[key] for key in (col.SPEEDUP, f"{col.SPEEDUP}_ci_low", f"{col.SPEEDUP}_ci_high")},
                                "tau": at[col.MEAN_ACCEPTANCE_LENGTH]})
-        points += [{**family, "family": name, "kind": "predicted", "nodes": n, col.SPEEDUP: s, "tau": tau}
+        points += [{**figure, "kind": "predicted", "nodes": n, col.SPEEDUP: s, "tau": tau}
                    for n, (s, tau) in enumerate(zip(speedups, taus), start=1)]
         best = int(np.argmax(decode))  # adding the prefills keeps the order
         per_depth = np.bincount([len(path) for path, _ in tree[: best + 1]])[1:]
