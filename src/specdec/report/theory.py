@@ -1,6 +1,7 @@
 """The theory beside the measurement, from the cells' own steps: the costs behind Leviathan
-et al.'s prediction, the waterfall from the ideal speedup to the measured one, and the gamma
-the measured alpha and costs predict to be best.
+et al.'s prediction (chains) and the tree theory's (token trees, `tree_theory`), the waterfall
+from the ideal speedup to the measured one, the gamma the measured alpha and costs predict to
+be best, and the best tree size.
 
 Every cost comes from the `attribution` block a cell's run wrote (its own forwards, at its
 batch size, in its measured window). A drafting cell has no one-token target forward, so the
@@ -15,6 +16,12 @@ decode steady state (`predicted_decode_speedup`). The measured speedup is a thro
 prefills included, so `predicted_speedup` adds them (`with_prefills`): a drafter's own
 prefill is outside every step yet can cost more than its drafts (bf16 on a CPU without
 bf16 units: 2.4 s per HumanEval prompt here, against 0.55 s for the fp32 target's).
+
+A token tree of N nodes is verified N + 1 wide and yields the tree theory's tau, not the
+chain's: its cell is priced with v the mean of its own verification forwards, c the
+drafter's forwards per drafting step over the draft's depth (per level, as a chain's per
+token), and tau from its per-node counts (`drafting_tau`; docs/methodology.md, "The tree
+theory").
 """
 
 from __future__ import annotations
