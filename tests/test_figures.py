@@ -11,6 +11,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 from matplotlib.colors import to_rgba
+import pandas as pd
 import pytest
 
 from specdec.report.aggregate import aggregate_experiment
@@ -130,18 +131,22 @@ def test_an_axis_with_one_value_draws_a_bar_per_cell_not_a_line(data, one_point)
 
 def test_speedup_against_tree_size_draws_each_drafters_cells_beside_the_predicted_curve(data):
     """A panel per drafter and setup: its measured cells with their intervals at their nodes
-    per draft, and the tree theory's curve over the best tree of each size."""
-    frame = data.tree_sizes
-    fig = speedup_vs_tree_size(data)
+    per draft, and the tree theory's curve over the best tree of each size (the demo has no
+    trees: nothing to draw)."""
+    assert "no drafter with token trees" in speedup_vs_tree_size(data)
+    measured = [("chain", 3.0, 0.9), ("tree", 10.0, 1.1), ("chain", 4.0, 1.2), ("dynamic", 12.0, 1.0)]
+    frame = pd.DataFrame(
+        [{"family": i // 2, "label": f"drafter {i // 2}", "kind": kind, "nodes": n, "speedup": s,
+          "speedup_ci_low": s - 0.1, "speedup_ci_high": s + 0.1} for i, (kind, n, s) in enumerate(measured)]
+        + [{"family": f, "label": f"drafter {f}", "kind": "predicted", "nodes": n, "speedup": 1 + f / 10 - n / 100}
+           for f in (0, 1) for n in range(1, 13)])
+    fig = speedup_vs_tree_size(dataclasses.replace(data, tree_sizes=frame))
     shown = [ax for ax in fig.axes if ax.get_visible()]
-    assert len(shown) == frame["family"].nunique() > 1
+    assert [ax.get_title() for ax in shown] == ["drafter 0", "drafter 1"]
     drawn = lines_of(fig)
-    for _, rows in frame.groupby("family"):
-        curve = rows[rows["kind"] == "predicted"]
-        assert (tuple(curve["nodes"]), tuple(round(y, 6) for y in curve["speedup"])) in drawn
-    measured = frame[frame["kind"] != "predicted"]
-    assert sum(len(ax.containers) for ax in shown) == len(measured.drop_duplicates(["family", "kind"]))
-    assert "no drafting cell" in speedup_vs_tree_size(dataclasses.replace(data, tree_sizes=frame.iloc[:0]))
+    for _, rows in frame[frame["kind"] == "predicted"].groupby("family"):
+        assert (tuple(rows["nodes"]), tuple(round(y, 6) for y in rows["speedup"])) in drawn
+    assert [len(ax.containers) for ax in shown] == [2, 2]  # each measured cell with its interval
 
 
 def test_speedup_along_batch_size_and_rate_with_break_even(data):
@@ -257,13 +262,14 @@ def test_figures_without_data_say_why(data, closed_no_energy):
 
 
 def test_make_figures_draws_figures_with_data_and_names_those_left_out(closed_no_energy, tmp_path):
-    """Without open-loop runs, energy and a sweep of load, five figures have nothing to show:
+    """Without open-loop runs, energy, a sweep of load and token trees, six figures have nothing to show:
     their folders stay empty (no picture of "not applicable") and left_out.html names each
     with its reason."""
     results, _ = closed_no_energy
     aggregate_experiment(results, tmp_path / "tables", "demo", n_resamples=200)
     written = make_figures(table_paths(tmp_path / "tables"), tmp_path / "figures", {"dpi": 60})
-    empty = {"speedup_vs_load", "latency_vs_rate", "energy_per_token", "energy_vs_speedup", "power_timeline"}
+    empty = {"speedup_vs_load", "latency_vs_rate", "energy_per_token", "energy_vs_speedup", "power_timeline",
+             "speedup_vs_tree_size"}
     drawn = [name for name in FIGURES if name not in empty]
     assert sorted(str(p.relative_to(tmp_path / "figures")) for p in written) == sorted(
         [f"{name}/{name}.{ext}" for name in drawn for ext in ("png", "svg")] + [LEFT_OUT]
@@ -273,7 +279,7 @@ def test_make_figures_draws_figures_with_data_and_names_those_left_out(closed_no
         assert head.startswith(b"\x89PNG") if path.suffix == ".png" else b"<svg" in head
     assert all((tmp_path / "figures" / name).is_dir() and not any((tmp_path / "figures" / name).iterdir()) for name in empty)
     note = (tmp_path / "figures" / LEFT_OUT).read_text()
-    assert note.count("<li>") == 5 and "<li>latency vs rate: no open-loop (request-rate) runs" in note
+    assert note.count("<li>") == 6 and "<li>latency vs rate: no open-loop (request-rate) runs" in note
     assert "<li>energy per token: energy not measured: NVML: library not found" in note
     assert "transformers 5.24.0" in (tmp_path / "figures/speedup_vs_gamma/speedup_vs_gamma.svg").read_text()
     # every figure drawn: nothing to name

@@ -230,3 +230,4 @@ def test_the_best_tree_size_beside_the_measured_chain_and_tree():
     assert row["best_predicted_speedup"] == pytest.approx(curve["speedup"].max())
     assert list(points.loc[points["kind"] != "predicted", "nodes"]) == [3.0, 4.0]
     assert len(curve) == len(best_tree((44 / 77, 0.2), TREE_NODES_MAX, max_depth=4))
+    assert best_tree_table(runs[:2], summary)[0].empty  # a drafter measured only as chains: the gamma table's

@@ -456,7 +456,7 @@ def aggregate_experiment(
             "earlier ranks were rejected, from the per-node counts; for each N the best tree of N nodes for it "
             "(greedy by root-path probability, no deeper than the drafts went) and its predicted speedup "
             "τ(N) / (c depth + v(N)), v(N) = 1 + b N fitted to the measured verifications, prefills added.",
-            empty="No drafting cell with timed forwards, node or position counts, and an AR cell.",
+            empty="No drafter with token trees, timed forwards, node or position counts and an AR cell.",
         ),
         "failed": write_table(
             failed_table(runs),

@@ -337,7 +337,7 @@ def speedup_vs_tree_size(data: PlotData) -> plt.Figure | str:
     frame = data.tree_sizes
     panels = list(frame.groupby("family", sort=True))
     if not panels:
-        return "no drafting cell with timed forwards, node or position counts, and an AR cell"
+        return "no drafter with token trees, timed forwards and an AR cell (the tree_size table)"
     columns = min(len(panels), 2)
     fig, axes = _figure(data, ncols=columns, nrows=-(-len(panels) // columns))
     for ax, (_, rows) in zip(axes.flat, panels):

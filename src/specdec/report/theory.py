@@ -27,6 +27,7 @@ theory").
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -37,7 +38,7 @@ from specdec.job.leviathan import expected_tokens, expected_tokens_per_step, pre
 from specdec.job.metrics import MetricsError
 from specdec.report import columns as col
 from specdec.report import tree_theory
-from specdec.result import Attribution, NodeCount, Result
+from specdec.result import Attribution, Bucket, NodeCount, Result
 
 # The speedup after each step of the waterfall (speedup_waterfall figure), in order.
 WATERFALL = {
@@ -117,9 +118,14 @@ def drafting_tau(result: Result) -> float:
     return (expected_tokens(theory.alpha, shares) - shares[0]) / (1 - shares[0])
 
 
+def _verifications(attribution: Attribution) -> dict[int, Bucket]:
+    """The run's target forwards that verified drafts (wider than one token), by width."""
+    return {w: bucket for w, bucket in attribution.widths("target_decode").items() if w > 1 and bucket.count}
+
+
 def verify_costs(attribution: Attribution, unit: float) -> dict[int, float]:
     """v(w): the cell's verification forwards of each width w > 1, relative to `unit`."""
-    return {w: bucket.mean_s / unit for w, bucket in attribution.widths("target_decode").items() if w > 1 and bucket.count}
+    return {w: bucket.mean_s / unit for w, bucket in _verifications(attribution).items()}
 
 
 def _tree_costs(result: Result, unit: float) -> tuple[float, float, float, float] | None:
@@ -128,9 +134,8 @@ def _tree_costs(result: Result, unit: float) -> tuple[float, float, float, float
     depth) and the verification forwards the cell ran (v: their mean, the widths N + 1 of
     its drafts), against a step without a draft (one target forward)."""
     ours, acceptance, theory = result.attribution, result.acceptance, result.theory
-    verify = ours.widths("target_decode")
-    wide = [bucket for w, bucket in verify.items() if w > 1 and bucket.count]
-    if not wide or not acceptance.num_drafts:
+    wide = _verifications(ours).values()
+    if not wide or acceptance is None or not acceptance.num_drafts:
         return None
     v = sum(b.total_s for b in wide) / sum(b.count for b in wide) / unit
     drafter = sum(b.total_s for b in ours.widths("drafter").values()) / acceptance.num_drafts / unit
@@ -295,74 +300,95 @@ def _node_counts(result: Result) -> list[NodeCount]:
     return [] if drafts_trees(result.config) else tree_theory.chain_nodes(acceptance.per_position)
 
 
-def _tree_size(nodes: float) -> int:
-    return max(1, min(TREE_NODES_MAX, round(nodes)))
+@dataclass(frozen=True)
+class TreeSizes:
+    """What the tree theory predicts for one drafter (`best_tree_table`): the positional
+    acceptance p, the drafter's cost per level c, the slope b of v, the best tree's nodes in
+    the order they were added with their root-path probabilities, and per size N = 1, 2, ..:
+    tau(N), the decode steady state's speedup and the throughput's (prefills added)."""
+
+    p: tuple[float, ...]
+    cost: float
+    slope: float
+    tree: list[tuple[tuple[int, ...], float]]
+    taus: np.ndarray
+    decode: list[float]
+    speedups: list[float]
+
+    @property
+    def best(self) -> int:
+        """The best size N (adding the prefills keeps the order)."""
+        return int(np.argmax(self.decode)) + 1
+
+    def at(self, nodes: float) -> str:
+        """The predicted speedup at `nodes` rounded, n/a past the largest tree the measured
+        ranks and depths span."""
+        if math.isnan(nodes):
+            return "n/a"
+        size = max(1, round(nodes))
+        return f"N{size}: " + (f"{self.speedups[size - 1]:.2f}" if size <= len(self.tree) else "n/a")
+
+
+def _tree_sizes(members: list[tuple[Result, dict]], baseline: Result) -> TreeSizes | None:
+    """The tree theory of one drafter's runs (chains and trees) against their AR run: p pooled
+    over the runs' node counts, c their mean cost per level, v(N) = 1 + b N fitted to every
+    verification they timed, trees at most as deep as their drafts went."""
+    p = tree_theory.positional_acceptance([node for result, _ in members for node in _node_counts(result)])
+    if not p:
+        return None
+    unit = mean_forward(baseline.attribution, "target_decode", 1)
+    slope = verify_cost_per_token(point for result, _ in members for point in verify_costs(result.attribution, unit).items())
+    cost = float(np.mean([row[col.THEORY_COST_RATIO] for _, row in members]))
+    tree = tree_theory.best_tree(p, TREE_NODES_MAX, max(result.theory.longest_draft for result, _ in members))
+    taus = 1 + np.cumsum([reach for _, reach in tree])
+    depths = np.maximum.accumulate([len(path) for path, _ in tree])
+    decode = [tau / (cost * depth + 1 + slope * n) for n, (tau, depth) in enumerate(zip(taus, depths), start=1)]
+    speedups = [with_prefills(speedup, members[0][0], baseline) for speedup in decode]
+    return TreeSizes(p, cost, slope, tree, taus, decode, speedups)
 
 
 def best_tree_table(runs: Sequence[Result], summary: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per drafter (its chain and trees pooled: `_family`) and setup, the best tree of each
-    size N = 1 .. TREE_NODES_MAX for the pooled positional acceptance (`tree_theory.best_tree`,
-    at most as deep as the drafts went), its predicted speedup
+    """Per drafter with token trees (its chain and trees pooled: `_family`) and setup, the best
+    tree of each size N = 1 .. TREE_NODES_MAX for the pooled positional acceptance
+    (`_tree_sizes`), its predicted speedup
 
         tau(N) / (c depth(N) + 1 + b N),  prefills added (`with_prefills`, the family's first run),
 
-    with c the drafter's cost per level (0 without a draft model) and b the slope of v(w)
-    fitted to every verification the runs timed, and the best N; beside the measured speedup
-    of each cell at its nodes per draft. Returns the table and the figure's points."""
-    rows = [
-        (result, row) for result, row in zip(runs, theory_columns(runs))
-        if result.config.drafts and result.ok and result.theory and not math.isnan(row[col.THEORY_COST_RATIO])
-    ]
+    and the best N, beside the measured speedup of each cell at its nodes per draft. Returns
+    the table and the figure's points (measured cells, then the predicted curve)."""
     families: dict[tuple, list] = {}
-    for result, row in rows:
-        families.setdefault(_family(result.config), []).append((result, row))
+    for result, row in zip(runs, theory_columns(runs)):
+        if result.config.drafts and result.ok and result.theory and not math.isnan(row[col.THEORY_COST_RATIO]):
+            families.setdefault(_family(result.config), []).append((result, row))
     measured, ar_runs = summary.set_index(col.GROUP_ID), _ar_runs(runs)
     table, points = [], []
-    for index, members in enumerate(families.values()):
-        nodes = [node for result, _ in members for node in _node_counts(result)]
-        p = tree_theory.positional_acceptance(nodes)
-        first, baseline = members[0][0], _baseline(members[0][0], ar_runs)
-        if not p or baseline is None:
+    # a drafter measured only as chains asks the gamma table's question (`best_gamma_table`)
+    for index, members in enumerate(m for m in families.values() if any(drafts_trees(r.config) for r, _ in m)):
+        baseline = _baseline(members[0][0], ar_runs)
+        sizes = _tree_sizes(members, baseline) if baseline is not None else None
+        if sizes is None:
             continue
-        unit = mean_forward(baseline.attribution, "target_decode", 1)
-        slope = verify_cost_per_token(
-            point for result, _ in members for point in verify_costs(result.attribution, unit).items()
-        )
-        c = float(np.mean([row[col.THEORY_COST_RATIO] for _, row in members]))
-        depth = max(result.theory.longest_draft for result, _ in members)
-        tree = tree_theory.best_tree(p, TREE_NODES_MAX, depth)
-        taus = 1 + np.cumsum([reach for _, reach in tree])
-        depths = np.maximum.accumulate([len(path) for path, _ in tree])
-        decode = [tau / (c * d + 1 + slope * n) for n, (tau, d) in enumerate(zip(taus, depths), start=1)]
-        speedups = [with_prefills(speedup, first, baseline) for speedup in decode]
-        cell = first.config
+        cell = members[0][0].config
         name = next((r.config.drafter.name for r, _ in members if not drafts_trees(r.config)), cell.drafter.name)
         family = {col.EXPERIMENT: cell.experiment, col.DATASET: cell.dataset, col.DRAFTER: name}
-        figure = {**family, "family": index,
-                  "label": f"{name} · {cell.dataset} · batch {cell.batch_size} · {cell.load.mode} · T {cell.generation.temperature:g}"}
-        members.sort(key=lambda member: member[0].acceptance.nodes_verified or 0)
-        cells = []  # (drafter, nodes per draft, the summary's row) per measured cell
-        for group in dict.fromkeys(result.config.group_id for result, _ in members):
-            if group in measured.index and not pd.isna(measured.at[group, col.SPEEDUP]):
-                at = measured.loc[group]
-                cells.append((at[col.DRAFTER], at[col.NODES_PER_DRAFT], at))
-                points.append({**figure, "kind": at[col.DRAFTER], "nodes": at[col.NODES_PER_DRAFT],
-                               **{key: at[key] for key in (col.SPEEDUP, f"{col.SPEEDUP}_ci_low", f"{col.SPEEDUP}_ci_high")},
-                               "tau": at[col.MEAN_ACCEPTANCE_LENGTH]})
-        points += [{**figure, "kind": "predicted", "nodes": n, col.SPEEDUP: s, "tau": tau}
-                   for n, (s, tau) in enumerate(zip(speedups, taus), start=1)]
-        best = int(np.argmax(decode))  # adding the prefills keeps the order
-        per_depth = np.bincount([len(path) for path, _ in tree[: best + 1]])[1:]
+        label = f"{name} · {cell.dataset} · batch {cell.batch_size} · {cell.load.mode} · T {cell.generation.temperature:g}"
+        groups = dict.fromkeys(r.config.group_id for r, _ in sorted(members, key=lambda m: m[0].acceptance.nodes_verified or 0))
+        cells = [measured.loc[g] for g in groups if g in measured.index and not pd.isna(measured.at[g, col.SPEEDUP])]
+        points += [{**family, "family": index, "label": label, "kind": at[col.DRAFTER], "nodes": at[col.NODES_PER_DRAFT],
+                    **{key: at[key] for key in (col.SPEEDUP, f"{col.SPEEDUP}_ci_low", f"{col.SPEEDUP}_ci_high")},
+                    "tau": at[col.MEAN_ACCEPTANCE_LENGTH]} for at in cells]
+        points += [{**family, "family": index, "label": label, "kind": "predicted", "nodes": n, col.SPEEDUP: speedup, "tau": tau}
+                   for n, (speedup, tau) in enumerate(zip(sizes.speedups, sizes.taus), start=1)]
+        best = sizes.best
         table.append({
             **family, col.ENGINE: cell.engine, col.BATCH_SIZE: cell.batch_size, col.LOAD: cell.load.mode,
-            "acceptance_by_rank": " ".join(f"p{k} {q:.2f}" for k, q in enumerate(p)), "cost_ratio": c,
-            "verify_cost_per_token": slope,
-            "measured": "; ".join(f"{drafter} N{n:.1f}: {at[col.SPEEDUP]:.2f}" for drafter, n, at in cells),
-            # n/a past the largest tree the measured ranks and depths span
-            "predicted": "; ".join(f"N{_tree_size(n)}: " + (f"{speedups[_tree_size(n) - 1]:.2f}" if _tree_size(n) <= len(tree) else "n/a")
-                                   for _, n, _ in cells),
-            "best_predicted_nodes": best + 1, "best_tree_per_depth": " ".join(map(str, per_depth)),
-            "best_predicted_tau": taus[best], "best_predicted_speedup": speedups[best],
+            "acceptance_by_rank": " ".join(f"p{k} {q:.2f}" for k, q in enumerate(sizes.p)), "cost_ratio": sizes.cost,
+            "verify_cost_per_token": sizes.slope,
+            "measured": "; ".join(f"{at[col.DRAFTER]} N{at[col.NODES_PER_DRAFT]:.1f}: {at[col.SPEEDUP]:.2f}" for at in cells),
+            "predicted": "; ".join(sizes.at(at[col.NODES_PER_DRAFT]) for at in cells),
+            "best_predicted_nodes": best,
+            "best_tree_per_depth": " ".join(map(str, np.bincount([len(path) for path, _ in sizes.tree[:best]])[1:])),
+            "best_predicted_tau": sizes.taus[best - 1], "best_predicted_speedup": sizes.speedups[best - 1],
         })
     table = pd.DataFrame(table, columns=TREE_COLUMNS).sort_values([col.EXPERIMENT, col.DATASET, col.DRAFTER], kind="stable")
     return table, pd.DataFrame(points, columns=TREE_SIZE_COLUMNS)
