@@ -203,6 +203,11 @@ def test_a_tree_is_priced_by_its_nodes_its_verification_width_and_its_drafters_l
     assert row["predicted_tau"] == pytest.approx(1 + p0 + (1 - p0) * p1 + p0**2)
     assert row["theory_cost_ratio"] == pytest.approx(0.3) and row["theory_verify_cost_ratio"] == pytest.approx(1.2)
     assert row["predicted_decode_speedup"] == pytest.approx(row["predicted_tau"] / (2 * 0.3 + 1.2))
+    # a rank never tried (a third child drafted only under a rejected node) counts as never accepted
+    untried = nodes + [{"path": [1, 0], "drafted": 5, "tried": 0, "accepted": 0}, {"path": [1, 1], "drafted": 5, "tried": 0, "accepted": 0},
+                       {"path": [1, 2], "drafted": 5, "tried": 0, "accepted": 0}]
+    below = (1 - p0) * p1 * 0.25  # node 1 accepted, then drafted in a quarter of its drafts
+    assert run_theory(tree_result(untried), AR)["predicted_tau"] == pytest.approx(row["predicted_tau"] + below * (p0 + (1 - p0) * p1))
     # written before per-node counts: alpha over the depths the tree reached, as a chain of them
     old = run_theory(tree_result(None), AR)
     assert old["predicted_tau"] == pytest.approx(expected_tokens_per_step(0.5, 2))

@@ -111,7 +111,9 @@ def drafting_tau(result: Result) -> float:
     if acceptance is not None and acceptance.per_node:
         p = tree_theory.positional_acceptance(acceptance.per_node)
         present = tree_theory.presence(acceptance.per_node, acceptance.num_drafts)
-        return tree_theory.tree_tau([node.path for node in acceptance.per_node if present[node.path]], p, present)
+        # a rank the verifier never tried has no measured acceptance: its nodes count as never accepted
+        paths = [node.path for node in acceptance.per_node if present[node.path] and max(node.path) < len(p)]
+        return tree_theory.tree_tau(paths, p, present)
     shares = theory.draft_length_shares
     if shares[0] >= 1:
         return math.nan  # no step drafted
