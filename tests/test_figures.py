@@ -394,15 +394,18 @@ def test_report_rules_build_tables_figures_and_report(tmp_path):
     assert job_counts(run.stderr) == {"aggregate": 1, "plot": 1, "figures": 1}
     for name in FIGURES:
         drawn = tmp_path / f"results/figures/demo/{name}/{name}.png"
-        assert drawn.stat().st_size > 1000 if name != "power_timeline" else not drawn.exists()
+        # the demo has no power samples and no token trees
+        assert drawn.stat().st_size > 1000 if name not in ("power_timeline", "speedup_vs_tree_size") else not drawn.exists()
     assert "no AR baseline" in (tmp_path / "results/tables/demo/summary.html").read_text()
 
     report = snakemake(tmp_path, "figures", "--report", "report.html")
     assert report.returncode == 0, report.stderr[-3000:]
     html = (tmp_path / "report.html").read_text()
-    for name in ({*FIGURES} - {"power_timeline"} | {"headline", "summary", "categories", "failed", "not_supported", "run_info"}):
+    for name in ({*FIGURES} - {"power_timeline", "speedup_vs_tree_size"}
+                 | {"headline", "summary", "categories", "trees", "tree_size", "failed", "not_supported", "run_info"}):
         assert f"{name}.png" in html or f"{name}.html" in html, name
-    assert "power_timeline.png" not in html  # left out, not shipped as a picture
+    for name in ("power_timeline", "speedup_vs_tree_size"):
+        assert f"{name}.png" not in html  # left out, not shipped as a picture
     assert "Leviathan et al. (2023)" in html  # a caption
     # The first page (the workflow description) holds the headline table and the speedup
     # figure themselves, not links to them.
@@ -410,6 +413,7 @@ def test_report_rules_build_tables_figures_and_report(tmp_path):
     assert "demo: speedup over AR" in landing and "1.5 [1.5, 1.5]" in landing
     assert "Where speculation stops paying" in landing and "<svg" in landing
     assert "<li>power timeline: no power samples in power.csv" in landing
+    assert "<li>speedup vs tree size: no drafter with token trees" in landing
     assert landing.index("speedup over AR") < landing.index("<svg") < landing.index("Figures left out")
 
     # A plotting option changes the `plot` params: only plotting reruns.

@@ -335,7 +335,7 @@ def speedup_vs_tree_size(data: PlotData) -> plt.Figure | str:
     trees) and dataset: each measured cell with its interval, and the speedup the tree theory
     predicts for the best tree of each size (`theory.best_tree_table`)."""
     frame = data.tree_sizes
-    panels = list(frame.groupby("family", sort=True))
+    panels = list(frame.groupby(["label", "family"], sort=True))  # by drafter, then dataset
     if not panels:
         return "no drafter with token trees, timed forwards and an AR cell (the tree_size table)"
     columns = min(len(panels), 2)
