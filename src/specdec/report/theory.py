@@ -20,8 +20,8 @@ bf16 units: 2.4 s per HumanEval prompt here, against 0.55 s for the fp32 target'
 A token tree of N nodes is verified N + 1 wide and yields the tree theory's tau, not the
 chain's: its cell is priced with v the mean of its own verification forwards, c the
 drafter's forwards per drafting step over the draft's depth (per level, as a chain's per
-token), and tau from its per-node counts (`drafting_tau`; docs/methodology.md, "The tree
-theory").
+token), and tau from its per-node counts (`drafting_tau`; docs/methodology.md,
+"The tree theory").
 """
 
 from __future__ import annotations
