@@ -71,6 +71,7 @@ class ExplicitTree:
 
     def __init__(self, drafter):
         self.drafter, self.model, self.hidden_ids = drafter, drafter.model, drafter.hidden_ids
+        self.tree, self.dynamic = drafter.tree, drafter.dynamic  # a chain drafter's: no per-node counts
 
     def max_nodes(self, gamma):
         return self.drafter.max_nodes(gamma)

@@ -210,9 +210,10 @@ def test_written_tables(tmp_path):
     written = aggregate_experiment(RESULTS, tmp_path, "demo", n_resamples=200)
     assert {p.name for paths in written.values() for p in paths} == {
         f"{stem}.{ext}"
-        for stem in ("runs", "summary", "categories", "break_even", "capacity", "gamma", "failed", "not_supported", "run_info")
+        for stem in ("runs", "summary", "categories", "break_even", "capacity", "gamma", "trees", "tree_size", "failed",
+                     "not_supported", "run_info")
         for ext in ("csv", "md", "html")
-    } | {f"{stem}.csv" for stem in ("requests", "itl", "positions", "power")} | {"headline.html", "headline.md"}
+    } | {f"{stem}.csv" for stem in ("requests", "itl", "positions", "tree_sizes", "power")} | {"headline.html", "headline.md"}
     html = (tmp_path / "summary.html").read_text()
     assert "<style>" in html and '<table class="dataframe specdec">' in html
     md = (tmp_path / "summary.md").read_text()

@@ -1,5 +1,6 @@
 """Figures and the report rules on the synthetic results in tests/fixtures/results."""
 
+import dataclasses
 import io
 import json
 import os
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 from matplotlib.colors import to_rgba
+import pandas as pd
 import pytest
 
 from specdec.report.aggregate import aggregate_experiment
@@ -33,6 +35,7 @@ from specdec.report.figures import (
     power_timeline,
     speedup_vs_gamma,
     speedup_vs_load,
+    speedup_vs_tree_size,
     speedup_waterfall,
     swept,
     throughput_vs_batch,
@@ -124,6 +127,26 @@ def test_an_axis_with_one_value_draws_a_bar_per_cell_not_a_line(data, one_point)
     # two or more values: lines over the axis, no bars
     assert not speedup_vs_gamma(data).axes[0].patches and not throughput_vs_batch(data).axes[0].patches
     assert throughput_vs_batch(data).axes[0].get_xscale() == "log"
+
+
+def test_speedup_against_tree_size_draws_each_drafters_cells_beside_the_predicted_curve(data):
+    """A panel per drafter and setup: its measured cells with their intervals at their nodes
+    per draft, and the tree theory's curve over the best tree of each size (the demo has no
+    trees: nothing to draw)."""
+    assert "no drafter with token trees" in speedup_vs_tree_size(data)
+    measured = [("chain", 3.0, 0.9), ("tree", 10.0, 1.1), ("chain", 4.0, 1.2), ("dynamic", 12.0, 1.0)]
+    frame = pd.DataFrame(
+        [{"family": i // 2, "label": f"drafter {i // 2}", "kind": kind, "nodes": n, "speedup": s,
+          "speedup_ci_low": s - 0.1, "speedup_ci_high": s + 0.1} for i, (kind, n, s) in enumerate(measured)]
+        + [{"family": f, "label": f"drafter {f}", "kind": "predicted", "nodes": n, "speedup": 1 + f / 10 - n / 100}
+           for f in (0, 1) for n in range(1, 13)])
+    fig = speedup_vs_tree_size(dataclasses.replace(data, tree_sizes=frame))
+    shown = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in shown] == ["drafter 0", "drafter 1"]
+    drawn = lines_of(fig)
+    for _, rows in frame[frame["kind"] == "predicted"].groupby("family"):
+        assert (tuple(rows["nodes"]), tuple(round(y, 6) for y in rows["speedup"])) in drawn
+    assert [len(ax.containers) for ax in shown] == [2, 2]  # each measured cell with its interval
 
 
 def test_speedup_along_batch_size_and_rate_with_break_even(data):
@@ -239,13 +262,14 @@ def test_figures_without_data_say_why(data, closed_no_energy):
 
 
 def test_make_figures_draws_figures_with_data_and_names_those_left_out(closed_no_energy, tmp_path):
-    """Without open-loop runs, energy and a sweep of load, five figures have nothing to show:
+    """Without open-loop runs, energy, a sweep of load and token trees, six figures have nothing to show:
     their folders stay empty (no picture of "not applicable") and left_out.html names each
     with its reason."""
     results, _ = closed_no_energy
     aggregate_experiment(results, tmp_path / "tables", "demo", n_resamples=200)
     written = make_figures(table_paths(tmp_path / "tables"), tmp_path / "figures", {"dpi": 60})
-    empty = {"speedup_vs_load", "latency_vs_rate", "energy_per_token", "energy_vs_speedup", "power_timeline"}
+    empty = {"speedup_vs_load", "latency_vs_rate", "energy_per_token", "energy_vs_speedup", "power_timeline",
+             "speedup_vs_tree_size"}
     drawn = [name for name in FIGURES if name not in empty]
     assert sorted(str(p.relative_to(tmp_path / "figures")) for p in written) == sorted(
         [f"{name}/{name}.{ext}" for name in drawn for ext in ("png", "svg")] + [LEFT_OUT]
@@ -255,7 +279,7 @@ def test_make_figures_draws_figures_with_data_and_names_those_left_out(closed_no
         assert head.startswith(b"\x89PNG") if path.suffix == ".png" else b"<svg" in head
     assert all((tmp_path / "figures" / name).is_dir() and not any((tmp_path / "figures" / name).iterdir()) for name in empty)
     note = (tmp_path / "figures" / LEFT_OUT).read_text()
-    assert note.count("<li>") == 5 and "<li>latency vs rate: no open-loop (request-rate) runs" in note
+    assert note.count("<li>") == 6 and "<li>latency vs rate: no open-loop (request-rate) runs" in note
     assert "<li>energy per token: energy not measured: NVML: library not found" in note
     assert "transformers 5.24.0" in (tmp_path / "figures/speedup_vs_gamma/speedup_vs_gamma.svg").read_text()
     # every figure drawn: nothing to name
@@ -370,15 +394,18 @@ def test_report_rules_build_tables_figures_and_report(tmp_path):
     assert job_counts(run.stderr) == {"aggregate": 1, "plot": 1, "figures": 1}
     for name in FIGURES:
         drawn = tmp_path / f"results/figures/demo/{name}/{name}.png"
-        assert drawn.stat().st_size > 1000 if name != "power_timeline" else not drawn.exists()
+        # the demo has no power samples and no token trees
+        assert drawn.stat().st_size > 1000 if name not in ("power_timeline", "speedup_vs_tree_size") else not drawn.exists()
     assert "no AR baseline" in (tmp_path / "results/tables/demo/summary.html").read_text()
 
     report = snakemake(tmp_path, "figures", "--report", "report.html")
     assert report.returncode == 0, report.stderr[-3000:]
     html = (tmp_path / "report.html").read_text()
-    for name in ({*FIGURES} - {"power_timeline"} | {"headline", "summary", "categories", "failed", "not_supported", "run_info"}):
+    for name in ({*FIGURES} - {"power_timeline", "speedup_vs_tree_size"}
+                 | {"headline", "summary", "categories", "trees", "tree_size", "failed", "not_supported", "run_info"}):
         assert f"{name}.png" in html or f"{name}.html" in html, name
-    assert "power_timeline.png" not in html  # left out, not shipped as a picture
+    for name in ("power_timeline", "speedup_vs_tree_size"):
+        assert f"{name}.png" not in html  # left out, not shipped as a picture
     assert "Leviathan et al. (2023)" in html  # a caption
     # The first page (the workflow description) holds the headline table and the speedup
     # figure themselves, not links to them.
@@ -386,6 +413,7 @@ def test_report_rules_build_tables_figures_and_report(tmp_path):
     assert "demo: speedup over AR" in landing and "1.5 [1.5, 1.5]" in landing
     assert "Where speculation stops paying" in landing and "<svg" in landing
     assert "<li>power timeline: no power samples in power.csv" in landing
+    assert "<li>speedup vs tree size: no drafter with token trees" in landing
     assert landing.index("speedup over AR") < landing.index("<svg") < landing.index("Figures left out")
 
     # A plotting option changes the `plot` params: only plotting reruns.

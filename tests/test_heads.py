@@ -155,6 +155,7 @@ class _Recorded:
 
     def __init__(self, drafter):
         self.drafter, self.hidden_ids, self.proposals, self.shapes = drafter, drafter.hidden_ids, [], []
+        self.tree, self.dynamic = drafter.tree, drafter.dynamic  # the engine counts a tree drafter's nodes
 
     def max_nodes(self, gamma):
         return self.drafter.max_nodes(gamma)

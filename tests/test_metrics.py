@@ -128,6 +128,18 @@ def test_acceptance_under_vllm_names_by_hand():
     assert block["num_drafts"] == 3
     assert block["mean_acceptance_length"] == pytest.approx(1 + 3 / 3)  # bonus token included
     assert block["accepted_per_step"] == [1, 1, 1]  # kept 0, 1 and 2 tokens once each
+    assert block["nodes_per_draft"] == pytest.approx(6 / 3) and "per_node" not in block  # chains: no per-node counts
+
+
+def test_per_node_counts_sum_over_measured_rows_in_path_order():
+    rows = spec_records()
+    for row, counts in zip(rows, ({"0": [9, 9, 9]}, {"1": [2, 1, 0], "0": [2, 2, 2], "0.0": [2, 2, 1]},
+                                  {"0": [1, 1, 0], "0.0": [1, 0, 0]})):
+        row["per_node"] = counts
+    assert acceptance(rows, gamma=2)["per_node"] == [  # the warm-up row left out
+        {"path": [0], "drafted": 3, "tried": 3, "accepted": 2}, {"path": [1], "drafted": 2, "tried": 1, "accepted": 0},
+        {"path": [0, 0], "drafted": 3, "tried": 2, "accepted": 1},
+    ]
 
 
 def test_vllm_per_position_acceptance_divides_by_drafts_not_by_position_drafts():

@@ -12,6 +12,7 @@ from specdec.decoding.trees import TreeShape
 
 from conftest import chi_square_p, exact_joint
 from test_sampling import PROMPT, VOCAB, tiny_model
+from test_trees import assert_node_counts_agree
 
 
 def counts(trie: SuffixTrie) -> dict[tuple[int, ...], int]:
@@ -246,6 +247,11 @@ def test_greedy_output_is_the_targets_alone_request_after_request(target, name):
         accepted.append(sum(r.accepted_tokens for r in rows))
     assert accepted[1] > 0
     assert branched(rows) == name.endswith("_tree")
+    for row in rows:  # a tree drafter's rows count per node, a chain's do not
+        if name.endswith("_tree"):
+            assert_node_counts_agree(row, None)
+        else:
+            assert row.per_node is None
 
 
 @pytest.mark.parametrize("name", DRAFTERS)

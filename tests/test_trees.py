@@ -11,10 +11,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from specdec.decoding import Draft, GenerationSettings, ModelDrafter, NgramDrafter, Sampler, generate, verify
+from specdec.decoding import Draft, GenerationSettings, ModelDrafter, NgramDrafter, RowResult, Sampler, generate, verify
 from specdec.decoding.cache import open_cache
 from specdec.decoding.head_formats import save_eagle3
-from specdec.decoding.trees import DynamicTree, TreeShape, ancestry, best_nodes, expansion
+from specdec.decoding.trees import DynamicTree, TreeShape, ancestry, best_nodes, expansion, key_path, rank_paths
 from specdec.gate.config import expand_matrix, validate
 from specdec.job import runner
 from specdec.prepare.head_training import new_eagle3
@@ -224,6 +224,34 @@ def test_greedy_trees_decode_tokens_identical_to_ar(kind, cache):
     for row in rows:
         assert sum(row.accepted_per_position) == row.accepted_tokens
         assert row.accepted_per_position == sorted(row.accepted_per_position, reverse=True)
+        assert_node_counts_agree(row, tree if kind in ("model", "self") else None)
+
+
+def assert_node_counts_agree(row, shape: TreeShape | None) -> None:
+    """A row's per-node counts add up to its per-depth counts; a node is tried no more often
+    than drafted and accepted no more often than tried; a static tree's nodes are its paths
+    (near the length limit, of the tree cut shallower)."""
+    nodes = {key_path(key): counts for key, counts in row.per_node.items()}
+    assert sum(c[0] for c in nodes.values()) == row.drafted_tokens
+    for depth, accepted in enumerate(row.accepted_per_position, start=1):
+        assert sum(c[2] for p, c in nodes.items() if len(p) == depth) == accepted
+    assert all(drafted >= tried >= accepted for drafted, tried, accepted in nodes.values())
+    if shape is not None:
+        assert sorted(nodes, key=lambda p: (len(p), p)) == list(shape.paths)
+        assert nodes[(0,)][0] == nodes[(0,)][1] == row.drafted_per_position[0]  # the first child: tried every step
+
+
+def test_per_node_counts_follow_the_verifiers_order_of_trial():
+    """Tree [2, 2]: nodes 1 2 (root's), 3 4 (of 1), 5 6 (of 2). Path [1, 4] (node 2, then
+    its second child): node 1 tried and rejected, node 2 accepted, node 5 tried and
+    rejected, node 6 accepted; nodes 3 and 4 (under the rejected node 1) never tried."""
+    row = RowResult.empty(2, per_node=True)
+    row.count_nodes(list(TREE.parents), [1, 5])
+    assert row.per_node == {"0": [1, 1, 0], "1": [1, 1, 1], "0.0": [1, 0, 0], "0.1": [1, 0, 0],
+                            "1.0": [1, 1, 0], "1.1": [1, 1, 1]}
+    row.count_nodes([0, 1, 0], [0, 1])  # an n-gram tree that filled nodes 1, (0, 0), 2
+    assert row.per_node["0"] == [2, 2, 1] and row.per_node["0.0"] == [2, 1, 1] and row.per_node["1"] == [2, 1, 1]
+    assert rank_paths((0, 1, 0)) == ((0,), (0, 0), (1,)) and rank_paths(TREE.parents) == TREE.paths
 
 
 def test_the_model_drafters_cached_tree_equals_its_drafts_from_scratch():
@@ -308,3 +336,7 @@ def test_a_configs_token_trees_reach_our_engine_and_decode_as_ar(tmp_path, embed
         assert result["engine"]["settings"]["compile"]["target"]["reason"] == "token trees run eagerly"
         acceptance = result["acceptance"]
         assert acceptance["drafted_tokens"] > acceptance["num_drafts"] * 3  # several continuations a step, not one chain
+        assert acceptance["nodes_per_draft"] == acceptance["drafted_tokens"] / acceptance["num_drafts"]
+        nodes = acceptance["per_node"]  # through the request records into the result
+        assert sum(n["drafted"] for n in nodes) == acceptance["drafted_tokens"]
+        assert sum(n["accepted"] for n in nodes) == acceptance["accepted_tokens"]

@@ -141,9 +141,25 @@ class PositionCount(_Block):
     rate_per_draft: float | None
 
 
+@dataclass(frozen=True)
+class NodeCount(_Block):
+    """A token tree's node (its path of child ranks from the root): how often it was drafted,
+    tried by the verifier and accepted."""
+
+    path: tuple[int, ...]
+    drafted: int
+    tried: int
+    accepted: int
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> NodeCount:
+        return cls(**data | {"path": tuple(data["path"])})
+
+
 @dataclass(frozen=True, kw_only=True)
 class Acceptance(_Block):
-    """The `acceptance` block (`acceptance.acceptance_block`); `engine_counters` on vLLM cells."""
+    """The `acceptance` block (`acceptance.acceptance_block`); `engine_counters` on vLLM cells;
+    `nodes_per_draft` and a tree drafter's `per_node` absent in results written before them."""
 
     drafted_tokens: int
     accepted_tokens: int
@@ -154,12 +170,24 @@ class Acceptance(_Block):
     num_drafts: int | None
     mean_acceptance_length: float | None
     accepted_per_step: tuple[int, ...]
+    nodes_per_draft: float | None = None
+    per_node: tuple[NodeCount, ...] | None = None
     engine_counters: dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Acceptance:
+        per_node = data.get("per_node")
         return cls(**data | {"per_position": tuple(map(PositionCount.from_dict, data["per_position"])),
-                             "accepted_per_step": tuple(data["accepted_per_step"])})
+                             "accepted_per_step": tuple(data["accepted_per_step"]),
+                             "per_node": None if per_node is None else tuple(map(NodeCount.from_dict, per_node))})
+
+    @property
+    def nodes_verified(self) -> float | None:
+        """Nodes per drafting step: `nodes_per_draft`, or in a result written before it, the
+        same from its counts (drafted_tokens / num_drafts)."""
+        if self.nodes_per_draft is not None or not self.num_drafts:
+            return self.nodes_per_draft
+        return self.drafted_tokens / self.num_drafts
 
 
 @dataclass(frozen=True)
@@ -277,6 +305,11 @@ class Attribution(_FreeForm):
         if entry is not None and width is not None:
             entry = entry.get(str(width))
         return None if entry is None else Bucket(**entry)
+
+    def widths(self, role: str) -> dict[int, Bucket]:
+        """`role`'s buckets by width (`target_decode`, `drafter`); empty when none was timed."""
+        entries = (self.data.get("forwards") or {}).get(role) if self.available else None
+        return {int(width): Bucket(**entry) for width, entry in (entries or {}).items()}
 
 
 class Check(_FreeForm):

@@ -10,6 +10,7 @@ FIGURE_CATEGORIES = {
     "speedup_vs_gamma": "Headline",
     "speedup_vs_load": "Speedup",
     "speedup_waterfall": "Speedup",
+    "speedup_vs_tree_size": "Speedup",
     "throughput_vs_batch": "Speedup",
     "acceptance_per_position": "Acceptance",
     "accepted_per_step": "Acceptance",
@@ -98,6 +99,22 @@ rule aggregate:
         ),
         gamma_csv=f"{RESULTS}/tables/{{experiment}}/gamma.csv",
         gamma_md=f"{RESULTS}/tables/{{experiment}}/gamma.md",
+        trees=report(
+            f"{RESULTS}/tables/{{experiment}}/trees.html",
+            caption="../report/trees.rst",
+            category="Tables",
+            subcategory="{experiment}",
+        ),
+        trees_csv=f"{RESULTS}/tables/{{experiment}}/trees.csv",
+        trees_md=f"{RESULTS}/tables/{{experiment}}/trees.md",
+        tree_size=report(
+            f"{RESULTS}/tables/{{experiment}}/tree_size.html",
+            caption="../report/tree_size.rst",
+            category="Tables",
+            subcategory="{experiment}",
+        ),
+        tree_size_csv=f"{RESULTS}/tables/{{experiment}}/tree_size.csv",
+        tree_size_md=f"{RESULTS}/tables/{{experiment}}/tree_size.md",
         run_info=report(
             f"{RESULTS}/tables/{{experiment}}/run_info.html",
             caption="../report/run_info.rst",
@@ -110,6 +127,7 @@ rule aggregate:
         requests=f"{RESULTS}/tables/{{experiment}}/requests.csv",
         itl=f"{RESULTS}/tables/{{experiment}}/itl.csv",
         positions=f"{RESULTS}/tables/{{experiment}}/positions.csv",
+        tree_sizes=f"{RESULTS}/tables/{{experiment}}/tree_sizes.csv",
         power=f"{RESULTS}/tables/{{experiment}}/power.csv",
     log:
         "logs/report/aggregate_{experiment}.log",

@@ -24,6 +24,7 @@ from __future__ import annotations
 import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Callable
 
 import torch
@@ -32,6 +33,7 @@ from .cache import open_cache, static_setup
 from .drafters import Drafter, StepOutcome
 from .kernels import decode_kernels
 from .sampling import Draft, Sampler, verify
+from .trees import node_key, rank_paths
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,10 @@ class RowResult:
     drafted_tokens counts the nodes proposed (a chain's tokens), accepted_tokens what the
     verifier accepted; tokens per target forward is len(output_ids) / target_forwards (the
     prefill is a forward).
+    per_node (a tree drafter's rows only, else None): per node, named by its path of child
+    ranks (trees.rank_paths, trees.node_key), [drafted, tried, accepted]: how often it was
+    proposed, reached (proposed, its parent on the accepted path and no earlier sibling
+    accepted: the verifier tried it) and accepted; the tree theory's counts.
     """
 
     output_ids: list[int] = field(default_factory=list)
@@ -81,11 +87,13 @@ class RowResult:
     target_forwards: int = 0
     drafted_per_position: list[int] = field(default_factory=list)
     accepted_per_position: list[int] = field(default_factory=list)
+    per_node: dict[str, list[int]] | None = None
 
     @classmethod
-    def empty(cls, gamma: int) -> RowResult:
-        """A row before decoding; per-position counts for `gamma` draft positions (0: AR)."""
-        return cls(drafted_per_position=[0] * gamma, accepted_per_position=[0] * gamma)
+    def empty(cls, gamma: int, per_node: bool = False) -> RowResult:
+        """A row before decoding; per-position counts for `gamma` draft positions (0: AR),
+        and per-node counts where the drafter proposes trees."""
+        return cls(drafted_per_position=[0] * gamma, accepted_per_position=[0] * gamma, per_node={} if per_node else None)
 
     def count_draft(self, nodes: int, depth: int, accepted: int) -> None:
         """Count one verification: `nodes` proposed, `depth` deep, a path of `accepted` kept."""
@@ -100,6 +108,17 @@ class RowResult:
         for i in range(accepted):
             self.accepted_per_position[i] += 1
 
+    def count_nodes(self, parents: list[int], path: list[int]) -> None:
+        """Count one tree verification per node: the proposed nodes' `parents` (fed
+        indices) and the accepted `path` (node indices, root to leaf)."""
+        chosen = {parents[j]: j for j in path}  # each parent on the path -> its accepted child
+        for j, (key, parent) in enumerate(zip(_node_keys(tuple(parents)), parents)):
+            counts = self.per_node.setdefault(key, [0, 0, 0])
+            counts[0] += 1
+            # Siblings are tried in rank order: after its parent was reached, until one passes.
+            counts[1] += (parent == 0 or parent - 1 in path) and chosen.get(parent, j) >= j
+            counts[2] += chosen.get(parent) == j
+
     def emit(self, tokens: list[int], now_ns: int, settings: GenerationSettings) -> bool:
         """Add one target forward's tokens (cut at EOS or the length limit); True once finished."""
         self.target_forwards += 1
@@ -113,6 +132,11 @@ class RowResult:
         if not self.finish_reason and len(self.output_ids) >= settings.max_new_tokens:
             self.finish_reason = "length"
         return bool(self.finish_reason)
+
+
+@lru_cache(maxsize=256)
+def _node_keys(parents: tuple[int, ...]) -> tuple[str, ...]:
+    return tuple(map(node_key, rank_paths(parents)))
 
 
 def _check_prompt(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
@@ -150,7 +174,8 @@ def generate(
     gamma = settings.gamma if drafter is not None else 0
     sampler = settings.sampler(generator)
     accept_span = accept_timer or nullcontext
-    results = [RowResult.empty(gamma) for _ in range(input_ids.shape[0])]
+    trees = drafter is not None and (drafter.tree is not None or drafter.dynamic is not None)
+    results = [RowResult.empty(gamma, per_node=trees) for _ in range(input_ids.shape[0])]
     # A compiled model's graph was traced with its own linear layers: our CPU kernels would
     # change what it guards on and recompile it inside the request.
     eager = [m for m in (target, drafter.model if drafter is not None else None)
@@ -168,7 +193,8 @@ def generate(
                 accepted, next_tokens, path = verify(logits, draft, sampler)
                 kept = torch.cat([draft.tokens.gather(1, path), next_tokens[:, None]], dim=1)
                 kept.scatter_(1, accepted[:, None], next_tokens[:, None])
-                step = torch.cat([accepted[:, None], draft.lengths[:, None], draft.depths[:, None], kept, path], dim=1)
+                step = [accepted[:, None], draft.lengths[:, None], draft.depths[:, None], kept, path]
+                step = torch.cat(step + [draft.tree_parents] if trees else step, dim=1)
             host = step.tolist()
             now = time.perf_counter_ns()
             width = draft.tokens.shape[1]
@@ -179,6 +205,8 @@ def generate(
             finished = []
             for r, h, new in zip(running, host, outcome.new_tokens):
                 results[r].count_draft(h[1], h[2], h[0])
+                if trees and h[1]:
+                    results[r].count_nodes(h[2 * width + 4 : 2 * width + 4 + h[1]], h[width + 4 : width + 4 + h[0]])
                 finished.append(results[r].emit(new, now, settings))
             if session is not None and any(finished):
                 session.finish({i: results[r].output_ids for i, (r, done) in enumerate(zip(running, finished)) if done})

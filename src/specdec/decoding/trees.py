@@ -149,6 +149,32 @@ def _truncated(shape: TreeShape, depth: int) -> TreeShape:
     return TreeShape(tuple(p for p in shape.paths if len(p) <= depth))
 
 
+@lru_cache(maxsize=256)
+def rank_paths(parents: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    """Each node's path of child ranks from the root (`TreeShape.paths`' form) from its
+    parents as fed indices: a node's rank is how many earlier nodes share its parent. The
+    inverse of `TreeShape.parents`; it names the nodes of any draft, static or dynamic, the
+    same way (a static tree's node with a rank left out takes its later siblings with it)."""
+    paths: list[tuple[int, ...]] = [()]
+    children: dict[int, int] = {}
+    for parent in parents:
+        rank = children.get(parent, 0)
+        children[parent] = rank + 1
+        paths.append(paths[parent] + (rank,))
+    return tuple(paths[1:])
+
+
+def node_key(path: Sequence[int]) -> str:
+    """A node's path as a record's key: its ranks joined by dots ("0.1": the best child's
+    second best)."""
+    return ".".join(map(str, path))
+
+
+def key_path(key: str) -> tuple[int, ...]:
+    """The inverse of `node_key`."""
+    return tuple(int(rank) for rank in key.split("."))
+
+
 @dataclass(frozen=True)
 class Level:
     """One forward of a drafter growing a tree in its own cache: the fed indices of the

@@ -6,6 +6,8 @@ under our names and under vLLM's.
 | Acceptance rate | `accepted_tokens / drafted_tokens` over measured requests. |
 | Mean accepted length | `output_tokens / target_forwards`: tokens emitted per target forward, prefill forward included (AR: 1; speculative: up to gamma + 1). |
 | Per-position rate | `accepted / drafted` at draft position i (1-based); position i counts as accepted only when positions 1..i all were. |
+| Nodes per draft | `drafted_tokens / num_drafts`: the nodes a drafting step verified (a chain's tokens); the verification forward is one wider. |
+| Per-node counts | a tree drafter's: per node (its path of child ranks), drafted, tried (its parent accepted and no earlier sibling) and accepted. |
 
 An engine whose rows carry no drafts (a server, `engines.openai`) gets the same block from
 its own counters over the window (`from_counters`).
@@ -17,6 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
+from specdec.decoding.trees import key_path
 from specdec.job.metrics import MetricsError, measured, record_field
 
 
@@ -43,8 +46,22 @@ def _per_position(rows: list[dict], gamma: int) -> tuple[np.ndarray, np.ndarray]
     return drafted, accepted
 
 
+def _per_node(rows: list[dict]) -> list[dict] | None:
+    """Drafted, tried and accepted counts per tree node, summed over rows, in a static tree's
+    path order (by depth, then ranks); None unless every row has them (a tree drafter's)."""
+    if not rows or any("per_node" not in row for row in rows):
+        return None
+    totals: dict[tuple[int, ...], np.ndarray] = {}
+    for row in rows:
+        for key, counts in row["per_node"].items():
+            totals[key_path(key)] = totals.get(key_path(key), 0) + np.array(counts)
+    return [{"path": list(path), **dict(zip(("drafted", "tried", "accepted"), map(int, totals[path])))}
+            for path in sorted(totals, key=lambda p: (len(p), p))]
+
+
 def acceptance_block(drafted: int, accepted: int, forwards: int, output_tokens: int,
-                     per_position: tuple[Sequence[int], Sequence[int]] | None) -> dict:
+                     per_position: tuple[Sequence[int], Sequence[int]] | None,
+                     per_node: list[dict] | None = None) -> dict:
     """The `acceptance` block from its counts, under our names and under vLLM's.
 
     Ours: acceptance rate = accepted / drafted; mean accepted length = output tokens per
@@ -69,7 +86,7 @@ def acceptance_block(drafted: int, accepted: int, forwards: int, output_tokens: 
     by_position, kept = (list(map(int, counts)) for counts in per_position)
     drafts = by_position[0] if by_position else 0
     at_least = [drafts, *kept, 0]
-    return block | {
+    block |= {
         "per_position": [
             {"position": i + 1, "drafted": d, "accepted": a, "rate": _rate(a, d), "rate_per_draft": _rate(a, drafts)}
             for i, (d, a) in enumerate(zip(by_position, kept))
@@ -78,6 +95,11 @@ def acceptance_block(drafted: int, accepted: int, forwards: int, output_tokens: 
         "mean_acceptance_length": 1 + accepted / drafts if drafts else None,
         "accepted_per_step": [a - b for a, b in zip(at_least, at_least[1:])],
     }
+    if drafts:
+        block["nodes_per_draft"] = drafted / drafts
+    if per_node is not None:
+        block["per_node"] = per_node
+    return block
 
 
 def from_counters(counters: dict, records: Sequence[dict], gamma: int) -> dict:
@@ -109,4 +131,5 @@ def acceptance(records: Sequence[dict], gamma: int | None) -> dict | None:
         forwards=sum(record_field(r, "target_forwards") for r in rows),
         output_tokens=sum(record_field(r, "output_tokens") for r in rows),
         per_position=_per_position(rows, gamma),
+        per_node=_per_node(rows),
     )

@@ -37,7 +37,7 @@ from rich.console import Console
 
 from specdec.gate.cells import Cell, Load
 
-# Row-result fields copied into the per-request record when the engine reports them.
+# Row-result fields copied into the per-request record when the engine reports them (not None).
 _ROW_FIELDS = (
     "finish_reason",
     "drafted_tokens",
@@ -45,6 +45,7 @@ _ROW_FIELDS = (
     "target_forwards",
     "drafted_per_position",
     "accepted_per_position",
+    "per_node",
     "tokenize_s",
     "output_ids",
 )
@@ -195,7 +196,7 @@ def _record(request: Request, row: dict, arrival: int, start: int, t0: int) -> d
         "finish_s": seconds(times[-1]),
         "emissions": [[seconds(t), n] for t, n in emissions],
     }
-    record.update({key: row[key] for key in _ROW_FIELDS if key in row})
+    record.update({key: row[key] for key in _ROW_FIELDS if row.get(key) is not None})
     return record
 
 

@@ -160,6 +160,7 @@ def flatten_result(run: Run) -> dict[str, Any]:
     acceptance = result.acceptance
     row.update({key: getattr(acceptance, key, None) for key in (*REQUEST_COUNTS, col.ACCEPTANCE_RATE, col.MEAN_ACCEPTED_LENGTH,
                                                                  "num_drafts", col.MEAN_ACCEPTANCE_LENGTH)})
+    row[col.NODES_PER_DRAFT] = acceptance.nodes_verified if acceptance else None
     # drafts keeping 0, 1, .. gamma tokens, as text so that the tidy table stays flat
     row[col.ACCEPTED_PER_STEP] = " ".join(map(str, acceptance.accepted_per_step if acceptance else ())) or None
     row.update({f"theory_{key}": getattr(result.theory, key, None) for key in ("alpha", "longest_draft")})
@@ -367,8 +368,8 @@ def aggregate_experiment(
     result_paths: Iterable[str | Path], out_dir: str | Path, experiment: str, slo: Slo | None = None, **settings: Any
 ) -> dict[str, list[Path]]:
     """Write every table of one experiment under `out_dir`: the headline (HTML fragment and
-    Markdown), runs, summary, categories, break_even, capacity, gamma, failed, not_supported and run_info (CSV, Markdown, HTML); requests, itl,
-    positions and power (CSV). `slo` is the experiment's (goodput and capacity)."""
+    Markdown), runs, summary, categories, break_even, capacity, gamma, trees, tree_size, failed, not_supported and
+    run_info (CSV, Markdown, HTML); requests, itl, positions, tree_sizes and power (CSV). `slo` is the experiment's (goodput and capacity)."""
     settings = merge_settings(settings, DEFAULT_SETTINGS, "aggregate")
     out_dir = Path(out_dir)
     results = read_runs(result_paths)
@@ -380,6 +381,7 @@ def aggregate_experiment(
     interleaved = interleaved_tables(results)
     summary = summary_table(runs, requests, interleaved, **settings)
     break_even = sweeps.break_even_table(summary)
+    tree_sizes, tree_size_points = theory.best_tree_table([run.result for run in results], summary)
     note = (
         f"Median over repeats with {settings['confidence']:.0%} bootstrap interval "
         f"[low, high] (with one repeat, ratios take theirs from a paired bootstrap over "
@@ -435,6 +437,27 @@ def aggregate_experiment(
             "cell's one-token forward).",
             empty="No drafting cell with timed forwards and an AR cell.",
         ),
+        "trees": write_table(
+            theory.tree_cells_table(summary),
+            out_dir / "trees",
+            f"{experiment}: what a drafting step verified, cost and yielded",
+            note="Per drafting cell (median over repeats): N, the draft nodes a drafting step verified (a chain's "
+            "tokens); v(N), that verification forward (N + 1 wide) over the AR cell's one-token forward; c, the "
+            "drafter's cost per level of its draft (0 without a draft model); τ, tokens per drafting step, measured "
+            "(mean acceptance length) and predicted (chains: Leviathan et al.'s α; trees: the positional acceptance "
+            "of their nodes, docs/methodology.md); the speedup, measured and predicted from τ, c and v, prefills added.",
+            empty="No drafting cell.",
+        ),
+        "tree_size": write_table(
+            tree_sizes,
+            out_dir / "tree_size",
+            f"{experiment}: the best tree size, measured and predicted",
+            note="Per drafter (its chain and trees pooled): the acceptance p_k of a node's rank-k child once the "
+            "earlier ranks were rejected, from the per-node counts; for each N the best tree of N nodes for it "
+            "(greedy by root-path probability, no deeper than the drafts went) and its predicted speedup "
+            "τ(N) / (c depth + v(N)), v(N) = 1 + b N fitted to the measured verifications, prefills added.",
+            empty="No drafter with token trees, timed forwards, node or position counts and an AR cell.",
+        ),
         "failed": write_table(
             failed_table(runs),
             out_dir / "failed",
@@ -451,5 +474,6 @@ def aggregate_experiment(
         "requests": [write_csv(requests, out_dir / "requests.csv")],
         "itl": [write_csv(itl, out_dir / "itl.csv")],
         "positions": [write_csv(positions_table(results), out_dir / "positions.csv")],
+        "tree_sizes": [write_csv(tree_size_points, out_dir / "tree_sizes.csv")],
         "power": [write_csv(power_table(results), out_dir / "power.csv")],
     }

@@ -32,7 +32,7 @@ from specdec.report.summary import merge_settings  # noqa: E402
 from specdec.report.tables import plain  # noqa: E402
 
 # The tables of `tables/{experiment}/` that the figures read (`{name}.csv`).
-TABLES = ("runs", "summary", "categories", "requests", "itl", "positions", "power")
+TABLES = ("runs", "summary", "categories", "requests", "itl", "positions", "tree_sizes", "power")
 
 DEFAULT_OPTIONS = {
     "dpi": 150,  # PNG resolution
@@ -77,6 +77,7 @@ class PlotData:
     requests: pd.DataFrame
     itl: pd.DataFrame
     positions: pd.DataFrame
+    tree_sizes: pd.DataFrame
     power: pd.DataFrame
     options: dict
 
@@ -326,6 +327,32 @@ def speedup_vs_gamma(data: PlotData) -> plt.Figure | str:
     _along(data, ax, frame, col.GAMMA, col.SPEEDUP, "speedup over AR (tokens/s ratio)",
            overlays=(PREDICTION,), reference=1.0)
     ax.set_title("Speedup vs draft length" if swept(frame, col.GAMMA) else "Speedup over AR per cell")
+    return fig
+
+
+def speedup_vs_tree_size(data: PlotData) -> plt.Figure | str:
+    """Speedup against the nodes a drafting step verifies, a panel per drafter (its chain and
+    trees) and dataset: each measured cell with its interval, and the speedup the tree theory
+    predicts for the best tree of each size (`theory.best_tree_table`)."""
+    frame = data.tree_sizes
+    panels = list(frame.groupby(["label", "family"], sort=True))  # by drafter, then dataset
+    if not panels:
+        return "no drafter with token trees, timed forwards and an AR cell (the tree_size table)"
+    columns = min(len(panels), 2)
+    fig, axes = _figure(data, ncols=columns, nrows=-(-len(panels) // columns))
+    for ax, (_, rows) in zip(axes.flat, panels):
+        curve = rows[rows["kind"] == "predicted"]
+        ax.plot(curve["nodes"], curve[col.SPEEDUP], color="0.45", linestyle=(0, (1, 1)), label="predicted, best tree of N")
+        for i, (kind, cell) in enumerate(rows[rows["kind"] != "predicted"].groupby("kind", sort=False)):
+            error = [cell[col.SPEEDUP] - cell[f"{col.SPEEDUP}_ci_low"], cell[f"{col.SPEEDUP}_ci_high"] - cell[col.SPEEDUP]]
+            ax.errorbar(cell["nodes"], cell[col.SPEEDUP], yerr=np.abs(error), fmt=MARKERS[i % len(MARKERS)],
+                        color=PALETTE[(i + 1) % len(PALETTE)], capsize=3, label=f"{kind} (measured)")
+        ax.axhline(1.0, color="0.4", linewidth=0.8)
+        ax.set(xlabel="draft nodes verified per step N", ylabel="speedup over AR (tokens/s ratio)", title=rows["label"].iloc[0])
+        ax.legend(fontsize="small")
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle("Speedup against tree size (bars: 95 % CI; dotted: the tree theory)")
     return fig
 
 
@@ -628,6 +655,7 @@ FIGURES: dict[str, Callable[[PlotData], plt.Figure | str]] = {
     "speedup_vs_gamma": speedup_vs_gamma,
     "speedup_vs_load": speedup_vs_load,
     "speedup_waterfall": speedup_waterfall,
+    "speedup_vs_tree_size": speedup_vs_tree_size,
     "acceptance_per_position": acceptance_per_position,
     "accepted_per_step": accepted_per_step,
     "latency_cdf": latency_cdf,

@@ -49,6 +49,9 @@ SUMMARY_METRICS = {
     col.LATENCY_SPEEDUP: "E2E speedup",
     col.PREDICTED_SPEEDUP: "predicted speedup",
     col.THEORY_COST_RATIO: "cost ratio c",  # drafter / target one-token forward: why a method pays or not
+    col.NODES_PER_DRAFT: "nodes per draft",  # a tree's verification: N nodes, N + 1 wide
+    col.VERIFY_COST_RATIO: "verify cost v",  # that verification over AR's one-token forward
+    col.PREDICTED_TAU: "predicted τ",  # beside mean acceptance length, its measurement
     # Energy beside the speedup: what the speedup cost, or saved.
     col.ENERGY_J_PER_TOKEN: "energy (J/token)",
     col.ENERGY_J_PER_ACCEPTED_TOKEN: "energy (J/accepted draft token)",

@@ -236,7 +236,8 @@ def write_headline(summary: pd.DataFrame, break_even: pd.DataFrame, stem: str | 
     points = display_break_even(break_even)
     empty = "No drafting cell ran successfully."
     note = (f"{shared} Speedup: median over repeats; vs AR: {NOT_DISTINGUISHABLE} where the interval includes 1; "
-            "predicted: Leviathan et al. from the measured α and costs, prefills added. Why: acceptance = accepted / "
+            "predicted: Leviathan et al. from the measured α and costs (token trees: the tree theory of the trees "
+            "table), prefills added. Why: acceptance = accepted / "
             "drafted tokens, mean accepted length = output tokens per target forward, c = the drafter's one-token "
             "forward over the target's; drafting pays when acceptance is high and c low.").strip()
     title = f"{experiment}: speedup over AR"
