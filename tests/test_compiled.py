@@ -25,7 +25,7 @@ DYNAMIC = DynamicTree(top_k=2, depth=3, nodes=5)
 NOISE = 0.3  # of each weight's spread, added to the drafter's copy of the target
 
 
-def _target_and_int8_drafter():
+def _target_and_drafter():
     """A tiny random Llama and the int8 copy (drafters.NAME.compile on a quantized drafter) of
     it with noise added, whose drafts the target often rejects: rows accept different paths.
     Batch 2, the second row padded."""
@@ -50,15 +50,17 @@ def _widths(drafters, gamma: int, role: str) -> tuple[list[int], list[int]]:
 
 
 def test_compiled_steps_decode_the_same_tokens(tmp_path):
-    target, draft_model, ids, mask = _target_and_int8_drafter()
+    """Compiled as the engine does (`SpecdecEngine.prepare`): the drafter's steps, then the
+    target's; no graph is compiled while decoding a static tree, a dynamic tree or a chain."""
+    target, draft_model, ids, mask = _target_and_drafter()
     settings = GenerationSettings(max_new_tokens=10, gamma=2)
-    drafters = {"chain": ModelDrafter(draft_model), "static tree": ModelDrafter(draft_model, TREE),
-                "dynamic tree": ModelDrafter(draft_model, DYNAMIC)}
+    drafters = {"static tree": ModelDrafter(draft_model, TREE), "dynamic tree": ModelDrafter(draft_model, DYNAMIC),
+                "chain": ModelDrafter(draft_model)}
     growing = {name: generate(target, ids, mask, settings, drafter) for name, drafter in drafters.items()}
     compiled = {}
     try:
         records = []
-        for model, role in ((target, "target"), (draft_model, "drafter")):
+        for model, role in ((draft_model, "drafter"), (target, "target")):
             causal, tree = _widths(drafters.values(), settings.gamma, role)
             records.append(compile_steps(model, 32, 2, {role: causal}, tmp_path / "cache", tree_widths={role: tree}))
         for name, drafter in drafters.items():
@@ -87,7 +89,7 @@ def test_a_tree_drafters_steps_are_the_shapes_its_warm_up_compiles(tree):
     mask (causal, or the tree's 4D one) that `Drafter.verify_widths` / `draft_widths` name,
     so the warm-up compiles it (on CUDA a graph per shape): recorded on eager static caches,
     ragged rows leaving the batch, drafts cut near the length limit; the tokens are AR's."""
-    target, draft_model, ids, mask = _target_and_int8_drafter()
+    target, draft_model, ids, mask = _target_and_drafter()
     ids[:, 3:] = ids[:, :3]  # a repeat for the n-gram table to match
     drafter = NgramDrafter(n=2, min_context=1, tree=TREE) if tree == "ngram" else ModelDrafter(draft_model, tree)
     settings = GenerationSettings(max_new_tokens=9, gamma=3)

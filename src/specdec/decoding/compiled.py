@@ -24,8 +24,9 @@ import torch
 
 from .cache import logits_and_hidden, model_device, open_cache, use_static_cache
 
-# One graph per (user, batch size, width): the target's widths 1 .. gamma + 1, the drafter's
-# 1 and 2, for every batch size rows leave down to. Beyond dynamo's default of 8 graphs.
+# One graph per (user, batch size, width, mask): the target's widths 1 .. gamma + 1, the
+# drafter's 1 and 2, a token tree's widths under its mask, for every batch size rows leave
+# down to. Beyond dynamo's default of 8 graphs; more where a cell's shapes need it.
 RECOMPILE_LIMIT = 256
 
 
@@ -49,7 +50,11 @@ def compile_steps(model, max_length: int, batch_size: int, widths: dict[str, lis
 
     Returns the record of what was done (`result.json`'s `engine.settings.compile`)."""
     folder = compile_cache_dir(cache_dir) if cache_dir is not None else None
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    shapes = batch_size * sum(map(len, [*widths.values(), *(tree_widths or {}).values()]))
+    limit = max(RECOMPILE_LIMIT, 2 * shapes)  # a graph break's resumed frames compile per shape too
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+    # the process's total over every frame: the target's and a drafter's graphs together
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 2 * limit)
     cuda = model_device(model).type == "cuda"
     options = {"mode": "reduce-overhead"} if cuda else {"options": {"freezing": True}}
     # CUDA: a graph per shape, as captured graphs need. CPU: automatic dynamic shapes, so the

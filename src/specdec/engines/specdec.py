@@ -111,10 +111,14 @@ class SpecdecEngine(InProcessEngine):
         before any request: chains' and, for a drafter that proposes token trees, the tree
         steps' (`Drafter.verify_widths`, `Drafter.draft_widths`); the others keep the growing
         cache. `cache_dir`: the compile cache shared by every cell."""
-        roles = {"target": (self.target, self.cell.target.compile)}
+        roles = {}
         if self.drafter_model is not None:  # a quantised copy, or a model drafter's (or replay pacer's) own model
             spec = self.cell.drafter
             roles["drafter"] = (self.drafter_model, spec.compile if spec.kind == "quantized" else spec.model.compile)
+        # The target's steps compile last: dynamo tries a shared forward's graphs newest first,
+        # and an int8 drafter's (broken at each quantised linear) caught the target's steps
+        # and compiled inside decoding when they came after (test_compiled).
+        roles["target"] = (self.target, self.cell.target.compile)
         gamma = self.cell.gamma
         room = self.drafter.step_room(gamma) if self.drafter is not None else gamma + 1
         max_length = -(-(context + room) // 256) * 256  # shapes shared by cells of similar contexts
