@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import alias_bomb
+from conftest import alias_bomb, tiny_llama
 
 from specdec.engines import unsupported
 from specdec.gate.cells import Cell, DynamicTreeSpec, Load
@@ -396,6 +396,7 @@ def test_a_checkpoint_that_does_not_fit_the_target_is_refused_at_the_gate(defaul
     [
         ("ngram", {"paths": [[0], [0, 1]]}, "tree", "tree path \\[0, 1\\] has no elder sibling \\[0, 0\\]"),
         ("ngram", {"paths": [[1]]}, "tree", "tree path \\[1\\] has no elder sibling \\[0\\]"),
+        ("ngram", {"paths": [[0], [1], [1, 1, 0], [1, 0]]}, "tree", "tree path \\[1, 1, 0\\] has no parent path \\[1, 1\\]"),
         ("replay", {"branching": [2]}, "tree", "a replay drafter drafts chains here"),
         # nodes the drafter could never fill: a suffix draft is at most int(1.0 x (24 - 1)) deep,
         # a recycled node has top_k = 8 successors
@@ -416,6 +417,24 @@ def test_a_token_tree_is_checked_at_the_gate(default_config, name, tree, key, me
     with pytest.raises(ConfigError, match=message) as info:
         validate(default_config)
     assert f"'drafters.{name}.{key}'" in str(info.value)
+
+
+def test_a_tree_with_more_nodes_than_the_context_leaves_is_refused_at_the_gate(tmp_path):
+    """Nodes + max_new_tokens + the dataset's max_prompt_tokens against the target's
+    max_position_embeddings (512 for the tiny Llama), read from its folder."""
+    tiny_llama(tmp_path / "tiny", 128)
+    config = validate({
+        "models": {"tiny": {"source": "local", "path": str(tmp_path / "tiny")}},
+        "drafters": {"wide": {"kind": "ngram", "tree": {"branching": [8, 2]}}},
+        "datasets": {"sample": {"source": "sample", "max_prompt_tokens": 400}},
+        "experiments": {"t": {"target": "tiny", "datasets": ["sample"], "max_new_tokens": [16, 90],
+                              "methods": [{"method": "ngram", "drafter": "wide", "gamma": [1, 2]}]}},
+    })
+    with pytest.raises(ConfigError, match="^config key 'drafters.wide.tree': 24 nodes at gamma 2 \\+ max_new_tokens 90 \\+ "
+                                          "datasets.sample.max_prompt_tokens 400 = 514 tokens exceed the context of 512 "):
+        check_inputs(config)
+    config["experiments"]["t"]["methods"][0]["gamma"] = 1  # 8 nodes: 498 tokens fit
+    check_inputs(config)
 
 
 def test_a_medusa_checkpoints_heads_bound_its_tree_at_the_gate(default_config, tmp_path, embedded_model_dir):

@@ -333,7 +333,7 @@ def test_a_configs_token_trees_reach_our_engine_and_decode_as_ar(tmp_path, embed
     for cell in trees:
         result = runner.run_cell(cell, prompts, tmp_path / cell.method, models_dir=models_dir, reference=tmp_path / "ar" / "requests.jsonl")
         assert result["status"] == "ok" and result["correctness"]["identical"], result.get("failure")
-        assert result["engine"]["settings"]["compile"]["target"]["reason"] == "token trees run eagerly"
+        assert not result["engine"]["settings"]["compile"]["target"]["enabled"]  # off on the CPU unless asked (test_compiled)
         acceptance = result["acceptance"]
         assert acceptance["drafted_tokens"] > acceptance["num_drafts"] * 3  # several continuations a step, not one chain
         assert acceptance["nodes_per_draft"] == acceptance["drafted_tokens"] / acceptance["num_drafts"]

@@ -24,8 +24,9 @@ import torch
 
 from .cache import logits_and_hidden, model_device, open_cache, use_static_cache
 
-# One graph per (user, batch size, width): the target's widths 1 .. gamma + 1, the drafter's
-# 1 and 2, for every batch size rows leave down to. Beyond dynamo's default of 8 graphs.
+# One graph per (user, batch size, width, mask): the target's widths 1 .. gamma + 1, the
+# drafter's 1 and 2, a token tree's widths under its mask, for every batch size rows leave
+# down to. Beyond dynamo's default of 8 graphs; more where a cell's shapes need it.
 RECOMPILE_LIMIT = 256
 
 
@@ -39,15 +40,21 @@ def compile_cache_dir(folder: Path) -> Path:
 
 
 def compile_steps(model, max_length: int, batch_size: int, widths: dict[str, list[int]],
-                  cache_dir: Path | None = None, hidden_ids: dict[str, tuple[int, ...]] | None = None) -> dict:
+                  cache_dir: Path | None = None, hidden_ids: dict[str, tuple[int, ...]] | None = None,
+                  tree_widths: dict[str, list[int]] | None = None) -> dict:
     """Set `model` up with static caches of `max_length` slots and compiled step forwards,
     and compile (capture) every shape decoding will run: each user ("target", "drafter") in
-    `widths` with its step widths, at every batch size 1 .. `batch_size`; a user in
-    `hidden_ids` with the hidden states its steps return (a drafting head's inputs).
+    `widths` with its step widths, and in `tree_widths` with those of its steps under a token
+    tree's mask, at every batch size 1 .. `batch_size`; a user in `hidden_ids` with the
+    hidden states its steps return (a drafting head's inputs).
 
     Returns the record of what was done (`result.json`'s `engine.settings.compile`)."""
     folder = compile_cache_dir(cache_dir) if cache_dir is not None else None
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    shapes = batch_size * sum(map(len, [*widths.values(), *(tree_widths or {}).values()]))
+    limit = max(RECOMPILE_LIMIT, 2 * shapes)  # a graph break's resumed frames compile per shape too
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+    # the process's total over every frame: the target's and a drafter's graphs together
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 2 * limit)
     cuda = model_device(model).type == "cuda"
     options = {"mode": "reduce-overhead"} if cuda else {"options": {"freezing": True}}
     # CUDA: a graph per shape, as captured graphs need. CPU: automatic dynamic shapes, so the
@@ -64,25 +71,31 @@ def compile_steps(model, max_length: int, batch_size: int, widths: dict[str, lis
 
     use_static_cache(model, max_length, step)
     started = time.perf_counter()
-    warm_up(model, batch_size, widths, hidden_ids or {})
+    warm_up(model, batch_size, widths, hidden_ids or {}, tree_widths or {})
     return {"enabled": True, "static_cache": True, "device": "cuda" if cuda else "cpu",
             "mode": options.get("mode", "default, freezing"), "max_length": max_length,
             "compile_s": time.perf_counter() - started, "cache_dir": str(folder) if folder else None}
 
 
-def warm_up(model, batch_size: int, widths: dict[str, list[int]], hidden_ids: dict[str, tuple[int, ...]]) -> None:
+def warm_up(model, batch_size: int, widths: dict[str, list[int]], hidden_ids: dict[str, tuple[int, ...]],
+            tree_widths: dict[str, list[int]] | None = None) -> None:
     """Run each step shape once on the model's static caches (dummy tokens), with the hidden
     states each user asks for, so compiling and capturing happen here, never inside a
-    measured request."""
+    measured request. A tree width's step takes a ready 4D mask (`KVCache.feed`'s ancestry),
+    which the model's graph takes as is where a chain's 2D mask is made causal inside it: a
+    separate graph, whatever the tree."""
     device = model_device(model)
+    tree_widths = tree_widths or {}
     with torch.inference_mode():
-        for user, user_widths in widths.items():
+        for user in dict.fromkeys([*widths, *tree_widths]):
+            shapes = [(width, False) for width in widths.get(user, [])] + [(width, True) for width in tree_widths.get(user, [])]
             for batch in range(batch_size, 0, -1):
                 ids = torch.ones(batch, 1, dtype=torch.long, device=device)
                 cache, _ = open_cache(model, ids, torch.ones_like(ids), user, hidden_ids=hidden_ids.get(user, ()))
-                for width in user_widths:
+                for width, tree in shapes:
                     tokens = torch.ones(batch, width, dtype=torch.long, device=device)
-                    cache.extend(tokens, torch.ones_like(tokens, dtype=torch.bool))
+                    sees = torch.ones(width, width, dtype=torch.bool, device=device).tril().expand(batch, -1, -1) if tree else None
+                    cache.extend(tokens, torch.ones_like(tokens, dtype=torch.bool), ancestry=sees)
                     cache.rollback(torch.ones(batch, dtype=torch.long, device=device), width, 1)
         if device.type == "cuda":
             torch.cuda.synchronize(device)

@@ -17,6 +17,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from .cache import model_device, open_cache
+from .compiled import step_widths
 from .sampling import Draft, Sampler
 from .trees import DynamicTree, Level, TreeShape, best_nodes, expansion
 
@@ -88,6 +89,7 @@ class Drafter(ABC):
     hidden_ids: tuple[int, ...] = ()  # the target's hidden states it reads (cache.py's ids)
     tree: TreeShape | None = None  # the static token tree it proposes (None: chains)
     dynamic: DynamicTree | None = None  # or the EAGLE-2 tree it grows (kinds that can)
+    partial = False  # a proposal may hold fewer nodes than its shape (a model-free drafter's matches)
 
     @property
     def module(self):
@@ -108,6 +110,36 @@ class Drafter(ABC):
         """The most draft nodes a proposal of depth `gamma` holds (a chain's: gamma): the
         target's step widths and its cache's room follow."""
         return self.shape(gamma).nodes if self.dynamic is None else self.dynamic.truncated(gamma).nodes
+
+    def step_room(self, gamma: int) -> int:
+        """The most slots one step adds to the target's cache or a draft model's before its
+        rollback: the target's [last token, nodes]; a draft model feeds [carried node, last
+        token, the nodes with children], no more, except for a dynamic tree, whose (depth - 1)
+        x top_k frontier nodes are all fed, however few are verified."""
+        fed = 0 if self.dynamic is None else 2 + (self.dynamic.truncated(gamma).depth - 1) * self.dynamic.top_k
+        return max(self.max_nodes(gamma) + 1, fed)
+
+    def verify_widths(self, gamma: int) -> tuple[list[int], list[int]]:
+        """The widths of the target's steps over [last token, nodes] for proposals of depth 1
+        .. gamma (the engine cuts the depth near the length limit), as (causal steps, steps
+        under a tree's mask), to compile them ahead (compiled.py): a chain's 1 .. gamma + 1;
+        a tree's node counts + 1, or, for a drafter that may fill fewer nodes than its tree
+        (`partial`), every width up to them."""
+        if self.tree is None and self.dynamic is None:
+            return step_widths(gamma, "target"), []
+        causal, tree = set(), set()
+        for depth in range(1, gamma + 1):
+            shape = self.shape(depth)
+            chain = self.dynamic is None and shape.is_chain()  # a Draft without parents: the causal mask
+            (causal if chain else tree).add(self.max_nodes(depth) + 1)
+        if self.partial:
+            causal, tree = ({width for top in widths for width in range(1, top + 1)} for widths in (causal, tree))
+        return sorted(causal), sorted(tree)
+
+    def draft_widths(self, gamma: int) -> tuple[list[int], list[int]]:
+        """The widths of the draft model's own steps (a drafter that runs one), as
+        `verify_widths`: a chain's feeds one token, or two after a carried draft."""
+        return step_widths(gamma, "drafter"), []
 
     def forget(self) -> None:
         """Drop what was learnt across requests. Called as the measured window opens, so that
@@ -154,6 +186,18 @@ class ModelDrafter(Drafter):
 
     def start(self, input_ids, attention_mask, sampler, vocab_size):
         return _ModelDraftSession(self, input_ids, attention_mask, sampler, vocab_size)
+
+    def draft_widths(self, gamma):
+        """After the last token, a static tree's levels of nodes with children
+        (`trees.expansion`: a proposal cut shallower runs the first of them), each under the
+        tree's mask unless it sees the whole window (a chain's one node); a dynamic tree's
+        frontier of top_k nodes per depth below its first."""
+        causal, tree = super().draft_widths(gamma)
+        if self.dynamic is not None:
+            return causal, [self.dynamic.top_k] if min(gamma, self.dynamic.depth) > 1 else []
+        levels = expansion(self.shape(gamma))[0][1:]
+        causal = sorted(set(causal) | {len(level.nodes) for level in levels if level.sees is None})
+        return causal, sorted({len(level.nodes) for level in levels if level.sees is not None})
 
 
 def on_target_vocab(logits: torch.Tensor, target_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -354,6 +398,8 @@ class NgramDrafter(Drafter):
     `min_context=2` drafts only after a two-token match. Its drafts are a point mass for
     the verifier.
     """
+
+    partial = True
 
     def __init__(self, n: int = 5, top_k: int = 4, min_context: int = 2, tree: TreeShape | None = None):
         if n < 2:

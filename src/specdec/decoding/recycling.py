@@ -37,6 +37,8 @@ def check_tree(tree: TreeShape, top_k: int) -> None:
 
 
 class RecyclingDrafter(Drafter):
+    partial = True  # a token never seen yet has no successors
+
     def __init__(self, top_k: int = 8, tree: TreeShape | None = None):
         if top_k < 1:
             raise ValueError(f"RecyclingDrafter top_k must be >= 1, got {top_k}")

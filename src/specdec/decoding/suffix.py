@@ -196,6 +196,8 @@ def check_tree(tree: TreeShape, max_depth: int, max_spec_factor: float) -> None:
 class SuffixDrafter(Drafter):
     """Suffix decoding over the request's text and the cell's earlier outputs (module docstring)."""
 
+    partial = True
+
     def __init__(self, max_depth: int = 24, max_spec_factor: float = 1.0, min_token_prob: float = 0.1,
                  cache_tokens: int = 10_000, tree: TreeShape | None = None):
         if max_spec_factor <= 0:

@@ -108,22 +108,30 @@ class SpecdecEngine(InProcessEngine):
         """Our engine's step path per model: a model whose `compile` is on (absent: on for
         CUDA) gets a static cache of room for `context` tokens (the longest conversation's,
         `session.check_context`) plus one step, and its steps compiled for every shape now,
-        before any request; the others keep the growing cache, as every model of a cell whose
-        drafter proposes token trees does. `cache_dir`: the compile cache shared by every cell."""
-        roles = {"target": (self.target, self.cell.target.compile)}
+        before any request: chains' and, for a drafter that proposes token trees, the tree
+        steps' (`Drafter.verify_widths`, `Drafter.draft_widths`); the others keep the growing
+        cache. `cache_dir`: the compile cache shared by every cell."""
+        roles = {}
         if self.drafter_model is not None:  # a quantised copy, or a model drafter's (or replay pacer's) own model
             spec = self.cell.drafter
             roles["drafter"] = (self.drafter_model, spec.compile if spec.kind == "quantized" else spec.model.compile)
-        max_length = -(-(context + self.cell.gamma + 1) // 256) * 256  # shapes shared by cells of similar contexts
-        tree = self.cell.drafter is not None and self.cell.drafter.tree is not None
+        # The target's steps compile last: dynamo tries a shared forward's graphs newest first,
+        # and an int8 drafter's (broken at each quantised linear) caught the target's steps
+        # and compiled inside decoding when they came after (test_compiled).
+        roles["target"] = (self.target, self.cell.target.compile)
+        gamma = self.cell.gamma
+        room = self.drafter.step_room(gamma) if self.drafter is not None else gamma + 1
+        max_length = -(-(context + room) // 256) * 256  # shapes shared by cells of similar contexts
         for role, (model, wanted) in roles.items():
             device = model.get_input_embeddings().weight.device
-            if tree:  # the compiled steps are traced for chains: a tree's mask would recompile them mid-request
-                record = {"enabled": False, "static_cache": False, "reason": "token trees run eagerly"}
-            elif wanted if wanted is not None else device.type == "cuda":
+            if wanted if wanted is not None else device.type == "cuda":
                 hidden = {"target": self.drafter.hidden_ids} if role == "target" and self.drafter is not None else {}
-                record = compile_steps(model, max_length, self.cell.batch_size, {role: step_widths(self.cell.gamma, role)}, cache_dir,
-                                       hidden_ids=hidden)
+                if self.drafter is None:
+                    causal, tree = step_widths(gamma, role), []
+                else:
+                    causal, tree = self.drafter.verify_widths(gamma) if role == "target" else self.drafter.draft_widths(gamma)
+                record = compile_steps(model, max_length, self.cell.batch_size, {role: causal}, cache_dir,
+                                       hidden_ids=hidden, tree_widths={role: tree} if tree else None)
                 log.info("%s: steps compiled in %.1f s (%s)", role, record["compile_s"], record)
             else:
                 record = {"enabled": False, "static_cache": False}

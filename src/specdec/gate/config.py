@@ -319,8 +319,9 @@ def head_jobs(config: dict) -> dict[str, HeadJob]:
 def check_inputs(config: dict) -> None:
     """The cheap checks of the local files a validated config names, which the jobs would
     otherwise refuse later: each dataset's files (present, regular, within the size limit)
-    and each local model's folder (holding a config.json). The embedded model is made by the
-    pipeline itself; hub models are not looked up here."""
+    and each local model's folder (holding a config.json); then what needs a target's config
+    (`_target_config`): each head against it, each token tree's nodes against its context.
+    The embedded model is made by the pipeline itself; hub models are not looked up here."""
     for name, spec in config["datasets"].items():
         try:
             dataset_entries.dataset_files(spec)
@@ -334,6 +335,7 @@ def check_inputs(config: dict) -> None:
             except ModelError as err:
                 raise ConfigError(str(err)) from None
     _check_heads(config)
+    _check_tree_context(config)
 
 
 def _check_tree(name: str, drafter: dict, drafters: dict) -> None:
@@ -376,17 +378,55 @@ def _check_heads(config: dict) -> None:
         if drafter["kind"] not in HEAD_KINDS or "source" not in origin:
             continue
         for exp in experiments_using(config, name):
-            target = config["models"][exp["target"]]
-            folder = Path(target["path"]) if target["source"] == "local" else EMBEDDED_DIR.parent / exp["target"] if target["source"] == "embedded" else None
-            if folder is None or not (folder / "config.json").is_file():
-                continue
             try:
-                target_config = read_config(str(folder), exp["target"], trust_remote_code=target.get("trust_remote_code", False))
+                target_config = _target_config(config, exp["target"])
+                if target_config is None:
+                    continue
                 _, spec = head_spec(origin["source"], target_config, drafter["kind"])
             except (HeadMismatch, ModelError) as err:
                 raise ConfigError(f"config key 'drafters.{owner}.source': {err}") from None
             if isinstance(spec, MedusaSpec) and "tree" in drafter:
                 _check_medusa_depth(name, tree_shape(drafter["tree"]), spec.num_heads, f"source {origin['source']}")
+
+
+def _target_config(config: dict, name: str):
+    """Model `name`'s transformers config where it is at hand (a local folder, or the embedded
+    model once prepared), else None (a hub model's: checked when the cell loads)."""
+    model = config["models"][name]
+    folder = Path(model["path"]) if model["source"] == "local" else EMBEDDED_DIR.parent / name if model["source"] == "embedded" else None
+    if folder is None or not (folder / "config.json").is_file():
+        return None
+    return read_config(str(folder), name, trust_remote_code=model.get("trust_remote_code", False))
+
+
+def _check_tree_context(config: dict) -> None:
+    """A token tree's nodes must fit the target's context (max_position_embeddings) beside
+    the longest prompt a dataset lets through (max_prompt_tokens) and max_new_tokens: the
+    last step verifies the tree's nodes after them. A dataset without max_prompt_tokens is
+    left to the job's own check (`session.check_context`)."""
+    drafters = config.get("drafters", {})
+    for exp_name, exp in config["experiments"].items():
+        trees = [(name, gamma) for entry in exp["methods"] for _, _, name, gamma, _ in _method_variants(entry, exp)
+                 if name is not None and "tree" in drafters[name]]
+        prompts = [(d, config["datasets"][d]["max_prompt_tokens"]) for d in exp["datasets"] if "max_prompt_tokens" in config["datasets"][d]]
+        if not trees or not prompts:
+            continue
+        try:
+            target_config = _target_config(config, exp["target"])
+        except ModelError as err:
+            raise ConfigError(str(err)) from None
+        limit = getattr(target_config, "max_position_embeddings", None)
+        if not limit:
+            continue
+        new_tokens = max(_as_list(exp["max_new_tokens"]))
+        dataset, prompt = max(prompts, key=lambda item: item[1])
+        for name, gamma in trees:
+            nodes = tree_shape(drafters[name]["tree"]).truncated(gamma).nodes
+            if prompt + new_tokens + nodes > limit:
+                raise ConfigError(f"config key 'drafters.{name}.tree': {nodes} nodes at gamma {gamma} + max_new_tokens {new_tokens} "
+                                  f"+ datasets.{dataset}.max_prompt_tokens {prompt} = {prompt + new_tokens + nodes} tokens exceed the "
+                                  f"context of {limit} of experiments.{exp_name}.target {exp['target']!r} (max_position_embeddings); "
+                                  "use a smaller tree or fewer tokens")
 
 
 def _check_method(entry: dict, drafters: dict, where: str) -> None:
