@@ -16,7 +16,8 @@ from specdec.gate.config import ConfigError, expand_matrix, load_config, referen
 from specdec.gate.cells import ENGINES, DrafterSpec, DynamicTreeSpec
 from specdec.engines import REFERENCE, REGISTRY, unsupported
 from specdec.engines.transformers import transformers_settings
-from specdec.engines.vllm import counter_difference, cpu_environment, engine_args, per_request_drafts, spec_counters
+from specdec.engines.vllm import (counter_difference, cpu_environment, engine_args, forget_suffix_outputs, per_request_drafts,
+                                  spec_counters)
 from specdec.records import schema_path as record_schema_path
 
 CONFIG = {
@@ -127,6 +128,32 @@ def test_the_suffix_drafter_maps_onto_vllms_suffix_method(cells):
         "method": "suffix", "num_speculative_tokens": 8, "suffix_decoding_max_tree_depth": 24,
         "suffix_decoding_max_spec_factor": 1.5, "suffix_decoding_min_token_prob": 0.1,
         "suffix_decoding_max_cached_requests": 0}
+
+
+class _SuffixCache:
+    """arctic-inference's SuffixDecodingCache as vLLM's suffix proposer holds it: the requests
+    whose outputs its global tree keeps, evicted one by one."""
+
+    def __init__(self, cached):
+        self.cached = dict.fromkeys(cached)
+
+    @property
+    def cached_requests(self):
+        return self.cached.keys()
+
+    def evict_cached_response(self, request_id):
+        del self.cached[request_id]
+
+
+def test_vllms_suffix_cache_forgets_the_warm_up_outputs_as_ours_does():
+    """Run in vLLM's engine process as the window opens (a vLLM worker's model runner holds the
+    proposer): every finished request's output leaves the global tree, so the warm-up's answer
+    to the first measured prompt cannot draft it (docs/engines.md)."""
+    cache = _SuffixCache(["warmup:code_edit/HumanEval/113#1-3f2a", "warmup:code_edit/HumanEval/0#1-9c1d"])
+    worker = SimpleNamespace(model_runner=SimpleNamespace(drafter=SimpleNamespace(suffix_cache=cache)))
+    assert forget_suffix_outputs(worker) == 2
+    assert not cache.cached_requests
+    assert forget_suffix_outputs(worker) == 0
 
 
 def test_learned_heads_run_on_ours_and_as_vllms_methods_of_the_same_name(cells):

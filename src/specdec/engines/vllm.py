@@ -45,7 +45,22 @@ CPU_ENVIRONMENT = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "
 # The longest context an engine is sized for: vLLM reserves KV cache for one full sequence.
 MAX_MODEL_LEN = 8192
 COUNTERS = ("num_drafts", "num_draft_tokens", "num_accepted_tokens")
+# vLLM's suffix proposer keeps finished requests' outputs in its global tree, the warm-up's
+# among them, and has no call that empties it: `forget_suffix_outputs` does, run in the engine
+# process, which takes a function only where this is set (vLLM pickles it to send it there).
+SUFFIX_ENVIRONMENT = {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
 INSTALL_VLLM = "make install-vllm"
+
+
+def forget_suffix_outputs(worker) -> int:
+    """In vLLM's engine process (`collective_rpc`): drop every finished request's output from
+    the suffix proposer's global tree, as our suffix drafter forgets the warm-up's as the
+    measured window opens (decoding/suffix.py). Returns how many it dropped."""
+    cache = worker.model_runner.drafter.suffix_cache
+    finished = list(cache.cached_requests)
+    for request_id in finished:
+        cache.evict_cached_response(request_id)
+    return len(finished)
 
 
 class VllmUnavailable(ValueError):
@@ -287,6 +302,7 @@ class VllmEngine(Engine):
     engine: object = None
     prompt_ids: dict = field(default_factory=dict)
     window: dict | None = None  # spec-decode counters of the measured window
+    outputs_forgotten: int | None = None  # suffix: the warm-up's outputs dropped from vLLM's cache
     _counters_at_start: dict | None = None
     _target: object = None
     _watchdog: threading.Event | None = None
@@ -321,8 +337,9 @@ class VllmEngine(Engine):
         limit = min(getattr(config, "max_position_embeddings", None) or MAX_MODEL_LEN, MAX_MODEL_LEN)
         on_gpu = cell.placement.strategy != "cpu"
         plan = VllmPlan(device="cuda" if on_gpu else "cpu", tensor_parallel_size=(cell.placement.gpus or 1) if on_gpu else None)
+        environment = ({} if on_gpu else cpu_environment(torch.get_num_threads())) | (SUFFIX_ENVIRONMENT if cell.method == "suffix" else {})
         return cls(cell, tokenizer, plan, engine_args(cell, location, drafter, limit, on_gpu, medusa_heads), limit,
-                   {} if on_gpu else cpu_environment(torch.get_num_threads()), models_dir, medusa_heads=medusa_heads)
+                   environment, models_dir, medusa_heads=medusa_heads)
 
     @property
     def device(self) -> str:
@@ -335,7 +352,9 @@ class VllmEngine(Engine):
 
     @property
     def engine_settings(self) -> dict:
-        return {"engine_args": self.args, "environment": self.environment}
+        forgotten = {"drafter": {"output_cache": "emptied as the measured window opens",
+                                 "outputs_forgotten": self.outputs_forgotten}} if self.cell.method == "suffix" else {}
+        return {"engine_args": self.args, "environment": self.environment} | forgotten
 
     @property
     def target(self):
@@ -395,6 +414,8 @@ class VllmEngine(Engine):
         return VllmServer(self, steps=recorder if recorder.enabled else None)
 
     def begin_window(self) -> None:
+        if self.cell.method == "suffix":
+            self.outputs_forgotten = sum(self.engine.collective_rpc(forget_suffix_outputs))
         self._counters_at_start = spec_counters(self.engine.get_metrics())
 
     def end_window(self) -> None:
