@@ -288,10 +288,6 @@ class VllmEngine(Engine):
     theory_applies = False
 
     cell: Cell
-
-    @classmethod
-    def runs_in_vllm_environment(cls, cell: Cell) -> bool:
-        return True
     tokenizer: object
     plan: VllmPlan
     args: dict
@@ -306,6 +302,10 @@ class VllmEngine(Engine):
     _counters_at_start: dict | None = None
     _target: object = None
     _watchdog: threading.Event | None = None
+
+    @classmethod
+    def runs_in_vllm_environment(cls, cell: Cell) -> bool:
+        return True
 
     @classmethod
     def version(cls) -> str:
