@@ -206,6 +206,13 @@ def theory_columns(runs: Sequence[Result]) -> list[dict[str, Any]]:
             else dict.fromkeys(RUN_COLUMNS, math.nan) for result in runs]
 
 
+def priced_runs(runs: Sequence[Result]) -> list[tuple[Result, dict[str, Any]]]:
+    """The drafting runs the theory could price, each with its `run_theory` columns: the
+    runs the gamma and tree-size tables weigh."""
+    return [(result, row) for result, row in zip(runs, theory_columns(runs))
+            if result.config.drafts and result.ok and result.theory and not math.isnan(row[col.THEORY_COST_RATIO])]
+
+
 def _ar_runs(runs: Sequence[Result]) -> dict[str, dict[int, Result]]:
     """The ok AR runs by group and repeat."""
     ar_runs: dict[str, dict[int, Result]] = {}
@@ -242,9 +249,8 @@ def best_gamma_table(runs: Sequence[Result], summary: pd.DataFrame) -> pd.DataFr
     and costs predict to be best among 1 .. GAMMA_MAX, beside the best measured one."""
     theory = pd.DataFrame([
         {col.GROUP_ID: result.config.group_id, "alpha": result.theory.alpha, "cell": result.config, "result": result, **row}
-        for result, row in zip(runs, theory_columns(runs))
-        if result.config.drafts and result.ok and result.theory and not math.isnan(row[col.THEORY_COST_RATIO])
-        and not drafts_trees(result.config)  # chains: trees pick their size in `best_tree_table`
+        for result, row in priced_runs(runs)
+        if not drafts_trees(result.config)  # chains: trees pick their size in `best_tree_table`
     ])
     if theory.empty:
         return pd.DataFrame(columns=GAMMA_COLUMNS)
@@ -359,9 +365,8 @@ def best_tree_table(runs: Sequence[Result], summary: pd.DataFrame) -> tuple[pd.D
     and the best N, beside the measured speedup of each cell at its nodes per draft. Returns
     the table and the figure's points (measured cells, then the predicted curve)."""
     families: dict[tuple, list] = {}
-    for result, row in zip(runs, theory_columns(runs)):
-        if result.config.drafts and result.ok and result.theory and not math.isnan(row[col.THEORY_COST_RATIO]):
-            families.setdefault(_family(result.config), []).append((result, row))
+    for result, row in priced_runs(runs):
+        families.setdefault(_family(result.config), []).append((result, row))
     measured, ar_runs = summary.set_index(col.GROUP_ID), _ar_runs(runs)
     table, points = [], []
     # a drafter measured only as chains asks the gamma table's question (`best_gamma_table`)
